@@ -1,0 +1,68 @@
+"""manifest.json: the shard set's table of contents, built from the per-shard completion records."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from .plan import ShardSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "swin-pipeline-shards/1"
+
+
+class IncompleteError(RuntimeError):
+    pass
+
+
+def missing_records(out, plan: list[ShardSpec]) -> list[ShardSpec]:
+    return [spec for spec in plan if not out.exists(spec.record_name)]
+
+
+def build_manifest(out, plan: list[ShardSpec], options: dict, synsets: list[str],
+                   listing_rejected: list) -> dict:
+    missing = missing_records(out, plan)
+    if missing:
+        names = ", ".join(s.name for s in missing[:10])
+        raise IncompleteError(f"{len(missing)} of {len(plan)} shards are not finished yet ({names}"
+                              f"{' ...' if len(missing) > 10 else ''}); run the remaining tasks, then finalize")
+    records = [json.loads(out.read(spec.record_name)) for spec in plan]
+    totals, per_class = {}, {}
+    rejected = [{"source": p, "reason": r} for p, r in listing_rejected]
+    converted = Counter()
+    for rec in records:
+        t = totals.setdefault(rec["split"], {"shards": 0, "samples": 0, "bytes": 0})
+        t["shards"] += 1
+        t["samples"] += rec["samples"]
+        t["bytes"] += rec["bytes"]
+        counts = per_class.setdefault(rec["split"], Counter())
+        for label, n in rec["class_counts"].items():
+            counts[synsets[int(label)]] += n
+        rejected += [{"source": p, "reason": r} for p, r in rec["rejected"]]
+        converted.update(reason for _p, reason in rec["converted"])
+    rejected.sort(key=lambda r: r["source"])
+    return {
+        "format": FORMAT,
+        "sample": {"__key__": "unique id", "jpg": "RGB JPEG", "cls": "label, ascii int",
+                   "json": "synset, source, width, height"},
+        "options": options,
+        "label_layout": {"file": "synsets.txt", "num_classes": len(synsets), "synsets": synsets},
+        "totals": totals,
+        "shards": [{"name": r["name"], "index": r["index"], "split": r["split"], "samples": r["samples"],
+                    "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
+        "class_counts": {split: {s: c[s] for s in synsets if c[s]} for split, c in per_class.items()},
+        "rejected": rejected,
+        "converted": dict(sorted(converted.items())),
+    }
+
+
+def write_manifest(out, manifest: dict) -> None:
+    out.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def read_manifest(out) -> dict:
+    if not out.exists(MANIFEST_NAME):
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {out.url}: is the shard set finalized?")
+    manifest = json.loads(out.read(MANIFEST_NAME))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{out.url}/{MANIFEST_NAME} has format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest

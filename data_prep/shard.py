@@ -1,0 +1,212 @@
+"""The `shard` job: list the source, plan, write this task's shards with K worker processes, finalize."""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from .layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
+from .manifest import MANIFEST_NAME, build_manifest, missing_records, write_manifest
+from .plan import ShardSpec, make_plan, task_share
+from .sources import LISTING_NAME, Listing, scan_source
+from .storage import open_store
+from .writer import ImageOptions, write_shard
+
+log = logging.getLogger("data_prep")
+OPTIONS_NAME = "_prep/options.json"
+
+
+@dataclass
+class ShardOptions:
+    source: str
+    out: str
+    source_format: str = "auto"
+    layout: str | None = None  # layout file; default: the sorted synsets found in the source
+    seed: int = 0
+    holdout_per_class: int = 0
+    max_samples: int | None = 1000
+    max_bytes: int | None = None
+    resize_shorter: int | None = None
+    jpeg_quality: int = 90
+    validate: str = "scaled"
+    workers: int = 1
+    task_index: int = 0
+    num_tasks: int = 1
+    finalize: bool = True
+
+
+def load_or_scan(source, out, source_format: str, workers: int) -> Listing:
+    """The source listing is cached in the output, so later tasks and reruns do not list 14M files again."""
+    if out.exists(LISTING_NAME):
+        listing = Listing.from_json(out.read(LISTING_NAME))
+        if source_format not in ("auto", listing.kind):
+            raise ValueError(f"{out.url} was prepared from a {listing.kind} source, not {source_format}")
+        return listing
+    t0 = time.time()
+    listing = scan_source(source, source_format, workers)
+    out.write_bytes(LISTING_NAME, listing.to_json())
+    log.info("listed %s: %d images in %d synsets (%s) in %.1fs", source.url, len(listing.items),
+             len(listing.synsets), listing.kind, time.time() - t0)
+    return listing
+
+
+def resolve_layout(out, listing: Listing, layout_file: str | None) -> list[str]:
+    synsets = read_layout(layout_file) if layout_file else listing.synsets
+    check_covers(synsets, listing.synsets)
+    if out.exists("synsets.txt"):
+        existing = parse_layout(out.read("synsets.txt").decode(), f"{out.url}/synsets.txt")
+        if existing != synsets:
+            raise ValueError(f"{out.url}/synsets.txt holds another label layout than this run's; use a new "
+                             f"output folder or the same --layout")
+    else:
+        out.write_bytes("synsets.txt", format_layout(synsets).encode())
+    return synsets
+
+
+def output_options(opts: ShardOptions, kind: str, synsets: list[str]) -> dict:
+    """The options that decide the shards' bytes; a rerun into the same output must use the same ones."""
+    return {"source": opts.source, "source_format": kind, "seed": opts.seed,
+            "holdout_per_class": opts.holdout_per_class, "max_samples": opts.max_samples,
+            "max_bytes": opts.max_bytes, "resize_shorter": opts.resize_shorter,
+            "jpeg_quality": opts.jpeg_quality, "validate": opts.validate,
+            "layout_sha256": layout_sha256(synsets)}
+
+
+def check_options(out, options: dict) -> None:
+    if out.exists(OPTIONS_NAME):
+        before = json.loads(out.read(OPTIONS_NAME))
+        changed = {k: (before.get(k), v) for k, v in options.items() if before.get(k) != v}
+        if changed:
+            what = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
+            raise ValueError(f"{out.url} holds shards prepared with other options ({what}); use a new output "
+                             f"folder or the same options")
+    else:
+        out.write_bytes(OPTIONS_NAME, json.dumps(options, indent=1).encode())
+
+
+def plan_for(out, opts: ShardOptions):
+    source = open_store(opts.source)
+    listing = load_or_scan(source, out, opts.source_format, opts.workers)
+    synsets = resolve_layout(out, listing, opts.layout)
+    options = output_options(opts, listing.kind, synsets)
+    check_options(out, options)
+    plan = make_plan(listing.items, opts.seed, opts.holdout_per_class, opts.max_samples, opts.max_bytes)
+    return source, listing, synsets, options, plan
+
+
+# Worker processes inherit the job through fork; only a shard's position in the plan crosses the pipe.
+_JOB: dict = {}
+
+
+def _init_worker(progress_queue) -> None:
+    _JOB["progress"] = progress_queue.put
+
+
+def _write_planned(position: int) -> dict:
+    j = _JOB
+    return write_shard(j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"])
+
+
+def run_shard(opts: ShardOptions) -> dict:
+    out = open_store(opts.out)
+    source, listing, synsets, options, plan = plan_for(out, opts)
+    mine = task_share(plan, opts.task_index, opts.num_tasks)
+    todo = [spec for spec in mine if not out.exists(spec.record_name)]
+    log.info("task %d/%d: %d of %d shards are this task's, %d already done, %d to write",
+             opts.task_index, opts.num_tasks, len(mine), len(plan), len(mine) - len(todo), len(todo))
+    labels = {s: i for i, s in enumerate(synsets)}
+    image_opts = ImageOptions(opts.resize_shorter, opts.jpeg_quality, opts.validate)
+    t0 = time.time()
+    records, failures = _write_all(todo, plan, source, out, labels, image_opts, opts.workers)
+    elapsed = time.time() - t0
+    summary = _summarise(records, failures, elapsed, len(mine) - len(todo))
+    if failures:
+        raise RuntimeError(f"{len(failures)} shard(s) failed (rerun the same command to resume): "
+                           + "; ".join(f"{n}: {e}" for n, e in failures))
+    if opts.finalize and not missing_records(out, plan):
+        write_manifest(out, build_manifest(out, plan, options, synsets, listing.rejected))
+        summary["manifest"] = f"{out.url}/{MANIFEST_NAME}"
+    return summary
+
+
+def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int):
+    records, failures = [], []
+    position = {(s.split, s.index): i for i, s in enumerate(plan)}
+    bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc="sharding", smoothing=0.1)
+    if workers <= 1 or len(todo) <= 1:
+        for spec in todo:
+            records.append(write_shard(spec, source, out, labels, image_opts, bar.update))
+        bar.close()
+        return records, failures
+    ctx = mp.get_context("fork")
+    progress = ctx.Queue()
+    _JOB.update(plan=plan, source=source, out=out, labels=labels, image_opts=image_opts)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
+        pending = {pool.submit(_write_planned, position[(s.split, s.index)]): s for s in todo}
+        while pending:
+            done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(progress, bar)
+            for fut in done:
+                spec = pending.pop(fut)
+                try:
+                    records.append(fut.result())
+                except Exception as e:  # keep the other shards going; the rerun picks this one up
+                    log.error("shard %s failed: %r", spec.name, e)
+                    failures.append((spec.name, repr(e)))
+    _drain(progress, bar)
+    bar.close()
+    _JOB.clear()
+    return records, failures
+
+
+def _drain(progress, bar) -> None:
+    try:
+        while True:
+            bar.update(progress.get_nowait())
+    except queue.Empty:
+        pass
+
+
+def _summarise(records: list[dict], failures: list, elapsed: float, skipped: int) -> dict:
+    images = sum(r["samples"] for r in records)
+    seen = sum(r["planned"] for r in records)
+    reasons = Counter(reason.split(":")[0] for r in records for _p, reason in r["rejected"])
+    return {"shards_written": len(records), "shards_skipped": skipped, "shards_failed": len(failures),
+            "images_written": images, "images_rejected": sum(reasons.values()),
+            "rejected_by_reason": dict(reasons),
+            "images_converted": sum(len(r["converted"]) for r in records),
+            "bytes_written": sum(r["bytes"] for r in records), "seconds": round(elapsed, 2),
+            "images_per_second": round(seen / elapsed, 1) if elapsed > 0 else None}
+
+
+def finalize(out_url: str) -> dict:
+    """Writes manifest.json once every planned shard has its record (what the last task does by itself)."""
+    out = open_store(out_url)
+    if not out.exists(OPTIONS_NAME):
+        raise FileNotFoundError(f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing)")
+    options = json.loads(out.read(OPTIONS_NAME))
+    listing = Listing.from_json(out.read(LISTING_NAME))
+    synsets = parse_layout(out.read("synsets.txt").decode(), f"{out_url}/synsets.txt")
+    plan = make_plan(listing.items, options["seed"], options["holdout_per_class"], options["max_samples"],
+                     options["max_bytes"])
+    manifest = build_manifest(out, plan, options, synsets, listing.rejected)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def slurm_task_defaults() -> tuple[int, int]:
+    """(task index, task count) of a Slurm array task; array ids need not start at 0 (--array=1-8)."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0, 1
+    first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+

@@ -1,0 +1,189 @@
+"""Where shards and sources live: a local folder or an S3 prefix, behind one small interface.
+
+Paths inside a store are relative, '/'-separated ("train/shard-000000.tar"). Writes are atomic: a file is
+staged locally and only appears under its final name when complete (os.replace locally, one whole upload on
+S3), so a reader or a resumed job never sees half a shard.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+def open_store(url: str) -> "LocalStore | S3Store":
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        if not bucket:
+            raise ValueError(f"S3 URL needs a bucket: {url!r}")
+        return S3Store(bucket, prefix.strip("/"))
+    return LocalStore(url)
+
+
+class LocalStore:
+    seekable = True
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """Yields (relative path, size) of every file under prefix, in no particular order."""
+        base = self._path(prefix)
+        if not base.exists():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                yield os.path.relpath(full, self.root).replace(os.sep, "/"), os.path.getsize(full)
+
+    def list_dir(self) -> tuple[list[str], list[str]]:
+        """Top-level (subfolders, files) of the store, sorted."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"source folder does not exist: {self.root}")
+        dirs, files = [], []
+        for entry in os.scandir(self.root):
+            (dirs if entry.is_dir() else files).append(entry.name)
+        return sorted(dirs), sorted(files)
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).exists()
+
+    def size(self, rel: str) -> int:
+        return self._path(rel).stat().st_size
+
+    def read(self, rel: str, offset: int = 0, size: int | None = None) -> bytes:
+        with open(self._path(rel), "rb") as f:
+            if offset:
+                f.seek(offset)
+            return f.read() if size is None else f.read(size)
+
+    def open_read(self, rel: str) -> BinaryIO:
+        return open(self._path(rel), "rb")
+
+    def staging_path(self, rel: str) -> Path:
+        """A temporary file beside the final one (same filesystem, so the rename is atomic)."""
+        final = self._path(rel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+    def commit(self, staged: Path, rel: str) -> None:
+        os.replace(staged, self._path(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        staged = self.staging_path(rel)
+        staged.write_bytes(data)
+        self.commit(staged, rel)
+
+    def remove_stale_staging(self, rel: str) -> None:
+        """Deletes temporaries a killed run left for this file."""
+        final = self._path(rel)
+        if final.parent.is_dir():
+            for stale in final.parent.glob(f".{final.name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+
+    def delete(self, rel: str) -> None:
+        self._path(rel).unlink(missing_ok=True)
+
+
+class S3Store:
+    """An S3 prefix through boto3. The endpoint, region and credentials come from the usual AWS environment
+    and config files (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 for a non-AWS server)."""
+
+    seekable = False
+
+    def __init__(self, bucket: str, prefix: str):
+        self.bucket, self.prefix = bucket, prefix
+        self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self._client = None
+        self._client_pid = None
+
+    @property
+    def client(self):
+        # boto3 clients must not cross a fork: make one per process.
+        if self._client is None or self._client_pid != os.getpid():
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"},
+                                                            max_pool_connections=32))
+            self._client_pid = os.getpid()
+        return self._client
+
+    def __getstate__(self):
+        return {"bucket": self.bucket, "prefix": self.prefix, "url": self.url, "_client": None, "_client_pid": None}
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        full = self._key(prefix)
+        if full and not full.endswith("/"):
+            full += "/"
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][cut:], obj["Size"]
+
+    def list_dir(self) -> tuple[list[str], list[str]]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        dirs, files = [], []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            dirs += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            files += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+        if not dirs and not files:
+            raise FileNotFoundError(f"nothing found under {self.url}")
+        return sorted(dirs), sorted(files)
+
+    def exists(self, rel: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def size(self, rel: str) -> int:
+        return self.client.head_object(Bucket=self.bucket, Key=self._key(rel))["ContentLength"]
+
+    def read(self, rel: str, offset: int = 0, size: int | None = None) -> bytes:
+        kwargs = {}
+        if size is not None:
+            if size == 0:
+                return b""
+            kwargs["Range"] = f"bytes={offset}-{offset + size - 1}"
+        elif offset:
+            kwargs["Range"] = f"bytes={offset}-"
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(rel), **kwargs)["Body"].read()
+
+    def open_read(self, rel: str) -> BinaryIO:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
+
+    def staging_path(self, rel: str) -> Path:
+        fd, path = tempfile.mkstemp(prefix="swin-prep-", suffix="-" + rel.replace("/", "_"))
+        os.close(fd)
+        return Path(path)
+
+    def commit(self, staged: Path, rel: str) -> None:
+        # The transfer manager does multipart for big shards; the object only exists once the upload completes.
+        try:
+            self.client.upload_file(str(staged), self.bucket, self._key(rel))
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    def remove_stale_staging(self, rel: str) -> None:
+        pass  # staging is in a local temp dir; S3 never holds a partial object
+
+    def delete(self, rel: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
