@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -107,7 +108,18 @@ _JOB: dict = {}
 
 
 def _init_worker(progress_queue) -> None:
+    _die_with_parent()
     _JOB["progress"] = progress_queue.put
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive a killed job (kill -9, scancel): it would race the rerun on its shard."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _write_planned(position: int) -> dict:

@@ -1,0 +1,111 @@
+"""Shared fixtures: the embedded dataset in both source layouts, real photos and bad inputs, a CLI runner."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.embedded import write_imagefolder, write_synset_tars, write_tar
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_prep(*args, env: dict | None = None, check: bool = True, timeout: float = 600):
+    """Runs `python -m data_prep ARGS` as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"data_prep {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every shard-set file that must be reproducible (shards, indexes, layout, manifest) by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.relative_to(root).parts[0].startswith("_")}
+
+
+def read_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def photos() -> dict[str, np.ndarray]:
+    """Real photographs that scikit-image ships (no download)."""
+    import skimage.data as sd
+
+    return {"astronaut": sd.astronaut(), "coffee": sd.coffee(), "chelsea": sd.chelsea(),
+            "rocket": sd.rocket(), "camera": sd.camera(), "logo": sd.logo()}
+
+
+@pytest.fixture(scope="session")
+def digits_tars(tmp_path_factory) -> Path:
+    return write_synset_tars(tmp_path_factory.mktemp("digits") / "tars")
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("digits") / "folder")
+
+
+@pytest.fixture(scope="session")
+def bad_inputs() -> dict[str, bytes]:
+    """One file per kind of bad input a 22K crawl holds, each named like an ImageNet JPEG."""
+    pics = photos()
+    good = jpeg(Image.fromarray(pics["coffee"]))
+    png = io.BytesIO()
+    Image.fromarray(pics["logo"]).save(png, "PNG")  # RGBA
+    return {
+        "good_rgb.JPEG": good,
+        "cmyk.JPEG": jpeg(Image.fromarray(pics["chelsea"]).convert("CMYK")),
+        "grey.JPEG": jpeg(Image.fromarray(pics["camera"])),
+        "png_named.JPEG": png.getvalue(),
+        "truncated.JPEG": good[: len(good) // 2],
+        "empty.JPEG": b"",
+        "not_an_image.JPEG": b"<html><body>404 Not Found</body></html>\n",
+        "garbage_after_header.JPEG": good[:600] + bytes(range(256)) * 40,
+    }
+
+
+EXPECTED_BAD = {"truncated.JPEG", "empty.JPEG", "not_an_image.JPEG", "garbage_after_header.JPEG"}
+EXPECTED_CONVERTED = {"cmyk.JPEG", "grey.JPEG", "png_named.JPEG"}
+
+
+@pytest.fixture(scope="session")
+def messy_folder(tmp_path_factory, bad_inputs) -> Path:
+    """An ImageFolder tree with the bad inputs spread over two classes beside good digits."""
+    root = write_imagefolder(tmp_path_factory.mktemp("messy") / "folder")
+    for i, (name, data) in enumerate(sorted(bad_inputs.items())):
+        (root / f"n0000000{i % 2}" / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="session")
+def messy_tars(tmp_path_factory, bad_inputs) -> Path:
+    """Per-synset tars with bad members, plus one tar cut short in the middle of a member."""
+    root = write_synset_tars(tmp_path_factory.mktemp("messy") / "tars")
+    write_tar(root / "n00000010.tar", sorted(bad_inputs.items()))
+    whole = root / "n00000011.tar"
+    write_tar(whole, [(f"n00000011_{i}.JPEG", bad_inputs["good_rgb.JPEG"]) for i in range(4)])
+    data = whole.read_bytes()
+    whole.write_bytes(data[: 512 * 3 + len(bad_inputs["good_rgb.JPEG"]) + 100])  # inside the 2nd member
+    (root / "README.txt").write_text("not a synset tar\n")
+    return root

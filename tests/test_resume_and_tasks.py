@@ -1,0 +1,87 @@
+"""Crash safety and parallelism: kill -9 then rerun, and N independent tasks, both equal one clean run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_tree, run_prep
+from data_prep.embedded import write_synset_tars
+
+ARGS = ["--max-samples", 30, "--holdout-per-class", 4, "--seed", 7, "--resize-shorter", 48]
+
+
+@pytest.fixture(scope="module")
+def big_digits(tmp_path_factory) -> Path:
+    # 256 px digits resized to 48 at prep: every image is re-encoded, so a run lasts long enough to be killed
+    return write_synset_tars(tmp_path_factory.mktemp("big") / "tars", size=256)
+
+
+@pytest.fixture(scope="module")
+def reference(big_digits, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("ref") / "set"
+    run_prep("shard", "--source", big_digits, "--out", out, *ARGS)
+    return read_tree(out)
+
+
+def start_prep(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_gives_the_same_bytes(big_digits, reference, tmp_path):
+    out = tmp_path / "set"
+    total = sum(1 for name in reference if name.endswith(".tar"))
+    proc = start_prep("shard", "--source", big_digits, "--out", out, *ARGS, "--workers", 2)
+    done_dir = out / "_prep" / "done"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(done_dir.glob("*.json"))) < 5:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.2)  # the workers get SIGKILL from the kernel when their parent dies (PR_SET_PDEATHSIG)
+    finished = len(list(done_dir.glob("*.json")))
+    assert 5 <= finished < total, f"the kill came too late to test anything ({finished} of {total} done)"
+    assert not (out / "manifest.json").exists()
+
+    rerun = run_prep("shard", "--source", big_digits, "--out", out, *ARGS, "--workers", 2)
+    summary = json.loads(rerun.stdout)
+    assert summary["shards_skipped"] >= 5 and summary["shards_written"] + summary["shards_skipped"] == total
+    assert read_tree(out) == reference
+    assert not list(out.rglob("*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_array_tasks_as_separate_processes_equal_one_task(big_digits, reference, tmp_path):
+    out = tmp_path / "set"
+    env = lambda i: {"SLURM_ARRAY_TASK_ID": str(10 + i), "SLURM_ARRAY_TASK_MIN": "10",
+                     "SLURM_ARRAY_TASK_COUNT": "3"}
+    procs = [start_prep("shard", "--source", big_digits, "--out", out, *ARGS, env=env(i)) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert read_tree(out) == reference
+
+
+def test_finalize_waits_for_every_task(digits_tars, tmp_path):
+    out = tmp_path / "set"
+    common = ["--source", digits_tars, "--out", out, "--max-samples", 100]
+    for i in (0, 1):
+        run_prep("shard", *common, "--task-index", i, "--num-tasks", 3)
+    assert not (out / "manifest.json").exists()
+    early = run_prep("finalize", out, check=False)
+    assert early.returncode == 2 and "not finished yet" in early.stderr and "shard-000002" in early.stderr
+    last = run_prep("shard", *common, "--task-index", 2, "--num-tasks", 3)
+    assert json.loads(last.stdout)["manifest"].endswith("manifest.json")
+    manifest = (out / "manifest.json").read_bytes()
+    run_prep("finalize", out)  # idempotent
+    assert (out / "manifest.json").read_bytes() == manifest
+    one = tmp_path / "one"
+    run_prep("shard", "--source", digits_tars, "--out", one, "--max-samples", 100)
+    assert read_tree(out) == read_tree(one)
