@@ -9,7 +9,7 @@ import queue
 import signal
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -19,7 +19,7 @@ from .manifest import MANIFEST_NAME, build_manifest, missing_records, write_mani
 from .plan import ShardSpec, make_plan, task_share
 from .sources import LISTING_NAME, Listing, scan_source
 from .storage import open_store
-from .writer import ImageOptions, write_shard
+from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
 
 log = logging.getLogger("data_prep")
 OPTIONS_NAME = "_prep/options.json"
@@ -122,9 +122,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _write_planned(position: int) -> dict:
+def _encode_planned(position: int) -> EncodedShard:
     j = _JOB
-    return write_shard(j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"])
+    return encode_shard(j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"])
 
 
 def run_shard(opts: ShardOptions) -> dict:
@@ -150,7 +150,7 @@ def run_shard(opts: ShardOptions) -> dict:
 
 
 def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int):
-    records, failures = [], []
+    records, failures, pending_commits = [], [], []
     position = {(s.split, s.index): i for i, s in enumerate(plan)}
     bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc="sharding", smoothing=0.1)
     if workers <= 1 or len(todo) <= 1:
@@ -161,18 +161,26 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
     ctx = mp.get_context("fork")
     progress = ctx.Queue()
     _JOB.update(plan=plan, source=source, out=out, labels=labels, image_opts=image_opts)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
-        pending = {pool.submit(_write_planned, position[(s.split, s.index)]): s for s in todo}
+    # Workers encode (CPU); this process commits (fsync + rename, or the S3 upload) in threads meanwhile.
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool, \
+            ThreadPoolExecutor(workers) as committer:
+        pending = {pool.submit(_encode_planned, position[(s.split, s.index)]): s for s in todo}
         while pending:
             done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             _drain(progress, bar)
             for fut in done:
                 spec = pending.pop(fut)
-                try:
-                    records.append(fut.result())
-                except Exception as e:  # keep the other shards going; the rerun picks this one up
-                    log.error("shard %s failed: %r", spec.name, e)
-                    failures.append((spec.name, repr(e)))
+                if fut.exception() is None:
+                    pending_commits.append((spec, committer.submit(commit_shard, out, fut.result())))
+                    continue
+                log.error("shard %s failed: %r", spec.name, fut.exception())
+                failures.append((spec.name, repr(fut.exception())))
+        for spec, fut in pending_commits:
+            try:
+                records.append(fut.result())
+            except Exception as e:  # keep the other shards going; the rerun picks this one up
+                log.error("shard %s failed: %r", spec.name, e)
+                failures.append((spec.name, repr(e)))
     _drain(progress, bar)
     bar.close()
     _JOB.clear()

@@ -161,11 +161,20 @@ class _KeyMaker:
         return key
 
 
-def read_item(store, item: Item) -> bytes:
-    """The item's bytes; raises OSError when the source holds fewer bytes than listed (truncated tar)."""
+def item_request(item: Item) -> tuple[str, int, int | None]:
+    """What to read for an item: a whole file, or its byte range inside a per-synset tar."""
     if item.container is None:
-        return store.read(item.path)
-    data = store.read(item.container, item.offset, item.size)
-    if len(data) != item.size:
+        return item.path, 0, None
+    return item.container, item.offset, item.size
+
+
+def check_item_bytes(item: Item, data: bytes) -> None:
+    """A tar cut short yields fewer bytes than its header promised: that member is truncated."""
+    if item.container is not None and len(data) != item.size:
         raise OSError(f"truncated in the tar: {len(data)} of {item.size} bytes")
+
+
+def read_item(store, item: Item) -> bytes:
+    data = store.read(*item_request(item))
+    check_item_bytes(item, data)
     return data

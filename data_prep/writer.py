@@ -1,22 +1,22 @@
 """Writes one shard: the tar, its DALI index, then its completion record (in that order, each atomically).
 
+Split in two so a worker process can go on encoding the next shard while its parent commits this one.
+
 The record is the shard's 'done' marker: a rerun skips a shard only when its record exists, and rewrites it
 otherwise, with exactly the same bytes (fixed tar metadata, deterministic content).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 from .images import BadImage, prepare_image
 from .plan import ShardSpec
-from .sources import Item, read_item
+from .sources import Item, check_item_bytes, item_request
 from .wds_index import format_index
 
 
@@ -27,91 +27,117 @@ class ImageOptions:
     validate: str = "scaled"
 
 
-class _HashingWriter:
-    """File wrapper that hashes what passes through and knows its position (tarfile needs tell())."""
-
-    def __init__(self, raw):
-        self.raw, self.sha, self.pos = raw, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.raw.write(data)
-        self.sha.update(data)
-        self.pos += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.pos
+BLOCK = 512
+_END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 
 
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+def _padding_to_record(size: int) -> bytes:
+    """tar archives end padded to a whole record of 20 blocks, as GNU tar and tarfile write them."""
+    return b"\0" * (-size % (20 * BLOCK))
+
+
+_USTAR_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247  # type, link, magic, owners, devs, prefix
+_USTAR_FIXED = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
+_USTAR_MTIME = b"00000000000\0"
+# the checksum counts its own field as eight spaces; everything but name and size is the same for all members
+_USTAR_FIXED_SUM = sum(_USTAR_FIXED) + sum(_USTAR_MTIME) + sum(_USTAR_TAIL) + 8 * 32
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header tarfile writes for a regular file with fixed metadata (mode 0444, uid/gid 0,
+    mtime 0, no owner names); built directly since tarfile's generic path costs more than the JPEG check."""
+    encoded = name.encode("ascii")
+    if len(encoded) > 100:
+        raise ValueError(f"member name longer than 100 characters: {name}")
+    size_field = b"%011o\0" % size
+    checksum = _USTAR_FIXED_SUM + sum(encoded) + sum(size_field)
+    return (encoded.ljust(100, b"\0") + _USTAR_FIXED + size_field + _USTAR_MTIME + b"%06o\0 " % checksum
+            + _USTAR_TAIL)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
 
 
 def _read_items(store, items: tuple[Item, ...]) -> Iterator[tuple[Item, bytes | Exception]]:
-    def read(item):
-        try:
-            return item, read_item(store, item)
-        except (OSError, ValueError) as e:
-            return item, e
-        except Exception as e:  # botocore errors: a missing or unreadable object is a bad input, not a crash
-            if type(e).__module__.startswith("botocore"):
-                return item, e
-            raise
-
-    if store.seekable:
-        yield from map(read, items)
-    else:  # S3: overlap the per-object latency of ranged GETs
-        with ThreadPoolExecutor(16) as pool:
-            yield from pool.map(read, items)
+    for item, data in zip(items, store.read_many(map(item_request, items))):
+        if not isinstance(data, Exception):
+            try:
+                check_item_bytes(item, data)
+            except OSError as e:
+                data = e
+        yield item, data
 
 
-def write_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opts: ImageOptions,
-                progress: Callable[[int], None] = lambda n: None) -> dict:
+@dataclass
+class EncodedShard:
+    """A shard written to its staging file, not yet visible under its name."""
+    spec: ShardSpec
+    staged: Path
+    index_text: str
+    record: dict
+
+
+def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opts: ImageOptions,
+                 progress: Callable[[int], None] = lambda n: None) -> EncodedShard:
+    """Reads, checks and packs the shard's images into its staging file (the CPU-bound part)."""
     for name in (spec.name, spec.index_name):
         out.remove_stale_staging(name)
     staged = out.staging_path(spec.name)
     index, rejected, converted, class_counts = [], [], [], Counter()
     done = 0
     with open(staged, "wb") as raw:
-        sink = _HashingWriter(raw)
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for item, data in _read_items(source, spec.items):
-                done += 1
-                if done % 32 == 0:
-                    progress(32)
-                if isinstance(data, Exception):
-                    rejected.append([item.path, f"unreadable: {data}"])
-                    continue
-                try:
-                    img = prepare_image(data, image_opts.resize_shorter, image_opts.jpeg_quality,
-                                        image_opts.validate)
-                except BadImage as e:
-                    rejected.append([item.path, str(e)])
-                    continue
-                if img.converted:
-                    converted.append([item.path, img.converted])
-                label = labels[item.synset]
-                meta = {"synset": item.synset, "source": item.path, "width": img.width, "height": img.height}
-                components = []
-                for ext, payload in (("cls", str(label).encode()), ("jpg", img.jpg),
-                                     ("json", json.dumps(meta, sort_keys=True).encode())):
-                    member = _member(f"{item.key}.{ext}", len(payload))
-                    header_at = tar.offset
-                    tar.addfile(member, io.BytesIO(payload))
-                    components.append((ext, header_at + tarfile.BLOCKSIZE, len(payload), member.name))
-                index.append(components)
-                class_counts[label] += 1
-        size = sink.pos
+        sha, size = hashlib.sha256(), 0
+        for item, data in _read_items(source, spec.items):
+            done += 1
+            if done % 32 == 0:
+                progress(32)
+            if isinstance(data, Exception):
+                rejected.append([item.path, f"unreadable: {data}"])
+                continue
+            try:
+                img = prepare_image(data, image_opts.resize_shorter, image_opts.jpeg_quality, image_opts.validate)
+            except BadImage as e:
+                rejected.append([item.path, str(e)])
+                continue
+            if img.converted:
+                converted.append([item.path, img.converted])
+            label = labels[item.synset]
+            meta = {"synset": item.synset, "source": item.path, "width": img.width, "height": img.height}
+            chunks, components = [], []
+            for ext, payload in (("cls", str(label).encode()), ("jpg", img.jpg),
+                                 ("json", json.dumps(meta, sort_keys=True).encode())):
+                name = f"{item.key}.{ext}"
+                components.append((ext, size + BLOCK, len(payload), name))
+                chunks += (ustar_header(name, len(payload)), payload, _padding(len(payload)))
+                size += BLOCK + len(payload) + len(chunks[-1])
+            sample = b"".join(chunks)
+            raw.write(sample)
+            sha.update(sample)
+            index.append(components)
+            class_counts[label] += 1
+        end = _END_OF_ARCHIVE + _padding_to_record(size + len(_END_OF_ARCHIVE))
+        raw.write(end)
+        sha.update(end)
+        size += len(end)
     progress(done % 32)
-    out.commit(staged, spec.name)
-    out.write_bytes(spec.index_name, format_index(index).encode())
     record = {"name": spec.name, "index": spec.index_name, "split": spec.split, "planned": len(spec.items),
-              "samples": len(index), "bytes": size, "sha256": sink.sha.hexdigest(),
+              "samples": len(index), "bytes": size, "sha256": sha.hexdigest(),
               "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
               "rejected": rejected, "converted": converted}
-    out.write_bytes(spec.record_name, json.dumps(record).encode())
-    return record
+    return EncodedShard(spec, staged, format_index(index), record)
+
+
+def commit_shard(out, encoded: EncodedShard) -> dict:
+    """Makes the shard visible (I/O-bound: fsync + rename, or the S3 upload), then its index, then its record."""
+    spec = encoded.spec
+    out.commit(encoded.staged, spec.name)
+    out.write_bytes(spec.index_name, encoded.index_text.encode())  # before the record: DALI needs it
+    # the record is written last; if a crash loses it, the shard is only rewritten, so no fsync needed
+    out.write_bytes(spec.record_name, json.dumps(encoded.record).encode(), durable=False)
+    return encoded.record
+
+
+def write_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opts: ImageOptions,
+                progress: Callable[[int], None] = lambda n: None) -> dict:
+    return commit_shard(out, encode_shard(spec, source, out, labels, image_opts, progress))

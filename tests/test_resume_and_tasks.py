@@ -34,6 +34,26 @@ def start_prep(*args, env=None) -> subprocess.Popen:
                             env={**os.environ, **(env or {})})
 
 
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 @pytest.mark.slow
 def test_kill_9_then_rerun_gives_the_same_bytes(big_digits, reference, tmp_path):
     out = tmp_path / "set"
@@ -43,9 +63,12 @@ def test_kill_9_then_rerun_gives_the_same_bytes(big_digits, reference, tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(done_dir.glob("*.json"))) < 5:
         time.sleep(0.01)
+    workers = children(proc.pid)
+    assert workers, "the job should run worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(0.2)  # the workers get SIGKILL from the kernel when their parent dies (PR_SET_PDEATHSIG)
+    time.sleep(0.3)
+    assert not [pid for pid in workers if alive(pid)], "workers outlived the killed job"
     finished = len(list(done_dir.glob("*.json")))
     assert 5 <= finished < total, f"the kill came too late to test anything ({finished} of {total} done)"
     assert not (out / "manifest.json").exists()

@@ -254,3 +254,12 @@ def test_rerun_of_a_finished_set_writes_nothing(tars_set, digits_tars):
 def test_every_command_has_help(command):
     proc = run_prep(*command, "--help")
     assert proc.stdout.startswith("usage: python -m data_prep")
+
+
+@pytest.mark.parametrize("name,size", [("a.jpg", 0), ("n00000001_0001.json", 12345), ("k" * 96 + ".cls", 8**11 - 1)])
+def test_member_headers_are_the_ones_tarfile_writes(name, size):
+    from data_prep.writer import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT)
