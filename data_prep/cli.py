@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     s.add_argument("--task-index", type=int, help="this task's index (default: from SLURM_ARRAY_TASK_ID)")
     s.add_argument("--num-tasks", type=int, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
+    s.add_argument("--list-only", action="store_true",
+                   help="only list the source into OUT/_prep (what every task then reuses) and exit")
     s.add_argument("--no-finalize", action="store_true",
                    help="do not write manifest.json even when this task finishes the set")
 
@@ -109,10 +111,11 @@ def cmd_shard(args) -> int:
         max_bytes=args.max_bytes, resize_shorter=args.resize_shorter, jpeg_quality=args.jpeg_quality,
         validate=args.validate, workers=args.workers,
         task_index=task_index if args.task_index is None else args.task_index,
-        num_tasks=num_tasks if args.num_tasks is None else args.num_tasks, finalize=not args.no_finalize)
+        num_tasks=num_tasks if args.num_tasks is None else args.num_tasks, finalize=not args.no_finalize,
+        list_only=args.list_only)
     summary = run_shard(opts)
     print(json.dumps(summary, indent=1))
-    if "manifest" not in summary:
+    if "manifest" not in summary and not args.list_only:
         print("manifest.json not written yet: other tasks' shards are missing (or --no-finalize); "
               "`python -m data_prep finalize OUT` writes it when they are done", file=sys.stderr)
     return 0

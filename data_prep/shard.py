@@ -42,6 +42,7 @@ class ShardOptions:
     task_index: int = 0
     num_tasks: int = 1
     finalize: bool = True
+    list_only: bool = False  # list the source (cached in the output) and plan, write no shard
 
 
 def load_or_scan(source, out, source_format: str, workers: int) -> Listing:
@@ -130,6 +131,9 @@ def _encode_planned(position: int) -> EncodedShard:
 def run_shard(opts: ShardOptions) -> dict:
     out = open_store(opts.out)
     source, listing, synsets, options, plan = plan_for(out, opts)
+    if opts.list_only:
+        return {"images": len(listing.items), "synsets": len(listing.synsets), "kind": listing.kind,
+                "rejected_while_listing": len(listing.rejected), "shards_planned": len(plan)}
     mine = task_share(plan, opts.task_index, opts.num_tasks)
     todo = [spec for spec in mine if not out.exists(spec.record_name)]
     log.info("task %d/%d: %d of %d shards are this task's, %d already done, %d to write",

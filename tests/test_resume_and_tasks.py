@@ -108,3 +108,18 @@ def test_finalize_waits_for_every_task(digits_tars, tmp_path):
     one = tmp_path / "one"
     run_prep("shard", "--source", digits_tars, "--out", one, "--max-samples", 100)
     assert read_tree(out) == read_tree(one)
+
+
+def test_list_only_caches_the_listing_that_tasks_reuse(digits_tars, tmp_path):
+    import shutil
+
+    src, out = Path(shutil.copytree(digits_tars, tmp_path / "src")), tmp_path / "set"
+    proc = run_prep("shard", "--source", src, "--out", out, "--list-only", "--max-samples", 100)
+    summary = json.loads(proc.stdout)
+    assert summary == {"images": 1797, "synsets": 10, "kind": "synset-tars", "rejected_while_listing": 0,
+                       "shards_planned": 18}
+    assert (out / "_prep/listing.json.gz").exists() and not (out / "train").exists()
+    shutil.copy(src / "n00000001.tar", src / "n00000042.tar")  # arrives after the listing: not seen
+    run_prep("shard", "--source", src, "--out", out, "--max-samples", 100)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["label_layout"]["num_classes"] == 10 and manifest["totals"]["train"]["samples"] == 1797
