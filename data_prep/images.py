@@ -48,8 +48,8 @@ def prepare_image(data: bytes, resize_shorter: int | None = None, quality: int =
             try:
                 if validate == "full":
                     simplejpeg.decode_jpeg(data, strict=True)
-                else:
-                    simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
+                else:  # GRAY skips colour conversion; the chroma data is still entropy-decoded and checked
+                    simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True, min_height=1, min_width=1)
             except ValueError as e:
                 raise BadImage(f"corrupt JPEG data: {e}") from None
             return PreparedImage(data, width, height, None)
