@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except (LayoutError, IncompleteError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__module__.startswith(("botocore", "boto3", "s3transfer")):  # credentials, bucket, endpoint
+            print(f"error: S3: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 def cmd_shard(args) -> int:

@@ -73,9 +73,16 @@ def resolve_layout(out, listing: Listing, layout_file: str | None) -> list[str]:
     return synsets
 
 
+def normalise_url(url: str) -> str:
+    """One spelling per source: absolute local paths, no trailing slash."""
+    if url.startswith("s3://"):
+        return url.rstrip("/")
+    return os.path.abspath(url)
+
+
 def output_options(opts: ShardOptions, kind: str, synsets: list[str]) -> dict:
     """The options that decide the shards' bytes; a rerun into the same output must use the same ones."""
-    return {"source": opts.source, "source_format": kind, "seed": opts.seed,
+    return {"source": normalise_url(opts.source), "source_format": kind, "seed": opts.seed,
             "holdout_per_class": opts.holdout_per_class, "max_samples": opts.max_samples,
             "max_bytes": opts.max_bytes, "resize_shorter": opts.resize_shorter,
             "jpeg_quality": opts.jpeg_quality, "validate": opts.validate,
@@ -227,10 +234,15 @@ def finalize(out_url: str) -> dict:
 
 
 def slurm_task_defaults() -> tuple[int, int]:
-    """(task index, task count) of a Slurm array task; array ids need not start at 0 (--array=1-8)."""
+    """(task index, task count) of a Slurm array task: its position in the array's range, which need not start
+    at 0 nor step by 1 (--array=1-8, --array=0-126:2). A list of ids (--array=1,3,7) has no position."""
     env = os.environ
     if "SLURM_ARRAY_TASK_ID" not in env:
         return 0, 1
-    first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-    return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
-
+    task, first = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    step, count = int(env.get("SLURM_ARRAY_TASK_STEP", "1")), int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    last = int(env.get("SLURM_ARRAY_TASK_MAX", first + step * (count - 1)))
+    if (last - first) // step + 1 != count:
+        raise ValueError(f"the Slurm array must be a range (like 0-63, 0-63%8 or 0-126:2), not a list of ids: "
+                         f"{count} tasks between {first} and {last}; or pass --task-index and --num-tasks")
+    return (task - first) // step, count

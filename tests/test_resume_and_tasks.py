@@ -84,7 +84,7 @@ def test_kill_9_then_rerun_gives_the_same_bytes(big_digits, reference, tmp_path)
 def test_array_tasks_as_separate_processes_equal_one_task(big_digits, reference, tmp_path):
     out = tmp_path / "set"
     env = lambda i: {"SLURM_ARRAY_TASK_ID": str(10 + i), "SLURM_ARRAY_TASK_MIN": "10",
-                     "SLURM_ARRAY_TASK_COUNT": "3"}
+                     "SLURM_ARRAY_TASK_MAX": "12", "SLURM_ARRAY_TASK_COUNT": "3"}
     procs = [start_prep("shard", "--source", big_digits, "--out", out, *ARGS, env=env(i)) for i in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -123,3 +123,36 @@ def test_list_only_caches_the_listing_that_tasks_reuse(digits_tars, tmp_path):
     run_prep("shard", "--source", src, "--out", out, "--max-samples", 100)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["label_layout"]["num_classes"] == 10 and manifest["totals"]["train"]["samples"] == 1797
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, (0, 1)),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8",
+      "SLURM_ARRAY_TASK_COUNT": "8"}, (4, 8)),
+    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "4",
+      "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "3"}, (2, 3)),
+])
+def test_task_position_in_a_slurm_array(monkeypatch, env, expected):
+    from data_prep.shard import slurm_task_defaults
+
+    for k in list(os.environ):
+        if k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert slurm_task_defaults() == expected
+
+
+def test_a_slurm_array_of_listed_ids_is_refused(digits_tars, tmp_path):
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
+           "SLURM_ARRAY_TASK_COUNT": "3"}
+    proc = run_prep("shard", "--source", digits_tars, "--out", tmp_path / "o", env=env, check=False)
+    assert proc.returncode == 2 and "must be a range" in proc.stderr
+
+
+def test_the_same_source_spelt_differently_resumes(digits_tars, tmp_path):
+    out = tmp_path / "set"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 500)
+    rel = os.path.relpath(digits_tars, REPO)
+    proc = run_prep("shard", "--source", rel + "/", "--out", out, "--max-samples", 500)
+    assert json.loads(proc.stdout)["shards_written"] == 0
