@@ -166,7 +166,11 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
     bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc="sharding", smoothing=0.1)
     if workers <= 1 or len(todo) <= 1:
         for spec in todo:
-            records.append(write_shard(spec, source, out, labels, image_opts, bar.update))
+            try:
+                records.append(write_shard(spec, source, out, labels, image_opts, bar.update))
+            except Exception as e:  # keep the other shards going; the rerun picks this one up
+                log.error("shard %s failed: %r", spec.name, e)
+                failures.append((spec.name, repr(e)))
         bar.close()
         return records, failures
     ctx = mp.get_context("fork")
