@@ -1,0 +1,16 @@
+"""The benchmark script runs end to end (tiny); its figures are for the bench, not asserted here."""
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_prep_throughput_bench_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/prep_throughput.py", "--images", "120", "--rounds", "1",
+                           "--max-samples", "40", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio_vs_tar: \d+\.\d\d", lines[-1])
+    assert any(line.startswith("shard, 2 workers ") for line in lines)
