@@ -21,7 +21,7 @@ def digit_jpegs(size: int = 64, quality: int = 90) -> list[tuple[str, str, bytes
 
     digits = load_digits()
     out = []
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         grey = Image.fromarray((255 - pixels * 255 / 16).astype(np.uint8))  # dark ink on white paper
         img = grey.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
         buf = io.BytesIO()

@@ -59,7 +59,7 @@ def map_layouts(source: list[str], target: list[str]) -> tuple[list[int], list[s
     """For each target synset, its row in the source layout, or -1 (and listed as missing) when absent."""
     position = {s: i for i, s in enumerate(source)}
     index = [position.get(s, -1) for s in target]
-    missing = [s for s, i in zip(target, index) if i < 0]
+    missing = [s for s, i in zip(target, index, strict=True) if i < 0]
     return index, missing
 
 

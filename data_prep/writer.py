@@ -60,7 +60,7 @@ def _padding(size: int) -> bytes:
 
 
 def _read_items(store, items: tuple[Item, ...]) -> Iterator[tuple[Item, bytes | Exception]]:
-    for item, data in zip(items, store.read_many(map(item_request, items))):
+    for item, data in zip(items, store.read_many(map(item_request, items)), strict=True):
         if not isinstance(data, Exception):
             try:
                 check_item_bytes(item, data)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,17 +12,13 @@ from PIL import Image
 
 from data_prep.embedded import write_imagefolder, write_synset_tars, write_tar
 
-REPO = Path(__file__).resolve().parents[1]
+import servers
+from servers import REPO, s3_server, slurm_cluster  # noqa: F401  (session fixtures: one server per run)
 
 
-def run_prep(*args, env: dict | None = None, check: bool = True, timeout: float = 600):
-    """Runs `python -m data_prep ARGS` as a user would; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"data_prep {' '.join(map(str, args))} exited {proc.returncode}:\n"
-                             f"{proc.stdout}\n{proc.stderr[-4000:]}")
-    return proc
+def run_prep(*args, env: dict | None = None, **kwargs):
+    """Runs `python -m data_prep ARGS` as a user would, with `env` added to this environment."""
+    return servers.run_prep(*args, env={**os.environ, **(env or {})}, **kwargs)
 
 
 def read_tree(root: Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.embedded import write_imagefolder, write_synset_tars
-from servers import run_prep, s3_server  # noqa: F401
+from servers import run_prep
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 

@@ -195,7 +195,7 @@ def test_resize_shorter_on_real_photos(tmp_path):
     run_prep("shard", "--source", src, "--out", out, "--resize-shorter", 300, "--jpeg-quality", 85)
     samples = {json.loads(s["json"])["source"]: s for s in all_samples(out, "train").values()}
     assert len(samples) == 6
-    for source, s in samples.items():
+    for s in samples.values():
         meta = json.loads(s["json"])
         img = Image.open(__import__("io").BytesIO(s["jpg"]))
         assert img.mode == "RGB" and img.size == (meta["width"], meta["height"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.embedded import write_synset_tars
-from servers import REPO, run_prep, slurm_cluster  # noqa: F401
+from servers import REPO, run_prep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
