@@ -164,3 +164,23 @@ def test_requests_are_really_signed(s3_server, tmp_path):
     assert proc.returncode != 0
     assert "SignatureDoesNotMatch" in proc.stderr or "403" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_rerun_on_s3_resumes_only_what_is_missing(s3_server, tars, tmp_path):
+    """Two of three tasks done, and one of their shards lost with its record: the rerun writes just those."""
+    bucket = s3_server.create_bucket()
+    out = f"s3://{bucket}/resume"
+    env = s3_server.subprocess_env()
+    for task in (0, 1):
+        run_prep("shard", "--source", tars, "--out", out, *ARGS, "--task-index", task, "--num-tasks", 3, env=env)
+    client = s3_server.client()
+    client.delete_object(Bucket=bucket, Key="resume/train/shard-000003.tar")
+    client.delete_object(Bucket=bucket, Key="resume/_prep/done/train-000003.json")
+    assert run_prep("finalize", out, env=env, check=False).returncode == 2
+    proc = run_prep("shard", "--source", tars, "--out", out, *ARGS, env=env)
+    summary = json.loads(proc.stdout)
+    assert summary["shards_written"] == 1 + 3 and summary["manifest"] == f"{out}/manifest.json"  # 3 of task 2
+    local = tmp_path / "local"
+    run_prep("shard", "--source", tars, "--out", local, *ARGS)
+    s3_server.download_prefix(bucket, "resume", tmp_path / "from_s3")
+    assert_same_shard_set(tmp_path / "from_s3", local, str(tars), str(tars))
