@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .sources import Item
 
 SPLITS = ("train", "val")
+RECORDS_DIR = "_prep/done"  # one completion record per finished shard
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ShardSpec:
 
     @property
     def record_name(self) -> str:
-        return f"_prep/done/{self.split}-{self.index:06d}.json"
+        return f"{RECORDS_DIR}/{self.split}-{self.index:06d}.json"
 
 
 def _rank(seed: int, purpose: str, item: Item) -> bytes:

@@ -142,7 +142,7 @@ def run_shard(opts: ShardOptions) -> dict:
         return {"images": len(listing.items), "synsets": len(listing.synsets), "kind": listing.kind,
                 "rejected_while_listing": len(listing.rejected), "shards_planned": len(plan)}
     mine = task_share(plan, opts.task_index, opts.num_tasks)
-    todo = [spec for spec in mine if not out.exists(spec.record_name)]
+    todo = missing_records(out, mine)
     log.info("task %d/%d: %d of %d shards are this task's, %d already done, %d to write",
              opts.task_index, opts.num_tasks, len(mine), len(plan), len(mine) - len(todo), len(todo))
     labels = {s: i for i, s in enumerate(synsets)}

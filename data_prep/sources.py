@@ -43,13 +43,17 @@ class Listing:
     def to_json(self) -> bytes:
         doc = {"kind": self.kind, "synsets": self.synsets, "items": [list(i) for i in self.items],
                "rejected": [list(r) for r in self.rejected]}
-        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
+        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), compresslevel=1, mtime=0)
 
     @classmethod
     def from_json(cls, data: bytes) -> "Listing":
         doc = json.loads(gzip.decompress(data))
-        return cls(doc["kind"], doc["synsets"], [Item(*i) for i in doc["items"]],
-                   [tuple(r) for r in doc["rejected"]])
+        # one string object per synset and per tar, not one per image: ImageNet-22K lists 14M items
+        shared: dict[str, str] = {}
+        items = [Item(key, shared.setdefault(synset, synset), path,
+                      container if container is None else shared.setdefault(container, container), offset, size)
+                 for key, synset, path, container, offset, size in doc["items"]]
+        return cls(doc["kind"], doc["synsets"], items, [tuple(r) for r in doc["rejected"]])
 
 
 def detect_kind(store: LocalStore | S3Store) -> str:
