@@ -106,6 +106,9 @@ class LocalStore:
             finally:
                 os.close(fd)
 
+    def local_path(self, rel: str) -> Path:
+        return self._path(rel)
+
     def staging_path(self, rel: str) -> Path:
         """A temporary file beside the final one (same filesystem, so the rename is atomic)."""
         final = self._path(rel)
@@ -231,6 +234,10 @@ class S3Store:
 
         with ThreadPoolExecutor(threads) as pool:
             yield from pool.map(read, requests)
+
+    def download(self, rel: str, dest: Path) -> None:
+        """The whole object to a local file (boto3's transfer manager: parallel ranged GETs for big objects)."""
+        self.client.download_file(self.bucket, self._key(rel), str(dest))
 
     def staging_path(self, rel: str) -> Path:
         fd, path = tempfile.mkstemp(prefix="swin-prep-", suffix="-" + rel.replace("/", "_"))

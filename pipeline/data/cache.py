@@ -1,0 +1,74 @@
+"""Local copies of S3 shards for readers that need files (DALI's webdataset reader): a bounded cache.
+
+Each shard (tar + index) is downloaded whole to a temporary name and renamed, so a reader never opens half a
+file; the least recently used shards are evicted to stay under max_bytes, never the ones a reader holds
+(pinned). Local shard sets are read in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from data_prep.storage import LocalStore
+
+from .shardset import Shard
+
+
+class CacheFullError(RuntimeError):
+    pass
+
+
+class ShardCache:
+    def __init__(self, root: str | os.PathLike, max_bytes: int):
+        self.root, self.max_bytes = Path(root), max_bytes
+        self.pinned: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def paths(self, store, shard: Shard) -> tuple[Path, Path]:
+        """(tar, index) as local files, downloading them when needed."""
+        if isinstance(store, LocalStore):
+            return store.local_path(shard.name), store.local_path(shard.index_name)
+        folder = self.root / hashlib.sha256(store.url.encode()).hexdigest()[:16]
+        tar, idx = folder / shard.name, folder / shard.index_name
+        with self._lock:
+            if tar.exists() and tar.stat().st_size == shard.bytes and idx.exists():
+                os.utime(tar)  # most recently used
+                return tar, idx
+            self._make_room(shard.bytes)
+            for rel, dest in ((shard.index_name, idx), (shard.name, tar)):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+                store.download(rel, tmp)
+                os.replace(tmp, dest)
+            if tar.stat().st_size != shard.bytes:
+                tar.unlink()
+                raise OSError(f"{store.url}/{shard.name}: downloaded {tar.stat().st_size} bytes, "
+                              f"the manifest says {shard.bytes}")
+            return tar, idx
+
+    def pin(self, *paths: Path) -> None:
+        self.pinned.update(paths)
+
+    def unpin(self, *paths: Path) -> None:
+        self.pinned.difference_update(paths)
+
+    def cached_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*.tar")) if self.root.exists() else 0
+
+    def _make_room(self, needed: int) -> None:
+        if needed > self.max_bytes:
+            raise CacheFullError(f"a {needed}-byte shard does not fit a {self.max_bytes}-byte cache")
+        tars = sorted(self.root.rglob("*.tar"), key=lambda p: p.stat().st_mtime) if self.root.exists() else []
+        used = sum(p.stat().st_size for p in tars)
+        for tar in tars:
+            if used + needed <= self.max_bytes:
+                return
+            if tar in self.pinned:
+                continue
+            used -= tar.stat().st_size
+            tar.unlink()
+            tar.with_suffix(".idx").unlink(missing_ok=True)
+        if used + needed > self.max_bytes:
+            raise CacheFullError(f"cache {self.root} is full of shards in use ({used} of {self.max_bytes} bytes)")
