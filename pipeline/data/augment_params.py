@@ -1,0 +1,53 @@
+"""Per-sample random augmentation parameters drawn on the host from a per-batch seed, so that both backends
+crop and flip the same way and a resumed run draws exactly what the uninterrupted one drew."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def batch_rng(seed: int, epoch: int, rank: int, batch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, rank, batch, stream])
+
+
+def random_resized_crop(widths: np.ndarray, heights: np.ndarray, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> np.ndarray:
+    """(n, 4) boxes x, y, w, h with torchvision's RandomResizedCrop semantics: up to 10 tries of an area in
+    `scale` and a log-uniform aspect ratio, else the centred crop of the clamped ratio."""
+    n = len(widths)
+    boxes = np.zeros((n, 4), np.int64)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    area_frac = rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1], (n, attempts)))
+    pos = rng.uniform(0, 1, (n, attempts, 2))
+    for i in range(n):
+        W, H = int(widths[i]), int(heights[i])
+        for a in range(attempts):
+            area = W * H * area_frac[i, a]
+            w = int(round(math.sqrt(area * aspect[i, a])))
+            h = int(round(math.sqrt(area / aspect[i, a])))
+            if 0 < w <= W and 0 < h <= H:
+                x = min(int(pos[i, a, 0] * (W - w + 1)), W - w)
+                y = min(int(pos[i, a, 1] * (H - h + 1)), H - h)
+                boxes[i] = (x, y, w, h)
+                break
+        else:
+            in_ratio = W / H
+            if in_ratio < ratio[0]:
+                w, h = W, int(round(W / ratio[0]))
+            elif in_ratio > ratio[1]:
+                w, h = int(round(H * ratio[1])), H
+            else:
+                w, h = W, H
+            boxes[i] = ((W - w) // 2, (H - h) // 2, w, h)
+    return boxes
+
+
+def flips(n: int, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
+    return rng.uniform(0, 1, n) < p
+
+
+def eval_resize(size: int, crop_pct: float) -> int:
+    """Shorter side before the centre crop, as timm computes it."""
+    return int(math.floor(size / crop_pct))

@@ -1,0 +1,118 @@
+"""The DALI backend: JPEG bytes and the planned crops come in through an external source; DALI decodes just the
+crop window (fn.decoders.image_slice: on the GPU as device 'mixed', in DALI's CPU-only mode otherwise), resizes,
+flips and normalises.
+
+DALI cannot skip a sample it fails to decode: the loader then stops with an error naming the shard and sample
+(found by decoding that batch's samples on the host) and the `data_prep verify` command to run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import simplejpeg
+import torch
+
+from .augment_params import eval_resize
+from .loader import MEAN, STD, DataError
+
+
+def _build(loader, source, train: bool):
+    from nvidia.dali import fn, pipeline_def, types
+
+    cfg = loader.cfg
+    gpu = loader.device == "cuda"
+    size = cfg.image_size
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.workers,
+                  device_id=torch.cuda.current_device() if gpu else None, seed=cfg.seed,
+                  prefetch_queue_depth=2)
+    def pipe():
+        decoder = "mixed" if gpu else "cpu"
+        if train:
+            jpegs, labels, anchors, shapes, mirror = fn.external_source(
+                source=source, num_outputs=5, batch=True, batch_info=True,
+                dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+            images = fn.decoders.image_slice(jpegs, anchors, shapes, device=decoder, output_type=types.RGB,
+                                             normalized_anchor=False, normalized_shape=False)
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
+                               antialias=True)
+            images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                                              mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
+        else:
+            jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                               dtype=[types.UINT8, types.INT64])
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=eval_resize(size, cfg.crop_pct),
+                               interp_type=types.INTERP_CUBIC, antialias=True)
+            images = fn.crop_mirror_normalize(images, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
+                                              mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
+        return images, labels.gpu() if gpu else labels
+
+    p = pipe()
+    p.build()
+    return p
+
+
+class _Source:
+    """DALI's external source: batch start+i on the i-th call (DALI asks in order, a few batches ahead)."""
+
+    def __init__(self, loader, order, start: int, end: int):
+        self.loader, self.order, self.start, self.end = loader, order, start, end
+        self.refs: dict[int, list[tuple[int, int]]] = {}
+
+    def __call__(self, info):
+        b = self.start + info.iteration
+        if b >= self.end:
+            raise StopIteration
+        loader = self.loader
+        refs, data, labels = loader.read_batch(self.order, b)
+        self.refs[b] = refs
+        jpegs, labels = [np.frombuffer(jpg, np.uint8) for jpg in data], [np.array([lab]) for lab in labels]
+        if not loader.cfg.train:
+            return jpegs, labels
+        boxes, flip = loader.crops(b, data)
+        return (jpegs, labels, [box[:2].astype(np.float32) for box in boxes],
+                [box[2:].astype(np.float32) for box in boxes], [np.array(f, np.int32) for f in flip])
+
+
+def _dali_batches(loader, order, start: int, end: int):
+    if start >= end:
+        return
+    source = _Source(loader, order, start, end)
+    pipe = _build(loader, source, loader.cfg.train)
+    gpu = loader.device == "cuda"
+    for b in range(start, end):
+        try:
+            images, labels = pipe.run()
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            raise _name_the_bad_sample(loader, source.refs.get(b, []), e) from None
+        source.refs.pop(b, None)
+        yield b, _to_torch(images, gpu), _to_torch(labels, gpu).view(-1), 0
+
+
+def _to_torch(batch, gpu: bool) -> torch.Tensor:
+    if gpu:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        tensor = batch.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=torch.float32 if tensor.dtype.name == "FLOAT" else torch.int64,
+                          device="cuda")
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
+        return out
+    return torch.from_numpy(np.array(batch.as_tensor()))
+
+
+def _name_the_bad_sample(loader, refs, error: Exception) -> DataError:
+    culprits = []
+    for shard, sample in refs:
+        jpg, _label = loader.reader.read(shard, sample)
+        try:
+            simplejpeg.decode_jpeg(jpg, strict=True)
+        except ValueError as e:
+            culprits.append(f"{loader.name(shard, sample)}: {e}")
+    where = "; ".join(culprits) or f"one of the batch's samples ({len(refs)} from shards " \
+        f"{sorted({loader.reader.shard_name(s) for s, _ in refs})})"
+    return DataError(f"DALI could not decode {where}. DALI cannot skip a sample: run "
+                     f"`python -m data_prep verify {loader.shard_set.url}` and re-shard what it reports. "
+                     f"(DALI said: {str(error).splitlines()[0] if str(error) else error!r})")

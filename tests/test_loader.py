@@ -1,0 +1,133 @@
+"""pipeline.data.loader on CPU: both backends, the batch contract, ranks, epochs, exact resume, bad samples."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_prep
+from pipeline.data.loader import DataError, LoaderConfig, create_loader
+
+
+@pytest.fixture(scope="module")
+def shards(digits_tars, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("loader") / "set"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
+    return out
+
+
+def config(shards, **kw) -> LoaderConfig:
+    base = dict(shards=str(shards), batch_size=32, image_size=64, workers=2)
+    return LoaderConfig(**{**base, **kw})
+
+
+def take(loader, n=None):
+    out = []
+    for i, batch in enumerate(loader):
+        out.append(batch)
+        if n is not None and i + 1 == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_batch_contract(shards, backend):
+    loader = create_loader(config(shards, backend=backend))
+    batches = take(loader)
+    assert len(batches) == len(loader) == (1797 - 100) // 32
+    images, labels = batches[0]
+    assert images.shape == (32, 3, 64, 64) and images.dtype == torch.float32
+    assert labels.shape == (32,) and labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
+    assert -2.2 < images.min() < -1.5 and 1.5 < images.max() < 2.7  # normalised with ImageNet mean/std
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
+
+
+def test_both_backends_read_the_same_samples_with_the_same_crops(shards):
+    a = take(create_loader(config(shards, backend="torch")), 5)
+    b = take(create_loader(config(shards, backend="dali")), 5)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb)
+        assert (xa - xb).abs().mean() < 0.05  # same crop and flip; decoders and resizers differ slightly
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_same_number_of_batches(shards, world):
+    counts = [len(take(create_loader(config(shards, backend="torch", workers=0), rank=r, world=world)))
+              for r in range(world)]
+    assert counts == [(1697 // world) // 32] * world
+
+
+def test_each_epoch_is_shuffled_afresh(shards):
+    loader = create_loader(config(shards, backend="torch", workers=0))
+    first = torch.cat([y for _, y in take(loader)])
+    second = torch.cat([y for _, y in take(loader)])
+    assert loader.epoch == 2 and not torch.equal(first, second)
+    assert sorted(first.tolist()) != [] and len(first) == len(second)
+
+
+@pytest.mark.parametrize("backend,extra", [
+    ("torch", dict(rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, random_erasing=0.25)),
+    ("dali", dict(mixup=0.8, cutmix=1.0, random_erasing=0.25)),
+])
+def test_resume_mid_epoch_yields_exactly_the_same_batches(shards, backend, extra):
+    cfg = config(shards, backend=backend, seed=3, **extra)
+    whole = take(create_loader(cfg))
+    loader = create_loader(cfg)
+    take(loader, 7)
+    state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint stores
+    assert state["position"] == 7
+    resumed = take(create_loader(cfg, state=state))
+    assert len(resumed) == len(whole) - 7
+    for (xa, ya), (xb, yb) in zip(whole[7:], resumed, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_resume_refuses_another_world_size(shards):
+    loader = create_loader(config(shards, backend="torch", workers=0), rank=0, world=2)
+    with pytest.raises(ValueError, match="world=2"):
+        create_loader(config(shards, backend="torch", workers=0), rank=0, world=3, state=loader.state_dict())
+
+
+def test_mixup_cutmix_give_smoothed_soft_targets(shards):
+    images, targets = take(create_loader(config(shards, backend="torch", mixup=0.8, cutmix=1.0)), 1)[0]
+    assert targets.shape == (32, 10) and torch.allclose(targets.sum(1), torch.ones(32))
+    assert targets.min() >= 0.1 / 10 - 1e-6  # label smoothing 0.1 spreads 0.01 to every class
+
+
+def test_eval_is_deterministic_and_covers_the_split(shards):
+    cfg = config(shards, split="val", train=False, backend="dali")
+    a, b = take(create_loader(cfg)), take(create_loader(cfg))
+    assert sum(len(y) for _, y in a) == 100 and all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b, strict=True))
+    torch_eval = take(create_loader(config(shards, split="val", train=False, backend="torch")))
+    assert torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in torch_eval]))
+
+
+@pytest.fixture
+def one_bad_jpeg(shards, tmp_path) -> tuple[Path, str]:
+    """A copy of the set where one sample's jpg is no JPEG at all (same length, so tar and index still agree)."""
+    out = Path(shutil.copytree(shards, tmp_path / "set"))
+    idx = (out / "train/shard-000001.idx").read_text().splitlines()
+    fields = idx[4].split(" ")  # 4th sample: cls offset size name jpg offset size name ...
+    parts = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+    offset, size, name = parts["jpg"]
+    tar = out / "train/shard-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[offset:offset + size] = b"\0" * size
+    tar.write_bytes(bytes(data))
+    return out, name.rsplit(".", 1)[0]
+
+
+def test_torch_backend_skips_and_counts_an_undecodable_sample(one_bad_jpeg):
+    out, _key = one_bad_jpeg
+    loader = create_loader(config(out, backend="torch", train=False, workers=0))
+    total = sum(len(y) for _, y in take(loader))
+    assert loader.skipped == 1 and total == 1697 - 1
+
+
+def test_dali_backend_names_shard_sample_and_verify(one_bad_jpeg):
+    out, key = one_bad_jpeg
+    with pytest.raises(DataError) as err:
+        take(create_loader(config(out, backend="dali", train=False)))
+    text = str(err.value)
+    assert "train/shard-000001.tar" in text and key in text and f"python -m data_prep verify {out}" in text
