@@ -131,3 +131,24 @@ def test_dali_backend_names_shard_sample_and_verify(one_bad_jpeg):
         take(create_loader(config(out, backend="dali", train=False)))
     text = str(err.value)
     assert "train/shard-000001.tar" in text and key in text and f"python -m data_prep verify {out}" in text
+
+
+def test_dali_refuses_rand_augment_rather_than_ignoring_it(shards):
+    with pytest.raises(ValueError, match="torch backend only"):
+        create_loader(config(shards, backend="dali", rand_augment="rand-m9-mstd0.5-inc1"))
+
+
+@pytest.mark.s3
+def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_server, shards, tmp_path, monkeypatch):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    bucket = s3_server.create_bucket()
+    s3_server.upload_dir(shards, bucket, "set")
+    biggest = max(p.stat().st_size for p in shards.glob("train/*.tar"))
+    remote = config(shards, backend="torch", workers=0, cache_dir=str(tmp_path / "cache"),
+                    cache_bytes=3 * biggest)  # fewer shards than the set: evictions happen
+    remote.shards = f"s3://{bucket}/set"
+    a = take(create_loader(remote))
+    b = take(create_loader(config(shards, backend="torch", workers=0)))
+    assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")) <= 3 * biggest

@@ -23,6 +23,7 @@ import torch
 
 from .augment_params import batch_rng, flips, random_resized_crop
 from .order import epoch_order, samples_per_rank
+from .cache import ShardCache
 from .reader import ShardReader
 from .shardset import open_shard_set
 
@@ -58,6 +59,8 @@ class LoaderConfig:
     random_erasing: float = 0.0  # probability (paper: 0.25)
     max_bad_shards: int = 0
     dtype: str = "float32"
+    cache_dir: str = "/tmp/swin-shard-cache"  # S3 shards are copied here (local sets are read in place)
+    cache_bytes: int = 64 << 30  # at most this much; least recently used shards are evicted
 
 
 def dali_available() -> bool:
@@ -72,8 +75,11 @@ class ShardLoader:
     def __init__(self, cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.shard_set = open_shard_set(cfg.shards, cfg.split, cfg.max_bad_shards)
-        self.reader = ShardReader(self.shard_set)
+        self.reader = ShardReader(self.shard_set, ShardCache(cfg.cache_dir, cfg.cache_bytes))
         self.backend = cfg.backend if cfg.backend != "auto" else ("dali" if dali_available() else "torch")
+        if self.backend == "dali" and cfg.train and cfg.rand_augment:
+            raise ValueError("rand_augment runs in the torch backend only so far (DALI's auto_aug.rand_augment "
+                             "is another policy than timm's): use backend=torch, or rand_augment=null")
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, cfg.dtype)
         self.epoch, self.position, self.skipped = 0, 0, 0

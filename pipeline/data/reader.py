@@ -3,6 +3,7 @@ the shards' DALI index files (one pread each; no tar parsing at read time)."""
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,14 @@ class _ShardIndex:
 
 
 class ShardReader:
-    def __init__(self, shard_set: ShardSet, cache: ShardCache | None = None):
+    max_open = 64  # open shard files; older ones are closed, so evicted cache files free their space
+
+    def __init__(self, shard_set: ShardSet, cache: ShardCache):
         self.shard_set = shard_set
         self.store = open_store(shard_set.url)
-        self.cache = cache or ShardCache(Path(os.environ.get("SWIN_SHARD_CACHE", "/tmp/swin-shard-cache")),
-                                         max_bytes=int(os.environ.get("SWIN_SHARD_CACHE_BYTES", 64 << 30)))
+        self.cache = cache
         self._index: dict[int, _ShardIndex] = {}
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
 
     def __getstate__(self):  # DataLoader workers open their own files
         state = dict(self.__dict__)
@@ -43,6 +45,10 @@ class ShardReader:
 
     def shard_name(self, shard: int) -> str:
         return self.shard_set.shards[shard].name
+
+    def _local(self, shard: int) -> Path:
+        """The shard's local file, fetched again if the cache evicted it since the index was read."""
+        return self.cache.paths(self.store, self.shard_set.shards[shard])[0]
 
     def index(self, shard: int) -> _ShardIndex:
         if shard not in self._index:
@@ -64,7 +70,11 @@ class ShardReader:
         ix = self.index(shard)
         fd = self._fds.get(shard)
         if fd is None:
-            fd = self._fds[shard] = os.open(ix.path, os.O_RDONLY)
+            if len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = self._fds[shard] = os.open(self._local(shard), os.O_RDONLY)
+        else:
+            self._fds.move_to_end(shard)
         (jo, js), (co, cs) = ix.jpg[sample], ix.cls[sample]
         return os.pread(fd, int(js), int(jo)), int(os.pread(fd, int(cs), int(co)))
 
