@@ -14,3 +14,13 @@ def test_prep_throughput_bench_runs(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio_vs_tar: \d+\.\d\d", lines[-1])
     assert any(line.startswith("shard, 2 workers ") for line in lines)
+
+
+def test_loader_throughput_bench_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/loader_throughput.py", "--images", "300", "--rounds", "1",
+                           "--batch-size", "32", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio_dali_vs_torch: \d+\.\d\d", lines[-1])
+    assert any(line.startswith("torch + RandAugment") for line in lines)

@@ -150,5 +150,5 @@ def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_server, shards, t
     remote.shards = f"s3://{bucket}/set"
     a = take(create_loader(remote))
     b = take(create_loader(config(shards, backend="torch", workers=0)))
-    assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+    assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
     assert sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")) <= 3 * biggest

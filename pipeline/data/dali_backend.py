@@ -33,7 +33,9 @@ def _build(loader, source, train: bool):
                 dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
             images = fn.decoders.image_slice(jpegs, anchors, shapes, device=decoder, output_type=types.RGB,
                                              normalized_anchor=False, normalized_shape=False)
-            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
+            # antialiased linear (DALI's default filter): 25% less CPU than antialiased cubic, which is what PIL's
+            # bicubic in the torch backend does; the crops and flips themselves are the same
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                                antialias=True)
             images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
                                               mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
@@ -92,15 +94,14 @@ def _dali_batches(loader, order, start: int, end: int):
 
 
 def _to_torch(batch, gpu: bool) -> torch.Tensor:
-    if gpu:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+    """A copy of DALI's output as a torch tensor (DALI reuses its buffers on the next run)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        tensor = batch.as_tensor()
-        out = torch.empty(tensor.shape(), dtype=torch.float32 if tensor.dtype.name == "FLOAT" else torch.int64,
-                          device="cuda")
-        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
-        return out
-    return torch.from_numpy(np.array(batch.as_tensor()))
+    tensor = batch.as_tensor()
+    dtype = torch.float32 if tensor.dtype.name == "FLOAT" else torch.int64
+    out = torch.empty(tensor.shape(), dtype=dtype, device="cuda" if gpu else "cpu")
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream() if gpu else None)
+    return out
 
 
 def _name_the_bad_sample(loader, refs, error: Exception) -> DataError:
