@@ -15,16 +15,31 @@ from .augment_params import eval_resize
 from .loader import MEAN, STD, DataError
 
 
-def _build(loader, source, train: bool):
+def rand_augment_args(policy: str) -> tuple[int, int]:
+    """(n, m) of a timm RandAugment string such as 'rand-m9-mstd0.5-inc1' (n defaults to 2, as in timm)."""
+    parts = policy.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"not a RandAugment policy: {policy!r}")
+    args = {p[0]: p[1:] for p in parts[1:] if p and p[0] in "nm" and not p.startswith("mstd")}
+    return int(args.get("n", 2)), int(float(args.get("m", 9)))
+
+
+def _build(loader, source, train: bool, checkpoint: bytes | None = None):
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
 
     cfg = loader.cfg
     gpu = loader.device == "cuda"
     size = cfg.image_size
+    augment = train and cfg.rand_augment
+    # DALI's own random operators (RandAugment) get a seed per (seed, epoch, rank); their state at a batch is
+    # what DALI's checkpoint holds, so the loader stores it for an exact resume.
+    seed = int(np.random.default_rng([cfg.seed, loader.epoch, loader.rank]).integers(0, 2**31))
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.workers,
-                  device_id=torch.cuda.current_device() if gpu else None, seed=cfg.seed,
-                  prefetch_queue_depth=2)
+                  device_id=torch.cuda.current_device() if gpu else None, seed=seed,
+                  prefetch_queue_depth=2, enable_conditionals=bool(augment),
+                  enable_checkpointing=bool(augment), checkpoint=checkpoint)
     def pipe():
         decoder = "mixed" if gpu else "cpu"
         if train:
@@ -37,6 +52,11 @@ def _build(loader, source, train: bool):
             # bicubic in the torch backend does; the crops and flips themselves are the same
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                                antialias=True)
+            if augment:
+                n, m = rand_augment_args(cfg.rand_augment)
+                # DALI's policy, not timm's: see README "RandAugment on DALI" for the differences
+                images = rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11,
+                                                   max_translate_abs=int(0.45 * size), fill_value=128)
             images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
                                               mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
         else:
@@ -58,13 +78,14 @@ class _Source:
     """DALI's external source: batch start+i on the i-th call (DALI asks in order, a few batches ahead)."""
 
     def __init__(self, loader, order, start: int, end: int):
-        self.loader, self.order, self.start, self.end = loader, order, start, end
+        self.loader, self.order, self.next, self.end = loader, order, start, end
         self.refs: dict[int, list[tuple[int, int]]] = {}
 
     def __call__(self, info):
-        b = self.start + info.iteration
+        b = self.next  # our own count: a pipeline restored from a checkpoint counts its iterations on
         if b >= self.end:
             raise StopIteration
+        self.next += 1
         loader = self.loader
         refs, data, labels = loader.read_batch(self.order, b)
         self.refs[b] = refs
@@ -80,7 +101,9 @@ def _dali_batches(loader, order, start: int, end: int):
     if start >= end:
         return
     source = _Source(loader, order, start, end)
-    pipe = _build(loader, source, loader.cfg.train)
+    checkpoint = loader.take_dali_checkpoint()
+    pipe = _build(loader, source, loader.cfg.train, checkpoint)
+    loader.dali_pipe = pipe
     gpu = loader.device == "cuda"
     for b in range(start, end):
         try:

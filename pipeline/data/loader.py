@@ -11,6 +11,7 @@ Batch contract: images float NCHW (normalised with ImageNet mean/std) in `dtype`
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import random
@@ -52,7 +53,7 @@ class LoaderConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    rand_augment: str | None = None  # e.g. timm's "rand-m9-mstd0.5-inc1" (torch backend)
+    rand_augment: str | None = None  # timm's "rand-m9-mstd0.5-inc1"; DALI runs its own policy (see README)
     mixup: float = 0.0  # Mixup alpha (paper: 0.8)
     cutmix: float = 0.0  # CutMix alpha (paper: 1.0)
     label_smoothing: float = 0.1  # applied with Mixup/CutMix
@@ -77,12 +78,11 @@ class ShardLoader:
         self.shard_set = open_shard_set(cfg.shards, cfg.split, cfg.max_bad_shards)
         self.reader = ShardReader(self.shard_set, ShardCache(cfg.cache_dir, cfg.cache_bytes))
         self.backend = cfg.backend if cfg.backend != "auto" else ("dali" if dali_available() else "torch")
-        if self.backend == "dali" and cfg.train and cfg.rand_augment:
-            raise ValueError("rand_augment runs in the torch backend only so far (DALI's auto_aug.rand_augment "
-                             "is another policy than timm's): use backend=torch, or rand_augment=null")
+
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, cfg.dtype)
         self.epoch, self.position, self.skipped = 0, 0, 0
+        self.dali_pipe, self._dali_checkpoint = None, None  # DALI's RNG state, when its operators draw
         if state:
             self.load_state_dict(state)
         self._mixup = None
@@ -104,8 +104,11 @@ class ShardLoader:
         return per_rank // self.cfg.batch_size if self.cfg.train else -(-per_rank // self.cfg.batch_size)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed, "world": self.world,
-                "rank": self.rank, "batch_size": self.cfg.batch_size}
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed, "world": self.world,
+                 "rank": self.rank, "batch_size": self.cfg.batch_size}
+        if self.dali_pipe is not None and self.position > 0 and self.cfg.train and self.cfg.rand_augment:
+            state["dali_checkpoint"] = base64.b64encode(self.dali_pipe.checkpoint()).decode()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "world", "batch_size"):
@@ -114,9 +117,16 @@ class ShardLoader:
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this run has {mine}: "
                                  f"an exact resume needs the same seed, world size and batch size")
         self.epoch, self.position = state["epoch"], state["position"]
+        if "dali_checkpoint" in state:
+            self._dali_checkpoint = base64.b64decode(state["dali_checkpoint"])
+
+    def take_dali_checkpoint(self) -> bytes | None:
+        """The DALI state to resume from, once: a later epoch starts fresh."""
+        checkpoint, self._dali_checkpoint = self._dali_checkpoint, None
+        return checkpoint if self.position > 0 else None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+        self.epoch, self.position, self._dali_checkpoint = epoch, 0, None
 
     # -- batches -------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
