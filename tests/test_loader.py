@@ -157,3 +157,39 @@ def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_server, shards, t
     b = take(create_loader(config(shards, backend="torch", workers=0)))
     assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
     assert sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")) <= 3 * biggest
+
+
+SAME_PROCESS = """
+import gc, os, sys
+from pipeline.data.loader import LoaderConfig, create_loader
+from pipeline.data.dali_backend import _build
+from pipeline.data.order import epoch_order
+cfg = LoaderConfig(shards=sys.argv[1], batch_size=32, image_size=64, workers=2, backend="dali")
+dali = create_loader(cfg)
+next(iter(dali))                      # a DALI epoch, abandoned after one batch
+pipe = _build(dali, lambda info: None, True)
+cycle = [pipe]
+cycle.append(cycle)                   # a live pipeline only the garbage collector can free
+del pipe, cycle
+gc.disable()                          # not collected before the DataLoader forks its workers ...
+os.register_at_fork(after_in_child=gc.collect)  # ... but the workers collect at once
+for _ in range(2):
+    cfg.backend = "torch"
+    print(sum(1 for _ in create_loader(cfg)))
+"""
+
+
+def test_a_torch_loader_after_a_dali_one_in_the_same_process(shards):
+    """Forked DataLoader workers must not finalise a DALI pipeline they inherit: its __del__ hangs there."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", SAME_PROCESS, str(shards)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the torch loader hung: a forked worker finalised the inherited DALI pipeline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(1697 // 32)] * 2

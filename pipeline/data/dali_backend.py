@@ -105,15 +105,19 @@ def _dali_batches(loader, order, start: int, end: int):
     pipe = _build(loader, source, loader.cfg.train, checkpoint)
     loader.dali_pipe = pipe
     gpu = loader.device == "cuda"
-    for b in range(start, end):
-        try:
-            images, labels = pipe.run()
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            raise _name_the_bad_sample(loader, source.refs.get(b, []), e) from None
-        source.refs.pop(b, None)
-        yield b, _to_torch(images, gpu), _to_torch(labels, gpu).view(-1), 0
+    try:
+        for b in range(start, end):
+            try:
+                images, labels = pipe.run()
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                raise _name_the_bad_sample(loader, source.refs.get(b, []), e) from None
+            source.refs.pop(b, None)
+            yield b, _to_torch(images, gpu), _to_torch(labels, gpu).view(-1), 0
+    finally:
+        loader.dali_pipe = None  # the pipeline and its threads go now, not at some later garbage collection
+        del pipe
 
 
 def _to_torch(batch, gpu: bool) -> torch.Tensor:

@@ -6,6 +6,7 @@ counted (the batch comes out one short), never replaced.
 """
 from __future__ import annotations
 
+import gc
 import io
 
 import numpy as np
@@ -88,7 +89,15 @@ def _torch_batches(loader, order, start: int, end: int):
         return
     dl = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=loader.device == "cuda",
                     multiprocessing_context="fork", persistent_workers=False)
-    for b, images, labels, skipped in dl:
+    # The workers are forked: objects they inherit must never be finalised there (a DALI pipeline left over from
+    # another loader hangs in its __del__ without its threads), so freeze the heap for the fork.
+    gc.collect()
+    gc.freeze()
+    try:
+        batches = iter(dl)
+    finally:
+        gc.unfreeze()
+    for b, images, labels, skipped in batches:
         if loader.device == "cuda":
             images, labels = images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
         yield b, images, labels, skipped
