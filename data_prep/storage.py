@@ -43,8 +43,14 @@ class LocalStore:
             return
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
+                if name.startswith(".") and ".tmp-" in name:
+                    continue  # another task's file being written; it appears under its name when complete
                 full = os.path.join(dirpath, name)
-                yield os.path.relpath(full, self.root).replace(os.sep, "/"), os.path.getsize(full)
+                try:
+                    size = os.path.getsize(full)
+                except FileNotFoundError:
+                    continue  # renamed or removed since the directory was read
+                yield os.path.relpath(full, self.root).replace(os.sep, "/"), size
 
     def list_dir(self) -> tuple[list[str], list[str]]:
         """Top-level (subfolders, files) of the store, sorted."""

@@ -156,3 +156,12 @@ def test_the_same_source_spelt_differently_resumes(digits_tars, tmp_path):
     rel = os.path.relpath(digits_tars, REPO)
     proc = run_prep("shard", "--source", rel + "/", "--out", out, "--max-samples", 500)
     assert json.loads(proc.stdout)["shards_written"] == 0
+
+
+def test_listing_skips_files_being_written_by_other_tasks(tmp_path):
+    from data_prep.storage import LocalStore
+
+    (tmp_path / "_prep/done").mkdir(parents=True)
+    (tmp_path / "_prep/done/train-000001.json").write_text("{}")
+    (tmp_path / "_prep/done/.train-000002.json.tmp-4242").write_text("{")  # another task, mid-write
+    assert [rel for rel, _ in LocalStore(tmp_path).list("_prep/done")] == ["_prep/done/train-000001.json"]

@@ -116,6 +116,8 @@ def _dali_batches(loader, order, start: int, end: int):
             source.refs.pop(b, None)
             yield b, _to_torch(images, gpu), _to_torch(labels, gpu).view(-1), 0
     finally:
+        if loader.position < end and pipe is loader.dali_pipe:  # stopped mid-epoch: keep DALI's state to resume
+            loader.keep_dali_state(pipe)
         loader.dali_pipe = None  # the pipeline and its threads go now, not at some later garbage collection
         del pipe
 

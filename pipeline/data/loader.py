@@ -106,9 +106,19 @@ class ShardLoader:
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed, "world": self.world,
                  "rank": self.rank, "batch_size": self.cfg.batch_size}
-        if self.dali_pipe is not None and self.position > 0 and self.cfg.train and self.cfg.rand_augment:
-            state["dali_checkpoint"] = base64.b64encode(self.dali_pipe.checkpoint()).decode()
+        if self.position > 0 and self._dali_draws():
+            checkpoint = self.dali_pipe.checkpoint() if self.dali_pipe is not None else self._dali_checkpoint
+            if checkpoint is not None:
+                state["dali_checkpoint"] = base64.b64encode(checkpoint).decode()
         return state
+
+    def _dali_draws(self) -> bool:
+        """Whether DALI's own random operators (RandAugment) shape the batches."""
+        return self.backend == "dali" and self.cfg.train and bool(self.cfg.rand_augment)
+
+    def keep_dali_state(self, pipe) -> None:
+        """Called when iteration stops mid-epoch: the state to resume from, before the pipeline goes."""
+        self._dali_checkpoint = pipe.checkpoint() if self._dali_draws() else None
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "world", "batch_size"):
