@@ -21,6 +21,14 @@ def run_prep(*args, env: dict | None = None, **kwargs):
     return servers.run_prep(*args, env={**os.environ, **(env or {})}, **kwargs)
 
 
+@pytest.fixture
+def s3_in_env(s3_server, monkeypatch):  # noqa: F811  (the fixture imported above)
+    """The S3 server, with its endpoint and credentials in this process's AWS_* environment."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
 def read_tree(root: Path) -> dict[str, bytes]:
     """Every shard-set file that must be reproducible (shards, indexes, layout, manifest) by relative path."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))

@@ -144,9 +144,8 @@ def test_dali_rand_augment_changes_the_images(shards):
 
 
 @pytest.mark.s3
-def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_server, shards, tmp_path, monkeypatch):
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
+def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, tmp_path):
+    s3_server = s3_in_env
     bucket = s3_server.create_bucket()
     s3_server.upload_dir(shards, bucket, "set")
     biggest = max(p.stat().st_size for p in shards.glob("train/*.tar"))

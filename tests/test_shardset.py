@@ -117,9 +117,8 @@ def test_dali_reads_what_the_checks_leave(copy):
 
 
 @pytest.mark.s3
-def test_s3_shards_through_a_bounded_cache(s3_server, shard_set, tmp_path, monkeypatch):
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
+def test_s3_shards_through_a_bounded_cache(s3_in_env, shard_set, tmp_path):
+    s3_server = s3_in_env
     bucket = s3_server.create_bucket()
     s3_server.upload_dir(shard_set, bucket, "set")
     store = open_store(f"s3://{bucket}/set")

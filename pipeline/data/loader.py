@@ -15,7 +15,7 @@ import base64
 import contextlib
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -220,10 +220,6 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
 def create_loader(cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict | None = None) -> ShardLoader:
     """The loader factory (timm style): one config, this rank's place in the world, an optional resume state."""
     return ShardLoader(cfg, rank, world, state)
-
-
-def config_dict(cfg: LoaderConfig) -> dict:
-    return asdict(cfg)
 
 
 from .dali_backend import _dali_batches  # noqa: E402  (the backends use ShardLoader's helpers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torchvision.transforms import functional as F
 
 from .augment_params import batch_rng, eval_resize
 
+log = logging.getLogger("pipeline.data")
 _MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
 _STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
 
@@ -55,7 +57,7 @@ class _Batches(IterableDataset):
                 img = img.convert("RGB")
             except (OSError, ValueError, SyntaxError) as e:
                 skipped += 1
-                loader_log(f"skipped {loader.name(*refs[i])}: {e}")
+                log.warning("skipped %s: %s", loader.name(*refs[i]), e)
                 continue
             if cfg.train:
                 x, y, bw, bh = boxes[i].tolist()
@@ -73,12 +75,6 @@ class _Batches(IterableDataset):
             images.append(tensor.sub_(_MEAN).div_(_STD))
             keep.append(i)
         return b, torch.stack(images), torch.from_numpy(labels[keep]), skipped
-
-
-def loader_log(message: str) -> None:
-    import logging
-
-    logging.getLogger("pipeline.data").warning(message)
 
 
 def _torch_batches(loader, order, start: int, end: int):
