@@ -176,9 +176,3 @@ def check_item_bytes(item: Item, data: bytes) -> None:
     """A tar cut short yields fewer bytes than its header promised: that member is truncated."""
     if item.container is not None and len(data) != item.size:
         raise OSError(f"truncated in the tar: {len(data)} of {item.size} bytes")
-
-
-def read_item(store, item: Item) -> bytes:
-    data = store.read(*item_request(item))
-    check_item_bytes(item, data)
-    return data

@@ -145,9 +145,6 @@ class LocalStore:
             for stale in final.parent.glob(f".{final.name}.tmp-*"):
                 stale.unlink(missing_ok=True)
 
-    def delete(self, rel: str) -> None:
-        self._path(rel).unlink(missing_ok=True)
-
 
 class S3Store:
     """An S3 prefix through boto3. The endpoint, region and credentials come from the usual AWS environment
@@ -262,6 +259,3 @@ class S3Store:
 
     def remove_stale_staging(self, rel: str) -> None:
         pass  # staging is in a local temp dir; S3 never holds a partial object
-
-    def delete(self, rel: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
