@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+''''true  # Both a bash script and a Python file: see "How this file runs" below. No triple quotes in the bash part.
+# ImageNet-22K pretraining (and any other recipe) on a cluster. Two ways to start it:
+#
+#   bash launch/pretrain_22k.sh --config configs/swin_base_22k.yaml [key=value ...]
+#       starts the ranks itself with the `deepspeed` launcher:
+#         HOSTFILE      hostfile ("host slots=8" per line, launch/hostfile.example); unset = this machine only
+#         NUM_NODES     nodes to use from the hostfile (default: all)
+#         NUM_GPUS      processes per node (default: every GPU; on a CPU-only machine 2)
+#         MASTER_ADDR, MASTER_PORT   rendezvous (default: the first host, port 29500)
+#         DS_LAUNCHER_ARGS           anything else for the launcher, e.g. "--launcher openmpi"
+#
+#   deepspeed [launcher options] launch/pretrain_22k.sh --config configs/swin_base_22k.yaml [key=value ...]
+#       the way the team has always called it; `deepspeed --no_python ...` works too.
+#
+# Each rank ends up in `python -m pipeline.train`, which reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* (or Slurm's
+# variables under srun, see launch/slurm/pretrain_22k.sbatch).
+#
+# How this file runs: the deepspeed launcher, unless given --no_python, starts every rank as
+# `python -u launch/pretrain_22k.sh --local_rank=N ...`. So the file is valid bash and valid Python:
+# bash runs line 2 as `true` and ends at an exec; Python reads lines 2 up to the last line's triple quote as
+# one string, and the last line, after bash's comment sign, is the Python part: it calls pipeline.train.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-$repo/.venv/bin/python}"
+[ -x "$python" ] || python="$(command -v python3)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ -n "${LOCAL_RANK:-}" ] || [ -n "${SLURM_STEP_ID:-}" ]; then
+  # already one rank (deepspeed --no_python, or srun): train
+  exec "$python" -u -m pipeline.train "$@"
+fi
+
+launcher=(-m deepspeed.launcher.runner)
+if [ -n "${HOSTFILE:-}" ]; then
+  [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE=$HOSTFILE not found" >&2; exit 2; }
+  launcher+=(--hostfile "$HOSTFILE")
+else
+  launcher+=(--hostfile /dev/null)  # no hostfile: this machine only, no ssh
+fi
+[ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
+if [ -n "${NUM_GPUS:-}" ]; then
+  launcher+=(--num_gpus "$NUM_GPUS")
+elif ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  launcher+=(--num_gpus 2)  # CPU-only machine: two gloo ranks
+fi
+[ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
+launcher+=(--master_port "${MASTER_PORT:-29500}")
+# shellcheck disable=SC2206
+[ -n "${DS_LAUNCHER_ARGS:-}" ] && launcher+=($DS_LAUNCHER_ARGS)
+cd "$repo"
+exec "$python" "${launcher[@]}" --module pipeline.train "$@"
+: "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,198 @@
+"""The typed run config: one dataclass tree per run, read from a recipe YAML, overridden by `key=value`
+arguments (dotted paths, values parsed as YAML: `optim.base_lr=5e-4`, `train.zero_stage=3`,
+`data.rand_augment=null`), checked against the field types, and dumped with every run (`config.yaml`).
+
+Unknown keys are errors, never silently ignored: a typo in a recipe must not train the wrong model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "swin_base"  # swin_nano (CPU twin) | swin_tiny | swin_small | swin_base | swin_large
+    img_size: int = 224
+    window_size: int = 7
+    drop_path: float = 0.2  # stochastic depth rate at the last block (timm's drop_path_rate)
+    grad_checkpointing: bool = False  # recompute blocks in backward: less activation memory, ~30% more compute
+    fused_attn: bool = True  # timm's SDPA attention (F.scaled_dot_product_attention); false = eager softmax(QK^T)V
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # shard set folder or s3://bucket/prefix (written by `python -m data_prep shard`)
+    train_split: str = "train"
+    val_split: str = "val"  # "" = no evaluation
+    backend: str = "auto"  # auto (dali where it imports) | dali | torch
+    workers: int = 4  # DALI threads / DataLoader worker processes per rank
+    seed: int = 0
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    random_erasing: float = 0.25
+    crop_pct: float = 0.875  # eval: resize shorter side to img_size / crop_pct, centre crop
+    max_bad_shards: int = 0
+    cache_dir: str = "/tmp/swin-shard-cache"
+    cache_bytes: int = 64 << 30
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.25e-4  # per `lr_batch_base` images: lr = base_lr * global_batch / lr_batch_base
+    lr_batch_base: int = 512
+    weight_decay: float = 0.05  # not applied to norms, biases and relative position bias tables
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 5.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 90
+    warmup_epochs: float = 5  # linear warm-up, per optimizer step, from warmup_lr
+    decay: str = "cosine"  # cosine | linear | constant (after warm-up)
+    warmup_lr: float = 1.25e-7  # scaled like base_lr (per lr_batch_base images)
+    min_lr: float = 1.25e-6  # scaled like base_lr
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 4096  # images per optimizer step over all ranks
+    micro_batch: int = 128  # images per rank per forward/backward; accumulation = global / (micro x world)
+    zero_stage: int = 2  # DeepSpeed ZeRO 0 (DDP) | 1 | 2 | 3
+    precision: str = "auto"  # auto (bf16 where the GPU has it, fp16 on V100, fp32 on CPU) | bf16 | fp16 | fp32
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps (0 = the whole schedule)
+    log_every: int = 10  # optimizer steps
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops with an error
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: str = "auto"  # auto (newest complete checkpoint in the run's folder, if any) | none | <checkpoint dir>
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 = only at the end of each epoch
+    batch_size: int = 128  # per rank
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run's folder is out_dir/name: config.yaml, checkpoints/, model/, metrics.jsonl
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        _set_path(tree, key.strip().split("."), yaml.safe_load(text) if text.strip() else None)
+    return _build(RunConfig, tree, "")
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_path(tree: dict, keys: list[str], value) -> None:
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _build(cls, tree: dict, where: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where or 'config'}: expected a section (mapping), got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+                          f"{where or 'top level'} takes: {', '.join(sorted(names))}")
+    values = {}
+    for name in tree:
+        hint, value = hints[name], tree[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            values[name] = _coerce(value, hint, where + name)
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

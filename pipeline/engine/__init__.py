@@ -1,0 +1,1 @@
+"""The training engine: DeepSpeed setup, optimizer and schedule, the step, evaluation, checkpoints, export."""

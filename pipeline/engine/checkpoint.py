@@ -1,0 +1,137 @@
+"""Checkpoints that a killed job never leaves half-picked, and resume that is exact.
+
+Layout: `<run>/checkpoints/step_00001000/` holds DeepSpeed's own files (module, optimizer partitions,
+loss scaler, step counters), one `rank_NNNNN.pt` per rank (torch/numpy/python RNG states, which DeepSpeed does
+not keep and drop path draws from, and the loader's position), the run's `config.yaml`, its label layout `synsets.txt`, and `COMPLETE`,
+written last. Everything is written under `.tmp-step_...` and renamed by rank 0 once all ranks are done, so a
+job killed mid-write leaves only a temporary folder, which `resume: auto` never picks and the next save removes.
+Checkpoints must be on storage every rank sees (shared file system).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig, dump_config
+
+log = logging.getLogger("pipeline.train")
+MARKER = "COMPLETE"
+TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if TAG.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(TAG.match(p.name).group(1)))
+
+
+def find_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint this run resumes from: `resume: auto` = the newest complete one in the run's folder."""
+    how = cfg.checkpoint.resume
+    if how == "none":
+        return None
+    if how == "auto":
+        found = complete_checkpoints(cfg.run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(how)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={how}: not a complete checkpoint (no {MARKER} marker)")
+    return path
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, loader_state: dict,
+                    synsets: list[str]) -> Path:
+    root = cfg.run_dir / "checkpoints"
+    tag = tag_for(step)
+    tmp = root / f".tmp-{tag}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False, client_state={"step": step})
+    _write_durable(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save({"rng": rng_state(), "loader": loader_state}, f))
+    dist.barrier()
+    if rank == 0:
+        dump_config(cfg, tmp / "config.yaml")
+        (tmp / "synsets.txt").write_text("\n".join(synsets) + "\n")  # the label layout, for export
+        _write_durable(tmp / MARKER, lambda f: f.write(json.dumps(
+            {"step": step, "world_size": world, "zero_stage": cfg.train.zero_stage, "time": time.time()}).encode()))
+        final = root / tag
+        if final.exists():  # the same step saved again (a resumed run that stopped at the same step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(root, cfg.checkpoint.keep_last)
+        for stale in root.glob(".tmp-step_*"):  # left by a killed job
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("checkpoint %s", final)
+    dist.barrier()
+    return root / tag
+
+
+def load_checkpoint(engine, path: Path, rank: int, world: int) -> tuple[int, dict]:
+    """Restores engine, optimizer, loss scaler and this rank's RNG; returns (step, loader state)."""
+    meta = json.loads((path / MARKER).read_text())
+    if meta["world_size"] != world:
+        raise RuntimeError(f"{path} was written by {meta['world_size']} ranks and this job has {world}: an exact "
+                           f"resume needs the same world size (to start from its weights only, use init_from)")
+    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load {path}")
+    own = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)  # our own file: RNG states are tuples
+    set_rng_state(own["rng"])
+    return int(client["step"]), own["loader"]
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep > 0:
+        for old in complete_checkpoints(root)[:-keep]:
+            (old / MARKER).unlink()  # incomplete first, so a kill mid-delete never leaves it looking complete
+            shutil.rmtree(old)
+
+
+def _write_durable(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

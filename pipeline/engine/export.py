@@ -1,0 +1,81 @@
+"""Export: a checkpoint consolidated into a plain timm model, the contract the registry and fine-tuning read.
+
+`<out>/model.safetensors` holds the fp32 weights (ZeRO 1-3 partitions merged by DeepSpeed's own
+`zero_to_fp32`; a ZeRO-0 checkpoint already holds the whole module); `<out>/model.json` says how to rebuild and
+feed the model: timm architecture and kwargs, image size, window, label layout (synsets) and preprocessing.
+Loading needs no unpickling: `load_exported(dir)` returns a ready timm model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import RunConfig, load_config
+from pipeline.data.loader import MEAN, STD
+from pipeline.model import create_model, timm_kwargs, timm_name
+
+FORMAT = "swin-pipeline-model/1"
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint folder written by pipeline.engine.checkpoint."""
+    meta = json.loads((checkpoint / "COMPLETE").read_text())
+    if meta["zero_stage"] == 0:
+        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def model_metadata(cfg: RunConfig, synsets: list[str]) -> dict:
+    m = cfg.model
+    return {
+        "format": FORMAT,
+        "arch": m.arch,
+        "timm_name": timm_name(m.arch, m.img_size, m.window_size),
+        "timm_kwargs": {k: v for k, v in timm_kwargs(m.arch, m.img_size, m.window_size, len(synsets)).items()
+                        if k != "drop_path_rate"},
+        "img_size": m.img_size,
+        "window_size": m.window_size,
+        "num_classes": len(synsets),
+        "synsets": synsets,
+        "preprocessing": {"mean": list(MEAN), "std": list(STD), "crop_pct": cfg.data.crop_pct,
+                          "interpolation": "bicubic", "input_size": [3, m.img_size, m.img_size]},
+    }
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    checkpoint, out = Path(checkpoint), Path(out)
+    cfg = load_config(checkpoint / "config.yaml")
+    synsets = (checkpoint / "synsets.txt").read_text().split()
+    state = consolidated_state_dict(checkpoint)
+    meta = model_metadata(cfg, synsets)
+    meta["source_checkpoint"] = str(checkpoint.resolve())
+    meta["step"] = json.loads((checkpoint / "COMPLETE").read_text())["step"]
+    create_model(cfg.model.arch, cfg.model.img_size, cfg.model.window_size, len(synsets)).load_state_dict(state)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
+    """(timm model in eval mode, its metadata) from an exported folder."""
+    folder = Path(folder)
+    meta = json.loads((folder / "model.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder}/model.json is not a {FORMAT} export")
+    model = create_model(meta["arch"], meta["img_size"], meta["window_size"], meta["num_classes"])
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval(), meta

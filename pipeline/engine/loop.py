@@ -1,0 +1,225 @@
+"""The training run: data -> forward/backward -> step -> log -> eval -> checkpoint, each a small function.
+
+`train(cfg, world)` builds the loaders, the model, the optimizer/schedule and the DeepSpeed engine, resumes
+from the newest complete checkpoint (`checkpoint.resume: auto`), runs until the schedule (or train.max_steps)
+ends, and leaves a final checkpoint and an exported model in the run's folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import RunConfig, dump_config
+from pipeline.data.loader import LoaderConfig, create_loader
+from pipeline.engine.checkpoint import complete_checkpoints, find_resume, load_checkpoint, save_checkpoint
+from pipeline.engine.distributed import World
+from pipeline.engine.evaluate import evaluate
+from pipeline.engine.export import export_checkpoint
+from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config, plan_steps,
+                                   resolve_precision)
+from pipeline.engine.step import micro_step
+from pipeline.model import create_model
+
+log = logging.getLogger("pipeline.train")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    dropped_total: int = 0  # micro batches dropped for a non-finite loss
+    bad_streak: int = 0
+    first_bad_step: int | None = None
+    window_losses: list[float] = field(default_factory=list)
+    window_images: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    last_checkpoint_step: int = -1
+    last_eval: dict = field(default_factory=dict)
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON line per log/eval event to <run>/metrics.jsonl and prints a short line."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(" ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "time"))
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def loader_configs(cfg: RunConfig, precision: str) -> tuple[LoaderConfig, LoaderConfig | None]:
+    d, m = cfg.data, cfg.model
+    common = dict(shards=d.shards, image_size=m.img_size, backend=d.backend, workers=d.workers, seed=d.seed,
+                  max_bad_shards=d.max_bad_shards, dtype=DTYPES[precision], cache_dir=d.cache_dir,
+                  cache_bytes=d.cache_bytes, crop_pct=d.crop_pct)
+    train = LoaderConfig(split=d.train_split, train=True, batch_size=cfg.train.micro_batch,
+                         rand_augment=d.rand_augment, mixup=d.mixup, cutmix=d.cutmix,
+                         label_smoothing=d.label_smoothing, random_erasing=d.random_erasing, **common)
+    val = LoaderConfig(split=d.val_split, train=False, batch_size=cfg.eval.batch_size, **common) \
+        if d.val_split else None
+    return train, val
+
+
+def build_engine(cfg: RunConfig, world: World, plan: StepPlan, num_classes: int, precision: str):
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    m = cfg.model
+    model = create_model(m.arch, m.img_size, m.window_size, num_classes, m.drop_path, m.grad_checkpointing,
+                         m.fused_attn)
+    optimizer = create_optimizer(model, cfg)
+    schedule = create_schedule(optimizer, cfg, plan)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
+                                           config=deepspeed_config(cfg, plan, world.size, precision))
+    torch.manual_seed(cfg.train.seed + 1 + world.rank)  # each rank its own drop-path stream
+    return engine, schedule
+
+
+def train(cfg: RunConfig, world: World) -> dict:
+    t_start = time.time()
+    run_dir = cfg.run_dir
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    precision = resolve_precision(cfg.train.precision)
+    train_cfg, val_cfg = loader_configs(cfg, precision)
+    train_loader = create_loader(train_cfg, world.rank, world.size)
+    val_loader = create_loader(val_cfg, world.rank, world.size) if val_cfg else None
+    synsets = train_loader.shard_set.synsets
+    plan = plan_steps(cfg, world.size, len(train_loader))
+    engine, schedule = build_engine(cfg, world, plan, len(synsets), precision)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main)
+    state = RunState()
+
+    resume = find_resume(cfg)
+    if resume is not None:
+        state.step, loader_state = load_checkpoint(engine, resume, world.rank, world.size)
+        train_loader.load_state_dict(loader_state)
+        state.last_checkpoint_step = state.step
+        log.info("resumed from %s at step %d", resume, state.step)
+    end = plan.total_steps if cfg.train.max_steps <= 0 else min(plan.total_steps, cfg.train.max_steps)
+    if world.is_main:
+        log.info("run %s: %d steps (%d per epoch), global batch %d = %d micro x %d ranks x %d accumulation, %s, "
+                 "ZeRO-%d, loader %s", run_dir, end, plan.steps_per_epoch, cfg.train.global_batch, plan.micro_batch,
+                 world.size, plan.grad_accum, precision, cfg.train.zero_stage, train_loader.backend)
+    schedule.step_update(state.step)
+
+    def checkpoint():
+        save_checkpoint(engine, cfg, state.step, world.rank, world.size, train_loader.state_dict(), synsets)
+        state.last_checkpoint_step = state.step
+
+    while state.step < end:
+        run_epoch(cfg, engine, schedule, train_loader, val_loader, plan, end, state, metrics, checkpoint)
+        if cfg.eval.every_steps <= 0 and val_loader is not None and train_loader.position == 0:
+            eval_now(engine, val_loader, state, metrics)
+    if state.last_checkpoint_step != state.step:
+        checkpoint()
+    if val_loader is not None and state.last_eval.get("step") != state.step:
+        eval_now(engine, val_loader, state, metrics)
+    exported = None
+    if world.is_main:
+        exported = export_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1], run_dir / "model")
+        log.info("exported %s", exported)
+    dist.barrier()
+    return {"steps": state.step, "dropped_micro_batches": state.dropped_total, "eval": state.last_eval,
+            "model": str(exported) if exported else None, "seconds": time.time() - t_start}
+
+
+def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: int, state: RunState,
+              metrics: MetricsLog, checkpoint) -> None:
+    """Micro batches until the epoch's last whole optimizer step, or until the run's last step."""
+    epoch, per_epoch = loader.epoch, plan.steps_per_epoch * plan.grad_accum
+    batches = iter(loader)
+    try:
+        while loader.position < per_epoch and state.step < end:
+            images, labels = next(batches)
+            result = micro_step(engine, images.to(engine.device), labels.to(engine.device),
+                                cfg.data.label_smoothing)
+            if result.dropped:
+                on_bad_loss(cfg, state, checkpoint, engine)
+                continue
+            state.bad_streak = 0
+            state.window_losses.append(result.loss)
+            state.window_images += len(images)
+            if result.stepped:
+                state.step += 1
+                schedule.step_update(state.step)
+                after_step(cfg, engine, val_loader, state, metrics, checkpoint, epoch, end)
+    finally:
+        batches.close()
+    if loader.epoch == epoch:  # stopped at the last whole step: the rest of the epoch is not used
+        loader.set_epoch(epoch + 1)
+
+
+def after_step(cfg, engine, val_loader, state: RunState, metrics: MetricsLog, checkpoint, epoch: int, end: int):
+    if state.step % cfg.train.log_every == 0 or state.step == end:
+        log_step(engine, state, metrics, epoch)
+    if val_loader is not None and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
+        eval_now(engine, val_loader, state, metrics)
+    if cfg.checkpoint.every_steps > 0 and state.step % cfg.checkpoint.every_steps == 0:
+        checkpoint()
+
+
+def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int) -> None:
+    losses = torch.tensor([sum(state.window_losses), len(state.window_losses), state.window_images],
+                          dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(losses)
+    elapsed = time.perf_counter() - state.window_start
+    grad_norm = engine.get_global_grad_norm()
+    scale = getattr(engine.optimizer, "cur_scale", None)
+    metrics.write({
+        "step": state.step, "epoch": epoch, "loss": losses[0].item() / max(losses[1].item(), 1),
+        "lr": engine.get_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "loss_scale": float(scale) if scale is not None else None,
+        "skipped_steps": int(engine.skipped_steps),  # fp16 overflow steps DeepSpeed skipped
+        "dropped_micro_batches": state.dropped_total,
+        "images_per_s": losses[2].item() / elapsed if elapsed > 0 else None,
+        "time": time.time(),
+    })
+    state.window_losses, state.window_images, state.window_start = [], 0, time.perf_counter()
+
+
+def eval_now(engine, val_loader, state: RunState, metrics: MetricsLog) -> None:
+    result = evaluate(engine, val_loader, engine.device)
+    state.last_eval = {"step": state.step, **result}
+    metrics.write({**state.last_eval, "time": time.time()})
+
+
+def on_bad_loss(cfg: RunConfig, state: RunState, checkpoint, engine) -> None:
+    """A non-finite loss: the micro batch was dropped on every rank, the weights are untouched by it."""
+    state.dropped_total += 1
+    state.bad_streak += 1
+    if state.bad_streak == 1:
+        state.first_bad_step = state.step
+        log.warning("non-finite loss at step %d: micro batch dropped (%d so far)", state.step, state.dropped_total)
+        # keep the weights from before it; only at a step boundary, where no gradients are half accumulated
+        if state.last_checkpoint_step != state.step and engine.micro_steps % engine.gradient_accumulation_steps() == 0:
+            checkpoint()
+    if state.bad_streak > cfg.train.max_bad_steps:
+        newest = complete_checkpoints(cfg.run_dir / "checkpoints")
+        raise TrainingDiverged(
+            f"the loss was not finite for {state.bad_streak} micro batches in a row since step "
+            f"{state.first_bad_step} (train.max_bad_steps={cfg.train.max_bad_steps}); newest checkpoint from "
+            f"before it: {newest[-1] if newest else 'none'}. Lower the LR, check the data "
+            f"(`python -m data_prep verify`), or use bf16/fp32 instead of fp16.")
+

@@ -1,0 +1,56 @@
+"""create_model: timm's Swin Transformer (no re-implementation) at any image size and window.
+
+The variants are the paper's Table 7 (T/S/B/L) plus `swin_nano`, a small CPU twin for the embedded recipe
+(same block design, C=32, head dim 32). Each maps to timm's registered architecture, so an exported model is
+re-created with `timm.create_model(timm_name(...), **timm_kwargs(...))`.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+
+# name -> (timm base architecture, overrides of that architecture)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "swin_nano": ("swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))),
+    "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
+    "swin_small": ("swin_small_patch4_window7_224", {}),
+    "swin_base": ("swin_base_patch4_window7_224", {}),
+    "swin_large": ("swin_large_patch4_window7_224", {}),
+}
+
+
+def timm_name(arch: str, img_size: int, window_size: int) -> str:
+    """timm's naming of the architecture at this size, e.g. swin_base_patch4_window12_384."""
+    base = _variant(arch)[0]
+    return base.replace("window7_224", f"window{window_size}_{img_size}") if arch != "swin_nano" else \
+        f"swin_nano_patch4_window{window_size}_{img_size}"
+
+
+def timm_kwargs(arch: str, img_size: int, window_size: int, num_classes: int, drop_path: float = 0.0) -> dict:
+    return dict(img_size=img_size, window_size=window_size, num_classes=num_classes, drop_path_rate=drop_path,
+                **_variant(arch)[1])
+
+
+def create_model(arch: str, img_size: int = 224, window_size: int = 7, num_classes: int = 1000,
+                 drop_path: float = 0.0, grad_checkpointing: bool = False, fused_attn: bool = True) -> torch.nn.Module:
+    if img_size % 32:
+        raise ValueError(f"img_size {img_size} is not a multiple of 32 (patch 4 x three 2x merges)")
+    model = timm.create_model(_variant(arch)[0], pretrained=False,
+                              **timm_kwargs(arch, img_size, window_size, num_classes, drop_path))
+    set_fused_attn(model, fused_attn)
+    model.set_grad_checkpointing(grad_checkpointing)
+    return model
+
+
+def set_fused_attn(model: torch.nn.Module, enabled: bool) -> None:
+    """timm reads TIMM_FUSED_ATTN once per module at construction; this switches a built model."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+
+
+def _variant(arch: str) -> tuple[str, dict]:
+    try:
+        return VARIANTS[arch]
+    except KeyError:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(VARIANTS)}") from None
