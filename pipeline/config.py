@@ -153,7 +153,7 @@ def _set_path(tree: dict, keys: list[str], value) -> None:
 
 def _build(cls, tree: dict, where: str):
     if not isinstance(tree, dict):
-        raise ConfigError(f"{where or 'config'}: expected a section (mapping), got {tree!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a section (mapping), got {tree!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - names)

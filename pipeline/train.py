@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 
@@ -38,13 +37,17 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s", force=True)
     import torch.distributed as dist
 
-    from pipeline.engine.loop import train
+    from pipeline.engine.loop import TrainingDiverged, train
 
     try:
         summary = train(cfg, world)
         if world.is_main:
             print(json.dumps(summary, indent=1), flush=True)
         return 0
+    except TrainingDiverged as e:
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

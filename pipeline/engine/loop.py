@@ -185,7 +185,7 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int) -> None:
         dist.all_reduce(losses)
     elapsed = time.perf_counter() - state.window_start
     grad_norm = engine.get_global_grad_norm()
-    scale = getattr(engine.optimizer, "cur_scale", None)
+    scale = getattr(engine.optimizer, "cur_scale", None) if engine.fp16_enabled() else None
     metrics.write({
         "step": state.step, "epoch": epoch, "loss": losses[0].item() / max(losses[1].item(), 1),
         "lr": engine.get_lr()[0],

@@ -1,0 +1,182 @@
+"""Training for real on CPU (gloo, 2 ranks): ZeRO 1/2/3 through launch/pretrain_22k.sh, the `deepspeed`
+launcher calling the script both ways, exact resume after `kill -9` (also mid-checkpoint), export that
+reproduces the engine's evaluation, and a diverging run that stops with a checkpoint from before it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.data.loader import LoaderConfig, create_loader
+from pipeline.engine.export import load_exported
+from servers import REPO, run_prep
+
+pytestmark = pytest.mark.slow
+LAUNCH = REPO / "launch" / "pretrain_22k.sh"
+TINY = REPO / "configs" / "tiny_22k.yaml"
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def shards(digits_tars, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "shards"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
+    return out
+
+
+def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """The tiny recipe, smaller: 16 images per rank per step, a short schedule."""
+    return ["--config", str(TINY), f"name={name}", f"out_dir={out}", f"data.shards={shards}",
+            "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
+            "train.log_every=1", "schedule.epochs=2", "schedule.warmup_epochs=0", *extra]
+
+
+def env(**extra) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
+            not k.startswith("SLURM_")}
+    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=kw.pop("env", None) or env(), **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-5000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "loss" in m], [m for m in lines if "val_top1" in m]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_on_two_ranks_and_the_loss_falls(stage, shards, tmp_path):
+    run(["bash", LAUNCH, *small(shards, tmp_path, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=24",
+                                "optim.base_lr=1e-2", "checkpoint.every_steps=12")])
+    run_dir = tmp_path / f"zero{stage}"
+    steps, evals = metrics(run_dir)
+    losses = [m["loss"] for m in steps]
+    assert [m["step"] for m in steps] == list(range(1, 25))
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
+    assert evals[-1]["val_samples"] == 100 and 0 <= evals[-1]["val_top1"] <= 100
+    ckpt = run_dir / "checkpoints" / "step_00000024"
+    assert json.loads((ckpt / "COMPLETE").read_text())["zero_stage"] == stage
+    optim_files = sorted(p.name for p in ckpt.glob("*optim_states.pt"))
+    assert len(optim_files) == 2, optim_files  # one optimizer partition per rank
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["python", "no_python"])
+def test_the_deepspeed_launcher_starts_the_script(mode, shards, tmp_path):
+    """`deepspeed launch/pretrain_22k.sh ...` runs each rank as `python -u launch/pretrain_22k.sh`; with
+    --no_python it runs the file as a program."""
+    flags = ["--no_python"] if mode == "no_python" else []
+    proc = run([DEEPSPEED, "--num_gpus", 2, "--master_port", free_port(), *flags, LAUNCH,
+                *small(shards, tmp_path, mode, "train.max_steps=2")])
+    steps, _ = metrics(tmp_path / mode)
+    assert steps[-1]["step"] == 2
+    assert "--local_rank=1" in proc.stdout + proc.stderr  # the launcher did start two ranks
+
+
+def start_in_session(cmd: list) -> subprocess.Popen:
+    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {path} appeared"
+        assert time.time() < end, f"{path} did not appear in {timeout}s"
+        time.sleep(0.01)
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
+    """Killed (-9, the whole process tree) right after the step-4 checkpoint, then again while the step-6
+    checkpoint is being written; each restart resumes from the newest complete checkpoint, and the final
+    weights equal an uninterrupted run's bit for bit (CPU, same world size). Mixup/CutMix, random erasing
+    and drop path all draw random numbers, so the RNG and loader states must come back exactly."""
+    args = ["train.max_steps=9", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "model.drop_path=0.2",
+            "data.mixup=0.8", "data.cutmix=1.0", "data.random_erasing=0.25", "schedule.warmup_epochs=0.1"]
+    run(["bash", LAUNCH, *small(shards, tmp_path, "straight", *args)])
+
+    ckpts = tmp_path / "killed" / "checkpoints"
+    cmd = ["bash", LAUNCH, *small(shards, tmp_path, "killed", *args)]
+    proc = start_in_session(cmd)
+    wait_for(ckpts / "step_00000004" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = start_in_session(cmd)
+    wait_for(ckpts / ".tmp-step_00000006", proc)  # killed while the step-6 checkpoint is being written
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (ckpts / "step_00000006").exists()
+    final = run(cmd)
+    assert "resumed from" in final.stderr and "step_00000004" in final.stderr
+
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert metrics(tmp_path / "straight")[0][-1] == pytest.approx(
+        {**metrics(tmp_path / "killed")[0][-1], "time": metrics(tmp_path / "straight")[0][-1]["time"],
+         "images_per_s": metrics(tmp_path / "straight")[0][-1]["images_per_s"]})
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == \
+        ["step_00000008", "step_00000009"]  # keep_last=2, no temporaries left
+
+
+def test_export_reproduces_the_engine_evaluation(shards, tmp_path):
+    """The exported safetensors, loaded into a fresh timm model, give the val loss and accuracy the DeepSpeed
+    engine measured at the end of training (ZeRO-3: the weights are merged from both ranks' partitions)."""
+    run(["bash", LAUNCH, *small(shards, tmp_path, "exp", "train.zero_stage=3", "train.max_steps=6",
+                                "optim.base_lr=1e-2")])
+    engine_eval = metrics(tmp_path / "exp")[1][-1]
+    model, meta = load_exported(tmp_path / "exp" / "model")
+    assert meta["timm_name"] == "swin_nano_patch4_window4_64" and len(meta["synsets"]) == 10
+    loader = create_loader(LoaderConfig(shards=str(shards), split="val", train=False, batch_size=50, image_size=64,
+                                        crop_pct=1.0, workers=1))
+    loss, hits, n = 0.0, 0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            logits = model(images)
+            loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            hits += (logits.argmax(1) == labels).sum().item()
+            n += len(labels)
+    assert n == engine_eval["val_samples"]
+    assert 100 * hits / n == engine_eval["val_top1"]
+    assert loss / n == pytest.approx(engine_eval["val_loss"], rel=1e-5)
+
+
+def test_a_diverging_run_stops_with_a_checkpoint_from_before(shards, tmp_path):
+    """An absurd LR overflows the weights: non-finite losses are dropped and counted, then the run stops with
+    an error naming the checkpoint written before the first one (world of one, `python -m pipeline.train`)."""
+    proc = run([sys.executable, "-m", "pipeline.train",
+                *small(shards, tmp_path, "nan", "optim.base_lr=1e33", "optim.grad_clip=0", "train.max_bad_steps=3",
+                       "checkpoint.every_steps=1000", "train.global_batch=16")], check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "the loss was not finite for 4 micro batches in a row since step" in proc.stderr
+    first_bad = int(proc.stderr.split("in a row since step ")[1].split()[0])
+    ckpt = tmp_path / "nan" / "checkpoints" / f"step_{first_bad:08d}"
+    assert f"newest checkpoint from before it: {ckpt}" in proc.stderr
+    assert json.loads((ckpt / "COMPLETE").read_text())["step"] == first_bad
+    assert "non-finite loss at step" in proc.stderr
