@@ -47,3 +47,20 @@ def test_mistakes_are_errors_that_name_the_key(override, message):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("recipe,arch", [("swin_base_22k", "swin_base"), ("swin_large_22k", "swin_large")])
+def test_22k_recipes_hold_the_official_facts_and_the_paper_is_one_override_away(recipe, arch):
+    from pipeline.engine.optim import scaled_lr
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"
+    cfg = load_config(path)
+    assert (cfg.model.arch, cfg.model.img_size, cfg.model.window_size, cfg.model.drop_path) == (arch, 224, 7, 0.2)
+    assert cfg.train.global_batch == 4096 and scaled_lr(cfg, cfg.optim.base_lr) == pytest.approx(1e-3)
+    assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.decay) == (90, 5, "cosine")
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip == 5.0
+    d = cfg.data
+    assert (d.rand_augment, d.mixup, d.cutmix, d.label_smoothing, d.random_erasing) == \
+        ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
+    paper = load_config(path, ["schedule.epochs=60", "schedule.decay=linear", "optim.weight_decay=0.01"])
+    assert (paper.schedule.epochs, paper.schedule.decay, paper.optim.weight_decay) == (60, "linear", 0.01)

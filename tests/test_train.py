@@ -180,3 +180,34 @@ def test_a_diverging_run_stops_with_a_checkpoint_from_before(shards, tmp_path):
     assert f"newest checkpoint from before it: {ckpt}" in proc.stderr
     assert json.loads((ckpt / "COMPLETE").read_text())["step"] == first_bad
     assert "non-finite loss at step" in proc.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_sbatch_trains_with_srun_ranks(slurm_cluster, shards, tmp_path):
+    """launch/slurm/pretrain_22k.sbatch on the one-node cluster: srun starts 2 tasks, each maps Slurm's
+    variables to its rank (no launcher, no ssh), and the run trains and checkpoints."""
+    job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+                               *small(shards, tmp_path, "slurm", "train.max_steps=3"),
+                               sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                                            "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out"],
+                               env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+    [state] = slurm_cluster.wait(job, timeout=600)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert state.ok, f"{state}\n{log[-5000:]}"
+    assert "2 ranks on 1 node(s)" in log
+    steps, evals = metrics(tmp_path / "slurm")
+    assert steps[-1]["step"] == 3 and evals
+    assert len(list((tmp_path / "slurm" / "checkpoints" / "step_00000003").glob("rank_*.pt"))) == 2
+
+
+def test_slurm_variables_become_the_torch_ones():
+    from pipeline.engine.distributed import environment_from_slurm
+
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu07,gpu08"}
+    assert environment_from_slurm(srun) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                            "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 1234)}
+    assert environment_from_slurm({**srun, "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == \
+        {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert environment_from_slurm({**srun, "RANK": "0"}) == {}  # a launcher already set it
+    assert environment_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == {}  # a batch script, not srun
