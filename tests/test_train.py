@@ -114,8 +114,10 @@ def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
     """Killed (-9, the whole process tree) right after the step-4 checkpoint, then again while the step-6
     checkpoint is being written; each restart resumes from the newest complete checkpoint, and the final
     weights equal an uninterrupted run's bit for bit (CPU, same world size). Mixup/CutMix, random erasing
-    and drop path all draw random numbers, so the RNG and loader states must come back exactly."""
-    args = ["train.max_steps=9", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "model.drop_path=0.2",
+    and drop path all draw random numbers, so the RNG and loader states must come back exactly; gradients
+    are accumulated over 2 micro batches, so checkpoints must fall on step boundaries."""
+    args = ["train.global_batch=64", "train.max_steps=9", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
+            "model.drop_path=0.2",  # 64 = 16 per rank x 2 ranks x 2 accumulated micro batches
             "data.mixup=0.8", "data.cutmix=1.0", "data.random_erasing=0.25", "schedule.warmup_epochs=0.1"]
     run(["bash", LAUNCH, *small(shards, tmp_path, "straight", *args)])
 
@@ -165,6 +167,14 @@ def test_export_reproduces_the_engine_evaluation(shards, tmp_path):
     assert n == engine_eval["val_samples"]
     assert 100 * hits / n == engine_eval["val_top1"]
     assert loss / n == pytest.approx(engine_eval["val_loss"], rel=1e-5)
+
+    # the same export by hand, from the checkpoint folder
+    run([sys.executable, "-m", "pipeline.export", tmp_path / "exp" / "checkpoints" / "step_00000006",
+         "--out", tmp_path / "by_hand"])
+    by_hand = load_file(tmp_path / "by_hand" / "model.safetensors")
+    assert all(torch.equal(by_hand[k], v) for k, v in model.state_dict().items())
+    bad = run([sys.executable, "-m", "pipeline.export", tmp_path, "--out", tmp_path / "x"], check=False)
+    assert bad.returncode == 2 and "not a complete checkpoint" in bad.stderr
 
 
 def test_a_diverging_run_stops_with_a_checkpoint_from_before(shards, tmp_path):

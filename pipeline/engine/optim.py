@@ -97,6 +97,4 @@ def deepspeed_config(cfg: RunConfig, plan: StepPlan, world: int, precision: str)
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
     }
-    if precision != "fp32":
-        config["data_types"] = {"grad_accum_dtype": "fp32"}  # accumulate micro-batch gradients in fp32
-    return config
+    return config  # gradients accumulate in the training dtype (DeepSpeed's default; fp32 is ZeRO-1 only)
