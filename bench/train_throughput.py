@@ -51,7 +51,7 @@ def build(cfg, world, precision: str, num_classes: int):
     from pipeline.engine.loop import build_engine
 
     plan = plan_steps(cfg, world.size, micro_batches_per_epoch=10**6)
-    engine, _ = build_engine(cfg, world, plan, num_classes, precision)
+    engine, _ = build_engine(cfg, world, plan, [f"class{i}" for i in range(num_classes)], precision)
     return engine
 
 
@@ -98,7 +98,7 @@ def throughput(args) -> float:
     for stage in dict.fromkeys((0, args.zero_stage)):
         cfg = run_config(args.arch, args.img_size, args.window, args.batch, 1, stage, precision)
         engine = build(cfg, world, precision, args.classes)
-        variants[f"ours ZeRO-{stage}"] = lambda x, y, e=engine: micro_step(e, x, y, cfg.data.label_smoothing)
+        variants[f"ours ZeRO-{stage}"] = lambda x, y, e=engine, c=cfg: micro_step(e, x, y, c.data.label_smoothing)
     variants["plain"] = plain_loop(cfg, args.classes, device, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device, dtype)

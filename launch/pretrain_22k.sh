@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 ''''true  # Both a bash script and a Python file: see "How this file runs" below. No triple quotes in the bash part.
-# ImageNet-22K pretraining (and any other recipe) on a cluster. Two ways to start it:
+# Training on a cluster: ImageNet-22K pretraining, and (as launch/finetune_1k_384.sh, a link to this file) the
+# 22K -> 1K fine-tuning at 384; any recipe in configs/ runs the same way. Two ways to start it:
 #
 #   bash launch/pretrain_22k.sh --config configs/swin_base_22k.yaml [key=value ...]
 #       starts the ranks itself with the `deepspeed` launcher:

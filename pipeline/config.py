@@ -93,9 +93,19 @@ class EvalConfig:
 
 
 @dataclass
+class TransferConfig:
+    bias_tables: str = "bicubic"  # bicubic: resize each head's (2M-1)^2 grid (paper, official code) | zeros
+    head: str = "map"  # map: class rows from the source rows of the same synsets | fresh: a new head
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"  # the run's folder is out_dir/name: config.yaml, checkpoints/, model/, metrics.jsonl
+    # start from another model's weights (fine-tuning): a checkpoint folder, an exported model folder or its
+    # model.safetensors, or models:/NAME@ALIAS | models:/NAME/VERSION; ignored when resuming a checkpoint
+    init_from: str = ""
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -185,7 +195,7 @@ def _coerce(value, hint, key: str):
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string

@@ -45,12 +45,12 @@ def test_per_step_warmup_then_decay(decay):
         sched.step_update(step)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] == 0 and lrs[100] == pytest.approx(0.5e-3) and lrs[200] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(lrs[:200], lrs[1:201]))  # warm-up rises every step
+    assert all(a < b for a, b in zip(lrs[:200], lrs[1:201], strict=True))  # warm-up rises every step
     after = lrs[200:]
     if decay == "constant":
         assert after == pytest.approx([1e-3] * len(after))
     else:
-        assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] == pytest.approx(0, abs=1e-9)
+        assert all(a >= b for a, b in zip(after[:-1], after[1:], strict=True)) and after[-1] == pytest.approx(0, abs=1e-9)
         mid = after[len(after) // 2]
         assert mid == pytest.approx(0.5e-3, rel=0.02)  # cosine and linear both halve at mid-decay
 

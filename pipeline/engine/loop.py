@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_prep.layout import write_map
 from pipeline.config import RunConfig, dump_config
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import complete_checkpoints, find_resume, load_checkpoint, save_checkpoint
@@ -25,6 +26,7 @@ from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, 
                                    resolve_precision)
 from pipeline.engine.step import micro_step
 from pipeline.model import create_model
+from pipeline.transfer import initialise, load_source
 
 log = logging.getLogger("pipeline.train")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -78,19 +80,34 @@ def loader_configs(cfg: RunConfig, precision: str) -> tuple[LoaderConfig, Loader
     return train, val
 
 
-def build_engine(cfg: RunConfig, world: World, plan: StepPlan, num_classes: int, precision: str):
+def build_engine(cfg: RunConfig, world: World, plan: StepPlan, synsets: list[str], precision: str,
+                 init: bool = True):
+    """The DeepSpeed engine and LR schedule; the model starts from `cfg.init_from` when given and `init`."""
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     m = cfg.model
-    model = create_model(m.arch, m.img_size, m.window_size, num_classes, m.drop_path, m.grad_checkpointing,
+    model = create_model(m.arch, m.img_size, m.window_size, len(synsets), m.drop_path, m.grad_checkpointing,
                          m.fused_attn)
+    if cfg.init_from and init:
+        initialise_from(cfg, model, synsets, world)
     optimizer = create_optimizer(model, cfg)
     schedule = create_schedule(optimizer, cfg, plan)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
                                            config=deepspeed_config(cfg, plan, world.size, precision))
     torch.manual_seed(cfg.train.seed + 1 + world.rank)  # each rank its own drop-path stream
     return engine, schedule
+
+
+def initialise_from(cfg: RunConfig, model, synsets: list[str], world: World) -> None:
+    """Every rank loads the source (the same bytes, so the same weights); rank 0 records what was done."""
+    source = load_source(cfg.init_from)
+    report = initialise(model, source, synsets, cfg.transfer.bias_tables, cfg.transfer.head)
+    if world.is_main:
+        write_map(cfg.run_dir / "head_map.json", source.description, "this run's shard set", source.synsets, synsets)
+        (cfg.run_dir / "init.json").write_text(json.dumps(
+            {"init_from": cfg.init_from, "source": source.description, **report.as_params(),
+             "resized_tables": report.resized_tables, "fresh_synsets": report.fresh_synsets}, indent=1))
 
 
 def train(cfg: RunConfig, world: World) -> dict:
@@ -105,11 +122,11 @@ def train(cfg: RunConfig, world: World) -> dict:
     val_loader = create_loader(val_cfg, world.rank, world.size) if val_cfg else None
     synsets = train_loader.shard_set.synsets
     plan = plan_steps(cfg, world.size, len(train_loader))
-    engine, schedule = build_engine(cfg, world, plan, len(synsets), precision)
+    resume = find_resume(cfg)
+    engine, schedule = build_engine(cfg, world, plan, synsets, precision, init=resume is None)
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main)
     state = RunState()
 
-    resume = find_resume(cfg)
     if resume is not None:
         state.step, loader_state = load_checkpoint(engine, resume, world.rank, world.size)
         train_loader.load_state_dict(loader_state)
@@ -121,6 +138,8 @@ def train(cfg: RunConfig, world: World) -> dict:
                  "ZeRO-%d, loader %s", run_dir, end, plan.steps_per_epoch, cfg.train.global_batch, plan.micro_batch,
                  world.size, plan.grad_accum, precision, cfg.train.zero_stage, train_loader.backend)
     schedule.step_update(state.step)
+    if cfg.init_from and resume is None and val_loader is not None:
+        eval_now(engine, val_loader, state, metrics)  # step 0: the initialised model, before any fine-tuning
 
     def checkpoint():
         save_checkpoint(engine, cfg, state.step, world.rank, world.size, train_loader.state_dict(), synsets)

@@ -1,0 +1,1 @@
+pretrain_22k.sh

@@ -1,0 +1,163 @@
+"""Initialise a model from one trained at another image size, window and label layout (22K -> 1K at 384).
+
+- Every `relative_position_bias_table`, (2M-1)^2 rows x heads, is resized per head as a (2M-1)x(2M-1) grid with
+  bicubic interpolation (`F.interpolate(..., mode="bicubic", align_corners=False)`), as the paper and the
+  official code do: 13x13 -> 23x23 for window 7 -> 12. (timm's own `resize_rel_pos_bias_table` resamples
+  BEiT-style; it is not used.) `transfer.bias_tables: zeros` starts them at zero instead, for comparison.
+- `relative_position_index` and `attn_mask` are buffers the model rebuilds for its own window and resolution;
+  they are never copied (timm does not save them).
+- The classifier rows follow the synsets: target label i takes the source row of the same synset
+  (data_prep.layout.map_layouts, what `data_prep map` writes); synsets the source never saw keep the target
+  model's fresh initialisation and are reported. `transfer.head: fresh` re-initialises the whole head.
+- Any other difference is an error naming the key: a head count that changed, a missing or extra weight,
+  another shape.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data_prep.layout import map_layouts
+
+log = logging.getLogger("pipeline.transfer")
+HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+REBUILT_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+
+class TransferError(ValueError):
+    pass
+
+
+@dataclass
+class SourceModel:
+    """Weights and label layout of the model to start from."""
+    state: dict[str, torch.Tensor]
+    synsets: list[str]
+    description: str  # where it came from, for logs and run params
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class TransferReport:
+    resized_tables: list[str]
+    head_rows_mapped: int
+    fresh_synsets: list[str]  # target synsets absent from the source layout: freshly initialised rows
+
+    def as_params(self) -> dict:
+        return {"init_resized_bias_tables": len(self.resized_tables), "init_head_rows_mapped": self.head_rows_mapped,
+                "init_fresh_synsets": ",".join(self.fresh_synsets) or "none"}
+
+
+def resize_bias_table(table: torch.Tensor, size: int) -> torch.Tensor:
+    """A ((2M-1)^2, heads) table resized to (size^2, heads), bicubic over each head's (2M-1)x(2M-1) grid."""
+    rows, heads = table.shape
+    side = round(rows ** 0.5)
+    if side * side != rows:
+        raise TransferError(f"a bias table of {rows} rows is not a square grid")
+    if side == size:
+        return table.clone()
+    grid = table.T.reshape(1, heads, side, side).float()
+    out = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
+    return out.reshape(heads, size * size).T.to(table.dtype).contiguous()
+
+
+def transfer_state(model: torch.nn.Module, source: SourceModel, target_synsets: list[str],
+                   bias_tables: str = "bicubic", head: str = "map") -> tuple[dict[str, torch.Tensor], TransferReport]:
+    """The state dict to load into `model` (built at the target size/window/classes) from the source."""
+    if bias_tables not in ("bicubic", "zeros"):
+        raise TransferError(f"transfer.bias_tables must be bicubic or zeros, not {bias_tables!r}")
+    if head not in ("map", "fresh"):
+        raise TransferError(f"transfer.head must be map or fresh, not {head!r}")
+    target = model.state_dict()
+    src = {k: v for k, v in source.state.items() if not k.endswith(REBUILT_BUFFERS)}
+    extra = sorted(set(src) - set(target))
+    missing = sorted(set(target) - set(src))
+    if extra or missing:
+        raise TransferError(f"{source.description} does not fit this architecture: "
+                            + (f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+                            + (f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else ""))
+    out, resized = {}, []
+    for key, want in target.items():
+        have = src[key]
+        if key in HEAD_KEYS:
+            continue
+        if key.endswith("relative_position_bias_table"):
+            if have.shape[1] != want.shape[1]:
+                raise TransferError(f"{key}: {have.shape[1]} heads in the source, {want.shape[1]} in this model")
+            if bias_tables == "zeros":
+                out[key] = torch.zeros_like(want)
+            else:
+                out[key] = resize_bias_table(have, round(want.shape[0] ** 0.5)).to(want.dtype)
+            if have.shape != want.shape or bias_tables == "zeros":
+                resized.append(key)
+            continue
+        if have.shape != want.shape:
+            raise TransferError(f"{key}: shape {tuple(have.shape)} in the source, {tuple(want.shape)} in this model")
+        out[key] = have.to(want.dtype)
+    out_head, mapped, fresh = map_head(target, src, source.synsets, target_synsets, head)
+    out.update(out_head)
+    return out, TransferReport(resized, mapped, fresh)
+
+
+def map_head(target: dict, src: dict, source_synsets: list[str], target_synsets: list[str], head: str):
+    weight, bias = (target[k].clone() for k in HEAD_KEYS)  # the model's fresh initialisation
+    if head == "fresh":
+        return dict(zip(HEAD_KEYS, (weight, bias), strict=True)), 0, list(target_synsets)
+    src_weight, src_bias = (src[k] for k in HEAD_KEYS)
+    if src_weight.shape[0] != len(source_synsets):
+        raise TransferError(f"head.fc.weight has {src_weight.shape[0]} rows but the source layout "
+                            f"{len(source_synsets)} synsets")
+    if weight.shape[0] != len(target_synsets):
+        raise TransferError(f"this model has {weight.shape[0]} classes but the target layout {len(target_synsets)}")
+    if src_weight.shape[1] != weight.shape[1]:
+        raise TransferError(f"head.fc.weight: {src_weight.shape[1]} features in the source, {weight.shape[1]} here")
+    index, fresh = map_layouts(source_synsets, target_synsets)
+    rows = torch.tensor(index)
+    have = rows >= 0
+    weight[have] = src_weight[rows[have]].to(weight.dtype)
+    bias[have] = src_bias[rows[have]].to(bias.dtype)
+    return {HEAD_KEYS[0]: weight, HEAD_KEYS[1]: bias}, int(have.sum()), fresh
+
+
+def initialise(model: torch.nn.Module, source: SourceModel, target_synsets: list[str], bias_tables: str = "bicubic",
+               head: str = "map") -> TransferReport:
+    state, report = transfer_state(model, source, target_synsets, bias_tables, head)
+    model.load_state_dict(state, strict=True)
+    log.info("initialised from %s: %d bias tables %s, %d head rows mapped by synset, %d fresh%s",
+             source.description, len(report.resized_tables), "resized (bicubic)" if bias_tables == "bicubic"
+             else "zeroed", report.head_rows_mapped, len(report.fresh_synsets),
+             f" ({', '.join(report.fresh_synsets[:20])}{' ...' if len(report.fresh_synsets) > 20 else ''})"
+             if report.fresh_synsets else "")
+    return report
+
+
+def load_source(init_from: str) -> SourceModel:
+    """A checkpoint folder, an exported model folder, a .safetensors file beside its model.json, or (with the
+    MLflow registry) models:/NAME@ALIAS or models:/NAME/VERSION."""
+    if init_from.startswith("models:/"):
+        from pipeline.registry import pull_to_folder  # the MLflow registry (pipeline/registry.py)
+
+        return load_source(str(pull_to_folder(init_from)))
+    path = Path(init_from)
+    if path.is_dir() and (path / "COMPLETE").is_file():
+        from pipeline.engine.export import consolidated_state_dict
+
+        return SourceModel(consolidated_state_dict(path), (path / "synsets.txt").read_text().split(),
+                           f"checkpoint {path}")
+    if path.is_dir() and (path / "model.json").is_file():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors.torch import load_file
+
+        meta_path = path.with_name("model.json")
+        if not meta_path.is_file():
+            raise TransferError(f"{path}: no model.json beside it (its label layout is needed to map the head)")
+        meta = json.loads(meta_path.read_text())
+        return SourceModel(load_file(str(path)), meta["synsets"], f"exported model {path.parent}", meta)
+    raise TransferError(f"init_from={init_from!r}: not a complete checkpoint folder, an exported model "
+                        f"(folder or model.safetensors with model.json), or a models:/ URI")
