@@ -1,65 +1,147 @@
 """The main job on its embedded default: the whole pipeline on a tiny real-image dataset, CPU only.
 
-Today's stages: the embedded digits written as ImageNet-22K-style per-synset tars -> `data_prep shard`
-(shuffled train shards, a per-class val hold-out, DALI index files, manifest) -> `data_prep verify`.
+Stages: the embedded digits written as ImageNet-22K-style per-synset tars -> `data_prep shard` (shuffled
+train shards, a per-class val hold-out, DALI index files, manifest) -> `data_prep verify` -> a "1K" shard set
+(5 of the classes plus a synset the pretraining never saw, in a declared layout) -> pretraining of the tiny
+Swin with DeepSpeed ZeRO-2 on 2 CPU processes through launch/pretrain_22k.sh -> fine-tuning at a larger
+size and window (bias tables resized bicubic, head rows mapped by synset) through launch/finetune_1k_384.sh.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from data_prep.embedded import write_synset_tars
+from data_prep.embedded import synset_of, write_synset_tars
 from data_prep.shard import ShardOptions, run_shard
 from data_prep.verify import verify
 
+REPO = Path(__file__).resolve().parents[1]
+FINETUNE_DIGITS = (1, 3, 5, 7, 9)
+UNSEEN_SYNSET = "n09999999"  # in the "1K" layout, absent from the "22K" one (as n04399382 is from fall11)
+STAGES = 6
 
-def stage(n: int, total: int, text: str) -> None:
-    print(f"\n[{n}/{total}] {text}", flush=True)
+
+def stage(n: int, text: str) -> None:
+    print(f"\n[{n}/{STAGES}] {text}", flush=True)
+
+
+def write_1k_source(source_22k: Path, work: Path) -> tuple[Path, Path]:
+    """The "1K" source: links to 5 of the synset tars, and its layout file (those 5 plus an unseen synset)."""
+    source = work / "source_1k_tars"
+    source.mkdir(parents=True, exist_ok=True)
+    for digit in FINETUNE_DIGITS:
+        link = source / f"{synset_of(digit)}.tar"
+        if not link.exists():
+            link.symlink_to((source_22k / link.name).resolve())
+    layout = work / "layout_1k.txt"
+    layout.write_text("".join(f"{synset_of(d)}\n" for d in FINETUNE_DIGITS) + f"{UNSEEN_SYNSET}\n")
+    return source, layout
+
+
+def train(script: str, config: str, overrides: list[str], log_path: Path) -> None:
+    """Runs a launch script (2 gloo ranks), showing rank 0's progress lines and keeping the whole log."""
+    cmd = ["bash", str(REPO / "launch" / script), "--config", str(REPO / "configs" / config), *overrides]
+    print(f"  $ {' '.join(cmd)}\n  (full log: {log_path})", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.setdefault("PYTHON", sys.executable)
+    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if "[rank 0] pipeline" in line and ("step=" in line or "resumed" in line or "initialised" in line):
+                print("  " + line.split("] ", 1)[-1].split(" INFO ", 1)[-1].rstrip(), flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log_path}")
+
+
+def evals(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "val_top1" in m]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="runs/demo", help="where the source, shards and results go")
+    p.add_argument("--workdir", default="runs/demo", help="where the sources, shards and runs go")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    p.add_argument("--prep-only", action="store_true", help="stop after the shard sets (no training)")
+    p.add_argument("--pretrain-epochs", type=float, default=15, help="epochs of the tiny pretraining")
+    p.add_argument("--finetune-epochs", type=float, default=8)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)
     t0 = time.time()
 
-    stage(1, 3, "embedded dataset: scikit-learn digits as ImageNet-22K-style per-synset tars")
+    stage(1, "embedded dataset: scikit-learn digits as ImageNet-22K-style per-synset tars")
     source = work / "source_22k_tars"
     if not source.exists():
         write_synset_tars(source)
     print(f"  {source}: {len(list(source.glob('*.tar')))} synset tars")
 
-    stage(2, 3, "data_prep shard")
+    stage(2, "data_prep shard + verify: the 22K-style shard set")
     shards = work / "shards"
     summary = run_shard(ShardOptions(source=str(source), out=str(shards), holdout_per_class=20,
                                      max_samples=256, workers=args.workers))
     print(json.dumps(summary, indent=1))
-
-    stage(3, 3, "data_prep verify")
     report = verify(str(shards), workers=args.workers)
     for problem in report.problems:
         print("  " + problem)
-    manifest = json.loads((shards / "manifest.json").read_text())
+    if not report.ok:
+        return 1
 
-    print("\nsummary")
-    splits = ", ".join(f"{k}: {v['samples']} images in {v['shards']} shards" for k, v in manifest["totals"].items())
-    print(f"  shards:    {shards} ({splits})")
-    print(f"  manifest:  {shards / 'manifest.json'}")
-    print(f"  verified:  {'OK' if report.ok else f'FAILED ({len(report.problems)} problems)'}")
+    stage(3, f"data_prep shard: the '1K' set (digits {FINETUNE_DIGITS} + unseen {UNSEEN_SYNSET}, declared layout)")
+    source_1k, layout_1k = write_1k_source(source, work)
+    shards_1k = work / "shards_1k"
+    run_shard(ShardOptions(source=str(source_1k), out=str(shards_1k), layout=str(layout_1k), holdout_per_class=20,
+                           max_samples=256, workers=args.workers))
+    print(f"  {shards_1k}: verified {'OK' if verify(str(shards_1k), workers=args.workers).ok else 'FAILED'}")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    if args.prep_only:
+        return finish(t0, shards, manifest, report.ok)
+
+    runs = work / "runs"
+    stage(4, "pretrain: tiny Swin, DeepSpeed ZeRO-2, 2 CPU ranks (launch/pretrain_22k.sh, configs/tiny_22k.yaml)")
+    train("pretrain_22k.sh", "tiny_22k.yaml", [f"out_dir={runs}", f"data.shards={shards}",
+                                               f"schedule.epochs={args.pretrain_epochs}"], work / "pretrain.log")
+    pre = runs / "tiny_22k"
+
+    stage(5, "fine-tune at 96x96 / window 6 on the '1K' set (launch/finetune_1k_384.sh, configs/tiny_22kto1k.yaml)")
+    train("finetune_1k_384.sh", "tiny_22kto1k.yaml", [f"out_dir={runs}", f"data.shards={shards_1k}",
+                                                      f"init_from={pre / 'model'}",
+                                                      f"schedule.epochs={args.finetune_epochs}"], work / "finetune.log")
+    fine = runs / "tiny_22kto1k"
+    init = json.loads((fine / "init.json").read_text())
+
+    stage(6, "summary")
+    pre_eval, fine_evals = evals(pre)[-1], evals(fine)
+    print(f"  shards:     {shards} ({totals(manifest)}); '1K' set {shards_1k}")
+    print(f"  pretrain:   {pre} - val top-1 {pre_eval['val_top1']:.1f}% on {pre_eval['val_samples']} held-out "
+          f"images (10 classes, 64x64, window 4); checkpoints in {pre / 'checkpoints'}")
+    print(f"  fine-tune:  {fine} - val top-1 {fine_evals[0]['val_top1']:.1f}% before (step 0, transferred to "
+          f"96x96 / window 6), {fine_evals[-1]['val_top1']:.1f}% after; {init['init_resized_bias_tables']} bias "
+          f"tables resized, {init['init_head_rows_mapped']} head rows mapped, fresh: {init['init_fresh_synsets']}")
+    print(f"  models:     {pre / 'model'}, {fine / 'model'} (model.safetensors + model.json)")
+    return finish(t0, shards, manifest, report.ok)
+
+
+def totals(manifest: dict) -> str:
+    return ", ".join(f"{k}: {v['samples']} images in {v['shards']} shards" for k, v in manifest["totals"].items())
+
+
+def finish(t0: float, shards: Path, manifest: dict, ok: bool) -> int:
+    print(f"\n  shards {shards} ({totals(manifest)}), verified: {'OK' if ok else 'FAILED'}")
     print(f"  took {time.time() - t0:.1f}s")
-    return 0 if report.ok else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
