@@ -93,6 +93,20 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""  # MLFLOW_TRACKING_URI wins; neither: a local store in out_dir/mlflow
+    experiment: str = "swin-pipeline"
+    register: bool = True  # register the exported model at the end of training
+    model_name: str = ""  # registered model name (default: the run's name)
+    aliases: list[str] = field(default_factory=lambda: ["current"])  # MLflow reserves "latest"
+    system_metrics: bool = True  # CPU/GPU/memory/network per node, every system_metrics_s seconds
+    system_metrics_s: float = 10.0
+    start_timeout_s: float = 30.0  # MLflow unreachable that long at start: the run is not tracked
+    final_timeout_s: float = 120.0  # at the end, wait that long for records kept during an outage
+
+
+@dataclass
 class TransferConfig:
     bias_tables: str = "bicubic"  # bicubic: resize each head's (2M-1)^2 grid (paper, official code) | zeros
     head: str = "map"  # map: class rows from the source rows of the same synsets | fresh: a new head
@@ -106,6 +120,7 @@ class RunConfig:
     # model.safetensors, or models:/NAME@ALIAS | models:/NAME/VERSION; ignored when resuming a checkpoint
     init_from: str = ""
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -192,6 +207,10 @@ def _coerce(value, hint, key: str):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0], key) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")

@@ -13,7 +13,7 @@ from PIL import Image
 from data_prep.embedded import write_imagefolder, write_synset_tars, write_tar
 
 import servers
-from servers import REPO, s3_server, slurm_cluster  # noqa: F401  (session fixtures: one server per run)
+from servers import REPO, mlflow_server, s3_server, slurm_cluster  # noqa: F401  (session fixtures: one server per run)
 
 
 def run_prep(*args, env: dict | None = None, **kwargs):

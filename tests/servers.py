@@ -223,6 +223,63 @@ def start_s3_server(base_dir: Path, timeout: float = 120) -> S3Server:
     return server
 
 
+# --- MLflow -----------------------------------------------------------------------------------------------
+
+@dataclass
+class MlflowServer:
+    pid: int
+    port: int
+    uri: str
+    state_dir: Path
+    info_file: Path
+    env_used: dict = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (scripts/stop_mlflow_server.sh), by PID."""
+        subprocess.run([str(SCRIPTS / "stop_mlflow_server.sh"), str(self.info_file)], capture_output=True,
+                       timeout=60)
+        if self.alive():
+            raise RuntimeError(f"MLflow server group {self.pid} survived the stop script")
+
+    def restart(self) -> "MlflowServer":
+        """The same store on the same port (as after an outage)."""
+        return start_mlflow_server(self.state_dir, port=self.port, env=self.env_used)
+
+
+def start_mlflow_server(state_dir: Path, port: int | None = None, env: dict | None = None,
+                        timeout: float = 120) -> MlflowServer:
+    """`mlflow server` on loopback with a sqlite store in state_dir (scripts/start_mlflow_server.sh)."""
+    state_dir = Path(state_dir)
+    info = state_dir.with_name(state_dir.name + ".env")
+    run_env = {**os.environ, **(env or {}), "PYTHON": sys.executable}
+    if port:
+        run_env["MLFLOW_PORT"] = str(port)
+    _run_script([str(SCRIPTS / "start_mlflow_server.sh"), str(state_dir), str(info)], run_env, timeout,
+                "the MLflow server did not start")
+    values = read_env_file(info)
+    server = MlflowServer(int(values["PID"]), int(values["PORT"]), values["MLFLOW_TRACKING_URI"], state_dir, info,
+                          dict(env or {}))
+    atexit.register(lambda: server.alive() and server.stop())
+    return server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A running MLflow tracking server (sqlite, artifacts on local disk) for the whole session."""
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow") / "server")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # --- Slurm ------------------------------------------------------------------------------------------------
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")

@@ -26,6 +26,9 @@ from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, 
                                    resolve_precision)
 from pipeline.engine.step import micro_step
 from pipeline.model import create_model
+from pipeline.plots import training_curves
+from pipeline.registry import register
+from pipeline.tracking import Tracker, flatten, manifest_params, package_versions
 from pipeline.transfer import initialise, load_source
 
 log = logging.getLogger("pipeline.train")
@@ -50,10 +53,11 @@ class RunState:
 
 
 class MetricsLog:
-    """Rank 0 appends one JSON line per log/eval event to <run>/metrics.jsonl and prints a short line."""
+    """Rank 0 appends one JSON line per log/eval event to <run>/metrics.jsonl, prints a short line and hands
+    the values to MLflow (at the record's step)."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, tracker: Tracker | None = None):
+        self.path, self.enabled, self.tracker = path, enabled, tracker
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -61,6 +65,9 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         log.info(" ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "time"))
+        if self.tracker is not None:
+            self.tracker.log_metrics(record["step"], {k: v for k, v in record.items()
+                                                      if k not in ("step", "time", "epoch")})
 
 
 def _short(v):
@@ -123,8 +130,45 @@ def train(cfg: RunConfig, world: World) -> dict:
     synsets = train_loader.shard_set.synsets
     plan = plan_steps(cfg, world.size, len(train_loader))
     resume = find_resume(cfg)
+    tracker = Tracker(cfg, world, resumed=resume is not None, extra_params=run_params(cfg, plan, world, precision))
+    try:
+        summary = run(cfg, world, train_loader, val_loader, synsets, plan, precision, resume, tracker)
+    except BaseException:
+        tracker.finish("FAILED" if world.is_main else "KILLED")
+        raise
+    if world.is_main:
+        finish_tracking(cfg, tracker, summary)
+    dist.barrier()
+    return {**summary, "seconds": time.time() - t_start, "mlflow_run": tracker.run_id}
+
+
+def run_params(cfg: RunConfig, plan: StepPlan, world: World, precision: str) -> dict:
+    """What MLflow records beside the config (rank 0 only needs it)."""
+    if not world.is_main or not cfg.tracking.enabled:
+        return {}
+    ds = deepspeed_config(cfg, plan, world.size, precision)
+    return {**flatten(ds, "deepspeed."), **manifest_params(cfg.data.shards), **package_versions(),
+            "precision": precision, "grad_accum": plan.grad_accum, "total_steps": plan.total_steps}
+
+
+def finish_tracking(cfg: RunConfig, tracker: Tracker, summary: dict) -> None:
+    """Curves, metrics and (when asked) the registered model version, then the run's end."""
+    curves = training_curves(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "plots" / "training_curves.png")
+    if curves:
+        tracker.log_artifact(curves, "plots")
+    tracker.log_artifact(cfg.run_dir / "metrics.jsonl")
+    if cfg.tracking.register and summary.get("model") and tracker.sender is not None:
+        name = cfg.tracking.model_name or cfg.name
+        tracker.call(register, tracker.sender.client, tracker.run_id, Path(summary["model"]), name,
+                     list(cfg.tracking.aliases))
+    tracker.finish()
+
+
+def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: StepPlan, precision: str,
+        resume: Path | None, tracker: Tracker) -> dict:
+    run_dir = cfg.run_dir
     engine, schedule = build_engine(cfg, world, plan, synsets, precision, init=resume is None)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, tracker)
     state = RunState()
 
     if resume is not None:
@@ -157,9 +201,8 @@ def train(cfg: RunConfig, world: World) -> dict:
     if world.is_main:
         exported = export_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1], run_dir / "model")
         log.info("exported %s", exported)
-    dist.barrier()
     return {"steps": state.step, "dropped_micro_batches": state.dropped_total, "eval": state.last_eval,
-            "model": str(exported) if exported else None, "seconds": time.time() - t_start}
+            "model": str(exported) if exported else None}
 
 
 def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: int, state: RunState,

@@ -1,0 +1,101 @@
+"""The MLflow model registry: an exported model (model.safetensors + model.json) registered as a model version,
+and pulled back by name and alias (models:/NAME@ALIAS) or version (models:/NAME/VERSION).
+
+What a version holds is the export folder itself, logged as the run's `model/` artifacts: weights that load
+without unpickling anything, and the metadata to rebuild and feed them (timm architecture and kwargs, image
+size, window, synsets, preprocessing). The same facts are set as version tags, so they show in the UI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger("pipeline.registry")
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def version_tags(meta: dict) -> dict[str, str]:
+    pre = meta["preprocessing"]
+    return {"timm_name": meta["timm_name"], "arch": meta["arch"], "img_size": str(meta["img_size"]),
+            "window_size": str(meta["window_size"]), "num_classes": str(meta["num_classes"]),
+            "mean": ",".join(map(str, pre["mean"])), "std": ",".join(map(str, pre["std"])),
+            "crop_pct": str(pre["crop_pct"]), "interpolation": pre["interpolation"],
+            "synsets_head": ",".join(meta["synsets"][:5]) + (" ..." if len(meta["synsets"]) > 5 else "")}
+
+
+def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]) -> str:
+    """Logs model_dir as the run's `model/` artifacts and registers it; returns the new version."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    client.log_artifacts(run_id, str(model_dir), "model")
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001  (RESOURCE_DOES_NOT_EXIST)
+        client.create_registered_model(name, description="Swin Transformer trained by swin-pipeline")
+    # a retried call (after an outage) must not register the same weights twice
+    same = [v for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if v.source == source]
+    version = same[0] if same else client.create_model_version(
+        name, source, run_id=run_id, tags=version_tags(meta),
+        description=f"{meta['timm_name']}, {meta['num_classes']} classes")
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info("registered %s version %s (aliases: %s) from run %s", name, version.version, ", ".join(aliases) or "-",
+             run_id)
+    return version.version
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    m = MODELS_URI.match(uri)
+    if not m:
+        raise ValueError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+    return m["name"], m["alias"], m["version"]
+
+
+def resolve_version(client, uri: str):
+    name, alias, version = parse_models_uri(uri)
+    return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SWIN_MODEL_CACHE", Path.home() / ".cache" / "swin-pipeline" / "models"))
+
+
+def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+    """Downloads the model version behind a models:/ URI into a folder (cached by name and version) and
+    returns the folder holding model.safetensors and model.json."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri)
+    version = resolve_version(client, uri)
+    folder = Path(dst) if dst else cache_root() / version.name / str(version.version)
+    if not (folder / "model.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(folder.name + ".partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        source = client.get_model_version_download_uri(version.name, version.version)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
+        inner = tmp / "model" if (tmp / "model" / "model.json").is_file() else tmp
+        if not (inner / "model.json").is_file():
+            raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(inner, folder)
+        if inner != tmp:
+            tmp.rmdir()
+    log.info("%s -> %s version %s in %s", uri, version.name, version.version, folder)
+    return folder
+
+
+def pull(uri: str, tracking_uri: str | None = None):
+    """(timm model in eval mode, metadata) of a registered model."""
+    from pipeline.engine.export import load_exported
+
+    return load_exported(pull_to_folder(uri, tracking_uri=tracking_uri))

@@ -1,0 +1,346 @@
+"""MLflow tracking of a training run, that never stops the training.
+
+- Rank 0 creates the MLflow run (or, when the job resumes a checkpoint, reopens the run recorded in
+  `<run>/mlflow_run.json`) and broadcasts its id; every node's local rank 0 logs MLflow system metrics into it
+  with its host name as node id.
+- Params: the resolved config (flattened), world size, DeepSpeed config, the shard manifest's hash and counts,
+  package versions; tags: git commit and dirty flag. Artifacts: config.yaml, metrics.jsonl and training
+  curves (PNG) at the end. Metrics: what the loop logs, at the optimizer step.
+- Every call to the server goes through one background thread with short HTTP timeouts. If the server goes
+  away, a warning is logged, metrics wait in memory (they are in metrics.jsonl too) and are sent when it is
+  back; at the end the run waits a bounded time for them.
+- Secrets never reach MLflow: keys that look like a key/token/secret/password are redacted, and so is any value
+  that contains the value of such an environment variable.
+- The tracking URI: MLFLOW_TRACKING_URI, else `tracking.uri`, else a local store beside the runs
+  (`<out_dir>/mlflow/mlflow.db`, artifacts in `<out_dir>/mlflow/artifacts`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("pipeline.tracking")
+SECRET_NAME = re.compile(r"key|token|secret|passw|credential|auth|private", re.I)
+URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
+REDACTED = "***"
+# Fail fast per request (the sender thread retries on its own schedule); users can set their own values.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+# -- secrets -----------------------------------------------------------------------------------------------
+def secret_values(env: dict[str, str] | None = None) -> list[str]:
+    env = os.environ if env is None else env
+    return sorted({v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
+
+
+def redact(params: dict[str, object], env: dict[str, str] | None = None) -> dict[str, str]:
+    """String values safe to log: secret-looking keys blanked, secret environment values cut out."""
+    secrets = secret_values(env)
+    return {k: REDACTED if SECRET_NAME.search(k.rsplit(".", 1)[-1]) else redact_text(str(v), secrets)
+            for k, v in params.items()}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# -- what a run records ------------------------------------------------------------------------------------
+def tracking_uri(configured: str, out_dir: str | Path) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    return uri or f"sqlite:///{local_store(out_dir) / 'mlflow.db'}"
+
+
+def local_store(out_dir: str | Path) -> Path:
+    return Path(out_dir).resolve() / "mlflow"
+
+
+def git_state(repo: Path) -> dict[str, str]:
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if commit.returncode != 0:
+        return {}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": str(bool(dirty.stdout.strip())).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "timm", "deepspeed", "nvidia-dali-cuda120", "mlflow", "numpy"):
+        try:
+            out[f"version.{name}"] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def manifest_params(shards: str) -> dict[str, object]:
+    """Hash and counts of the shard set's manifest (its identity for this run)."""
+    import hashlib
+
+    from data_prep.storage import open_store
+
+    try:
+        raw = open_store(shards).read("manifest.json")
+    except Exception as e:  # noqa: BLE001  (recorded, never fatal)
+        return {"data.manifest_error": str(e)[:200]}
+    manifest = json.loads(raw)
+    out = {"data.manifest_sha256": hashlib.sha256(raw).hexdigest(),
+           "data.num_classes": len(manifest.get("synsets", manifest.get("layout", {}).get("synsets", [])))}
+    for split, totals in manifest.get("totals", {}).items():
+        out[f"data.{split}_samples"] = totals.get("samples")
+        out[f"data.{split}_shards"] = totals.get("shards")
+    return out
+
+
+# -- the background sender ---------------------------------------------------------------------------------
+class Sender:
+    """Runs MLflow calls in order on one thread; a failing call is retried (backoff up to 30 s) until it
+    succeeds, so an outage delays the run's records but loses none and never blocks training."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.ops: queue.Queue = queue.Queue()
+        self.metrics: list = []  # pending Metric objects, sent in batches
+        self.lock = threading.Lock()
+        self.failing_since: float | None = None
+        self.sent_metrics = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
+        self.thread.start()
+
+    def call(self, fn, *args, **kwargs) -> None:
+        self.ops.put((fn, args, kwargs))
+
+    def metric(self, key: str, value: float, step: int) -> None:
+        from mlflow.entities import Metric
+
+        with self.lock:
+            self.metrics.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
+
+    def pending(self) -> int:
+        with self.lock:
+            return self.ops.qsize() + len(self.metrics)
+
+    def _run(self) -> None:
+        delay = 1.0
+        current = None
+        while not (self.stop.is_set() and current is None and self.ops.empty() and not self.metrics):
+            try:
+                if current is None and not self.ops.empty():
+                    current = self.ops.get_nowait()
+                if current is not None:
+                    fn, args, kwargs = current
+                    fn(*args, **kwargs)
+                    current = None
+                with self.lock:
+                    batch = self.metrics[:500]
+                if batch:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                    with self.lock:
+                        del self.metrics[:len(batch)]
+                    self.sent_metrics += len(batch)
+                if self.failing_since is not None:
+                    log.warning("MLflow is reachable again after %.0f s; sending the %d records kept meanwhile",
+                                time.time() - self.failing_since, self.pending())
+                    self.failing_since = None
+                delay = 1.0
+                if current is None and self.ops.empty() and not self.metrics:
+                    self.stop.wait(0.5)
+            except Exception as e:  # noqa: BLE001  (keep the records, try again later)
+                if rejected(e):  # the server answered "no": retrying cannot help
+                    log.warning("MLflow refused a call, skipped: %s", _short(e))
+                    if current is not None:
+                        current = None
+                    else:
+                        with self.lock:
+                            self.metrics.clear()
+                    continue
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                    log.warning("MLflow unreachable (%s); training goes on, %d records kept to send later "
+                                "(they are in metrics.jsonl too)", _short(e), self.pending())
+                time.sleep(delay)  # not stop.wait: once closing, stop is set and would make this spin
+                delay = min(delay * 2, 30.0)
+
+    def close(self, timeout: float) -> bool:
+        """Waits up to `timeout` s for everything to be sent; True when nothing is left."""
+        self.stop.set()
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+def rejected(e: Exception) -> bool:
+    """An MLflow error the server (or store) gave as an answer (4xx), as opposed to not being reachable."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and 400 <= e.get_http_status_code() < 500
+
+
+def _short(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
+# -- the tracker -------------------------------------------------------------------------------------------
+class Tracker:
+    """One per rank; only rank 0 talks to MLflow (plus each node's local rank 0, for system metrics)."""
+
+    def __init__(self, cfg, world, resumed: bool, extra_params: dict | None = None):
+        import torch.distributed as dist
+
+        self.cfg, self.world = cfg, world
+        self.enabled = cfg.tracking.enabled
+        self.uri = tracking_uri(cfg.tracking.uri, cfg.out_dir) if self.enabled else ""
+        self.sender: Sender | None = None
+        self.run_id: str | None = None
+        self.monitor = None
+        self.secrets = secret_values()
+        run_id = None
+        if self.enabled and world.is_main:
+            run_id = self._open_run(resumed, extra_params or {})
+        if dist.is_initialized() and world.size > 1:
+            box = [run_id]
+            dist.broadcast_object_list(box, src=0)
+            run_id = box[0]
+        self.run_id = run_id
+        if run_id and cfg.tracking.system_metrics and world.local_rank == 0:
+            self._start_system_metrics()
+
+    def _open_run(self, resumed: bool, extra_params: dict) -> str | None:
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        record = self.cfg.run_dir / "mlflow_run.json"
+        deadline = time.time() + self.cfg.tracking.start_timeout_s
+        while True:
+            try:
+                client = MlflowClient(self.uri)
+                previous = json.loads(record.read_text()) if resumed and record.is_file() else None
+                if previous and previous.get("tracking_uri") == self.uri:
+                    run_id = previous["run_id"]
+                    client.update_run(run_id, status="RUNNING")
+                    log.info("MLflow: continuing run %s at %s", run_id, self.uri)
+                    new = False
+                else:
+                    run_id = self._create_run(client, mlflow)
+                    new = True
+                break
+            except Exception as e:  # noqa: BLE001
+                if time.time() > deadline:
+                    log.warning("MLflow at %s unreachable (%s): this run is not tracked (metrics.jsonl has "
+                                "everything)", self.uri, _short(e))
+                    return None
+                time.sleep(2)
+        record.write_text(json.dumps({"run_id": run_id, "tracking_uri": self.uri}) + "\n")
+        self.run_id, self.sender = run_id, Sender(client, run_id)
+        if new:
+            from pipeline.config import config_to_dict
+
+            params = {**flatten(config_to_dict(self.cfg)), "world_size": self.world.size, **extra_params}
+            for k, v in list(params.items()):
+                if isinstance(v, (list, tuple)):
+                    params[k] = ",".join(map(str, v))
+            self.log_params(params)
+            self.sender.call(client.log_text, run_id, redact_text((self.cfg.run_dir / "config.yaml").read_text(),
+                                                                   self.secrets), "config.yaml")
+        return run_id
+
+    def _create_run(self, client, mlflow) -> str:
+        name = self.cfg.tracking.experiment
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            location = None
+            if self.uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+                location = (local_store(self.cfg.out_dir) / "artifacts").as_uri()
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {"mlflow.runName": self.cfg.name, **git_state(Path(__file__).resolve().parents[1]),
+                "run_dir": str(self.cfg.run_dir.resolve())}
+        run = client.create_run(experiment_id, run_name=self.cfg.name, tags=redact(tags))
+        log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, self.uri)
+        return run.info.run_id
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.tracking.system_metrics_s,
+                                                node_id=socket.gethostname(), tracking_uri=self.uri,
+                                                resume_logging=True)
+            self.monitor.start()
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow system metrics not started: %s", _short(e))
+
+    # -- recording -----------------------------------------------------------------------------------------
+    def log_params(self, params: dict) -> None:
+        if self.sender is None:
+            return
+        from mlflow.entities import Param
+
+        safe = redact(params)
+        items = [Param(k, v[:6000]) for k, v in safe.items()]
+        for i in range(0, len(items), 100):
+            self.sender.call(self.sender.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, step: int, values: dict) -> None:
+        if self.sender is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                self.sender.metric(key, value, step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.sender is not None and path.exists():
+            fn = self.sender.client.log_artifacts if path.is_dir() else self.sender.client.log_artifact
+            self.sender.call(fn, self.run_id, str(path), artifact_path)
+
+    def call(self, fn, *args, **kwargs) -> None:
+        """Any other MLflow call, in order with the rest (e.g. registration at the end)."""
+        if self.sender is not None:
+            self.sender.call(fn, *args, **kwargs)
+
+    def finish(self, status: str = "FINISHED") -> bool:
+        """Final artifacts, then waits (bounded) for everything to reach the server; True when all did."""
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("MLflow system metrics: %s", _short(e))
+        if self.sender is None:
+            return True
+        self.sender.call(self.sender.client.set_terminated, self.run_id, status)
+        done = self.sender.close(self.cfg.tracking.final_timeout_s)
+        if not done:
+            log.warning("MLflow: %d records could not be sent within %d s; they are in %s",
+                        self.sender.pending(), self.cfg.tracking.final_timeout_s, self.cfg.run_dir / "metrics.jsonl")
+        return done

@@ -1,0 +1,203 @@
+"""MLflow tracking and registry against real `mlflow server`s started on loopback (sqlite store; artifacts on
+local disk and on the S3 server): a 2-rank training run's params, metrics, system metrics, plots and
+registered model; a resumed job continuing its run; pull and predict in fresh processes; init_from=models:/;
+a server stopped and restarted mid-run; secrets kept out."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import redact
+from servers import REPO, run_prep, start_mlflow_server
+
+pytestmark = pytest.mark.slow
+LAUNCH = REPO / "launch" / "pretrain_22k.sh"
+TINY = REPO / "configs" / "tiny_22k.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(digits_tars, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("track") / "shards"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
+    return out
+
+
+def env(uri: str, **extra) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    return {**base, "PYTHON": sys.executable, "MLFLOW_TRACKING_URI": uri, **extra}
+
+
+def train(shards, out, name, uri, *extra, ranks=2, check=True, **env_extra) -> subprocess.CompletedProcess:
+    args = ["--config", TINY, f"name={name}", f"out_dir={out}", f"data.shards={shards}", "train.global_batch=32",
+            "train.micro_batch=16", "eval.batch_size=50", "data.workers=1", "train.log_every=1",
+            "schedule.epochs=2", "schedule.warmup_epochs=0", "tracking.system_metrics_s=1", *extra]
+    cmd = ["bash", LAUNCH] if ranks == 2 else [sys.executable, "-m", "pipeline.train"]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([*map(str, cmd), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=env(uri, MASTER_PORT=str(port), **env_extra))
+    if check:
+        assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc
+
+
+def steps_of(client, run_id, key) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def a_digit_jpeg(digits_tars: Path, tmp_path: Path, digit: int) -> Path:
+    with tarfile.open(digits_tars / f"n{digit:08d}.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.isfile())
+        data = tar.extractfile(member).read()
+    out = tmp_path / f"digit{digit}.jpg"
+    out.write_bytes(data)
+    return out
+
+
+def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, digits_tars, tmp_path):
+    uri = mlflow_server.uri
+    train(shards, tmp_path, "tracked", uri, "train.max_steps=4", "tracking.aliases=[current, champion]")
+    run_dir = tmp_path / "tracked"
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    assert params["model.arch"] == "swin_nano" and params["world_size"] == "2"
+    assert params["deepspeed.zero_optimization.stage"] == "2" and params["train.zero_stage"] == "2"
+    assert params["data.train_samples"] == "1697" and len(params["data.manifest_sha256"]) == 64
+    assert params["version.torch"] == "2.14.1" and "version.deepspeed" in params
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    assert run.info.status == "FINISHED"
+    assert steps_of(client, run_id, "loss") == [1, 2, 3, 4]
+    assert steps_of(client, run_id, "lr") == [1, 2, 3, 4] and steps_of(client, run_id, "val_top1") == [4]
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    artifacts = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "plots")}
+    assert {"config.yaml", "metrics.jsonl", "plots/training_curves.png", "model"} <= artifacts, artifacts
+    version = client.get_model_version_by_alias("tracked", "champion")
+    assert version.run_id == run_id and version.tags["timm_name"] == "swin_nano_patch4_window4_64"
+    assert client.get_model_version_by_alias("tracked", "current").version == version.version
+
+    # a resumed job (more steps) continues the same run
+    train(shards, tmp_path, "tracked", uri, "train.max_steps=6", "tracking.aliases=[current, champion]")
+    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
+    assert steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5, 6]
+    newest = client.get_model_version_by_alias("tracked", "current")
+    assert int(newest.version) == int(version.version) + 1 and newest.run_id == run_id
+
+    # pull and predict, each in a fresh process
+    cache = {"SWIN_MODEL_CACHE": str(tmp_path / "cache")}
+    pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/tracked@current"], cwd=REPO,
+                            capture_output=True, text=True, env=env(uri, **cache), timeout=300)
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert "swin_nano_patch4_window4_64, 10 classes" in pulled.stdout
+    folder = Path(pulled.stdout.strip().splitlines()[-1])
+    assert (folder / "model.safetensors").is_file() and folder.parent.name == "tracked"
+    images = [a_digit_jpeg(digits_tars, tmp_path, d) for d in (3, 7)]
+    predicted = subprocess.run([sys.executable, "-m", "pipeline.predict", f"models:/tracked/{newest.version}",
+                                *map(str, images)], cwd=REPO, capture_output=True, text=True,
+                               env=env(uri, **cache), timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    lines = predicted.stdout.splitlines()
+    assert lines[0].endswith("digit3.jpg") and len(lines) == 2 * 6
+    assert all(" n0000000" in line and "(class " in line for line in lines[1:6])
+
+    # fine-tuning starts from the registry
+    fine = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@champion", "train.max_steps=1",
+                 "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=1, **cache)
+    init = json.loads((tmp_path / "from_registry" / "init.json").read_text())
+    assert init["init_head_rows_mapped"] == 10 and init["init_resized_bias_tables"] == 8, fine.stderr[-2000:]
+
+
+def test_training_survives_the_server_going_away(shards, tmp_path):
+    """The server is stopped after the run's first metrics and restarted (same store, same port) a few steps
+    later: training never stops, and every step's metrics reach the run once the server is back."""
+    server = start_mlflow_server(tmp_path / "server")
+    run_dir = tmp_path / "outage"
+    args = ["--config", TINY, "name=outage", f"out_dir={tmp_path}", f"data.shards={shards}", "train.global_batch=16",
+            "train.micro_batch=16", "data.workers=1", "train.log_every=1", "schedule.epochs=1",
+            "train.max_steps=30", "data.val_split=", "tracking.system_metrics=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env(server.uri),
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        client = MlflowClient(server.uri)
+        deadline = time.time() + 300
+        while not (run_dir / "mlflow_run.json").is_file() or \
+                not client.get_metric_history(json.loads((run_dir / "mlflow_run.json").read_text())["run_id"], "loss"):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or never logged"
+            time.sleep(0.2)
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        server.stop()
+        logged_when_stopped = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        while len((run_dir / "metrics.jsonl").read_text().splitlines()) < logged_when_stopped + 5:
+            assert proc.poll() is None, "training stopped while MLflow was down"
+            time.sleep(0.2)
+        server = server.restart()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, err[-5000:]
+    assert "MLflow unreachable" in err and "MLflow is reachable again" in err
+    server = server.restart()
+    try:
+        client = MlflowClient(server.uri)
+        assert steps_of(client, run_id, "loss") == list(range(1, 31))
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert client.get_model_version_by_alias("outage", "current").run_id == run_id
+    finally:
+        server.stop()
+
+
+def test_secrets_never_reach_mlflow_or_the_logs(mlflow_server, shards, tmp_path):
+    secret, token = "s3cr3t-VALUE-0123456789", "tok-ABCDEF987654"
+    proc = train(shards, tmp_path, "secretive", mlflow_server.uri, "train.max_steps=1",
+                 f"data.cache_dir=/tmp/cache-{secret}", "tracking.register=false", ranks=1,
+                 AWS_SECRET_ACCESS_KEY=secret, MY_SERVICE_TOKEN=token)
+    run_id = json.loads((tmp_path / "secretive" / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(run_id)
+    recorded = json.dumps([run.data.params, run.data.tags])
+    config_artifact = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
+    for text in (recorded, config_artifact, proc.stdout, proc.stderr):
+        assert secret not in text and token not in text
+    assert run.data.params["data.cache_dir"] == "/tmp/cache-***"
+
+
+def test_redaction_rules():
+    env = {"AWS_SECRET_ACCESS_KEY": "abcdef123456", "HF_TOKEN": "hf_xyz789012", "HOME": "/root", "SHORT_KEY": "ab"}
+    out = redact({"db.password": "hunter22", "api_key": "x", "uri": "http://bob:pw123@host/x",
+                  "path": "/data/abcdef123456/x", "home": "/root", "n": 3}, env)
+    assert out == {"db.password": "***", "api_key": "***", "uri": "http://bob:***@host/x",
+                   "path": "/data/***/x", "home": "/root", "n": "3"}
+
+
+@pytest.mark.s3
+def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path):
+    """A server whose artifacts live on the S3 server: the model version's files are there, and pull works."""
+    bucket = s3_server.create_bucket("mlflow")
+    server = start_mlflow_server(tmp_path / "s3mlflow", env={
+        **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts"})
+    try:
+        train(shards, tmp_path, "on_s3", server.uri, "train.max_steps=2", "tracking.system_metrics=false", ranks=1)
+        keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert any(k.endswith("model/model.safetensors") for k in keys), keys
+        pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/on_s3@current", "--dst",
+                                 str(tmp_path / "pulled")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                env=env(server.uri))
+        assert pulled.returncode == 0, pulled.stderr[-3000:]
+        assert (tmp_path / "pulled" / "model.safetensors").stat().st_size > 1_000_000
+    finally:
+        server.stop()
