@@ -1,7 +1,7 @@
 """The MLflow model registry: an exported model (model.safetensors + model.json) registered as a model version,
 and pulled back by name and alias (models:/NAME@ALIAS) or version (models:/NAME/VERSION).
 
-What a version holds is the export folder itself, logged as the run's `model/` artifacts: weights that load
+What a version holds is the export folder itself, logged as the run's `model/step_N/` artifacts: weights that load
 without unpickling anything, and the metadata to rebuild and feed them (timm architecture and kwargs, image
 size, window, synsets, preprocessing). The same facts are set as version tags, so they show in the UI.
 """
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 log = logging.getLogger("pipeline.registry")
@@ -27,11 +28,14 @@ def version_tags(meta: dict) -> dict[str, str]:
 
 
 def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]) -> str:
-    """Logs model_dir as the run's `model/` artifacts and registers it; returns the new version."""
+    """Logs model_dir as the run's `model/step_N/` artifacts and registers it; returns the version (the existing
+    one when the same export was registered already, e.g. a call retried after an outage)."""
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / "model.json").read_text())
-    client.log_artifacts(run_id, str(model_dir), "model")
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    # one artifact folder per exported step: a version's files never change after it is registered
+    artifact_path = f"model/step_{meta.get('step', 0):08d}"
+    client.log_artifacts(run_id, str(model_dir), artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001  (RESOURCE_DOES_NOT_EXIST)
@@ -80,16 +84,13 @@ def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | 
         tmp.mkdir(parents=True, exist_ok=True)
         source = client.get_model_version_download_uri(version.name, version.version)
         mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
-        inner = tmp / "model" if (tmp / "model" / "model.json").is_file() else tmp
+        inner = next((p.parent for p in sorted(tmp.rglob("model.json"))), tmp)
         if not (inner / "model.json").is_file():
             raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json")
         if folder.exists():
-            import shutil
-
             shutil.rmtree(folder)
         os.replace(inner, folder)
-        if inner != tmp:
-            tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s -> %s version %s in %s", uri, version.name, version.version, folder)
     return folder
 

@@ -126,7 +126,7 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
     run_dir = tmp_path / "outage"
     args = ["--config", TINY, "name=outage", f"out_dir={tmp_path}", f"data.shards={shards}", "train.global_batch=16",
             "train.micro_batch=16", "data.workers=1", "train.log_every=1", "schedule.epochs=1",
-            "train.max_steps=30", "data.val_split=", "tracking.system_metrics=false"]
+            "train.max_steps=30", 'data.val_split=""', "tracking.system_metrics=false"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env(server.uri),
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -193,7 +193,7 @@ def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path):
     try:
         train(shards, tmp_path, "on_s3", server.uri, "train.max_steps=2", "tracking.system_metrics=false", ranks=1)
         keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
-        assert any(k.endswith("model/model.safetensors") for k in keys), keys
+        assert any(k.endswith("model/step_00000002/model.safetensors") for k in keys), keys
         pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/on_s3@current", "--dst",
                                  str(tmp_path / "pulled")], cwd=REPO, capture_output=True, text=True, timeout=300,
                                 env=env(server.uri))
