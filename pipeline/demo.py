@@ -131,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
           f"96x96 / window 6), {fine_evals[-1]['val_top1']:.1f}% after; {init['init_resized_bias_tables']} bias "
           f"tables resized, {init['init_head_rows_mapped']} head rows mapped, fresh: {init['init_fresh_synsets']}")
     print(f"  models:     {pre / 'model'}, {fine / 'model'} (model.safetensors + model.json)")
+    for run_dir in (pre, fine):
+        record = run_dir / "mlflow_run.json"
+        if record.is_file():
+            tracked = json.loads(record.read_text())
+            print(f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name}@current")
+    store = runs / "mlflow" / "mlflow.db"
+    if store.is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        print(f"  MLflow UI:  mlflow ui --backend-store-uri sqlite:///{store}")
     return finish(t0, shards, manifest, report.ok)
 
 
