@@ -4,7 +4,10 @@ Stages: the embedded digits written as ImageNet-22K-style per-synset tars -> `da
 train shards, a per-class val hold-out, DALI index files, manifest) -> `data_prep verify` -> a "1K" shard set
 (5 of the classes plus a synset the pretraining never saw, in a declared layout) -> pretraining of the tiny
 Swin with DeepSpeed ZeRO-2 on 2 CPU processes through launch/pretrain_22k.sh -> fine-tuning at a larger
-size and window (bias tables resized bicubic, head rows mapped by synset) through launch/finetune_1k_384.sh.
+size and window (bias tables resized bicubic, head rows mapped by synset) through launch/finetune_1k_384.sh
+-> both registered in MLflow (MLFLOW_TRACKING_URI, else a local store in the runs folder) -> the fine-tuned
+model pulled back by alias in a fresh process (`python -m pipeline.predict models:/tiny_22kto1k@current`) and
+run on held-out images.
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from pathlib import Path
 
 from data_prep.embedded import synset_of, write_synset_tars
 from data_prep.shard import ShardOptions, run_shard
+from data_prep.storage import open_store
 from data_prep.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE_DIGITS = (1, 3, 5, 7, 9)
 UNSEEN_SYNSET = "n09999999"  # in the "1K" layout, absent from the "22K" one (as n04399382 is from fall11)
-STAGES = 6
+STAGES = 7
 
 
 def stage(n: int, text: str) -> None:
@@ -61,6 +65,47 @@ def train(script: str, config: str, overrides: list[str], log_path: Path) -> Non
         raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log_path}")
 
 
+def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]]:
+    """JPEG files of the first `count` val samples of a shard set (folder or S3), with their synsets."""
+    import io
+    import tarfile
+
+    from data_prep.storage import open_store
+
+    store = open_store(shards)
+    out.mkdir(parents=True, exist_ok=True)
+    found = []
+    for name in sorted(n for n, _ in store.list("val/") if n.endswith(".tar")):
+        with tarfile.open(fileobj=io.BytesIO(store.read(name))) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(n for n in members if n.endswith(".json")):
+                key = name[:-len(".json")]
+                synset = json.loads(tar.extractfile(members[name]).read())["synset"]
+                path = out / f"{key}.jpg"
+                path.write_bytes(tar.extractfile(members[f"{key}.jpg"]).read())
+                found.append((path, synset))
+                if len(found) == count:
+                    return found
+    return found
+
+
+def predict_held_out(shards: str, out: Path, tracking_uri: str, count: int) -> dict:
+    images = held_out_images(shards, out, count)
+    cmd = [sys.executable, "-m", "pipeline.predict", "models:/tiny_22kto1k@current", "-k", "1",
+           *(str(p) for p, _ in images)]
+    print(f"  $ MLFLOW_TRACKING_URI={tracking_uri} {' '.join(cmd[:5])} <{len(images)} images>", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    if proc.returncode != 0:
+        raise SystemExit(f"predict failed:\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.splitlines()
+    top1 = [lines[i + 1].split()[1] for i in range(0, len(lines), 2)]  # "path" then "  prob  synset  (class i)"
+    for (path, truth), guess in list(zip(images, top1, strict=True))[:5]:
+        print(f"  {path.name}: predicted {guess}, true {truth}")
+    hits = sum(guess == truth for (_, truth), guess in zip(images, top1, strict=True))
+    return {"images": len(images), "accuracy": 100 * hits / max(len(images), 1)}
+
+
 def evals(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [m for m in map(json.loads, lines) if "val_top1" in m]
@@ -71,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where the sources, shards and runs go")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--shards-url", help="where the shard sets go (a folder or s3://bucket/prefix; default "
+                                        "WORKDIR): SHARDS_URL/shards and SHARDS_URL/shards_1k")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     p.add_argument("--prep-only", action="store_true", help="stop after the shard sets (no training)")
     p.add_argument("--pretrain-epochs", type=float, default=15, help="epochs of the tiny pretraining")
     p.add_argument("--finetune-epochs", type=float, default=8)
+    p.add_argument("--predict-images", type=int, default=20, help="held-out images to predict at the end")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     work = Path(args.workdir).resolve()
@@ -89,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {source}: {len(list(source.glob('*.tar')))} synset tars")
 
     stage(2, "data_prep shard + verify: the 22K-style shard set")
-    shards = work / "shards"
+    base = (args.shards_url or str(work)).rstrip("/")
+    shards, shards_1k = f"{base}/shards", f"{base}/shards_1k"
     summary = run_shard(ShardOptions(source=str(source), out=str(shards), holdout_per_class=20,
                                      max_samples=256, workers=args.workers))
     print(json.dumps(summary, indent=1))
@@ -101,11 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stage(3, f"data_prep shard: the '1K' set (digits {FINETUNE_DIGITS} + unseen {UNSEEN_SYNSET}, declared layout)")
     source_1k, layout_1k = write_1k_source(source, work)
-    shards_1k = work / "shards_1k"
     run_shard(ShardOptions(source=str(source_1k), out=str(shards_1k), layout=str(layout_1k), holdout_per_class=20,
                            max_samples=256, workers=args.workers))
     print(f"  {shards_1k}: verified {'OK' if verify(str(shards_1k), workers=args.workers).ok else 'FAILED'}")
-    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest = json.loads(open_store(shards).read("manifest.json"))
     if args.prep_only:
         return finish(t0, shards, manifest, report.ok)
 
@@ -122,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     fine = runs / "tiny_22kto1k"
     init = json.loads((fine / "init.json").read_text())
 
-    stage(6, "summary")
+    stage(6, "pull models:/tiny_22kto1k@current from MLflow in a fresh process and predict held-out images")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs / 'mlflow' / 'mlflow.db'}"
+    predicted = predict_held_out(shards_1k, work / "held_out", uri, args.predict_images)
+    print(f"  tracking URI: {uri} ({'from MLFLOW_TRACKING_URI' if os.environ.get('MLFLOW_TRACKING_URI') else 'local store'})")
+    print(f"  top-1 on {predicted['images']} held-out images: {predicted['accuracy']:.1f}%")
+
+    stage(7, "summary")
     pre_eval, fine_evals = evals(pre)[-1], evals(fine)
     print(f"  shards:     {shards} ({totals(manifest)}); '1K' set {shards_1k}")
     print(f"  pretrain:   {pre} - val top-1 {pre_eval['val_top1']:.1f}% on {pre_eval['val_samples']} held-out "
@@ -146,7 +200,7 @@ def totals(manifest: dict) -> str:
     return ", ".join(f"{k}: {v['samples']} images in {v['shards']} shards" for k, v in manifest["totals"].items())
 
 
-def finish(t0: float, shards: Path, manifest: dict, ok: bool) -> int:
+def finish(t0: float, shards: str, manifest: dict, ok: bool) -> int:
     print(f"\n  shards {shards} ({totals(manifest)}), verified: {'OK' if ok else 'FAILED'}")
     print(f"  took {time.time() - t0:.1f}s")
     return 0 if ok else 1

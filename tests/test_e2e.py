@@ -1,0 +1,50 @@
+"""The main job end to end, smaller, against the real servers: shards on S3, an MLflow tracking server whose
+artifacts live on S3, pretraining and fine-tuning on 2 ranks through the launch scripts, registration, and the
+registered model pulled back by alias in a fresh process that predicts held-out images."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from servers import REPO, start_mlflow_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+
+
+def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
+    bucket = s3_server.create_bucket("e2e")
+    server = start_mlflow_server(tmp_path / "mlflow", env={
+        **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlflow"})
+    try:
+        env = {**s3_server.subprocess_env(), "MLFLOW_TRACKING_URI": server.uri, "PYTHON": sys.executable,
+               "SWIN_MODEL_CACHE": str(tmp_path / "models")}
+        env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--workdir", str(tmp_path / "demo"),
+                               "--shards-url", f"s3://{bucket}/data", "--pretrain-epochs", "3",
+                               "--finetune-epochs", "3", "--predict-images", "30"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+        out = proc.stdout
+        keys = [o["Key"] for page in s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                for o in page.get("Contents", [])]
+        assert "data/shards/manifest.json" in keys and "data/shards_1k/manifest.json" in keys
+        assert any(re.search(r"mlflow/.*/model/step_\d+/model.safetensors$", k) for k in keys)
+        assert f"tracking URI: {server.uri} (from MLFLOW_TRACKING_URI)" in out
+        client = MlflowClient(server.uri)
+        for name in ("tiny_22k", "tiny_22kto1k"):
+            version = client.get_model_version_by_alias(name, "current")
+            assert client.get_run(version.run_id).info.status == "FINISHED"
+        accuracy = float(re.search(r"top-1 on 30 held-out images: ([\d.]+)%", out).group(1))
+        assert accuracy > 100 / 6 + 10, out[-3000:]  # well above chance over the 6 classes
+        for stage in ("[1/7]", "[4/7] pretrain", "[5/7] fine-tune", "[6/7] pull", "[7/7] summary"):
+            assert stage in out
+        assert re.search(r"val top-1 [\d.]+% before .* [\d.]+% after", out)
+    finally:
+        server.stop()
+    assert not os.path.exists(tmp_path / "demo" / "shards")  # the shards went to S3 only
