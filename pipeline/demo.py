@@ -66,27 +66,28 @@ def train(script: str, config: str, overrides: list[str], log_path: Path) -> Non
 
 
 def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]]:
-    """JPEG files of the first `count` val samples of a shard set (folder or S3), with their synsets."""
+    """JPEG files of `count` val samples of a shard set (folder or S3), taken in turn from each class, with
+    their synsets."""
     import io
+    import itertools
     import tarfile
 
     from data_prep.storage import open_store
 
     store = open_store(shards)
     out.mkdir(parents=True, exist_ok=True)
-    found = []
+    by_class: dict[str, list[Path]] = {}
     for name in sorted(n for n, _ in store.list("val/") if n.endswith(".tar")):
         with tarfile.open(fileobj=io.BytesIO(store.read(name))) as tar:
             members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(n for n in members if n.endswith(".json")):
-                key = name[:-len(".json")]
-                synset = json.loads(tar.extractfile(members[name]).read())["synset"]
+            for meta in sorted(n for n in members if n.endswith(".json")):
+                key = meta[:-len(".json")]
                 path = out / f"{key}.jpg"
                 path.write_bytes(tar.extractfile(members[f"{key}.jpg"]).read())
-                found.append((path, synset))
-                if len(found) == count:
-                    return found
-    return found
+                by_class.setdefault(json.loads(tar.extractfile(members[meta]).read())["synset"], []).append(path)
+    in_turn = itertools.chain.from_iterable(itertools.zip_longest(*by_class.values()))
+    synset_of_path = {p: s for s, paths in by_class.items() for p in paths}
+    return [(p, synset_of_path[p]) for p in in_turn if p is not None][:count]
 
 
 def predict_held_out(shards: str, out: Path, tracking_uri: str, count: int) -> dict:
