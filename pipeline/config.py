@@ -147,7 +147,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        _set_path(tree, key.strip().split("."), yaml.safe_load(text) if text.strip() else None)
+        # `key=` sets an empty string, `key=null` sets None
+        _set_path(tree, key.strip().split("."), yaml.safe_load(text) if text.strip() else "")
     return _build(RunConfig, tree, "")
 
 

@@ -25,6 +25,11 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.run_dir == Path("runs/x")
 
 
+def test_an_empty_override_is_an_empty_string_and_null_is_none():
+    cfg = load_config(None, ["data.val_split=", "data.rand_augment=null"])
+    assert cfg.data.val_split == "" and cfg.data.rand_augment is None
+
+
 def test_defaults_when_nothing_is_given():
     assert load_config(None) == RunConfig()
 
