@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs")
     s.add_argument("--validate", choices=["scaled", "full"], default="scaled",
                    help="decode each JPEG at 1/8 scale (all entropy-coded data, fast) or at full size")
-    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    s.add_argument("--workers", type=int, default=1, help="worker processes on this machine, one shard each")
+    s.add_argument("--threads", type=int, default=2,
+                   help="threads per worker decoding images while it reads and writes (never changes bytes)")
     s.add_argument("--task-index", type=int, help="this task's index (default: from SLURM_ARRAY_TASK_ID)")
     s.add_argument("--num-tasks", type=int, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
     s.add_argument("--list-only", action="store_true",
@@ -114,7 +116,7 @@ def cmd_shard(args) -> int:
         source=args.source, out=args.out, source_format=args.source_format, layout=args.layout, seed=args.seed,
         holdout_per_class=args.holdout_per_class, max_samples=args.max_samples or None,
         max_bytes=args.max_bytes, resize_shorter=args.resize_shorter, jpeg_quality=args.jpeg_quality,
-        validate=args.validate, workers=args.workers,
+        validate=args.validate, workers=args.workers, threads=args.threads,
         task_index=task_index if args.task_index is None else args.task_index,
         num_tasks=num_tasks if args.num_tasks is None else args.num_tasks, finalize=not args.no_finalize,
         list_only=args.list_only)

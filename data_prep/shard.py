@@ -1,6 +1,7 @@
 """The `shard` job: list the source, plan, write this task's shards with K worker processes, finalize."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing as mp
@@ -39,6 +40,7 @@ class ShardOptions:
     jpeg_quality: int = 90
     validate: str = "scaled"
     workers: int = 1
+    threads: int = 2  # per worker, checking images; changes speed, never bytes
     task_index: int = 0
     num_tasks: int = 1
     finalize: bool = True
@@ -117,6 +119,7 @@ _JOB: dict = {}
 
 def _init_worker(progress_queue) -> None:
     _die_with_parent()
+    gc.freeze()  # the inherited job (a plan of up to 14M items) is never collected nor copied on write by gc
     _JOB["progress"] = progress_queue.put
 
 
@@ -132,7 +135,8 @@ def _die_with_parent() -> None:
 
 def _encode_planned(position: int) -> EncodedShard:
     j = _JOB
-    return encode_shard(j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"])
+    return encode_shard(j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"],
+                        j["threads"])
 
 
 def run_shard(opts: ShardOptions) -> dict:
@@ -148,7 +152,7 @@ def run_shard(opts: ShardOptions) -> dict:
     labels = {s: i for i, s in enumerate(synsets)}
     image_opts = ImageOptions(opts.resize_shorter, opts.jpeg_quality, opts.validate)
     t0 = time.time()
-    records, failures = _write_all(todo, plan, source, out, labels, image_opts, opts.workers)
+    records, failures = _write_all(todo, plan, source, out, labels, image_opts, opts.workers, opts.threads)
     elapsed = time.time() - t0
     summary = _summarise(records, failures, elapsed, len(mine) - len(todo))
     if failures:
@@ -160,14 +164,15 @@ def run_shard(opts: ShardOptions) -> dict:
     return summary
 
 
-def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int):
+def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int,
+               threads: int):
     records, failures, pending_commits = [], [], []
     position = {(s.split, s.index): i for i, s in enumerate(plan)}
     bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc="sharding", smoothing=0.1)
     if workers <= 1 or len(todo) <= 1:
         for spec in todo:
             try:
-                records.append(write_shard(spec, source, out, labels, image_opts, bar.update))
+                records.append(write_shard(spec, source, out, labels, image_opts, bar.update, threads))
             except Exception as e:  # keep the other shards going; the rerun picks this one up
                 log.error("shard %s failed: %r", spec.name, e)
                 failures.append((spec.name, repr(e)))
@@ -175,7 +180,7 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
         return records, failures
     ctx = mp.get_context("fork")
     progress = ctx.Queue()
-    _JOB.update(plan=plan, source=source, out=out, labels=labels, image_opts=image_opts)
+    _JOB.update(plan=plan, source=source, out=out, labels=labels, image_opts=image_opts, threads=threads)
     # Workers encode (CPU); this process commits (fsync + rename, or the S3 upload) in threads meanwhile.
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool, \
             ThreadPoolExecutor(workers) as committer:

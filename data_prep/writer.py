@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from json.encoder import encode_basestring_ascii as _json_str
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .images import BadImage, prepare_image
+from .images import BadImage, PreparedImage, prepare_image
 from .plan import ShardSpec
 from .sources import Item, check_item_bytes, item_request
 from .wds_index import format_index
@@ -55,6 +58,12 @@ def ustar_header(name: str, size: int) -> bytes:
             + _USTAR_TAIL)
 
 
+def sample_json(synset: str, source: str, width: int, height: int) -> bytes:
+    """The sample's json member: exactly json.dumps(meta, sort_keys=True), without its generic path's cost."""
+    return b'{"height": %d, "source": %s, "synset": %s, "width": %d}' % (
+        height, _json_str(source).encode(), _json_str(synset).encode(), width)
+
+
 def _padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
@@ -69,6 +78,44 @@ def _read_items(store, items: tuple[Item, ...]) -> Iterator[tuple[Item, bytes | 
         yield item, data
 
 
+def _prepare(data: bytes | Exception, opts: ImageOptions) -> PreparedImage | Exception:
+    """The prepared image, or why the input cannot be one (a read error or BadImage)."""
+    if isinstance(data, Exception):
+        return data
+    try:
+        return prepare_image(data, opts.resize_shorter, opts.jpeg_quality, opts.validate)
+    except BadImage as e:
+        return e
+
+
+def _prepare_batch(datas: tuple, opts: ImageOptions) -> list[PreparedImage | Exception]:
+    return [_prepare(data, opts) for data in datas]
+
+
+def _prepare_many(pairs: Iterator[tuple[Item, bytes | Exception]], opts: ImageOptions, threads: int,
+                  batch: int = 16, ahead: int = 4) -> Iterator[tuple[Item, PreparedImage | Exception]]:
+    """(item, prepared image or error) in input order. With threads > 1 the checks run on a thread pool
+    (libjpeg-turbo and Pillow release the GIL) in batches of `batch` images, `ahead` batches in flight, so the
+    caller's reading, hashing and writing overlap the decoding, and a worker alone at the end of the job can
+    still use idle cores."""
+    if threads <= 1:
+        for item, data in pairs:
+            yield item, _prepare(data, opts)
+        return
+    # a pool per shard: thread start-up is negligible next to a shard, and nothing crosses a fork
+    with ThreadPoolExecutor(threads) as pool:
+        in_flight: deque = deque()
+        while chunk := list(islice(pairs, batch)):
+            items, datas = zip(*chunk, strict=True)
+            in_flight.append((items, pool.submit(_prepare_batch, datas, opts)))
+            if len(in_flight) >= ahead:
+                items, fut = in_flight.popleft()
+                yield from zip(items, fut.result(), strict=True)
+        while in_flight:
+            items, fut = in_flight.popleft()
+            yield from zip(items, fut.result(), strict=True)
+
+
 @dataclass
 class EncodedShard:
     """A shard written to its staging file, not yet visible under its name."""
@@ -79,8 +126,9 @@ class EncodedShard:
 
 
 def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opts: ImageOptions,
-                 progress: Callable[[int], None] = lambda n: None) -> EncodedShard:
-    """Reads, checks and packs the shard's images into its staging file (the CPU-bound part)."""
+                 progress: Callable[[int], None] = lambda n: None, threads: int = 1) -> EncodedShard:
+    """Reads, checks and packs the shard's images into its staging file (the CPU-bound part), checking images
+    on `threads` threads."""
     for name in (spec.name, spec.index_name):
         out.remove_stale_staging(name)
     staged = out.staging_path(spec.name)
@@ -88,25 +136,19 @@ def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opt
     done = 0
     with open(staged, "wb") as raw:
         sha, size = hashlib.sha256(), 0
-        for item, data in _read_items(source, spec.items):
+        for item, img in _prepare_many(_read_items(source, spec.items), image_opts, threads):
             done += 1
             if done % 32 == 0:
                 progress(32)
-            if isinstance(data, Exception):
-                rejected.append([item.path, f"unreadable: {data}"])
-                continue
-            try:
-                img = prepare_image(data, image_opts.resize_shorter, image_opts.jpeg_quality, image_opts.validate)
-            except BadImage as e:
-                rejected.append([item.path, str(e)])
+            if isinstance(img, Exception):
+                rejected.append([item.path, str(img) if isinstance(img, BadImage) else f"unreadable: {img}"])
                 continue
             if img.converted:
                 converted.append([item.path, img.converted])
             label = labels[item.synset]
-            meta = {"synset": item.synset, "source": item.path, "width": img.width, "height": img.height}
             chunks, components = [], []
             for ext, payload in (("cls", str(label).encode()), ("jpg", img.jpg),
-                                 ("json", json.dumps(meta, sort_keys=True).encode())):
+                                 ("json", sample_json(item.synset, item.path, img.width, img.height))):
                 name = f"{item.key}.{ext}"
                 components.append((ext, size + BLOCK, len(payload), name))
                 chunks += (ustar_header(name, len(payload)), payload, _padding(len(payload)))
@@ -139,5 +181,5 @@ def commit_shard(out, encoded: EncodedShard) -> dict:
 
 
 def write_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opts: ImageOptions,
-                progress: Callable[[int], None] = lambda n: None) -> dict:
-    return commit_shard(out, encode_shard(spec, source, out, labels, image_opts, progress))
+                progress: Callable[[int], None] = lambda n: None, threads: int = 1) -> dict:
+    return commit_shard(out, encode_shard(spec, source, out, labels, image_opts, progress, threads))

@@ -170,6 +170,15 @@ def test_two_workers_write_the_same_bytes_as_one(digits_tars, tmp_path):
     assert read_tree(tmp_path / "w1") == read_tree(tmp_path / "w2")
 
 
+def test_decode_threads_never_change_the_bytes(messy_folder, tmp_path):
+    """Rejected, converted and plain images alike land in input order whatever the thread count."""
+    runs = {t: tmp_path / f"t{t}" for t in (1, 3)}
+    for threads, out in runs.items():
+        run_prep("shard", "--source", messy_folder, "--out", out, "--max-samples", 300, "--threads", threads)
+    assert read_tree(runs[1]) == read_tree(runs[3])
+    assert json.loads((runs[3] / "manifest.json").read_text())["rejected"]
+
+
 def test_max_bytes_bounds_the_source_bytes_per_shard(digits_tars, tmp_path):
     out = tmp_path / "set"
     run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 0, "--max-bytes", "400KB")
@@ -263,3 +272,12 @@ def test_member_headers_are_the_ones_tarfile_writes(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
     assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT)
+
+
+@pytest.mark.parametrize("synset,source", [("n00000001", "n00000001/a_1.JPEG"),
+                                           ("n\u00e9", 'we"ird\\path/\u00f1\u2603 x.jpg')])
+def test_sample_json_is_what_json_dumps_writes(synset, source):
+    from data_prep.writer import sample_json
+
+    meta = {"synset": synset, "source": source, "width": 500, "height": 375}
+    assert sample_json(synset, source, 500, 375) == json.dumps(meta, sort_keys=True).encode()
