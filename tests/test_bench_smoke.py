@@ -37,3 +37,12 @@ def test_train_throughput_bench_runs_and_zero_partitions_as_the_theory_says():
     assert len(rows) == 8  # ZeRO 0-3 x world 1, 2
     for stage, world, measured, theory, _ in rows:  # optimizer bytes per parameter held by one rank
         assert float(measured) == float(theory), f"ZeRO-{stage} world {world}: {measured} B/param, theory {theory}"
+
+
+def test_bias_table_transfer_bench_runs():
+    proc = subprocess.run([sys.executable, "bench/bias_table_transfer.py", "--epochs", "1", "--table-lr-scales", "20"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"agreement_gain_bicubic_vs_zeros: -?\d+\.\d{3}", lines[-1])
+    assert re.match(r"\s+0\s+x20\s+\d\.\d{3}", lines[-2]), lines
