@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -147,10 +148,18 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
             assert proc.poll() is None and time.time() < deadline, "the run ended or never logged"
             time.sleep(0.2)
         run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-        server.stop()
-        logged_when_stopped = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        # Training is paused while the server shuts down (a graceful stop can take longer than the 30 steps),
+        # so the outage surely falls in the middle of the run.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            server.stop()
+            logged_when_stopped = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert logged_when_stopped <= 25, f"{logged_when_stopped} steps done before the outage began"
         while len((run_dir / "metrics.jsonl").read_text().splitlines()) < logged_when_stopped + 5:
             assert proc.poll() is None, "training stopped while MLflow was down"
+            assert time.time() < deadline, "training made no progress while MLflow was down"
             time.sleep(0.2)
         server = server.restart()
         out, err = proc.communicate(timeout=600)
