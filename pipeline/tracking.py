@@ -260,7 +260,9 @@ class Tracker:
                                 "everything)", self.uri, _short(e))
                     return None
                 time.sleep(2)
-        record.write_text(json.dumps({"run_id": run_id, "tracking_uri": self.uri}) + "\n")
+        staged = record.with_name(record.name + ".tmp")  # renamed, so a reader never sees it half written
+        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": self.uri}) + "\n")
+        os.replace(staged, record)
         self.run_id, self.sender = run_id, Sender(client, run_id)
         if new:
             from pipeline.config import config_to_dict

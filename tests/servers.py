@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,13 @@ SCRIPTS = REPO / "scripts"
 
 
 # --- processes --------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a rendezvous or a server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def stop_pid(pid: int, expect_comm: str | tuple[str, ...], grace: float = 20.0) -> bool:
     """SIGTERM, then SIGKILL after `grace` seconds; only while /proc says the PID still is `expect_comm` (a

@@ -1,6 +1,7 @@
 """pipeline.data.loader on CPU: both backends, the batch contract, ranks, epochs, exact resume, bad samples."""
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def test_each_epoch_is_shuffled_afresh(shards):
     first = torch.cat([y for _, y in take(loader)])
     second = torch.cat([y for _, y in take(loader)])
     assert loader.epoch == 2 and not torch.equal(first, second)
-    assert sorted(first.tolist()) != [] and len(first) == len(second)
+    assert len(first) == len(second) == (1697 // 32) * 32
+    assert sum((Counter(first.tolist()) - Counter(second.tolist())).values()) <= 1697 % 32
 
 
 @pytest.mark.parametrize("backend,extra", [
@@ -155,7 +157,8 @@ def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, t
     a = take(create_loader(remote))
     b = take(create_loader(config(shards, backend="torch", workers=0)))
     assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
-    assert sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")) <= 3 * biggest
+    cached = [p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")]
+    assert cached and sum(cached) <= 3 * biggest
 
 
 SAME_PROCESS = """

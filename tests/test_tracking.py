@@ -12,13 +12,14 @@ import subprocess
 import sys
 import tarfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import redact
-from servers import REPO, run_prep, start_mlflow_server
+from servers import REPO, free_port, run_prep, start_mlflow_server
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
@@ -42,11 +43,8 @@ def train(shards, out, name, uri, *extra, ranks=2, check=True, **env_extra) -> s
             "train.micro_batch=16", "eval.batch_size=50", "data.workers=1", "train.log_every=1",
             "schedule.epochs=2", "schedule.warmup_epochs=0", "tracking.system_metrics_s=1", *extra]
     cmd = ["bash", LAUNCH] if ranks == 2 else [sys.executable, "-m", "pipeline.train"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.run([*map(str, cmd), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=env(uri, MASTER_PORT=str(port), **env_extra))
+                          env=env(uri, MASTER_PORT=str(free_port()), **env_extra))
     if check:
         assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
@@ -76,7 +74,7 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert params["model.arch"] == "swin_nano" and params["world_size"] == "2"
     assert params["deepspeed.zero_optimization.stage"] == "2" and params["train.zero_stage"] == "2"
     assert params["data.train_samples"] == "1697" and len(params["data.manifest_sha256"]) == 64
-    assert params["version.torch"] == "2.14.1" and "version.deepspeed" in params
+    assert params["version.torch"] == metadata.version("torch") and "version.deepspeed" in params
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
     assert run.info.status == "FINISHED"
     assert steps_of(client, run_id, "loss") == [1, 2, 3, 4]
@@ -138,8 +136,10 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
     args = ["--config", TINY, "name=outage", f"out_dir={tmp_path}", f"data.shards={shards}", "train.global_batch=16",
             "train.micro_batch=16", "data.workers=1", "train.log_every=1", "schedule.epochs=1",
             "train.max_steps=30", 'data.val_split=""', "tracking.system_metrics=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env(server.uri),
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    log_file = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe until the end, and a full one blocks
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env(server.uri),
+                                stderr=log, stdout=log, text=True)
     try:
         client = MlflowClient(server.uri)
         deadline = time.time() + 300
@@ -162,11 +162,12 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
             assert time.time() < deadline, "training made no progress while MLflow was down"
             time.sleep(0.2)
         server = server.restart()
-        out, err = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
         server.stop()
+    err = log_file.read_text()
     assert proc.returncode == 0, err[-5000:]
     assert "MLflow unreachable" in err and "MLflow is reachable again" in err
     server = server.restart()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.export import load_exported
-from servers import REPO, run_prep
+from servers import REPO, free_port, run_prep
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
@@ -45,14 +45,6 @@ def env(**extra) -> dict[str, str]:
     return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd: list, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=kw.pop("env", None) or env(), **kw)
@@ -76,7 +68,7 @@ def test_zero_stage_trains_on_two_ranks_and_the_loss_falls(stage, shards, tmp_pa
     losses = [m["loss"] for m in steps]
     assert [m["step"] for m in steps] == list(range(1, 25))
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
-    assert evals[-1]["val_samples"] == 100 and 0 <= evals[-1]["val_top1"] <= 100
+    assert evals[-1]["val_samples"] == 100
     ckpt = run_dir / "checkpoints" / "step_00000024"
     assert json.loads((ckpt / "COMPLETE").read_text())["zero_stage"] == stage
     optim_files = sorted(p.name for p in ckpt.glob("*optim_states.pt"))
@@ -91,10 +83,13 @@ def test_the_deepspeed_launcher_starts_the_script(mode, shards, tmp_path):
     --no_python it runs the file as a program."""
     flags = ["--no_python"] if mode == "no_python" else []
     proc = run([DEEPSPEED, "--num_gpus", 2, "--master_port", free_port(), *flags, LAUNCH,
-                *small(shards, tmp_path, mode, "train.max_steps=2")])
+                *small(shards, tmp_path, mode, "train.max_steps=2", "checkpoint.every_steps=2")])
     steps, _ = metrics(tmp_path / mode)
     assert steps[-1]["step"] == 2
-    assert "--local_rank=1" in proc.stdout + proc.stderr  # the launcher did start two ranks
+    assert "--local_rank=1" in proc.stdout + proc.stderr
+    ckpt = tmp_path / mode / "checkpoints" / "step_00000002"  # two ranks trained and saved together
+    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
 def start_in_session(cmd: list) -> subprocess.Popen:
@@ -108,6 +103,15 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {path} appeared"
         assert time.time() < end, f"{path} did not appear in {timeout}s"
         time.sleep(0.01)
+
+
+def wait_for_any(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> Path:
+    end = time.time() + timeout
+    while not (found := sorted(folder.glob(pattern)) if folder.is_dir() else []):
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {folder / pattern} appeared"
+        assert time.time() < end, f"{folder / pattern} did not appear in {timeout}s"
+        time.sleep(0.005)
+    return found[0]
 
 
 def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
@@ -128,12 +132,15 @@ def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     proc = start_in_session(cmd)
-    wait_for(ckpts / ".tmp-step_00000006", proc)  # killed while the step-6 checkpoint is being written
+    # killed while a later checkpoint (step 6 or 8, whichever the poll sees) is being written
+    wait_for_any(ckpts, ".tmp-step_*", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (ckpts / "step_00000006").exists()
+    final_names = [p for p in ckpts.iterdir() if p.name.startswith("step_")]
+    assert all((p / "COMPLETE").is_file() for p in final_names), "a checkpoint under its final name is incomplete"
+    newest = max(p.name for p in final_names)
     final = run(cmd)
-    assert "resumed from" in final.stderr and "step_00000004" in final.stderr
+    assert "resumed from" in final.stderr and newest in final.stderr, final.stderr[-3000:]
 
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed = load_file(tmp_path / "killed" / "model" / "model.safetensors")

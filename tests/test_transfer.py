@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pipeline.model import create_model
 from pipeline.transfer import SourceModel, TransferError, initialise, load_source, resize_bias_table, transfer_state
-from servers import REPO, run_prep
+from servers import REPO, free_port, run_prep
 
 SYNSETS = [f"n{i:08d}" for i in range(10)]
 
@@ -45,7 +45,7 @@ def test_13_to_23_is_bicubic_on_each_heads_grid():
         expected = F.interpolate(grid, size=(23, 23), mode="bicubic", align_corners=False).flatten()
         assert torch.allclose(out[:, h], expected, atol=1e-6)
     # row r of a table is offset (dy, dx) = divmod(r, 2M-1) - (M-1): the centre (offset 0) maps to the centre
-    assert out[(23 * 23) // 2].tolist() == pytest.approx(table[(13 * 13) // 2].tolist(), abs=0.5)
+    assert out[(23 * 23) // 2].tolist() == pytest.approx(table[(13 * 13) // 2].tolist(), abs=1e-5)
 
 
 def test_a_window_7_model_loads_into_window_12_at_384():
@@ -135,12 +135,14 @@ def test_finetune_22k_to_1k_at_a_larger_window(digits_tars, tmp_path):
     common = [f"out_dir={tmp_path}", "data.workers=1", "train.log_every=1"]
     pre = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", REPO / "configs/tiny_22k.yaml",
                           "name=pre", f"data.shards={shards}", "train.max_steps=20", "schedule.epochs=1",
-                          "eval.batch_size=50", *common], cwd=REPO, env=env, capture_output=True, text=True)
+                          "eval.batch_size=50", *common], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
     assert pre.returncode == 0, pre.stderr[-4000:]
     fine = subprocess.run(["bash", REPO / "launch/finetune_1k_384.sh", "--config", REPO / "configs/tiny_22kto1k.yaml",
                            "name=fine", f"init_from={tmp_path / 'pre' / 'model'}", f"data.shards={shards_1k}",
                            "train.max_steps=16", "train.global_batch=32", "train.micro_batch=16", *common],
-                          cwd=REPO, env={**env, "MASTER_PORT": "29517"}, capture_output=True, text=True)
+                          cwd=REPO, env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                          timeout=900)
     assert fine.returncode == 0, fine.stderr[-6000:]
     run = tmp_path / "fine"
     init = json.loads((run / "init.json").read_text())
