@@ -243,11 +243,16 @@ class MlflowServer:
     env_used: dict = field(default_factory=dict)
 
     def alive(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-            return True
-        except OSError:
-            return False
+        """Whether a live (not zombie) process is left in the server's process group: an orphaned server
+        waits for PID 1 to reap it, and kill(-pgid, 0) would count it until then."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == self.pid:  # state, ppid, pgrp
+                return True
+        return False
 
     def stop(self) -> None:
         """SIGTERM to the server's process group (scripts/stop_mlflow_server.sh), by PID."""
