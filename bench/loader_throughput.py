@@ -58,10 +58,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DALI threads and DataLoader workers")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--workdir", help="default: a temp folder, deleted afterwards")
+    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="loader-bench-", dir="."))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="loader-bench-"))
     try:
         shards = work / "shards"
         if not (shards / "manifest.json").exists():

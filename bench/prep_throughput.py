@@ -108,10 +108,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="runs of each variant; medians are reported")
     p.add_argument("--resize-shorter", type=int, default=160)
     p.add_argument("--max-samples", type=int, default=250, help="samples per shard")
-    p.add_argument("--workdir", help="default: a temp folder on the current disk, deleted afterwards")
+    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="prep-bench-", dir="."))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="prep-bench-"))
     src = work / "src"
     try:
         if not src.exists():
