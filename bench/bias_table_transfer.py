@@ -12,7 +12,7 @@ The fine-tuning recipe loads a model trained at 224/window 7 at 384/window 12, i
      paper's Table 4: with the bias term alone and no query-key term Swin-T still reaches 79.3% top-1).
 2. Each is asked how much it leans on its tables: the same model at 64 with zero tables (top-1 agreement with
    itself).
-3. Each is loaded with `pipeline.transfer.initialise` at 96x96, window 6 (tables 7x7 -> 11x11, the analogue of
+3. Each is loaded with `pipeline.model.transfer.initialise` at 96x96, window 6 (tables 7x7 -> 11x11, the analogue of
    224/7 -> 384/12), once with bicubic tables and once with zero tables; its predictions on the images upsampled
    to 96 are compared with the source's on the 64x64 originals: top-1 agreement and KL(source || transferred).
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.embedded import digit_jpegs, synset_of  # noqa: E402
 from pipeline.model import create_model  # noqa: E402
-from pipeline.transfer import SourceModel, initialise  # noqa: E402
+from pipeline.model.transfer import SourceModel, initialise  # noqa: E402
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 SYNSETS = [synset_of(d) for d in range(10)]

@@ -7,8 +7,8 @@ import logging
 import re
 import sys
 
-from .layout import LayoutError, read_layout, write_map
-from .manifest import IncompleteError
+from .shardset.layout import LayoutError, read_layout, write_map
+from .records import IncompleteError
 
 EXAMPLES = """examples:
   python -m data_prep shard --source /data/imagenet22k_tars --out s3://bucket/in22k --holdout-per-class 10 --workers 8

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
-from .manifest import MANIFEST_NAME, build_manifest, missing_records, write_manifest
+from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
+from .records import build_manifest, missing_records
+from .shardset.manifest import MANIFEST_NAME, write_manifest
 from .plan import ShardSpec, make_plan, task_share
 from .sources import LISTING_NAME, Listing, scan_source
-from .storage import open_store
+from .shardset.store import open_store
 from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
 
 log = logging.getLogger("data_prep")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from .storage import LocalStore, S3Store
+from .shardset.store import LocalStore, S3Store
 
 LISTING_NAME = "_prep/listing.json.gz"
 KINDS = ("imagefolder", "synset-tars")

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import simplejpeg
 from tqdm import tqdm
 
-from .layout import parse_layout
-from .manifest import read_manifest
-from .storage import open_store
-from .wds_index import parse_index
+from .shardset.layout import parse_layout
+from .shardset.manifest import read_manifest
+from .shardset.store import open_store
+from .shardset.index import parse_index
 
 REQUIRED = ("cls", "jpg", "json")
 

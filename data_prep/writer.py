@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 from .images import BadImage, PreparedImage, prepare_image
 from .plan import ShardSpec
 from .sources import Item, check_item_bytes, item_request
-from .wds_index import format_index
+from .shardset.index import format_index
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from data_prep.embedded import synset_of, write_synset_tars
 from data_prep.shard import ShardOptions, run_shard
-from data_prep.storage import open_store
+from data_prep.shardset.store import open_store
 from data_prep.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
     import itertools
     import tarfile
 
-    from data_prep.storage import open_store
+    from data_prep.shardset.store import open_store
 
     store = open_store(shards)
     out.mkdir(parents=True, exist_ok=True)

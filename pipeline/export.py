@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.checkpoint) / "COMPLETE").is_file():
         print(f"error: {args.checkpoint} is not a complete checkpoint (no COMPLETE marker)", file=sys.stderr)
         return 2
-    from pipeline.engine.export import export_checkpoint
+    from pipeline.engine.model_export import export_checkpoint
 
     print(export_checkpoint(args.checkpoint, args.out))
     return 0

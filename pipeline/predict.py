@@ -40,10 +40,10 @@ def predict(model, meta: dict, paths: list[str], k: int = 5) -> list[list[tuple[
 
 def load(model_ref: str):
     if model_ref.startswith("models:/"):
-        from pipeline.registry import pull
+        from pipeline.tracking.registry import pull
 
         return pull(model_ref)
-    from pipeline.engine.export import load_exported
+    from pipeline.engine.model_export import load_exported
 
     return load_exported(model_ref)
 

@@ -2,7 +2,7 @@
 
 Downloads a registered model (model.safetensors + model.json) from the MLflow registry at MLFLOW_TRACKING_URI,
 builds the timm model from it to check it loads, and prints the folder. In Python:
-`pipeline.registry.pull("models:/NAME@ALIAS")` returns (timm model, metadata).
+`pipeline.tracking.registry.pull("models:/NAME@ALIAS")` returns (timm model, metadata).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    from pipeline.engine.export import load_exported
-    from pipeline.registry import pull_to_folder
+    from pipeline.engine.model_export import load_exported
+    from pipeline.tracking.registry import pull_to_folder
 
     try:
         folder = pull_to_folder(args.uri, args.dst, args.tracking_uri)

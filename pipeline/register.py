@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_config
-    from pipeline.registry import register
+    from pipeline.tracking.registry import register
 
     cfg = load_config(run_dir / "config.yaml")
     record = json.loads(record_file.read_text())

@@ -159,7 +159,7 @@ def test_the_same_source_spelt_differently_resumes(digits_tars, tmp_path):
 
 
 def test_listing_skips_files_being_written_by_other_tasks(tmp_path):
-    from data_prep.storage import LocalStore
+    from data_prep.shardset.store import LocalStore
 
     (tmp_path / "_prep/done").mkdir(parents=True)
     (tmp_path / "_prep/done/train-000001.json").write_text("{}")

@@ -1,4 +1,4 @@
-"""pipeline.data.shardset: the cheap checks before a pipeline starts; pipeline.data.cache: S3 shards locally."""
+"""pipeline.data.shard_checks: the cheap checks before a pipeline starts; pipeline.data.cache: S3 shards locally."""
 import logging
 import shutil
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_prep
-from data_prep.storage import open_store
+from data_prep.shardset.store import open_store
 from pipeline.data.cache import CacheFullError, ShardCache
-from pipeline.data.shardset import ShardSetError, open_shard_set
+from pipeline.data.shard_checks import ShardSetError, open_shard_set
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import redact
+from pipeline.tracking.tracker import redact
 from servers import REPO, free_port, run_prep, start_mlflow_server
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.data.loader import LoaderConfig, create_loader
-from pipeline.engine.export import load_exported
+from pipeline.engine.model_export import load_exported
 from servers import REPO, free_port, run_prep
 
 pytestmark = pytest.mark.slow

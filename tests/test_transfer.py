@@ -1,4 +1,4 @@
-"""Initialising a model from one trained at another size/window/label layout (pipeline/transfer.py), and the
+"""Initialising a model from one trained at another size/window/label layout (pipeline/model/transfer.py), and the
 22K -> 1K fine-tuning run built on it."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import create_model
-from pipeline.transfer import SourceModel, TransferError, initialise, load_source, resize_bias_table, transfer_state
+from pipeline.model.transfer import SourceModel, TransferError, initialise, load_source, resize_bias_table, transfer_state
 from servers import REPO, free_port, run_prep
 
 SYNSETS = [f"n{i:08d}" for i in range(10)]

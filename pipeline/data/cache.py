@@ -11,9 +11,9 @@ import os
 import threading
 from pathlib import Path
 
-from data_prep.storage import LocalStore
+from data_prep.shardset.store import LocalStore
 
-from .shardset import Shard
+from .shard_checks import Shard
 
 
 class CacheFullError(RuntimeError):

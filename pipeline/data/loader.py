@@ -26,7 +26,7 @@ from .augment_params import batch_rng, flips, random_resized_crop
 from .order import epoch_order, samples_per_rank
 from .cache import ShardCache
 from .reader import ShardReader
-from .shardset import open_shard_set
+from .shard_checks import open_shard_set
 
 log = logging.getLogger("pipeline.data")
 MEAN = (0.485, 0.456, 0.406)

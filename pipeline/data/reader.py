@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.storage import open_store
-from data_prep.wds_index import parse_index
+from data_prep.shardset.store import open_store
+from data_prep.shardset.index import parse_index
 
 from .cache import ShardCache
-from .shardset import ShardSet
+from .shard_checks import ShardSet
 
 
 @dataclass

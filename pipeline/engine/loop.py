@@ -15,21 +15,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_prep.layout import write_map
+from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import complete_checkpoints, find_resume, load_checkpoint, save_checkpoint
 from pipeline.engine.distributed import World
 from pipeline.engine.evaluate import evaluate
-from pipeline.engine.export import export_checkpoint
+from pipeline.engine.model_export import export_checkpoint
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config, plan_steps,
                                    resolve_precision)
 from pipeline.engine.step import micro_step
 from pipeline.model import create_model
-from pipeline.plots import training_curves
-from pipeline.registry import register
-from pipeline.tracking import Tracker, flatten, manifest_params, package_versions
-from pipeline.transfer import initialise, load_source
+from pipeline.tracking.plots import training_curves
+from pipeline.tracking.registry import register
+from pipeline.tracking.tracker import Tracker, flatten, manifest_params, package_versions
+from pipeline.model.transfer import initialise, load_source
 
 log = logging.getLogger("pipeline.train")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -104,7 +104,7 @@ def manifest_params(shards: str) -> dict[str, object]:
     """Hash and counts of the shard set's manifest (its identity for this run)."""
     import hashlib
 
-    from data_prep.storage import open_store
+    from data_prep.shardset.store import open_store
 
     try:
         raw = open_store(shards).read("manifest.json")
@@ -286,7 +286,7 @@ class Tracker:
             experiment_id = client.create_experiment(name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
-        tags = {"mlflow.runName": self.cfg.name, **git_state(Path(__file__).resolve().parents[1]),
+        tags = {"mlflow.runName": self.cfg.name, **git_state(Path(__file__).resolve().parents[2]),
                 "run_dir": str(self.cfg.run_dir.resolve())}
         run = client.create_run(experiment_id, run_name=self.cfg.name, tags=redact(tags))
         log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, self.uri)

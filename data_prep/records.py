@@ -1,4 +1,5 @@
-"""manifest.json: the shard set's table of contents, built from the per-shard completion records."""
+"""Per-shard completion records (`_prep/done/*.json`, one per finished shard) and the manifest built from them
+once every planned shard has one."""
 from __future__ import annotations
 
 import json
@@ -6,9 +7,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from .plan import RECORDS_DIR, ShardSpec
-
-MANIFEST_NAME = "manifest.json"
-FORMAT = "swin-pipeline-shards/1"
+from .shardset.manifest import FORMAT
 
 
 class IncompleteError(RuntimeError):
@@ -58,16 +57,3 @@ def build_manifest(out, plan: list[ShardSpec], options: dict, synsets: list[str]
         "rejected": rejected,
         "converted": dict(sorted(converted.items())),
     }
-
-
-def write_manifest(out, manifest: dict) -> None:
-    out.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
-
-
-def read_manifest(out) -> dict:
-    if not out.exists(MANIFEST_NAME):
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {out.url}: is the shard set finalized?")
-    manifest = json.loads(out.read(MANIFEST_NAME))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{out.url}/{MANIFEST_NAME} has format {manifest.get('format')!r}, expected {FORMAT}")
-    return manifest

@@ -7,7 +7,7 @@
 - `relative_position_index` and `attn_mask` are buffers the model rebuilds for its own window and resolution;
   they are never copied (timm does not save them).
 - The classifier rows follow the synsets: target label i takes the source row of the same synset
-  (data_prep.layout.map_layouts, what `data_prep map` writes); synsets the source never saw keep the target
+  (data_prep.shardset.layout.map_layouts, what `data_prep map` writes); synsets the source never saw keep the target
   model's fresh initialisation and are reported. `transfer.head: fresh` re-initialises the whole head.
 - Any other difference is an error naming the key: a head count that changed, a missing or extra weight,
   another shape.
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data_prep.layout import map_layouts
+from data_prep.shardset.layout import map_layouts
 
-log = logging.getLogger("pipeline.transfer")
+log = logging.getLogger("pipeline.model.transfer")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 REBUILT_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 
@@ -140,12 +140,12 @@ def load_source(init_from: str) -> SourceModel:
     """A checkpoint folder, an exported model folder, a .safetensors file beside its model.json, or (with the
     MLflow registry) models:/NAME@ALIAS or models:/NAME/VERSION."""
     if init_from.startswith("models:/"):
-        from pipeline.registry import pull_to_folder  # the MLflow registry (pipeline/registry.py)
+        from pipeline.tracking.registry import pull_to_folder  # the MLflow registry (pipeline/tracking/registry.py)
 
         return load_source(str(pull_to_folder(init_from)))
     path = Path(init_from)
     if path.is_dir() and (path / "COMPLETE").is_file():
-        from pipeline.engine.export import consolidated_state_dict
+        from pipeline.engine.model_export import consolidated_state_dict
 
         return SourceModel(consolidated_state_dict(path), (path / "synsets.txt").read_text().split(),
                            f"checkpoint {path}")

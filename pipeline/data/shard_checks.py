@@ -13,9 +13,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from data_prep.manifest import read_manifest
-from data_prep.storage import open_store
-from data_prep.wds_index import parse_index
+from data_prep.shardset.manifest import read_manifest
+from data_prep.shardset.store import open_store
+from data_prep.shardset.index import parse_index
 
 log = logging.getLogger("pipeline.data")
 REQUIRED = ("jpg", "cls")

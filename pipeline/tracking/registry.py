@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-log = logging.getLogger("pipeline.registry")
+log = logging.getLogger("pipeline.tracking.registry")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -97,6 +97,6 @@ def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | 
 
 def pull(uri: str, tracking_uri: str | None = None):
     """(timm model in eval mode, metadata) of a registered model."""
-    from pipeline.engine.export import load_exported
+    from pipeline.engine.model_export import load_exported
 
     return load_exported(pull_to_folder(uri, tracking_uri=tracking_uri))

@@ -1,0 +1,3 @@
+"""The shard-set contract that `data_prep` writes and training reads: where a set lives (store.py: a folder or an
+S3 prefix), its table of contents (manifest.py), the DALI index file of each shard (index.py) and the label
+layout (layout.py). Knows nothing of training; `pipeline/` imports nothing else from data_prep."""
