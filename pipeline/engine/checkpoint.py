@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pipeline.config import RunConfig, dump_config
+from pipeline.engine.distributed import barrier
 
 log = logging.getLogger("pipeline.train")
 MARKER = "COMPLETE"
@@ -78,10 +78,10 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False, client_state={"step": step})
     _write_durable(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save({"rng": rng_state(), "loader": loader_state}, f))
-    dist.barrier()
+    barrier()
     if rank == 0:
         dump_config(cfg, tmp / "config.yaml")
         (tmp / "synsets.txt").write_text("\n".join(synsets) + "\n")  # the label layout, for export
@@ -96,7 +96,7 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
         for stale in root.glob(".tmp-step_*"):  # left by a killed job
             shutil.rmtree(stale, ignore_errors=True)
         log.info("checkpoint %s", final)
-    dist.barrier()
+    barrier()
     return root / tag
 
 

@@ -6,6 +6,10 @@
 - a plain `python -m pipeline.train`: a world of one.
 
 Importing DeepSpeed picks its accelerator once, so DS_ACCELERATOR is set to `cpu` first where there is no GPU.
+
+Every collective the project runs goes through the helpers at the end of this module (all_reduce_sum,
+all_true, barrier, broadcast_object, shutdown), so the rules of the process group's backends live in one place;
+each is a no-op in a world of one or without a process group.
 """
 from __future__ import annotations
 
@@ -80,3 +84,56 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- collectives: the only place the project calls torch.distributed ---------------------------------------
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sums `values` over every rank, in place, and returns it."""
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` holds on every rank (a MIN all-reduce of one int)."""
+    if not _distributed():
+        return bool(flag)
+    import torch.distributed as dist
+
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` (anything picklable), on every rank."""
+    if not _distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    """Ends the process group, if one was started."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

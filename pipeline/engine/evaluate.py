@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from pipeline.engine.distributed import all_reduce_sum
 
 
 @torch.no_grad()
@@ -19,8 +20,7 @@ def evaluate(engine, loader, device: torch.device) -> dict[str, float]:
         hits = top == labels[:, None]
         sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), hits[:, 0].sum().item(),
                               hits.any(dim=1).sum().item(), len(labels)], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
+    all_reduce_sum(sums)
     engine.train(was_training)
     n = max(sums[3].item(), 1)
     return {"val_loss": sums[0].item() / n, "val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,

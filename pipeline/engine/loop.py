@@ -1,8 +1,10 @@
-"""The training run: data -> forward/backward -> step -> log -> eval -> checkpoint, each a small function.
+"""The training loop: data -> forward/backward -> step -> log -> eval -> checkpoint, each a small function.
 
-`train(cfg, world)` builds the loaders, the model, the optimizer/schedule and the DeepSpeed engine, resumes
-from the newest complete checkpoint (`checkpoint.resume: auto`), runs until the schedule (or train.max_steps)
-ends, and leaves a final checkpoint and an exported model in the run's folder.
+`prepare(cfg, world)` makes the run's folder, the loaders and the step plan and finds the checkpoint to resume
+(`checkpoint.resume: auto`); `train(setup, metrics_sink)` builds the model, the optimizer/schedule and the
+DeepSpeed engine, resumes, runs until the schedule (or train.max_steps) ends, and leaves a final checkpoint.
+The loop only trains: exporting, curves, registration and the MLflow run's end are end-of-run steps that
+`python -m pipeline.train` calls (pipeline/train.py).
 """
 from __future__ import annotations
 
@@ -13,22 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import complete_checkpoints, find_resume, load_checkpoint, save_checkpoint
-from pipeline.engine.distributed import World
+from pipeline.engine.distributed import World, all_reduce_sum
 from pipeline.engine.evaluate import evaluate
-from pipeline.engine.model_export import export_checkpoint
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config, plan_steps,
                                    resolve_precision)
 from pipeline.engine.step import micro_step
 from pipeline.model import create_model
-from pipeline.tracking.plots import training_curves
-from pipeline.tracking.registry import register
-from pipeline.tracking.tracker import Tracker, flatten, manifest_params, package_versions
 from pipeline.model.transfer import initialise, load_source
 
 log = logging.getLogger("pipeline.train")
@@ -56,8 +53,8 @@ class MetricsLog:
     """Rank 0 appends one JSON line per log/eval event to <run>/metrics.jsonl, prints a short line and hands
     the values to MLflow (at the record's step)."""
 
-    def __init__(self, path: Path, enabled: bool, tracker: Tracker | None = None):
-        self.path, self.enabled, self.tracker = path, enabled, tracker
+    def __init__(self, path: Path, enabled: bool, tracker=None):
+        self.path, self.enabled, self.tracker = path, enabled, tracker  # tracker: anything with log_metrics
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -117,55 +114,41 @@ def initialise_from(cfg: RunConfig, model, synsets: list[str], world: World) -> 
              "resized_tables": report.resized_tables, "fresh_synsets": report.fresh_synsets}, indent=1))
 
 
-def train(cfg: RunConfig, world: World) -> dict:
-    t_start = time.time()
-    run_dir = cfg.run_dir
+@dataclass
+class Setup:
+    """What a run is made of before its engine exists."""
+    cfg: RunConfig
+    world: World
+    train_loader: object
+    val_loader: object | None
+    synsets: list[str]
+    plan: StepPlan
+    precision: str
+    resume: Path | None  # the checkpoint to resume from, or None for a fresh start
+
+
+def prepare(cfg: RunConfig, world: World) -> Setup:
+    """The run's folder and config dump, its loaders, step plan and the checkpoint to resume."""
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, cfg.run_dir / "config.yaml")
     precision = resolve_precision(cfg.train.precision)
     train_cfg, val_cfg = loader_configs(cfg, precision)
     train_loader = create_loader(train_cfg, world.rank, world.size)
     val_loader = create_loader(val_cfg, world.rank, world.size) if val_cfg else None
-    synsets = train_loader.shard_set.synsets
     plan = plan_steps(cfg, world.size, len(train_loader))
-    resume = find_resume(cfg)
-    tracker = Tracker(cfg, world, resumed=resume is not None, extra_params=run_params(cfg, plan, world, precision))
-    try:
-        summary = run(cfg, world, train_loader, val_loader, synsets, plan, precision, resume, tracker)
-    except BaseException:
-        tracker.finish("FAILED" if world.is_main else "KILLED")
-        raise
-    if world.is_main:
-        finish_tracking(cfg, tracker, summary)
-    dist.barrier()
-    return {**summary, "seconds": time.time() - t_start, "mlflow_run": tracker.run_id}
+    return Setup(cfg, world, train_loader, val_loader, train_loader.shard_set.synsets, plan, precision,
+                 find_resume(cfg))
 
 
-def run_params(cfg: RunConfig, plan: StepPlan, world: World, precision: str) -> dict:
-    """What MLflow records beside the config (rank 0 only needs it)."""
-    if not world.is_main or not cfg.tracking.enabled:
-        return {}
-    ds = deepspeed_config(cfg, plan, world.size, precision)
-    return {**flatten(ds, "deepspeed."), **manifest_params(cfg.data.shards), **package_versions(),
-            "precision": precision, "grad_accum": plan.grad_accum, "total_steps": plan.total_steps}
-
-
-def finish_tracking(cfg: RunConfig, tracker: Tracker, summary: dict) -> None:
-    """Curves, metrics and (when asked) the registered model version, then the run's end."""
-    curves = training_curves(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "plots" / "training_curves.png")
-    if curves:
-        tracker.log_artifact(curves, "plots")
-    tracker.log_artifact(cfg.run_dir / "metrics.jsonl")
-    if cfg.tracking.register and summary.get("model") and tracker.sender is not None:
-        name = cfg.tracking.model_name or cfg.name
-        tracker.call(register, tracker.sender.client, tracker.run_id, Path(summary["model"]), name,
-                     list(cfg.tracking.aliases))
-    tracker.finish()
+def train(setup: Setup, tracker=None) -> dict:
+    """Trains to the end of the schedule (or train.max_steps); returns a summary naming the final checkpoint."""
+    return run(setup.cfg, setup.world, setup.train_loader, setup.val_loader, setup.synsets, setup.plan,
+               setup.precision, setup.resume, tracker)
 
 
 def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: StepPlan, precision: str,
-        resume: Path | None, tracker: Tracker) -> dict:
+        resume: Path | None, tracker=None) -> dict:
     run_dir = cfg.run_dir
     engine, schedule = build_engine(cfg, world, plan, synsets, precision, init=resume is None)
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, tracker)
@@ -197,12 +180,9 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
         checkpoint()
     if val_loader is not None and state.last_eval.get("step") != state.step:
         eval_now(engine, val_loader, state, metrics)
-    exported = None
-    if world.is_main:
-        exported = export_checkpoint(complete_checkpoints(run_dir / "checkpoints")[-1], run_dir / "model")
-        log.info("exported %s", exported)
+    final = complete_checkpoints(run_dir / "checkpoints")[-1]
     return {"steps": state.step, "dropped_micro_batches": state.dropped_total, "eval": state.last_eval,
-            "model": str(exported) if exported else None}
+            "checkpoint": str(final)}
 
 
 def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: int, state: RunState,
@@ -241,10 +221,8 @@ def after_step(cfg, engine, val_loader, state: RunState, metrics: MetricsLog, ch
 
 
 def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int) -> None:
-    losses = torch.tensor([sum(state.window_losses), len(state.window_losses), state.window_images],
-                          dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(losses)
+    losses = all_reduce_sum(torch.tensor([sum(state.window_losses), len(state.window_losses), state.window_images],
+                                         dtype=torch.float64))
     elapsed = time.perf_counter() - state.window_start
     grad_norm = engine.get_global_grad_norm()
     scale = getattr(engine.optimizer, "cur_scale", None) if engine.fp16_enabled() else None

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from pipeline.engine.distributed import all_true
 
 
 @dataclass
@@ -28,10 +29,8 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) 
 
 
 def all_finite(loss: torch.Tensor) -> bool:
-    ok = torch.isfinite(loss.detach()).to(torch.int32).reshape(1).cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+    """Whether the loss is finite on every rank."""
+    return all_true(bool(torch.isfinite(loss.detach()).all()))
 
 
 def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> MicroResult:

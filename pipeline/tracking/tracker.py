@@ -213,7 +213,7 @@ class Tracker:
     """One per rank; only rank 0 talks to MLflow (plus each node's local rank 0, for system metrics)."""
 
     def __init__(self, cfg, world, resumed: bool, extra_params: dict | None = None):
-        import torch.distributed as dist
+        from pipeline.engine.distributed import broadcast_object
 
         self.cfg, self.world = cfg, world
         self.enabled = cfg.tracking.enabled
@@ -225,10 +225,7 @@ class Tracker:
         run_id = None
         if self.enabled and world.is_main:
             run_id = self._open_run(resumed, extra_params or {})
-        if dist.is_initialized() and world.size > 1:
-            box = [run_id]
-            dist.broadcast_object_list(box, src=0)
-            run_id = box[0]
+        run_id = broadcast_object(run_id)
         self.run_id = run_id
         if run_id and cfg.tracking.system_metrics and world.local_rank == 0:
             self._start_system_metrics()
