@@ -81,6 +81,9 @@ def main() -> int:
             for name, c in variants.items():
                 results[name].append(run_epoch(c))
 
+        counts = {n for runs in results.values() for _w, _c, n in runs}
+        if len(counts) != 1:  # every variant must have decoded the same images, or the rates compare nothing
+            raise SystemExit(f"variants delivered different image counts per epoch: {sorted(counts)}")
         print(f"\n{args.images} images, batch {args.batch_size}, 224x224, {args.workers} workers, "
               f"{os.cpu_count()} cores, device {args.device}, {args.rounds} rounds; medians:")
         print(f"{'variant':24s} {'img/s':>8s} {'CPU-ms/img':>11s}   img/s of each run")
@@ -92,6 +95,7 @@ def main() -> int:
             print(f"{name:24s} {rate[name]:8.0f} {cpu_ms:11.2f}   {' '.join(f'{r:.0f}' for r in rates)}")
         print(f"ratio with RandAugment, dali vs torch: {rate['dali + RandAugment'] / rate['torch + RandAugment']:.2f}"
               f" (DALI's RandAugment policy, not timm's: README)")
+        print(f"images timed per epoch, every variant: {counts.pop()}")
         print(f"ratio_dali_vs_torch: {rate['dali'] / rate['torch']:.2f}")
     finally:
         if not args.workdir:

@@ -1,8 +1,8 @@
 """python -m pipeline.predict MODEL IMAGE [IMAGE ...]
 
 Top-5 classes per image. MODEL is models:/NAME@ALIAS, models:/NAME/VERSION (MLflow registry at
-MLFLOW_TRACKING_URI) or an exported model folder. Preprocessing follows the model's metadata: resize the
-shorter side to size / crop_pct (bicubic), centre crop, normalise with its mean/std.
+MLFLOW_TRACKING_URI) or an exported model folder. Preprocessing is the eval loader's (timm's eval transform) with
+the model's metadata: resize the shorter side to floor(size / crop_pct) (bicubic), centre crop, normalise.
 """
 from __future__ import annotations
 
@@ -13,19 +13,15 @@ import torch
 
 
 def preprocess(path: str, meta: dict) -> torch.Tensor:
-    import numpy as np
+    """The pixels the model was evaluated on: the eval loader's own transform (timm's), with the model's size,
+    crop_pct, mean and std."""
     from PIL import Image
 
-    pre, size = meta["preprocessing"], meta["img_size"]
-    image = Image.open(path).convert("RGB")
-    scale = size / pre["crop_pct"] / min(image.size)
-    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                         Image.Resampling.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(pre["mean"])[:, None, None], torch.tensor(pre["std"])[:, None, None]
-    return (x - mean) / std
+    from pipeline.data.eval_transform import eval_transform
+
+    pre = meta["preprocessing"]
+    with Image.open(path) as image:
+        return eval_transform(meta["img_size"], pre["crop_pct"], pre["mean"], pre["std"])(image.convert("RGB"))
 
 
 def predict(model, meta: dict, paths: list[str], k: int = 5) -> list[list[tuple[str, int, float]]]:

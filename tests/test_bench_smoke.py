@@ -1,29 +1,57 @@
-"""The benchmark script runs end to end (tiny); its figures are for the bench, not asserted here."""
+"""The benchmark scripts, tiny: they measure what they claim (every variant did the same work), report consistent
+ratios and leave no scratch behind; their figures themselves are for the bench, not asserted here."""
+import os
 import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
-def test_prep_throughput_bench_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/prep_throughput.py", "--images", "120", "--rounds", "1",
-                           "--max-samples", "40", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+def run_bench_in_scratch_cwd(tmp_path, *args, timeout):
+    """Runs a bench without --workdir from an empty working folder, with its own TMPDIR; returns its stdout lines
+    after checking that it left nothing behind in either place (scratch goes to the temp dir, never the cwd)."""
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / args[0]), *args[1:]], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert re.fullmatch(r"ratio_vs_tar: \d+\.\d\d", lines[-1])
-    assert any(line.startswith("shard, 2 workers ") for line in lines)
+    assert list(cwd.iterdir()) == [], "the bench wrote into the working folder"
+    assert [p.name for p in tmp.iterdir() if "bench" in p.name] == [], "the bench left its scratch folder"
+    return proc.stdout.strip().splitlines()
 
 
-def test_loader_throughput_bench_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/loader_throughput.py", "--images", "300", "--rounds", "1",
-                           "--batch-size", "32", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert re.fullmatch(r"ratio_dali_vs_torch: \d+\.\d\d", lines[-1])
-    assert any(line.startswith("torch + RandAugment") for line in lines)
+def rates(lines, names):
+    """{variant: img/s} from the bench table's rows."""
+    out = {}
+    for line in lines:
+        for name in names:
+            if line.startswith(name + " ") and re.match(re.escape(name) + r"\s+(\d+)\s", line):
+                out[name] = float(re.match(re.escape(name) + r"\s+(\d+)\s", line).group(1))
+    return out
+
+
+def test_prep_throughput_bench_shards_every_image_and_leaves_no_scratch(tmp_path):
+    lines = run_bench_in_scratch_cwd(tmp_path, "prep_throughput.py", "--images", "120", "--rounds", "1",
+                                     "--max-samples", "40", timeout=300)
+    main = "shard, 2 workers x 2 threads"
+    table = rates(lines, ["tar", main])
+    ratio = float(re.fullmatch(r"ratio_vs_tar: (\d+\.\d\d)", lines[-1]).group(1))
+    assert table["tar"] > 0 and table[main] > 0  # every shard run wrote all 120 images (the bench exits otherwise)
+    assert ratio == pytest.approx(table[main] / table["tar"], abs=0.02)
+
+
+def test_loader_throughput_bench_every_variant_decodes_the_same_images(tmp_path):
+    lines = run_bench_in_scratch_cwd(tmp_path, "loader_throughput.py", "--images", "300", "--rounds", "1",
+                                     "--batch-size", "32", timeout=600)
+    # 300 images in one epoch of batches of 32, less the first batch (not timed): 8 x 32
+    assert "images timed per epoch, every variant: 256" in lines
+    table = rates(lines, ["torch", "dali"])
+    ratio = float(re.fullmatch(r"ratio_dali_vs_torch: (\d+\.\d\d)", lines[-1]).group(1))
+    assert ratio == pytest.approx(table["dali"] / table["torch"], abs=0.02)
 
 
 def test_train_throughput_bench_runs_and_zero_partitions_as_the_theory_says():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, dump_config, load_config
+from pipeline.config import ConfigError, dump_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -28,10 +28,6 @@ def test_overrides_are_typed_and_dotted():
 def test_an_empty_override_is_an_empty_string_and_null_is_none():
     cfg = load_config(None, ["data.val_split=", "data.rand_augment=null"])
     assert cfg.data.val_split == "" and cfg.data.rand_augment is None
-
-
-def test_defaults_when_nothing_is_given():
-    assert load_config(None) == RunConfig()
 
 
 @pytest.mark.parametrize("override,message", [

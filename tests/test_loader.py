@@ -169,7 +169,7 @@ from pipeline.data.order import epoch_order
 cfg = LoaderConfig(shards=sys.argv[1], batch_size=32, image_size=64, workers=2, backend="dali")
 dali = create_loader(cfg)
 next(iter(dali))                      # a DALI epoch, abandoned after one batch
-pipe = _build(dali, lambda info: None, True)
+pipe = _build(cfg, "cpu", (0, 0), lambda info: None, True)
 cycle = [pipe]
 cycle.append(cycle)                   # a live pipeline only the garbage collector can free
 del pipe, cycle
@@ -195,3 +195,33 @@ def test_a_torch_loader_after_a_dali_one_in_the_same_process(shards):
         pytest.fail("the torch loader hung: a forked worker finalised the inherited DALI pipeline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [str(1697 // 32)] * 2
+
+
+def test_predict_sees_the_pixels_the_eval_loader_gives(tmp_path):
+    """pipeline.predict preprocesses a file exactly as the torch backend's val batches do (one function, timm's eval
+    transform): non-square photos, where flooring and rounding the resize differ (600x400 at 64/0.875: 109 vs 110)."""
+    from PIL import Image
+
+    from conftest import jpeg, photos
+    from pipeline.data.order import epoch_order
+    from pipeline.predict import preprocess
+
+    source = tmp_path / "photos"
+    for i, (name, pixels) in enumerate(sorted(photos().items())):
+        folder = source / f"n0000000{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.JPEG").write_bytes(jpeg(Image.fromarray(pixels).convert("RGB")))
+    out = tmp_path / "set"
+    run_prep("shard", "--source", source, "--out", out, "--holdout-per-class", 2)
+    loader = create_loader(config(out, split="val", train=False, batch_size=1, backend="torch", workers=0))
+    order = epoch_order(loader.reader.sizes, 0, 0, 0, 1, shuffle=False)
+    meta = {"img_size": 64, "preprocessing": {"crop_pct": 0.875, "mean": [0.485, 0.456, 0.406],
+                                              "std": [0.229, 0.224, 0.225]}}
+    sizes = set()
+    for n, (images, _labels) in enumerate(loader):
+        jpg, _ = loader.reader.read(int(order.shard[n]), int(order.sample[n]))
+        path = tmp_path / f"sample{n}.jpg"
+        path.write_bytes(jpg)
+        sizes.add(Image.open(path).size)
+        assert torch.equal(preprocess(str(path), meta), images[0]), f"sample {n} ({Image.open(path).size})"
+    assert n + 1 == 4 and any(w != h for w, h in sizes)

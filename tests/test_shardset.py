@@ -1,5 +1,6 @@
 """pipeline.data.shard_checks: the cheap checks before a pipeline starts; pipeline.data.cache: S3 shards locally."""
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -130,17 +131,23 @@ def test_s3_shards_through_a_bounded_cache(s3_in_env, shard_set, tmp_path):
     first_tar, first_idx = cache.paths(store, train.shards[0])
     assert first_tar.read_bytes() == (shard_set / train.shards[0].name).read_bytes()
     assert first_idx.read_bytes() == (shard_set / train.shards[0].index_name).read_bytes()
-    cache.pin(first_tar)
+    held = os.open(first_tar, os.O_RDONLY)  # a reader holding the shard open, as ShardReader does
     fetched = []
     for shard in train.shards[1:4]:
         tar, _ = cache.paths(store, shard)
         fetched.append(tar)
         assert tar.read_bytes() == (shard_set / shard.name).read_bytes()
         assert cache.cached_bytes() <= cache.max_bytes
-    assert first_tar.exists()  # pinned: never evicted
-    assert not fetched[0].exists() and not fetched[1].exists() and fetched[2].exists()  # least recently used go
-    cache.pin(fetched[2])
-    with pytest.raises(CacheFullError, match="full of shards in use"):
-        cache.paths(store, train.shards[5])
+    # least recently used go first: shards 0 and 1 made room for 2 and 3
+    assert not first_tar.exists() and not fetched[0].exists() and fetched[1].exists() and fetched[2].exists()
+    expected = (shard_set / train.shards[0].name).read_bytes()
+    try:
+        assert os.pread(held, len(expected), 0) == expected  # evicted while open: the reader still reads it
+    finally:
+        os.close(held)
+    again, _ = cache.paths(store, train.shards[0])  # fetched again on its next use, evicting shard 2
+    assert again.read_bytes() == expected and not fetched[1].exists() and cache.cached_bytes() <= cache.max_bytes
+    with pytest.raises(CacheFullError, match="does not fit"):
+        ShardCache(tmp_path / "small", max_bytes=biggest - 1).paths(store, max(train.shards, key=lambda s: s.bytes))
     local = open_store(str(shard_set))  # a local set is read in place
     assert cache.paths(local, train.shards[0])[0] == shard_set / train.shards[0].name

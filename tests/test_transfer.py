@@ -27,7 +27,8 @@ def trained_like(arch="swin_nano", size=64, window=4, synsets=SYNSETS, seed=0) -
 
 def test_resizing_to_the_same_size_is_the_identity():
     table = torch.randn(13 * 13, 4)
-    assert torch.equal(resize_bias_table(table, 13), table)
+    same = resize_bias_table(table, 13)
+    assert torch.equal(same, table) and same.data_ptr() != table.data_ptr()  # a copy: the source stays intact
     model = create_model("swin_nano", 64, 4, 10)
     source = trained_like()
     initialise(model, source, SYNSETS)
@@ -40,6 +41,8 @@ def test_13_to_23_is_bicubic_on_each_heads_grid():
     table = torch.randn(13 * 13, 4)
     out = resize_bias_table(table, 23)
     assert out.shape == (23 * 23, 4)
+    half = resize_bias_table(table.bfloat16(), 23)  # computed in fp32, returned in the table's dtype
+    assert half.dtype == torch.bfloat16 and torch.equal(half, resize_bias_table(table.bfloat16().float(), 23).bfloat16())
     for h in range(4):
         grid = table[:, h].reshape(1, 1, 13, 13)
         expected = F.interpolate(grid, size=(23, 23), mode="bicubic", align_corners=False).flatten()

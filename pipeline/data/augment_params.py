@@ -2,9 +2,12 @@
 crop and flip the same way and a resumed run draws exactly what the uninterrupted one drew."""
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 
 import numpy as np
+import torch
 
 
 def batch_rng(seed: int, epoch: int, rank: int, batch: int, stream: int) -> np.random.Generator:
@@ -51,3 +54,20 @@ def flips(n: int, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
 def eval_resize(size: int, crop_pct: float) -> int:
     """Shorter side before the centre crop, as timm computes it."""
     return int(math.floor(size / crop_pct))
+
+
+@contextlib.contextmanager
+def seeded(rng: np.random.Generator):
+    """timm's RandAugment, Mixup and RandomErasing draw from the global random/numpy/torch generators: seed them
+    for one batch (or sample) and put them back afterwards."""
+    seeds = rng.integers(0, 2**31, 3)
+    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(int(seeds[0]))
+    np.random.seed(int(seeds[1]))
+    torch.manual_seed(int(seeds[2]))
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.set_rng_state(saved[2])

@@ -1,8 +1,10 @@
-"""Local copies of S3 shards for readers that need files (DALI's webdataset reader): a bounded cache.
+"""Local copies of S3 shards, since the readers read files: a bounded cache for one process.
 
-Each shard (tar + index) is downloaded whole to a temporary name and renamed, so a reader never opens half a
-file; the least recently used shards are evicted to stay under max_bytes, never the ones a reader holds
-(pinned). Local shard sets are read in place.
+Each shard (tar + index) is downloaded whole, on first use, to a temporary name and renamed, so a reader never
+opens half a file; the least recently used shards (by modification time, refreshed on every hit) are deleted to
+stay under max_bytes. A reader that still has an evicted shard open keeps reading it (POSIX keeps an unlinked
+file's data while it is open); the next `paths()` call fetches it again. Local shard sets are read in place.
+The budget and the lock are per process: several processes sharing one cache_dir are not coordinated yet.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ class CacheFullError(RuntimeError):
 class ShardCache:
     def __init__(self, root: str | os.PathLike, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes
-        self.pinned: set[Path] = set()
         self._lock = threading.Lock()
 
     def paths(self, store, shard: Shard) -> tuple[Path, Path]:
@@ -48,12 +49,6 @@ class ShardCache:
                               f"the manifest says {shard.bytes}")
             return tar, idx
 
-    def pin(self, *paths: Path) -> None:
-        self.pinned.update(paths)
-
-    def unpin(self, *paths: Path) -> None:
-        self.pinned.difference_update(paths)
-
     def cached_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*.tar")) if self.root.exists() else 0
 
@@ -65,10 +60,6 @@ class ShardCache:
         for tar in tars:
             if used + needed <= self.max_bytes:
                 return
-            if tar in self.pinned:
-                continue
             used -= tar.stat().st_size
             tar.unlink()
             tar.with_suffix(".idx").unlink(missing_ok=True)
-        if used + needed > self.max_bytes:
-            raise CacheFullError(f"cache {self.root} is full of shards in use ({used} of {self.max_bytes} bytes)")

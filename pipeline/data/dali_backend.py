@@ -7,12 +7,54 @@ DALI cannot skip a sample it fails to decode: the loader then stops with an erro
 """
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import simplejpeg
 import torch
 
 from .augment_params import eval_resize
-from .loader import MEAN, STD, DataError
+from .samples import MEAN, STD, DataError
+
+
+class DaliBackend:
+    """Holds the running pipeline and, when DALI's own operators draw (RandAugment), the DALI checkpoint that
+    resumes their RNG mid-epoch."""
+    name = "dali"
+
+    def __init__(self, cfg, device: str):
+        self.cfg, self.device = cfg, device
+        self.pipe = None  # the epoch's running pipeline
+        self._checkpoint: bytes | None = None  # DALI's state to resume from, when it draws
+
+    def draws(self) -> bool:
+        """Whether DALI's own random operators (RandAugment) shape the batches."""
+        return self.cfg.train and bool(self.cfg.rand_augment)
+
+    def batches(self, source, order, epoch: int, start: int, end: int):
+        return _dali_batches(self, source, order, epoch, start, end)
+
+    def state_dict(self, position: int) -> dict:
+        if position == 0 or not self.draws():
+            return {}
+        checkpoint = self.pipe.checkpoint() if self.pipe is not None else self._checkpoint
+        return {"dali_checkpoint": base64.b64encode(checkpoint).decode()} if checkpoint is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "dali_checkpoint" in state:
+            self._checkpoint = base64.b64decode(state["dali_checkpoint"])
+
+    def new_epoch(self) -> None:
+        self._checkpoint = None
+
+    def keep_state(self, pipe) -> None:
+        """Called when iteration stops mid-epoch: the state to resume from, before the pipeline goes."""
+        self._checkpoint = pipe.checkpoint() if self.draws() else None
+
+    def take_checkpoint(self, start: int) -> bytes | None:
+        """The DALI state to resume from, once: a later epoch starts fresh."""
+        checkpoint, self._checkpoint = self._checkpoint, None
+        return checkpoint if start > 0 else None
 
 
 def rand_augment_args(policy: str) -> tuple[int, int]:
@@ -24,17 +66,17 @@ def rand_augment_args(policy: str) -> tuple[int, int]:
     return int(args.get("n", 2)), int(float(args.get("m", 9)))
 
 
-def _build(loader, source, train: bool, checkpoint: bytes | None = None):
+def _build(cfg, device: str, seed_key: tuple[int, int], source, train: bool, checkpoint: bytes | None = None):
+    """The DALI pipeline; `seed_key` is (epoch, rank)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
 
-    cfg = loader.cfg
-    gpu = loader.device == "cuda"
+    gpu = device == "cuda"
     size = cfg.image_size
     augment = train and cfg.rand_augment
     # DALI's own random operators (RandAugment) get a seed per (seed, epoch, rank); their state at a batch is
     # what DALI's checkpoint holds, so the loader stores it for an exact resume.
-    seed = int(np.random.default_rng([cfg.seed, loader.epoch, loader.rank]).integers(0, 2**31))
+    seed = int(np.random.default_rng([cfg.seed, *seed_key]).integers(0, 2**31))
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.workers,
                   device_id=torch.cuda.current_device() if gpu else None, seed=seed,
@@ -77,8 +119,8 @@ def _build(loader, source, train: bool, checkpoint: bytes | None = None):
 class _Source:
     """DALI's external source: batch start+i on the i-th call (DALI asks in order, a few batches ahead)."""
 
-    def __init__(self, loader, order, start: int, end: int):
-        self.loader, self.order, self.next, self.end = loader, order, start, end
+    def __init__(self, source, order, epoch: int, start: int, end: int):
+        self.source, self.order, self.epoch, self.next, self.end = source, order, epoch, start, end
         self.refs: dict[int, list[tuple[int, int]]] = {}
 
     def __call__(self, info):
@@ -86,25 +128,26 @@ class _Source:
         if b >= self.end:
             raise StopIteration
         self.next += 1
-        loader = self.loader
-        refs, data, labels = loader.read_batch(self.order, b)
+        source = self.source
+        refs, data, labels = source.read_batch(self.order, b)
         self.refs[b] = refs
         jpegs, labels = [np.frombuffer(jpg, np.uint8) for jpg in data], [np.array([lab]) for lab in labels]
-        if not loader.cfg.train:
+        if not source.cfg.train:
             return jpegs, labels
-        boxes, flip = loader.crops(b, data)
+        boxes, flip = source.crops(self.epoch, b, data)
         return (jpegs, labels, [box[:2].astype(np.float32) for box in boxes],
                 [box[2:].astype(np.float32) for box in boxes], [np.array(f, np.int32) for f in flip])
 
 
-def _dali_batches(loader, order, start: int, end: int):
+def _dali_batches(backend: DaliBackend, batch_source, order, epoch: int, start: int, end: int):
     if start >= end:
         return
-    source = _Source(loader, order, start, end)
-    checkpoint = loader.take_dali_checkpoint()
-    pipe = _build(loader, source, loader.cfg.train, checkpoint)
-    loader.dali_pipe = pipe
-    gpu = loader.device == "cuda"
+    source = _Source(batch_source, order, epoch, start, end)
+    checkpoint = backend.take_checkpoint(start)
+    pipe = _build(backend.cfg, backend.device, (epoch, batch_source.rank), source, backend.cfg.train, checkpoint)
+    backend.pipe = pipe
+    gpu = backend.device == "cuda"
+    handed = start
     try:
         for b in range(start, end):
             try:
@@ -112,13 +155,14 @@ def _dali_batches(loader, order, start: int, end: int):
             except StopIteration:
                 return
             except RuntimeError as e:
-                raise _name_the_bad_sample(loader, source.refs.get(b, []), e) from None
+                raise _name_the_bad_sample(batch_source, source.refs.get(b, []), e) from None
             source.refs.pop(b, None)
+            handed = b + 1  # before the yield: a consumer that stops here has taken batch b
             yield b, _to_torch(images, gpu), _to_torch(labels, gpu).view(-1), 0
     finally:
-        if loader.position < end and pipe is loader.dali_pipe:  # stopped mid-epoch: keep DALI's state to resume
-            loader.keep_dali_state(pipe)
-        loader.dali_pipe = None  # the pipeline and its threads go now, not at some later garbage collection
+        if handed < end and pipe is backend.pipe:  # stopped mid-epoch: keep DALI's state to resume
+            backend.keep_state(pipe)
+        backend.pipe = None  # the pipeline and its threads go now, not at some later garbage collection
         del pipe
 
 
@@ -133,16 +177,16 @@ def _to_torch(batch, gpu: bool) -> torch.Tensor:
     return out
 
 
-def _name_the_bad_sample(loader, refs, error: Exception) -> DataError:
+def _name_the_bad_sample(source, refs, error: Exception) -> DataError:
     culprits = []
     for shard, sample in refs:
-        jpg, _label = loader.reader.read(shard, sample)
+        jpg, _label = source.reader.read(shard, sample)
         try:
             simplejpeg.decode_jpeg(jpg, strict=True)
         except ValueError as e:
-            culprits.append(f"{loader.name(shard, sample)}: {e}")
+            culprits.append(f"{source.name(shard, sample)}: {e}")
     where = "; ".join(culprits) or f"one of the batch's samples ({len(refs)} from shards " \
-        f"{sorted({loader.reader.shard_name(s) for s, _ in refs})})"
+        f"{sorted({source.reader.shard_name(s) for s, _ in refs})})"
     return DataError(f"DALI could not decode {where}. DALI cannot skip a sample: run "
-                     f"`python -m data_prep verify {loader.shard_set.url}` and re-shard what it reports. "
+                     f"`python -m data_prep verify {source.url}` and re-shard what it reports. "
                      f"(DALI said: {str(error).splitlines()[0] if str(error) else error!r})")

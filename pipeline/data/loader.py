@@ -11,30 +11,21 @@ Batch contract: images float NCHW (normalised with ImageNet mean/std) in `dtype`
 """
 from __future__ import annotations
 
-import base64
-import contextlib
 import logging
-import random
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
-import simplejpeg
 import torch
 
-from .augment_params import batch_rng, flips, random_resized_crop
-from .order import epoch_order, samples_per_rank
+from .augment_params import batch_rng, seeded
+from .backend import create_backend
 from .cache import ShardCache
+from .order import epoch_order, samples_per_rank
 from .reader import ShardReader
+from .samples import BatchSource, DataError  # noqa: F401  (DataError: what the loader raises)
 from .shard_checks import open_shard_set
 
 log = logging.getLogger("pipeline.data")
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-class DataError(RuntimeError):
-    """A sample the pipeline cannot use, named with its shard and key."""
 
 
 @dataclass
@@ -64,25 +55,16 @@ class LoaderConfig:
     cache_bytes: int = 64 << 30  # at most this much; least recently used shards are evicted
 
 
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 class ShardLoader:
     def __init__(self, cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.shard_set = open_shard_set(cfg.shards, cfg.split, cfg.max_bad_shards)
         self.reader = ShardReader(self.shard_set, ShardCache(cfg.cache_dir, cfg.cache_bytes))
-        self.backend = cfg.backend if cfg.backend != "auto" else ("dali" if dali_available() else "torch")
-
+        self.source = BatchSource(cfg, self.reader, rank)
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.backend = create_backend(cfg.backend, cfg, self.device)
         self.dtype = getattr(torch, cfg.dtype)
         self.epoch, self.position, self.skipped = 0, 0, 0
-        self.dali_pipe, self._dali_checkpoint = None, None  # DALI's RNG state, when its operators draw
         if state:
             self.load_state_dict(state)
         self._mixup = None
@@ -104,21 +86,8 @@ class ShardLoader:
         return per_rank // self.cfg.batch_size if self.cfg.train else -(-per_rank // self.cfg.batch_size)
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed, "world": self.world,
-                 "rank": self.rank, "batch_size": self.cfg.batch_size}
-        if self.position > 0 and self._dali_draws():
-            checkpoint = self.dali_pipe.checkpoint() if self.dali_pipe is not None else self._dali_checkpoint
-            if checkpoint is not None:
-                state["dali_checkpoint"] = base64.b64encode(checkpoint).decode()
-        return state
-
-    def _dali_draws(self) -> bool:
-        """Whether DALI's own random operators (RandAugment) shape the batches."""
-        return self.backend == "dali" and self.cfg.train and bool(self.cfg.rand_augment)
-
-    def keep_dali_state(self, pipe) -> None:
-        """Called when iteration stops mid-epoch: the state to resume from, before the pipeline goes."""
-        self._dali_checkpoint = pipe.checkpoint() if self._dali_draws() else None
+        return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed, "world": self.world,
+                "rank": self.rank, "batch_size": self.cfg.batch_size, **self.backend.state_dict(self.position)}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "world", "batch_size"):
@@ -127,60 +96,25 @@ class ShardLoader:
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this run has {mine}: "
                                  f"an exact resume needs the same seed, world size and batch size")
         self.epoch, self.position = state["epoch"], state["position"]
-        if "dali_checkpoint" in state:
-            self._dali_checkpoint = base64.b64decode(state["dali_checkpoint"])
-
-    def take_dali_checkpoint(self) -> bytes | None:
-        """The DALI state to resume from, once: a later epoch starts fresh."""
-        checkpoint, self._dali_checkpoint = self._dali_checkpoint, None
-        return checkpoint if self.position > 0 else None
+        self.backend.load_state_dict(state)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position, self._dali_checkpoint = epoch, 0, None
+        self.epoch, self.position = epoch, 0
+        self.backend.new_epoch()
 
     # -- batches -------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
         order = epoch_order(self.reader.sizes, self.cfg.seed, self.epoch, self.rank, self.world,
                             self.cfg.shuffle_window, shuffle=self.cfg.train)
-        produce = _dali_batches if self.backend == "dali" else _torch_batches
-        for b, images, labels, skipped in produce(self, order, self.position, len(self)):
+        for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
+                                                                len(self)):
             self.skipped += skipped
             images, labels = self._batch_augment(b, images.to(self.dtype), labels)
             self.position = b + 1
             yield images, labels
         self.epoch, self.position = self.epoch + 1, 0
-
-    def batch_refs(self, order, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batch b's (shard, sample) pairs."""
-        lo, hi = b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, len(order))
-        return order.shard[lo:hi], order.sample[lo:hi]
-
-    def read_batch(self, order, b: int) -> tuple[list[tuple[int, int]], list[bytes], np.ndarray]:
-        shards, samples = self.batch_refs(order, b)
-        refs = list(zip(shards.tolist(), samples.tolist(), strict=True))
-        data, labels = [], []
-        for shard, sample in refs:
-            jpg, label = self.reader.read(shard, sample)
-            data.append(jpg)
-            labels.append(label)
-        return refs, data, np.asarray(labels, np.int64)
-
-    def crops(self, b: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Batch b's random-resized-crop boxes (x, y, w, h) and flips, from the JPEGs' header sizes."""
-        sizes = []
-        for jpg in jpegs:
-            try:
-                sizes.append(jpeg_size(jpg))
-            except ValueError:
-                sizes.append((1, 1))  # decoding it fails later, where the backend skips or names it
-        widths, heights = np.array(sizes, np.int64).reshape(-1, 2).T
-        rng = batch_rng(self.cfg.seed, self.epoch, self.rank, b, 0)
-        boxes = random_resized_crop(widths, heights, rng, self.cfg.scale, self.cfg.ratio)
-        return boxes, flips(len(widths), rng, self.cfg.hflip)
-
-    def name(self, shard: int, sample: int) -> str:
-        return f"{self.shard_set.url}/{self.reader.shard_name(shard)} sample {self.reader.key(shard, sample)}"
+        self.backend.new_epoch()
 
     def _batch_augment(self, b: int, images: torch.Tensor, labels: torch.Tensor):
         if self._mixup is None and self._erase is None:
@@ -195,32 +129,7 @@ class ShardLoader:
         return images, labels
 
 
-@contextlib.contextmanager
-def seeded(rng: np.random.Generator):
-    """timm's Mixup and RandomErasing draw from the global random/numpy/torch generators: seed them for one
-    batch and put them back afterwards."""
-    seeds = rng.integers(0, 2**31, 3)
-    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(int(seeds[0]))
-    np.random.seed(int(seeds[1]))
-    torch.manual_seed(int(seeds[2]))
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.random.set_rng_state(saved[2])
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    height, width, _colorspace, _sub = simplejpeg.decode_jpeg_header(data)
-    return width, height
-
-
 def create_loader(cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict | None = None) -> ShardLoader:
     """The loader factory (timm style): one config, this rank's place in the world, an optional resume state."""
     return ShardLoader(cfg, rank, world, state)
 
-
-from .dali_backend import _dali_batches  # noqa: E402  (the backends use ShardLoader's helpers)
-from .torch_backend import _torch_batches  # noqa: E402

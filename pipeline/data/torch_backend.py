@@ -17,24 +17,47 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from .augment_params import batch_rng, eval_resize
+from .augment_params import batch_rng, seeded
+from .eval_transform import eval_transform
+from .samples import MEAN, STD
 
 log = logging.getLogger("pipeline.data")
-_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
-_STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+_MEAN = torch.tensor(MEAN).view(3, 1, 1)
+_STD = torch.tensor(STD).view(3, 1, 1)
+
+
+class TorchBackend:
+    """No state of its own: every draw is a function of (seed, epoch, rank, batch)."""
+    name = "torch"
+
+    def __init__(self, cfg, device: str):
+        self.cfg, self.device = cfg, device
+
+    def batches(self, source, order, epoch: int, start: int, end: int):
+        return _torch_batches(self, source, order, epoch, start, end)
+
+    def state_dict(self, position: int) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def new_epoch(self) -> None:
+        pass
 
 
 class _Batches(IterableDataset):
-    def __init__(self, loader, order, start: int, end: int):
-        self.loader, self.order, self.start, self.end = loader, order, start, end
+    def __init__(self, source, order, epoch: int, start: int, end: int):
+        self.source, self.order, self.epoch, self.start, self.end = source, order, epoch, start, end
         self.rand_augment = None
-        cfg = loader.cfg
+        cfg = source.cfg
         if cfg.train and cfg.rand_augment:
             from timm.data.auto_augment import rand_augment_transform
 
             self.rand_augment = rand_augment_transform(
                 cfg.rand_augment, {"translate_const": int(cfg.image_size * 0.45),
-                                   "img_mean": tuple(round(255 * m) for m in _MEAN.flatten().tolist())})
+                                   "img_mean": tuple(round(255 * m) for m in MEAN)})
+        self.eval_transform = None if cfg.train else eval_transform(cfg.image_size, cfg.crop_pct)
 
     def __iter__(self):
         info = get_worker_info()
@@ -43,13 +66,11 @@ class _Batches(IterableDataset):
             yield self.make(b)
 
     def make(self, b: int):
-        loader, cfg = self.loader, self.loader.cfg
-        from .loader import seeded
-
-        refs, data, labels = loader.read_batch(self.order, b)
+        source, cfg = self.source, self.source.cfg
+        refs, data, labels = source.read_batch(self.order, b)
         if cfg.train:
-            boxes, flip = loader.crops(b, data)
-            sample_seeds = batch_rng(cfg.seed, loader.epoch, loader.rank, b, 2).integers(0, 2**62, len(data))
+            boxes, flip = source.crops(self.epoch, b, data)
+            sample_seeds = batch_rng(cfg.seed, self.epoch, source.rank, b, 2).integers(0, 2**62, len(data))
         images, keep, skipped = [], [], 0
         for i, jpg in enumerate(data):
             try:
@@ -57,7 +78,7 @@ class _Batches(IterableDataset):
                 img = img.convert("RGB")
             except (OSError, ValueError, SyntaxError) as e:
                 skipped += 1
-                log.warning("skipped %s: %s", loader.name(*refs[i]), e)
+                log.warning("skipped %s: %s", source.name(*refs[i]), e)
                 continue
             if cfg.train:
                 x, y, bw, bh = boxes[i].tolist()
@@ -68,22 +89,21 @@ class _Batches(IterableDataset):
                 if self.rand_augment is not None:  # timm's RandAugment draws from `random` and numpy's global RNG
                     with seeded(np.random.default_rng(int(sample_seeds[i]))):
                         img = self.rand_augment(img)
+                tensor = F.pil_to_tensor(img).float().div_(255)
+                images.append(tensor.sub_(_MEAN).div_(_STD))
             else:
-                img = F.resize(img, eval_resize(cfg.image_size, cfg.crop_pct), InterpolationMode.BICUBIC)
-                img = F.center_crop(img, [cfg.image_size, cfg.image_size])
-            tensor = F.pil_to_tensor(img).float().div_(255)
-            images.append(tensor.sub_(_MEAN).div_(_STD))
+                images.append(self.eval_transform(img))
             keep.append(i)
         return b, torch.stack(images), torch.from_numpy(labels[keep]), skipped
 
 
-def _torch_batches(loader, order, start: int, end: int):
-    dataset = _Batches(loader, order, start, end)
-    workers = min(loader.cfg.workers, max(end - start, 0))
+def _torch_batches(backend: TorchBackend, source, order, epoch: int, start: int, end: int):
+    dataset = _Batches(source, order, epoch, start, end)
+    workers = min(backend.cfg.workers, max(end - start, 0))
     if workers == 0:
         yield from dataset
         return
-    dl = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=loader.device == "cuda",
+    dl = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=backend.device == "cuda",
                     multiprocessing_context="fork", persistent_workers=False)
     # The workers are forked: objects they inherit must never be finalised there (a DALI pipeline left over from
     # another loader hangs in its __del__ without its threads), so freeze the heap for the fork.
@@ -94,6 +114,6 @@ def _torch_batches(loader, order, start: int, end: int):
     finally:
         gc.unfreeze()
     for b, images, labels, skipped in batches:
-        if loader.device == "cuda":
+        if backend.device == "cuda":
             images, labels = images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
         yield b, images, labels, skipped

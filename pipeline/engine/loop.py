@@ -163,7 +163,7 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
     if world.is_main:
         log.info("run %s: %d steps (%d per epoch), global batch %d = %d micro x %d ranks x %d accumulation, %s, "
                  "ZeRO-%d, loader %s", run_dir, end, plan.steps_per_epoch, cfg.train.global_batch, plan.micro_batch,
-                 world.size, plan.grad_accum, precision, cfg.train.zero_stage, train_loader.backend)
+                 world.size, plan.grad_accum, precision, cfg.train.zero_stage, train_loader.backend.name)
     schedule.step_update(state.step)
     if cfg.init_from and resume is None and val_loader is not None:
         eval_now(engine, val_loader, state, metrics)  # step 0: the initialised model, before any fine-tuning

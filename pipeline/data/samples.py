@@ -1,0 +1,61 @@
+"""What both loader backends read: a batch's JPEG bytes and labels from the shard set, its planned crops and flips,
+and the names of its samples for error messages."""
+from __future__ import annotations
+
+import numpy as np
+import simplejpeg
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
+
+from .augment_params import batch_rng, flips, random_resized_crop
+from .reader import ShardReader
+
+
+class DataError(RuntimeError):
+    """A sample the pipeline cannot use, named with its shard and key."""
+
+
+class BatchSource:
+    """Batch b of an epoch order: its samples' bytes, labels, crop boxes and flips, for one rank."""
+
+    def __init__(self, cfg, reader: ShardReader, rank: int):
+        self.cfg, self.reader, self.rank = cfg, reader, rank
+
+    @property
+    def url(self) -> str:
+        return self.reader.shard_set.url
+
+    def batch_refs(self, order, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch b's (shard, sample) pairs."""
+        lo, hi = b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, len(order))
+        return order.shard[lo:hi], order.sample[lo:hi]
+
+    def read_batch(self, order, b: int) -> tuple[list[tuple[int, int]], list[bytes], np.ndarray]:
+        shards, samples = self.batch_refs(order, b)
+        refs = list(zip(shards.tolist(), samples.tolist(), strict=True))
+        data, labels = [], []
+        for shard, sample in refs:
+            jpg, label = self.reader.read(shard, sample)
+            data.append(jpg)
+            labels.append(label)
+        return refs, data, np.asarray(labels, np.int64)
+
+    def crops(self, epoch: int, b: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Batch b's random-resized-crop boxes (x, y, w, h) and flips, from the JPEGs' header sizes."""
+        sizes = []
+        for jpg in jpegs:
+            try:
+                sizes.append(jpeg_size(jpg))
+            except ValueError:
+                sizes.append((1, 1))  # decoding it fails later, where the backend skips or names it
+        widths, heights = np.array(sizes, np.int64).reshape(-1, 2).T
+        rng = batch_rng(self.cfg.seed, epoch, self.rank, b, 0)
+        boxes = random_resized_crop(widths, heights, rng, self.cfg.scale, self.cfg.ratio)
+        return boxes, flips(len(widths), rng, self.cfg.hflip)
+
+    def name(self, shard: int, sample: int) -> str:
+        return f"{self.url}/{self.reader.shard_name(shard)} sample {self.reader.key(shard, sample)}"
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    height, width, _colorspace, _sub = simplejpeg.decode_jpeg_header(data)
+    return width, height
