@@ -1,8 +1,11 @@
 """create_model: timm's Swin Transformer (no re-implementation) at any image size and window.
 
-The variants are the paper's Table 7 (T/S/B/L) plus `swin_nano`, a small CPU twin for the embedded recipe
-(same block design, C=32, head dim 32). Each maps to timm's registered architecture, so an exported model is
-re-created with `timm.create_model(timm_name(...), **timm_kwargs(...))`.
+The variants are the paper's T/S/B/L (its Table 7) plus `swin_nano`, a small CPU twin for the tiny recipes (same
+block design, C=32, depths 2-2-2-2, head dim 32). `create_model` builds timm's registered base architecture with
+the size, window, classes, drop path rate, gradient checkpointing and attention kernel of the run; an exported
+model's model.json records arch, size, window and `timm_kwargs`, from which `create_model` rebuilds it.
+`timm_name` is timm's name of the architecture at that size (swin_base_patch4_window12_384), for people and
+the registry's tags; swin_nano has none registered in timm.
 """
 from __future__ import annotations
 
