@@ -4,6 +4,10 @@ Two source layouts, local or on S3:
   imagefolder  <root>/<synset>/<any/depth/file>
   synset-tars  <root>/<synset>.tar, each holding that synset's images; read in place (seek or ranged GET),
                never extracted.
+
+Names from the source never become paths: an item's key keeps only [A-Za-z0-9_-] of its file name (a tar
+member `../../etc/x.JPEG` gets the key `<synset>_______etc_x`), the member's name is only recorded as the
+sample's "source", and a listed path that would leave the source (`..`, absolute, NUL) is rejected.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from .shardset.store import LocalStore, S3Store
+from .shardset.store import LocalStore, S3Store, UnsafePath, inside
 
 LISTING_NAME = "_prep/listing.json.gz"
 KINDS = ("imagefolder", "synset-tars")
@@ -83,6 +87,11 @@ def _scan_imagefolder(store) -> Listing:
     by_synset: dict[str, list[tuple[str, int]]] = {}
     rejected = []
     for rel, size in tqdm(store.list(), desc="listing files", unit=" files", leave=False):
+        try:
+            inside(rel, store.url)  # an S3 key such as 'prefix/n01/../x.JPEG' or with a NUL
+        except UnsafePath as e:
+            rejected.append((rel, str(e)))
+            continue
         synset, sep, _rest = rel.partition("/")
         if not sep:
             rejected.append((rel, "not inside a class folder"))

@@ -9,7 +9,8 @@
 #         NUM_NODES     nodes to use from the hostfile (default: all)
 #         NUM_GPUS      processes per node (default: every GPU; on a CPU-only machine 2)
 #         MASTER_ADDR, MASTER_PORT   rendezvous (default: the first host, port 29500)
-#         DS_LAUNCHER_ARGS           anything else for the launcher, e.g. "--launcher openmpi"
+#         DS_LAUNCHER_ARGS           anything else for the launcher, e.g. "--launcher openmpi" (split on white
+#                                    space; no quotes or glob expansion)
 #
 #   deepspeed [launcher options] launch/pretrain_22k.sh --config configs/swin_base_22k.yaml [key=value ...]
 #       the way the team has always called it; `deepspeed --no_python ...` works too.
@@ -47,8 +48,9 @@ elif ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'
 fi
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
 launcher+=(--master_port "${MASTER_PORT:-29500}")
-# shellcheck disable=SC2206
-[ -n "${DS_LAUNCHER_ARGS:-}" ] && launcher+=($DS_LAUNCHER_ARGS)
+# split on white space only, never glob-expanded: DS_LAUNCHER_ARGS='--include node[1-2]' stays as written
+read -r -d '' -a ds_launcher_args <<<"${DS_LAUNCHER_ARGS:-}" || true
+launcher+=("${ds_launcher_args[@]}")
 cd "$repo"
 exec "$python" "${launcher[@]}" --module pipeline.train "$@"
 : "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; raise SystemExit(main(sys.argv[1:]))

@@ -67,9 +67,11 @@ def train(script: str, config: str, overrides: list[str], log_path: Path) -> Non
 
 def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]]:
     """JPEG files of `count` val samples of a shard set (folder or S3), taken in turn from each class, with
-    their synsets."""
+    their synsets. A file is named after its sample's key; a key that is not [A-Za-z0-9_-] (from a crafted or
+    foreign shard: `../x`, `a/b`, a NUL) is written under a sanitised name inside `out`, and said so."""
     import io
     import itertools
+    import re
     import tarfile
 
     from data_prep.shardset.store import open_store
@@ -77,12 +79,19 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
     store = open_store(shards)
     out.mkdir(parents=True, exist_ok=True)
     by_class: dict[str, list[Path]] = {}
+    used: set[str] = set()
     for name in sorted(n for n, _ in store.list("val/") if n.endswith(".tar")):
         with tarfile.open(fileobj=io.BytesIO(store.read(name))) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for meta in sorted(n for n in members if n.endswith(".json")):
                 key = meta[:-len(".json")]
-                path = out / f"{key}.jpg"
+                safe = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:100] or "_"  # never a path: no '/', '.', NUL
+                while safe in used:
+                    safe += "_"
+                used.add(safe)
+                if safe != key:
+                    print(f"  sample key {key!r} in {name} is not [A-Za-z0-9_-]: written as {safe}.jpg", flush=True)
+                path = out / f"{safe}.jpg"
                 path.write_bytes(tar.extractfile(members[f"{key}.jpg"]).read())
                 by_class.setdefault(json.loads(tar.extractfile(members[meta]).read())["synset"], []).append(path)
     in_turn = itertools.chain.from_iterable(itertools.zip_longest(*by_class.values()))

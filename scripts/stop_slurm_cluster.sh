@@ -19,10 +19,9 @@ done
 # Jobs outlive a slurmd restart by design: cancel them first, so that no job steps are left behind.
 export SLURM_CONF="$1/slurm.conf"
 if scontrol ping 2>/dev/null | grep -q 'is UP'; then
-  jobs="$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')"
-  if [ -n "${jobs// /}" ]; then
-    # shellcheck disable=SC2086
-    scancel $jobs 2>/dev/null || true
+  read -r -d '' -a job_ids <<<"$(squeue -h -o %A 2>/dev/null | sort -u)" || true  # no glob expansion
+  if [ ${#job_ids[@]} -gt 0 ]; then
+    scancel "${job_ids[@]}" 2>/dev/null || true
     for _ in $(seq 100); do [ -z "$(squeue -h -t R,CG -o %A 2>/dev/null)" ] && break; sleep 0.1; done
   fi
 fi

@@ -1,8 +1,9 @@
 """Where shards and sources live: a local folder or an S3 prefix, behind one small interface.
 
-Paths inside a store are relative, '/'-separated ("train/shard-000000.tar"). Writes are atomic: a file is
-staged locally and only appears under its final name when complete (os.replace locally, one whole upload on
-S3), so a reader or a resumed job never sees half a shard.
+Paths inside a store are relative, '/'-separated ("train/shard-000000.tar") and never leave it: an absolute
+path, a `..` segment or a NUL (a name from a crafted manifest, listing or S3 key) is refused (UnsafePath).
+Writes are atomic: a file is staged locally and only appears under its final name when complete (os.replace
+locally, one whole upload on S3), so a reader or a resumed job never sees half a shard.
 """
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ from typing import BinaryIO, Iterable, Iterator
 
 # (path inside the store, byte offset, size or None for "to the end")
 ReadRequest = tuple[str, int, "int | None"]
+
+
+class UnsafePath(ValueError):
+    """A path inside a store that would leave it (absolute, `..`) or cannot be a file name (NUL)."""
+
+
+def inside(rel: str, where: str) -> str:
+    """`rel` when it is a relative path that stays inside the store `where`; else UnsafePath naming both."""
+    if "\0" in rel or rel[:1] == "/" or (".." in rel and ".." in rel.split("/")):  # cheap for 14M listed files
+        raise UnsafePath(f"{rel!r} is not a path inside {where}: absolute paths, '..' segments and NUL "
+                         f"characters are refused")
+    return rel
 
 
 def open_store(url: str) -> "LocalStore | S3Store":
@@ -34,7 +47,7 @@ class LocalStore:
         self.url = str(self.root)
 
     def _path(self, rel: str) -> Path:
-        return self.root / rel if rel else self.root
+        return self.root / inside(rel, self.url) if rel else self.root
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """Yields (relative path, size) of every file under prefix, in no particular order."""
@@ -96,8 +109,8 @@ class LocalStore:
         def hint(request):
             rel, offset, size = request
             try:
-                fd = os.open(root + rel, os.O_RDONLY)
-            except OSError as e:
+                fd = os.open(root + inside(rel, self.url), os.O_RDONLY)
+            except (OSError, UnsafePath) as e:
                 return None, request, e
             os.posix_fadvise(fd, offset, size or 0, os.POSIX_FADV_WILLNEED)
             return fd, request, None
@@ -185,6 +198,7 @@ class S3Store:
         return {"bucket": self.bucket, "prefix": self.prefix, "url": self.url, "_client": None, "_client_pid": None}
 
     def _key(self, rel: str) -> str:
+        inside(rel, self.url)
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
@@ -243,7 +257,7 @@ class S3Store:
             rel, offset, size = request
             try:
                 return self.read(rel, offset, size)
-            except (OSError, BotoCoreError, ClientError) as e:
+            except (OSError, BotoCoreError, ClientError, UnsafePath) as e:
                 return e
 
         with ThreadPoolExecutor(threads) as pool:
@@ -254,7 +268,7 @@ class S3Store:
         self.client.download_file(self.bucket, self._key(rel), str(dest))
 
     def staging_path(self, rel: str) -> Path:
-        fd, path = tempfile.mkstemp(prefix="swin-prep-", suffix="-" + rel.replace("/", "_"))
+        fd, path = tempfile.mkstemp(prefix="swin-prep-", suffix="-" + inside(rel, self.url).replace("/", "_"))
         os.close(fd)
         return Path(path)
 

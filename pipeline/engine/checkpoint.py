@@ -2,7 +2,8 @@
 
 Layout: `<run>/checkpoints/step_00001000/` holds DeepSpeed's own files (module, optimizer partitions,
 loss scaler, step counters), one `rank_NNNNN.pt` per rank (torch/numpy/python RNG states, which DeepSpeed does
-not keep and drop path draws from, and the loader's position), the run's `config.yaml`, its label layout `synsets.txt`, and `COMPLETE`,
+not keep and drop path draws from, and the loader's position; tensors and plain values, loaded with
+`weights_only=True`), the run's `config.yaml`, its label layout `synsets.txt`, and `COMPLETE`,
 written last. Everything is written under `.tmp-step_...` and renamed by rank 0 once all ranks are done, so a
 job killed mid-write leaves only a temporary folder, which `resume: auto` never picks and the next save removes.
 Checkpoints must be on storage every rank sees (shared file system).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -56,15 +58,26 @@ def find_resume(cfg: RunConfig) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    """This process's python/numpy/torch(/cuda) RNG states as tensors and plain values, so that the rank file
+    loads with torch.load(weights_only=True): python's and numpy's own states are tuples holding a 625-word
+    tuple or a uint32 array, which only a full unpickler would rebuild."""
+    version, words, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64),
+                        "gauss_next": gauss_next},
+             "numpy": {"algorithm": str(algorithm), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -110,7 +123,15 @@ def load_checkpoint(engine, path: Path, rank: int, world: int) -> tuple[int, dic
                                             load_lr_scheduler_states=False)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")
-    own = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)  # our own file: RNG states are tuples
+    own_file = path / f"rank_{rank:05d}.pt"
+    try:  # tensors and plain values only (rng_state): nothing in it is unpickled as code
+        own = torch.load(own_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        why = why.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "") or str(e)[:200]
+        raise RuntimeError(f"{own_file} holds more than tensors and plain values ({why}), so it is not loaded: "
+                           f"it was written before RNG states were stored as tensors, or not by this project"
+                           ) from None
     set_rng_state(own["rng"])
     return int(client["step"]), own["loader"]
 

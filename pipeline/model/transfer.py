@@ -154,9 +154,12 @@ def load_source(init_from: str) -> SourceModel:
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors.torch import load_file
 
+        from pipeline.engine.model_export import check_safetensors
+
         meta_path = path.with_name("model.json")
         if not meta_path.is_file():
             raise TransferError(f"{path}: no model.json beside it (its label layout is needed to map the head)")
+        check_safetensors(path)  # a pickle named .safetensors is refused, never loaded
         meta = json.loads(meta_path.read_text())
         return SourceModel(load_file(str(path)), meta["synsets"], f"exported model {path.parent}", meta)
     raise TransferError(f"init_from={init_from!r}: not a complete checkpoint folder, an exported model "

@@ -68,29 +68,72 @@ def cache_root() -> Path:
     return Path(os.environ.get("SWIN_MODEL_CACHE", Path.home() / ".cache" / "swin-pipeline" / "models"))
 
 
+# What a pulled model version may hold: weights in safetensors, the rest text. Anything else (a pickled
+# torch/sklearn model, MLflow's flavour files, code) is refused, whatever its name.
+MODEL_FILES = ("model.safetensors", "model.json")
+TEXT_SUFFIXES = (".json", ".txt", ".md", ".yaml", ".yml")
+
+
+def check_model_folder(folder: Path, uri: str) -> None:
+    """Raises unless `folder` (what a registry version holds) is safetensors weights + json metadata only."""
+    from pipeline.engine.model_export import UnsafeModelFile, check_safetensors
+
+    missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{uri} holds no {' or '.join(missing)}: not a swin-pipeline export "
+                                f"(model.safetensors + model.json)")
+    others = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                    if p.is_symlink() or (p.is_file() and p.suffix.lower() not in (".safetensors", *TEXT_SUFFIXES)))
+    if others:
+        raise UnsafeModelFile(f"{uri} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}: refused, "
+                              f"a model version must hold only safetensors weights and json/text metadata "
+                              f"(a pickle or code could run when loaded)")
+    for weights in sorted(folder.rglob("*.safetensors")):
+        check_safetensors(weights, origin=uri)
+
+
+def _folder_name(name: str, uri: str) -> str:
+    """A registered model's name as one folder of the cache: never `..`, a path or a NUL."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{uri}: the registered model name {name!r} cannot be a folder name of the model cache")
+    return name
+
+
 def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Downloads the model version behind a models:/ URI into a folder (cached by name and version) and
-    returns the folder holding model.safetensors and model.json."""
+    returns the folder holding model.safetensors and model.json. A version holding anything else than
+    safetensors weights and json/text (a pickle named model.safetensors included) is refused, naming the URI."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     client = MlflowClient(tracking_uri)
     version = resolve_version(client, uri)
-    folder = Path(dst) if dst else cache_root() / version.name / str(version.version)
+    folder = Path(dst) if dst else cache_root() / _folder_name(version.name, uri) / str(int(version.version))
     if not (folder / "model.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(folder.name + ".partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        source = client.get_model_version_download_uri(version.name, version.version)
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
-        inner = next((p.parent for p in sorted(tmp.rglob("model.json"))), tmp)
-        if not (inner / "model.json").is_file():
-            raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(inner, folder)
+        tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # every rank of a job may pull at once
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            source = client.get_model_version_download_uri(version.name, version.version)
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
+            inner = next((p.parent for p in sorted(tmp.rglob("model.json"))), tmp)
+            if not (inner / "model.json").is_file():
+                raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json")
+            check_model_folder(inner, uri)  # before it enters the cache
+            if folder.exists() and not (folder / "model.json").is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # a broken leftover
+            try:
+                os.replace(inner, folder)
+            except OSError:
+                if not (folder / "model.json").is_file():
+                    raise
+                check_model_folder(folder, uri)  # another process pulled it meanwhile
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        check_model_folder(folder, uri)  # a cache filled by another tool or an older version of this one
     log.info("%s -> %s version %s in %s", uri, version.name, version.version, folder)
     return folder
 
