@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunConfig, load_config
-from pipeline.data.loader import MEAN, STD
+from pipeline.data.samples import MEAN, STD
 from pipeline.model import create_model, timm_kwargs, timm_name
 
 FORMAT = "swin-pipeline-model/1"

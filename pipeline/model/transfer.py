@@ -1,9 +1,10 @@
 """Initialise a model from one trained at another image size, window and label layout (22K -> 1K at 384).
 
 - Every `relative_position_bias_table`, (2M-1)^2 rows x heads, is resized per head as a (2M-1)x(2M-1) grid with
-  bicubic interpolation (`F.interpolate(..., mode="bicubic", align_corners=False)`), as the paper and the
-  official code do: 13x13 -> 23x23 for window 7 -> 12. (timm's own `resize_rel_pos_bias_table` resamples
-  BEiT-style; it is not used.) `transfer.bias_tables: zeros` starts them at zero instead, for comparison.
+  bicubic interpolation (timm's `resize_rel_pos_bias_table_simple`: `F.interpolate(..., mode="bicubic",
+  align_corners=False)`), as the paper and the official code do: 13x13 -> 23x23 for window 7 -> 12. (timm's
+  `resize_rel_pos_bias_table` resamples BEiT-style; it is not used.) `transfer.bias_tables: zeros` starts them at
+  zero instead, for comparison.
 - `relative_position_index` and `attn_mask` are buffers the model rebuilds for its own window and resolution;
   they are never copied (timm does not save them).
 - The classifier rows follow the synsets: target label i takes the source row of the same synset
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from data_prep.shardset.layout import map_layouts
 
@@ -54,16 +54,19 @@ class TransferReport:
 
 
 def resize_bias_table(table: torch.Tensor, size: int) -> torch.Tensor:
-    """A ((2M-1)^2, heads) table resized to (size^2, heads), bicubic over each head's (2M-1)x(2M-1) grid."""
+    """A ((2M-1)^2, heads) table resized to (size^2, heads), bicubic over each head's (2M-1)x(2M-1) grid: timm's
+    `resize_rel_pos_bias_table_simple` (the same computation as the official code), computed in fp32 and returned
+    as a new tensor in the table's dtype."""
+    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
+
     rows, heads = table.shape
     side = round(rows ** 0.5)
     if side * side != rows:
         raise TransferError(f"a bias table of {rows} rows is not a square grid")
-    if side == size:
-        return table.clone()
-    grid = table.T.reshape(1, heads, side, side).float()
-    out = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)
-    return out.reshape(heads, size * size).T.to(table.dtype).contiguous()
+    if size % 2 == 0:
+        raise TransferError(f"a bias table side is 2M-1 for window M, so odd; got {size}")
+    resized = resize_rel_pos_bias_table_simple(table.float(), ((size + 1) // 2,) * 2, (size * size, heads))
+    return resized.to(table.dtype).clone().contiguous()
 
 
 def transfer_state(model: torch.nn.Module, source: SourceModel, target_synsets: list[str],
