@@ -157,7 +157,11 @@ def config_to_dict(cfg) -> dict:
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))
+    """Writes the resolved config as YAML, every string redacted (URI passwords, query-string tokens, secret
+    environment values: swin_common.redact), so the dump can be shared and logged as it is."""
+    from swin_common.redact import redact_tree
+
+    Path(path).write_text(yaml.safe_dump(redact_tree(_plain(config_to_dict(cfg))), sort_keys=False))
 
 
 def _plain(value):

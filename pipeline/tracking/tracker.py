@@ -9,8 +9,10 @@
 - Every call to the server goes through one background thread with short HTTP timeouts. If the server goes
   away, a warning is logged, metrics wait in memory (they are in metrics.jsonl too) and are sent when it is
   back; at the end the run waits a bounded time for them.
-- Secrets never reach MLflow: keys that look like a key/token/secret/password are redacted, and so is any value
-  that contains the value of such an environment variable.
+- Secrets never reach MLflow or the run's folder: params whose key looks like a key/token/secret/password are
+  blanked, and every param, tag, the config.yaml artifact and `mlflow_run.json` go through the project's one
+  redaction function (swin_common.redact.redact_text: URI passwords, query-string tokens, secret environment
+  values). `mlflow_run.json` holds the redacted tracking URI; a resumed job compares redacted forms.
 - The tracking URI: MLFLOW_TRACKING_URI, else `tracking.uri`, else a local store beside the runs
   (`<out_dir>/mlflow/mlflow.db`, artifacts in `<out_dir>/mlflow/artifacts`).
 """
@@ -20,36 +22,24 @@ import json
 import logging
 import os
 import queue
-import re
 import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+from swin_common.redact import REDACTED, SECRET_NAME, redact_text, remember_secrets, secret_values
+
 log = logging.getLogger("pipeline.tracking")
-SECRET_NAME = re.compile(r"key|token|secret|passw|credential|auth|private", re.I)
-URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
-REDACTED = "***"
 # Fail fast per request (the sender thread retries on its own schedule); users can set their own values.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-# -- secrets -----------------------------------------------------------------------------------------------
-def secret_values(env: dict[str, str] | None = None) -> list[str]:
-    env = os.environ if env is None else env
-    return sorted({v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 6}, key=len, reverse=True)
-
-
-def redact_text(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    return URL_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
-
-
+# -- secrets (the text rules live in swin_common.redact; this adds the rule for param names) -----------------
 def redact(params: dict[str, object], env: dict[str, str] | None = None) -> dict[str, str]:
-    """String values safe to log: secret-looking keys blanked, secret environment values cut out."""
+    """String values safe to send to MLflow: secret-looking keys blanked, every value through redact_text
+    (URI passwords, query-string tokens, secret environment values of `env`, default this process's)."""
     secrets = secret_values(env)
     return {k: REDACTED if SECRET_NAME.search(k.rsplit(".", 1)[-1]) else redact_text(str(v), secrets)
             for k, v in params.items()}
@@ -205,7 +195,7 @@ def rejected(e: Exception) -> bool:
 
 def _short(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
+    return redact_text(text)[:200]
 
 
 # -- the tracker -------------------------------------------------------------------------------------------
@@ -218,6 +208,7 @@ class Tracker:
         self.cfg, self.world = cfg, world
         self.enabled = cfg.tracking.enabled
         self.uri = tracking_uri(cfg.tracking.uri, cfg.out_dir) if self.enabled else ""
+        remember_secrets(self.uri)  # its password is cut from all text, in whatever form it shows up
         self.sender: Sender | None = None
         self.run_id: str | None = None
         self.monitor = None
@@ -242,10 +233,11 @@ class Tracker:
             try:
                 client = MlflowClient(self.uri)
                 previous = json.loads(record.read_text()) if resumed and record.is_file() else None
-                if previous and previous.get("tracking_uri") == self.uri:
+                # the record holds the redacted URI (older records the full one): compare redacted forms
+                if previous and redact_text(previous.get("tracking_uri", "")) == redact_text(self.uri):
                     run_id = previous["run_id"]
                     client.update_run(run_id, status="RUNNING")
-                    log.info("MLflow: continuing run %s at %s", run_id, self.uri)
+                    log.info("MLflow: continuing run %s at %s", run_id, redact_text(self.uri))
                     new = False
                 else:
                     run_id = self._create_run(client, mlflow)
@@ -254,11 +246,11 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 if time.time() > deadline:
                     log.warning("MLflow at %s unreachable (%s): this run is not tracked (metrics.jsonl has "
-                                "everything)", self.uri, _short(e))
+                                "everything)", redact_text(self.uri), _short(e))
                     return None
                 time.sleep(2)
         staged = record.with_name(record.name + ".tmp")  # renamed, so a reader never sees it half written
-        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": self.uri}) + "\n")
+        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact_text(self.uri)}) + "\n")
         os.replace(staged, record)
         self.run_id, self.sender = run_id, Sender(client, run_id)
         if new:
@@ -286,7 +278,7 @@ class Tracker:
         tags = {"mlflow.runName": self.cfg.name, **git_state(Path(__file__).resolve().parents[2]),
                 "run_dir": str(self.cfg.run_dir.resolve())}
         run = client.create_run(experiment_id, run_name=self.cfg.name, tags=redact(tags))
-        log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, self.uri)
+        log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, redact_text(self.uri))
         return run.info.run_id
 
     def _start_system_metrics(self) -> None:

@@ -1,0 +1,9 @@
+"""What every command of the project shares, below both data_prep and pipeline (it imports neither):
+
+- `swin_common.redact`: the one redaction function (`redact_text`) for every piece of text that leaves a
+  process (log lines, printed errors, run records, config dumps, MLflow params and tags), and the hooks that
+  apply it to the process's logging and its stdout/stderr.
+- `swin_common.cli`: how a command starts and ends: `@command` around each entry point's main, an
+  ArgumentParser with `--debug` and one-line usage errors, and the one-line `error: ...` for expected failures
+  (tracebacks are for bugs, and for --debug).
+"""

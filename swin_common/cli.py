@@ -1,0 +1,237 @@
+"""How every command starts and ends.
+
+    from swin_common.cli import ArgumentParser, command
+
+    @command()                        # or @command(exit_codes={"TrainingDiverged": 3}, ranked=True)
+    def main(argv=None) -> int:
+        args = ArgumentParser(prog="python -m pipeline.pull", ...).parse_args(argv)
+        ...
+
+- Expected failures (a missing or unfinalized shard set, an unknown model or alias, an unreachable server, a
+  bad path or option, an unreadable image, a bad config key) end in ONE line on stderr, `error: ...`, naming
+  the thing and what to do, and exit 2 (or the code `exit_codes` gives, e.g. 3 for a diverged training).
+- Anything else is a bug: its traceback is printed (redacted) and the exit status is 1.
+- `--debug` (on every parser made with this module's ArgumentParser) or SWIN_DEBUG=1 prints the traceback of
+  expected failures too.
+- `ranked=True` (commands started once per rank by a launcher): rank 0 (RANK, else SLURM_PROCID) prints the line
+  of an expected failure at once; another rank waits a short grace (SWIN_RANK_GRACE_S, 5 s) first, in which the
+  launcher, seeing rank 0 exit, stops it: so the line appears once, not once per rank. A rank that outlives the
+  grace failed alone and prints `error: rank N: ...` itself. Unexpected failures print on every rank.
+- Everything the process writes through Python is redacted from the start (swin_common.redact).
+
+Expected failures are: CommandError (raised by the commands with a ready message), OSError (files, paths,
+permissions, connections, unreadable images), MLflow's MlflowException/RestException, boto3/botocore errors,
+ValueError and RuntimeError raised by the project's own code (data_prep, pipeline, swin_common: ConfigError,
+LayoutError, ShardSetError, ...), and what a command names in `expected`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+
+from .redact import install_log_redaction, install_redaction, redact_text
+
+OUR_PACKAGES = ("data_prep", "pipeline", "swin_common")
+USER_ERROR = 2
+BUG = 1
+RANK_GRACE_S = 5.0  # how long another rank waits before exiting, so rank 0's line gets out (SWIN_RANK_GRACE_S)
+MAX_LINE = 600
+_debug = False
+
+
+class CommandError(Exception):
+    """An expected failure whose message is ready for the user (names the thing and what to do)."""
+
+    def __init__(self, message: str, exit_code: int = USER_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- arguments ---------------------------------------------------------------------------------------------
+class _DebugAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        global _debug
+        _debug = True
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser with `--debug` (on subcommands too) and usage errors in one line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action=_DebugAction,
+                          help="show the traceback of expected errors too (same as SWIN_DEBUG=1)")
+
+    def error(self, message: str):
+        self.exit(USER_ERROR, f"error: {redact_text(message)} (see {self.prog} --help)\n")
+
+
+def debug_enabled() -> bool:
+    return _debug or os.environ.get("SWIN_DEBUG", "") not in ("", "0")
+
+
+def configure_logging(**kwargs) -> None:
+    """logging.basicConfig(force=True, **kwargs) with every handler's lines redacted."""
+    logging.basicConfig(force=True, **kwargs)
+    install_log_redaction()
+
+
+def rank() -> str:
+    """This process's rank in its job: RANK (launchers), else SLURM_PROCID (srun), else 0."""
+    return (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0").strip()
+
+
+def main_rank() -> bool:
+    """Whether this process is rank 0 of its job (or not part of a distributed job)."""
+    return rank() == "0"
+
+
+# -- failures ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def error_context(what: str):
+    """Names the thing an expected failure inside the block is about: `error: WHAT: message`."""
+    try:
+        yield
+    except Exception as e:
+        if getattr(e, "_swin_context", None) is None:
+            e._swin_context = what
+        raise
+
+
+def _classes(e: BaseException):
+    return [(c.__module__ or "", c.__name__) for c in type(e).__mro__]
+
+
+def _is_mlflow(e: BaseException) -> bool:
+    return any(m.startswith("mlflow") and n == "MlflowException" for m, n in _classes(e))
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return module.split(".")[0] in OUR_PACKAGES
+
+
+def exit_code_of(e: BaseException, expected=(), exit_codes=None) -> int | None:
+    """The exit status of an expected failure, or None for a bug."""
+    names = {n for _, n in _classes(e)}
+    for kind, code in (exit_codes or {}).items():
+        if (isinstance(kind, str) and kind in names) or (isinstance(kind, type) and isinstance(e, kind)):
+            return code
+    if isinstance(e, CommandError):
+        return e.exit_code
+    if any((isinstance(k, str) and k in names) or (isinstance(k, type) and isinstance(e, k)) for k in expected):
+        return USER_ERROR
+    if isinstance(e, OSError) or _is_mlflow(e):
+        return USER_ERROR
+    if any(m.split(".")[0] in ("botocore", "boto3", "s3transfer") for m, _ in _classes(e)):
+        return USER_ERROR
+    if isinstance(e, (ValueError, RuntimeError)) and not isinstance(e, NotImplementedError) and _raised_by_us(e):
+        return USER_ERROR
+    return None
+
+
+_OS_HINTS = ((FileNotFoundError, "check the path"), (NotADirectoryError, "part of that path is a file, not a folder"),
+             (IsADirectoryError, "that is a folder: give a file"), (FileExistsError, "it exists already"),
+             (PermissionError, "check its permissions"))
+_API_URL = re.compile(r"API request to (?P<server>\S+?)/(?:ajax-)?api/\S*")
+_REASON = re.compile(r"\[Errno -?\d+\] (?P<errno>[^'\")\]]+)|(?P<other>Read timed out|timed out|Connection refused"
+                     r"|Name or service not known|Connection reset by peer|RemoteDisconnected)")
+
+
+def describe(e: BaseException) -> str:
+    """The one line an expected failure prints after `error: `, redacted."""
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    if _is_mlflow(e) or type(e).__module__.split(".")[0] in ("requests", "urllib3"):
+        text = _describe_server_error(e, text)
+    elif type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer"):
+        text = f"S3: {text}"
+    elif isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        hint = next((h for kind, h in _OS_HINTS if isinstance(e, kind)), None)
+        text += f" ({hint})" if hint else ""
+    context = getattr(e, "_swin_context", None)
+    if context and not text.startswith(context):
+        text = f"{context}: {text}"
+    line = " ".join(text.split())
+    if len(line) > MAX_LINE:
+        line = line[:MAX_LINE - 3] + "..."
+    return redact_text(line)
+
+
+def _describe_server_error(e: BaseException, text: str) -> str:
+    """MLflow's errors in words: a server that does not answer, a model or alias that does not exist."""
+    reason = _REASON.search(text)
+    api = _API_URL.search(text)
+    if reason and (api or "Max retries exceeded" in text or "Failed to establish" in text
+                   or "timed out" in text.lower()):
+        where = api["server"] if api else (os.environ.get("MLFLOW_TRACKING_URI") or "the MLflow server")
+        why = (reason["errno"] or reason["other"]).strip()
+        return (f"cannot reach the MLflow server at {where} ({why}): start it, or set MLFLOW_TRACKING_URI to one "
+                f"that runs")
+    code = getattr(e, "error_code", "")
+    if code == "RESOURCE_DOES_NOT_EXIST" or "RESOURCE_DOES_NOT_EXIST" in text:
+        text = text.replace("RESOURCE_DOES_NOT_EXIST: ", "")
+        server = os.environ.get("MLFLOW_TRACKING_URI")
+        now = f"now {server}" if server else "unset: a local store"
+        return (f"{text.rstrip('.')}: check the name, version or alias, and that MLFLOW_TRACKING_URI ({now}) "
+                f"names the server that holds it")
+    return text
+
+
+def report(e: BaseException, expected=(), exit_codes=None, ranked: bool = False) -> int:
+    """Prints what a failure needs (one line, or a traceback) and returns the exit status."""
+    code = exit_code_of(e, expected, exit_codes)
+    if code is None or debug_enabled():
+        text = "".join(traceback.format_exception(e))
+        sys.stderr.write(redact_text(text))
+        if code is not None:
+            sys.stderr.write(f"error: {describe(e)}\n")
+        sys.stderr.flush()
+        return BUG if code is None else code
+    if not ranked or main_rank():
+        sys.stderr.write(f"error: {describe(e)}\n")
+    else:
+        # Rank 0 speaks for the job: a launcher (deepspeed, torchrun, srun --kill-on-bad-exit) stops every rank
+        # once one exits non-zero, so while rank 0 reports the same error, this rank is stopped silently here.
+        # A rank still alive after the grace failed alone (rank 0 waits in a collective): it says so itself.
+        time.sleep(float(os.environ.get("SWIN_RANK_GRACE_S", RANK_GRACE_S)))
+        sys.stderr.write(f"error: rank {rank()}: {describe(e)}\n")
+    sys.stderr.flush()
+    return code
+
+
+def command(expected=(), exit_codes=None, ranked: bool = False):
+    """Decorates a command's `main(argv=None) -> int`: redaction from the start, expected failures in one line
+    (see the module's docstring). The decorated main returns the exit status (SystemExit passes through)."""
+
+    def wrap(main_fn):
+        @functools.wraps(main_fn)
+        def run(argv=None) -> int:
+            install_redaction()
+            try:
+                return main_fn(argv)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001  (sorted into expected failures and bugs below)
+                return report(e, expected, exit_codes, ranked)
+
+        return run
+
+    return wrap
