@@ -1,4 +1,8 @@
-"""python -m data_prep {shard,finalize,verify,map,embedded} ... (each with --help)."""
+"""python -m data_prep {shard,finalize,verify,map,embedded} ... (each with --help).
+
+Expected failures (a missing source or shard set, an unfinalized set, a bad layout or option, S3 errors) end in
+one line, `error: ...`, and exit 2; `--debug` shows their traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +11,10 @@ import logging
 import re
 import sys
 
-from .shardset.layout import LayoutError, read_layout, write_map
+from swin_common.cli import ArgumentParser, command, configure_logging
+
 from .records import IncompleteError
+from .shardset.layout import LayoutError, read_layout, write_map
 
 EXAMPLES = """examples:
   python -m data_prep shard --source /data/imagenet22k_tars --out s3://bucket/in22k --holdout-per-class 10 --workers 8
@@ -27,8 +33,8 @@ def parse_bytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0],
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0],
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -92,20 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command(expected=(LayoutError, IncompleteError))  # and OSError, S3 errors, ValueError/RuntimeError of ours
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        return COMMANDS[args.command](args)
-    except (LayoutError, IncompleteError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if type(e).__module__.startswith(("botocore", "boto3", "s3transfer")):  # credentials, bucket, endpoint
-            print(f"error: S3: {e}", file=sys.stderr)
-            return 2
-        raise
+    configure_logging(level=logging.DEBUG if args.verbose else logging.INFO,
+                      format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    return COMMANDS[args.command](args)
 
 
 def cmd_shard(args) -> int:

@@ -8,6 +8,9 @@ size and window (bias tables resized bicubic, head rows mapped by synset) throug
 -> both registered in MLflow (MLFLOW_TRACKING_URI, else a local store in the runs folder) -> the fine-tuned
 model pulled back by alias in a fresh process (`python -m pipeline.predict models:/tiny_22kto1k@current`) and
 run on held-out images.
+
+Expected failures end in one line, `error: ...` (a training stage's own error line among them), with a non-zero
+exit; `--debug` shows their traceback. Every URI it prints is redacted (no password or token).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from data_prep.embedded import synset_of, write_synset_tars
 from data_prep.shard import ShardOptions, run_shard
 from data_prep.shardset.store import open_store
 from data_prep.verify import verify
+from swin_common.cli import ArgumentParser, CommandError, command, configure_logging
+from swin_common.redact import redact_text
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE_DIGITS = (1, 3, 5, 7, 9)
@@ -62,7 +67,14 @@ def train(script: str, config: str, overrides: list[str], log_path: Path) -> Non
             if "[rank 0] pipeline" in line and ("step=" in line or "resumed" in line or "initialised" in line):
                 print("  " + line.split("] ", 1)[-1].split(" INFO ", 1)[-1].rstrip(), flush=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{script} failed (exit {proc.returncode}); see {log_path}")
+        raise CommandError(f"{script} failed (exit {proc.returncode}){last_error(log_path.read_text())}; full log: "
+                           f"{log_path}", exit_code=proc.returncode if proc.returncode > 0 else 1)
+
+
+def last_error(output: str) -> str:
+    """`: <the last error line>` of a command's output (the one line an expected failure prints), or ''."""
+    errors = [line.strip() for line in output.splitlines() if line.strip().startswith("error: ")]
+    return f": {errors[-1][len('error: '):]}" if errors else ""
 
 
 def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]]:
@@ -103,11 +115,13 @@ def predict_held_out(shards: str, out: Path, tracking_uri: str, count: int) -> d
     images = held_out_images(shards, out, count)
     cmd = [sys.executable, "-m", "pipeline.predict", "models:/tiny_22kto1k@current", "-k", "1",
            *(str(p) for p, _ in images)]
-    print(f"  $ MLFLOW_TRACKING_URI={tracking_uri} {' '.join(cmd[:5])} <{len(images)} images>", flush=True)
+    print(f"  $ MLFLOW_TRACKING_URI={redact_text(tracking_uri)} {' '.join(cmd[:5])} <{len(images)} images>",
+          flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
     if proc.returncode != 0:
-        raise SystemExit(f"predict failed:\n{proc.stderr[-3000:]}")
+        raise CommandError(f"predict failed (exit {proc.returncode}){last_error(proc.stderr)}",
+                           exit_code=proc.returncode if proc.returncode > 0 else 1)
     lines = proc.stdout.splitlines()
     top1 = [lines[i + 1].split()[1] for i in range(0, len(lines), 2)]  # "path" then "  prob  synset  (class i)"
     for (path, truth), guess in list(zip(images, top1, strict=True))[:5]:
@@ -121,9 +135,10 @@ def evals(run_dir: Path) -> list[dict]:
     return [m for m in map(json.loads, lines) if "val_top1" in m]
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where the sources, shards and runs go")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards-url", help="where the shard sets go (a folder or s3://bucket/prefix; default "
@@ -134,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=float, default=8)
     p.add_argument("--predict-images", type=int, default=20, help="held-out images to predict at the end")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    configure_logging(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     work = Path(args.workdir).resolve()
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -183,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     stage(6, "pull models:/tiny_22kto1k@current from MLflow in a fresh process and predict held-out images")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs / 'mlflow' / 'mlflow.db'}"
     predicted = predict_held_out(shards_1k, work / "held_out", uri, args.predict_images)
-    print(f"  tracking URI: {uri} ({'from MLFLOW_TRACKING_URI' if os.environ.get('MLFLOW_TRACKING_URI') else 'local store'})")
+    print(f"  tracking URI: {redact_text(uri)} "
+          f"({'from MLFLOW_TRACKING_URI' if os.environ.get('MLFLOW_TRACKING_URI') else 'local store'})")
     print(f"  top-1 on {predicted['images']} held-out images: {predicted['accuracy']:.1f}%")
 
     stage(7, "summary")

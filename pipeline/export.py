@@ -8,19 +8,24 @@ needs (architecture, image size, window, synsets, preprocessing). Training does 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from swin_common.cli import ArgumentParser, CommandError, command
 
+
+@command()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m pipeline.export", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a complete checkpoint folder (holds COMPLETE)")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and model.json into")
     args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        raise CommandError(f"checkpoint folder not found: {args.checkpoint} (give a runs/NAME/checkpoints/step_N "
+                           f"folder)")
     if not (Path(args.checkpoint) / "COMPLETE").is_file():
-        print(f"error: {args.checkpoint} is not a complete checkpoint (no COMPLETE marker)", file=sys.stderr)
-        return 2
+        raise CommandError(f"{args.checkpoint} is not a complete checkpoint (no COMPLETE marker): give one that "
+                           f"training finished writing")
     from pipeline.engine.model_export import export_checkpoint
 
     print(export_checkpoint(args.checkpoint, args.out))

@@ -7,9 +7,12 @@ the model's metadata: resize the shorter side to floor(size / crop_pct) (bicubic
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
+
+from swin_common.cli import command
 
 
 def preprocess(path: str, meta: dict) -> torch.Tensor:
@@ -44,20 +47,41 @@ def load(model_ref: str):
     return load_exported(model_ref)
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from swin_common.cli import ArgumentParser, error_context
+
+    p = ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported model folder")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", type=int, default=5, help="classes per image (default 5)")
     args = p.parse_args(argv)
-    model, meta = load(args.model)
+    check_images(args.images)  # before fetching the model: a typo fails at once
+    with error_context(args.model):
+        model, meta = load(args.model)
     for path, top in zip(args.images, predict(model, meta, args.images, args.k), strict=True):
         print(path)
         for synset, index, prob in top:
             print(f"  {prob:7.2%}  {synset}  (class {index})")
     sys.stdout.flush()
     return 0
+
+
+def check_images(paths: list[str]) -> None:
+    """Each path is a file that PIL recognises as an image; else one clear error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from swin_common.cli import CommandError
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise CommandError(f"image not found: {path} (check the path)")
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as e:
+            raise CommandError(f"{path}: not an image PIL can read ({e}): give a JPEG, PNG, ... file") from e
 
 
 if __name__ == "__main__":

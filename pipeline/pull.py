@@ -10,25 +10,25 @@ import argparse
 import logging
 import sys
 
+from swin_common.cli import ArgumentParser, command, configure_logging, error_context
 
+
+@command()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.pull", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m pipeline.pull", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--dst", help="download into this folder (default: a cache by name and version, "
                                  "$SWIN_MODEL_CACHE or ~/.cache/swin-pipeline/models)")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    configure_logging(level=logging.WARNING, stream=sys.stderr)
     from pipeline.engine.model_export import load_exported
     from pipeline.tracking.registry import pull_to_folder
 
-    try:
+    with error_context(args.uri):
         folder = pull_to_folder(args.uri, args.dst, args.tracking_uri)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model, meta = load_exported(folder)
+        model, meta = load_exported(folder)
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.uri}: {meta['timm_name']}, {meta['num_classes']} classes, {params / 1e6:.2f}M parameters, "
           f"input {meta['img_size']}px (crop_pct {meta['preprocessing']['crop_pct']})")

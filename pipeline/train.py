@@ -4,9 +4,13 @@ Trains (or resumes) one run with DeepSpeed ZeRO. Start one process per GPU with 
 `torchrun` or Slurm's `srun` (see launch/); started alone it is a world of one. Overrides use dotted keys:
 `train.zero_stage=3 optim.base_lr=5e-4 checkpoint.resume=none`.
 
-The run, step by step: set up (loaders, step plan, resume point) -> open the MLflow run -> train (the loop in
+The run, step by step: set up (loaders, step plan, resume point, the init_from weights pulled from the
+registry when it names a models:/ URI) -> open the MLflow run -> train (the loop in
 pipeline/engine/loop.py) -> end-of-run steps: export the final checkpoint (rank 0), log the curves and metrics,
 register the model, close the MLflow run.
+
+Expected failures (a bad config key, a missing or unfinalized shard set, ...) end in one line, `error: ...`,
+printed by rank 0 only, and exit 2 (3 when the training diverged); `--debug` shows their traceback.
 """
 from __future__ import annotations
 
@@ -17,16 +21,29 @@ import sys
 import time
 from pathlib import Path
 
+from swin_common.cli import ArgumentParser, command, configure_logging
+from swin_common.redact import redact_text
+
 log = logging.getLogger("pipeline.train")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     return p.parse_args(argv)
+
+
+def pull_init_source(init_from: str) -> str:
+    """`init_from=models:/NAME@ALIAS` (or /VERSION): the registered model pulled into the local model cache; a
+    path is returned as it is."""
+    if not init_from.startswith("models:/"):
+        return init_from
+    from pipeline.tracking.registry import pull_to_folder
+
+    return str(pull_to_folder(init_from))
 
 
 def start_tracking(setup):
@@ -82,6 +99,7 @@ def run(cfg, world) -> dict:
 
     t_start = time.time()
     setup = prepare(cfg, world)
+    setup.init_path = pull_init_source(setup.init_path)
     tracker = start_tracking(setup)
     try:
         summary = train(setup, tracker)
@@ -95,31 +113,22 @@ def run(cfg, world) -> dict:
     return {**summary, "seconds": time.time() - t_start, "mlflow_run": tracker.run_id}
 
 
+@command(exit_codes={"TrainingDiverged": 3}, ranked=True)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     from pipeline.engine.distributed import init_distributed, shutdown
 
     world = init_distributed()
-    logging.basicConfig(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
-                        format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s", force=True)
-    from pipeline.engine.loop import TrainingDiverged
-
+    configure_logging(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
+                      format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
     try:
         summary = run(cfg, world)
         if world.is_main:
-            print(json.dumps(summary, indent=1), flush=True)
+            print(redact_text(json.dumps(summary, indent=1)), flush=True)
         return 0
-    except TrainingDiverged as e:
-        if world.is_main:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 3
     finally:
         shutdown()
 

@@ -1,0 +1,232 @@
+"""Expected failures read as one clear line: every command (`python -m data_prep ...`, `python -m
+pipeline.train|pull|predict|register|export`, the main job `python -m pipeline.demo`, and the launchers
+launch/pretrain_22k.sh and launch/slurm/pretrain_22k.sbatch) ends a missing or unfinalized shard set, an unknown
+model or alias, an unreachable server, a bad path or option, an unreadable image or a bad config key in ONE line
+on stderr, `error: ...`, naming the thing, and a non-zero exit (2); under a launcher the line appears once, not
+once per rank. Tracebacks are for bugs and for --debug. Each case runs the real command in a fresh process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from servers import REPO, free_port
+from swin_common.cli import CommandError, exit_code_of
+
+TINY = REPO / "configs" / "tiny_22k.yaml"
+FAST_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+
+
+def run(*cmd, env: dict | None = None, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID",
+                                                              "MLFLOW_TRACKING_URI")}
+    return subprocess.run([*map(str, cmd)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**base, **FAST_MLFLOW, **(env or {})})
+
+
+def py(*args, **kwargs) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", *args, **kwargs)
+
+
+def one_line(proc: subprocess.CompletedProcess, *names: str, code: int = 2) -> str:
+    """The single `error: ...` line of stderr, after checking the exit status and that it names `names`."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, f"exit {proc.returncode}:\n{proc.stderr[-4000:]}"
+    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{proc.stderr[-4000:]}"
+    assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def unreachable_uri() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # free right now: nobody listens there
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "digit.jpg"
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(path)
+    return path
+
+
+# -- data_prep ---------------------------------------------------------------------------------------------
+def test_data_prep_missing_and_unfinalized_shard_sets(tmp_path):
+    one_line(py("data_prep", "verify", "/nonexistent/shards"), "no manifest.json in /nonexistent/shards",
+             "finalized")
+    (tmp_path / "set").mkdir()
+    one_line(py("data_prep", "verify", tmp_path / "set"), f"no manifest.json in {tmp_path / 'set'}")
+    one_line(py("data_prep", "finalize", tmp_path / "set"), str(tmp_path / "set"), "no prepared shards")
+
+
+def test_data_prep_bad_source_layout_and_option(tmp_path):
+    one_line(py("data_prep", "shard", "--source", "/nonexistent/src", "--out", tmp_path / "out"),
+             "source folder does not exist: /nonexistent/src")
+    one_line(py("data_prep", "map", "--from", tmp_path / "nope.txt", "--to", tmp_path / "nope2.txt", "--out",
+                tmp_path / "map.json"), f"layout file not found: {tmp_path / 'nope.txt'}")
+    one_line(py("data_prep", "shard", "--source", tmp_path, "--out", tmp_path / "o", "--workers", "many"),
+             "--workers", "'many'", "--help")
+    one_line(py("data_prep", "shard", "--source", tmp_path, "--out", tmp_path / "o", "--bogus"), "--bogus")
+    one_line(py("data_prep"), "COMMAND")
+
+
+def test_debug_shows_the_traceback_of_an_expected_error():
+    proc = py("data_prep", "verify", "/nonexistent/shards", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: no manifest.json in /nonexistent/shards: is the shard "
+                                                    "set finalized?")
+    debug_env = py("pipeline.train", "--config", TINY, "nosuch.key=1", env={"SWIN_DEBUG": "1"})
+    assert debug_env.returncode == 2 and "Traceback" in debug_env.stderr and "ConfigError" in debug_env.stderr
+
+
+# -- pipeline.train ----------------------------------------------------------------------------------------
+def test_train_config_errors():
+    one_line(py("pipeline.train", "--config", TINY, "nosuch.key=1"), "unknown key(s) nosuch", "top level takes")
+    one_line(py("pipeline.train", "--config", TINY, "train.micro_batch=lots"), "train.micro_batch", "'lots'")
+    one_line(py("pipeline.train", "--config", "configs/nope.yaml"), "config file not found: configs/nope.yaml")
+    one_line(py("pipeline.train", "data.shards=/x"), "--config")
+
+
+def test_train_missing_and_unfinalized_shard_set(tmp_path):
+    one_line(py("pipeline.train", "--config", TINY, "data.shards=/nonexistent", f"out_dir={tmp_path}"),
+             "no manifest.json in /nonexistent", "finalized")
+    (tmp_path / "unfinished" / "train").mkdir(parents=True)  # shards being written: no manifest.json yet
+    one_line(py("pipeline.train", "--config", TINY, f"data.shards={tmp_path / 'unfinished'}", f"out_dir={tmp_path}"),
+             f"no manifest.json in {tmp_path / 'unfinished'}")
+
+
+def test_another_rank_defers_to_rank_0():
+    """Another rank (as a launcher or srun starts it) waits a grace period for the launcher to stop it once rank 0
+    has reported; alive after it (rank 0 did not fail the same way), it reports the error itself, naming its rank."""
+    for env in ({"RANK": "1"}, {"SLURM_PROCID": "1"}):
+        t0 = time.time()
+        proc = py("pipeline.train", "--config", TINY, "nosuch.key=1", env={**env, "SWIN_RANK_GRACE_S": "1.5"})
+        assert time.time() - t0 >= 1.5
+        one_line(proc, "error: rank 1: unknown key(s) nosuch")
+
+
+@pytest.mark.slow
+def test_launcher_prints_the_error_once(tmp_path):
+    """launch/pretrain_22k.sh starts 2 CPU ranks through the deepspeed launcher: its own lines may show, the
+    error line once, no traceback."""
+    proc = run("bash", REPO / "launch" / "pretrain_22k.sh", "--config", TINY, "data.shards=/nonexistent",
+               f"out_dir={tmp_path}", env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-4000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: no manifest.json in /nonexistent: is the shard set finalized?"], out[-4000:]
+    assert "Traceback" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path):
+    """launch/slurm/pretrain_22k.sbatch: srun starts 2 tasks; the job log holds the error line once."""
+    job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch", "--config", TINY,
+                               "data.shards=/nonexistent", f"out_dir={tmp_path}",
+                               sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                                            "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out"],
+                               env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+    [state] = slurm_cluster.wait(job, timeout=300)
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert not state.ok and state.exit_code != 0, log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: no manifest.json in /nonexistent: is the shard set finalized?"], log[-4000:]
+    assert "Traceback" not in log
+
+
+# -- pull, predict: the registry ---------------------------------------------------------------------------
+def test_unknown_model_or_alias(mlflow_server, image):
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    line = one_line(py("pipeline.predict", "models:/nope@current", image, env=env), "models:/nope@current",
+                    "MLFLOW_TRACKING_URI")
+    assert "not found" in line
+    one_line(py("pipeline.pull", "models:/nope/3", env=env), "models:/nope/3", "nope", "not found")
+
+
+def test_unreachable_server(image):
+    uri = unreachable_uri()
+    one_line(py("pipeline.pull", "models:/tiny@current", env={"MLFLOW_TRACKING_URI": uri}),
+             f"cannot reach the MLflow server at {uri}", "MLFLOW_TRACKING_URI")
+    one_line(py("pipeline.predict", "models:/tiny@current", image, env={"MLFLOW_TRACKING_URI": uri}),
+             "models:/tiny@current", f"cannot reach the MLflow server at {uri}")
+
+
+def test_bad_model_reference_or_path(tmp_path, image):
+    env = {"MLFLOW_TRACKING_URI": unreachable_uri()}
+    one_line(py("pipeline.pull", "tiny@current", env=env), "'tiny@current' is not models:/NAME@ALIAS")
+    one_line(py("pipeline.predict", tmp_path / "no_model", image), str(tmp_path / "no_model"))
+
+
+def test_missing_or_unreadable_image(tmp_path, image):
+    one_line(py("pipeline.predict", "models:/tiny@current", tmp_path / "nope.jpg", cwd=tmp_path),
+             f"image not found: {tmp_path / 'nope.jpg'}")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image\n")
+    one_line(py("pipeline.predict", "models:/tiny@current", image, text), f"{text}: not an image")
+    one_line(py("pipeline.predict", "models:/tiny@current", image, "-k", "five"), "-k", "'five'")
+
+
+# -- register, export --------------------------------------------------------------------------------------
+def test_register_errors(tmp_path):
+    one_line(py("pipeline.register", tmp_path / "nope"), f"run folder not found: {tmp_path / 'nope'}")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    one_line(py("pipeline.register", run_dir), "mlflow_run.json", "was not tracked in MLflow")
+    # the record keeps a redacted URI: registering needs the real one from MLFLOW_TRACKING_URI
+    record = run_dir / "mlflow_run.json"
+    record.write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": "http://trainer:***@mlflow.example:5000"}))
+    one_line(py("pipeline.register", run_dir), "http://trainer:***@mlflow.example:5000",
+             "set MLFLOW_TRACKING_URI")
+    uri = unreachable_uri()
+    one_line(py("pipeline.register", run_dir, env={"MLFLOW_TRACKING_URI": uri}), f"{run_dir / 'model'}",
+             "no exported model", "pipeline.export")
+    (run_dir / "model").mkdir()
+    (run_dir / "model" / "model.json").write_text(json.dumps({"step": 1}))
+    (run_dir / "config.yaml").write_text("name: run\n")
+    one_line(py("pipeline.register", run_dir, env={"MLFLOW_TRACKING_URI": uri}),
+             f"cannot reach the MLflow server at {uri}")
+
+
+def test_export_errors(tmp_path):
+    one_line(py("pipeline.export", tmp_path / "nope", "--out", tmp_path / "m"), str(tmp_path / "nope"), "not found")
+    (tmp_path / "step_00000010").mkdir()
+    one_line(py("pipeline.export", tmp_path / "step_00000010", "--out", tmp_path / "m"),
+             f"{tmp_path / 'step_00000010'} is not a complete checkpoint")
+    one_line(py("pipeline.export", tmp_path / "step_00000010"), "--out")
+
+
+# -- the main job ------------------------------------------------------------------------------------------
+def test_main_job_errors(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    one_line(py("pipeline.demo", "--workdir", a_file), str(a_file), "not a folder")
+    one_line(py("pipeline.demo", "--pretrain-epochs", "many"), "--pretrain-epochs", "'many'")
+
+
+# -- which failures are expected ---------------------------------------------------------------------------
+def test_expected_failures_and_bugs_are_told_apart():
+    import numpy as np
+
+    from pipeline.config import ConfigError, load_config
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("nothing raised")
+
+    assert exit_code_of(raised(lambda: load_config(None, ["nosuch=1"]))) == 2  # ConfigError from our code
+    assert exit_code_of(raised(lambda: open("/nonexistent/file"))) == 2
+    assert exit_code_of(CommandError("x", exit_code=4)) == 4
+    assert exit_code_of(raised(lambda: np.zeros(3).reshape(2))) is None  # a ValueError from a library: a bug
+    assert exit_code_of(raised(lambda: {}["k"])) is None
+    assert exit_code_of(ConfigError("x"), exit_codes={ConfigError: 5}) == 5
+    assert exit_code_of(ConfigError("x"), exit_codes={"ConfigError": 5}) == 5  # by name: no import needed
