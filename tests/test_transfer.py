@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import create_model
-from pipeline.model.transfer import SourceModel, TransferError, initialise, load_source, resize_bias_table, transfer_state
+from pipeline.engine.model_export import load_source
+from pipeline.model.transfer import SourceModel, TransferError, initialise, resize_bias_table, transfer_state
 from servers import REPO, free_port, run_prep
 
 SYNSETS = [f"n{i:08d}" for i in range(10)]

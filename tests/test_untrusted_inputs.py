@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.engine.checkpoint import load_checkpoint, rng_state
 from pipeline.engine.model_export import UnsafeModelFile, check_safetensors, load_exported, model_metadata
 from pipeline.model import create_model
-from pipeline.model.transfer import load_source
+from pipeline.engine.model_export import load_source
 from servers import REPO, run_prep
 
 SYNSETS = [f"n{i:08d}" for i in range(3)]

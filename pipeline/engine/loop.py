@@ -18,15 +18,17 @@ import torch
 
 from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
+from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import complete_checkpoints, find_resume, load_checkpoint, save_checkpoint
 from pipeline.engine.distributed import World, all_reduce_sum
 from pipeline.engine.evaluate import evaluate
+from pipeline.engine.model_export import load_source
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config, plan_steps,
                                    resolve_precision)
 from pipeline.engine.step import micro_step
 from pipeline.model import create_model
-from pipeline.model.transfer import initialise, load_source
+from pipeline.model.transfer import initialise
 
 log = logging.getLogger("pipeline.train")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -85,16 +87,17 @@ def loader_configs(cfg: RunConfig, precision: str) -> tuple[LoaderConfig, Loader
 
 
 def build_engine(cfg: RunConfig, world: World, plan: StepPlan, synsets: list[str], precision: str,
-                 init: bool = True):
-    """The DeepSpeed engine and LR schedule; the model starts from `cfg.init_from` when given and `init`."""
+                 init_from: str = ""):
+    """The DeepSpeed engine and LR schedule; the model starts from the weights at `init_from` (a local path)
+    when given."""
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     m = cfg.model
     model = create_model(m.arch, m.img_size, m.window_size, len(synsets), m.drop_path, m.grad_checkpointing,
                          m.fused_attn)
-    if cfg.init_from and init:
-        initialise_from(cfg, model, synsets, world)
+    if init_from:
+        initialise_from(cfg, init_from, model, synsets, world)
     optimizer = create_optimizer(model, cfg)
     schedule = create_schedule(optimizer, cfg, plan)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
@@ -103,14 +106,14 @@ def build_engine(cfg: RunConfig, world: World, plan: StepPlan, synsets: list[str
     return engine, schedule
 
 
-def initialise_from(cfg: RunConfig, model, synsets: list[str], world: World) -> None:
+def initialise_from(cfg: RunConfig, path: str, model, synsets: list[str], world: World) -> None:
     """Every rank loads the source (the same bytes, so the same weights); rank 0 records what was done."""
-    source = load_source(cfg.init_from)
+    source = load_source(path)
     report = initialise(model, source, synsets, cfg.transfer.bias_tables, cfg.transfer.head)
     if world.is_main:
         write_map(cfg.run_dir / "head_map.json", source.description, "this run's shard set", source.synsets, synsets)
         (cfg.run_dir / "init.json").write_text(json.dumps(
-            {"init_from": cfg.init_from, "source": source.description, **report.as_params(),
+            {"init_from": redact_text(cfg.init_from), "source": source.description, **report.as_params(),
              "resized_tables": report.resized_tables, "fresh_synsets": report.fresh_synsets}, indent=1))
 
 
@@ -125,6 +128,7 @@ class Setup:
     plan: StepPlan
     precision: str
     resume: Path | None  # the checkpoint to resume from, or None for a fresh start
+    init_path: str = ""  # local weights to start from (cfg.init_from, a models:/ URI pulled by the caller)
 
 
 def prepare(cfg: RunConfig, world: World) -> Setup:
@@ -137,20 +141,22 @@ def prepare(cfg: RunConfig, world: World) -> Setup:
     train_loader = create_loader(train_cfg, world.rank, world.size)
     val_loader = create_loader(val_cfg, world.rank, world.size) if val_cfg else None
     plan = plan_steps(cfg, world.size, len(train_loader))
-    return Setup(cfg, world, train_loader, val_loader, train_loader.shard_set.synsets, plan, precision,
-                 find_resume(cfg))
+    resume = find_resume(cfg)
+    init_path = "" if resume is not None else cfg.init_from
+    return Setup(cfg, world, train_loader, val_loader, train_loader.shard_set.synsets, plan, precision, resume,
+                 init_path)
 
 
 def train(setup: Setup, tracker=None) -> dict:
     """Trains to the end of the schedule (or train.max_steps); returns a summary naming the final checkpoint."""
     return run(setup.cfg, setup.world, setup.train_loader, setup.val_loader, setup.synsets, setup.plan,
-               setup.precision, setup.resume, tracker)
+               setup.precision, setup.resume, tracker, setup.init_path)
 
 
 def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: StepPlan, precision: str,
-        resume: Path | None, tracker=None) -> dict:
+        resume: Path | None, tracker=None, init_path: str = "") -> dict:
     run_dir = cfg.run_dir
-    engine, schedule = build_engine(cfg, world, plan, synsets, precision, init=resume is None)
+    engine, schedule = build_engine(cfg, world, plan, synsets, precision, init_from="" if resume else init_path)
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, tracker)
     state = RunState()
 

@@ -15,10 +15,8 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -137,33 +135,3 @@ def initialise(model: torch.nn.Module, source: SourceModel, target_synsets: list
              f" ({', '.join(report.fresh_synsets[:20])}{' ...' if len(report.fresh_synsets) > 20 else ''})"
              if report.fresh_synsets else "")
     return report
-
-
-def load_source(init_from: str) -> SourceModel:
-    """A checkpoint folder, an exported model folder, a .safetensors file beside its model.json, or (with the
-    MLflow registry) models:/NAME@ALIAS or models:/NAME/VERSION."""
-    if init_from.startswith("models:/"):
-        from pipeline.tracking.registry import pull_to_folder  # the MLflow registry (pipeline/tracking/registry.py)
-
-        return load_source(str(pull_to_folder(init_from)))
-    path = Path(init_from)
-    if path.is_dir() and (path / "COMPLETE").is_file():
-        from pipeline.engine.model_export import consolidated_state_dict
-
-        return SourceModel(consolidated_state_dict(path), (path / "synsets.txt").read_text().split(),
-                           f"checkpoint {path}")
-    if path.is_dir() and (path / "model.json").is_file():
-        path = path / "model.safetensors"
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors.torch import load_file
-
-        from pipeline.engine.model_export import check_safetensors
-
-        meta_path = path.with_name("model.json")
-        if not meta_path.is_file():
-            raise TransferError(f"{path}: no model.json beside it (its label layout is needed to map the head)")
-        check_safetensors(path)  # a pickle named .safetensors is refused, never loaded
-        meta = json.loads(meta_path.read_text())
-        return SourceModel(load_file(str(path)), meta["synsets"], f"exported model {path.parent}", meta)
-    raise TransferError(f"init_from={init_from!r}: not a complete checkpoint folder, an exported model "
-                        f"(folder or model.safetensors with model.json), or a models:/ URI")
