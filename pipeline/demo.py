@@ -24,10 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.embedded import synset_of, write_synset_tars
-from data_prep.shard import ShardOptions, run_shard
 from data_prep.shardset.store import open_store
-from data_prep.verify import verify
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging
 from swin_common.redact import redact_text
 
@@ -41,16 +38,41 @@ def stage(n: int, text: str) -> None:
     print(f"\n[{n}/{STAGES}] {text}", flush=True)
 
 
+def prep(*args) -> str:
+    """Runs `python -m data_prep ARGS` as a user would; returns its stdout. Its log is shown once it ends; a
+    failure ends the main job with prep's own error line."""
+    args = [str(a) for a in args]
+    print(f"  $ python -m data_prep {' '.join(args)}", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    for line in proc.stderr.splitlines():
+        if not line.startswith("error: "):
+            print("  " + line, file=sys.stderr)
+    if proc.returncode != 0 and not (args[0] == "verify" and proc.returncode == 1):  # verify: 1 = problems found
+        raise CommandError(f"data_prep {args[0]} failed (exit {proc.returncode}){last_error(proc.stderr)}",
+                           exit_code=proc.returncode if proc.returncode > 0 else 1)
+    return proc.stdout
+
+
+def verified(shards: str, workers: int) -> bool:
+    """`data_prep verify`: prints what it found; True when the set is intact."""
+    out = prep("verify", shards, "--workers", workers).splitlines()
+    for line in out:
+        print("  " + line)
+    return bool(out) and out[-1].endswith(": OK")
+
+
 def write_1k_source(source_22k: Path, work: Path) -> tuple[Path, Path]:
     """The "1K" source: links to 5 of the synset tars, and its layout file (those 5 plus an unseen synset)."""
     source = work / "source_1k_tars"
     source.mkdir(parents=True, exist_ok=True)
+    synsets = sorted(p.stem for p in source_22k.glob("*.tar"))  # the digits' synsets, digit d is the d-th
     for digit in FINETUNE_DIGITS:
-        link = source / f"{synset_of(digit)}.tar"
+        link = source / f"{synsets[digit]}.tar"
         if not link.exists():
             link.symlink_to((source_22k / link.name).resolve())
     layout = work / "layout_1k.txt"
-    layout.write_text("".join(f"{synset_of(d)}\n" for d in FINETUNE_DIGITS) + f"{UNSEEN_SYNSET}\n")
+    layout.write_text("".join(f"{synsets[d]}\n" for d in FINETUNE_DIGITS) + f"{UNSEEN_SYNSET}\n")
     return source, layout
 
 
@@ -158,29 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     stage(1, "embedded dataset: scikit-learn digits as ImageNet-22K-style per-synset tars")
     source = work / "source_22k_tars"
     if not source.exists():
-        write_synset_tars(source)
+        print(prep("embedded", "--out", source, "--format", "synset-tars").strip())
     print(f"  {source}: {len(list(source.glob('*.tar')))} synset tars")
 
     stage(2, "data_prep shard + verify: the 22K-style shard set")
     base = (args.shards_url or str(work)).rstrip("/")
     shards, shards_1k = f"{base}/shards", f"{base}/shards_1k"
-    summary = run_shard(ShardOptions(source=str(source), out=str(shards), holdout_per_class=20,
-                                     max_samples=256, workers=args.workers))
-    print(json.dumps(summary, indent=1))
-    report = verify(str(shards), workers=args.workers)
-    for problem in report.problems:
-        print("  " + problem)
-    if not report.ok:
+    print(prep("shard", "--source", source, "--out", shards, "--holdout-per-class", 20, "--max-samples", 256,
+               "--workers", args.workers).rstrip())
+    ok = verified(shards, args.workers)
+    if not ok:
         return 1
 
     stage(3, f"data_prep shard: the '1K' set (digits {FINETUNE_DIGITS} + unseen {UNSEEN_SYNSET}, declared layout)")
     source_1k, layout_1k = write_1k_source(source, work)
-    run_shard(ShardOptions(source=str(source_1k), out=str(shards_1k), layout=str(layout_1k), holdout_per_class=20,
-                           max_samples=256, workers=args.workers))
-    print(f"  {shards_1k}: verified {'OK' if verify(str(shards_1k), workers=args.workers).ok else 'FAILED'}")
+    prep("shard", "--source", source_1k, "--out", shards_1k, "--layout", layout_1k, "--holdout-per-class", 20,
+         "--max-samples", 256, "--workers", args.workers)
+    if not verified(shards_1k, args.workers):
+        return 1
     manifest = json.loads(open_store(shards).read("manifest.json"))
     if args.prep_only:
-        return finish(t0, shards, manifest, report.ok)
+        return finish(t0, shards, manifest, ok)
 
     runs = work / "runs"
     stage(4, "pretrain: tiny Swin, DeepSpeed ZeRO-2, 2 CPU ranks (launch/pretrain_22k.sh, configs/tiny_22k.yaml)")
@@ -219,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     store = runs / "mlflow" / "mlflow.db"
     if store.is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):
         print(f"  MLflow UI:  mlflow ui --backend-store-uri sqlite:///{store}")
-    return finish(t0, shards, manifest, report.ok)
+    return finish(t0, shards, manifest, ok)
 
 
 def totals(manifest: dict) -> str:
