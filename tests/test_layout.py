@@ -46,25 +46,14 @@ def imports_of(name: str, path: Path) -> set[str]:
 GRAPH = {name: imports_of(name, path) for name, path in modules().items()}
 
 
+# the layers of shared/DESIGN.md, lowest first, by module prefix (the first that matches wins); anything else is
+# a command (layer 8): pipeline/{train,export,pull,predict,register,demo}.py, data_prep's cli
+LAYERS = (("swin_common", 0), ("data_prep.shardset", 1), ("data_prep", 2), ("pipeline.config", 3),
+          ("pipeline.data", 4), ("pipeline.model", 5), ("pipeline.engine", 6), ("pipeline.tracking", 7))
+
+
 def layer(module: str) -> int:
-    """The layers of shared/DESIGN.md, lowest first (swin_common: redaction and the command helper, below all)."""
-    if module.startswith("swin_common"):
-        return 0
-    if module.startswith("data_prep.shardset"):
-        return 1
-    if module.startswith("data_prep"):
-        return 2
-    if module == "pipeline.config":
-        return 3
-    if module.startswith("pipeline.data"):
-        return 4
-    if module.startswith("pipeline.model"):
-        return 5
-    if module.startswith("pipeline.engine"):
-        return 6
-    if module.startswith("pipeline.tracking"):
-        return 7
-    return 8  # the commands: pipeline/{train,export,pull,predict,register,demo}.py, data_prep's cli
+    return next((n for prefix, n in LAYERS if module == prefix or module.startswith(prefix + ".")), 8)
 
 
 def test_the_graph_is_read():
