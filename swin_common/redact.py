@@ -2,7 +2,8 @@
 
 What it cuts (each replaced by `***`):
 - the password of a URI's userinfo: `http://user:password@host/` -> `http://user:***@host/` (the user name stays,
-  so a reader still sees which account was used);
+  so a reader still sees which account was used); a userinfo without a password is usually a token
+  (`https://TOKEN@host/`) and is cut whole: `https://***@host/`;
 - query-string credentials: `X-Amz-Signature`, `X-Amz-Credential`, `X-Amz-Security-Token`, `token`,
   `access_token`, `sig`, `signature`, `key`, `api_key`, `client_secret`, `password`, ... (any parameter whose
   name holds token/signature/secret/password/credential/api key/access key/auth) -> `token=***`;
@@ -32,6 +33,8 @@ MIN_SECRET_LEN = 6  # a shorter value cut from all text would mangle ordinary wo
 
 # scheme://user:PASSWORD@host: greedy up to the last "@" before the path, so a password holding "@" is cut whole
 URI_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@?#]*:)(?P<secret>[^/\s]*)@")
+# scheme://TOKEN@host (no colon: no password, the user part is the credential)
+URI_USER_TOKEN = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<secret>[^/\s:@?#]+)@")
 QUERY_SECRET = re.compile(
     r"(?P<head>[?&;](?:[\w.~-]*(?:token|signature|secret|passw|pwd|credential|api[-_]?key|apikey|access[-_]?key"
     r"|auth)[\w.~-]*|sig|key|code)=)(?P<secret>[^&#\s'\"<>]+)", re.I)
@@ -45,6 +48,7 @@ _lock = threading.Lock()
 def uri_secrets(text: str) -> list[str]:
     """The credentials written into the URIs of `text` (userinfo passwords, query-string tokens)."""
     found = [m["secret"] for m in URI_PASSWORD.finditer(text)]
+    found += [m["secret"] for m in URI_USER_TOKEN.finditer(text)]
     found += [m["secret"] for m in QUERY_SECRET.finditer(text)]
     return [s for s in found if s and s != REDACTED]
 
@@ -80,6 +84,8 @@ def redact_text(text: str, secrets: list[str] | None = None) -> str:
     if not text:
         return text
     text = URI_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
+    text = URI_USER_TOKEN.sub(lambda m: m["head"] + (m["secret"] if m["secret"] == REDACTED else REDACTED) + "@",
+                              text)
     text = QUERY_SECRET.sub(rf"\g<head>{REDACTED}", text)
     text = AUTH_HEADER.sub(_auth_header, text)
     for secret in secret_values() if secrets is None else secrets:

@@ -47,6 +47,8 @@ def test_redaction_rules():
      "GET /x?token=***&page=2&access_token=***&api_key=***&client_secret=***&password=***"),
     ("{'Authorization': 'Bearer eyJhbGci.x.y'} Authorization: Basic dXNlcjpwdw==",
      "{'Authorization': 'Bearer ***'} Authorization: Basic ***"),
+    ("git clone https://ghp_T0kenValue@github.com/o/r and http://***@h:1/", "git clone https://***@github.com/o/r and "
+     "http://***@h:1/"),  # a user part without a password is a token: cut whole (and twice is the same)
     ("s3://bucket/prefix http://host:5000/path?x=1 /data/shards",  # nothing secret: unchanged
      "s3://bucket/prefix http://host:5000/path?x=1 /data/shards"),
 ])
