@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,17 @@ def parse_args(argv):
     p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
+    p.add_argument("--launch-dir", help="where the job was launched: a relative out_dir (and --config) is taken "
+                                        "from there (the launch scripts pass it; default: this process's folder)")
     return p.parse_args(argv)
+
+
+def resolve_at_launch(cfg, launch_dir: str | None) -> None:
+    """A relative out_dir becomes absolute once, against the folder the job was launched from, so every rank on
+    every node names the same run folder whatever folder its launcher started it in."""
+    base = Path(launch_dir or os.getcwd())
+    if not Path(cfg.out_dir).is_absolute():
+        cfg.out_dir = str((base / cfg.out_dir).resolve())
 
 
 def pull_init_source(init_from: str) -> str:
@@ -75,21 +86,59 @@ def export_final(setup, summary: dict) -> dict:
     return {**summary, "model": str(exported)}
 
 
-def finish_tracking(setup, tracker, summary: dict) -> None:
-    """Curves, metrics and (when asked) the registered model version, then the MLflow run's end."""
+def finish_tracking(cfg, tracker, summary: dict) -> None:
+    """Curves and metrics (waited for up to tracking.final_timeout_s), then the model registered in this thread,
+    however long its upload takes (Swin-L's export is ~790 MB), then the MLflow run's end."""
     from pipeline.tracking.plots import training_curves
-    from pipeline.tracking.registry import register
 
-    cfg = setup.cfg
     curves = training_curves(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "plots" / "training_curves.png")
     if curves:
         tracker.log_artifact(curves, "plots")
     tracker.log_artifact(cfg.run_dir / "metrics.jsonl")
-    if cfg.tracking.register and summary.get("model") and tracker.sender is not None:
-        name = cfg.tracking.model_name or cfg.name
-        tracker.call(register, tracker.sender.client, tracker.run_id, Path(summary["model"]), name,
-                     list(cfg.tracking.aliases))
-    tracker.finish()
+    failure = None
+    if cfg.tracking.register and summary.get("model"):
+        if tracker.sender is None:
+            if cfg.tracking.enabled:
+                log.warning("this run is not tracked (MLflow was unreachable at its start), so its model is not "
+                            "registered: `python -m pipeline.register %s` does it once the server runs", cfg.run_dir)
+        else:
+            tracker.flush(cfg.tracking.final_timeout_s)  # what was queued first goes first
+            try:
+                register_final(cfg, tracker, Path(summary["model"]))
+            except Exception as e:  # noqa: BLE001  (the run's end is still recorded; the error follows)
+                failure = e
+    tracker.finish("FINISHED" if failure is None else "FAILED")
+    if failure is not None:
+        from pipeline.tracking.tracker import short_error
+        from swin_common.cli import CommandError
+
+        raise CommandError(f"the model was trained and exported to {summary['model']}, but registering it in "
+                           f"MLflow failed ({short_error(failure)}): retry with `python -m pipeline.register "
+                           f"{cfg.run_dir}`") from failure
+
+
+def register_final(cfg, tracker, model_dir: Path) -> str:
+    """Registers the export as a new model version, logging progress while the upload runs."""
+    import threading
+
+    from pipeline.tracking.registry import register
+
+    name = cfg.tracking.model_name or cfg.name
+    size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
+    log.info("registering %s (%.0f MB) as a version of %s ...", model_dir, size / 1e6, name)
+    t0, done = time.time(), threading.Event()
+
+    def progress():
+        while not done.wait(30):
+            log.info("... still uploading %s to MLflow (%.0f s)", model_dir, time.time() - t0)
+
+    threading.Thread(target=progress, name="register-progress", daemon=True).start()
+    try:
+        version = register(tracker.sender.client, tracker.run_id, model_dir, name, list(cfg.tracking.aliases))
+    finally:
+        done.set()
+    log.info("registered models:/%s/%s in %.0f s", name, version, time.time() - t0)
+    return version
 
 
 def run(cfg, world) -> dict:
@@ -106,10 +155,16 @@ def run(cfg, world) -> dict:
     except BaseException:
         tracker.finish("FAILED" if world.is_main else "KILLED")
         raise
+    failure = None
     if world.is_main:
         summary = export_final(setup, summary)
-        finish_tracking(setup, tracker, summary)
+        try:
+            finish_tracking(cfg, tracker, summary)
+        except Exception as e:  # noqa: BLE001  (raised once every rank is past the barrier)
+            failure = e
     barrier()
+    if failure is not None:
+        raise failure
     return {**summary, "seconds": time.time() - t_start, "mlflow_run": tracker.run_id}
 
 
@@ -118,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pipeline.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    config = Path(args.config)
+    if args.launch_dir and not config.is_absolute() and (Path(args.launch_dir) / config).is_file():
+        config = Path(args.launch_dir) / config
+    cfg = load_config(config, args.overrides)
+    resolve_at_launch(cfg, args.launch_dir)
     from pipeline.engine.distributed import init_distributed, shutdown
 
     world = init_distributed()

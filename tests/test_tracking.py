@@ -122,9 +122,29 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
 
     # fine-tuning starts from the registry
     fine = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@champion", "train.max_steps=1",
-                 "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=1, **cache)
+                 "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=2,
+                 SWIN_MODEL_CACHE=str(tmp_path / "fresh-cache"))  # 2 ranks pull it at once into one cache
     init = json.loads((tmp_path / "from_registry" / "init.json").read_text())
     assert init["init_head_rows_mapped"] == 10 and init["init_resized_bias_tables"] == 8, fine.stderr[-2000:]
+    versions = [p for p in (tmp_path / "fresh-cache" / "tracked").iterdir() if not p.name.startswith(".")]
+    assert len(versions) == 1 and (versions[0] / "model.json").is_file(), versions  # no partial leftovers
+
+    # several processes of one node pull the same version at once: one downloads, the others wait and reuse it
+    pulls = [subprocess.Popen([sys.executable, "-c", PULL, "models:/tracked@champion"], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=env(uri, SWIN_MODEL_CACHE=str(tmp_path / "shared-cache"))) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in pulls]
+    assert all(p.returncode == 0 for p in pulls), [err[-2000:] for _, err in outs]
+    assert sum("downloaded models:/tracked@champion" in err for _, err in outs) == 1, [err for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # the same folder for all
+
+
+PULL = """
+import logging, sys
+from pipeline.tracking.registry import pull_to_folder
+logging.basicConfig(level=logging.INFO)
+print(pull_to_folder(sys.argv[1]))
+"""
 
 
 def test_training_survives_the_server_going_away(shards, tmp_path):
@@ -180,7 +200,7 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
 
 
 @pytest.mark.s3
-def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path):
+def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path, monkeypatch):
     """A server whose artifacts live on the S3 server: the model version's files are there, and pull works."""
     bucket = s3_server.create_bucket("mlflow")
     server = start_mlflow_server(tmp_path / "s3mlflow", env={
@@ -195,5 +215,61 @@ def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path):
                                 env=env(server.uri))
         assert pulled.returncode == 0, pulled.stderr[-3000:]
         assert (tmp_path / "pulled" / "model.safetensors").stat().st_size > 1_000_000
+
+        # a big export (Swin-L's is ~790 MB) is registered whole, however short the end-of-run wait for metrics
+        big = make_big_export(tmp_path / "on_s3" / "model", tmp_path / "big_model", 300_000_000)
+        registered = register_at_the_end(tmp_path, "big", server.uri, big, monkeypatch)
+        keys = {o["Key"]: o["Size"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+        uploaded = [size for key, size in keys.items() if key.endswith("model.safetensors") and size > 300_000_000]
+        assert registered.version == "1" and uploaded == [big.joinpath("model.safetensors").stat().st_size]
     finally:
         server.stop()
+
+
+def make_big_export(real: Path, out: Path, size: int) -> Path:
+    """An export folder whose weights file is `size` bytes (one big tensor), with the real one's model.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    (out / "model.json").write_text((real / "model.json").read_text())
+    save_file({"w": torch.zeros(size // 4)}, str(out / "model.safetensors"))
+    return out
+
+
+def register_at_the_end(tmp_path: Path, name: str, uri: str, model: Path, monkeypatch):
+    """The train command's end-of-run steps on a run whose export is `model`, with a 1 s wait for queued
+    records: registration runs in the foreground to its end."""
+    from pipeline.config import dump_config, load_config
+    from pipeline.engine.distributed import World
+    from pipeline.tracking.tracker import Tracker
+    from pipeline.train import finish_tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config(TINY, [f"name={name}", f"out_dir={tmp_path}", "tracking.final_timeout_s=1",
+                             "tracking.system_metrics=false"])
+    cfg.run_dir.mkdir(parents=True)
+    dump_config(cfg, cfg.run_dir / "config.yaml")
+    tracker = Tracker(cfg, World(0, 1, 0), resumed=False)
+    finish_tracking(cfg, tracker, {"model": str(model)})
+    client = MlflowClient(uri)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    return client.get_model_version_by_alias(name, "current")
+
+
+def test_a_refused_metrics_batch_drops_only_itself(mlflow_server):
+    """The server answers 400 to a batch holding an invalid metric name: that batch is dropped, the records
+    queued after it still arrive."""
+    from mlflow.entities import Metric
+
+    from pipeline.tracking.tracker import Sender
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.create_run(client.create_experiment(f"refused-{time.time()}"))
+    sender = Sender(client, run.info.run_id)
+    now = int(time.time() * 1000)
+    with sender.lock:  # nothing leaves before all 600 are queued: the first batch of 500 holds the bad one
+        sender.metrics.append(Metric("bad<name>", 1.0, now, 0))
+        sender.metrics += [Metric("loss", float(i), now, i) for i in range(1, 600)]
+    assert sender.close(60)
+    assert steps_of(client, run.info.run_id, "loss") == list(range(500, 600))

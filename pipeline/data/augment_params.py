@@ -56,18 +56,36 @@ def eval_resize(size: int, crop_pct: float) -> int:
     return int(math.floor(size / crop_pct))
 
 
+def torch_generators(device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """The torch generators a block running on `device` draws from: the CPU one, plus that CUDA device's own
+    (timm's RandomErasing draws its noise on the batch's device)."""
+    device = torch.device(device)
+    generators = [torch.default_generator]
+    if device.type == "cuda":
+        generators.append(torch.cuda.default_generators[device.index if device.index is not None
+                                                        else torch.cuda.current_device()])
+    return generators
+
+
 @contextlib.contextmanager
-def seeded(rng: np.random.Generator):
+def seeded(rng: np.random.Generator, generators: list[torch.Generator] | None = None):
     """timm's RandAugment, Mixup and RandomErasing draw from the global random/numpy/torch generators: seed them
-    for one batch (or sample) and put them back afterwards."""
+    for one batch (or sample) and put every one of them back afterwards.
+
+    Only `generators` (default: the CPU one; `torch_generators(device)` adds a CUDA device's) are seeded and
+    restored, never through torch.manual_seed, which would also reseed every CUDA device's generator and so
+    replace each rank's drop-path stream on a GPU."""
+    generators = [torch.default_generator] if generators is None else generators
     seeds = rng.integers(0, 2**31, 3)
-    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    saved = random.getstate(), np.random.get_state(), [g.get_state() for g in generators]
     random.seed(int(seeds[0]))
     np.random.seed(int(seeds[1]))
-    torch.manual_seed(int(seeds[2]))
+    for g in generators:
+        g.manual_seed(int(seeds[2]))
     try:
         yield
     finally:
         random.setstate(saved[0])
         np.random.set_state(saved[1])
-        torch.random.set_rng_state(saved[2])
+        for g, state in zip(generators, saved[2], strict=True):
+            g.set_state(state)

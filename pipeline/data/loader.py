@@ -7,7 +7,8 @@ way. The loader's whole state is therefore (epoch, position): a checkpoint store
 made with that state yields exactly the batches an uninterrupted one would have.
 
 Batch contract: images float NCHW (normalised with ImageNet mean/std) in `dtype`; labels int64 (N,), or float
-(N, classes) soft targets when Mixup/CutMix is on.
+(N, classes) soft targets when Mixup/CutMix is on. An evaluation loader (train=False) gives every rank the same
+number of batches and every sample to exactly one rank: its padding entries have label -1 (leave them out).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .augment_params import batch_rng, seeded
+from .augment_params import batch_rng, seeded, torch_generators
 from .backend import create_backend
 from .cache import ShardCache
 from .order import epoch_order, samples_per_rank
@@ -82,7 +83,7 @@ class ShardLoader:
     # -- state ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         """Batches per epoch: the same on every rank."""
-        per_rank = samples_per_rank(self.reader.sizes, self.world)
+        per_rank = samples_per_rank(self.reader.sizes, self.world, pad=not self.cfg.train)
         return per_rank // self.cfg.batch_size if self.cfg.train else -(-per_rank // self.cfg.batch_size)
 
     def state_dict(self) -> dict:
@@ -106,7 +107,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
         order = epoch_order(self.reader.sizes, self.cfg.seed, self.epoch, self.rank, self.world,
-                            self.cfg.shuffle_window, shuffle=self.cfg.train)
+                            self.cfg.shuffle_window, shuffle=self.cfg.train, pad=not self.cfg.train)
         for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
                                                                 len(self)):
             self.skipped += skipped
@@ -119,7 +120,7 @@ class ShardLoader:
     def _batch_augment(self, b: int, images: torch.Tensor, labels: torch.Tensor):
         if self._mixup is None and self._erase is None:
             return images, labels
-        with seeded(batch_rng(self.cfg.seed, self.epoch, self.rank, b, 1)):
+        with seeded(batch_rng(self.cfg.seed, self.epoch, self.rank, b, 1), torch_generators(images.device)):
             if self._mixup is not None:
                 if len(images) % 2:  # timm's batch Mixup pairs samples; a batch short of a skipped one drops one
                     images, labels = images[:-1], labels[:-1]

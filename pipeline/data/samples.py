@@ -30,6 +30,7 @@ class BatchSource:
         return order.shard[lo:hi], order.sample[lo:hi]
 
     def read_batch(self, order, b: int) -> tuple[list[tuple[int, int]], list[bytes], np.ndarray]:
+        """Batch b's refs, JPEG bytes and labels; padding entries of an evaluation order are labelled -1."""
         shards, samples = self.batch_refs(order, b)
         refs = list(zip(shards.tolist(), samples.tolist(), strict=True))
         data, labels = [], []
@@ -37,7 +38,11 @@ class BatchSource:
             jpg, label = self.reader.read(shard, sample)
             data.append(jpg)
             labels.append(label)
-        return refs, data, np.asarray(labels, np.int64)
+        labels = np.asarray(labels, np.int64)
+        if order.valid is not None:
+            lo = b * self.cfg.batch_size
+            labels[~order.valid[lo:lo + len(labels)]] = -1
+        return refs, data, labels
 
     def crops(self, epoch: int, b: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         """Batch b's random-resized-crop boxes (x, y, w, h) and flips, from the JPEGs' header sizes."""

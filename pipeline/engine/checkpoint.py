@@ -24,11 +24,39 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig, dump_config
-from pipeline.engine.distributed import barrier
+from pipeline.engine.distributed import all_gather_object, barrier, broadcast_object
 
 log = logging.getLogger("pipeline.train")
 MARKER = "COMPLETE"
 TAG = re.compile(r"^step_(\d{8})$")
+
+
+class SharedStorageError(RuntimeError):
+    """Ranks that do not see the run folder rank 0 writes into."""
+
+
+def check_shared_run_dir(run_dir: Path, rank: int) -> None:
+    """Rank 0 writes a token into the run folder and every rank reads it back: checkpoints and the export are
+    written there by every rank, so they must all see the same folder. Fails on every rank, naming the ranks
+    and the path, when some do not (a node-local disk, another mount, a relative out_dir resolved elsewhere)."""
+    token_file = run_dir / ".ranks-see-this"
+    token = None
+    if rank == 0:
+        token = os.urandom(8).hex()
+        staged = token_file.with_name(token_file.name + ".tmp")
+        staged.write_text(token)
+        os.replace(staged, token_file)
+    token = broadcast_object(token)  # sent once rank 0 has written it
+    try:
+        seen = token_file.read_text() == token
+    except OSError:
+        seen = False
+    blind = [r for r, ok in enumerate(all_gather_object(seen)) if not ok]
+    if blind:
+        raise SharedStorageError(
+            f"rank(s) {', '.join(map(str, blind))} do not see {token_file}, which rank 0 wrote: every rank writes "
+            f"checkpoints into {run_dir}, so out_dir must be on storage every node sees (a shared file system), "
+            f"given as the same absolute path on every node")
 
 
 def tag_for(step: int) -> str:

@@ -1,14 +1,21 @@
-"""Process-group setup for the three ways a rank is started:
+"""Process-group setup for the ways a rank is started:
 
-- the `deepspeed` launcher (and torchrun): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are set;
+- the `deepspeed` launcher, torchrun and `accelerate launch`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT are set;
 - Slurm's `srun`, one task per GPU: DeepSpeed never reads SLURM_*, so they are mapped here (the master is the
   first host of the job's node list, the port derived from the job id unless MASTER_PORT is set);
+- `mpirun` (OpenMPI, or DeepSpeed's `--launcher openmpi`): OMPI_COMM_WORLD_* are mapped the same way;
 - a plain `python -m pipeline.train`: a world of one.
+
+Each rank drives the GPU of its LOCAL_RANK (torch.cuda.set_device here; DALI's device_id is the current device).
+The process group is `cpu:gloo,cuda:nccl` on GPU machines (process_group_backend): NCCL carries CUDA tensors
+(gradients, ZeRO partitions, evaluation sums), gloo the small CPU values (the finite-loss flag, logged loss sums,
+object broadcasts, barriers), so no control value needs a trip to the GPU.
 
 Importing DeepSpeed picks its accelerator once, so DS_ACCELERATOR is set to `cpu` first where there is no GPU.
 
 Every collective the project runs goes through the helpers at the end of this module (all_reduce_sum,
-all_true, barrier, broadcast_object, shutdown), so the rules of the process group's backends live in one place;
+all_true, barrier, broadcast_object, all_gather_object, shutdown), so the rules of the process group's backends live in one place;
 each is a no-op in a world of one or without a process group.
 """
 from __future__ import annotations
@@ -44,6 +51,39 @@ def environment_from_slurm(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def environment_from_mpi(env: dict[str, str]) -> dict[str, str]:
+    """The torch.distributed variables of an OpenMPI rank (mpirun, `deepspeed --launcher openmpi`)."""
+    if "RANK" in env or "OMPI_COMM_WORLD_RANK" not in env:
+        return {}
+    return {"RANK": env["OMPI_COMM_WORLD_RANK"], "WORLD_SIZE": env.get("OMPI_COMM_WORLD_SIZE", "1"),
+            "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")}
+
+
+def rank_environment(env: dict[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE and LOCAL_RANK of this process, whichever launcher started it (a world of one when none
+    did), plus MASTER_* where a launcher's own variables give them."""
+    out = {**env, **environment_from_slurm(env), **environment_from_mpi(env)}
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        out.setdefault(key, default)
+    return {k: out[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in out}
+
+
+def cuda_device_index(env: dict[str, str], device_count: int) -> int:
+    """The GPU this rank drives: its LOCAL_RANK, which must name one of the node's GPUs."""
+    local = int(env.get("LOCAL_RANK", "0"))
+    if not 0 <= local < device_count:
+        raise RuntimeError(f"LOCAL_RANK={local} but this node has {device_count} visible GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                           f"{device_count} rank(s) per node, one per GPU")
+    return local
+
+
+def process_group_backend(cuda: bool) -> str:
+    """The backend string for torch.distributed: NCCL for CUDA tensors plus gloo for CPU ones on GPU machines
+    (torch routes each collective by its tensor's device), gloo alone on CPU-only machines."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def first_host(nodelist: str) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
@@ -53,28 +93,28 @@ def first_host(nodelist: str) -> str:
 
 
 def prepare_environment() -> None:
-    os.environ.update(environment_from_slurm(dict(os.environ)))
+    os.environ.update(rank_environment(dict(os.environ)))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, default)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
 
 
 def init_distributed() -> World:
-    """Starts the process group (NCCL on GPUs, gloo on CPU) through DeepSpeed and returns this rank's place."""
+    """Starts the process group (process_group_backend) through DeepSpeed and returns this rank's place."""
     prepare_environment()
     import deepspeed
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(cuda_device_index(dict(os.environ), torch.cuda.device_count()))
     else:
         # DeepSpeed's CPU backend would compile its shared-memory all-reduce op (35-100 s per machine) on first
         # use; it serves only DeepSpeed's inference all-reduce, training goes through gloo. DeepSpeed keeps the
         # probed op table in one dict so that such edits hold.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=process_group_backend(cuda))
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 
@@ -129,6 +169,17 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (anything picklable), in rank order, on every rank."""
+    if not _distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def shutdown() -> None:

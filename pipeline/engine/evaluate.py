@@ -1,4 +1,9 @@
-"""Evaluation on the val shards: loss, top-1, top-5, summed over every rank."""
+"""Evaluation on the val shards: loss, top-1, top-5 over every val sample exactly once, whatever the world size.
+
+The val loader gives every rank the same number of batches (ZeRO-3 needs every rank in every forward) and every
+sample to exactly one rank; its padding entries carry label -1 and are left out here. The sums stay on the
+batch's device until one all-reduce at the end (NCCL on GPUs), so no batch waits for a GPU -> CPU copy.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,19 +14,27 @@ from pipeline.engine.distributed import all_reduce_sum
 
 @torch.no_grad()
 def evaluate(engine, loader, device: torch.device) -> dict[str, float]:
-    """Each rank reads its equal slice of the val split (ranks x slice may leave out world-1 samples)."""
     was_training = engine.training
     engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, samples
+    sums = None  # loss sum, top-1 hits, top-5 hits, samples
     for images, labels in loader:
         logits = engine(images.to(device)).float()
         labels = labels.to(logits.device)
+        if sums is None:
+            sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
+        real = labels >= 0  # padding entries of the last ranks' slices are -1
+        logits, labels = logits[real], labels[real]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
-        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(), hits[:, 0].sum().item(),
-                              hits.any(dim=1).sum().item(), len(labels)], dtype=torch.float64)
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double() if len(labels)
+                             else torch.zeros((), dtype=torch.float64, device=logits.device),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             real.sum().double()])
+    if sums is None:  # no val batch on this rank (every rank has the same count, so none has any)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
     all_reduce_sum(sums)
     engine.train(was_training)
-    n = max(sums[3].item(), 1)
-    return {"val_loss": sums[0].item() / n, "val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
-            "val_samples": int(sums[3].item())}
+    total = sums.tolist()
+    n = max(total[3], 1)
+    return {"val_loss": total[0] / n, "val_top1": 100 * total[1] / n, "val_top5": 100 * total[2] / n,
+            "val_samples": int(total[3])}

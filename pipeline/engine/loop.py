@@ -20,7 +20,8 @@ from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
 from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
-from pipeline.engine.checkpoint import complete_checkpoints, find_resume, load_checkpoint, save_checkpoint
+from pipeline.engine.checkpoint import (check_shared_run_dir, complete_checkpoints, find_resume, load_checkpoint,
+                                       save_checkpoint)
 from pipeline.engine.distributed import World, all_reduce_sum
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
@@ -136,6 +137,7 @@ def prepare(cfg: RunConfig, world: World) -> Setup:
     if world.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, cfg.run_dir / "config.yaml")
+    check_shared_run_dir(cfg.run_dir, world.rank)
     precision = resolve_precision(cfg.train.precision)
     train_cfg, val_cfg = loader_configs(cfg, precision)
     train_loader = create_loader(train_cfg, world.rank, world.size)

@@ -7,6 +7,8 @@ size, window, synsets, preprocessing). The same facts are set as version tags, s
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -110,32 +112,53 @@ def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | 
     client = MlflowClient(tracking_uri)
     version = resolve_version(client, uri)
     folder = Path(dst) if dst else cache_root() / _folder_name(version.name, uri) / str(int(version.version))
-    if not (folder / "model.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # every rank of a job may pull at once
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            source = client.get_model_version_download_uri(version.name, version.version)
-            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
-            inner = next((p.parent for p in sorted(tmp.rglob("model.json"))), tmp)
-            if not (inner / "model.json").is_file():
-                raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json")
-            check_model_folder(inner, uri)  # before it enters the cache
-            if folder.exists() and not (folder / "model.json").is_file():
-                shutil.rmtree(folder, ignore_errors=True)  # a broken leftover
-            try:
-                os.replace(inner, folder)
-            except OSError:
-                if not (folder / "model.json").is_file():
-                    raise
-                check_model_folder(folder, uri)  # another process pulled it meanwhile
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        check_model_folder(folder, uri)  # a cache filled by another tool or an older version of this one
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # one download per cache: every rank of a node pulls at once, the first one downloads, the others wait here
+    # and find it cached (a lock file beside the folder; flock works across nodes on a shared NFSv4 cache too)
+    with _exclusive(folder.with_name(f".{folder.name}.lock")):
+        if not (folder / "model.json").is_file():
+            _download(client, version, uri, folder, tracking_uri)
+            log.info("downloaded %s (%s version %s) into %s", uri, version.name, version.version, folder)
+        else:
+            check_model_folder(folder, uri)  # a cache filled by another tool or an older version of this one
     log.info("%s -> %s version %s in %s", uri, version.name, version.version, folder)
     return folder
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _download(client, version, uri: str, folder: Path, tracking_uri: str) -> None:
+    """The version's files into `folder`, through a temporary folder renamed once checked."""
+    import mlflow
+
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # every rank of a job may pull at once
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        source = client.get_model_version_download_uri(version.name, version.version)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
+        inner = next((p.parent for p in sorted(tmp.rglob("model.json"))), tmp)
+        if not (inner / "model.json").is_file():
+            raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json")
+        check_model_folder(inner, uri)  # before it enters the cache
+        if folder.exists() and not (folder / "model.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a broken leftover
+        try:
+            os.replace(inner, folder)
+        except OSError:
+            if not (folder / "model.json").is_file():
+                raise
+            check_model_folder(folder, uri)  # another process pulled it meanwhile
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pull(uri: str, tracking_uri: str | None = None):

@@ -109,6 +109,20 @@ def manifest_params(shards: str) -> dict[str, object]:
     return out
 
 
+class TrackingError(RuntimeError):
+    """A tracking set-up that cannot work for this job."""
+
+
+def node_name() -> str:
+    """This node's name in the run (system metrics, the multi-node check): SWIN_NODE_NAME, else the host name."""
+    return os.environ.get("SWIN_NODE_NAME") or socket.gethostname()
+
+
+def is_local_store(uri: str) -> bool:
+    """A store MLflow writes to as files on this machine (SQLite, a folder), not a tracking server."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
 # -- the background sender ---------------------------------------------------------------------------------
 class Sender:
     """Runs MLflow calls in order on one thread; a failing call is retried (backoff up to 30 s) until it
@@ -142,6 +156,7 @@ class Sender:
         delay = 1.0
         current = None
         while not (self.stop.is_set() and current is None and self.ops.empty() and not self.metrics):
+            batch = []
             try:
                 if current is None and not self.ops.empty():
                     current = self.ops.get_nowait()
@@ -164,13 +179,14 @@ class Sender:
                 if current is None and self.ops.empty() and not self.metrics:
                     self.stop.wait(0.5)
             except Exception as e:  # noqa: BLE001  (keep the records, try again later)
-                if rejected(e):  # the server answered "no": retrying cannot help
-                    log.warning("MLflow refused a call, skipped: %s", _short(e))
+                if rejected(e):  # the server answered "no" to this call: retrying it cannot help
                     if current is not None:
+                        log.warning("MLflow refused a call, skipped: %s", _short(e))
                         current = None
-                    else:
+                    else:  # drop the batch it answered, not the records queued after it
+                        log.warning("MLflow refused a batch of %d metrics, skipped: %s", len(batch), _short(e))
                         with self.lock:
-                            self.metrics.clear()
+                            del self.metrics[:len(batch)]
                     continue
                 if self.failing_since is None:
                     self.failing_since = time.time()
@@ -193,6 +209,11 @@ def rejected(e: Exception) -> bool:
     return isinstance(e, MlflowException) and 400 <= e.get_http_status_code() < 500
 
 
+def short_error(e: Exception) -> str:
+    """The first line of an error, at most 200 characters."""
+    return _short(e)
+
+
 def _short(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     return redact_text(text)[:200]
@@ -203,12 +224,19 @@ class Tracker:
     """One per rank; only rank 0 talks to MLflow (plus each node's local rank 0, for system metrics)."""
 
     def __init__(self, cfg, world, resumed: bool, extra_params: dict | None = None):
-        from pipeline.engine.distributed import broadcast_object
+        from pipeline.engine.distributed import all_gather_object, broadcast_object
 
         self.cfg, self.world = cfg, world
         self.enabled = cfg.tracking.enabled
         self.uri = tracking_uri(cfg.tracking.uri, cfg.out_dir) if self.enabled else ""
         remember_secrets(self.uri)  # its password is cut from all text, in whatever form it shows up
+        nodes = sorted(set(all_gather_object(node_name())))  # every rank takes part, so every rank decides alike
+        if self.enabled and len(nodes) > 1 and is_local_store(self.uri):
+            raise TrackingError(
+                f"this job runs on {len(nodes)} nodes ({', '.join(nodes[:4])}{' ...' if len(nodes) > 4 else ''}) "
+                f"and MLflow would write to a file store on each ({redact_text(self.uri)}), which is for one "
+                f"machine: start a tracking server (scripts/start_mlflow_server.sh, or any MLflow server) and set "
+                f"MLFLOW_TRACKING_URI=http://HOST:PORT for every rank, or set tracking.enabled=false")
         self.sender: Sender | None = None
         self.run_id: str | None = None
         self.monitor = None
@@ -286,7 +314,7 @@ class Tracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.tracking.system_metrics_s,
-                                                node_id=socket.gethostname(), tracking_uri=self.uri,
+                                                node_id=node_name(), tracking_uri=self.uri,
                                                 resume_logging=True)
             self.monitor.start()
         except Exception as e:  # noqa: BLE001
@@ -315,8 +343,22 @@ class Tracker:
             fn = self.sender.client.log_artifacts if path.is_dir() else self.sender.client.log_artifact
             self.sender.call(fn, self.run_id, str(path), artifact_path)
 
+    def flush(self, timeout: float) -> bool:
+        """Waits up to `timeout` s for the calls queued so far to be made; True when they were."""
+        if self.sender is None:
+            return True
+        import threading
+
+        reached = threading.Event()
+        self.sender.call(reached.set)
+        if not reached.wait(timeout):
+            log.warning("MLflow: %d records still queued after %.0f s; they are sent later, and are in %s",
+                        self.sender.pending(), timeout, self.cfg.run_dir / "metrics.jsonl")
+            return False
+        return True
+
     def call(self, fn, *args, **kwargs) -> None:
-        """Any other MLflow call, in order with the rest (e.g. registration at the end)."""
+        """Any other MLflow call, in order with the rest."""
         if self.sender is not None:
             self.sender.call(fn, *args, **kwargs)
 
