@@ -175,9 +175,9 @@ def memory_rank(rank: int, world_size: int, port: int, args, queue) -> None:
         engine.destroy()
         del engine
         gc.collect()
-    import torch.distributed as dist
+    from pipeline.engine.distributed import shutdown
 
-    dist.destroy_process_group()
+    shutdown()
 
 
 def memory(args) -> None:

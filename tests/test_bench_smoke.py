@@ -82,3 +82,24 @@ def test_bicubic_tables_keep_a_source_that_leans_on_them_closer_than_zero_tables
     val_top1, _mean_abs, own_size_zeros, bicubic, bicubic_kl, zeros, zeros_kl = map(float, row.groups())
     assert val_top1 > 0.8 and own_size_zeros < 0.95  # a working source that leans on its tables
     assert bicubic > zeros + 0.05 and bicubic_kl < zeros_kl, lines[-2]
+
+
+def test_gpu_check_dry_run_and_its_cpu_parts(tmp_path):
+    """bench/gpu_check.sh --dry-run passes on a machine without a GPU (every command it would call starts; the GPU
+    tier is collected), and the DALI comparison's code runs on CPU (DALI CPU against itself: no difference)."""
+    dry = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    planned = [line.split("]")[0].split("[")[1] for line in dry.stdout.splitlines() if line.startswith("would run [")]
+    assert planned == ["data", "dali_mixed_vs_cpu", "swin_b_bf16_engine_vs_plain", "tiny_fp16", "tiny_fp16_figures",
+                       "pytest_gpu"]
+    gpu_tests = int(re.search(r"dry run: OK, (\d+) GPU-tier tests collected", dry.stdout).group(1))
+    assert gpu_tests >= 4
+    check = [sys.executable, str(REPO / "bench" / "gpu_check.py")]
+    made = subprocess.run([*check, "data", str(tmp_path), "--images", "40"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    dali = subprocess.run([*check, "dali", str(tmp_path / "photos"), "--device", "cpu", "--batch-size", "8",
+                           "--compare-batches", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert dali.returncode == 0, dali.stderr[-3000:]
+    assert "dali_mixed_vs_cpu_mean_abs_diff: 0.000 (0-255 scale, 2 batches of 8" in dali.stdout

@@ -56,6 +56,34 @@ def test_no_launcher_is_a_world_of_one_and_too_many_ranks_per_node_is_an_error()
         cuda_device_index({"LOCAL_RANK": "8"}, device_count=8)
 
 
+MIXED = """
+import os, torch, torch.distributed as dist
+from pipeline.engine.distributed import init_distributed, shutdown
+world = init_distributed()  # on a GPU machine: cpu:gloo,cuda:nccl
+assert dist.get_backend() == "cpu:gloo,cuda:nccl", dist.get_backend()
+gpu, cpu = torch.ones(3, device="cuda"), torch.ones(3)
+dist.all_reduce(gpu)  # NCCL
+dist.all_reduce(cpu)  # gloo, in the same process group
+box = [{"run": "id"}]
+dist.broadcast_object_list(box)
+dist.barrier()
+assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu) and box[0] == {"run": "id"}
+assert torch.cuda.current_device() == int(os.environ["LOCAL_RANK"])
+shutdown()
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_process_group_carries_cuda_and_cpu_tensors():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-c", MIXED], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**env, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 # -- 2. random streams ------------------------------------------------------------------------------------------
 def test_batch_seeding_restores_the_generators_it_seeds_and_touches_no_other():
     drop_path = torch.Generator().manual_seed(1234)  # stands for another device's generator, e.g. a CUDA one

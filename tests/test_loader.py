@@ -86,6 +86,22 @@ def test_resume_mid_epoch_yields_exactly_the_same_batches(shards, backend, extra
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_yields_exactly_the_same_batches(shards):
+    """DALI's mixed decode (nvJPEG) and RandAugment on the GPU, batches on the GPU: the same exact resume."""
+    cfg = config(shards, backend="dali", device="cuda", seed=3, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8,
+                 random_erasing=0.25)
+    whole = take(create_loader(cfg))
+    assert whole[0][0].is_cuda
+    loader = create_loader(cfg)
+    take(loader, 7)
+    resumed = take(create_loader(cfg, state=json.loads(json.dumps(loader.state_dict()))))
+    assert len(resumed) == len(whole) - 7
+    for (xa, ya), (xb, yb) in zip(whole[7:], resumed, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def test_resume_refuses_another_world_size(shards):
     loader = create_loader(config(shards, backend="torch", workers=0), rank=0, world=2)
     with pytest.raises(ValueError, match="world=2"):

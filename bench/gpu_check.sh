@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU checks, in one command, for the first machine with an NVIDIA GPU (about 5 minutes on one H100/H200;
+# each step is capped, 10 minutes in all at worst):
+#   1. data: real-photo shards and the embedded digits, made with `python -m data_prep`
+#   2. DALI `mixed` (nvJPEG) against DALI CPU on the same crops: mean absolute pixel difference (bounded), img/s
+#   3. Swin-B 224 bf16 through the engine (1 rank, cpu:gloo,cuda:nccl, ZeRO-2) against a plain PyTorch loop:
+#      img/s, MFU (Swin-B: 15.4 GMACs forward, so ~92.4 GFLOP per trained image), ratio
+#   4. the tiny recipe in fp16 with dynamic loss scaling: it runs, the loss falls, skipped steps are counted
+#   5. pytest -m gpu: the GPU tier of the tests (they skip with a reason on CPU)
+# Every figure is one line `name: value`. Exit 0 only if every step passed.
+#
+# usage: bash bench/gpu_check.sh [--dry-run]
+#   --dry-run   lists what it would run and checks, on any machine, that every command it needs is there
+# environment: PYTHON (default .venv/bin/python), TMPDIR (scratch; removed at the end)
+set -uo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-$repo/.venv/bin/python}"
+cd "$repo"
+case "${1:-}" in
+  -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --dry-run) dry=1 ;;
+  "") dry=0 ;;
+  *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+esac
+work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: runs it under a time limit, or in a dry run says it would
+  local name="$1" limit="$2"
+  shift 2
+  if [ "$dry" = 1 ]; then
+    echo "would run [$name] (at most ${limit}s): $*"
+    return 0
+  fi
+  echo "== $name" >&2
+  local t0=$SECONDS
+  if ! timeout "$limit" "$@"; then
+    failed+=("$name")
+    echo "step_failed: $name" >&2
+  fi
+  echo "${name}_seconds: $((SECONDS - t0))"
+}
+
+if [ "$dry" = 0 ] && ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  echo "error: no CUDA device visible to $python (nvidia-smi; CUDA_VISIBLE_DEVICES); --dry-run works anywhere" >&2
+  exit 2
+fi
+[ "$dry" = 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
+
+step data 120 "$python" bench/gpu_check.py data "$work"
+step dali_mixed_vs_cpu 90 "$python" bench/gpu_check.py dali "$work/photos"
+step swin_b_bf16_engine_vs_plain 120 "$python" bench/train_throughput.py --arch swin_base --img-size 224 \
+  --window 7 --batch 64 --precision bf16 --zero-stage 2 --rounds 11 --classes 21841 --memory-worlds ""
+step tiny_fp16 120 "$python" -m pipeline.train --config configs/tiny_22k.yaml name=fp16 out_dir="$work/runs" \
+  data.shards="$work/digits" train.precision=fp16 tracking.enabled=false train.log_every=5 schedule.epochs=6
+step tiny_fp16_figures 20 "$python" bench/gpu_check.py fp16 "$work/runs/fp16"
+step pytest_gpu 150 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
+
+if [ "$dry" = 1 ]; then  # everything a real run calls is there and starts
+  for cmd in "bench/gpu_check.py --help" "bench/train_throughput.py --help" "-m pipeline.train --help"; do
+    # shellcheck disable=SC2086
+    "$python" $cmd >/dev/null || { echo "error: $python $cmd failed" >&2; exit 1; }
+  done
+  gpu_tests="$("$python" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests 2>/dev/null | grep -c '::')"
+  command -v timeout >/dev/null || { echo "error: timeout(1) not found" >&2; exit 1; }
+  echo "dry run: OK, $gpu_tests GPU-tier tests collected"
+  exit 0
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "gpu_check: OK"
