@@ -102,10 +102,27 @@ def test_resume_on_cuda_yields_exactly_the_same_batches(shards):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_resume_refuses_another_world_size(shards):
-    loader = create_loader(config(shards, backend="torch", workers=0), rank=0, world=2)
-    with pytest.raises(ValueError, match="world=2"):
-        create_loader(config(shards, backend="torch", workers=0), rank=0, world=3, state=loader.state_dict())
+@pytest.mark.parametrize("backend,extra", [
+    ("torch", dict(rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, random_erasing=0.25)),
+    ("dali", dict(mixup=0.8, random_erasing=0.25)),
+])
+def test_a_micro_batch_is_the_same_on_any_number_of_ranks_and_resumes_on_another(shards, backend, extra):
+    """Rank r of 2 reads the micro batches in slots r, r+2, ... of the epoch's sequence, with the draws of those
+    slots: exactly what a world of one reads in those slots. A world of one resumes where two ranks stopped."""
+    cfg = config(shards, backend=backend, seed=4, **extra)
+    alone = take(create_loader(cfg, 0, 1))
+    pair = [create_loader(cfg, r, 2) for r in range(2)]
+    taken = [take(loader, 5) for loader in pair]
+    for r in range(2):
+        for b, (x, y) in enumerate(taken[r]):
+            assert torch.equal(x, alone[2 * b + r][0]) and torch.equal(y, alone[2 * b + r][1]), (r, b)
+    state = json.loads(json.dumps(pair[0].state_dict()))
+    assert state["consumed"] == 5 * 2 * 32
+    resumed = take(create_loader(cfg, 0, 1, state=state))
+    assert len(resumed) == len(alone) - 10
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone[10:], resumed, strict=True))
+    with pytest.raises(ValueError, match="not a whole number of 3 ranks x 32"):
+        create_loader(cfg, 0, 3, state=state)  # 320 samples are not whole steps of 3 x 32
 
 
 def test_mixup_cutmix_give_smoothed_soft_targets(shards):

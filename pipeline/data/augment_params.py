@@ -1,5 +1,6 @@
 """Per-sample random augmentation parameters drawn on the host from a per-batch seed, so that both backends
-crop and flip the same way and a resumed run draws exactly what the uninterrupted one drew."""
+crop and flip the same way and a resumed run (on any number of ranks) draws exactly what the uninterrupted one
+drew."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,10 @@ import numpy as np
 import torch
 
 
-def batch_rng(seed: int, epoch: int, rank: int, batch: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, rank, batch, stream])
+def batch_rng(seed: int, epoch: int, slot: int, stream: int) -> np.random.Generator:
+    """The draws of one micro batch, keyed by its global slot in the epoch (pipeline.data.order), not by the rank
+    that reads it: the same batch gets the same crops, flips and Mixup on any number of ranks."""
+    return np.random.default_rng([seed, epoch, slot, stream])
 
 
 def random_resized_crop(widths: np.ndarray, heights: np.ndarray, rng: np.random.Generator,

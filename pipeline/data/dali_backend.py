@@ -66,16 +66,18 @@ def rand_augment_args(policy: str) -> tuple[int, int]:
     return int(args.get("n", 2)), int(float(args.get("m", 9)))
 
 
-def _build(cfg, device: str, seed_key: tuple[int, int], source, train: bool, checkpoint: bytes | None = None):
-    """The DALI pipeline; `seed_key` is (epoch, rank)."""
+def _build(cfg, device: str, seed_key: tuple[int, ...], source, train: bool, checkpoint: bytes | None = None):
+    """The DALI pipeline; `seed_key` is (epoch, rank, first batch)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
 
     gpu = device == "cuda"
     size = cfg.image_size
     augment = train and cfg.rand_augment
-    # DALI's own random operators (RandAugment) get a seed per (seed, epoch, rank); their state at a batch is
-    # what DALI's checkpoint holds, so the loader stores it for an exact resume.
+    # DALI's own random operators (RandAugment) get a seed per (seed, epoch, rank, first batch); their state at a
+    # batch is what DALI's checkpoint holds, so the loader stores it for an exact resume on as many ranks. On
+    # another number of ranks the checkpoint does not apply (DALI: a changed num_shards is undefined), and a
+    # pipeline starting mid-epoch draws from the seed of where it starts.
     seed = int(np.random.default_rng([cfg.seed, *seed_key]).integers(0, 2**31))
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.workers,
@@ -134,7 +136,7 @@ class _Source:
         jpegs, labels = [np.frombuffer(jpg, np.uint8) for jpg in data], [np.array([lab]) for lab in labels]
         if not source.cfg.train:
             return jpegs, labels
-        boxes, flip = source.crops(self.epoch, b, data)
+        boxes, flip = source.crops(self.epoch, self.order.slot(b), data)
         return (jpegs, labels, [box[:2].astype(np.float32) for box in boxes],
                 [box[2:].astype(np.float32) for box in boxes], [np.array(f, np.int32) for f in flip])
 
@@ -144,7 +146,8 @@ def _dali_batches(backend: DaliBackend, batch_source, order, epoch: int, start: 
         return
     source = _Source(batch_source, order, epoch, start, end)
     checkpoint = backend.take_checkpoint(start)
-    pipe = _build(backend.cfg, backend.device, (epoch, batch_source.rank), source, backend.cfg.train, checkpoint)
+    pipe = _build(backend.cfg, backend.device, (epoch, batch_source.rank, start), source, backend.cfg.train,
+                  checkpoint)
     backend.pipe = pipe
     gpu = backend.device == "cuda"
     handed = start

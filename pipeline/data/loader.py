@@ -3,8 +3,9 @@
 Both backends read the same samples in the same order (pipeline.data.order) with the same crops and flips
 (pipeline.data.augment_params, drawn per batch from (seed, epoch, rank, batch)), then the batch-level
 augmentations (Mixup/CutMix with label smoothing, random erasing) run on the produced batch, seeded the same
-way. The loader's whole state is therefore (epoch, position): a checkpoint stores `state_dict()`, and a loader
-made with that state yields exactly the batches an uninterrupted one would have.
+way, keyed by each micro batch's global slot. The loader's whole state is therefore (epoch, position): a
+checkpoint stores `state_dict()`, and a loader made with that state yields exactly the batches an uninterrupted
+one would have; on another number of ranks it resumes from the samples consumed (pipeline.data.order).
 
 Batch contract: images float NCHW (normalised with ImageNet mean/std) in `dtype`; labels int64 (N,), or float
 (N, classes) soft targets when Mixup/CutMix is on. An evaluation loader (train=False) gives every rank the same
@@ -87,17 +88,33 @@ class ShardLoader:
         return per_rank // self.cfg.batch_size if self.cfg.train else -(-per_rank // self.cfg.batch_size)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed, "world": self.world,
-                "rank": self.rank, "batch_size": self.cfg.batch_size, **self.backend.state_dict(self.position)}
+        """(epoch, position), and `consumed`: the samples of the epoch's sequence every rank together has read,
+        which a loader on another number of ranks resumes from."""
+        return {"epoch": self.epoch, "position": self.position, "consumed": self.consumed(), "seed": self.cfg.seed,
+                "world": self.world, "rank": self.rank, "batch_size": self.cfg.batch_size,
+                **self.backend.state_dict(self.position)}
+
+    def consumed(self) -> int:
+        return self.position * self.world * self.cfg.batch_size
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world", "batch_size"):
-            mine = {"seed": self.cfg.seed, "world": self.world, "batch_size": self.cfg.batch_size}[key]
-            if state[key] != mine:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this run has {mine}: "
-                                 f"an exact resume needs the same seed, world size and batch size")
-        self.epoch, self.position = state["epoch"], state["position"]
-        self.backend.load_state_dict(state)
+        """The same world size and micro batch: exactly where it stopped (the backend's own state included).
+        Another world size or micro batch (an elastic resume): the epoch's sequence from the `consumed` sample
+        on, split over this world; DALI's own RNG then restarts from a seed of where it starts."""
+        if state["seed"] != self.cfg.seed:
+            raise ValueError(f"loader state was saved with seed={state['seed']}, this run has {self.cfg.seed}")
+        self.epoch = state["epoch"]
+        if (state["world"], state["batch_size"]) == (self.world, self.cfg.batch_size):
+            self.position = state["position"]
+            self.backend.load_state_dict(state)
+            return
+        consumed = state.get("consumed", state["position"] * state["world"] * state["batch_size"])
+        per_step = self.world * self.cfg.batch_size
+        if consumed % per_step:
+            raise ValueError(f"loader state: {consumed} samples of epoch {self.epoch} consumed, not a whole number "
+                             f"of {self.world} ranks x {self.cfg.batch_size} micro batch: resume from a checkpoint "
+                             f"taken at an optimizer step")
+        self.position = consumed // per_step
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
@@ -107,20 +124,21 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
         order = epoch_order(self.reader.sizes, self.cfg.seed, self.epoch, self.rank, self.world,
-                            self.cfg.shuffle_window, shuffle=self.cfg.train, pad=not self.cfg.train)
+                            self.cfg.shuffle_window, shuffle=self.cfg.train, pad=not self.cfg.train,
+                            batch=self.cfg.batch_size if self.cfg.train else 1)
         for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
                                                                 len(self)):
             self.skipped += skipped
-            images, labels = self._batch_augment(b, images.to(self.dtype), labels)
+            images, labels = self._batch_augment(order.slot(b), images.to(self.dtype), labels)
             self.position = b + 1
             yield images, labels
         self.epoch, self.position = self.epoch + 1, 0
         self.backend.new_epoch()
 
-    def _batch_augment(self, b: int, images: torch.Tensor, labels: torch.Tensor):
+    def _batch_augment(self, slot: int, images: torch.Tensor, labels: torch.Tensor):
         if self._mixup is None and self._erase is None:
             return images, labels
-        with seeded(batch_rng(self.cfg.seed, self.epoch, self.rank, b, 1), torch_generators(images.device)):
+        with seeded(batch_rng(self.cfg.seed, self.epoch, slot, 1), torch_generators(images.device)):
             if self._mixup is not None:
                 if len(images) % 2:  # timm's batch Mixup pairs samples; a batch short of a skipped one drops one
                     images, labels = images[:-1], labels[:-1]

@@ -44,8 +44,9 @@ class BatchSource:
             labels[~order.valid[lo:lo + len(labels)]] = -1
         return refs, data, labels
 
-    def crops(self, epoch: int, b: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Batch b's random-resized-crop boxes (x, y, w, h) and flips, from the JPEGs' header sizes."""
+    def crops(self, epoch: int, slot: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """The random-resized-crop boxes (x, y, w, h) and flips of the micro batch in `slot`, from the JPEGs'
+        header sizes."""
         sizes = []
         for jpg in jpegs:
             try:
@@ -53,7 +54,7 @@ class BatchSource:
             except ValueError:
                 sizes.append((1, 1))  # decoding it fails later, where the backend skips or names it
         widths, heights = np.array(sizes, np.int64).reshape(-1, 2).T
-        rng = batch_rng(self.cfg.seed, epoch, self.rank, b, 0)
+        rng = batch_rng(self.cfg.seed, epoch, slot, 0)
         boxes = random_resized_crop(widths, heights, rng, self.cfg.scale, self.cfg.ratio)
         return boxes, flips(len(widths), rng, self.cfg.hflip)
 

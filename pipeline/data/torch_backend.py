@@ -69,8 +69,9 @@ class _Batches(IterableDataset):
         source, cfg = self.source, self.source.cfg
         refs, data, labels = source.read_batch(self.order, b)
         if cfg.train:
-            boxes, flip = source.crops(self.epoch, b, data)
-            sample_seeds = batch_rng(cfg.seed, self.epoch, source.rank, b, 2).integers(0, 2**62, len(data))
+            slot = self.order.slot(b)
+            boxes, flip = source.crops(self.epoch, slot, data)
+            sample_seeds = batch_rng(cfg.seed, self.epoch, slot, 2).integers(0, 2**62, len(data))
         images, keep, skipped = [], [], 0
         for i, jpg in enumerate(data):
             try:
