@@ -17,6 +17,8 @@ import pickle
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from pipeline.engine.distributed import all_gather_object, barrier, broadcast_ob
 
 log = logging.getLogger("pipeline.train")
 MARKER = "COMPLETE"
+UNIVERSAL_MARKER = "UNIVERSAL_COMPLETE"
 TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -120,48 +123,143 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False, client_state={"step": step})
+    # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to convert it for another world size
+    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False,
+                           client_state={"step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
     _write_durable(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save({"rng": rng_state(), "loader": loader_state}, f))
     barrier()
     if rank == 0:
         dump_config(cfg, tmp / "config.yaml")
         (tmp / "synsets.txt").write_text("\n".join(synsets) + "\n")  # the label layout, for export
         _write_durable(tmp / MARKER, lambda f: f.write(json.dumps(
-            {"step": step, "world_size": world, "zero_stage": cfg.train.zero_stage, "time": time.time()}).encode()))
+            {"step": step, "world_size": world, "zero_stage": cfg.train.zero_stage, "time": time.time(),
+             "global_batch": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch}).encode()))
         final = root / tag
         if final.exists():  # the same step saved again (a resumed run that stopped at the same step)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _prune(root, cfg.checkpoint.keep_last)
-        for stale in root.glob(".tmp-step_*"):  # left by a killed job
+        for stale in [*root.glob(".tmp-step_*"), *root.glob(".tmp-universal-*")]:  # left by a killed job
             shutil.rmtree(stale, ignore_errors=True)
         log.info("checkpoint %s", final)
     barrier()
     return root / tag
 
 
-def load_checkpoint(engine, path: Path, rank: int, world: int) -> tuple[int, dict]:
-    """Restores engine, optimizer, loss scaler and this rank's RNG; returns (step, loader state)."""
-    meta = json.loads((path / MARKER).read_text())
-    if meta["world_size"] != world:
-        raise RuntimeError(f"{path} was written by {meta['world_size']} ranks and this job has {world}: an exact "
-                           f"resume needs the same world size (to start from its weights only, use init_from)")
-    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+def checkpoint_meta(path: Path) -> dict:
+    return json.loads((path / MARKER).read_text())
+
+
+def needs_universal(path: Path, world: int) -> bool:
+    """A checkpoint of another world size with partitioned optimizer state (ZeRO 1-3): loaded through DeepSpeed's
+    universal checkpoint (ZeRO-0 keeps the whole optimizer state in one file and loads as it is)."""
+    meta = checkpoint_meta(path)
+    return meta["world_size"] != world and meta["zero_stage"] > 0
+
+
+def universal_copy(path: Path, rank: int) -> Path:
+    """`<checkpoint>.universal` beside the checkpoint: DeepSpeed's ds_to_universal run once, by rank 0, into a
+    temporary folder renamed when complete (so a kill mid-conversion leaves nothing a rerun mistakes for
+    complete); every rank waits for it and returns its path."""
+    out = path.with_name(path.name + ".universal")
+    if rank == 0 and not (out / UNIVERSAL_MARKER).is_file():
+        tmp = path.with_name(f".tmp-universal-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("converting %s for another world size (DeepSpeed's ds_to_universal) ...", path)
+        t0 = time.time()
+        # --inject_missing_state: checkpoints saved before universal_checkpoint_info was in their client state
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(path), "--output_folder", str(tmp), "--num_extract_workers", "2",
+                               "--num_merge_workers", "2", "--inject_missing_state"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = " | ".join(line.strip() for line in proc.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(f"converting {path} to a universal checkpoint failed (exit {proc.returncode}): {tail}")
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        _write_durable(tmp / UNIVERSAL_MARKER, lambda f: f.write(json.dumps(
+            {"source": path.name, "seconds": round(time.time() - t0, 2), "bytes": size}).encode()))
+        os.replace(tmp, out)
+        _fsync_dir(path.parent)
+        log.info("converted %s in %.1f s (%.0f MB) into %s", path.name, time.time() - t0, size / 1e6, out)
+    barrier()
+    if not (out / UNIVERSAL_MARKER).is_file():
+        raise RuntimeError(f"{out} is not a complete universal checkpoint (rank 0 did not finish converting it)")
+    return out
+
+
+def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) -> tuple[int, dict, dict]:
+    """Restores engine, optimizer, loss scaler and RNG; returns (step, loader state, what was done).
+
+    The same world size: DeepSpeed's own files and this rank's RNG, exactly. Another world size (an elastic
+    resume): ZeRO 1-3 through the universal copy (the engine was built with checkpoint.load_universal), ZeRO-0
+    with a plain load; then the optimizer's per-group settings are put back (a ZeRO-3 universal load copies group
+    0's into every group, which would give norms, biases and bias tables weight decay), the RNG streams are derived
+    from (seed, step, rank), and the loader resumes from the samples consumed (rank 0's loader state)."""
+    meta = checkpoint_meta(path)
+    elastic = meta["world_size"] != world
+    load_from = universal_copy(path, rank) if needs_universal(path, world) else path
+    groups = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in engine.optimizer.param_groups]
+    loaded, client = engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
     if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load {path}")
-    own_file = path / f"rank_{rank:05d}.pt"
+        raise RuntimeError(f"DeepSpeed could not load {load_from}")
+    step = int(client["step"])
+    if elastic:
+        check_no_persistent_buffers(engine.module)
+        for optimizer in {id(o): o for o in _optimizers(engine)}.values():
+            for group, settings in zip(optimizer.param_groups, groups, strict=True):
+                group.update(settings)
+        seed_streams(seed, step, rank)
+    own = read_rank_file(path / f"rank_{(rank if not elastic else 0):05d}.pt")
+    if not elastic:
+        set_rng_state(own["rng"])
+    done = {"checkpoint": str(path), "step": step, "from_world": meta["world_size"], "to_world": world,
+            "elastic": elastic, "universal": str(load_from) if load_from != path else None,
+            "weight_decay": [g.get("weight_decay") for g in engine.optimizer.param_groups]}
+    return step, own["loader"], done
+
+
+GROUP_SETTINGS = ("weight_decay", "betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
+                  "fused")  # what create_optimizer decides per group; the LR comes from the schedule
+
+
+def _optimizers(engine):
+    """The optimizer objects whose param_groups DeepSpeed reads: its wrapper and the torch optimizer inside."""
+    outer = engine.optimizer
+    inner = getattr(outer, "optimizer", None)
+    return [outer] + ([inner] if inner is not None and hasattr(inner, "param_groups") else [])
+
+
+def check_no_persistent_buffers(module) -> None:
+    """A universal load restores parameters and optimizer state, never module buffers: a model with persistent
+    buffers (timm's Swin has none: its index and mask buffers are rebuilt) would silently lose them."""
+    buffers = {name for name, _ in module.named_buffers()}
+    persistent = sorted(k for k in module.state_dict() if k in buffers)
+    if persistent:
+        raise RuntimeError(f"the model has persistent buffers ({', '.join(persistent[:5])}), which an elastic resume "
+                           f"through a universal checkpoint does not restore: resume on the original world size")
+
+
+def seed_streams(seed: int, step: int, rank: int) -> None:
+    """Fresh per-rank RNG streams for a new world: the old ranks' states do not map onto the new ranks."""
+    derived = np.random.default_rng([seed, step, rank, 7]).integers(0, 2**31, 3)
+    random.seed(int(derived[0]))
+    np.random.seed(int(derived[1]))
+    torch.manual_seed(int(derived[2]))  # drop path; on GPUs every device's generator too, as at the start
+
+
+def read_rank_file(own_file: Path) -> dict:
     try:  # tensors and plain values only (rng_state): nothing in it is unpickled as code
-        own = torch.load(own_file, map_location="cpu", weights_only=True)
+        return torch.load(own_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
         why = why.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "") or str(e)[:200]
         raise RuntimeError(f"{own_file} holds more than tensors and plain values ({why}), so it is not loaded: "
                            f"it was written before RNG states were stored as tensors, or not by this project"
                            ) from None
-    set_rng_state(own["rng"])
-    return int(client["step"]), own["loader"]
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -169,6 +267,7 @@ def _prune(root: Path, keep: int) -> None:
         for old in complete_checkpoints(root)[:-keep]:
             (old / MARKER).unlink()  # incomplete first, so a kill mid-delete never leaves it looking complete
             shutil.rmtree(old)
+            shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
 
 
 def _write_durable(path: Path, write) -> None:

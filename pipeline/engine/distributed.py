@@ -133,6 +133,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sums `values` over every rank, in place, and returns it."""
     if _distributed():

@@ -21,8 +21,8 @@ from pipeline.config import RunConfig, dump_config
 from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import (check_shared_run_dir, complete_checkpoints, find_resume, load_checkpoint,
-                                       save_checkpoint)
-from pipeline.engine.distributed import World, all_reduce_sum
+                                       needs_universal, save_checkpoint)
+from pipeline.engine.distributed import World, all_reduce_sum, world_size
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config, plan_steps,
@@ -88,9 +88,9 @@ def loader_configs(cfg: RunConfig, precision: str) -> tuple[LoaderConfig, Loader
 
 
 def build_engine(cfg: RunConfig, world: World, plan: StepPlan, synsets: list[str], precision: str,
-                 init_from: str = ""):
+                 init_from: str = "", load_universal: bool = False):
     """The DeepSpeed engine and LR schedule; the model starts from the weights at `init_from` (a local path)
-    when given."""
+    when given; `load_universal`: the engine will load a universal checkpoint (an elastic resume)."""
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -101,8 +101,10 @@ def build_engine(cfg: RunConfig, world: World, plan: StepPlan, synsets: list[str
         initialise_from(cfg, init_from, model, synsets, world)
     optimizer = create_optimizer(model, cfg)
     schedule = create_schedule(optimizer, cfg, plan)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
-                                           config=deepspeed_config(cfg, plan, world.size, precision))
+    config = deepspeed_config(cfg, plan, world.size, precision)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False, config=config)
     torch.manual_seed(cfg.train.seed + 1 + world.rank)  # each rank its own drop-path stream
     return engine, schedule
 
@@ -158,15 +160,20 @@ def train(setup: Setup, tracker=None) -> dict:
 def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: StepPlan, precision: str,
         resume: Path | None, tracker=None, init_path: str = "") -> dict:
     run_dir = cfg.run_dir
-    engine, schedule = build_engine(cfg, world, plan, synsets, precision, init_from="" if resume else init_path)
+    engine, schedule = build_engine(cfg, world, plan, synsets, precision, init_from="" if resume else init_path,
+                                    load_universal=resume is not None and needs_universal(resume, world.size))
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, tracker)
     state = RunState()
 
     if resume is not None:
-        state.step, loader_state = load_checkpoint(engine, resume, world.rank, world.size)
+        state.step, loader_state, done = load_checkpoint(engine, resume, world.rank, world.size, cfg.train.seed)
         train_loader.load_state_dict(loader_state)
         state.last_checkpoint_step = state.step
-        log.info("resumed from %s at step %d", resume, state.step)
+        log.info("resumed from %s at step %d%s", resume, state.step,
+                 f" (elastic: {done['from_world']} -> {done['to_world']} ranks)" if done["elastic"] else "")
+        if done["elastic"]:
+            schedule.step_update(state.step)
+            record_elastic_resume(engine, run_dir, world, done, train_loader)
     end = plan.total_steps if cfg.train.max_steps <= 0 else min(plan.total_steps, cfg.train.max_steps)
     if world.is_main:
         log.info("run %s: %d steps (%d per epoch), global batch %d = %d micro x %d ranks x %d accumulation, %s, "
@@ -193,6 +200,29 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
             "checkpoint": str(final)}
 
 
+def record_elastic_resume(engine, run_dir: Path, world: World, done: dict, loader) -> None:
+    """Rank 0 appends what an elastic resume did to <run>/resumes.jsonl: the step, the world sizes, the LR the
+    schedule gives, each optimizer group's weight decay, where the data resumes, and a fingerprint of the fp32
+    master weights (per parameter: sum and sum of squares), to compare with the checkpoint it came from."""
+    fingerprint = fp32_fingerprint(engine)  # a collective under ZeRO-3: every rank takes part
+    if world.is_main:
+        record = {**done, "lr": engine.get_lr()[0], "loader_epoch": loader.epoch, "consumed": loader.consumed(),
+                  "fp32_fingerprint": fingerprint, "time": time.time()}
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def fp32_fingerprint(engine) -> dict[str, list[float]]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        full = (param.detach() if full is None else full).double()
+        out[name] = [full.sum().item(), full.square().sum().item()]
+    return out
+
+
 def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: int, state: RunState,
               metrics: MetricsLog, checkpoint) -> None:
     """Micro batches until the epoch's last whole optimizer step, or until the run's last step."""
@@ -215,7 +245,7 @@ def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: in
                 after_step(cfg, engine, val_loader, state, metrics, checkpoint, epoch, end)
     finally:
         batches.close()
-    if loader.epoch == epoch:  # stopped at the last whole step: the rest of the epoch is not used
+    if loader.epoch == epoch and loader.position >= per_epoch:  # the epoch's last whole step: its rest sits out
         loader.set_epoch(epoch + 1)
 
 
@@ -242,6 +272,7 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int) -> None:
         "skipped_steps": int(engine.skipped_steps),  # fp16 overflow steps DeepSpeed skipped
         "dropped_micro_batches": state.dropped_total,
         "images_per_s": losses[2].item() / elapsed if elapsed > 0 else None,
+        "world_size": world_size(),  # an elastic resume shows on the curves
         "time": time.time(),
     })
     state.window_losses, state.window_images, state.window_start = [], 0, time.perf_counter()

@@ -31,8 +31,11 @@ class StepPlan:
 def plan_steps(cfg: RunConfig, world: int, micro_batches_per_epoch: int) -> StepPlan:
     t = cfg.train
     if t.global_batch % (t.micro_batch * world):
+        fits = [w for w in range(1, t.global_batch // t.micro_batch + 1) if t.global_batch % (t.micro_batch * w) == 0]
         raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
-                         f"{t.micro_batch} x world size {world}")
+                         f"{t.micro_batch} x world size {world}: with micro batch {t.micro_batch} the world sizes "
+                         f"that keep the global batch are {', '.join(map(str, fits[:12]))}"
+                         f"{' ...' if len(fits) > 12 else ''}; or change train.micro_batch")
     accum = t.global_batch // (t.micro_batch * world)
     steps_per_epoch = micro_batches_per_epoch // accum
     if steps_per_epoch < 1:
