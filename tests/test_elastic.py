@@ -101,7 +101,10 @@ def test_two_one_two_through_the_launcher_and_a_kill_during_the_conversion(shard
     done = resumes(tmp_path / "chain")
     assert [(d["step"], d["from_world"], d["to_world"]) for d in done] == [(4, 2, 1), (6, 1, 2)]
     assert not list(checkpoints.glob(".tmp-*"))
-    assert (checkpoints / "step_00000004.universal" / "UNIVERSAL_COMPLETE").is_file()
+    universal = sorted(p.name for p in checkpoints.glob("*.universal"))
+    assert "step_00000006.universal" in universal  # kept beside its checkpoint; pruned with it (step 4 is gone)
+    for name in universal:
+        assert (checkpoints / name / "UNIVERSAL_COMPLETE").is_file() and (checkpoints / name[:-10] / "COMPLETE").is_file()
     rows, _ = metrics(tmp_path / "chain")
     assert [r["world_size"] for r in rows if r["step"] in (4, 5, 6, 7, 8)][-5:] == [2, 1, 1, 2, 2]
     assert rows[-1]["step"] == 8
