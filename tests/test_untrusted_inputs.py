@@ -143,8 +143,9 @@ def test_registry_pulls_refuse_pickles_and_other_files(tmp_path, monkeypatch):
 
     assert not marker.exists()
     assert sorted(p.name for p in cache.iterdir()) == ["evil", "extra", "good"]
-    assert [p.name for p in (cache / "good").iterdir()] == ["1"]
-    assert not any((cache / "evil").iterdir()) and not any((cache / "extra").iterdir())  # nothing kept
+    assert [p.name for p in (cache / "good").iterdir() if not p.name.startswith(".")] == ["1"]  # and its .lock
+    for refused in ("evil", "extra"):  # nothing kept but the lock file of the one download per node
+        assert [p.name for p in (cache / refused).iterdir()] == [".1.lock"]
 
 
 # --- the project's own checkpoint rank files ---------------------------------------------------------------
@@ -341,7 +342,8 @@ def test_ds_launcher_args_reach_the_launcher_unexpanded(tmp_path, folder_of_file
     [argv] = argv_of(tmp_path)
     assert argv[:2] == ["-m", "deepspeed.launcher.runner"]
     assert argv[argv.index("--foo"):] == ["--foo", "*", "--include", "node[1-2]", "--bar", "?.txt", "--module",
-                                          "pipeline.train", "--config", "x.yaml", "a=*"]
+                                          "pipeline.train", "--launch-dir", str(folder_of_files), "--config",
+                                          "x.yaml", "a=*"]
 
     env.pop("DS_LAUNCHER_ARGS")  # unset: nothing extra
     (tmp_path / "argv.jsonl").unlink()
@@ -349,7 +351,7 @@ def test_ds_launcher_args_reach_the_launcher_unexpanded(tmp_path, folder_of_file
                    env=env, capture_output=True, text=True, timeout=60, check=True)
     [argv] = argv_of(tmp_path)
     assert argv[argv.index("--master_port"):] == ["--master_port", "29500", "--module", "pipeline.train",
-                                                  "--config", "x.yaml"]
+                                                  "--launch-dir", str(folder_of_files), "--config", "x.yaml"]
 
 
 def test_srun_and_prep_args_reach_their_commands_unexpanded(tmp_path, folder_of_files):
@@ -364,7 +366,7 @@ def test_srun_and_prep_args_reach_their_commands_unexpanded(tmp_path, folder_of_
     assert proc.returncode == 0, proc.stderr
     [argv] = argv_of(tmp_path)
     assert argv == ["--kill-on-bad-exit=1", "--cpu-bind=none", "--nodelist", "node[1-2]", "*", env["PYTHON"], "-u",
-                    "-m", "pipeline.train", "--config", "x.yaml"]
+                    "-m", "pipeline.train", "--launch-dir", str(folder_of_files), "--config", "x.yaml"]
 
     (tmp_path / "argv.jsonl").unlink()
     env = launcher_env(tmp_path, PREP_SOURCE="src", PREP_OUT="out", PREP_ARGS="--max-samples 5 --layout *.txt",
