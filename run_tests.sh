@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command: sets up everything on a fresh machine (virtualenv, Slurm), then runs the whole suite,
-# including the real S3 server and the one-node Slurm cluster that the tests start and stop themselves.
+# The test command: sets up everything on a fresh machine (virtualenv, Slurm, sshd + pdsh), then runs the whole
+# suite, including the real S3 server, the one- and two-node Slurm clusters and the sshd that makes 127.0.0.1
+# and 127.0.0.2 two ssh nodes, which the tests start and stop themselves.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/ensure_venv.sh test
 scripts/ensure_slurm.sh
+scripts/ensure_ssh.sh
 exec .venv/bin/python -m pytest "$@"

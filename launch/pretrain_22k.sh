@@ -7,8 +7,11 @@
 #       starts the ranks itself with the `deepspeed` launcher:
 #         HOSTFILE      hostfile ("host slots=8" per line, launch/hostfile.example); unset = this machine only
 #         NUM_NODES     nodes to use from the hostfile (default: all)
-#         NUM_GPUS      processes per node (default: every GPU; on a CPU-only machine 2)
+#         NUM_GPUS      processes per node (default: the hostfile's slots; without one every GPU, or 2 on a
+#                       CPU-only machine)
 #         MASTER_ADDR, MASTER_PORT   rendezvous (default: the first host, port 29500)
+#         SSH_PORT      port of the nodes' sshd when not 22 (deepspeed --ssh_port: its ssh check and pdsh use it);
+#                       other ssh settings (key, user) go in ~/.ssh/config, which ssh and pdsh read on this node
 #         DS_LAUNCHER_ARGS           anything else for the launcher, e.g. "--launcher openmpi" (split on white
 #                                    space; no quotes or glob expansion)
 #
@@ -24,6 +27,7 @@
 # one string, and the last line, after bash's comment sign, is the Python part: it calls pipeline.train.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+launch_dir="$PWD"  # a relative out_dir or --config is the user's, not the repository's: every rank is told
 python="${PYTHON:-$repo/.venv/bin/python}"
 [ -x "$python" ] || python="$(command -v python3)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
@@ -43,14 +47,15 @@ fi
 [ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
 if [ -n "${NUM_GPUS:-}" ]; then
   launcher+=(--num_gpus "$NUM_GPUS")
-elif ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  launcher+=(--num_gpus 2)  # CPU-only machine: two gloo ranks
+elif [ -z "${HOSTFILE:-}" ] && ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  launcher+=(--num_gpus 2)  # CPU-only machine: two gloo ranks (with a hostfile its slots count, wherever this runs)
 fi
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
+[ -n "${SSH_PORT:-}" ] && launcher+=(--ssh_port "$SSH_PORT")
 launcher+=(--master_port "${MASTER_PORT:-29500}")
 # split on white space only, never glob-expanded: DS_LAUNCHER_ARGS='--include node[1-2]' stays as written
 read -r -d '' -a ds_launcher_args <<<"${DS_LAUNCHER_ARGS:-}" || true
 launcher+=("${ds_launcher_args[@]}")
 cd "$repo"
-exec "$python" "${launcher[@]}" --module pipeline.train "$@"
+exec "$python" "${launcher[@]}" --module pipeline.train --launch-dir "$launch_dir" "$@"
 : "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; raise SystemExit(main(sys.argv[1:]))

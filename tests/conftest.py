@@ -13,7 +13,8 @@ from PIL import Image
 from data_prep.embedded import write_imagefolder, write_synset_tars, write_tar
 
 import servers
-from servers import REPO, mlflow_server, s3_server, slurm_cluster  # noqa: F401  (session fixtures: one server per run)
+# session fixtures: one server per run
+from servers import REPO, mlflow_server, s3_server, slurm_cluster, slurm_two_nodes, ssh_nodes  # noqa: F401
 
 
 def run_prep(*args, env: dict | None = None, **kwargs):

@@ -1,15 +1,19 @@
-"""Real servers for the tests: a SeaweedFS S3 server and a one-node Slurm cluster.
+"""Real servers for the tests: a SeaweedFS S3 server, a one-node and a two-node Slurm cluster, and an sshd
+that makes 127.0.0.1 and 127.0.0.2 two ssh "nodes" for the deepspeed launcher.
 
-Both are started by their scripts (scripts/start_s3_server.sh, scripts/start_slurm_cluster.sh) on free loopback
-ports, in their own sessions, and stopped by PID. The helpers below need no pytest:
+All are started by their scripts (scripts/start_s3_server.sh, scripts/start_slurm_cluster.sh,
+scripts/start_sshd.sh) on free loopback ports, in their own sessions, and stopped by PID. The helpers below
+need no pytest:
 
     server = start_s3_server(Path("/tmp/s3")); ...; server.stop()
     cluster = start_slurm_cluster(Path("/tmp/slurm")); ...; cluster.stop()
+    nodes = start_sshd(Path("/tmp/sshd")); ...; nodes.stop()
 
-The session fixtures `s3_server` and `slurm_cluster` wrap them and always stop them at teardown. A test module
-uses them with
+The session fixtures `s3_server`, `slurm_cluster`, `slurm_two_nodes` (start_slurm_two_nodes: nodes 127.0.0.1
+and 127.0.0.2, one slurmd each) and `ssh_nodes` wrap them and always stop them at teardown.
+A test module uses them with
 
-    from servers import s3_server, slurm_cluster  # noqa: F401
+    from servers import s3_server, slurm_cluster, ssh_nodes  # noqa: F401
 
 When a tool is missing the fixtures skip with the reason, or fail when the environment variable CI is set, so
 that CI never passes by skipping.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -457,6 +462,185 @@ def start_slurm_cluster(state_dir: Path, timeout: float = 120) -> SlurmCluster:
     return cluster
 
 
+@dataclass
+class TwoNodeSlurmCluster(SlurmCluster):
+    """slurmctld and two slurmd on this machine, nodes 127.0.0.1 and 127.0.0.2 (see start_slurm_two_nodes)."""
+    slurmd_pids: tuple[int, ...] = ()
+
+    def log_tails(self, lines: int = 30) -> str:
+        out = []
+        for path in [self.state_dir / "slurmctld.log", *sorted(self.state_dir.glob("slurmd-*.log"))]:
+            out.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    def alive(self) -> bool:
+        return _comm(self.ctld_pid) == "slurmctld" and all(_comm(p) == "slurmd" for p in self.slurmd_pids)
+
+    def stop(self) -> None:
+        """Cancels its jobs, then stops both slurmd and slurmctld by PID."""
+        if _comm(self.ctld_pid) == "slurmctld":
+            jobs = self.run("squeue", "-h", "-o", "%A", check=False, timeout=30).stdout.split()
+            if jobs:
+                self.run("scancel", *jobs, check=False, timeout=30)
+                end = time.time() + 10
+                while self.run("squeue", "-h", "-t", "R,CG", "-o", "%A", check=False).stdout.strip() and \
+                        time.time() < end:
+                    time.sleep(0.2)
+        for pid in self.slurmd_pids:
+            stop_pid(pid, "slurmd", grace=15)
+        stop_pid(self.ctld_pid, "slurmctld", grace=15)
+
+
+def start_slurm_two_nodes(state_dir: Path, timeout: float = 60) -> TwoNodeSlurmCluster:
+    """A Slurm cluster of two nodes on this machine: slurmctld plus one slurmd per node, started as
+    `slurmd -N 127.0.0.1` and `slurmd -N 127.0.0.2`, each with its own Port and NodeAddr (Debian's slurmd runs
+    several per host: %n in its spool, pid and log paths). The node names are their addresses, so the job's
+    first node is a name every rank resolves (MASTER_ADDR) with no hosts file. The rest of the configuration
+    is the one-node cluster's (scripts/start_slurm_cluster.sh)."""
+    state = Path(state_dir).resolve()
+    (state / "ctld").mkdir(parents=True, exist_ok=True)
+    (state / "plugstack.conf").write_text("")
+    nodes = ("127.0.0.1", "127.0.0.2")
+    ports = [free_port() for _ in range(3)]
+    mem_mb = int(int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 1024 * 0.45)
+    cpus, user, name = os.cpu_count() or 1, pwd.getpwuid(os.geteuid()).pw_name, f"t{uuid.uuid4().hex[:8]}"
+    conf = state / "slurm.conf"
+    conf.write_text(f"""# Two-node test cluster written by tests/servers.py::start_slurm_two_nodes
+ClusterName={name}
+SlurmctldHost=localhost
+SlurmctldPort={ports[0]}
+AuthType=auth/none
+CredType=cred/none
+SlurmUser={user}
+SlurmdUser={user}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+MailProg=/bin/true
+PlugStackConfig={state}/plugstack.conf
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={state}/jobcomp.txt
+StateSaveLocation={state}/ctld
+SlurmdSpoolDir={state}/spool-%n
+SlurmctldPidFile={state}/slurmctld.pid
+SlurmdPidFile={state}/slurmd-%n.pid
+SlurmctldLogFile={state}/slurmctld.log
+SlurmdLogFile={state}/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+MinJobAge=3600
+ReturnToService=2
+SlurmdParameters=config_overrides
+SlurmctldTimeout=60
+SlurmdTimeout=60
+InactiveLimit=0
+KillWait=5
+""" + "".join(f"NodeName={n} NodeHostname={socket.gethostname()} NodeAddr={n} Port={p} CPUs={cpus} Sockets=1 "
+              f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem_mb} State=UNKNOWN\n"
+              for n, p in zip(nodes, ports[1:]))
+        + f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_CONF": str(conf)}
+
+    def daemon(*cmd: str) -> int:
+        with open(state / f"{cmd[0]}{'-' + cmd[-1] if cmd[0] == 'slurmd' else ''}.out", "w") as out:
+            return subprocess.Popen([cmd[0], "-D", *cmd[1:]], env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True).pid
+
+    cluster = TwoNodeSlurmCluster(state_dir=state, conf=conf, ctld_pid=daemon("slurmctld", "-i"), slurmd_pid=0,
+                                  name=name)
+    atexit.register(cluster.stop)
+
+    def wait(what: str, ready) -> None:
+        end = time.time() + timeout
+        while not ready():
+            if not all(_comm(p) in ("slurmctld", "slurmd") for p in (cluster.ctld_pid, *cluster.slurmd_pids)):
+                cluster.stop()
+                raise RuntimeError(f"a Slurm daemon exited while waiting for {what}:\n{cluster.log_tails()}")
+            if time.time() > end:
+                cluster.stop()
+                raise RuntimeError(f"{what} not within {timeout}s:\n{cluster.log_tails()}")
+            time.sleep(0.2)
+
+    wait("slurmctld", lambda: "is UP" in cluster.run("scontrol", "ping", check=False).stdout)
+    for n in nodes:
+        (state / f"spool-{n}").mkdir(exist_ok=True)
+    cluster.slurmd_pids = tuple(daemon("slurmd", "-N", n) for n in nodes)
+    cluster.slurmd_pid = cluster.slurmd_pids[0]
+    wait("both nodes idle", lambda: cluster.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split()
+         == [nodes[0], "idle", nodes[1], "idle"])
+    return cluster
+
+
+# --- sshd: two "nodes" on loopback -------------------------------------------------------------------------
+
+SSHD = "/usr/sbin/sshd"
+
+
+def ssh_missing() -> str | None:
+    """Why the two-node sshd cannot run here, or None."""
+    missing = [t for t in ("ssh", "ssh-keygen", "pdsh") if shutil.which(t) is None]
+    if not os.access(SSHD, os.X_OK):
+        missing.insert(0, SSHD)
+    if missing:
+        return f"not found: {', '.join(missing)} (scripts/ensure_ssh.sh installs openssh-server and pdsh)"
+    if os.geteuid() != 0:
+        return "the test sshd runs as root (it logs the user in by key)"
+    return None
+
+
+@dataclass
+class SshNodes:
+    """A throwaway sshd listening on 127.0.0.1 and 127.0.0.2 (one port): two "nodes" of one machine."""
+    pid: int
+    port: int
+    hosts: tuple[str, ...]
+    state_dir: Path
+    bin_dir: Path
+    ssh_config: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        """PATH with the ssh that reads this server's client config (key, known hosts) first, and SSH_PORT,
+        which launch/pretrain_22k.sh hands to the deepspeed launcher (--ssh_port)."""
+        return {"PATH": f"{self.bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", "SSH_PORT": str(self.port)}
+
+    def hostfile(self, path: Path, slots: int = 1) -> Path:
+        """A deepspeed hostfile naming every node with `slots` ranks each."""
+        Path(path).write_text("".join(f"{h} slots={slots}\n" for h in self.hosts))
+        return Path(path)
+
+    def ssh(self, host: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin_dir / "ssh"), "-p", str(self.port), host, *cmd], capture_output=True,
+                              text=True, timeout=timeout)
+
+    def alive(self) -> bool:
+        return _comm(self.pid) == "sshd"
+
+    def stop(self) -> None:
+        """Stops the listener and its sessions by PID (scripts/stop_sshd.sh)."""
+        if self.alive():
+            subprocess.run([str(SCRIPTS / "stop_sshd.sh"), str(self.state_dir)], capture_output=True, timeout=60)
+        if not stop_pid(self.pid, "sshd", grace=10):
+            raise RuntimeError(f"sshd {self.pid} survived SIGKILL")
+
+
+def start_sshd(state_dir: Path, timeout: float = 60) -> SshNodes:
+    """Starts scripts/start_sshd.sh with its keys and config in state_dir; waits until a login works."""
+    state_dir = Path(state_dir)
+    _run_script([str(SCRIPTS / "start_sshd.sh"), str(state_dir)], dict(os.environ), timeout,
+                "the test sshd did not start")
+    values = read_env_file(state_dir / "sshd.env")
+    nodes = SshNodes(pid=int(values["SSHD_PID"]), port=int(values["SSH_PORT"]),
+                     hosts=tuple(values["SSH_HOSTS"].split(",")), state_dir=Path(values["STATE_DIR"]),
+                     bin_dir=Path(values["SSH_BIN_DIR"]), ssh_config=Path(values["SSH_CONFIG"]))
+    atexit.register(nodes.stop)
+    return nodes
+
+
 # --- pytest fixtures --------------------------------------------------------------------------------------
 
 def _unavailable(reason: str) -> None:
@@ -489,3 +673,31 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory):
+    """A running two-node Slurm cluster (127.0.0.1 and 127.0.0.2, see start_slurm_two_nodes); stopped at
+    teardown."""
+    reason = slurm_missing()
+    if reason:
+        _unavailable(reason)
+    cluster = start_slurm_two_nodes(tmp_path_factory.mktemp("slurm2"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ssh_nodes(tmp_path_factory):
+    """Two ssh "nodes", 127.0.0.1 and 127.0.0.2, served by one throwaway sshd (see SshNodes); stopped at
+    teardown."""
+    reason = ssh_missing()
+    if reason:
+        _unavailable(reason)
+    nodes = start_sshd(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield nodes
+    finally:
+        nodes.stop()

@@ -1,0 +1,268 @@
+"""Multi-node launches, for real on one machine: 127.0.0.1 and 127.0.0.2 are two ssh "nodes" (one throwaway
+sshd, tests/servers.py::ssh_nodes) and the deepspeed launcher starts one rank on each over pdsh + ssh, as on a
+cluster. Both habits (`HOSTFILE=... bash launch/pretrain_22k.sh` and `deepspeed --hostfile ...
+launch/pretrain_22k.sh`) train the tiny recipe at world 2 into a shared run folder; the rank on 127.0.0.2 is
+killed with -9 mid-run, the same command is run again, and it resumes from the newest complete checkpoint
+and finishes. Also Slurm across two nodes (one slurmd per address, tests/servers.py::slurm_two_nodes) and
+`accelerate launch`, one node and two, as more launchers of the same entry point."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from servers import REPO, free_port, run_prep
+
+pytestmark = pytest.mark.slow
+LAUNCH = REPO / "launch" / "pretrain_22k.sh"
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+@pytest.fixture(scope="module")
+def shards(digits_tars, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("multinode") / "shards"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
+    return out
+
+
+def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """The tiny recipe (as a user names it, relative to the repository), smaller: 16 images per rank per step."""
+    return ["--config", "configs/tiny_22k.yaml", f"name={name}", f"out_dir={out}", f"data.shards={shards}",
+            "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
+            "train.log_every=1", "schedule.epochs=2", "schedule.warmup_epochs=0", "tracking.enabled=false", *extra]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment as outside any job (no rank or Slurm variables), plus extra."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+            and not k.startswith(("SLURM_", "ACCELERATE_"))}
+    return {**base, "PYTHON": sys.executable, **extra}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+# --- processes of one run, found by /proc ----------------------------------------------------------------
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+
+
+def run_processes(marker: str) -> list[int]:
+    """Live processes whose command line names `marker` (the run's own folder): the launchers and the ranks
+    on every node, whatever started them (the ranks on the ssh nodes are children of sshd, not of the test)."""
+    me = os.getpid()
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and int(p.name) != me and any(marker in a for a in _cmdline(int(p.name)))
+            and _alive(int(p.name))]
+
+
+def rank_process(marker: str, rank: int) -> int | None:
+    """The training process of global rank `rank` (the one whose environment has RANK=rank)."""
+    for pid in run_processes(marker):
+        cmd = " ".join(_cmdline(pid))
+        if ("-m pipeline.train" in cmd or "pretrain_22k.sh --local_rank" in cmd) and \
+                _environ(pid).get("RANK") == str(rank):
+            return pid
+    return None
+
+
+def kill_all(marker: str) -> list[int]:
+    """SIGKILL, by PID, every process of the run still alive; returns them."""
+    left = run_processes(marker)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def wait_gone(marker: str, timeout: float) -> list[int]:
+    end = time.time() + timeout
+    while (left := run_processes(marker)) and time.time() < end:
+        time.sleep(0.2)
+    return left
+
+
+# --- ssh "nodes" -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["bash_hostfile", "deepspeed_hostfile"])
+def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_nodes, shards, tmp_path):
+    run_dir = tmp_path / "shared" / "mn"  # the shared run folder: an absolute out_dir every node sees
+    marker = str(run_dir.parent)
+    hostfile = ssh_nodes.hostfile(tmp_path / "hostfile")
+    user_dir = tmp_path / "user"  # where the user types the command (relative paths are the user's)
+    user_dir.mkdir()
+    args = small(shards, run_dir.parent, "mn", "train.max_steps=40", "checkpoint.every_steps=4",
+                 "checkpoint.keep_last=3")
+    port = free_port()
+    if form == "bash_hostfile":  # HOSTFILE=... bash launch/pretrain_22k.sh, from the user's own folder
+        cmd = ["bash", LAUNCH, *args]
+        env = clean_env(**ssh_nodes.env, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cwd = user_dir
+    else:  # as the team types it, in the repository: the script's path and --config are relative
+        cmd = [DEEPSPEED, "--hostfile", hostfile, "--ssh_port", ssh_nodes.port, "--master_addr", "127.0.0.1",
+               "--master_port", port, "launch/pretrain_22k.sh", *args]
+        env = clean_env(PATH=ssh_nodes.env["PATH"])
+        cwd = REPO
+    cmd = list(map(str, cmd))
+    log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
+    try:
+        with open(log1, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        ckpt = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
+        end = time.time() + 240
+        while not ckpt.exists():
+            assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {ckpt}:\n" \
+                                        f"{log1.read_text()[-6000:]}"
+            assert time.time() < end, f"no {ckpt} after 240 s:\n{log1.read_text()[-6000:]}"
+            time.sleep(0.01)
+        victim = rank_process(marker, 1)
+        assert victim is not None, f"no process with RANK=1 among {run_processes(marker)}"
+        victim_env = _environ(victim)
+        os.kill(victim, signal.SIGKILL)
+        # it was started over ssh on the second node, by the launcher there, one rank per node
+        assert victim_env["SSH_CONNECTION"].split()[2] == "127.0.0.2", victim_env.get("SSH_CONNECTION")
+        assert (victim_env["WORLD_SIZE"], victim_env["LOCAL_RANK"]) == ("2", "0")
+        rank0 = rank_process(marker, 0)
+        assert rank0 is not None and _environ(rank0)["SSH_CONNECTION"].split()[2] == "127.0.0.1"
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the launcher did not end within 120 s of the kill:\n{log1.read_text()[-6000:]}")
+        first = log1.read_text()
+        assert rc != 0, first[-4000:]
+        left = wait_gone(marker, 60)  # pdsh is gone; the ranks' own launchers on each node end them
+        assert not left, f"processes left after the killed run: {[(p, _cmdline(p)) for p in left]}"
+        assert "127.0.0.1: " in first and "127.0.0.2: " in first, first[-3000:]  # pdsh's per-node prefixes
+        assert "global batch 32 = 16 micro x 2 ranks" in first, first[-3000:]
+        done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
+        newest = done[-1]
+        step = json.loads((newest / "COMPLETE").read_text())["step"]
+        assert step < 40, f"the run finished before the kill took effect ({newest})"
+
+        with open(log2, "w") as out:
+            again = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400)
+        second = log2.read_text()
+        assert again.returncode == 0, second[-6000:]
+        assert f"resumed from {newest} at step {step}" in second, second[-6000:]
+        assert "127.0.0.2: " in second
+    finally:
+        left = kill_all(marker)
+    assert not left, f"processes of the run were still alive at the end: {left}"
+    steps = metrics(run_dir)
+    assert steps[-1]["step"] == 40
+    assert [m["step"] for m in steps[step - 40:]] == list(range(step + 1, 41))  # the second run's records
+    final = run_dir / "checkpoints" / "step_00000040"
+    complete = json.loads((final / "COMPLETE").read_text())
+    assert complete["world_size"] == 2 and complete["step"] == 40
+    assert sorted(p.name for p in final.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+# --- Slurm across two nodes ------------------------------------------------------------------------------
+
+@pytest.mark.slurm
+def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
+    """sbatch --nodes=2 launch/slurm/pretrain_22k.sbatch: srun starts one task on each node's slurmd, the
+    ranks meet at the job's first node (MASTER_ADDR from the node list) and train into the shared run folder."""
+    run_dir = tmp_path / "shared"
+    job = slurm_two_nodes.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+                                 *small(shards, run_dir, "slurm2", "train.max_steps=3"),
+                                 sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                                              "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out"],
+                                 env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+    try:
+        [state] = slurm_two_nodes.wait(job, timeout=400)
+    finally:
+        kill_all(str(run_dir))
+    log = next(tmp_path.glob("job-*.out")).read_text()
+    assert state.ok, f"{state}\n{log[-5000:]}\n{slurm_two_nodes.log_tails()}"
+    assert "2 ranks on 2 node(s) [127.0.0.[1-2]]" in log, log[-3000:]
+    assert "global batch 32 = 16 micro x 2 ranks" in log
+    for node in ("127.0.0.1", "127.0.0.2"):  # each node's slurmd launched one task of the step
+        assert re.search(rf"launch task StepId={job}\.0 ", (slurm_two_nodes.state_dir / f"slurmd-{node}.log")
+                         .read_text()), slurm_two_nodes.log_tails()
+    assert [m["step"] for m in metrics(run_dir / "slurm2")] == [1, 2, 3]
+    ckpt = run_dir / "slurm2" / "checkpoints" / "step_00000003"
+    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+# --- accelerate launch -----------------------------------------------------------------------------------
+
+def accelerate_args(num_machines: int, port: int) -> list[str]:
+    """`accelerate launch` options that start world-2 torch.distributed ranks of `python -m pipeline.train`.
+    --multi_gpu is accelerate's torchrun path (it works on CPUs too: gloo); --cpu would take its "simple"
+    launcher, which starts one process (several only through mpirun with --mpirun_hostfile)."""
+    return ["launch", "--multi_gpu", "--num_machines", str(num_machines), "--num_processes", "2",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+def test_accelerate_launch_on_one_node_starts_two_ranks(shards, tmp_path):
+    cmd = [ACCELERATE, *accelerate_args(1, free_port()), "-m", "pipeline.train",
+           *small(shards, tmp_path, "acc1", "train.max_steps=3")]
+    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "global batch 32 = 16 micro x 2 ranks" in out, out[-4000:]
+    assert [m["step"] for m in metrics(tmp_path / "acc1")] == [1, 2, 3]
+    ckpt = tmp_path / "acc1" / "checkpoints" / "step_00000003"
+    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+def test_accelerate_launch_on_two_nodes_through_pdsh(ssh_nodes, shards, tmp_path):
+    """The multi-node form: the same `accelerate launch` on every node, each with its --machine_rank (pdsh's
+    %n), the first node's address as --main_process_ip; one rank per node here."""
+    run_dir = tmp_path / "shared"
+    args = [*accelerate_args(2, free_port()), "--machine_rank", "%n", "--main_process_ip", "127.0.0.1",
+            "-m", "pipeline.train", *small(shards, run_dir, "acc2", "train.max_steps=3")]
+    remote = f"cd {REPO} && {ACCELERATE} " + " ".join(args)
+    env = clean_env(PATH=ssh_nodes.env["PATH"], PDSH_RCMD_TYPE="ssh", PDSH_SSH_ARGS_APPEND=f"-p {ssh_nodes.port}")
+    try:
+        proc = subprocess.run(["pdsh", "-S", "-w", ",".join(ssh_nodes.hosts), remote], env=env,
+                              capture_output=True, text=True, timeout=400)
+    finally:
+        left = kill_all(str(run_dir))
+    out = proc.stdout + proc.stderr
+    (tmp_path / "pdsh.log").write_text(out)
+    assert proc.returncode == 0, out[-6000:]
+    assert not left, f"processes of the run were still alive at the end: {left}"
+    assert "global batch 32 = 16 micro x 2 ranks" in out, out[-4000:]
+    assert [m["step"] for m in metrics(run_dir / "acc2")] == [1, 2, 3]
+    ckpt = run_dir / "acc2" / "checkpoints" / "step_00000003"  # 1 process per node: rank 1 ran on 127.0.0.2
+    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
