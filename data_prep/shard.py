@@ -20,6 +20,7 @@ from .records import build_manifest, missing_records
 from .shardset.manifest import MANIFEST_NAME, write_manifest
 from .plan import ShardSpec, make_plan, task_share
 from .sources import LISTING_NAME, Listing, scan_source
+from .shardset.split_index import write_split_indexes
 from .shardset.store import open_store
 from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
 
@@ -160,7 +161,7 @@ def run_shard(opts: ShardOptions) -> dict:
         raise RuntimeError(f"{len(failures)} shard(s) failed (rerun the same command to resume): "
                            + "; ".join(f"{n}: {e}" for n, e in failures))
     if opts.finalize and not missing_records(out, plan):
-        write_manifest(out, build_manifest(out, plan, options, synsets, listing.rejected))
+        write_finished_set(out, build_manifest(out, plan, options, synsets, listing.rejected))
         summary["manifest"] = f"{out.url}/{MANIFEST_NAME}"
     return summary
 
@@ -239,8 +240,15 @@ def finalize(out_url: str) -> dict:
     plan = make_plan(listing.items, options["seed"], options["holdout_per_class"], options["max_samples"],
                      options["max_bytes"])
     manifest = build_manifest(out, plan, options, synsets, listing.rejected)
-    write_manifest(out, manifest)
+    write_finished_set(out, manifest)
     return manifest
+
+
+def write_finished_set(out, manifest: dict) -> None:
+    """The per-split indexes, then manifest.json (listing them with their sha256): written last, since a set
+    without a manifest is unfinished for every reader."""
+    manifest["split_indexes"] = write_split_indexes(out, manifest["shards"])
+    write_manifest(out, manifest)
 
 
 def slurm_task_defaults() -> tuple[int, int]:

@@ -44,8 +44,9 @@ class DataConfig:
     random_erasing: float = 0.25
     crop_pct: float = 0.875  # eval: resize shorter side to img_size / crop_pct, centre crop
     max_bad_shards: int = 0
-    cache_dir: str = "/tmp/swin-shard-cache"
-    cache_bytes: int = 64 << 30
+    cache_dir: str = "/tmp/swin-shard-cache"  # S3 shards are copied here: node-local disk, one per node
+    cache_bytes: int = 64 << 30  # the node's budget, shared by its ranks and their workers
+    read_ahead: int = 4  # S3 shards each rank fetches ahead of where it reads (0: none)
 
 
 @dataclass

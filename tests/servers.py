@@ -32,6 +32,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,6 +235,27 @@ def start_s3_server(base_dir: Path, timeout: float = 120) -> S3Server:
                       log=Path(values["LOG"]), info_file=info)
     atexit.register(server.stop)  # in case the caller never gets to stop it
     return server
+
+
+@contextmanager
+def latency_proxy(endpoint_url: str, delay_ms: float = 50, rate: str = "0"):
+    """scripts/latency_proxy.py in front of a loopback server: yields its endpoint URL (every request waits
+    `delay_ms`, answers are limited to `rate` bytes/s per connection); stopped by PID on exit."""
+    target = endpoint_url.split("://", 1)[1].rstrip("/")
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "latency_proxy.py"), "--target", target,
+                             "--delay-ms", str(delay_ms), "--rate", rate], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("PORT="):
+            raise RuntimeError(f"the latency proxy did not start (exit {proc.poll()})")
+        yield f"http://127.0.0.1:{int(line.strip().split('=')[1])}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # --- MLflow -----------------------------------------------------------------------------------------------

@@ -184,14 +184,16 @@ def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, t
     bucket = s3_server.create_bucket()
     s3_server.upload_dir(shards, bucket, "set")
     biggest = max(p.stat().st_size for p in shards.glob("train/*.tar"))
+    # a shuffle window of one shard: at most three shards are read at once (a batch across two windows); the
+    # budget holds them and the read-ahead, but not the set, so evictions happen
     remote = config(shards, backend="torch", workers=0, cache_dir=str(tmp_path / "cache"),
-                    cache_bytes=3 * biggest)  # fewer shards than the set: evictions happen
+                    cache_bytes=4 * biggest, shuffle_window=250)
     remote.shards = f"s3://{bucket}/set"
     a = take(create_loader(remote))
-    b = take(create_loader(config(shards, backend="torch", workers=0)))
+    b = take(create_loader(config(shards, backend="torch", workers=0, shuffle_window=250)))
     assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
     cached = [p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")]
-    assert cached and sum(cached) <= 3 * biggest
+    assert cached and sum(cached) <= 4 * biggest and len(cached) < 7
 
 
 SAME_PROCESS = """

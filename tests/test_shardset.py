@@ -1,14 +1,13 @@
-"""pipeline.data.shard_checks: the cheap checks before a pipeline starts; pipeline.data.cache: S3 shards locally."""
+"""pipeline.data.shard_checks: the cheap checks before a pipeline starts, the split index and old sets without it."""
+import hashlib
+import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from conftest import run_prep
-from data_prep.shardset.store import open_store
-from pipeline.data.cache import CacheFullError, ShardCache
 from pipeline.data.shard_checks import ShardSetError, open_shard_set
 
 
@@ -22,6 +21,20 @@ def shard_set(digits_tars, tmp_path_factory) -> Path:
 @pytest.fixture
 def copy(shard_set, tmp_path) -> Path:
     return Path(shutil.copytree(shard_set, tmp_path / "set"))
+
+
+def as_old_format(folder: Path) -> Path:
+    """The set as finalized before split indexes: no `split_indexes` in the manifest, no index.npz."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest.pop("split_indexes").values():
+        (folder / entry["name"]).unlink()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture
+def old_copy(copy) -> Path:
+    return as_old_format(copy)
 
 
 def test_a_good_set_opens_whole(shard_set):
@@ -56,8 +69,9 @@ def test_past_the_budget_the_error_names_the_shards_and_verify(copy):
     assert f"python -m data_prep verify {copy}" in text
 
 
-def test_an_index_pointing_past_the_end_is_caught(copy):
+def test_an_index_pointing_past_the_end_is_caught(old_copy):
     # same size as the manifest says, but the index was written for another tar: DALI would read past the end
+    copy = old_copy
     idx = copy / "train/shard-000001.idx"
     lines = idx.read_text().splitlines()
     fields = lines[5].split(" ")
@@ -75,10 +89,70 @@ def test_an_index_pointing_past_the_end_is_caught(copy):
     (lambda idx: idx.write_text("\n".join(idx.read_text().splitlines()[:-1]) + "\n"), "index file unreadable"),
     (lambda idx: idx.write_text(idx.read_text().replace(" jpg ", " png ")), "lacks ['jpg']"),
 ])
-def test_bad_index_files_are_caught(copy, damage, reason):
-    damage(copy / "train/shard-000003.idx")
-    train = open_shard_set(str(copy), "train", max_bad_shards=1)
+def test_bad_index_files_are_caught(old_copy, damage, reason):
+    damage(old_copy / "train/shard-000003.idx")
+    train = open_shard_set(str(old_copy), "train", max_bad_shards=1)
     assert train.skipped[0][0] == "train/shard-000003.tar" and reason in train.skipped[0][1]
+
+
+def count_reads(monkeypatch) -> list[str]:
+    from data_prep.shardset.store import LocalStore
+
+    reads, read = [], LocalStore.read
+    monkeypatch.setattr(LocalStore, "read", lambda self, rel, *a, **k: reads.append(rel) or read(self, rel, *a, **k))
+    return reads
+
+
+def test_one_split_index_read_instead_of_one_per_shard(copy, monkeypatch):
+    reads = count_reads(monkeypatch)
+    new = open_shard_set(str(copy), "train")
+    assert reads == ["manifest.json", "train/index.npz"]
+    reads.clear()
+    old = open_shard_set(str(as_old_format(copy)), "train")  # a set finalized before split indexes still loads
+    assert reads[0] == "manifest.json" and sorted(reads[1:]) == [s.index_name for s in old.shards]
+    assert new.shards == old.shards and new.table.names == old.table.names
+    for column in ("starts", "jpg_offset", "jpg_size", "cls_offset", "cls_size", "key_blob", "key_starts"):
+        assert (getattr(new.table, column) == getattr(old.table, column)).all(), column
+    assert new.table.key(0) == old.table.key(0) and len(new.table) == new.num_samples == 1767
+
+
+def test_the_split_index_is_in_the_manifest_with_its_sha256(shard_set):
+    manifest = json.loads((shard_set / "manifest.json").read_text())
+    for split, entry in manifest["split_indexes"].items():
+        data = (shard_set / entry["name"]).read_bytes()
+        assert entry["name"] == f"{split}/index.npz" and entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["samples"] == manifest["totals"][split]["samples"]
+
+
+def test_a_damaged_split_index_falls_back_to_the_shard_indexes(copy, caplog):
+    index = copy / "train/index.npz"
+    index.write_bytes(index.read_bytes()[:-10])
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        train = open_shard_set(str(copy), "train")
+    assert "train/index.npz does not match the sha256 in the manifest" in caplog.text
+    assert "reading every shard's index file instead" in caplog.text
+    assert train.num_samples == 1767 and not train.skipped
+
+
+def test_a_split_index_pointing_past_the_end_is_caught(copy):
+    import numpy as np
+
+    from data_prep.shardset.split_index import SampleTable
+
+    table = SampleTable.from_bytes((copy / "train/index.npz").read_bytes(), "train/index.npz")
+    row = int(table.starts[1]) + 5  # shard 1, sample 5
+    table.jpg_offset[row] = 10**9
+    data = table.to_bytes()
+    (copy / "train/index.npz").write_bytes(data)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["split_indexes"]["train"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    train = open_shard_set(str(copy), "train", max_bad_shards=1)
+    end = 10**9 + int(table.jpg_size[row])
+    assert train.skipped == [("train/shard-000001.tar", f"the split index points to byte {end}, past the tar's "
+                              f"{(copy / 'train/shard-000001.tar').stat().st_size} bytes")]
+    assert np.array_equal(train.table.shard_sizes, [s.samples for s in train.shards])
 
 
 def test_a_shard_not_in_the_manifest_is_not_used(copy, caplog):
@@ -115,39 +189,3 @@ def test_dali_reads_what_the_checks_leave(copy):
     assert p.epoch_size("r") == train.num_samples
     for _ in range(train.num_samples // 100):
         p.run()
-
-
-@pytest.mark.s3
-def test_s3_shards_through_a_bounded_cache(s3_in_env, shard_set, tmp_path):
-    s3_server = s3_in_env
-    bucket = s3_server.create_bucket()
-    s3_server.upload_dir(shard_set, bucket, "set")
-    store = open_store(f"s3://{bucket}/set")
-    train = open_shard_set(store.url, "train")
-    assert train.num_samples == 1767 and len(train.shards) == 6
-    biggest = max(s.bytes for s in train.shards)
-    cache = ShardCache(tmp_path / "cache", max_bytes=2 * biggest + 10)  # room for two shards
-
-    first_tar, first_idx = cache.paths(store, train.shards[0])
-    assert first_tar.read_bytes() == (shard_set / train.shards[0].name).read_bytes()
-    assert first_idx.read_bytes() == (shard_set / train.shards[0].index_name).read_bytes()
-    held = os.open(first_tar, os.O_RDONLY)  # a reader holding the shard open, as ShardReader does
-    fetched = []
-    for shard in train.shards[1:4]:
-        tar, _ = cache.paths(store, shard)
-        fetched.append(tar)
-        assert tar.read_bytes() == (shard_set / shard.name).read_bytes()
-        assert cache.cached_bytes() <= cache.max_bytes
-    # least recently used go first: shards 0 and 1 made room for 2 and 3
-    assert not first_tar.exists() and not fetched[0].exists() and fetched[1].exists() and fetched[2].exists()
-    expected = (shard_set / train.shards[0].name).read_bytes()
-    try:
-        assert os.pread(held, len(expected), 0) == expected  # evicted while open: the reader still reads it
-    finally:
-        os.close(held)
-    again, _ = cache.paths(store, train.shards[0])  # fetched again on its next use, evicting shard 2
-    assert again.read_bytes() == expected and not fetched[1].exists() and cache.cached_bytes() <= cache.max_bytes
-    with pytest.raises(CacheFullError, match="does not fit"):
-        ShardCache(tmp_path / "small", max_bytes=biggest - 1).paths(store, max(train.shards, key=lambda s: s.bytes))
-    local = open_store(str(shard_set))  # a local set is read in place
-    assert cache.paths(local, train.shards[0])[0] == shard_set / train.shards[0].name

@@ -184,13 +184,14 @@ class S3Store:
 
     @property
     def client(self):
-        # boto3 clients must not cross a fork: make one per process.
+        # boto3 clients must not cross a fork: make one per process, from its own session (the default session
+        # may be in use by another thread, e.g. the loader's read-ahead, at the moment of the fork).
         if self._client is None or self._client_pid != os.getpid():
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client("s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"},
-                                                            max_pool_connections=32))
+            config = Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=32)
+            self._client = boto3.session.Session().client("s3", config=config)
             self._client_pid = os.getpid()
         return self._client
 
@@ -263,9 +264,10 @@ class S3Store:
         with ThreadPoolExecutor(threads) as pool:
             yield from pool.map(read, requests)
 
-    def download(self, rel: str, dest: Path) -> None:
-        """The whole object to a local file (boto3's transfer manager: parallel ranged GETs for big objects)."""
-        self.client.download_file(self.bucket, self._key(rel), str(dest))
+    def download_to(self, rel: str, fileobj: BinaryIO) -> None:
+        """The whole object into an open, seekable file (boto3's transfer manager: parallel ranged GETs for big
+        objects, written at their offsets)."""
+        self.client.download_fileobj(self.bucket, self._key(rel), fileobj)
 
     def staging_path(self, rel: str) -> Path:
         fd, path = tempfile.mkstemp(prefix="swin-prep-", suffix="-" + inside(rel, self.url).replace("/", "_"))

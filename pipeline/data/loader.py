@@ -19,10 +19,13 @@ from typing import Iterator
 
 import torch
 
+from data_prep.shardset.store import LocalStore
+
 from .augment_params import batch_rng, seeded, torch_generators
 from .backend import create_backend
 from .cache import ShardCache
 from .order import epoch_order, samples_per_rank
+from .readahead import ReadAhead
 from .reader import ShardReader
 from .samples import BatchSource, DataError  # noqa: F401  (DataError: what the loader raises)
 from .shard_checks import open_shard_set
@@ -54,14 +57,16 @@ class LoaderConfig:
     max_bad_shards: int = 0
     dtype: str = "float32"
     cache_dir: str = "/tmp/swin-shard-cache"  # S3 shards are copied here (local sets are read in place)
-    cache_bytes: int = 64 << 30  # at most this much; least recently used shards are evicted
+    cache_bytes: int = 64 << 30  # per node, shared by its ranks; least recently used shards not in use go first
+    read_ahead: int = 4  # S3 shards each rank keeps fetched ahead of where it reads (0: none)
 
 
 class ShardLoader:
     def __init__(self, cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.shard_set = open_shard_set(cfg.shards, cfg.split, cfg.max_bad_shards)
-        self.reader = ShardReader(self.shard_set, ShardCache(cfg.cache_dir, cfg.cache_bytes))
+        cache = ShardCache(cfg.cache_dir, cfg.cache_bytes)
+        self.shard_set = open_shard_set(cfg.shards, cfg.split, cfg.max_bad_shards, cache)
+        self.reader = ShardReader(self.shard_set, cache)
         self.source = BatchSource(cfg, self.reader, rank)
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.backend = create_backend(cfg.backend, cfg, self.device)
@@ -126,12 +131,22 @@ class ShardLoader:
         order = epoch_order(self.reader.sizes, self.cfg.seed, self.epoch, self.rank, self.world,
                             self.cfg.shuffle_window, shuffle=self.cfg.train, pad=not self.cfg.train,
                             batch=self.cfg.batch_size if self.cfg.train else 1)
-        for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
-                                                                len(self)):
-            self.skipped += skipped
-            images, labels = self._batch_augment(order.slot(b), images.to(self.dtype), labels)
-            self.position = b + 1
-            yield images, labels
+        ahead = None
+        if self.cfg.read_ahead > 0 and not isinstance(self.reader.store, LocalStore):
+            ahead = ReadAhead(self.reader, order, self.cfg.batch_size, self.cfg.read_ahead, self.position)
+        try:
+            for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
+                                                                    len(self)):
+                self.skipped += skipped
+                images, labels = self._batch_augment(order.slot(b), images.to(self.dtype), labels)
+                self.position = b + 1
+                if ahead is not None:
+                    ahead.advance(b + 1)
+                yield images, labels
+        finally:
+            if ahead is not None:
+                ahead.close()
+            self.reader.close()
         self.epoch, self.position = self.epoch + 1, 0
         self.backend.new_epoch()
 

@@ -1,42 +1,36 @@
-"""Random access to the samples of a checked shard set: (shard, sample) -> (jpg bytes, label), by the offsets in
-the shards' DALI index files (one pread each; no tar parsing at read time)."""
+"""Random access to the samples of a checked shard set: (shard, sample) -> (jpg bytes, label), by the byte ranges
+of the set's sample table (one pread each; no tar parsing at read time).
+
+S3 shards are read from the node's shared cache: the reader pins each shard it reads (the pin is the file it
+preads from) and lets go of it once this rank's order has no further sample in it (`release_finished`), so the
+node's budget holds what its ranks read now and what the read-ahead fetched for next.
+"""
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from data_prep.shardset.store import open_store
-from data_prep.shardset.index import parse_index
 
-from .cache import ShardCache
+from .cache import Pin, ShardCache
 from .shard_checks import ShardSet
 
 
-@dataclass
-class _ShardIndex:
-    path: Path
-    keys: list[str]
-    jpg: np.ndarray  # (n, 2) offset, size
-    cls: np.ndarray  # (n, 2)
-
-
 class ShardReader:
-    max_open = 64  # open shard files; older ones are closed, so evicted cache files free their space
+    max_open = 64  # pinned shards at most; the least recently read is let go first
 
     def __init__(self, shard_set: ShardSet, cache: ShardCache):
         self.shard_set = shard_set
+        self.table = shard_set.table
         self.store = open_store(shard_set.url)
         self.cache = cache
-        self._index: dict[int, _ShardIndex] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pins: OrderedDict[int, Pin] = OrderedDict()
 
-    def __getstate__(self):  # DataLoader workers open their own files
+    def __getstate__(self):  # spawned workers pin their own files (forked ones drop the inherited pins)
         state = dict(self.__dict__)
-        state["_fds"] = {}
+        state["_pins"] = OrderedDict()
         return state
 
     @property
@@ -46,39 +40,40 @@ class ShardReader:
     def shard_name(self, shard: int) -> str:
         return self.shard_set.shards[shard].name
 
-    def _local(self, shard: int) -> Path:
-        """The shard's local file, fetched again if the cache evicted it since the index was read."""
-        return self.cache.paths(self.store, self.shard_set.shards[shard])[0]
-
-    def index(self, shard: int) -> _ShardIndex:
-        if shard not in self._index:
-            tar, idx = self.cache.paths(self.store, self.shard_set.shards[shard])
-            samples = parse_index(idx.read_text())
-            keys, jpg, cls = [], [], []
-            for components in samples:
-                parts = {ext: (offset, size, name) for ext, offset, size, name in components}
-                keys.append(parts["jpg"][2].rsplit(".", 1)[0])
-                jpg.append(parts["jpg"][:2])
-                cls.append(parts["cls"][:2])
-            self._index[shard] = _ShardIndex(tar, keys, np.asarray(jpg, np.int64), np.asarray(cls, np.int64))
-        return self._index[shard]
-
     def key(self, shard: int, sample: int) -> str:
-        return self.index(shard).keys[sample]
+        return self.table.key(self.table.row(shard, sample))
+
+    def pin(self, shard: int) -> Pin:
+        s = self.shard_set.shards[shard]
+        return self.cache.acquire(self.store, s.name, s.bytes)
 
     def read(self, shard: int, sample: int) -> tuple[bytes, int]:
-        ix = self.index(shard)
-        fd = self._fds.get(shard)
-        if fd is None:
-            if len(self._fds) >= self.max_open:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[shard] = os.open(self._local(shard), os.O_RDONLY)
+        pin = self._pins.get(shard)
+        if pin is None or pin.closed:
+            if len(self._pins) >= self.max_open:
+                self._pins.popitem(last=False)[1].close()
+            pin = self._pins[shard] = self.pin(shard)
         else:
-            self._fds.move_to_end(shard)
-        (jo, js), (co, cs) = ix.jpg[sample], ix.cls[sample]
-        return os.pread(fd, int(js), int(jo)), int(os.pread(fd, int(cs), int(co)))
+            self._pins.move_to_end(shard)
+        t, row = self.table, self.table.row(shard, sample)
+        jpg = os.pread(pin.fd, int(t.jpg_size[row]), int(t.jpg_offset[row]))
+        return jpg, int(os.pread(pin.fd, int(t.cls_size[row]), int(t.cls_offset[row])))
+
+    def release_finished(self, last_batch: np.ndarray, b: int) -> None:
+        """Lets go of the shards whose last sample in this rank's order is in batch `b` or before."""
+        for shard in [s for s in self._pins if last_batch[s] <= b]:
+            self._pins.pop(shard).close()
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for pin in self._pins.values():
+            pin.close()
+        self._pins.clear()
+
+
+def last_batch_of_shards(order, batch_size: int, num_shards: int) -> np.ndarray:
+    """Per shard, the last batch of this order that reads it (-1: none)."""
+    last = np.full(num_shards, -1, np.int64)
+    if len(order):
+        shards, first_from_end = np.unique(order.shard[::-1], return_index=True)
+        last[shards] = (len(order) - 1 - first_from_end) // batch_size
+    return last

@@ -7,7 +7,7 @@ import simplejpeg
 from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
 
 from .augment_params import batch_rng, flips, random_resized_crop
-from .reader import ShardReader
+from .reader import ShardReader, last_batch_of_shards
 
 
 class DataError(RuntimeError):
@@ -19,6 +19,7 @@ class BatchSource:
 
     def __init__(self, cfg, reader: ShardReader, rank: int):
         self.cfg, self.reader, self.rank = cfg, reader, rank
+        self._last_for, self._last = None, None  # the order whose last batch per shard `_last` holds
 
     @property
     def url(self) -> str:
@@ -38,11 +39,18 @@ class BatchSource:
             jpg, label = self.reader.read(shard, sample)
             data.append(jpg)
             labels.append(label)
+        self.reader.release_finished(self._last_batches(order), b)
         labels = np.asarray(labels, np.int64)
         if order.valid is not None:
             lo = b * self.cfg.batch_size
             labels[~order.valid[lo:lo + len(labels)]] = -1
         return refs, data, labels
+
+    def _last_batches(self, order) -> np.ndarray:
+        if self._last_for is not order:
+            self._last = last_batch_of_shards(order, self.cfg.batch_size, len(self.reader.sizes))
+            self._last_for = order
+        return self._last
 
     def crops(self, epoch: int, slot: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         """The random-resized-crop boxes (x, y, w, h) and flips of the micro batch in `slot`, from the JPEGs'

@@ -78,7 +78,7 @@ def loader_configs(cfg: RunConfig, precision: str) -> tuple[LoaderConfig, Loader
     d, m = cfg.data, cfg.model
     common = dict(shards=d.shards, image_size=m.img_size, backend=d.backend, workers=d.workers, seed=d.seed,
                   max_bad_shards=d.max_bad_shards, dtype=DTYPES[precision], cache_dir=d.cache_dir,
-                  cache_bytes=d.cache_bytes, crop_pct=d.crop_pct)
+                  cache_bytes=d.cache_bytes, read_ahead=d.read_ahead, crop_pct=d.crop_pct)
     train = LoaderConfig(split=d.train_split, train=True, batch_size=cfg.train.micro_batch,
                          rand_augment=d.rand_augment, mixup=d.mixup, cutmix=d.cutmix,
                          label_smoothing=d.label_smoothing, random_erasing=d.random_erasing, **common)
