@@ -103,3 +103,24 @@ def test_gpu_check_dry_run_and_its_cpu_parts(tmp_path):
                            "--compare-batches", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert dali.returncode == 0, dali.stderr[-3000:]
     assert "dali_mixed_vs_cpu_mean_abs_diff: 0.000 (0-255 scale, 2 batches of 8" in dali.stdout
+
+
+@pytest.mark.s3
+def test_s3_read_ahead_bench_reads_the_same_images_from_s3_and_locally(tmp_path, s3_server):  # noqa: ARG001
+    lines = run_bench_in_scratch_cwd(tmp_path, "s3_read_ahead.py", "--images", "200", "--rounds", "1",
+                                     "--image-size", "32", "--delay-ms", "5", timeout=600)
+    assert "images per epoch, every variant: 192" in lines[0]  # 200 images, whole batches of 64
+    table = {line.split("  ")[0].strip(): float(line.split()[-2]) for line in lines[2:5]}
+    local, ahead = table["local, warm"], table["s3 +5 ms, cold, read-ahead 4"]
+    ratio = float(re.fullmatch(r"ratio_s3_cold_vs_local_warm: (\d+\.\d\d)", lines[-1]).group(1))
+    assert ratio == pytest.approx(ahead / local, abs=0.02)
+
+
+@pytest.mark.s3
+def test_shardset_scale_bench_opens_every_variant_to_the_same_set(tmp_path, s3_server):  # noqa: ARG001
+    lines = run_bench_in_scratch_cwd(tmp_path, "shardset_scale.py", "--shards", "30", "--rounds", "1",
+                                     "--delay-ms", "5", timeout=600)
+    assert lines[0].startswith("30 train shards of 10 images, 300 samples")
+    per_sample = float(re.fullmatch(r"held_bytes_per_sample_at_1000_per_shard: (\d+\.\d)", lines[-3]).group(1))
+    assert 0 < per_sample <= 64
+    assert float(re.fullmatch(r"open_s3_seconds: (\d+\.\d\d)", lines[-1]).group(1)) > 0
