@@ -124,3 +124,11 @@ def test_shardset_scale_bench_opens_every_variant_to_the_same_set(tmp_path, s3_s
     per_sample = float(re.fullmatch(r"held_bytes_per_sample_at_1000_per_shard: (\d+\.\d)", lines[-3]).group(1))
     assert 0 < per_sample <= 64
     assert float(re.fullmatch(r"open_s3_seconds: (\d+\.\d\d)", lines[-1]).group(1)) > 0
+
+
+def test_webdataset_compare_bench_both_readers_read_every_sample(tmp_path):
+    lines = run_bench_in_scratch_cwd(tmp_path, "webdataset_compare.py", "--images", "200", "--shard-images", "100",
+                                     "--rounds", "1", timeout=300)
+    assert lines[0].startswith("2 shards, 200 samples")  # both readers read all of them (the bench checks)
+    assert any("TarWriter" in line for line in lines)
+    assert float(re.fullmatch(r"ratio_resume_ours_vs_webdataset: (\d+\.\d)", lines[-1]).group(1)) > 0
