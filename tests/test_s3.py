@@ -184,3 +184,29 @@ def test_a_rerun_on_s3_resumes_only_what_is_missing(s3_server, tars, tmp_path):
     run_prep("shard", "--source", tars, "--out", local, *ARGS)
     s3_server.download_prefix(bucket, "resume", tmp_path / "from_s3")
     assert_same_shard_set(tmp_path / "from_s3", local, str(tars), str(tars))
+
+
+def test_read_many_keeps_a_bounded_number_of_requests_in_flight(s3_server, monkeypatch):
+    """Prep reads a shard's images with read_many: it takes requests only as the caller consumes answers, so a
+    shard of 1,000 big images is never held whole (it queued every request of a shard at once before)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    from data_prep.shardset.store import open_store
+
+    bucket = s3_server.create_bucket()
+    client = s3_server.client()
+    for i in range(40):
+        client.put_object(Bucket=bucket, Key=f"src/{i:03d}.bin", Body=bytes([i]) * 1000)
+    store = open_store(f"s3://{bucket}/src")
+    taken = []
+
+    def requests():
+        for i in range(40):
+            taken.append(i)
+            yield f"{i:03d}.bin", 0, None
+
+    answers = store.read_many(requests(), threads=4)
+    first = next(answers)
+    assert first == bytes([0]) * 1000 and len(taken) <= 8  # 2 x threads ahead, not all 40
+    rest = list(answers)
+    assert [a[:1] for a in rest] == [bytes([i]) for i in range(1, 40)] and len(taken) == 40

@@ -249,9 +249,11 @@ class S3Store:
     def open_read(self, rel: str) -> BinaryIO:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
 
-    def read_many(self, requests: Iterable[ReadRequest], threads: int = 16) -> Iterator[bytes | Exception]:
-        """Reads in order with `threads` GETs in flight, hiding each request's round trip. A failed read
-        (missing object, denied, ...) yields its exception."""
+    def read_many(self, requests: Iterable[ReadRequest], threads: int = 16,
+                  ahead: int | None = None) -> Iterator[bytes | Exception]:
+        """Reads in order with `threads` GETs in flight, hiding each request's round trip; at most `ahead`
+        (default 2 x threads) requests are taken from `requests` before the caller has their answers, so memory
+        stays bounded however big the shard. A failed read (missing object, denied, ...) yields its exception."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         def read(request):
@@ -261,8 +263,15 @@ class S3Store:
             except (OSError, BotoCoreError, ClientError, UnsafePath) as e:
                 return e
 
+        ahead = ahead or 2 * threads
         with ThreadPoolExecutor(threads) as pool:
-            yield from pool.map(read, requests)
+            window: deque = deque()
+            for request in requests:
+                window.append(pool.submit(read, request))
+                if len(window) >= ahead:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
 
     def download_to(self, rel: str, fileobj: BinaryIO) -> None:
         """The whole object into an open, seekable file (boto3's transfer manager: parallel ranged GETs for big
