@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs")
     s.add_argument("--validate", choices=["scaled", "full"], default="scaled",
                    help="decode each JPEG at 1/8 scale (all entropy-coded data, fast) or at full size")
+    s.add_argument("--min-size", type=int, metavar="PX",
+                   help="leave out images whose shorter side is under PX (listed in the manifest's rejected)")
+    s.add_argument("--exif", choices=["apply", "strip", "keep"], default="apply",
+                   help="apply: re-encode JPEGs whose EXIF orientation rotates them, upright, and cut EXIF/XMP/"
+                   "IPTC from all (every decoder then sees the same pixels); strip: only cut them; keep: as is")
+    s.add_argument("--min-images-per-class", type=int, default=0, metavar="N",
+                   help="set aside classes with fewer than N images (reported in the manifest; left out of "
+                   "the default layout)")
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine, one shard each")
     s.add_argument("--threads", type=int, default=2,
                    help="threads per worker decoding images while it reads and writes (never changes bytes)")
@@ -114,7 +122,8 @@ def cmd_shard(args) -> int:
         source=args.source, out=args.out, source_format=args.source_format, layout=args.layout, seed=args.seed,
         holdout_per_class=args.holdout_per_class, max_samples=args.max_samples or None,
         max_bytes=args.max_bytes, resize_shorter=args.resize_shorter, jpeg_quality=args.jpeg_quality,
-        validate=args.validate, workers=args.workers, threads=args.threads,
+        validate=args.validate, min_size=args.min_size, exif=args.exif,
+        min_images_per_class=args.min_images_per_class, workers=args.workers, threads=args.threads,
         task_index=task_index if args.task_index is None else args.task_index,
         num_tasks=num_tasks if args.num_tasks is None else args.num_tasks, finalize=not args.no_finalize,
         list_only=args.list_only)

@@ -22,7 +22,7 @@ def missing_records(out, plan: list[ShardSpec]) -> list[ShardSpec]:
 
 
 def build_manifest(out, plan: list[ShardSpec], options: dict, synsets: list[str],
-                   listing_rejected: list) -> dict:
+                   listing_rejected: list, set_aside: dict[str, int] | None = None) -> dict:
     missing = missing_records(out, plan)
     if missing:
         names = ", ".join(s.name for s in missing[:10])
@@ -56,4 +56,5 @@ def build_manifest(out, plan: list[ShardSpec], options: dict, synsets: list[str]
         "class_counts": {split: {s: c[s] for s in synsets if c[s]} for split, c in per_class.items()},
         "rejected": rejected,
         "converted": dict(sorted(converted.items())),
+        "set_aside_classes": dict(sorted((set_aside or {}).items())),  # --min-images-per-class: images listed
     }

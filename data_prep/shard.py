@@ -41,6 +41,9 @@ class ShardOptions:
     resize_shorter: int | None = None
     jpeg_quality: int = 90
     validate: str = "scaled"
+    min_size: int | None = None  # images whose shorter side is under it are rejected
+    exif: str = "apply"  # apply the EXIF orientation and strip non-colour metadata | strip | keep
+    min_images_per_class: int = 0  # classes with fewer images are set aside (not in the layout by default)
     workers: int = 1
     threads: int = 2  # per worker, checking images; changes speed, never bytes
     task_index: int = 0
@@ -62,6 +65,21 @@ def load_or_scan(source, out, source_format: str, workers: int) -> Listing:
     log.info("listed %s: %d images in %d synsets (%s) in %.1fs", source.url, len(listing.items),
              len(listing.synsets), listing.kind, time.time() - t0)
     return listing
+
+
+def set_aside_small_classes(listing: Listing, min_images: int) -> Listing:
+    """ImageNet-21K-P style: classes with fewer than `min_images` listed images are left out of the plan (and of
+    the default layout) and reported in the manifest's `set_aside_classes`."""
+    if min_images <= 0:
+        return listing
+    counts = Counter(item.synset for item in listing.items)
+    small = {s: counts[s] for s in listing.synsets if counts[s] < min_images}
+    if not small:
+        return listing
+    log.info("%d of %d classes have fewer than %d images: set aside", len(small), len(listing.synsets),
+             min_images)
+    return Listing(listing.kind, [s for s in listing.synsets if s not in small],
+                   [item for item in listing.items if item.synset not in small], listing.rejected, small)
 
 
 def resolve_layout(out, listing: Listing, layout_file: str | None) -> list[str]:
@@ -89,7 +107,8 @@ def output_options(opts: ShardOptions, kind: str, synsets: list[str]) -> dict:
     return {"source": normalise_url(opts.source), "source_format": kind, "seed": opts.seed,
             "holdout_per_class": opts.holdout_per_class, "max_samples": opts.max_samples,
             "max_bytes": opts.max_bytes, "resize_shorter": opts.resize_shorter,
-            "jpeg_quality": opts.jpeg_quality, "validate": opts.validate,
+            "jpeg_quality": opts.jpeg_quality, "validate": opts.validate, "min_size": opts.min_size,
+            "exif": opts.exif, "min_images_per_class": opts.min_images_per_class,
             "layout_sha256": layout_sha256(synsets)}
 
 
@@ -107,7 +126,8 @@ def check_options(out, options: dict) -> None:
 
 def plan_for(out, opts: ShardOptions):
     source = open_store(opts.source)
-    listing = load_or_scan(source, out, opts.source_format, opts.workers)
+    listing = set_aside_small_classes(load_or_scan(source, out, opts.source_format, opts.workers),
+                                      opts.min_images_per_class)
     synsets = resolve_layout(out, listing, opts.layout)
     options = output_options(opts, listing.kind, synsets)
     check_options(out, options)
@@ -152,7 +172,7 @@ def run_shard(opts: ShardOptions) -> dict:
     log.info("task %d/%d: %d of %d shards are this task's, %d already done, %d to write",
              opts.task_index, opts.num_tasks, len(mine), len(plan), len(mine) - len(todo), len(todo))
     labels = {s: i for i, s in enumerate(synsets)}
-    image_opts = ImageOptions(opts.resize_shorter, opts.jpeg_quality, opts.validate)
+    image_opts = ImageOptions(opts.resize_shorter, opts.jpeg_quality, opts.validate, opts.min_size, opts.exif)
     t0 = time.time()
     records, failures = _write_all(todo, plan, source, out, labels, image_opts, opts.workers, opts.threads)
     elapsed = time.time() - t0
@@ -161,7 +181,8 @@ def run_shard(opts: ShardOptions) -> dict:
         raise RuntimeError(f"{len(failures)} shard(s) failed (rerun the same command to resume): "
                            + "; ".join(f"{n}: {e}" for n, e in failures))
     if opts.finalize and not missing_records(out, plan):
-        write_finished_set(out, build_manifest(out, plan, options, synsets, listing.rejected))
+        write_finished_set(out, build_manifest(out, plan, options, synsets, listing.rejected,
+                                               listing.set_aside))
         summary["manifest"] = f"{out.url}/{MANIFEST_NAME}"
     return summary
 
@@ -235,11 +256,12 @@ def finalize(out_url: str) -> dict:
     if not out.exists(OPTIONS_NAME):
         raise FileNotFoundError(f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing)")
     options = json.loads(out.read(OPTIONS_NAME))
-    listing = Listing.from_json(out.read(LISTING_NAME))
+    listing = set_aside_small_classes(Listing.from_json(out.read(LISTING_NAME)),
+                                      options.get("min_images_per_class", 0))
     synsets = parse_layout(out.read("synsets.txt").decode(), f"{out_url}/synsets.txt")
     plan = make_plan(listing.items, options["seed"], options["holdout_per_class"], options["max_samples"],
                      options["max_bytes"])
-    manifest = build_manifest(out, plan, options, synsets, listing.rejected)
+    manifest = build_manifest(out, plan, options, synsets, listing.rejected, listing.set_aside)
     write_finished_set(out, manifest)
     return manifest
 

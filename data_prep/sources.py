@@ -43,6 +43,7 @@ class Listing:
     synsets: list[str]  # every synset found in the source, sorted
     items: list[Item]  # sorted by (synset, path)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
+    set_aside: dict[str, int] = field(default_factory=dict)  # classes under --min-images-per-class: images
 
     def to_json(self) -> bytes:
         doc = {"kind": self.kind, "synsets": self.synsets, "items": [list(i) for i in self.items],

@@ -28,6 +28,8 @@ class ImageOptions:
     resize_shorter: int | None = None
     jpeg_quality: int = 90
     validate: str = "scaled"
+    min_size: int | None = None  # shorter side under it: rejected
+    exif: str = "apply"  # images.EXIF_MODES
 
 
 BLOCK = 512
@@ -83,7 +85,8 @@ def _prepare(data: bytes | Exception, opts: ImageOptions) -> PreparedImage | Exc
     if isinstance(data, Exception):
         return data
     try:
-        return prepare_image(data, opts.resize_shorter, opts.jpeg_quality, opts.validate)
+        return prepare_image(data, opts.resize_shorter, opts.jpeg_quality, opts.validate, opts.min_size,
+                             opts.exif)
     except BadImage as e:
         return e
 
