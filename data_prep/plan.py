@@ -10,17 +10,28 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .sources import Item
+import numpy as np
+
+from .sources import Item, Listing
 
 SPLITS = ("train", "val")
 RECORDS_DIR = "_prep/done"  # one completion record per finished shard
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardSpec:
     split: str
     index: int
-    items: tuple[Item, ...]
+    rows: np.ndarray  # int64: the listing's rows this shard holds, in order
+    listing: Listing
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        """The shard's images as Items (built when the shard is written: a thousand, not 14M)."""
+        return tuple(self.listing.item(int(r)) for r in self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     @property
     def name(self) -> str:
@@ -35,55 +46,60 @@ class ShardSpec:
         return f"{RECORDS_DIR}/{self.split}-{self.index:06d}.json"
 
 
-def _rank(seed: int, purpose: str, item: Item) -> bytes:
-    return hashlib.blake2b(f"{seed}:{purpose}:{item.path}".encode(), digest_size=8).digest()
+def ranks(listing: Listing, seed: int, purpose: str) -> np.ndarray:
+    """Per row, the keyed hash of (seed, purpose, path) as an unsigned int: sorting by it is sorting by the
+    8-byte digest, as the plan always has (the plan of a source does not change with this version)."""
+    prefix = f"{seed}:{purpose}:".encode()
+    out = bytearray(8 * len(listing))
+    for i in range(len(listing)):
+        out[8 * i:8 * i + 8] = hashlib.blake2b(prefix + listing.path_bytes(i), digest_size=8).digest()
+    return np.frombuffer(out, ">u8")  # a view of the bytearray, not a copy
 
 
-def split_holdout(items: list[Item], per_class: int, seed: int) -> tuple[list[Item], list[Item]]:
-    """Per class, the `per_class` items ranked first by the hash go to val; a class always keeps at least one
-    training image."""
+def split_holdout(listing: Listing, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows for train and for val: per class, the `per_class` rows ranked first by the hash go to val; a class
+    always keeps at least one training image. Both in (synset, rank) order."""
     if per_class <= 0:
-        return list(items), []
-    by_synset: dict[str, list[Item]] = {}
-    for item in items:
-        by_synset.setdefault(item.synset, []).append(item)
-    train, val = [], []
-    for synset in sorted(by_synset):
-        group = sorted(by_synset[synset], key=lambda it: _rank(seed, "holdout", it))
-        n = min(per_class, len(group) - 1)
-        val += group[:n]
-        train += group[n:]
-    return train, val
+        return np.arange(len(listing)), np.zeros(0, np.int64)
+    order = np.lexsort((ranks(listing, seed, "holdout"), listing.syn))  # stable: ties keep listing order
+    syn = listing.syn[order]
+    counts = np.bincount(syn, minlength=len(listing.synsets))
+    group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(order)) - group_start[syn]
+    to_val = position < np.minimum(per_class, counts - 1)[syn]
+    return order[~to_val], order[to_val]
 
 
-def shuffle(items: list[Item], seed: int) -> list[Item]:
-    return sorted(items, key=lambda it: _rank(seed, "order", it))
+def shuffle(rows: np.ndarray, order_rank: np.ndarray) -> np.ndarray:
+    return rows[np.argsort(order_rank[rows], kind="stable")]
 
 
-def chunk(items: list[Item], max_samples: int | None, max_bytes: int | None) -> list[list[Item]]:
-    """Consecutive runs of at most max_samples items and at most max_bytes source bytes (a single bigger item
+def chunk(rows: np.ndarray, sizes: np.ndarray, max_samples: int | None, max_bytes: int | None) -> list[np.ndarray]:
+    """Consecutive runs of at most max_samples rows and at most max_bytes source bytes (a single bigger item
     gets a shard of its own). Byte limits count source bytes, so the plan is known before any decode."""
-    shards, current, size = [], [], 0
-    for item in items:
-        full = (max_samples and len(current) >= max_samples) or (max_bytes and current
-                                                                 and size + item.size > max_bytes)
-        if full:
-            shards.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += item.size
-    if current:
-        shards.append(current)
-    return shards
+    if not max_bytes:
+        step = max_samples or max(len(rows), 1)
+        return [rows[i:i + step] for i in range(0, len(rows), step)]
+    cuts, count, size, i, in_order, block = [], 0, 0, 0, sizes[rows], 1 << 20
+    for start in range(0, len(rows), block):  # a block of Python ints at a time, not 14M
+        for item_size in in_order[start:start + block].tolist():
+            if (max_samples and count >= max_samples) or (count and size + item_size > max_bytes):
+                cuts.append(i)
+                count, size = 0, 0
+            count += 1
+            size += item_size
+            i += 1
+    return np.split(rows, cuts) if len(rows) else []
 
 
-def make_plan(items: list[Item], seed: int, holdout_per_class: int, max_samples: int | None,
+def make_plan(listing: Listing, seed: int, holdout_per_class: int, max_samples: int | None,
               max_bytes: int | None) -> list[ShardSpec]:
-    train, val = split_holdout(items, holdout_per_class, seed)
+    train, val = split_holdout(listing, holdout_per_class, seed)
+    order_rank = ranks(listing, seed, "order")
     plan = []
     for split, part in (("train", train), ("val", val)):
-        for i, group in enumerate(chunk(shuffle(part, seed), max_samples, max_bytes)):
-            plan.append(ShardSpec(split, i, tuple(group)))
+        for i, rows in enumerate(chunk(shuffle(part, order_rank), listing.size, max_samples, max_bytes)):
+            plan.append(ShardSpec(split, i, rows, listing))
     return plan
 
 

@@ -19,7 +19,7 @@ from .shardset.layout import check_covers, format_layout, layout_sha256, parse_l
 from .records import build_manifest, missing_records
 from .shardset.manifest import MANIFEST_NAME, write_manifest
 from .plan import ShardSpec, make_plan, task_share
-from .sources import LISTING_NAME, Listing, scan_source
+from .sources import LISTING_NAME, OLD_LISTING_NAME, Listing, scan_source
 from .shardset.split_index import write_split_indexes
 from .shardset.store import open_store
 from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
@@ -54,17 +54,25 @@ class ShardOptions:
 
 def load_or_scan(source, out, source_format: str, workers: int) -> Listing:
     """The source listing is cached in the output, so later tasks and reruns do not list 14M files again."""
-    if out.exists(LISTING_NAME):
-        listing = Listing.from_json(out.read(LISTING_NAME))
+    listing = read_listing(out)
+    if listing is not None:
         if source_format not in ("auto", listing.kind):
             raise ValueError(f"{out.url} was prepared from a {listing.kind} source, not {source_format}")
         return listing
     t0 = time.time()
     listing = scan_source(source, source_format, workers)
-    out.write_bytes(LISTING_NAME, listing.to_json())
-    log.info("listed %s: %d images in %d synsets (%s) in %.1fs", source.url, len(listing.items),
+    listing.save(out, LISTING_NAME)
+    log.info("listed %s: %d images in %d synsets (%s) in %.1fs", source.url, len(listing),
              len(listing.synsets), listing.kind, time.time() - t0)
     return listing
+
+
+def read_listing(out) -> Listing | None:
+    if out.exists(LISTING_NAME):
+        return Listing.load(out, LISTING_NAME)
+    if out.exists(OLD_LISTING_NAME):  # an output begun by an earlier version
+        return Listing.from_json(out.read(OLD_LISTING_NAME))
+    return None
 
 
 def set_aside_small_classes(listing: Listing, min_images: int) -> Listing:
@@ -72,14 +80,13 @@ def set_aside_small_classes(listing: Listing, min_images: int) -> Listing:
     the default layout) and reported in the manifest's `set_aside_classes`."""
     if min_images <= 0:
         return listing
-    counts = Counter(item.synset for item in listing.items)
-    small = {s: counts[s] for s in listing.synsets if counts[s] < min_images}
+    counts = listing.images_per_synset().tolist()
+    small = {s: n for s, n in zip(listing.synsets, counts, strict=True) if n < min_images}
     if not small:
         return listing
     log.info("%d of %d classes have fewer than %d images: set aside", len(small), len(listing.synsets),
              min_images)
-    return Listing(listing.kind, [s for s in listing.synsets if s not in small],
-                   [item for item in listing.items if item.synset not in small], listing.rejected, small)
+    return listing.without_synsets(set(small), small)
 
 
 def resolve_layout(out, listing: Listing, layout_file: str | None) -> list[str]:
@@ -131,7 +138,7 @@ def plan_for(out, opts: ShardOptions):
     synsets = resolve_layout(out, listing, opts.layout)
     options = output_options(opts, listing.kind, synsets)
     check_options(out, options)
-    plan = make_plan(listing.items, opts.seed, opts.holdout_per_class, opts.max_samples, opts.max_bytes)
+    plan = make_plan(listing, opts.seed, opts.holdout_per_class, opts.max_samples, opts.max_bytes)
     return source, listing, synsets, options, plan
 
 
@@ -165,7 +172,7 @@ def run_shard(opts: ShardOptions) -> dict:
     out = open_store(opts.out)
     source, listing, synsets, options, plan = plan_for(out, opts)
     if opts.list_only:
-        return {"images": len(listing.items), "synsets": len(listing.synsets), "kind": listing.kind,
+        return {"images": len(listing), "synsets": len(listing.synsets), "kind": listing.kind,
                 "rejected_while_listing": len(listing.rejected), "shards_planned": len(plan)}
     mine = task_share(plan, opts.task_index, opts.num_tasks)
     todo = missing_records(out, mine)
@@ -191,7 +198,7 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
                threads: int):
     records, failures, pending_commits = [], [], []
     position = {(s.split, s.index): i for i, s in enumerate(plan)}
-    bar = tqdm(total=sum(len(s.items) for s in todo), unit="img", desc="sharding", smoothing=0.1)
+    bar = tqdm(total=sum(len(s) for s in todo), unit="img", desc="sharding", smoothing=0.1)
     if workers <= 1 or len(todo) <= 1:
         for spec in todo:
             try:
@@ -256,10 +263,13 @@ def finalize(out_url: str) -> dict:
     if not out.exists(OPTIONS_NAME):
         raise FileNotFoundError(f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing)")
     options = json.loads(out.read(OPTIONS_NAME))
-    listing = set_aside_small_classes(Listing.from_json(out.read(LISTING_NAME)),
+    listing = read_listing(out)
+    if listing is None:
+        raise FileNotFoundError(f"{out_url} holds no source listing ({LISTING_NAME} is missing)")
+    listing = set_aside_small_classes(listing,
                                       options.get("min_images_per_class", 0))
     synsets = parse_layout(out.read("synsets.txt").decode(), f"{out_url}/synsets.txt")
-    plan = make_plan(listing.items, options["seed"], options["holdout_per_class"], options["max_samples"],
+    plan = make_plan(listing, options["seed"], options["holdout_per_class"], options["max_samples"],
                      options["max_bytes"])
     manifest = build_manifest(out, plan, options, synsets, listing.rejected, listing.set_aside)
     write_finished_set(out, manifest)

@@ -166,7 +166,7 @@ def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opt
         sha.update(end)
         size += len(end)
     progress(done % 32)
-    record = {"name": spec.name, "index": spec.index_name, "split": spec.split, "planned": len(spec.items),
+    record = {"name": spec.name, "index": spec.index_name, "split": spec.split, "planned": len(spec),
               "samples": len(index), "bytes": size, "sha256": sha.hexdigest(),
               "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
               "rejected": rejected, "converted": converted}

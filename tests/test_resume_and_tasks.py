@@ -118,7 +118,7 @@ def test_list_only_caches_the_listing_that_tasks_reuse(digits_tars, tmp_path):
     summary = json.loads(proc.stdout)
     assert summary == {"images": 1797, "synsets": 10, "kind": "synset-tars", "rejected_while_listing": 0,
                        "shards_planned": 18}
-    assert (out / "_prep/listing.json.gz").exists() and not (out / "train").exists()
+    assert (out / "_prep/listing.npz").exists() and not (out / "train").exists()
     shutil.copy(src / "n00000001.tar", src / "n00000042.tar")  # arrives after the listing: not seen
     run_prep("shard", "--source", src, "--out", out, "--max-samples", 100)
     manifest = json.loads((out / "manifest.json").read_text())

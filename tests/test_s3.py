@@ -57,7 +57,7 @@ def test_synset_tars_on_s3_shard_to_the_same_bytes_as_locally(s3_server, tars, t
     local = tmp_path / "local"
     run_prep("shard", "--source", tars, "--out", local, *ARGS)
     fetched = s3_server.download_prefix(bucket, "shards/digits", tmp_path / "from_s3")
-    assert "_prep/listing.json.gz" in fetched  # the listing is cached in the output on S3 too
+    assert "_prep/listing.npz" in fetched  # the listing is cached in the output on S3 too
     assert_same_shard_set(tmp_path / "from_s3", local, source, str(tars))
     manifest = json.loads((local / "manifest.json").read_text())
     assert manifest["options"]["source_format"] == "synset-tars"

@@ -291,16 +291,23 @@ def test_listed_paths_that_leave_the_source_are_rejected():
     """An S3 source can list keys such as 'prefix/n01/../x.JPEG' or with a NUL: rejected, never read."""
     from data_prep.sources import _scan_imagefolder
 
-    class Listed:  # what S3Store.list yields for such a bucket (a local folder cannot hold these names)
+    class Listed:  # what S3Store lists for such a bucket (a local folder cannot hold these names)
         url = "s3://raw/imagenet"
+        keys = [("n01/a.JPEG", 10), ("n01/../../x.JPEG", 10), ("n01/b\x00.JPEG", 10), ("/n01/c.JPEG", 10),
+                ("../n02/d.JPEG", 10)]
+
+        def list_dir(self):  # S3's delimiter listing: '/n01/c.JPEG' is under '', '../n02/d.JPEG' under '..'
+            return sorted({k.split("/", 1)[0] for k, _ in self.keys}), []
 
         def list(self, prefix=""):
-            yield from [("n01/a.JPEG", 10), ("n01/../../x.JPEG", 10), ("n01/b\x00.JPEG", 10), ("/n01/c.JPEG", 10)]
+            yield from [(k, n) for k, n in self.keys if k.startswith(prefix.rstrip("/") + "/")]
 
     listing = _scan_imagefolder(Listed())
-    assert [i.path for i in listing.items] == ["n01/a.JPEG"]
-    assert sorted(p for p, _ in listing.rejected) == ["/n01/c.JPEG", "n01/../../x.JPEG", "n01/b\x00.JPEG"]
-    assert all("is not a path inside s3://raw/imagenet" in why for _, why in listing.rejected)
+    assert [listing.item(i).path for i in range(len(listing))] == ["n01/a.JPEG"]
+    assert sorted(p for p, _ in listing.rejected) == ["../", "/", "n01/../../x.JPEG", "n01/b\x00.JPEG"]
+    assert all("is not a path inside s3://raw/imagenet" in why or "not a class folder name" in why
+               for _, why in listing.rejected)
+    assert listing.synsets == ["n01"]
 
 
 # --- launcher variables are split without glob expansion ---------------------------------------------------
