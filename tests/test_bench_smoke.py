@@ -132,3 +132,10 @@ def test_webdataset_compare_bench_both_readers_read_every_sample(tmp_path):
     assert lines[0].startswith("2 shards, 200 samples")  # both readers read all of them (the bench checks)
     assert any("TarWriter" in line for line in lines)
     assert float(re.fullmatch(r"ratio_resume_ours_vs_webdataset: (\d+\.\d)", lines[-1]).group(1)) > 0
+
+
+def test_listing_memory_bench_reports_a_slope_per_listed_image(tmp_path):
+    lines = run_bench_in_scratch_cwd(tmp_path, "listing_memory.py", "--synsets", "200", "--rounds", "1",
+                                     timeout=300)
+    assert lines[0].startswith("data_prep shard --list-only over 200 synset tars")
+    assert int(re.fullmatch(r"bytes_per_image: (-?\d+)", lines[-1]).group(1)) < 2000
