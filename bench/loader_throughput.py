@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from prep_throughput import make_images  # noqa: E402
+from prep_throughput import photo_shard_set  # noqa: E402
 
-from data_prep.shard import ShardOptions, run_shard  # noqa: E402
 from pipeline.data.loader import LoaderConfig, create_loader  # noqa: E402
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
@@ -63,10 +62,7 @@ def main() -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loader-bench-"))
     try:
-        shards = work / "shards"
-        if not (shards / "manifest.json").exists():
-            make_images(work / "src", args.images, classes=10)
-            run_shard(ShardOptions(source=str(work / "src"), out=str(shards), max_samples=500, workers=2))
+        shards = photo_shard_set(work / "shards", args.images, 500)
         for tar in shards.rglob("*.tar"):
             tar.read_bytes()  # warm: the disk is not what this measures
 

@@ -57,6 +57,15 @@ def make_images(root: Path, count: int, classes: int, seed: int = 0) -> int:
     return total
 
 
+def photo_shard_set(out: Path, images: int, per_shard: int) -> Path:
+    """A shard set of `images` of these photos, `per_shard` a shard (made once: reused when `out` has one)."""
+    if not (out / "manifest.json").exists():
+        make_images(out.with_name(out.name + "-src"), images, classes=10)
+        run_shard(ShardOptions(source=str(out.with_name(out.name + "-src")), out=str(out), max_samples=per_shard,
+                               workers=2))
+    return out
+
+
 def evict(root: Path) -> None:
     """Drops the source files from the page cache, so every run reads them from disk as a real 1.3 TB source
     is read; the programs' own code stays cached, as it does in a long job."""

@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,38 +25,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from prep_throughput import make_images  # noqa: E402
+from prep_throughput import photo_shard_set  # noqa: E402
+from remote_s3 import remote_s3, upload_set  # noqa: E402
 
-from data_prep.shard import ShardOptions, run_shard  # noqa: E402
 from pipeline.data.loader import LoaderConfig, create_loader  # noqa: E402
-
-
-def start_s3(work: Path) -> dict[str, str]:
-    info = work / "s3.env"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    subprocess.run([str(REPO / "scripts/start_s3_server.sh"), str(work / "s3"), str(info)], env=env, check=True,
-                   capture_output=True, text=True, timeout=180)
-    return dict(line.split("=", 1) for line in info.read_text().splitlines() if "=" in line)
-
-
-def upload(local: Path, s3: dict[str, str], bucket: str) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=s3["ENDPOINT_URL"], aws_access_key_id=s3["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=s3["AWS_SECRET_ACCESS_KEY"], region_name=s3["AWS_DEFAULT_REGION"])
-    client.create_bucket(Bucket=bucket)
-    for path in sorted(p for p in local.rglob("*") if p.is_file() and not p.relative_to(local).parts[0][0] == "_"):
-        client.upload_file(str(path), bucket, f"set/{path.relative_to(local)}")
-
-
-def start_proxy(endpoint: str, delay_ms: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(REPO / "scripts/latency_proxy.py"), "--target",
-                             endpoint.split("://", 1)[1], "--delay-ms", str(delay_ms)], stdout=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("PORT="):
-        raise SystemExit(f"the latency proxy did not start (exit {proc.poll()})")
-    return proc, f"http://127.0.0.1:{line.strip().split('=')[1]}"
 
 
 def timed_epoch(cfg: LoaderConfig) -> tuple[float, int]:
@@ -85,62 +56,50 @@ def main() -> int:
     args = p.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="s3-read-ahead-bench-"))
-    s3, proxy = None, None
     try:
-        local = work / "set"
-        if not (local / "manifest.json").exists():
-            make_images(work / "src", args.images, classes=10)
-            run_shard(ShardOptions(source=str(work / "src"), out=str(local), max_samples=args.shard_images,
-                                   workers=2))
-        s3 = start_s3(work)
-        upload(local, s3, "bench")
-        proxy, endpoint = start_proxy(s3["ENDPOINT_URL"], args.delay_ms)
-        os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
-                           "AWS_ACCESS_KEY_ID": s3["AWS_ACCESS_KEY_ID"], "AWS_CONFIG_FILE": os.devnull,
-                           "AWS_SECRET_ACCESS_KEY": s3["AWS_SECRET_ACCESS_KEY"], "AWS_SHARED_CREDENTIALS_FILE":
-                           os.devnull, "AWS_DEFAULT_REGION": s3["AWS_DEFAULT_REGION"]})
-        for tar in local.rglob("*.tar"):
-            tar.read_bytes()  # warm: the local baseline reads from the page cache
-        cache = work / "cache"
-
-        def cfg(shards: str, read_ahead: int) -> LoaderConfig:
-            return LoaderConfig(shards=shards, batch_size=args.batch_size, image_size=args.image_size,
-                                backend=args.backend, workers=args.workers, shuffle_window=args.shuffle_window,
-                                cache_dir=str(cache), read_ahead=read_ahead)
-
-        variants = {"local, warm": cfg(str(local), 0),
-                    f"s3 +{args.delay_ms:g} ms, cold, read-ahead {args.read_ahead}": cfg("s3://bench/set",
-                                                                                          args.read_ahead),
-                    f"s3 +{args.delay_ms:g} ms, cold, no read-ahead": cfg("s3://bench/set", 0)}
-        results: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, c in variants.items():
-                shutil.rmtree(cache, ignore_errors=True)
-                results[name].append(timed_epoch(c))
-        counts = {n for runs in results.values() for _t, n in runs}
-        if len(counts) != 1:
-            raise SystemExit(f"variants read different numbers of images: {counts}")
-        n = counts.pop()
-        print(f"{args.backend} backend, {args.workers} workers, batch {args.batch_size}, {args.image_size} px; "
-              f"{args.images} images in shards of {args.shard_images}; images per epoch, every variant: {n}")
-        print(f"{'variant':48s} {'img/s':>7s}  (median of {args.rounds}; epochs in s)")
-        median = {}
-        for name, runs in results.items():
-            median[name] = n / statistics.median(t for t, _n in runs)
-            print(f"{name:48s} {median[name]:7.0f}  " + " ".join(f"{t:.2f}" for t, _n in runs))
-        names = list(variants)
-        print(f"ratio_no_read_ahead_vs_local_warm: {median[names[2]] / median[names[0]]:.2f}")
-        print(f"ratio_s3_cold_vs_local_warm: {median[names[1]] / median[names[0]]:.2f}")
-        return 0
+        local = photo_shard_set(work / "set", args.images, args.shard_images)
+        with remote_s3(work, args.delay_ms) as (client, env):
+            upload_set(client, local, "bench")
+            os.environ.update(env)
+            return measure(args, local, work / "cache")
     finally:
-        if proxy is not None:
-            proxy.terminate()
-            proxy.wait()
-        if s3 is not None:
-            subprocess.run([str(REPO / "scripts/stop_s3_server.sh"), str(work / "s3.env")], capture_output=True,
-                           timeout=60)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, local: Path, cache: Path) -> int:
+    for tar in local.rglob("*.tar"):
+        tar.read_bytes()  # warm: the local baseline reads from the page cache
+
+    def cfg(shards: str, read_ahead: int) -> LoaderConfig:
+        return LoaderConfig(shards=shards, batch_size=args.batch_size, image_size=args.image_size,
+                            backend=args.backend, workers=args.workers, shuffle_window=args.shuffle_window,
+                            cache_dir=str(cache), read_ahead=read_ahead)
+
+    variants = {"local, warm": cfg(str(local), 0),
+                f"s3 +{args.delay_ms:g} ms, cold, read-ahead {args.read_ahead}": cfg("s3://bench/set",
+                                                                                      args.read_ahead),
+                f"s3 +{args.delay_ms:g} ms, cold, no read-ahead": cfg("s3://bench/set", 0)}
+    results: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, c in variants.items():
+            shutil.rmtree(cache, ignore_errors=True)
+            results[name].append(timed_epoch(c))
+    counts = {n for runs in results.values() for _t, n in runs}
+    if len(counts) != 1:
+        raise SystemExit(f"variants read different numbers of images: {counts}")
+    n = counts.pop()
+    print(f"{args.backend} backend, {args.workers} workers, batch {args.batch_size}, {args.image_size} px; "
+          f"{args.images} images in shards of {args.shard_images}; images per epoch, every variant: {n}")
+    print(f"{'variant':48s} {'img/s':>7s}  (median of {args.rounds}; epochs in s)")
+    median = {}
+    for name, runs in results.items():
+        median[name] = n / statistics.median(t for t, _n in runs)
+        print(f"{name:48s} {median[name]:7.0f}  " + " ".join(f"{t:.2f}" for t, _n in runs))
+    names = list(variants)
+    print(f"ratio_no_read_ahead_vs_local_warm: {median[names[2]] / median[names[0]]:.2f}")
+    print(f"ratio_s3_cold_vs_local_warm: {median[names[1]] / median[names[0]]:.2f}")
+    return 0
 
 
 if __name__ == "__main__":

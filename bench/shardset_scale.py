@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from s3_read_ahead import start_proxy, start_s3  # noqa: E402
+from remote_s3 import remote_s3, upload_set  # noqa: E402
 
 OPEN = """
 import gc, json, sys, time, tracemalloc
@@ -69,20 +69,6 @@ def open_once(url: str, env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def upload(local: Path, s3: dict, bucket: str):
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client("s3", endpoint_url=s3["ENDPOINT_URL"], aws_access_key_id=s3["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=s3["AWS_SECRET_ACCESS_KEY"], region_name=s3["AWS_DEFAULT_REGION"],
-                          config=Config(max_pool_connections=32))
-    client.create_bucket(Bucket=bucket)
-    files = [p for p in local.rglob("*") if p.is_file() and p.relative_to(local).parts[0] != "_prep"]
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda p: client.upload_file(str(p), bucket, f"set/{p.relative_to(local)}"), files))
-    return client
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=int, default=14200)
@@ -94,81 +80,79 @@ def main() -> int:
     args = p.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="shardset-scale-bench-"))
-    s3, proxy = None, None
     try:
-        local = work / "set"
+        local, old = work / "set", work / "old"
         if not (local / "manifest.json").exists():
             make_source(work / "src", args.shards * args.shard_images)
             subprocess.run([sys.executable, "-m", "data_prep", "shard", "--source", str(work / "src"), "--out",
                             str(local), "--max-samples", str(args.shard_images), "--workers", "2"], cwd=REPO,
                            check=True, capture_output=True, text=True)
             shutil.rmtree(work / "src")
-        manifest = json.loads((local / "manifest.json").read_text())
-        old_manifest = json.dumps({k: v for k, v in manifest.items() if k != "split_indexes"})
-        variants: dict[str, tuple[str, dict]] = {"local, split index": (str(local), dict(os.environ))}
-        old = work / "old"  # the same shards, as finalized before split indexes (links, not copies)
-        if not old.exists():
-            (old / "train").mkdir(parents=True)
-            for f in (local / "train").iterdir():
-                if f.name != "index.npz":
-                    os.link(f, old / "train" / f.name)
-            for f in local.iterdir():
-                if f.is_file():
-                    shutil.copy(f, old / f.name)
-            (old / "manifest.json").write_text(old_manifest)
-        variants["local, every .idx (old sets)"] = (str(old), dict(os.environ))
-        if not args.no_s3:
-            s3 = start_s3(work)
-            client = upload(local, s3, "bench")
-            proxy, endpoint = start_proxy(s3["ENDPOINT_URL"], args.delay_ms)
-            env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-                   "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
-                   "AWS_ACCESS_KEY_ID": s3["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": s3["AWS_SECRET_ACCESS_KEY"],
-                   "AWS_DEFAULT_REGION": s3["AWS_DEFAULT_REGION"], "AWS_CONFIG_FILE": os.devnull,
-                   "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-            variants[f"s3 +{args.delay_ms:g} ms, split index"] = ("s3://bench/set", env)
-        results: dict[str, list[dict]] = {name: [] for name in variants}
-        s3_old = f"s3 +{args.delay_ms:g} ms, every .idx (old sets)"
-        if not args.no_s3:
-            results[s3_old] = []
-        for _ in range(args.rounds):
-            for name, (url, env) in variants.items():
-                results[name].append(open_once(url, env))
-            if not args.no_s3:  # the same bucket with the old manifest, then the new one back
-                client.put_object(Bucket="bench", Key="set/manifest.json", Body=old_manifest.encode())
-                results[s3_old].append(open_once("s3://bench/set", variants[f"s3 +{args.delay_ms:g} ms, split index"][1]))
-                client.put_object(Bucket="bench", Key="set/manifest.json",
-                                  Body=(local / "manifest.json").read_bytes())
-        first = results["local, split index"][0]
-        samples, shards = first["samples"], first["shards"]
-        print(f"{shards} train shards of {args.shard_images} images, {samples} samples; open_shard_set per rank, "
-              f"a fresh process each (median of {args.rounds}; runs in s)")
-        print(f"{'variant':40s} {'open s':>7s} {'held B/sample':>14s}")
-        for name, runs in results.items():
-            if {(r['samples'], r['shards']) for r in runs} != {(samples, shards)}:
-                raise SystemExit(f"{name} opened another set: {runs}")
-            held = statistics.median(r["held"] for r in runs)
-            print(f"{name:40s} {statistics.median(r['seconds'] for r in runs):7.2f} {held / samples:14.1f}  "
-                  + " ".join(f"{r['seconds']:.2f}" for r in runs))
-        table = first["table"] / samples
-        per_shard = (statistics.median(r["held"] for r in results["local, split index"]) - first["table"]) / shards
-        print(f"sample table: {table:.1f} B/sample; everything else the open set holds: {per_shard:.0f} B/shard")
-        print(f"held_bytes_per_sample_at_1000_per_shard: {table + per_shard / 1000:.1f}")
-        if not args.no_s3:
-            new = statistics.median(r["seconds"] for r in results[f"s3 +{args.delay_ms:g} ms, split index"])
-            print(f"ratio_old_vs_split_index_s3: {statistics.median(r['seconds'] for r in results[s3_old]) / new:.1f}")
-            print(f"open_s3_seconds: {new:.2f}")
+        old_manifest = as_old_set(local, old)
+        with nullcontext((None, None)) if args.no_s3 else remote_s3(work, args.delay_ms) as (client, env):
+            if client is not None:
+                upload_set(client, local, "bench")
+            results = measure(args, local, old, old_manifest, client, env)
+        report(args, results)
         return 0
     finally:
-        if proxy is not None:
-            proxy.terminate()
-            proxy.wait()
-        if s3 is not None:
-            subprocess.run([str(REPO / "scripts/stop_s3_server.sh"), str(work / "s3.env")], capture_output=True,
-                           timeout=60)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
+
+def as_old_set(local: Path, old: Path) -> bytes:
+    """The same shards as finalized before split indexes (hard links, not copies); returns its manifest."""
+    manifest = json.loads((local / "manifest.json").read_text())
+    old_manifest = json.dumps({k: v for k, v in manifest.items() if k != "split_indexes"}).encode()
+    if not old.exists():
+        (old / "train").mkdir(parents=True)
+        for f in (local / "train").iterdir():
+            if f.name != "index.npz":
+                os.link(f, old / "train" / f.name)
+        for f in local.iterdir():
+            if f.is_file():
+                shutil.copy(f, old / f.name)
+        (old / "manifest.json").write_bytes(old_manifest)
+    return old_manifest
+
+
+def measure(args, local: Path, old: Path, old_manifest: bytes, client, env) -> dict[str, list[dict]]:
+    s3_new, s3_old = f"s3 +{args.delay_ms:g} ms, split index", f"s3 +{args.delay_ms:g} ms, every .idx (old sets)"
+    results: dict[str, list[dict]] = {"local, split index": [], "local, every .idx (old sets)": []}
+    if client is not None:
+        results.update({s3_new: [], s3_old: []})
+    for _ in range(args.rounds):
+        results["local, split index"].append(open_once(str(local), dict(os.environ)))
+        results["local, every .idx (old sets)"].append(open_once(str(old), dict(os.environ)))
+        if client is not None:  # the same bucket, with the new manifest, then with the old one, then back
+            results[s3_new].append(open_once("s3://bench/set", env))
+            client.put_object(Bucket="bench", Key="set/manifest.json", Body=old_manifest)
+            results[s3_old].append(open_once("s3://bench/set", env))
+            client.put_object(Bucket="bench", Key="set/manifest.json", Body=(local / "manifest.json").read_bytes())
+    return results
+
+
+def report(args, results: dict[str, list[dict]]) -> None:
+    first = results["local, split index"][0]
+    samples, shards = first["samples"], first["shards"]
+    print(f"{shards} train shards of {args.shard_images} images, {samples} samples; open_shard_set per rank, "
+          f"a fresh process each (median of {args.rounds}; runs in s)")
+    print(f"{'variant':40s} {'open s':>7s} {'held B/sample':>14s}")
+    for name, runs in results.items():
+        if {(r['samples'], r['shards']) for r in runs} != {(samples, shards)}:
+            raise SystemExit(f"{name} opened another set: {runs}")
+        held = statistics.median(r["held"] for r in runs)
+        print(f"{name:40s} {statistics.median(r['seconds'] for r in runs):7.2f} {held / samples:14.1f}  "
+              + " ".join(f"{r['seconds']:.2f}" for r in runs))
+    table = first["table"] / samples
+    per_shard = (statistics.median(r["held"] for r in results["local, split index"]) - first["table"]) / shards
+    print(f"sample table: {table:.1f} B/sample; everything else the open set holds: {per_shard:.0f} B/shard")
+    print(f"held_bytes_per_sample_at_1000_per_shard: {table + per_shard / 1000:.1f}")
+    if not args.no_s3:
+        median = {name: statistics.median(r["seconds"] for r in runs) for name, runs in results.items()}
+        new, old = (median[f"s3 +{args.delay_ms:g} ms, {what}"] for what in ("split index", "every .idx (old sets)"))
+        print(f"ratio_old_vs_split_index_s3: {old / new:.1f}")
+        print(f"open_s3_seconds: {new:.2f}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,9 +31,8 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import webdataset  # noqa: E402
-from prep_throughput import make_images  # noqa: E402
+from prep_throughput import photo_shard_set  # noqa: E402
 
-from data_prep.shard import ShardOptions, run_shard  # noqa: E402
 from pipeline.data.cache import ShardCache  # noqa: E402
 from pipeline.data.reader import ShardReader  # noqa: E402
 from pipeline.data.shard_checks import open_shard_set  # noqa: E402
@@ -57,11 +56,7 @@ def main() -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="webdataset-bench-"))
     try:
-        local = work / "set"
-        if not (local / "manifest.json").exists():
-            make_images(work / "src", args.images, classes=10)
-            run_shard(ShardOptions(source=str(work / "src"), out=str(local), max_samples=args.shard_images,
-                                   workers=2))
+        local = photo_shard_set(work / "set", args.images, args.shard_images)
         shard_set = open_shard_set(str(local), "train")
         reader = ShardReader(shard_set, ShardCache(work / "cache", 1 << 30))
         urls = [str(local / s.name) for s in shard_set.shards]
