@@ -13,22 +13,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def remote_s3(work: Path, delay_ms: float):
+def remote_s3(work: Path, delay_ms: float, cpus: set[int] | None = None):
     """Yields (client, env): a boto3 client straight to the server (for uploads) and the AWS_* environment that
-    points boto3 at the proxy. Both processes are stopped by PID on exit."""
+    points boto3 at the proxy. With `cpus`, the server and the proxy run on those cores only (a remote server
+    does not take the client's CPU). Both processes are stopped by PID on exit."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     import boto3
     from botocore.config import Config
 
     info_file = work / "s3.env"
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     subprocess.run([str(REPO / "scripts/start_s3_server.sh"), str(work / "s3"), str(info_file)], env=base,
-                   check=True, capture_output=True, text=True, timeout=180)
+                   check=True, capture_output=True, text=True, timeout=180, preexec_fn=pin)
     proxy = None
     try:
         info = dict(line.split("=", 1) for line in info_file.read_text().splitlines() if "=" in line)
         proxy = subprocess.Popen([sys.executable, str(REPO / "scripts/latency_proxy.py"), "--target",
                                   info["ENDPOINT_URL"].split("://", 1)[1], "--delay-ms", str(delay_ms)],
-                                 stdout=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, text=True, preexec_fn=pin)
         line = proxy.stdout.readline()
         if not line.startswith("PORT="):
             raise SystemExit(f"the latency proxy did not start (exit {proxy.poll()})")

@@ -49,8 +49,11 @@ async def serve(args) -> None:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(pump(client_r, server_w, args.delay_ms / 1000, 0),
-                             pump(server_r, client_w, 0, args.rate))
+        try:
+            await asyncio.gather(pump(client_r, server_w, args.delay_ms / 1000, 0),
+                                 pump(server_r, client_w, 0, args.rate))
+        except asyncio.CancelledError:  # stopping: connections still open are simply dropped
+            pass
 
     server = await asyncio.start_server(handle, "127.0.0.1", args.port)
     print(f"PORT={server.sockets[0].getsockname()[1]}\nPID={os.getpid()}", flush=True)

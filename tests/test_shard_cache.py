@@ -162,13 +162,16 @@ def test_read_ahead_pins_the_next_shards_within_the_budget(on_s3, set18, tmp_pat
 
     ra, reader = read_ahead(10 * biggest, ahead=3)
     try:
-        assert settled(ra, 3) == ra.sequence[:3]  # the first three shards this rank reads, fetched
+        # no shuffle window: the shard read at batch 0, then the next three this rank reads, fetched
+        assert settled(ra, 4) == ra.sequence[:4]
+        time.sleep(0.3)
+        assert len(ra.pins) == 4
         first_done = ra.last[ra.sequence[0]]
-        ra.advance(first_done + 1)  # the loader is past the first shard: it goes, the fourth comes
+        ra.advance(first_done + 1)  # the loader is past the first shard: it goes, the fifth comes
         deadline = time.time() + 60
-        while ra.sequence[3] not in ra.pins and time.time() < deadline:
+        while ra.sequence[4] not in ra.pins and time.time() < deadline:
             time.sleep(0.02)
-        assert sorted(ra.pins) == sorted(ra.sequence[1:4])
+        assert sorted(ra.pins) == sorted(ra.sequence[1:5])
         # the reader finds them in the cache: no download on its own thread
         before = reader.cache.cached_bytes()
         reader.read(ra.sequence[1], 0)

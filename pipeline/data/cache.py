@@ -142,7 +142,7 @@ class ShardCache:
     def _download(self, store, rel: str, size: int, fd: int, part: Path, final: Path) -> Pin:
         try:
             with os.fdopen(os.dup(fd), "r+b") as f:
-                store.download_to(rel, f)
+                store.download_to(rel, f, size)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before it has its name
             if os.fstat(fd).st_size != size:

@@ -2,10 +2,10 @@
 readers need them, so the training thread waits for S3 only at the start of an epoch.
 
 The rank's order is known in advance (pipeline.data.order), so is the sequence of shards it will read. The
-thread keeps pinned the next `ahead` shards from the batch the loader is at, letting go of each once the loader
-has passed its last batch; it never evicts a copy in use nor goes over the node's budget to do it (the cache's
-`overshoot=False`: it waits for room instead). A fork (DataLoader workers) waits for the step in progress, so a
-child never inherits a lock held mid-download.
+thread keeps pinned the shards the loader's batch reads now (a shuffle window spans several) and the next
+`ahead` ones after them, letting go of each once the loader has passed its last batch; it never evicts a copy
+in use nor goes over the node's budget to do it (the cache's `overshoot=False`: it waits for room instead). A
+fork (DataLoader workers) waits for the step in progress, so a child never inherits a lock held mid-download.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -23,10 +24,12 @@ _running: "weakref.WeakSet[ReadAhead]" = weakref.WeakSet()
 
 
 class ReadAhead:
-    def __init__(self, reader, order, batch_size: int, ahead: int, start_batch: int = 0):
-        self.reader, self.ahead = reader, ahead
+    def __init__(self, reader, order, batch_size: int, ahead: int, start_batch: int = 0, parallel: int = 4):
+        self.reader, self.ahead, self.parallel = reader, ahead, parallel
         shards, first = np.unique(order.shard, return_index=True)
-        self.sequence = shards[np.argsort(first, kind="stable")].tolist()  # in the order this rank first reads them
+        by_first_use = np.argsort(first, kind="stable")
+        self.sequence = shards[by_first_use].tolist()  # in the order this rank first reads them
+        self.first = dict(zip(shards.tolist(), (first // batch_size).tolist()))  # batch of each one's first use
         self.last = last_batch_of_shards(order, batch_size, len(reader.sizes)).tolist()
         self.position = start_batch
         self.pins: dict[int, object] = {}
@@ -71,23 +74,35 @@ class ReadAhead:
             log.warning("shard read-ahead stopped (the loader reads on without it): %s", e)
 
     def _work(self, position: int) -> bool:
-        """Pins what comes next; True when the budget had no room (try again shortly)."""
+        """Pins what comes next, `parallel` downloads at a time (nearest first); True when the budget had no
+        room for one of them (try again shortly)."""
         for shard in [s for s in self.pins if self.last[s] < position]:
             self.pins.pop(shard).close()
-        for shard in self.sequence:
-            if len(self.pins) >= self.ahead:
-                return False
-            if shard in self.pins or self.last[shard] < position:
+        wanted, upcoming = [], 0
+        for shard in self.sequence:  # the shards being read now (a shuffle window spans several), then `ahead` more
+            if self.last[shard] < position:
                 continue
-            with self._wake:
-                if self._stop:
-                    return False
-            s = self.reader.shard_set.shards[shard]
-            pin = self.reader.cache.acquire(self.reader.store, s.name, s.bytes, overshoot=False)
-            if pin is None:
-                return True
-            self.pins[shard] = pin
-        return False
+            if self.first[shard] > position:
+                upcoming += 1
+                if upcoming > self.ahead:
+                    break
+            if shard not in self.pins:
+                wanted.append(shard)
+        if not wanted:
+            return False
+        with ThreadPoolExecutor(min(self.parallel, len(wanted))) as pool:  # ends before a fork may go on
+            pins = list(pool.map(self._acquire, wanted))
+        for shard, pin in zip(wanted, pins, strict=True):
+            if pin is not None:
+                self.pins[shard] = pin
+        return any(pin is None for pin in pins)
+
+    def _acquire(self, shard: int):
+        with self._wake:
+            if self._stop:
+                return None
+        s = self.reader.shard_set.shards[shard]
+        return self.reader.cache.acquire(self.reader.store, s.name, s.bytes, overshoot=False)
 
 
 def _pause_all() -> None:
