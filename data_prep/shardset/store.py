@@ -212,6 +212,25 @@ class S3Store:
             for obj in page.get("Contents", []):
                 yield obj["Key"][cut:], obj["Size"]
 
+    def list_names(self, names: list[str], threads: int = 16) -> Iterator[tuple[str, int]]:
+        """(relative path, size) of the objects whose keys start like `names` (and perhaps a few more): one
+        listing per group of about 100 names sharing all but their last two characters before the extension,
+        `threads` at a time. For 14,200 shards this is ~140 small LISTs in parallel instead of 29 pages in a row
+        (and SeaweedFS, like other stores, answers a page deep into a big folder more slowly)."""
+        groups = sorted({name.rsplit(".", 1)[0][:-2] for name in names})
+        cut = len(self.prefix) + 1 if self.prefix else 0
+
+        def one(group: str) -> list[tuple[str, int]]:
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                                Prefix=self._key(group)):
+                out += [(o["Key"][cut:], o["Size"]) for o in page.get("Contents", [])]
+            return out
+
+        with ThreadPoolExecutor(threads) as pool:
+            for part in pool.map(one, groups):
+                yield from part
+
     def list_dir(self) -> tuple[list[str], list[str]]:
         prefix = f"{self.prefix}/" if self.prefix else ""
         dirs, files = [], []

@@ -88,7 +88,8 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
     if not entries:
         raise ShardSetError(f"{url} has no {split!r} shards (splits: {sorted(manifest['totals'])})")
     shards = [Shard(e["name"], e["index"], e["samples"], e["bytes"], e["sha256"]) for e in entries]
-    sizes = dict(store.list(split))  # one listing (a few LISTs on S3), not a request per shard
+    # one listing, not a request per shard: on S3 small prefix listings in parallel (~140 for 14,200 shards)
+    sizes = dict(store.list(split) if isinstance(store, LocalStore) else store.list_names([s.name for s in shards]))
     listed = {s.name for s in shards}
     for rel in sorted(sizes):
         if rel.endswith(".tar") and rel not in listed:
