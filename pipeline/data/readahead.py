@@ -4,8 +4,11 @@ readers need them, so the training thread waits for S3 only at the start of an e
 The rank's order is known in advance (pipeline.data.order), so is the sequence of shards it will read. The
 thread keeps pinned the shards the loader's batch reads now (a shuffle window spans several) and the next
 `ahead` ones after them, letting go of each once the loader has passed its last batch; it never evicts a copy
-in use nor goes over the node's budget to do it (the cache's `overshoot=False`: it waits for room instead). A
-fork (DataLoader workers) waits for the step in progress, so a child never inherits a lock held mid-download.
+in use nor goes over the node's budget to do it (the cache's `overshoot=False`: it waits for room instead).
+Downloads go in rounds of `parallel`, nearest first. A fork (DataLoader workers start when the epoch does) waits
+for the round in progress, so that a child never inherits a lock or a boto3 connection held mid-download, and no
+round starts until it is done: the workers start after the first shards arrive, which they need first anyway,
+not after every shard of the first step.
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ class ReadAhead:
         self.position = start_batch
         self.pins: dict[int, object] = {}
         self.error: BaseException | None = None
-        self._wake = threading.Condition()
-        self._step = threading.Lock()  # held while the thread works; a fork waits for it
+        self._wake = threading.Condition()  # guards position, _stop, _busy and _forking
+        self._busy = False  # a round of downloads is in progress; a fork waits for it to end
+        self._forking = False  # a fork is waiting or under way; no round starts
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="shard-read-ahead", daemon=True)
         _running.add(self)
@@ -64,8 +68,7 @@ class ReadAhead:
                     if self._stop:
                         return
                     position = self.position
-                with self._step:
-                    waiting = self._work(position)
+                waiting = self._work(position)
                 with self._wake:
                     if not self._stop and self.position == position:
                         self._wake.wait(0.2 if waiting else None)
@@ -88,14 +91,38 @@ class ReadAhead:
                     break
             if shard not in self.pins:
                 wanted.append(shard)
-        if not wanted:
-            return False
-        with ThreadPoolExecutor(min(self.parallel, len(wanted))) as pool:  # ends before a fork may go on
-            pins = list(pool.map(self._acquire, wanted))
-        for shard, pin in zip(wanted, pins, strict=True):
-            if pin is not None:
-                self.pins[shard] = pin
-        return any(pin is None for pin in pins)
+        no_room = False
+        for start in range(0, len(wanted), self.parallel):
+            if not self._begin_round():
+                break
+            try:
+                group = wanted[start:start + self.parallel]
+                with ThreadPoolExecutor(len(group)) as pool:  # its threads end with the round
+                    pins = list(pool.map(self._acquire, group))
+            finally:
+                self._end_round()
+            for shard, pin in zip(group, pins, strict=True):
+                if pin is not None:
+                    self.pins[shard] = pin
+            if any(pin is None for pin in pins):
+                no_room = True
+                break
+            with self._wake:
+                if self.position != position:  # the loader moved on: look again at what is wanted
+                    break
+        return no_room
+
+    def _begin_round(self) -> bool:
+        with self._wake:
+            while self._forking and not self._stop:
+                self._wake.wait()
+            self._busy = not self._stop
+            return self._busy
+
+    def _end_round(self) -> None:
+        with self._wake:
+            self._busy = False
+            self._wake.notify_all()
 
     def _acquire(self, shard: int):
         with self._wake:
@@ -107,21 +134,25 @@ class ReadAhead:
 
 def _pause_all() -> None:
     for ra in list(_running):
-        ra._step.acquire()
+        with ra._wake:
+            ra._forking = True
+            while ra._busy:
+                ra._wake.wait()
 
 
 def _resume_all() -> None:
     for ra in list(_running):
-        if ra._step.locked():
-            ra._step.release()
+        with ra._wake:
+            ra._forking = False
+            ra._wake.notify_all()
 
 
 def _in_child() -> None:
-    # the thread does not exist in the child; its pins were closed by the cache's own fork hook
+    # the thread does not exist in the child; its pins were closed by the cache's own fork hook. A fresh
+    # condition: the thread may have held the old one at the fork, and nothing in the child would release it.
     for ra in list(_running):
-        if ra._step.locked():
-            ra._step.release()
-        ra._stop = True
+        ra._wake = threading.Condition()
+        ra._stop, ra._forking, ra._busy = True, False, False
     _running.clear()
 
 

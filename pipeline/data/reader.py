@@ -24,7 +24,7 @@ class ShardReader:
     def __init__(self, shard_set: ShardSet, cache: ShardCache):
         self.shard_set = shard_set
         self.table = shard_set.table
-        self.store = open_store(shard_set.url)
+        self.store = shard_set.store or open_store(shard_set.url)
         self.cache = cache
         self._pins: OrderedDict[int, Pin] = OrderedDict()
 

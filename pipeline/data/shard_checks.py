@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from data_prep.shardset.index import format_index, parse_index
 from data_prep.shardset.manifest import read_manifest
 from data_prep.shardset.split_index import SampleTable
-from data_prep.shardset.store import LocalStore, open_store
+from data_prep.shardset.store import LocalStore, S3Store, open_store
 
 log = logging.getLogger("pipeline.data")
 REQUIRED = ("jpg", "cls")
@@ -49,6 +49,7 @@ class ShardSet:
     shards: list[Shard]  # the usable ones, in manifest order
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (shard, why it was left out)
     table: SampleTable | None = None  # where the usable shards' samples lie, shard after shard
+    store: LocalStore | S3Store | None = field(default=None, repr=False, compare=False)  # read through (one client)
 
     @property
     def num_classes(self) -> int:
@@ -129,7 +130,7 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
     if bad:
         log.warning("%d of %d %s shards left out (budget %d); %d samples remain", len(bad), len(shards), split,
                     max_bad_shards, sum(s.samples for s in kept))
-    return ShardSet(url, split, synsets, kept, bad, table.select(good))
+    return ShardSet(url, split, synsets, kept, bad, table.select(good), store)
 
 
 def _read_split_index(store, entry: dict, cache) -> SampleTable:
