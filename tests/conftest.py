@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -28,6 +29,15 @@ def s3_in_env(s3_server, monkeypatch):  # noqa: F811  (the fixture imported abov
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+def as_old_format(folder: Path) -> Path:
+    """The set as finalized before split indexes: no `split_indexes` in the manifest, no index.npz."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest.pop("split_indexes").values():
+        (folder / entry["name"]).unlink()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
 
 
 def read_tree(root: Path) -> dict[str, bytes]:

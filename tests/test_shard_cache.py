@@ -3,6 +3,7 @@ DataLoader workers, pins that keep a shard in use, a kill -9 in the middle of a 
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_prep
+from conftest import as_old_format, run_prep
 from data_prep.shardset.store import open_store
 from pipeline.data.cache import CacheFullError, ShardCache
 from pipeline.data.loader import LoaderConfig
@@ -188,3 +189,28 @@ def test_read_ahead_pins_the_next_shards_within_the_budget(on_s3, set18, tmp_pat
     finally:
         ra.close()
         reader.close()
+
+
+def test_an_old_format_set_on_s3_loads_from_its_shard_indexes(on_s3, set18, s3_in_env, tmp_path, caplog):
+    """A set finalized before split indexes, on S3: every .idx is read instead, and a rank reads the same samples."""
+    old = as_old_format(Path(shutil.copytree(set18, tmp_path / "old")))
+    bucket = s3_in_env.create_bucket()
+    s3_in_env.upload_dir(old, bucket, "set")
+    names = [name for name, _size in open_store(f"s3://{bucket}/set").list()]
+    assert "train/shard-000000.idx" in names and "train/index.npz" not in names
+    with caplog.at_level(logging.WARNING):
+        old_set = open_shard_set(f"s3://{bucket}/set", "train")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # an old set is not an error
+    new_set = open_shard_set(on_s3, "train")
+    assert old_set.shards == new_set.shards
+    assert len(old_set.table) == len(new_set.table) == sum(s.samples for s in new_set.shards) > 1700
+    old_reader = ShardReader(old_set, ShardCache(tmp_path / "cache-old", 4 * max(s.bytes for s in old_set.shards)))
+    new_reader = ShardReader(new_set, ShardCache(tmp_path / "cache-new", 4 * max(s.bytes for s in new_set.shards)))
+    try:
+        for shard in range(len(old_set.shards)):
+            for sample in (0, old_set.shards[shard].samples - 1):
+                assert old_reader.key(shard, sample) == new_reader.key(shard, sample)
+                assert old_reader.read(shard, sample) == new_reader.read(shard, sample)
+    finally:
+        old_reader.close()
+        new_reader.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_prep
+from conftest import as_old_format, run_prep
 from pipeline.data.shard_checks import ShardSetError, open_shard_set
 
 
@@ -21,15 +21,6 @@ def shard_set(digits_tars, tmp_path_factory) -> Path:
 @pytest.fixture
 def copy(shard_set, tmp_path) -> Path:
     return Path(shutil.copytree(shard_set, tmp_path / "set"))
-
-
-def as_old_format(folder: Path) -> Path:
-    """The set as finalized before split indexes: no `split_indexes` in the manifest, no index.npz."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for entry in manifest.pop("split_indexes").values():
-        (folder / entry["name"]).unlink()
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
 
 
 @pytest.fixture
