@@ -13,7 +13,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 
 def du(path: Path) -> int:
@@ -62,13 +62,12 @@ def main() -> int:
     p.add_argument("--stage", type=int, default=2)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     args = p.parse_args()
     from pipeline.engine.checkpoint import universal_copy
     from pipeline.engine.distributed import free_port
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="elastic-bench-"))
-    try:
+    with bench_workdir(args.workdir, "elastic-bench-") as work:
         ctx = mp.get_context("spawn")
         port = free_port()
         procs = [ctx.Process(target=save_rank, args=(r, args.world, port, args, str(work)))
@@ -94,9 +93,6 @@ def main() -> int:
         print(f"universal_copy_bytes: {du(universal)} ({du(universal) / du(checkpoint):.2f}x the checkpoint)")
         print(f"conversion_seconds: {' '.join(f'{t:.1f}' for t in times)}")
         print(f"conversion_seconds_median: {statistics.median(times):.1f}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from workdir import add_workdir_option, bench_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
@@ -50,12 +50,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=48, help="steps of the whole run; thirds on 2, 1, 2 ranks")
     p.add_argument("--png", default=None, help="where to write the plot (default: only the figures)")
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     p.add_argument("extra", nargs="*", help="more key=value overrides for both runs")
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="elastic-curve-bench-"))
-    try:
+    with bench_workdir(args.workdir, "elastic-curve-bench-") as work:
         shards = work / "shards"
         if not (shards / "manifest.json").exists():
             subprocess.run([sys.executable, "-m", "data_prep", "embedded", "--out", str(work / "tars")], cwd=REPO,
@@ -101,9 +100,6 @@ def main() -> int:
             fig.savefig(args.png)
             print(f"plot: {args.png}")
         return 0
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

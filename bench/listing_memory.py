@@ -16,9 +16,11 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+
+from workdir import add_workdir_option, bench_workdir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,12 +71,10 @@ def main() -> int:
     p.add_argument("--large", type=int, default=10, help="images per tar, second size")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--baseline-rev", help="git revision to measure too (e.g. a commit before a change)")
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="listing-memory-bench-"))
-    worktree = None
-    try:
+    with bench_workdir(args.workdir, "listing-memory-bench-") as work, ExitStack() as cleanup:
         sizes = {}
         for per_tar in (args.small, args.large):
             src = work / f"tars-{per_tar}"
@@ -86,6 +86,8 @@ def main() -> int:
             worktree = work / "baseline"
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree),
                             args.baseline_rev], check=True, capture_output=True)
+            cleanup.callback(subprocess.run, ["git", "-C", str(REPO), "worktree", "remove", "--force",
+                                              str(worktree)], capture_output=True)
             codes[f"at {args.baseline_rev}"] = worktree
         results = {(name, n): [] for name in codes for n in sizes}
         for _ in range(args.rounds):
@@ -112,12 +114,6 @@ def main() -> int:
             print(f"ratio_bytes_per_image_vs_baseline: {slope['this checkout'] / slope[base]:.2f}")
         print(f"bytes_per_image: {slope['this checkout']:.0f}")
         return 0
-    finally:
-        if worktree is not None:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
-                           capture_output=True)
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

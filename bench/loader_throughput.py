@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from prep_throughput import photo_shard_set  # noqa: E402
 
 from pipeline.data.loader import LoaderConfig, create_loader  # noqa: E402
+from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -57,11 +56,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DALI threads and DataLoader workers")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="loader-bench-"))
-    try:
+    with bench_workdir(args.workdir, "loader-bench-") as work:
         shards = photo_shard_set(work / "shards", args.images, 500)
         for tar in shards.rglob("*.tar"):
             tar.read_bytes()  # warm: the disk is not what this measures
@@ -93,9 +91,6 @@ def main() -> int:
               f" (DALI's RandAugment policy, not timm's: README)")
         print(f"images timed per epoch, every variant: {counts.pop()}")
         print(f"ratio_dali_vs_torch: {rate['dali'] / rate['torch']:.2f}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

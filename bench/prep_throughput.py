@@ -17,7 +17,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from data_prep.images import prepare_image  # noqa: E402
 from data_prep.shard import ShardOptions, run_shard  # noqa: E402
+from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 MAIN = "shard, 2 workers x 2 threads"  # the ratio_vs_tar line
 
@@ -119,12 +119,11 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="runs of each variant; medians are reported")
     p.add_argument("--resize-shorter", type=int, default=160)
     p.add_argument("--max-samples", type=int, default=250, help="samples per shard")
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="prep-bench-"))
-    src = work / "src"
-    try:
+    with bench_workdir(args.workdir, "prep-bench-") as work:
+        src = work / "src"
         if not src.exists():
             t0 = time.perf_counter()
             size = make_images(src, args.images, args.classes)
@@ -162,9 +161,6 @@ def main() -> int:
                   f"{' '.join(f'{t:.3f}' for t in ts)}")
         ratio = args.images / statistics.median(times[MAIN]) / tar_rate
         print(f"ratio_vs_tar: {ratio:.2f}")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -19,7 +19,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from prep_throughput import photo_shard_set  # noqa: E402
 from remote_s3 import remote_s3, upload_set  # noqa: E402
 
 from pipeline.data.loader import LoaderConfig, create_loader  # noqa: E402
+from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 
 def timed_epoch(cfg: LoaderConfig) -> tuple[float, float, int, int]:
@@ -59,11 +59,10 @@ def main() -> int:
                    help="DataLoader workers (default: one per core the loader has)")
     p.add_argument("--read-ahead", type=int, default=4)
     p.add_argument("--delay-ms", type=float, default=50.0, help="latency added to every S3 request")
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="s3-read-ahead-bench-"))
-    try:
+    with bench_workdir(args.workdir, "s3-read-ahead-bench-") as work:
         local = photo_shard_set(work / "set", args.images, args.shard_images)
         cores = sorted(os.sched_getaffinity(0))
         server_cores = {cores[-1]} if len(cores) > 1 else None
@@ -73,9 +72,6 @@ def main() -> int:
             if server_cores:  # the loader (and its workers, which inherit it) on the other cores
                 os.sched_setaffinity(0, set(cores) - server_cores)
             return measure(args, local, work / "cache")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def measure(args, local: Path, cache: Path) -> int:

@@ -20,7 +20,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,6 +32,7 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from remote_s3 import remote_s3, upload_set  # noqa: E402
+from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 OPEN = """
 import gc, json, sys, time, tracemalloc
@@ -78,11 +78,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--delay-ms", type=float, default=50.0, help="latency added to every S3 request")
     p.add_argument("--no-s3", action="store_true", help="local disk only")
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="shardset-scale-bench-"))
-    try:
+    with bench_workdir(args.workdir, "shardset-scale-bench-") as work:
         local, old = work / "set", work / "old"
         if not (local / "manifest.json").exists():
             make_source(work / "src", args.shards * args.shard_images)
@@ -97,9 +96,6 @@ def main() -> int:
             results = measure(args, local, old, old_manifest, client, env)
         report(args, results)
         return 0
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def as_old_set(local: Path, old: Path) -> bytes:

@@ -17,10 +17,8 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +34,7 @@ from prep_throughput import photo_shard_set  # noqa: E402
 from pipeline.data.cache import ShardCache  # noqa: E402
 from pipeline.data.reader import ShardReader  # noqa: E402
 from pipeline.data.shard_checks import open_shard_set  # noqa: E402
+from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 warnings.filterwarnings("ignore", module="webdataset")  # it asks for an explicit shardshuffle
 
@@ -51,11 +50,10 @@ def main() -> int:
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--shard-images", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--workdir", help="default: a folder in the system temp dir, deleted afterwards")
+    add_workdir_option(p)
     args = p.parse_args()
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="webdataset-bench-"))
-    try:
+    with bench_workdir(args.workdir, "webdataset-bench-") as work:
         local = photo_shard_set(work / "set", args.images, args.shard_images)
         shard_set = open_shard_set(str(local), "train")
         reader = ShardReader(shard_set, ShardCache(work / "cache", 1 << 30))
@@ -125,9 +123,6 @@ def main() -> int:
               f"{median['resume mid-shard, project reader'] / median['resume mid-shard, webdataset']:.1f}")
         reader.close()
         return 0
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
