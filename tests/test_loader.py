@@ -179,18 +179,26 @@ def test_dali_rand_augment_changes_the_images(shards):
 
 
 @pytest.mark.s3
-def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, tmp_path):
+@pytest.mark.parametrize("backend,device", [
+    ("torch", "cpu"),
+    ("dali", "cpu"),
+    pytest.param("dali", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA device")]),
+])
+def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, tmp_path, backend, device):
+    """Through the node's cache and read-ahead (DALI: its reader thread reads the pinned copies)."""
     s3_server = s3_in_env
     bucket = s3_server.create_bucket()
     s3_server.upload_dir(shards, bucket, "set")
     biggest = max(p.stat().st_size for p in shards.glob("train/*.tar"))
     # a shuffle window of one shard: at most three shards are read at once (a batch across two windows); the
     # budget holds them and the read-ahead, but not the set, so evictions happen
-    remote = config(shards, backend="torch", workers=0, cache_dir=str(tmp_path / "cache"),
+    local = config(shards, backend=backend, device=device, workers=0, shuffle_window=250)
+    remote = config(shards, backend=backend, device=device, workers=0, cache_dir=str(tmp_path / "cache"),
                     cache_bytes=4 * biggest, shuffle_window=250)
     remote.shards = f"s3://{bucket}/set"
     a = take(create_loader(remote))
-    b = take(create_loader(config(shards, backend="torch", workers=0, shuffle_window=250)))
+    b = take(create_loader(local))
     assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
     cached = [p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")]
     assert cached and sum(cached) <= 4 * biggest and len(cached) < 7

@@ -80,7 +80,8 @@ def _build(cfg, device: str, seed_key: tuple[int, ...], source, train: bool, che
     # pipeline starting mid-epoch draws from the seed of where it starts.
     seed = int(np.random.default_rng([cfg.seed, *seed_key]).integers(0, 2**31))
 
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.workers,
+    # workers=0 (the DataLoader's 'in this process') is one DALI thread: DALI needs at least one to run
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
                   device_id=torch.cuda.current_device() if gpu else None, seed=seed,
                   prefetch_queue_depth=2, enable_conditionals=bool(augment),
                   enable_checkpointing=bool(augment), checkpoint=checkpoint)

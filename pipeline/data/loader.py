@@ -43,7 +43,7 @@ class LoaderConfig:
     crop_pct: float = 0.875  # eval: resize the shorter side to size / crop_pct, then centre crop
     backend: str = "auto"  # auto (dali where it imports) | dali | torch
     device: str = "auto"  # auto | cpu | cuda: where DALI decodes (mixed) and where batches land
-    workers: int = 2  # DALI threads / DataLoader worker processes
+    workers: int = 2  # DALI threads (at least one) / DataLoader worker processes (0: in the loader's process)
     seed: int = 0
     shuffle_window: int = 8192
     scale: tuple[float, float] = (0.08, 1.0)
