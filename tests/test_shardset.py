@@ -107,6 +107,18 @@ def test_one_split_index_read_instead_of_one_per_shard(copy, monkeypatch):
     assert new.table.key(0) == old.table.key(0) and len(new.table) == new.num_samples == 1767
 
 
+def test_finalize_adds_the_split_indexes_to_an_old_set(copy, monkeypatch, caplog):
+    old = as_old_format(copy)
+    with caplog.at_level(logging.INFO, logger="pipeline.data"):
+        before = open_shard_set(str(old), "train")
+    assert f"python -m data_prep finalize {old}" in caplog.text  # the slow path says how to leave it
+    run_prep("finalize", old)
+    reads = count_reads(monkeypatch)
+    after = open_shard_set(str(old), "train")
+    assert reads == ["manifest.json", "train/index.npz"]
+    assert after.shards == before.shards and (after.table.jpg_offset == before.table.jpg_offset).all()
+
+
 def test_the_split_index_is_in_the_manifest_with_its_sha256(shard_set):
     manifest = json.loads((shard_set / "manifest.json").read_text())
     for split, entry in manifest["split_indexes"].items():
