@@ -114,7 +114,7 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
             log.warning("%s: %s; reading every shard's index file instead", url, e)
     else:
         # slow at scale (one request a shard: ~50 s a rank for 14,200 shards on S3) and silent otherwise
-        log.info("%s was finalized before split indexes: reading its %d %s shard index files one by one "
+        log.info("%s was finalized before split indexes: reading its %d %s shard index files, a request each "
                  "(`python -m data_prep finalize %s` adds the split indexes)", url, len(shards), split, url)
     if table is not None:
         problems = _check_table(table, shards, problems)
