@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.engine.optim import create_optimizer, plan_steps, resolve_precision  # noqa: E402
+from pipeline.engine.optim import (create_optimizer, deepspeed_skips_nonfinite, plan_steps,  # noqa: E402
+                                   resolve_precision)
 from pipeline.engine.step import loss_fn, micro_step  # noqa: E402
 from pipeline.model import create_model  # noqa: E402
 
@@ -98,7 +99,9 @@ def throughput(args) -> float:
     for stage in dict.fromkeys((0, args.zero_stage)):
         cfg = run_config(args.arch, args.img_size, args.window, args.batch, 1, stage, precision)
         engine = build(cfg, world, precision, args.classes)
-        variants[f"ours ZeRO-{stage}"] = lambda x, y, e=engine, c=cfg: micro_step(e, x, y, c.data.label_smoothing)
+        guard = not deepspeed_skips_nonfinite(stage, precision)  # as the training loop decides it
+        variants[f"ours ZeRO-{stage}"] = lambda x, y, e=engine, c=cfg, g=guard: micro_step(
+            e, x, y, c.data.label_smoothing, guard_on_host=g)
     variants["plain"] = plain_loop(cfg, args.classes, device, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device, dtype)

@@ -6,4 +6,6 @@
 - `swin_common.cli`: how a command starts and ends: `@command` around each entry point's main, an
   ArgumentParser with `--debug` and one-line usage errors, and the one-line `error: ...` for expected failures
   (tracebacks are for bugs, and for --debug).
+- `swin_common.gpu`: what each GPU generation supports (the precision `auto` picks, whether the installed torch
+  and DALI builds have kernels for a GPU, peak FLOP/s for MFU), read by the loader, the engine and tracking.
 """

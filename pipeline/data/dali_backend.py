@@ -24,6 +24,8 @@ class DaliBackend:
 
     def __init__(self, cfg, device: str):
         self.cfg, self.device = cfg, device
+        if device == "cuda":
+            check_dali_gpu()
         self.pipe = None  # the epoch's running pipeline
         self._checkpoint: bytes | None = None  # DALI's state to resume from, when it draws
 
@@ -55,6 +57,16 @@ class DaliBackend:
         """The DALI state to resume from, once: a later epoch starts fresh."""
         checkpoint, self._checkpoint = self._checkpoint, None
         return checkpoint if start > 0 else None
+
+
+def check_dali_gpu() -> None:
+    """Stops with one line when the installed DALI wheel has no kernels for this rank's GPU (a CUDA 13 DALI on a
+    V100): DALI itself would fail at the first GPU operator of the first batch."""
+    from swin_common.gpu import check_dali_kernels, current_gpu, dali_package
+
+    found = dali_package()
+    if found is not None:
+        check_dali_kernels(current_gpu(), *found)
 
 
 def rand_augment_args(policy: str) -> tuple[int, int]:

@@ -153,13 +153,15 @@ class ShardLoader:
     def _batch_augment(self, slot: int, images: torch.Tensor, labels: torch.Tensor):
         if self._mixup is None and self._erase is None:
             return images, labels
-        with seeded(batch_rng(self.cfg.seed, self.epoch, slot, 1), torch_generators(images.device)):
+        # the generators of the loader's device: RandomErasing draws its noise there (device=self.device), whatever
+        # device a backend handed the batch on
+        with seeded(batch_rng(self.cfg.seed, self.epoch, slot, 1), torch_generators(self.device)):
             if self._mixup is not None:
                 if len(images) % 2:  # timm's batch Mixup pairs samples; a batch short of a skipped one drops one
                     images, labels = images[:-1], labels[:-1]
                 images, labels = self._mixup(images, labels)
             if self._erase is not None:
-                images = self._erase(images)
+                images = self._erase(images.to(self.device))
         return images, labels
 
 

@@ -101,8 +101,11 @@ class _Batches(IterableDataset):
 def _torch_batches(backend: TorchBackend, source, order, epoch: int, start: int, end: int):
     dataset = _Batches(source, order, epoch, start, end)
     workers = min(backend.cfg.workers, max(end - start, 0))
-    if workers == 0:
-        yield from dataset
+    if workers == 0:  # in this process; batches go to the loader's device all the same
+        for b, images, labels, skipped in dataset:
+            if backend.device == "cuda":
+                images, labels = images.pin_memory().cuda(non_blocking=True), labels.cuda(non_blocking=True)
+            yield b, images, labels, skipped
         return
     dl = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=backend.device == "cuda",
                     multiprocessing_context="fork", persistent_workers=False)

@@ -7,7 +7,9 @@
 - `mpirun` (OpenMPI, or DeepSpeed's `--launcher openmpi`): OMPI_COMM_WORLD_* are mapped the same way;
 - a plain `python -m pipeline.train`: a world of one.
 
-Each rank drives the GPU of its LOCAL_RANK (torch.cuda.set_device here; DALI's device_id is the current device).
+Each rank drives the GPU of its LOCAL_RANK, or the only GPU it sees when Slurm binds one per task
+(torch.cuda.set_device here; DALI's device_id is the current device), after checking that the installed torch
+has kernels for it (swin_common.gpu).
 The process group is `cpu:gloo,cuda:nccl` on GPU machines (process_group_backend): NCCL carries CUDA tensors
 (gradients, ZeRO partitions, evaluation sums), gloo the small CPU values (the finite-loss flag, logged loss sums,
 object broadcasts, barriers), so no control value needs a trip to the GPU.
@@ -69,12 +71,17 @@ def rank_environment(env: dict[str, str]) -> dict[str, str]:
 
 
 def cuda_device_index(env: dict[str, str], device_count: int) -> int:
-    """The GPU this rank drives: its LOCAL_RANK, which must name one of the node's GPUs."""
+    """The GPU this rank drives. One visible GPU is device 0: Slurm binds one GPU per task (`srun
+    --gpus-per-task=1`, `--gpu-bind=single:1`) and each task sees only its own while SLURM_LOCALID runs 0-7.
+    Several visible GPUs: the one of this rank's LOCAL_RANK, which must name one of them."""
     local = int(env.get("LOCAL_RANK", "0"))
+    if device_count == 1:
+        return 0
     if not 0 <= local < device_count:
         raise RuntimeError(f"LOCAL_RANK={local} but this node has {device_count} visible GPU(s) "
                            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
-                           f"{device_count} rank(s) per node, one per GPU")
+                           f"{device_count} rank(s) per node, one per GPU, or bind one GPU per task "
+                           f"(srun --gpus-per-task=1)")
     return local
 
 
@@ -108,7 +115,10 @@ def init_distributed() -> World:
 
     cuda = torch.cuda.is_available()
     if cuda:
+        from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
+
         torch.cuda.set_device(cuda_device_index(dict(os.environ), torch.cuda.device_count()))
+        check_torch_kernels(current_gpu(), torch_arch_list(), torch.__version__)  # before any kernel or NCCL
     else:
         # DeepSpeed's CPU backend would compile its shared-memory all-reduce op (35-100 s per machine) on first
         # use; it serves only DeepSpeed's inference all-reduce, training goes through gloo. DeepSpeed keeps the
@@ -148,14 +158,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_true(flag: bool) -> bool:
-    """True when `flag` holds on every rank (a MIN all-reduce of one int)."""
-    if not _distributed():
-        return bool(flag)
-    import torch.distributed as dist
+def all_true(flag: bool | torch.Tensor) -> bool:
+    """True when `flag` holds on every rank (a MIN all-reduce of one int). A tensor flag is reduced on its own
+    device (NCCL for a CUDA tensor), so a value the GPU computed is not first copied to the host; the one host
+    read is the answer."""
+    if isinstance(flag, torch.Tensor):
+        value = flag.detach().reshape(-1)[:1].to(torch.int32)
+    else:
+        value = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    if _distributed():
+        import torch.distributed as dist
 
-    value = torch.tensor([int(bool(flag))], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 

@@ -18,18 +18,11 @@ def evaluate(engine, loader, device: torch.device) -> dict[str, float]:
     engine.eval()
     sums = None  # loss sum, top-1 hits, top-5 hits, samples
     for images, labels in loader:
-        logits = engine(images.to(device)).float()
-        labels = labels.to(logits.device)
+        logits = engine(images.to(device, non_blocking=True)).float()
+        labels = labels.to(logits.device, non_blocking=True)
         if sums is None:
             sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
-        real = labels >= 0  # padding entries of the last ranks' slices are -1
-        logits, labels = logits[real], labels[real]
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == labels[:, None]
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double() if len(labels)
-                             else torch.zeros((), dtype=torch.float64, device=logits.device),
-                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                             real.sum().double()])
+        sums += batch_sums(logits, labels)
     if sums is None:  # no val batch on this rank (every rank has the same count, so none has any)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
     all_reduce_sum(sums)
@@ -38,3 +31,14 @@ def evaluate(engine, loader, device: torch.device) -> dict[str, float]:
     n = max(total[3], 1)
     return {"val_loss": total[0] / n, "val_top1": 100 * total[1] / n, "val_top5": 100 * total[2] / n,
             "val_samples": int(total[3])}
+
+
+def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(loss sum, top-1 hits, top-5 hits, samples) of one batch, padding entries (label -1) masked out with
+    arithmetic: boolean-mask indexing or a test of the count would each wait for the GPU once per batch."""
+    real = labels >= 0
+    safe = labels.clamp(min=0)
+    loss = F.cross_entropy(logits, safe, reduction="none")
+    hits = (logits.topk(min(5, logits.shape[1]), dim=1).indices == safe[:, None]) & real[:, None]
+    return torch.stack([torch.where(real, loss, torch.zeros_like(loss)).sum().double(), hits[:, 0].sum().double(),
+                        hits.any(dim=1).sum().double(), real.sum().double()])

@@ -25,10 +25,11 @@ from pipeline.engine.checkpoint import (check_shared_run_dir, complete_checkpoin
 from pipeline.engine.distributed import World, all_reduce_sum, world_size
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
-from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config, plan_steps,
-                                   resolve_precision)
-from pipeline.engine.step import micro_step
-from pipeline.model import create_model
+from swin_common.gpu import current_gpu, memory_fields, mfu, peak_flops
+from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config,
+                                   deepspeed_skips_nonfinite, loss_scale, plan_steps, resolve_precision)
+from pipeline.engine.step import StepTally, micro_step
+from pipeline.model import create_model, forward_flops
 from pipeline.model.transfer import initialise
 
 log = logging.getLogger("pipeline.train")
@@ -45,11 +46,11 @@ class RunState:
     dropped_total: int = 0  # micro batches dropped for a non-finite loss
     bad_streak: int = 0
     first_bad_step: int | None = None
-    window_losses: list[float] = field(default_factory=list)
-    window_images: int = 0
+    tally: StepTally = field(default_factory=StepTally)  # this log window's losses, on the device
     window_start: float = field(default_factory=time.perf_counter)
     last_checkpoint_step: int = -1
     last_eval: dict = field(default_factory=dict)
+    nonfinite_seen: int = 0  # the tally's non-finite count at the last skipped step
 
 
 class MetricsLog:
@@ -121,6 +122,25 @@ def initialise_from(cfg: RunConfig, path: str, model, synsets: list[str], world:
 
 
 @dataclass
+class StepContext:
+    """What the hot loop needs besides the engine, decided once per run."""
+    guard_on_host: bool  # check the loss before the backward (DeepSpeed would apply non-finite gradients)
+    fp16: bool  # a skipped step can be an fp16 overflow (normal) rather than a non-finite loss
+    forward_flops: float | None = None  # per image, for MFU (GPU runs only)
+    peak_flops: float | None = None  # of this GPU kind in the run's precision (GPU runs only)
+
+
+def step_context(cfg: RunConfig, precision: str, device: torch.device, num_classes: int) -> StepContext:
+    ctx = StepContext(deepspeed_skips_nonfinite(cfg.train.zero_stage, precision) is False, precision == "fp16")
+    if device.type == "cuda":
+        m = cfg.model
+        ctx.peak_flops = peak_flops(current_gpu().name, precision)
+        if ctx.peak_flops is not None:
+            ctx.forward_flops = forward_flops(m.arch, m.img_size, m.window_size, num_classes)
+    return ctx
+
+
+@dataclass
 class Setup:
     """What a run is made of before its engine exists."""
     cfg: RunConfig
@@ -164,6 +184,7 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
                                     load_universal=resume is not None and needs_universal(resume, world.size))
     metrics = MetricsLog(run_dir / "metrics.jsonl", world.is_main, tracker)
     state = RunState()
+    ctx = step_context(cfg, precision, engine.device, len(synsets))
 
     if resume is not None:
         state.step, loader_state, done = load_checkpoint(engine, resume, world.rank, world.size, cfg.train.seed)
@@ -188,7 +209,7 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
         state.last_checkpoint_step = state.step
 
     while state.step < end:
-        run_epoch(cfg, engine, schedule, train_loader, val_loader, plan, end, state, metrics, checkpoint)
+        run_epoch(cfg, engine, schedule, train_loader, val_loader, plan, end, state, metrics, checkpoint, ctx)
         if cfg.eval.every_steps <= 0 and val_loader is not None and train_loader.position == 0:
             eval_now(engine, val_loader, state, metrics)
     if state.last_checkpoint_step != state.step:
@@ -224,58 +245,80 @@ def fp32_fingerprint(engine) -> dict[str, list[float]]:
 
 
 def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: int, state: RunState,
-              metrics: MetricsLog, checkpoint) -> None:
+              metrics: MetricsLog, checkpoint, ctx: StepContext) -> None:
     """Micro batches until the epoch's last whole optimizer step, or until the run's last step."""
     epoch, per_epoch = loader.epoch, plan.steps_per_epoch * plan.grad_accum
     batches = iter(loader)
     try:
         while loader.position < per_epoch and state.step < end:
             images, labels = next(batches)
-            result = micro_step(engine, images.to(engine.device), labels.to(engine.device),
-                                cfg.data.label_smoothing)
-            if result.dropped:
+            # non_blocking: a pinned CPU batch (torch backend) is copied while the GPU works; DALI's are there
+            result = micro_step(engine, images.to(engine.device, non_blocking=True),
+                                labels.to(engine.device, non_blocking=True), cfg.data.label_smoothing, state.tally,
+                                ctx.guard_on_host)
+            if result.dropped or (result.skipped and bad_step_skipped(state, ctx)):
                 on_bad_loss(cfg, state, checkpoint, engine)
                 continue
-            state.bad_streak = 0
-            state.window_losses.append(result.loss)
-            state.window_images += len(images)
             if result.stepped:
+                state.bad_streak = 0
                 state.step += 1
                 schedule.step_update(state.step)
-                after_step(cfg, engine, val_loader, state, metrics, checkpoint, epoch, end)
+                after_step(cfg, engine, val_loader, state, metrics, checkpoint, epoch, end, ctx)
     finally:
         batches.close()
     if loader.epoch == epoch and loader.position >= per_epoch:  # the epoch's last whole step: its rest sits out
         loader.set_epoch(epoch + 1)
 
 
-def after_step(cfg, engine, val_loader, state: RunState, metrics: MetricsLog, checkpoint, epoch: int, end: int):
+def bad_step_skipped(state: RunState, ctx: StepContext) -> bool:
+    """DeepSpeed skipped a step (rare): from a non-finite loss (a bad step), or, in fp16, maybe an overflow of the
+    loss-scaled gradients, which dynamic loss scaling expects. Reads the tally's non-finite count (a host sync)
+    only here."""
+    seen, state.nonfinite_seen = state.nonfinite_seen, state.tally.nonfinite()
+    return not ctx.fp16 or state.nonfinite_seen > seen
+
+
+def after_step(cfg, engine, val_loader, state: RunState, metrics: MetricsLog, checkpoint, epoch: int, end: int,
+               ctx: StepContext):
     if state.step % cfg.train.log_every == 0 or state.step == end:
-        log_step(engine, state, metrics, epoch)
+        log_step(engine, state, metrics, epoch, ctx)
     if val_loader is not None and cfg.eval.every_steps > 0 and state.step % cfg.eval.every_steps == 0:
         eval_now(engine, val_loader, state, metrics)
     if cfg.checkpoint.every_steps > 0 and state.step % cfg.checkpoint.every_steps == 0:
         checkpoint()
 
 
-def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int) -> None:
-    losses = all_reduce_sum(torch.tensor([sum(state.window_losses), len(state.window_losses), state.window_images],
-                                         dtype=torch.float64))
+def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int, ctx: StepContext) -> None:
+    """One record per log_every steps: the window's losses reduced over the ranks in one all-reduce on their
+    device (the only host read of them); on GPUs also MFU and rank 0's peak memory (absent on CPU, not zero)."""
+    tally, world = state.tally, world_size()
+    sums = tally.sums if tally.sums is not None else torch.zeros(3, dtype=torch.float64, device=engine.device)
+    totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(tally.images)], dtype=torch.float64,
+                                                          device=sums.device)])).tolist()
+    loss_sum, finite, nonfinite, images = totals
     elapsed = time.perf_counter() - state.window_start
     grad_norm = engine.get_global_grad_norm()
-    scale = getattr(engine.optimizer, "cur_scale", None) if engine.fp16_enabled() else None
-    metrics.write({
-        "step": state.step, "epoch": epoch, "loss": losses[0].item() / max(losses[1].item(), 1),
+    scale = loss_scale(engine)
+    record = {
+        "step": state.step, "epoch": epoch, "loss": loss_sum / finite if finite else float("nan"),
         "lr": engine.get_lr()[0],
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "loss_scale": float(scale) if scale is not None else None,
-        "skipped_steps": int(engine.skipped_steps),  # fp16 overflow steps DeepSpeed skipped
+        "loss_scale": scale,
+        "skipped_steps": int(engine.skipped_steps),  # steps DeepSpeed skipped (fp16 overflow, non-finite gradients)
+        "nonfinite_losses": int(nonfinite),  # in this window, every rank
         "dropped_micro_batches": state.dropped_total,
-        "images_per_s": losses[2].item() / elapsed if elapsed > 0 else None,
-        "world_size": world_size(),  # an elastic resume shows on the curves
+        "images_per_s": images / elapsed if elapsed > 0 else None,
+        "world_size": world,  # an elastic resume shows on the curves
         "time": time.time(),
-    })
-    state.window_losses, state.window_images, state.window_start = [], 0, time.perf_counter()
+    }
+    if engine.device.type == "cuda":
+        if ctx.forward_flops is not None and elapsed > 0:
+            record["mfu"] = mfu(images / elapsed / world, ctx.forward_flops, ctx.peak_flops)
+        record.update(memory_fields(engine.device))
+    metrics.write(record)
+    tally.reset()
+    state.nonfinite_seen = 0
+    state.window_start = time.perf_counter()
 
 
 def eval_now(engine, val_loader, state: RunState, metrics: MetricsLog) -> None:
@@ -285,7 +328,8 @@ def eval_now(engine, val_loader, state: RunState, metrics: MetricsLog) -> None:
 
 
 def on_bad_loss(cfg: RunConfig, state: RunState, checkpoint, engine) -> None:
-    """A non-finite loss: the micro batch was dropped on every rank, the weights are untouched by it."""
+    """A non-finite loss: its micro batch was dropped on every rank before the backward, or DeepSpeed skipped
+    its optimizer step; either way the weights are untouched by it."""
     state.dropped_total += 1
     state.bad_streak += 1
     if state.bad_streak == 1:

@@ -16,6 +16,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 
 from pipeline.config import RunConfig
+from swin_common.gpu import Gpu, check_precision, current_gpu, precision_for
 
 
 @dataclass(frozen=True)
@@ -71,33 +72,99 @@ def create_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: Step
     raise ValueError(f"schedule.decay must be cosine, linear or constant, not {s.decay!r}")
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, gpu: Gpu | None | str = "detect") -> str:
+    """The precision a run trains in: `auto` is bf16 from compute capability 8.0 on (A100, H100, H200), fp16 with
+    dynamic loss scaling below (V100), fp32 without a GPU. `gpu`: the device's facts (default: this rank's)."""
+    if gpu == "detect":
+        gpu = current_gpu() if torch.cuda.is_available() else None
     if precision == "auto":
-        if not torch.cuda.is_available():
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"  # V100 has no bf16
+        return "fp32" if gpu is None else precision_for(gpu)
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, not {precision!r}")
-    if precision == "fp16" and not torch.cuda.is_available():
+    if precision == "fp16" and gpu is None:
         raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 or bf16")
+    if gpu is not None:
+        check_precision(precision, gpu)
     return precision
 
 
+LOW_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
+BUCKET_ELEMENTS = 25_000_000  # ZeRO-1/2 gradient reduce and parameter all-gather buckets (DeepSpeed: 5e8)
+
+
 def deepspeed_config(cfg: RunConfig, plan: StepPlan, world: int, precision: str) -> dict:
+    """The DeepSpeed config of a run. Precision, per ZeRO stage (what DeepSpeed 0.19.8 does with each):
+
+    - ZeRO-0 in bf16/fp16: DeepSpeed's `torch_autocast` over fp32 weights (DDP with AMP). DeepSpeed's own bf16/fp16
+      at stage 0 is FP16_UnfusedOptimizer, which keeps the module in 16 bits (exports and init_from would read
+      rounded weights) and runs one zero-gradient optimizer step at set-up (AdamW starts at step 1, weight decay
+      applied once before training). With autocast the module is the fp32 master, gradients are fp32, fp16 gets
+      torch's GradScaler (dynamic loss scaling), and gradients are all-reduced in fp32.
+    - ZeRO-1/2/3 in bf16: bf16 module, fp32 master weights in the optimizer partitions, gradients accumulated in
+      fp32 (`data_types.grad_accum_dtype`; ZeRO-1 then runs DeepSpeed's BF16_Optimizer). bf16 accumulation is
+      DeepSpeed's default, which it warns is numerically unsafe over many micro batches.
+    - ZeRO-1/2/3 in fp16: fp16 module and gradients with dynamic loss scaling; DeepSpeed skips and counts the
+      steps whose gradients overflow. Gradients accumulate in fp16 (loss-scaled), DeepSpeed's tested fp16 path.
+    - ZeRO-1/2: `overlap_comm` (reduce gradient buckets while backward runs; off by default in 0.19.8) with
+      buckets of BUCKET_ELEMENTS, so that a Swin-B's 88M gradients go in several reductions, not one at the end.
+      ZeRO-3 overlaps by default.
+    """
     t = cfg.train
     if t.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, not {t.zero_stage}")
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage in (1, 2):
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=BUCKET_ELEMENTS,
+                    allgather_bucket_size=BUCKET_ELEMENTS)
     config = {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW: ZeRO partitions any torch optimizer
         "steps_per_print": 10**9,  # we log ourselves
-        "bf16": {"enabled": precision == "bf16"},
-        # V100: dynamic loss scaling; DeepSpeed skips (and counts) the steps whose gradients overflow
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
     }
-    return config  # gradients accumulate in the training dtype (DeepSpeed's default; fp32 is ZeRO-1 only)
+    if precision in LOW_PRECISION and autocast_stage(t.zero_stage):
+        # an empty module list: no parameter is marked for 16-bit communication, so gradients reduce in fp32
+        config["torch_autocast"] = {"enabled": True, "dtype": LOW_PRECISION[precision],
+                                    "lower_precision_safe_modules": []}
+    elif precision == "bf16":
+        config["bf16"] = {"enabled": True}
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif precision == "fp16":
+        # V100: dynamic loss scaling; DeepSpeed skips (and counts) the steps whose gradients overflow
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                          "hysteresis": 2, "min_loss_scale": 1}
+    return config
+
+
+def autocast_stage(zero_stage: int) -> bool:
+    """Whether 16-bit training at this ZeRO stage runs as torch autocast over fp32 weights (deepspeed_config)."""
+    return zero_stage == 0
+
+
+def deepspeed_skips_nonfinite(zero_stage: int, precision: str) -> bool:
+    """Whether DeepSpeed itself skips (and counts) an optimizer step whose gradients are not finite, so that a
+    non-finite loss needs no check of ours before the backward: ZeRO-1/2 check the global gradient norm in every
+    precision (DeepSpeedZeroOptimizer; BF16_Optimizer for ZeRO-1 bf16), ZeRO-3 only in fp16; ZeRO-0 (autocast's
+    GradScaler skips fp16 overflows but DeepSpeed does not count them) and ZeRO-3 in bf16/fp32 would apply them."""
+    if zero_stage in (1, 2):
+        return True
+    return zero_stage == 3 and precision == "fp16"
+
+
+def loss_scale(engine) -> float | None:
+    """The current fp16 loss scale: DeepSpeed's (ZeRO-1/2/3 optimizers) or autocast's GradScaler (ZeRO-0);
+    None when there is none (bf16, fp32). Reading it syncs the host: call it at log time only."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:
+        return float(scaler.get_scale())
+    if engine.fp16_enabled():
+        scale = getattr(engine.optimizer, "cur_scale", None)
+        if scale is None:
+            scale = getattr(getattr(engine.optimizer, "loss_scaler", None), "cur_scale", None)
+        return float(scale) if scale is not None else None
+    return None

@@ -1,7 +1,16 @@
-"""One micro batch through the engine: forward, loss, backward, and (at the accumulation boundary) the step.
+"""One micro batch through the engine: forward, loss, backward, and (at the accumulation boundary) the step,
+without a host round trip where DeepSpeed already guards the weights.
 
-A non-finite loss on any rank drops that micro batch on every rank (no backward, so no NaN reaches the
-gradients or the optimizer state) and is counted; the loop stops the run when it keeps happening.
+The loss stays on the device: a StepTally sums the finite losses and counts the non-finite ones there, and the
+log step reads the sums once per log line. A non-finite loss never reaches the weights:
+
+- where DeepSpeed skips an optimizer step whose gradients are not finite (ZeRO-1/2 in every precision, ZeRO-3
+  in fp16: `optim.deepspeed_skips_nonfinite`), the backward runs unconditionally and DeepSpeed drops the whole
+  step (counted in engine.skipped_steps). Only then, a rare event, does the loop read the tally to tell a
+  non-finite loss from an fp16 overflow (`MicroResult.skipped`);
+- elsewhere (ZeRO-0, ZeRO-3 in bf16/fp32) a finite-loss flag is reduced over the ranks before the backward (one
+  small all-reduce and a host read per micro batch, on the loss's device) and a non-finite micro batch is dropped
+  on every rank.
 """
 from __future__ import annotations
 
@@ -15,9 +24,32 @@ from pipeline.engine.distributed import all_true
 
 @dataclass
 class MicroResult:
-    loss: float  # this rank's loss (nan when dropped)
-    dropped: bool  # non-finite loss on some rank: no backward on any
+    dropped: bool  # non-finite loss on some rank, found before the backward: no backward on any rank
     stepped: bool  # this micro batch closed an optimizer step
+    skipped: bool = False  # DeepSpeed skipped that optimizer step (non-finite gradients, or an fp16 overflow)
+
+
+class StepTally:
+    """A log window's losses, summed on the device (finite loss sum, finite count, non-finite count); the image
+    count is the host's, which knows every batch's length."""
+
+    def __init__(self):
+        self.sums: torch.Tensor | None = None
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
+        loss = loss.detach().double()
+        values = torch.stack([torch.where(finite, loss, torch.zeros_like(loss)), finite.double(),
+                              (~finite).double()])
+        self.sums = values if self.sums is None else self.sums + values
+        self.images += images
+
+    def nonfinite(self) -> int:
+        """Non-finite losses so far in this window (a host read: call it on rare events only)."""
+        return 0 if self.sums is None else int(self.sums[2].item())
+
+    def reset(self) -> None:
+        self.sums, self.images = None, 0
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -28,16 +60,18 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) 
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
-def all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank."""
-    return all_true(bool(torch.isfinite(loss.detach()).all()))
-
-
-def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> MicroResult:
+def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+               tally: StepTally | None = None, guard_on_host: bool = True) -> MicroResult:
+    """`guard_on_host`: DeepSpeed would apply non-finite gradients at this stage and precision
+    (not optim.deepspeed_skips_nonfinite), so the finite check runs before the backward (the module's notes)."""
+    tally = StepTally() if tally is None else tally
     loss = loss_fn(engine(images), labels, label_smoothing)
-    if not all_finite(loss):
-        return MicroResult(float("nan"), dropped=True, stepped=False)
+    finite = torch.isfinite(loss.detach())
+    tally.add(loss, finite, len(images))
+    if guard_on_host and not all_true(finite):
+        return MicroResult(dropped=True, stepped=False)
     boundary = engine.is_gradient_accumulation_boundary()
+    skipped_before = engine.skipped_steps
     engine.backward(loss)
     engine.step()
-    return MicroResult(loss.item(), dropped=False, stepped=boundary)
+    return MicroResult(dropped=False, stepped=boundary, skipped=boundary and engine.skipped_steps > skipped_before)

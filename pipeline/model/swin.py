@@ -57,3 +57,18 @@ def _variant(arch: str) -> tuple[str, dict]:
         return VARIANTS[arch]
     except KeyError:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+def forward_flops(arch: str, img_size: int, window_size: int, num_classes: int) -> float:
+    """FLOPs of one image's forward pass (2 per multiply-add of every matmul, convolution and attention), counted
+    by torch's FlopCounterMode on the meta device: no memory, no compute. Training counts 3x (forward + backward,
+    which MFU's convention takes as twice the forward; recomputation under grad checkpointing is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = create_model(arch, img_size, window_size, num_classes, fused_attn=False)
+        x = torch.empty(1, 3, img_size, img_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops())

@@ -81,8 +81,13 @@ def git_state(repo: Path) -> dict[str, str]:
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
+    from swin_common.gpu import dali_package
+
     out = {}
-    for name in ("torch", "timm", "deepspeed", "nvidia-dali-cuda120", "mlflow", "numpy"):
+    dali = dali_package()  # whichever DALI wheel is installed (nvidia-dali-cuda120, -cuda130, ...)
+    if dali is not None:
+        out[f"version.{dali[0]}"] = dali[1]
+    for name in ("torch", "timm", "deepspeed", "mlflow", "numpy"):
         try:
             out[f"version.{name}"] = version(name)
         except PackageNotFoundError:
@@ -319,6 +324,9 @@ class Tracker:
             self.monitor.start()
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow system metrics not started: %s", _short(e))
+            return
+        if not any(type(m).__name__ in ("GPUMonitor", "ROCMMonitor") for m in self.monitor.monitors):
+            log.info("MLflow system metrics: no GPU metrics on %s (%s)", node_name(), gpu_metrics_off_reason())
 
     # -- recording -----------------------------------------------------------------------------------------
     def log_params(self, params: dict) -> None:
@@ -377,3 +385,17 @@ class Tracker:
             log.warning("MLflow: %d records could not be sent within %d s; they are in %s",
                         self.sender.pending(), self.cfg.tracking.final_timeout_s, self.cfg.run_dir / "metrics.jsonl")
         return done
+
+
+def gpu_metrics_off_reason() -> str:
+    """Why MLflow's GPU monitor is not running here (it says so only at debug level)."""
+    try:
+        import pynvml
+    except ImportError:
+        return "nvidia-ml-py is not installed: pip install nvidia-ml-py"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return f"NVML found no NVIDIA driver or GPU: {e}"
+    count = pynvml.nvmlDeviceGetCount()
+    return "NVML sees no GPU" if count == 0 else f"NVML sees {count} GPU(s) but MLflow's monitor did not start"
