@@ -100,9 +100,12 @@ def deepspeed_config(cfg: RunConfig, plan: StepPlan, world: int, precision: str)
       rounded weights) and runs one zero-gradient optimizer step at set-up (AdamW starts at step 1, weight decay
       applied once before training). With autocast the module is the fp32 master, gradients are fp32, fp16 gets
       torch's GradScaler (dynamic loss scaling), and gradients are all-reduced in fp32.
-    - ZeRO-1/2/3 in bf16: bf16 module, fp32 master weights in the optimizer partitions, gradients accumulated in
-      fp32 (`data_types.grad_accum_dtype`; ZeRO-1 then runs DeepSpeed's BF16_Optimizer). bf16 accumulation is
-      DeepSpeed's default, which it warns is numerically unsafe over many micro batches.
+    - ZeRO-1/2/3 in bf16: bf16 module, fp32 master weights in the optimizer partitions. ZeRO-2/3 accumulate
+      gradients in fp32 (`data_types.grad_accum_dtype`; bf16 accumulation is DeepSpeed's default, which it warns
+      is numerically unsafe over many micro batches). ZeRO-1 keeps bf16 accumulation: DeepSpeed runs fp32
+      accumulation at stage 1 only through its BF16_Optimizer, whose checkpoints its own zero_to_fp32 refuses
+      ("is not a zero checkpoint"), so they could not be exported. (With one micro batch per step, as the
+      recipes have on 32 GPUs, nothing accumulates.)
     - ZeRO-1/2/3 in fp16: fp16 module and gradients with dynamic loss scaling; DeepSpeed skips and counts the
       steps whose gradients overflow. Gradients accumulate in fp16 (loss-scaled), DeepSpeed's tested fp16 path.
     - ZeRO-1/2: `overlap_comm` (reduce gradient buckets while backward runs; off by default in 0.19.8) with
@@ -133,7 +136,8 @@ def deepspeed_config(cfg: RunConfig, plan: StepPlan, world: int, precision: str)
                                     "lower_precision_safe_modules": []}
     elif precision == "bf16":
         config["bf16"] = {"enabled": True}
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        if t.zero_stage in (2, 3):
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif precision == "fp16":
         # V100: dynamic loss scaling; DeepSpeed skips (and counts) the steps whose gradients overflow
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
@@ -149,7 +153,7 @@ def autocast_stage(zero_stage: int) -> bool:
 def deepspeed_skips_nonfinite(zero_stage: int, precision: str) -> bool:
     """Whether DeepSpeed itself skips (and counts) an optimizer step whose gradients are not finite, so that a
     non-finite loss needs no check of ours before the backward: ZeRO-1/2 check the global gradient norm in every
-    precision (DeepSpeedZeroOptimizer; BF16_Optimizer for ZeRO-1 bf16), ZeRO-3 only in fp16; ZeRO-0 (autocast's
+    precision (DeepSpeedZeroOptimizer), ZeRO-3 only in fp16; ZeRO-0 (autocast's
     GradScaler skips fp16 overflows but DeepSpeed does not count them) and ZeRO-3 in bf16/fp32 would apply them."""
     if zero_stage in (1, 2):
         return True
