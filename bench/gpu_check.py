@@ -7,6 +7,11 @@
                   one epoch each. Exit 1 when the difference is over --max-diff.
   fp16  RUN_DIR   reads a finished tiny fp16 run's metrics.jsonl: first and last logged loss, DeepSpeed's skipped
                   (overflow) steps and the last loss scale. Exit 1 unless the loss fell and the scale was dynamic.
+  facts           this GPU as the project sees it: name, sm_XY, the precision `auto` picks, the torch and DALI
+                  kernel checks (swin_common.gpu), the peak FLOP/s MFU uses. Exit 1 when a check fails.
+  steps           tests/precision_probe.py on this GPU for ZeRO 0/2/3 in fp32, bf16 and fp16: the first step
+                  against fp32's, a non-finite loss kept from the weights, and the host reads and synchronizing
+                  CUDA calls (torch's sync debug mode) the project's code makes in a micro step. Exit 1 on any miss.
 
 Each prints one line per figure, `name: value ...`.
 """
@@ -90,6 +95,49 @@ def fp16(args) -> int:
     return 0 if last["loss"] < first["loss"] and last["loss_scale"] is not None else 1
 
 
+def facts(args) -> int:
+    import torch
+
+    from swin_common.gpu import (check_dali_kernels, check_torch_kernels, current_gpu, dali_package, peak_flops,
+                                 precision_for, torch_arch_list)
+
+    gpu = current_gpu()
+    precision = precision_for(gpu)
+    print(f"gpu_facts: {gpu.name} {gpu.sm}, auto precision {precision}, torch {torch.__version__} archs "
+          f"{' '.join(torch_arch_list())}, peak {peak_flops(gpu.name, precision)} FLOP/s")
+    check_torch_kernels(gpu, torch_arch_list(), torch.__version__)
+    found = dali_package()
+    if found is not None:
+        check_dali_kernels(gpu, *found)
+    print(f"gpu_kernel_checks: torch OK, {found[0] + ' ' + found[1] + ' OK' if found else 'no DALI installed'}")
+    return 0
+
+
+def steps(args) -> int:
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    cases = [f"{stage}:{precision}" for stage in (0, 2, 3) for precision in ("fp32", "bf16", "fp16")]
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "precision_probe.py"), *cases], cwd=repo,
+                          capture_output=True, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(rows) != len(cases):
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return 1
+    ref, ok = rows[0], True
+    for row in rows:
+        moved = sum(row["update_abs"].values()) / sum(ref["update_abs"].values())
+        guarded = row["nan_dropped"] if row["guard_on_host"] else row["nan_skipped"]
+        quiet = row["guard_on_host"] or (not row["host_reads"] and not row["cuda_syncs"])
+        good = row["stepped"] and abs(moved - 1) < 0.02 and row["nan_weights_unchanged"] and guarded and quiet
+        ok &= good
+        print(f"step_zero{row['stage']}_{row['precision']}: {'OK' if good else 'FAILED'} first-step update "
+              f"{moved:.4f}x fp32's, non-finite loss {'dropped' if row['nan_dropped'] else 'skipped'}"
+              f"{'' if row['nan_weights_unchanged'] else ' BUT THE WEIGHTS MOVED'}, host reads "
+              f"{len(row['host_reads'])}, CUDA syncs from our code {len(row['cuda_syncs'])} {row['cuda_syncs'][:3]}")
+    return 0 if ok else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="check", required=True)
@@ -105,8 +153,10 @@ def main() -> int:
                                                      "a machine without a GPU, CPU against itself)")
     f = sub.add_parser("fp16")
     f.add_argument("run_dir")
+    sub.add_parser("facts")
+    sub.add_parser("steps")
     args = p.parse_args()
-    return {"data": data, "dali": dali, "fp16": fp16}[args.check](args)
+    return {"data": data, "dali": dali, "fp16": fp16, "facts": facts, "steps": steps}[args.check](args)
 
 
 if __name__ == "__main__":

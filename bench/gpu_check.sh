@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks, in one command, for the first machine with an NVIDIA GPU (about 5 minutes on one H100/H200;
-# each step is capped, 10 minutes in all at worst):
-#   1. data: real-photo shards and the embedded digits, made with `python -m data_prep`
-#   2. DALI `mixed` (nvJPEG) against DALI CPU on the same crops: mean absolute pixel difference (bounded), img/s
-#   3. Swin-B 224 bf16 through the engine (1 rank, cpu:gloo,cuda:nccl, ZeRO-2) against a plain PyTorch loop:
-#      img/s, MFU (Swin-B: 15.4 GMACs forward, so ~92.4 GFLOP per trained image), ratio
-#   4. the tiny recipe in fp16 with dynamic loss scaling: it runs, the loss falls, skipped steps are counted
-#   5. pytest -m gpu: the GPU tier of the tests (they skip with a reason on CPU)
+# The GPU checks, in one command, for the first machine with an NVIDIA GPU (each step is capped; the caps add up
+# to 6 minutes, so the whole check fits one H100/H200 with time to rerun it):
+#   1. facts: the GPU's sm_XY, the precision `auto` picks, the torch and DALI kernel checks, the MFU peak
+#   2. data: real-photo shards and the embedded digits, made with `python -m data_prep`
+#   3. steps: ZeRO 0/2/3 x fp32/bf16/fp16 on real engines: first step against fp32's, a non-finite loss kept
+#      from the weights, host reads and synchronizing CUDA calls of our code in a micro step (none at ZeRO-2)
+#   4. DALI `mixed` (nvJPEG) against DALI CPU on the same crops: mean absolute pixel difference (bounded), img/s
+#   5. Swin-B 224 bf16 through the engine (1 rank, cpu:gloo,cuda:nccl, ZeRO-2) against a plain PyTorch loop:
+#      img/s, MFU of each (swin_common.gpu's peak table), ratio
+#   6. the tiny recipe in fp16 with dynamic loss scaling at ZeRO-2 (DeepSpeed's scaler) and ZeRO-0 (autocast's
+#      GradScaler): it runs, the loss falls, the scale is logged
+#   7. pytest -m gpu: the GPU tier of the tests (they skip with a reason on CPU)
 # Every figure is one line `name: value`. Exit 0 only if every step passed.
 #
 # usage: bash bench/gpu_check.sh [--dry-run]
@@ -17,7 +21,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"
 cd "$repo"
 case "${1:-}" in
-  -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   --dry-run) dry=1 ;;
   "") dry=0 ;;
   *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -26,9 +30,12 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 failed=()
 
+budget=360  # seconds: the caps of all steps together may not exceed it
+capped=0
 step() {  # step NAME SECONDS COMMAND...: runs it under a time limit, or in a dry run says it would
   local name="$1" limit="$2"
   shift 2
+  capped=$((capped + limit))
   if [ "$dry" = 1 ]; then
     echo "would run [$name] (at most ${limit}s): $*"
     return 0
@@ -48,23 +55,30 @@ if [ "$dry" = 0 ] && ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.
 fi
 [ "$dry" = 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
 
-step data 120 "$python" bench/gpu_check.py data "$work"
-step dali_mixed_vs_cpu 90 "$python" bench/gpu_check.py dali "$work/photos"
-step swin_b_bf16_engine_vs_plain 120 "$python" bench/train_throughput.py --arch swin_base --img-size 224 \
-  --window 7 --batch 64 --precision bf16 --zero-stage 2 --rounds 11 --classes 21841 --memory-worlds ""
-step tiny_fp16 120 "$python" -m pipeline.train --config configs/tiny_22k.yaml name=fp16 out_dir="$work/runs" \
-  data.shards="$work/digits" train.precision=fp16 tracking.enabled=false train.log_every=5 schedule.epochs=6
-step tiny_fp16_figures 20 "$python" bench/gpu_check.py fp16 "$work/runs/fp16"
-step pytest_gpu 150 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
+step facts 20 "$python" bench/gpu_check.py facts
+step data 45 "$python" bench/gpu_check.py data "$work" --images 1000
+step steps 45 "$python" bench/gpu_check.py steps
+step dali_mixed_vs_cpu 35 "$python" bench/gpu_check.py dali "$work/photos" --compare-batches 4
+step swin_b_bf16_engine_vs_plain 55 "$python" bench/train_throughput.py --arch swin_base --img-size 224 \
+  --window 7 --batch 64 --precision bf16 --zero-stage 2 --rounds 7 --classes 21841 --memory-worlds ""
+for stage in 2 0; do
+  step "tiny_fp16_zero$stage" 35 "$python" -m pipeline.train --config configs/tiny_22k.yaml name="fp16_zero$stage" \
+    out_dir="$work/runs" data.shards="$work/digits" train.precision=fp16 train.zero_stage=$stage \
+    tracking.enabled=false train.log_every=5 schedule.epochs=3
+  step "tiny_fp16_zero${stage}_figures" 5 "$python" bench/gpu_check.py fp16 "$work/runs/fp16_zero$stage"
+done
+step pytest_gpu 80 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
 
 if [ "$dry" = 1 ]; then  # everything a real run calls is there and starts
-  for cmd in "bench/gpu_check.py --help" "bench/train_throughput.py --help" "-m pipeline.train --help"; do
+  for cmd in "bench/gpu_check.py --help" "bench/train_throughput.py --help" "-m pipeline.train --help" \
+             "tests/precision_probe.py 2:bf16"; do
     # shellcheck disable=SC2086
     "$python" $cmd >/dev/null || { echo "error: $python $cmd failed" >&2; exit 1; }
   done
   gpu_tests="$("$python" -m pytest -m gpu --collect-only -q -p no:cacheprovider tests 2>/dev/null | grep -c '::')"
   command -v timeout >/dev/null || { echo "error: timeout(1) not found" >&2; exit 1; }
-  echo "dry run: OK, $gpu_tests GPU-tier tests collected"
+  [ "$capped" -le "$budget" ] || { echo "error: the steps' caps add up to ${capped}s, over ${budget}s" >&2; exit 1; }
+  echo "dry run: OK, $gpu_tests GPU-tier tests collected, steps capped at ${capped}s in all (budget ${budget}s)"
   exit 0
 fi
 if [ ${#failed[@]} -gt 0 ]; then

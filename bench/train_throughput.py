@@ -38,7 +38,6 @@ from pipeline.engine.step import loss_fn, micro_step  # noqa: E402
 from pipeline.model import create_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}  # dense bf16/fp16 tensor-core peaks
 
 
 def run_config(arch: str, size: int, window: int, batch: int, world: int, stage: int, precision: str):
@@ -121,24 +120,23 @@ def throughput(args) -> float:
         print(f"  {name:12s} {t * 1000:8.1f} ms/step  {args.batch / t:8.1f} img/s  x{t / med['plain']:.2f} of plain  "
               f"(range {spread} img/s)")
     if device.type == "cuda":
-        report_mfu(args, args.batch / med["ours ZeRO-0"])
+        report_mfu(args, precision, med)
     return med["ours ZeRO-0"] / med["plain"]
 
 
-def report_mfu(args, images_per_s: float) -> None:
-    from torch.utils.flop_counter import FlopCounterMode
+def report_mfu(args, precision: str, med: dict[str, float]) -> None:
+    """MFU of each variant, as the training log computes it (pipeline.model.forward_flops, swin_common.gpu)."""
+    from pipeline.model import forward_flops
+    from swin_common.gpu import mfu, peak_flops
 
-    with torch.device("meta"):
-        model = create_model(args.arch, args.img_size, args.window, args.classes)
-        x = torch.empty(1, 3, args.img_size, args.img_size)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    train_flops = 3 * counter.get_total_flops()  # forward + backward (2x forward); FLOPs = 2 x MACs
+    forward = forward_flops(args.arch, args.img_size, args.window, args.classes)
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    achieved = images_per_s * train_flops / 1e12
-    mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOPS" if peak else "unknown peak"
-    print(f"  {name}: {images_per_s:.1f} img/s, {train_flops / 1e9:.1f} GFLOPs/img, {achieved:.1f} TFLOPS, MFU {mfu}")
+    peak = peak_flops(name, precision)
+    for variant, t in med.items():
+        images_per_s = args.batch / t
+        share = f"MFU {100 * mfu(images_per_s, forward, peak):.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else \
+            f"no peak for {name} in {precision}"
+        print(f"mfu: {variant}: {images_per_s:.1f} img/s x {3 * forward / 1e9:.1f} GFLOP/img on {name}, {share}")
 
 
 def optimizer_bytes(engine) -> int:

@@ -8,13 +8,16 @@ pipeline.engine.step.micro_step; prints one JSON line per case:
   nan         whether the weights (fp32 master) are bit-identical after the non-finite batch, and how the step
               reported it (dropped before the backward / skipped by DeepSpeed)
   host_reads  .item()/bool()/tolist() calls made by the project's code in the good micro step (SyncCounter)
+  cuda_syncs  on a GPU, the synchronizing CUDA calls torch reports from the project's code in that step
 
 usage: python tests/precision_probe.py STAGE:PRECISION [...]   e.g. 0:fp32 2:bf16
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +59,27 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def cuda_syncs():
+    """On a GPU, torch's own sync detector (torch.cuda.set_sync_debug_mode): the list fills with file:line of
+    every synchronizing call made from the project's code (DeepSpeed's own syncs in its step are left out)."""
+    found: list[str] = []
+    if not torch.cuda.is_available():
+        yield found
+        return
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    prefix = str(REPO / "pipeline")
+    found += [f"{Path(w.filename).name}:{w.lineno}" for w in caught if w.filename.startswith(prefix)]
+
+
 def fp32_weights(engine) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -82,13 +106,14 @@ def probe(stage: int, precision: str, world) -> dict:
     images = torch.randn(8, 3, 64, 64, generator=g)
     labels = torch.randint(0, 10, (8,), generator=g)
     dtype = engine.module.patch_embed.proj.weight.dtype  # what the loader would hand this engine: bf16 or fp32
+    images, labels = images.to(engine.device, dtype), labels.to(engine.device)
     before = fp32_weights(engine)
     counter = SyncCounter(str(REPO / "pipeline"))
     guard = not deepspeed_skips_nonfinite(stage, precision)
-    with counter:
-        good = micro_step(engine, images.to(dtype), labels, 0.0, StepTally(), guard)
+    with counter, cuda_syncs() as syncs:
+        good = micro_step(engine, images, labels, 0.0, StepTally(), guard)
     after = fp32_weights(engine)
-    bad = micro_step(engine, torch.full_like(images, float("nan")).to(dtype), labels, 0.0, StepTally(), guard)
+    bad = micro_step(engine, torch.full_like(images, float("nan")), labels, 0.0, StepTally(), guard)
     after_nan = fp32_weights(engine)
     head = "head.fc.weight"
     return {
@@ -99,6 +124,7 @@ def probe(stage: int, precision: str, world) -> dict:
         "nan_weights_unchanged": all(torch.equal(after[k], after_nan[k]) for k in after),
         "nan_dropped": bad.dropped, "nan_skipped": bad.skipped, "skipped_steps": int(engine.skipped_steps),
         "host_reads": counter.calls,
+        "cuda_syncs": syncs,  # on a GPU: the synchronizing CUDA calls torch reported from the project's code
     }
 
 

@@ -91,10 +91,14 @@ def test_gpu_check_dry_run_and_its_cpu_parts(tmp_path):
                          text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
     planned = [line.split("]")[0].split("[")[1] for line in dry.stdout.splitlines() if line.startswith("would run [")]
-    assert planned == ["data", "dali_mixed_vs_cpu", "swin_b_bf16_engine_vs_plain", "tiny_fp16", "tiny_fp16_figures",
+    assert planned == ["facts", "data", "steps", "dali_mixed_vs_cpu", "swin_b_bf16_engine_vs_plain",
+                       "tiny_fp16_zero2", "tiny_fp16_zero2_figures", "tiny_fp16_zero0", "tiny_fp16_zero0_figures",
                        "pytest_gpu"]
-    gpu_tests = int(re.search(r"dry run: OK, (\d+) GPU-tier tests collected", dry.stdout).group(1))
-    assert gpu_tests >= 4
+    caps = sum(int(re.search(r"\(at most (\d+)s\)", line).group(1)) for line in dry.stdout.splitlines()
+               if line.startswith("would run ["))
+    assert caps <= 360  # the whole check fits 6 minutes of one GPU
+    found = re.search(r"dry run: OK, (\d+) GPU-tier tests collected, steps capped at (\d+)s", dry.stdout)
+    assert int(found.group(1)) >= 4 and int(found.group(2)) == caps
     check = [sys.executable, str(REPO / "bench" / "gpu_check.py")]
     made = subprocess.run([*check, "data", str(tmp_path), "--images", "40"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
