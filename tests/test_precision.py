@@ -228,3 +228,16 @@ def test_the_sync_counter_sees_what_makes_the_host_wait():
         x.tolist()
         x * 2  # no read
     assert [c.split(" ")[1] for c in counter.calls] == ["__getitem__", "__bool__", "item", "tolist"]
+
+
+def test_a_zero0_checkpoint_with_16_bit_weights_is_refused_with_what_to_do(tmp_path):
+    """Checkpoints of DeepSpeed's own ZeRO-0 bf16 (before ZeRO-0 moved to autocast over fp32 weights) hold a 16-bit
+    module and FP16_UnfusedOptimizer state, which does not load into today's fp32 engine."""
+    from pipeline.engine.checkpoint import check_zero0_weights_dtype
+
+    torch.save({"module": {"w": torch.zeros(2, dtype=torch.bfloat16)}}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(RuntimeError, match=rf"{tmp_path} holds ZeRO-0 weights in bfloat16.*init_from={tmp_path} "
+                                           r"checkpoint.resume=none"):
+        check_zero0_weights_dtype(tmp_path, torch.float32)
+    torch.save({"module": {"w": torch.zeros(2)}}, tmp_path / "mp_rank_00_model_states.pt")
+    check_zero0_weights_dtype(tmp_path, torch.float32)

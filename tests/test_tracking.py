@@ -64,7 +64,10 @@ def a_digit_jpeg(digits_tars: Path, tmp_path: Path, digit: int) -> Path:
 
 def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, digits_tars, tmp_path):
     uri = mlflow_server.uri
-    train(shards, tmp_path, "tracked", uri, "train.max_steps=4", "tracking.aliases=[current, champion]")
+    proc = train(shards, tmp_path, "tracked", uri, "train.max_steps=4", "tracking.aliases=[current, champion]")
+    # no GPU here: said once, with the reason (NVML finds no driver), not silently left out
+    gpu_off = [line for line in proc.stderr.splitlines() if "no GPU metrics on" in line]
+    assert len(gpu_off) == 1 and "NVML" in gpu_off[0], gpu_off
     run_dir = tmp_path / "tracked"
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(uri)
@@ -74,6 +77,7 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert params["deepspeed.zero_optimization.stage"] == "2" and params["train.zero_stage"] == "2"
     assert params["data.train_samples"] == "1697" and len(params["data.manifest_sha256"]) == 64
     assert params["version.torch"] == metadata.version("torch") and "version.deepspeed" in params
+    assert params["version.nvidia-dali-cuda130"] == metadata.version("nvidia-dali-cuda130")  # the DALI it found
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
     assert run.info.status == "FINISHED"
     assert steps_of(client, run_id, "loss") == [1, 2, 3, 4]

@@ -218,6 +218,7 @@ def test_bf16_trains_resumes_and_exports_its_fp32_masters_at_every_zero_stage(st
     assert "resumed from" in final.stderr and "step_00000002" in final.stderr, final.stderr[-3000:]
     steps, evals = metrics(tmp_path / "bf16")
     assert [m["step"] for m in steps][-2:] == [3, 4] and all(m["loss"] == m["loss"] for m in steps)
+    assert not {"mfu", "mem_peak_allocated_gb", "alloc_retries"} & set(steps[-1])  # GPU fields: absent on CPU
     assert evals[-1]["step"] == 4 and evals[-1]["val_samples"] == 100
 
     model, _meta = load_exported(tmp_path / "bf16" / "model")
@@ -257,6 +258,22 @@ def test_bf16_on_a_gpu_trains_exports_and_evaluates_alike(shards, tmp_path):
     total = sums.tolist()
     assert int(total[3]) == 100 and 100 * total[1] / total[3] == evals[-1]["val_top1"]
     assert total[0] / total[3] == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_at_zero0_keeps_its_loss_scale_across_a_resume(shards, tmp_path):
+    """ZeRO-0 fp16 runs as autocast with torch's GradScaler, whose state DeepSpeed does not save: the rank file
+    holds it, the logged loss scale is the scaler's, and the resumed run continues from it."""
+    args = ["train.precision=fp16", "train.zero_stage=0", "tracking.enabled=false", "train.global_batch=16",
+            "checkpoint.every_steps=2"]
+    run([sys.executable, "-m", "pipeline.train", *small(shards, tmp_path, "fp16z0", *args, "train.max_steps=2")])
+    own = torch.load(tmp_path / "fp16z0" / "checkpoints" / "step_00000002" / "rank_00000.pt", weights_only=True)
+    steps, _ = metrics(tmp_path / "fp16z0")
+    assert own["grad_scaler"]["scale"] == steps[-1]["loss_scale"]
+    run([sys.executable, "-m", "pipeline.train", *small(shards, tmp_path, "fp16z0", *args, "train.max_steps=4")])
+    steps, _ = metrics(tmp_path / "fp16z0")
+    assert steps[-1]["step"] == 4 and steps[2]["loss_scale"] <= 2 * steps[1]["loss_scale"]
 
 
 def test_a_diverging_run_stops_with_a_checkpoint_from_before(shards, tmp_path):

@@ -8,6 +8,7 @@ DALI cannot skip a sample it fails to decode: the loader then stops with an erro
 from __future__ import annotations
 
 import base64
+import threading
 
 import numpy as np
 import simplejpeg
@@ -132,26 +133,67 @@ def _build(cfg, device: str, seed_key: tuple[int, ...], source, train: bool, che
 
 
 class _Source:
-    """DALI's external source: batch start+i on the i-th call (DALI asks in order, a few batches ahead)."""
+    """DALI's external source: batch start+i on the i-th call (DALI asks in order, a few batches ahead). A feeder
+    thread reads the shards and plans the crops of the next `ahead` batches, so that work (file or cache reads,
+    numpy) overlaps the GPU's instead of running inside pipe.run() in the training thread."""
 
-    def __init__(self, source, order, epoch: int, start: int, end: int):
+    def __init__(self, source, order, epoch: int, start: int, end: int, ahead: int = 4):
         self.source, self.order, self.epoch, self.next, self.end = source, order, epoch, start, end
         self.refs: dict[int, list[tuple[int, int]]] = {}
+        self._ready: dict[int, object] = {}
+        self._ahead, self._closed = ahead, False
+        self._cond = threading.Condition()
+        self._feeder = threading.Thread(target=self._feed, args=(start,), name="dali-feeder", daemon=True)
+        self._feeder.start()
+
+    def _feed(self, start: int) -> None:
+        for b in range(start, self.end):
+            with self._cond:
+                while len(self._ready) >= self._ahead and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                item = self._make(b)
+            except BaseException as e:  # noqa: BLE001  (raised in DALI's call for that batch)
+                item = e
+            with self._cond:
+                self._ready[b] = item
+                self._cond.notify_all()
+            if isinstance(item, BaseException):
+                return
+
+    def _make(self, b: int):
+        source = self.source
+        refs, data, labels = source.read_batch(self.order, b)
+        jpegs, labels = [np.frombuffer(jpg, np.uint8) for jpg in data], [np.array([lab]) for lab in labels]
+        if not source.cfg.train:
+            return refs, (jpegs, labels)
+        boxes, flip = source.crops(self.epoch, self.order.slot(b), data)
+        return refs, (jpegs, labels, [box[:2].astype(np.float32) for box in boxes],
+                      [box[2:].astype(np.float32) for box in boxes], [np.array(f, np.int32) for f in flip])
 
     def __call__(self, info):
         b = self.next  # our own count: a pipeline restored from a checkpoint counts its iterations on
         if b >= self.end:
             raise StopIteration
         self.next += 1
-        source = self.source
-        refs, data, labels = source.read_batch(self.order, b)
-        self.refs[b] = refs
-        jpegs, labels = [np.frombuffer(jpg, np.uint8) for jpg in data], [np.array([lab]) for lab in labels]
-        if not source.cfg.train:
-            return jpegs, labels
-        boxes, flip = source.crops(self.epoch, self.order.slot(b), data)
-        return (jpegs, labels, [box[:2].astype(np.float32) for box in boxes],
-                [box[2:].astype(np.float32) for box in boxes], [np.array(f, np.int32) for f in flip])
+        with self._cond:
+            while b not in self._ready:
+                self._cond.wait()
+            item = self._ready.pop(b)
+            self._cond.notify_all()
+        if isinstance(item, BaseException):
+            raise item
+        self.refs[b], batch = item
+        return batch
+
+    def close(self) -> None:
+        """Stops the feeder (before the main thread reads shards itself, or when the epoch's iteration ends)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._feeder.join()
 
 
 def _dali_batches(backend: DaliBackend, batch_source, order, epoch: int, start: int, end: int):
@@ -159,8 +201,12 @@ def _dali_batches(backend: DaliBackend, batch_source, order, epoch: int, start: 
         return
     source = _Source(batch_source, order, epoch, start, end)
     checkpoint = backend.take_checkpoint(start)
-    pipe = _build(backend.cfg, backend.device, (epoch, batch_source.rank, start), source, backend.cfg.train,
-                  checkpoint)
+    try:
+        pipe = _build(backend.cfg, backend.device, (epoch, batch_source.rank, start), source, backend.cfg.train,
+                      checkpoint)
+    except BaseException:
+        source.close()
+        raise
     backend.pipe = pipe
     gpu = backend.device == "cuda"
     handed = start
@@ -171,11 +217,13 @@ def _dali_batches(backend: DaliBackend, batch_source, order, epoch: int, start: 
             except StopIteration:
                 return
             except RuntimeError as e:
+                source.close()
                 raise _name_the_bad_sample(batch_source, source.refs.get(b, []), e) from None
             source.refs.pop(b, None)
             handed = b + 1  # before the yield: a consumer that stops here has taken batch b
             yield b, _to_torch(images, gpu), _to_torch(labels, gpu).view(-1), 0
     finally:
+        source.close()
         if handed < end and pipe is backend.pipe:  # stopped mid-epoch: keep DALI's state to resume
             backend.keep_state(pipe)
         backend.pipe = None  # the pipeline and its threads go now, not at some later garbage collection

@@ -126,7 +126,11 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
     # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to convert it for another world size
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False,
                            client_state={"step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-    _write_durable(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save({"rng": rng_state(), "loader": loader_state}, f))
+    own = {"rng": rng_state(), "loader": loader_state}
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:  # ZeRO-0 fp16's loss scale (autocast's GradScaler), which DeepSpeed does not save
+        own["grad_scaler"] = scaler.state_dict()
+    _write_durable(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save(own, f))
     barrier()
     if rank == 0:
         dump_config(cfg, tmp / "config.yaml")
@@ -200,6 +204,8 @@ def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) ->
     from (seed, step, rank), and the loader resumes from the samples consumed (rank 0's loader state)."""
     meta = checkpoint_meta(path)
     elastic = meta["world_size"] != world
+    if meta["zero_stage"] == 0:
+        check_zero0_weights_dtype(path, next(engine.module.parameters()).dtype)
     load_from = universal_copy(path, rank) if needs_universal(path, world) else path
     groups = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in engine.optimizer.param_groups]
     loaded, client = engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_optimizer_states=True,
@@ -216,10 +222,27 @@ def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) ->
     own = read_rank_file(path / f"rank_{(rank if not elastic else 0):05d}.pt")
     if not elastic:
         set_rng_state(own["rng"])
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None and "grad_scaler" in own:
+        scaler.load_state_dict(own["grad_scaler"])
     done = {"checkpoint": str(path), "step": step, "from_world": meta["world_size"], "to_world": world,
             "elastic": elastic, "universal": str(load_from) if load_from != path else None,
             "weight_decay": [g.get("weight_decay") for g in engine.optimizer.param_groups]}
     return step, own["loader"], done
+
+
+def check_zero0_weights_dtype(path: Path, engine_dtype: torch.dtype) -> None:
+    """A ZeRO-0 checkpoint holds the module as the engine trained it. One with 16-bit weights comes from
+    DeepSpeed's own ZeRO-0 bf16/fp16 (FP16_UnfusedOptimizer, before this project moved ZeRO-0 to autocast over
+    fp32 weights): its optimizer state does not load into an fp32 engine, so say what to do instead."""
+    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    dtype = next((v.dtype for v in states["module"].values() if v.is_floating_point()), engine_dtype)
+    if dtype in (torch.bfloat16, torch.float16) and engine_dtype == torch.float32:
+        raise RuntimeError(f"{path} holds ZeRO-0 weights in {str(dtype).replace('torch.', '')}: it was written by "
+                           f"DeepSpeed's own ZeRO-0 16-bit optimizer, which this version replaces by autocast over "
+                           f"fp32 weights, and its optimizer state does not load here. Start from its weights with "
+                           f"init_from={path} checkpoint.resume=none (the optimizer starts afresh), or resume it "
+                           f"with the version that wrote it")
 
 
 GROUP_SETTINGS = ("weight_decay", "betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable",

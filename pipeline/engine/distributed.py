@@ -11,8 +11,8 @@ Each rank drives the GPU of its LOCAL_RANK, or the only GPU it sees when Slurm b
 (torch.cuda.set_device here; DALI's device_id is the current device), after checking that the installed torch
 has kernels for it (swin_common.gpu).
 The process group is `cpu:gloo,cuda:nccl` on GPU machines (process_group_backend): NCCL carries CUDA tensors
-(gradients, ZeRO partitions, evaluation sums), gloo the small CPU values (the finite-loss flag, logged loss sums,
-object broadcasts, barriers), so no control value needs a trip to the GPU.
+(gradients, ZeRO partitions, evaluation sums, the loss tallies and finite-loss flags, which stay where the GPU
+computed them), gloo the CPU values (object broadcasts, barriers).
 
 Importing DeepSpeed picks its accelerator once, so DS_ACCELERATOR is set to `cpu` first where there is no GPU.
 

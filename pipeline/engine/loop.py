@@ -131,7 +131,7 @@ class StepContext:
 
 
 def step_context(cfg: RunConfig, precision: str, device: torch.device, num_classes: int) -> StepContext:
-    ctx = StepContext(deepspeed_skips_nonfinite(cfg.train.zero_stage, precision) is False, precision == "fp16")
+    ctx = StepContext(not deepspeed_skips_nonfinite(cfg.train.zero_stage, precision), precision == "fp16")
     if device.type == "cuda":
         m = cfg.model
         ctx.peak_flops = peak_flops(current_gpu().name, precision)
