@@ -55,11 +55,11 @@ if [ "$dry" = 0 ] && ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.
 fi
 [ "$dry" = 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
 
-step facts 20 "$python" bench/gpu_check.py facts
-step data 45 "$python" bench/gpu_check.py data "$work" --images 1000
+step facts 10 "$python" bench/gpu_check.py facts
+step data 40 "$python" bench/gpu_check.py data "$work" --images 1000
 step steps 45 "$python" bench/gpu_check.py steps
-step dali_mixed_vs_cpu 35 "$python" bench/gpu_check.py dali "$work/photos" --compare-batches 4
-step swin_b_bf16_engine_vs_plain 55 "$python" bench/train_throughput.py --arch swin_base --img-size 224 \
+step dali_mixed_vs_cpu 30 "$python" bench/gpu_check.py dali "$work/photos" --compare-batches 4
+step swin_b_bf16_engine_vs_plain 50 "$python" bench/train_throughput.py --arch swin_base --img-size 224 \
   --window 7 --batch 64 --precision bf16 --zero-stage 2 --rounds 7 --classes 21841 --memory-worlds ""
 for stage in 2 0; do
   step "tiny_fp16_zero$stage" 35 "$python" -m pipeline.train --config configs/tiny_22k.yaml name="fp16_zero$stage" \
@@ -67,7 +67,7 @@ for stage in 2 0; do
     tracking.enabled=false train.log_every=5 schedule.epochs=3
   step "tiny_fp16_zero${stage}_figures" 5 "$python" bench/gpu_check.py fp16 "$work/runs/fp16_zero$stage"
 done
-step pytest_gpu 80 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
+step pytest_gpu 105 "$python" -m pytest -m gpu -q -p no:cacheprovider tests
 
 if [ "$dry" = 1 ]; then  # everything a real run calls is there and starts
   for cmd in "bench/gpu_check.py --help" "bench/train_throughput.py --help" "-m pipeline.train --help" \

@@ -102,6 +102,41 @@ def test_resume_on_cuda_yields_exactly_the_same_batches(shards):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_torch_backend_in_process_puts_batches_on_the_gpu_and_seeds_its_erasing(shards):
+    """workers=0 on a GPU: batches on the GPU like the workers' (pinned, then copied), and RandomErasing's noise,
+    drawn on the GPU, seeded per batch: two loaders give the same batches, a resumed one too."""
+    cfg = config(shards, backend="torch", device="cuda", workers=0, random_erasing=1.0, seed=5)
+    first, second = take(create_loader(cfg), 3), take(create_loader(cfg), 3)
+    assert first[0][0].is_cuda and first[0][1].is_cuda
+    for (xa, ya), (xb, yb) in zip(first, second, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    loader = create_loader(cfg)
+    take(loader, 1)
+    resumed = take(create_loader(cfg, state=loader.state_dict()), 2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[1:], resumed, strict=True))
+
+
+def test_dali_reads_the_shards_in_its_feeder_thread_not_the_training_thread(shards, monkeypatch):
+    """The external source's shard reads and crop planning run in the feeder thread, ahead of pipe.run(), so
+    they overlap the GPU's work; the batches are the same as ever (the exact-resume tests compare them)."""
+    import threading
+
+    from pipeline.data.samples import BatchSource
+
+    threads, real = [], BatchSource.read_batch
+
+    def recording(self, order, b):
+        threads.append(threading.current_thread().name)
+        return real(self, order, b)
+
+    monkeypatch.setattr(BatchSource, "read_batch", recording)
+    batches = take(create_loader(config(shards, backend="dali")), 6)
+    assert len(batches) == 6 and threads and set(threads) == {"dali-feeder"}, Counter(threads)
+    assert not [t for t in threading.enumerate() if t.name == "dali-feeder"]  # stopped with the iteration
+
+
 @pytest.mark.parametrize("backend,extra", [
     ("torch", dict(rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, random_erasing=0.25)),
     ("dali", dict(mixup=0.8, random_erasing=0.25)),

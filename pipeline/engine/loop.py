@@ -22,7 +22,7 @@ from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import (check_shared_run_dir, complete_checkpoints, find_resume, load_checkpoint,
                                        needs_universal, save_checkpoint)
-from pipeline.engine.distributed import World, all_reduce_sum, world_size
+from pipeline.engine.distributed import World, all_reduce_sum, all_true, world_size
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
 from swin_common.gpu import current_gpu, memory_fields, mfu, peak_flops
@@ -271,11 +271,14 @@ def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: in
 
 
 def bad_step_skipped(state: RunState, ctx: StepContext) -> bool:
-    """DeepSpeed skipped a step (rare): from a non-finite loss (a bad step), or, in fp16, maybe an overflow of the
-    loss-scaled gradients, which dynamic loss scaling expects. Reads the tally's non-finite count (a host sync)
-    only here."""
+    """DeepSpeed skipped a step (rare; on every rank, its check is global): from non-finite gradients, which in
+    bf16/fp32 means a bad step, or, in fp16, maybe an overflow of the loss-scaled gradients, which dynamic loss
+    scaling expects. In fp16 the ranks agree on whether any of them saw a non-finite loss since the last skip
+    (every rank takes the same branch: on_bad_loss may checkpoint, a collective); the tally is read only here."""
+    if not ctx.fp16:
+        return True
     seen, state.nonfinite_seen = state.nonfinite_seen, state.tally.nonfinite()
-    return not ctx.fp16 or state.nonfinite_seen > seen
+    return not all_true(state.nonfinite_seen == seen)
 
 
 def after_step(cfg, engine, val_loader, state: RunState, metrics: MetricsLog, checkpoint, epoch: int, end: int,
