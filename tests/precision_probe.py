@@ -9,6 +9,8 @@ pipeline.engine.step.micro_step; prints one JSON line per case:
               reported it (dropped before the backward / skipped by DeepSpeed)
   host_reads  .item()/bool()/tolist() calls made by the project's code in the good micro step (SyncCounter)
   cuda_syncs  on a GPU, the synchronizing CUDA calls torch reports from the project's code in that step
+  overflow    ZeRO-0 fp16 (autocast + GradScaler): a step whose loss-scaled gradients overflow is skipped,
+              counted in skipped_steps, the weights untouched, the scale lowered
 
 usage: python tests/precision_probe.py STAGE:PRECISION [...]   e.g. 0:fp32 2:bf16
 """
@@ -93,7 +95,7 @@ def fp32_weights(engine) -> dict[str, torch.Tensor]:
 def probe(stage: int, precision: str, world) -> dict:
     from pipeline.config import load_config
     from pipeline.engine.loop import build_engine
-    from pipeline.engine.optim import StepPlan, deepspeed_skips_nonfinite
+    from pipeline.engine.optim import StepPlan, deepspeed_skips_nonfinite, loss_scale, skipped_steps
     from pipeline.engine.step import StepTally, micro_step
 
     cfg = load_config(REPO / "configs" / "tiny_22k.yaml",
@@ -115,6 +117,15 @@ def probe(stage: int, precision: str, world) -> dict:
     after = fp32_weights(engine)
     bad = micro_step(engine, torch.full_like(images, float("nan")), labels, 0.0, StepTally(), guard)
     after_nan = fp32_weights(engine)
+    overflow = None
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:  # ZeRO-0 fp16: a loss scale so large that the fp16 gradients overflow -> GradScaler skips
+        scale_before = loss_scale(engine)
+        scaler.update(new_scale=2.0 ** 60)
+        result = micro_step(engine, images, labels, 0.0, StepTally(), guard)
+        overflow = {"scale_before": scale_before, "skipped_steps": skipped_steps(engine),
+                    "weights_unchanged": all(torch.equal(after_nan[k], v) for k, v in fp32_weights(engine).items()),
+                    "scale_after": loss_scale(engine), "stepped": result.stepped}
     head = "head.fc.weight"
     return {
         "stage": stage, "precision": precision, "module_dtype": str(dtype), "guard_on_host": guard,
@@ -125,6 +136,7 @@ def probe(stage: int, precision: str, world) -> dict:
         "nan_dropped": bad.dropped, "nan_skipped": bad.skipped, "skipped_steps": int(engine.skipped_steps),
         "host_reads": counter.calls,
         "cuda_syncs": syncs,  # on a GPU: the synchronizing CUDA calls torch reported from the project's code
+        "loss_scale": loss_scale(engine), "overflow": overflow,
     }
 
 

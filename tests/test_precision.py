@@ -142,9 +142,13 @@ def test_the_deepspeed_config_of_each_stage_keeps_fp32_masters_and_accumulation(
         assert zero["overlap_comm"] and zero["reduce_bucket_size"] < 88_000_000  # Swin-B goes in several buckets
 
 
+CASES = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + [(0, "fp16")]
+
+
 @pytest.fixture(scope="module")
 def probes() -> dict[tuple[int, str], dict]:
-    cases = [f"{stage}:{precision}" for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")]
+    # fp16 at ZeRO-0 is torch autocast + GradScaler, which runs on CPU too; ZeRO 1-3 fp16 need a GPU (gpu_check)
+    cases = [f"{stage}:{precision}" for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + ["0:fp16"]
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "precision_probe.py"), *cases], cwd=REPO,
                           capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items()
@@ -155,8 +159,7 @@ def probes() -> dict[tuple[int, str], dict]:
     return {(r["stage"], r["precision"]): r for r in rows}
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage, precision", CASES)
 def test_the_first_optimizer_step_matches_fp32s(probes, stage, precision):
     """The fp32 master weights move as fp32 ZeRO-0's do on the same batch (AdamW's first step: about lr per
     element plus weight decay). DeepSpeed's ZeRO-0 bf16 (FP16_UnfusedOptimizer) ran a zero-gradient step at
@@ -171,12 +174,11 @@ def test_the_first_optimizer_step_matches_fp32s(probes, stage, precision):
     assert all(abs(r - 1) < 0.1 for r in ratios.values()), {k: r for k, r in ratios.items() if abs(r - 1) >= 0.1}
     agree = sum(a == b for a, b in zip(row["head_signs"], ref["head_signs"], strict=True)) / len(ref["head_signs"])
     assert agree > 0.98
-    if precision == "bf16":
+    if precision != "fp32":
         assert row["module_dtype"] == ("torch.float32" if stage == 0 else "torch.bfloat16")
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage, precision", CASES)
 def test_a_non_finite_loss_never_reaches_the_weights_and_is_counted(probes, stage, precision):
     row = probes[(stage, precision)]
     assert row["nan_weights_unchanged"]
@@ -186,8 +188,7 @@ def test_a_non_finite_loss_never_reaches_the_weights_and_is_counted(probes, stag
         assert row["nan_skipped"] and row["skipped_steps"] == 1
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage, precision", CASES)
 def test_a_micro_step_reads_nothing_on_the_host_where_deepspeed_guards_the_weights(probes, stage, precision):
     row = probes[(stage, precision)]
     expected = ["distributed.py"] if row["guard_on_host"] else []  # all_true's one read of the reduced flag
@@ -241,3 +242,14 @@ def test_a_zero0_checkpoint_with_16_bit_weights_is_refused_with_what_to_do(tmp_p
         check_zero0_weights_dtype(tmp_path, torch.float32)
     torch.save({"module": {"w": torch.zeros(2)}}, tmp_path / "mp_rank_00_model_states.pt")
     check_zero0_weights_dtype(tmp_path, torch.float32)
+
+
+def test_zero0_fp16_logs_its_loss_scale_and_counts_the_steps_its_grad_scaler_skips(probes):
+    """DeepSpeed's ZeRO-0 fp16 optimizer had `cur_scale` nowhere (the log said None); autocast's GradScaler has a
+    scale, and the steps it skips on overflow are counted from AdamW's own step count."""
+    row = probes[(0, "fp16")]
+    assert row["loss_scale"] is not None and row["overflow"]["scale_before"] == 2.0 ** 16  # GradScaler's start
+    overflow = row["overflow"]
+    assert overflow["stepped"] and overflow["weights_unchanged"] and overflow["skipped_steps"] == 1
+    assert overflow["scale_after"] == 2.0 ** 59  # halved after the overflow
+    assert probes[(2, "bf16")]["loss_scale"] is None and probes[(2, "bf16")]["overflow"] is None

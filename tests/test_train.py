@@ -274,6 +274,7 @@ def test_fp16_at_zero0_keeps_its_loss_scale_across_a_resume(shards, tmp_path):
     run([sys.executable, "-m", "pipeline.train", *small(shards, tmp_path, "fp16z0", *args, "train.max_steps=4")])
     steps, _ = metrics(tmp_path / "fp16z0")
     assert steps[-1]["step"] == 4 and steps[2]["loss_scale"] <= 2 * steps[1]["loss_scale"]
+    assert 0 <= steps[-1]["skipped_steps"] <= 4  # GradScaler's skips, counted from AdamW's own step count
 
 
 def test_a_diverging_run_stops_with_a_checkpoint_from_before(shards, tmp_path):

@@ -27,7 +27,8 @@ from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
 from swin_common.gpu import current_gpu, memory_fields, mfu, peak_flops
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config,
-                                   deepspeed_skips_nonfinite, loss_scale, plan_steps, resolve_precision)
+                                   deepspeed_skips_nonfinite, loss_scale, plan_steps, resolve_precision,
+                                   skipped_steps)
 from pipeline.engine.step import StepTally, micro_step
 from pipeline.model import create_model, forward_flops
 from pipeline.model.transfer import initialise
@@ -307,7 +308,7 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int, ctx: Step
         "lr": engine.get_lr()[0],
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "loss_scale": scale,
-        "skipped_steps": int(engine.skipped_steps),  # steps DeepSpeed skipped (fp16 overflow, non-finite gradients)
+        "skipped_steps": skipped_steps(engine),  # fp16 overflows, non-finite gradients (DeepSpeed or GradScaler)
         "nonfinite_losses": int(nonfinite),  # in this window, every rank
         "dropped_micro_batches": state.dropped_total,
         "images_per_s": images / elapsed if elapsed > 0 else None,

@@ -172,3 +172,18 @@ def loss_scale(engine) -> float | None:
             scale = getattr(getattr(engine.optimizer, "loss_scaler", None), "cur_scale", None)
         return float(scale) if scale is not None else None
     return None
+
+
+def skipped_steps(engine) -> int:
+    """Optimizer steps skipped so far: DeepSpeed's count, or at ZeRO-0 fp16, where autocast's GradScaler skips
+    overflowing steps without DeepSpeed counting them, the engine's steps minus the ones AdamW took (its `step`
+    state; restored with the checkpoint like the engine's count). Call it at log time."""
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is None:
+        return int(engine.skipped_steps)
+    optimizer = engine.optimizer
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if "step" in state:
+                return int(engine.global_steps - int(state["step"]))
+    return int(engine.global_steps)  # no step taken yet
