@@ -18,6 +18,7 @@ import torch
 
 from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
+from swin_common.gpu import current_gpu, memory_fields, mfu, peak_flops
 from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import (check_shared_run_dir, complete_checkpoints, find_resume, load_checkpoint,
@@ -25,7 +26,6 @@ from pipeline.engine.checkpoint import (check_shared_run_dir, complete_checkpoin
 from pipeline.engine.distributed import World, all_reduce_sum, all_true, world_size
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
-from swin_common.gpu import current_gpu, memory_fields, mfu, peak_flops
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config,
                                    deepspeed_skips_nonfinite, loss_scale, plan_steps, resolve_precision,
                                    skipped_steps)
