@@ -31,6 +31,7 @@ PEAK_FLOPS: list[tuple[str, float | None, float]] = [
     ("H100 NVL", 835e12, 835e12),
     ("H100", 989e12, 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
     ("A100", 312e12, 312e12),
+    ("V100S", None, 130e12),
     ("V100-PCIE", None, 112e12),
     ("V100", None, 125e12),  # SXM2; no bf16
 ]

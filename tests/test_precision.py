@@ -87,6 +87,7 @@ def test_the_installed_dali_is_named_as_found():
 
 
 @pytest.mark.parametrize("gpu, precision, peak", [(V100, "fp16", 125e12), (V100_PCIE, "fp16", 112e12),
+                                                  (Gpu("Tesla V100S-PCIE-32GB", (7, 0)), "fp16", 130e12),
                                                   (V100, "bf16", None), (A100, "bf16", 312e12),
                                                   (H100, "bf16", 989e12), (H100_PCIE, "bf16", 756e12),
                                                   (H200, "bf16", 989e12), (H200, "fp32", None)])
