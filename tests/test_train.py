@@ -177,8 +177,8 @@ def test_export_reproduces_the_engine_evaluation(shards, tmp_path):
     assert bad.returncode == 2 and "not a complete checkpoint" in bad.stderr
 
 
-def evaluate_like_the_engine(model, shards: Path, stage: int, device: str = "cpu") -> dict:
-    """The export evaluated as the bf16 engine evaluated: the same two rank slices in batches of 50 (the same
+def evaluate_like_the_engine(model, shards: Path, stage: int, device: str = "cpu", world: int = 2) -> dict:
+    """The export evaluated as the bf16 engine evaluated: the same `world` rank slices in batches of 50 (the same
     shapes, so the same kernels), bf16 images, and the weights as the engine holds them: rounded to bf16 at
     ZeRO 1-3, fp32 under autocast at ZeRO-0; at ZeRO-3 with DeepSpeed's linear (its engine replaces
     F.linear by zero3_linear_wrap: matmul, then the bias, rounded apart). Sums as pipeline.engine.evaluate does."""
@@ -191,9 +191,9 @@ def evaluate_like_the_engine(model, shards: Path, stage: int, device: str = "cpu
 
     model = model.to(device) if stage == 0 else model.to(device, torch.bfloat16)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for rank in (0, 1):
+    for rank in range(world):
         loader = create_loader(LoaderConfig(shards=str(shards), split="val", train=False, batch_size=50, image_size=64,
-                                            crop_pct=1.0, workers=1, dtype="bfloat16", device=device), rank, 2)
+                                            crop_pct=1.0, workers=1, dtype="bfloat16", device=device), rank, world)
         linear = mock.patch("torch.nn.functional.linear", zero3_linear_wrap) if stage == 3 else contextlib.nullcontext()
         with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=stage == 0), linear:
             for images, labels in loader:
@@ -246,18 +246,9 @@ def test_bf16_on_a_gpu_trains_exports_and_evaluates_alike(shards, tmp_path):
     assert all(r["loss"] == r["loss"] for r in train_rows) and evals[-1]["val_samples"] == 100
     assert all("mfu" not in r or 0 < r["mfu"] < 1 for r in train_rows) and "mem_peak_allocated_gb" in train_rows[-1]
     model, _meta = load_exported(tmp_path / "bf16" / "model")
-    from pipeline.engine.evaluate import batch_sums
-
-    model = model.to("cuda", torch.bfloat16)
-    sums = torch.zeros(4, dtype=torch.float64, device="cuda")
-    loader = create_loader(LoaderConfig(shards=str(shards), split="val", train=False, batch_size=50, image_size=64,
-                                        crop_pct=1.0, workers=1, dtype="bfloat16", device="cuda"))
-    with torch.no_grad():
-        for images, labels in loader:
-            sums += batch_sums(model(images.cuda()).float(), labels.cuda())
-    total = sums.tolist()
-    assert int(total[3]) == 100 and 100 * total[1] / total[3] == evals[-1]["val_top1"]
-    assert total[0] / total[3] == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
+    ours = evaluate_like_the_engine(model, shards, stage=2, device="cuda", world=1)
+    assert ours["val_samples"] == 100 and ours["val_top1"] == evals[-1]["val_top1"]
+    assert ours["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
 
 
 @pytest.mark.gpu
