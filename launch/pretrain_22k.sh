@@ -57,5 +57,39 @@ launcher+=(--master_port "${MASTER_PORT:-29500}")
 read -r -d '' -a ds_launcher_args <<<"${DS_LAUNCHER_ARGS:-}" || true
 launcher+=("${ds_launcher_args[@]}")
 cd "$repo"
-exec "$python" "${launcher[@]}" --module pipeline.train --launch-dir "$launch_dir" "$@"
+
+# Stop signals (SIGTERM, SIGUSR1): every rank saves a checkpoint at the step it reaches and exits 75, which the
+# launcher passes on as this script's status (pipeline/engine/stop.py). The runner does not pass signals on by
+# itself on one machine, so this script sends them to the ranks under it; with a HOSTFILE it hands SIGTERM to
+# the runner, which ends every node's ranks over pdsh (`pkill`, SIGTERM: a SIGUSR1 goes the same way).
+ranks_under() {  # the rank processes below $1 (their DataLoader workers share the command line and ignore it)
+  local queue=("$1") found=() pid child
+  while [ ${#queue[@]} -gt 0 ]; do
+    pid=${queue[0]}; queue=("${queue[@]:1}")
+    for child in $(pgrep -P "$pid" || true); do
+      queue+=("$child")
+      tr '\0' ' ' <"/proc/$child/cmdline" 2>/dev/null | grep -q -- "--local_rank=" && found+=("$child")
+    done
+  done
+  echo "${found[@]}"
+}
+pass_on() {
+  echo "launch/pretrain_22k.sh: SIG$1 received: the ranks save a checkpoint at their next step and stop" >&2
+  if [ -n "${HOSTFILE:-}" ]; then
+    kill -TERM "$runner" 2>/dev/null || true
+  else
+    # shellcheck disable=SC2046
+    kill -"$1" $(ranks_under "$runner") 2>/dev/null || true
+  fi
+}
+"$python" "${launcher[@]}" --module pipeline.train --launch-dir "$launch_dir" "$@" &
+runner=$!
+trap 'pass_on TERM' TERM
+trap 'pass_on USR1' USR1
+while :; do
+  status=0
+  wait "$runner" || status=$?
+  kill -0 "$runner" 2>/dev/null || break  # a trap ended the wait, not the runner: wait on
+done
+exit "$status"
 : "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; raise SystemExit(main(sys.argv[1:]))

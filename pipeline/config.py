@@ -78,6 +78,10 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimizer steps (0 = the whole schedule)
     log_every: int = 10  # optimizer steps
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops with an error
+    # every collective gives up after this long: a dead or stopped rank ends the job this fast (DeepSpeed: 600)
+    collective_timeout_s: float = 600.0
+    # ranks waiting for rank 0's long work (the export and registration, an elastic resume's conversion)
+    long_wait_timeout_s: float = 14400.0
 
 
 @dataclass

@@ -11,6 +11,10 @@ register the model, close the MLflow run.
 
 Expected failures (a bad config key, a missing or unfinalized shard set, ...) end in one line, `error: ...`,
 printed by rank 0 only, and exit 2 (3 when the training diverged); `--debug` shows their traceback.
+
+SIGTERM or SIGUSR1 (scancel, preemption, Slurm's signal before the time limit, the launcher passing one on): every
+rank finishes its optimizer step, the ranks agree to stop, save a checkpoint at that step, and exit 75; the
+same command resumes there (pipeline/engine/stop.py).
 """
 from __future__ import annotations
 
@@ -143,8 +147,9 @@ def register_final(cfg, tracker, model_dir: Path) -> str:
 
 def run(cfg, world) -> dict:
     """Set up, train, then the end-of-run steps; the summary rank 0 prints."""
-    from pipeline.engine.distributed import barrier
-    from pipeline.engine.loop import prepare, train
+    from pipeline.engine.distributed import broadcast_object, wait_for_main
+    from pipeline.engine.loop import prepare, stop_if_agreed, train
+    from pipeline.engine.stop import RunStopped, stop_flag
 
     t_start = time.time()
     setup = prepare(cfg, world)
@@ -152,17 +157,28 @@ def run(cfg, world) -> dict:
     tracker = start_tracking(setup)
     try:
         summary = train(setup, tracker)
-    except BaseException:
-        tracker.finish("FAILED" if world.is_main else "KILLED")
+        stop_if_agreed(summary["steps"], "before the export")
+    except RunStopped as stop:
+        tracker.stopped(stop)
         raise
-    failure = None
+    except BaseException as e:
+        tracker.failed(e)
+        raise
+    failure, stopped = None, None
     if world.is_main:
         summary = export_final(setup, summary)
-        try:
-            finish_tracking(cfg, tracker, summary)
-        except Exception as e:  # noqa: BLE001  (raised once every rank is past the barrier)
-            failure = e
-    barrier()
+        if stop_flag().requested:  # the export is kept; registering it is left to the resumed job
+            stopped = RunStopped(stop_flag().signal_name, summary["steps"], "after the export")
+            tracker.stopped(stopped)
+        else:
+            try:
+                finish_tracking(cfg, tracker, summary)
+            except Exception as e:  # noqa: BLE001  (raised once every rank is past the wait)
+                failure = e
+    wait_for_main("the export and registration")
+    stopped = broadcast_object(stopped)
+    if stopped is not None:
+        raise stopped
     if failure is not None:
         raise failure
     return {**summary, "seconds": time.time() - t_start, "mlflow_run": tracker.run_id}
@@ -179,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config, args.overrides)
     resolve_at_launch(cfg, args.launch_dir)
     from pipeline.engine.distributed import init_distributed, shutdown
+    from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag
 
-    world = init_distributed()
+    stop_flag().install()  # before the slow start: a signal then stops the run at its first step boundary
+    world = init_distributed(cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s,
+                             str(cfg.run_dir / "nccl_traces"))
     configure_logging(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
                       format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
     try:
@@ -188,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         if world.is_main:
             print(redact_text(json.dumps(summary, indent=1)), flush=True)
         return 0
+    except RunStopped as stop:
+        if world.is_main:
+            print(f"stopped by {stop}: checkpoint saved in {cfg.run_dir / 'checkpoints'}; run the same command "
+                  f"to resume (exit {EXIT_STOPPED})", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    except BaseException:
+        stop_flag().uninstall()  # on its way out with an error: a launcher's SIGTERM ends it at once again
+        raise
     finally:
         shutdown()
 

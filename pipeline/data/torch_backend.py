@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from swin_common.signals import ignore_stop_signals
+
 from .augment_params import batch_rng, seeded
 from .eval_transform import eval_transform
 from .samples import MEAN, STD
@@ -108,7 +110,7 @@ def _torch_batches(backend: TorchBackend, source, order, epoch: int, start: int,
             yield b, images, labels, skipped
         return
     dl = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=backend.device == "cuda",
-                    multiprocessing_context="fork", persistent_workers=False)
+                    multiprocessing_context="fork", persistent_workers=False, worker_init_fn=ignore_stop_signals)
     # The workers are forked: objects they inherit must never be finalised there (a DALI pipeline left over from
     # another loader hangs in its __del__ without its threads), so freeze the heap for the fork.
     gc.collect()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig, dump_config
-from pipeline.engine.distributed import all_gather_object, barrier, broadcast_object
+from pipeline.engine.distributed import all_gather_object, barrier, broadcast_object, wait_for_main
 
 log = logging.getLogger("pipeline.train")
 MARKER = "COMPLETE"
@@ -115,7 +115,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, loader_state: dict,
-                    synsets: list[str]) -> Path:
+                    synsets: list[str], meta: dict | None = None) -> Path:
+    """`meta`: more for the COMPLETE marker (a stop's signal; an evaluation the resumed run owes)."""
     root = cfg.run_dir / "checkpoints"
     tag = tag_for(step)
     tmp = root / f".tmp-{tag}"
@@ -137,7 +138,7 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
         (tmp / "synsets.txt").write_text("\n".join(synsets) + "\n")  # the label layout, for export
         _write_durable(tmp / MARKER, lambda f: f.write(json.dumps(
             {"step": step, "world_size": world, "zero_stage": cfg.train.zero_stage, "time": time.time(),
-             "global_batch": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch}).encode()))
+             "global_batch": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch, **(meta or {})}).encode()))
         final = root / tag
         if final.exists():  # the same step saved again (a resumed run that stopped at the same step)
             shutil.rmtree(final)
@@ -188,7 +189,7 @@ def universal_copy(path: Path, rank: int) -> Path:
         os.replace(tmp, out)
         _fsync_dir(path.parent)
         log.info("converted %s in %.1f s (%.0f MB) into %s", path.name, time.time() - t0, size / 1e6, out)
-    barrier()
+    wait_for_main(f"converting {path.name} for another world size")  # minutes for big models: not a barrier
     if not (out / UNIVERSAL_MARKER).is_file():
         raise RuntimeError(f"{out} is not a complete universal checkpoint (rank 0 did not finish converting it)")
     return out

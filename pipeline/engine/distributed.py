@@ -16,17 +16,32 @@ computed them), gloo the CPU values (object broadcasts, barriers).
 
 Importing DeepSpeed picks its accelerator once, so DS_ACCELERATOR is set to `cpu` first where there is no GPU.
 
+Timeouts: every collective of the process group gives up after `train.collective_timeout_s` (DeepSpeed's own
+default is 10 minutes), so a rank that died or stopped answering ends the job in that time. Work that only rank 0
+does while the others wait (the export and registration at the end, the universal-checkpoint conversion of an
+elastic resume) is waited for with `wait_for_main`: a barrier of a second gloo group whose timeout is
+`train.long_wait_timeout_s`, never the process group's (under NCCL a barrier runs on the device and aborts at
+its timeout). On GPUs, NCCL's async error handling and flight recorder are on (`nccl_environment`), the traces
+going to the run folder.
+
 Every collective the project runs goes through the helpers at the end of this module (all_reduce_sum,
 all_true, barrier, broadcast_object, all_gather_object, shutdown), so the rules of the process group's backends live in one place;
 each is a no-op in a world of one or without a process group.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+log = logging.getLogger("pipeline.train")
+_long_group = None  # the gloo group wait_for_main waits on (long timeout)
 
 
 @dataclass(frozen=True)
@@ -108,8 +123,24 @@ def prepare_environment() -> None:
         os.environ["MASTER_PORT"] = str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
 
 
-def init_distributed() -> World:
-    """Starts the process group (process_group_backend) through DeepSpeed and returns this rank's place."""
+def nccl_environment(trace_dir: str | None, trace_entries: int = 20000) -> dict[str, str]:
+    """What NCCL's watchdog needs to end a hung job with a record of it (torchtitan's distributed/utils.py sets
+    the same): async error handling 3 (the watchdog aborts the communicator and ends the process, without the
+    cleanup that can itself hang; the flight recorder needs this mode), a ring of the last collectives per rank,
+    dumped on a timeout to `<trace_dir>/rank_N`. Read when the process group starts; a value the user set wins."""
+    env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": str(trace_entries)}
+    if trace_dir and trace_entries > 0:
+        env.update({"TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(trace_dir, "rank_")})
+    return env
+
+
+def init_distributed(timeout_s: float | None = None, long_timeout_s: float | None = None,
+                     trace_dir: str | None = None) -> World:
+    """Starts the process group (process_group_backend) through DeepSpeed and returns this rank's place.
+    `timeout_s`: every collective's timeout (None: DeepSpeed's, 10 minutes or DEEPSPEED_TIMEOUT); `long_timeout_s`:
+    wait_for_main's; `trace_dir`: where NCCL's flight recorder dumps on a timeout (GPU runs)."""
+    global _long_group
     prepare_environment()
     import deepspeed
 
@@ -119,12 +150,22 @@ def init_distributed() -> World:
 
         torch.cuda.set_device(cuda_device_index(dict(os.environ), torch.cuda.device_count()))
         check_torch_kernels(current_gpu(), torch_arch_list(), torch.__version__)  # before any kernel or NCCL
+        for key, value in nccl_environment(trace_dir).items():
+            os.environ.setdefault(key, value)
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
     else:
         # DeepSpeed's CPU backend would compile its shared-memory all-reduce op (35-100 s per machine) on first
         # use; it serves only DeepSpeed's inference all-reduce, training goes through gloo. DeepSpeed keeps the
         # probed op table in one dict so that such edits hold.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=process_group_backend(cuda))
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=process_group_backend(cuda), **timeout)
+    if _distributed():
+        import torch.distributed as dist
+
+        long_wait = timedelta(seconds=long_timeout_s) if long_timeout_s else None
+        _long_group = dist.new_group(backend="gloo", timeout=long_wait)
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 
@@ -158,6 +199,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """The largest of `values` over every rank, in place, and returns it."""
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_true(flag: bool | torch.Tensor) -> bool:
     """True when `flag` holds on every rank (a MIN all-reduce of one int). A tensor flag is reduced on its own
     device (NCCL for a CUDA tensor), so a value the GPU computed is not first copied to the host; the one host
@@ -178,6 +228,30 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def wait_for_main(what: str, progress_s: float = 60.0) -> None:
+    """Rank 0 calls it when done with `what`; every other rank waits for that here, however long it takes up to
+    train.long_wait_timeout_s, saying every `progress_s` seconds that it still waits. A barrier of the long-wait
+    gloo group: a host-side wait, not a collective under the process group's short timeout."""
+    if not _distributed():
+        return
+    import torch.distributed as dist
+
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def progress():
+        while not done.wait(progress_s):
+            log.warning("rank %d: still waiting for rank 0 to finish %s (%.0f s)", dist.get_rank(), what,
+                        time.monotonic() - t0)
+
+    if dist.get_rank() != 0:
+        threading.Thread(target=progress, name="wait-for-main", daemon=True).start()
+    try:
+        dist.barrier(group=_long_group)
+    finally:
+        done.set()
 
 
 def broadcast_object(obj, src: int = 0):
@@ -206,5 +280,7 @@ def shutdown() -> None:
     """Ends the process group, if one was started."""
     import torch.distributed as dist
 
+    global _long_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _long_group = None

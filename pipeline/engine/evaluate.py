@@ -13,20 +13,29 @@ from pipeline.engine.distributed import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device: torch.device) -> dict[str, float]:
+def evaluate(engine, loader, device: torch.device, between_batches=None) -> dict[str, float]:
+    """`between_batches`: called on every rank after each batch (the stop check: it may raise, ending the
+    evaluation on every rank at the same batch)."""
     was_training = engine.training
     engine.eval()
     sums = None  # loss sum, top-1 hits, top-5 hits, samples
-    for images, labels in loader:
-        logits = engine(images.to(device, non_blocking=True)).float()
-        labels = labels.to(logits.device, non_blocking=True)
-        if sums is None:
-            sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
-        sums += batch_sums(logits, labels)
+    batches = iter(loader)
+    try:
+        for images, labels in batches:
+            logits = engine(images.to(device, non_blocking=True)).float()
+            labels = labels.to(logits.device, non_blocking=True)
+            if sums is None:
+                sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
+            sums += batch_sums(logits, labels)
+            if between_batches is not None:
+                between_batches()
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
+        engine.train(was_training)
     if sums is None:  # no val batch on this rank (every rank has the same count, so none has any)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
     all_reduce_sum(sums)
-    engine.train(was_training)
     total = sums.tolist()
     n = max(total[3], 1)
     return {"val_loss": total[0] / n, "val_top1": 100 * total[1] / n, "val_top5": 100 * total[2] / n,

@@ -5,6 +5,9 @@
 DeepSpeed engine, resumes, runs until the schedule (or train.max_steps) ends, and leaves a final checkpoint.
 The loop only trains: exporting, curves, registration and the MLflow run's end are end-of-run steps that
 `python -m pipeline.train` calls (pipeline/train.py).
+
+A stop signal (pipeline/engine/stop.py) is agreed on after every optimizer step and between evaluation batches;
+the run then saves a checkpoint at the step it reached (unless one is there already) and raises RunStopped.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from pipeline.config import RunConfig, dump_config
 from swin_common.gpu import current_gpu, memory_fields, mfu, peak_flops
 from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
-from pipeline.engine.checkpoint import (check_shared_run_dir, complete_checkpoints, find_resume, load_checkpoint,
-                                       needs_universal, save_checkpoint)
+from pipeline.engine.checkpoint import (check_shared_run_dir, checkpoint_meta, complete_checkpoints, find_resume,
+                                       load_checkpoint, needs_universal, save_checkpoint)
 from pipeline.engine.distributed import World, all_reduce_sum, all_true, world_size
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
@@ -30,6 +33,7 @@ from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, 
                                    deepspeed_skips_nonfinite, loss_scale, plan_steps, resolve_precision,
                                    skipped_steps)
 from pipeline.engine.step import StepTally, micro_step
+from pipeline.engine.stop import RunStopped, stop_flag
 from pipeline.model import create_model, forward_flops
 from pipeline.model.transfer import initialise
 
@@ -202,24 +206,55 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
                  "ZeRO-%d, loader %s", run_dir, end, plan.steps_per_epoch, cfg.train.global_batch, plan.micro_batch,
                  world.size, plan.grad_accum, precision, cfg.train.zero_stage, train_loader.backend.name)
     schedule.step_update(state.step)
-    if cfg.init_from and resume is None and val_loader is not None:
-        eval_now(engine, val_loader, state, metrics)  # step 0: the initialised model, before any fine-tuning
 
-    def checkpoint():
-        save_checkpoint(engine, cfg, state.step, world.rank, world.size, train_loader.state_dict(), synsets)
+    def checkpoint(meta: dict | None = None):
+        save_checkpoint(engine, cfg, state.step, world.rank, world.size, train_loader.state_dict(), synsets, meta)
         state.last_checkpoint_step = state.step
 
-    while state.step < end:
-        run_epoch(cfg, engine, schedule, train_loader, val_loader, plan, end, state, metrics, checkpoint, ctx)
-        if cfg.eval.every_steps <= 0 and val_loader is not None and train_loader.position == 0:
+    try:
+        if val_loader is not None and ((cfg.init_from and resume is None) or  # step 0: the initialised model
+                                       (resume is not None and checkpoint_meta(resume).get("pending_eval"))):
+            eval_now(engine, val_loader, state, metrics)  # or the evaluation a stop interrupted
+        while state.step < end:
+            run_epoch(cfg, engine, schedule, train_loader, val_loader, plan, end, state, metrics, checkpoint, ctx)
+            if cfg.eval.every_steps <= 0 and val_loader is not None and train_loader.position == 0:
+                eval_now(engine, val_loader, state, metrics)
+        if state.last_checkpoint_step != state.step:
+            checkpoint()
+        if val_loader is not None and state.last_eval.get("step") != state.step:
             eval_now(engine, val_loader, state, metrics)
-    if state.last_checkpoint_step != state.step:
-        checkpoint()
-    if val_loader is not None and state.last_eval.get("step") != state.step:
-        eval_now(engine, val_loader, state, metrics)
+    except RunStopped as stop:
+        save_at_stop(stop, state, checkpoint, metrics, world)
+        raise
     final = complete_checkpoints(run_dir / "checkpoints")[-1]
     return {"steps": state.step, "dropped_micro_batches": state.dropped_total, "eval": state.last_eval,
             "checkpoint": str(final)}
+
+
+def stop_if_agreed(step: int, during: str) -> None:
+    """At a boundary, on every rank: RunStopped (at `step`) when any rank received a stop signal."""
+    name = stop_flag().agreed()
+    if name:
+        raise RunStopped(name, step, during)
+
+
+def save_at_stop(stop: RunStopped, state: RunState, checkpoint, metrics: MetricsLog, world: World) -> None:
+    """The checkpoint at the step the run reached (a periodic one may be there already), and a record of it."""
+    flag = stop_flag()
+    t0 = time.monotonic()
+    saved = state.last_checkpoint_step != state.step
+    if saved:
+        checkpoint({"stopped": stop.signal_name, "pending_eval": stop.during == "evaluation"})
+    seconds = time.monotonic() - t0
+    since = flag.seconds_since()
+    record = {"step": state.step, "stopped": stop.signal_name, "during": stop.during,
+              "checkpoint_s": round(seconds, 3) if saved else 0.0, "time": time.time()}
+    if since is not None:
+        record["signal_to_saved_s"] = round(since, 3)  # this rank's signal; another rank may have had it
+    metrics.write(record)
+    if world.is_main:
+        log.info("stopped by %s at step %d (%s): %s; run the same command to resume", stop.signal_name, state.step,
+                 stop.during, f"checkpoint saved in {seconds:.1f} s" if saved else "its checkpoint was saved already")
 
 
 def record_elastic_resume(engine, run_dir: Path, world: World, done: dict, loader) -> None:
@@ -265,6 +300,7 @@ def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: in
                 state.step += 1
                 schedule.step_update(state.step)
                 after_step(cfg, engine, val_loader, state, metrics, checkpoint, epoch, end, ctx)
+                stop_if_agreed(state.step, "training")
     finally:
         batches.close()
     if loader.epoch == epoch and loader.position >= per_epoch:  # the epoch's last whole step: its rest sits out
@@ -326,7 +362,8 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int, ctx: Step
 
 
 def eval_now(engine, val_loader, state: RunState, metrics: MetricsLog) -> None:
-    result = evaluate(engine, val_loader, engine.device)
+    result = evaluate(engine, val_loader, engine.device,
+                      between_batches=lambda: stop_if_agreed(state.step, "evaluation"))
     state.last_eval = {"step": state.step, **result}
     metrics.write({**state.last_eval, "time": time.time()})
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from swin_common.redact import REDACTED, SECRET_NAME, redact_text, remember_secrets, secret_values
 
 log = logging.getLogger("pipeline.tracking")
+STOP_FLUSH_S = 10.0  # how long a stopped run waits for MLflow before exiting (see Tracker.stopped)
 # Fail fast per request (the sender thread retries on its own schedule); users can set their own values.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -370,8 +371,31 @@ class Tracker:
         if self.sender is not None:
             self.sender.call(fn, *args, **kwargs)
 
-    def finish(self, status: str = "FINISHED") -> bool:
-        """Final artifacts, then waits (bounded) for everything to reach the server; True when all did."""
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.sender is not None:
+            for key, value in redact(tags).items():
+                self.sender.call(self.sender.client.set_tag, self.run_id, key, value)
+
+    def stopped(self, stop) -> None:
+        """Stopped by a signal at a checkpoint: tagged with the signal and the step, ended KILLED; the resumed
+        job continues the same MLflow run (RUNNING again). The wait for the server is short (STOP_FLUSH_S): the
+        launcher's SIGKILL follows its SIGTERM (30 s for `deepspeed`, Slurm's KillWait); what is not sent is in
+        metrics.jsonl."""
+        self.set_tags({"swin.stopped": f"{stop.signal_name} at step {stop.step} ({stop.during})",
+                       "swin.stopped_step": str(stop.step), "swin.stopped_signal": stop.signal_name})
+        self.finish("KILLED", timeout=min(STOP_FLUSH_S, self.cfg.tracking.final_timeout_s))
+
+    def failed(self, e: BaseException) -> None:
+        """Crashed: the redacted first line of its error as a tag, ended FAILED (KILLED for Ctrl-C)."""
+        if isinstance(e, KeyboardInterrupt):
+            self.finish("KILLED", timeout=min(STOP_FLUSH_S, self.cfg.tracking.final_timeout_s))
+            return
+        self.set_tags({"swin.error": f"{type(e).__name__}: {_short(e)}"})
+        self.finish("FAILED")
+
+    def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
+        """Final artifacts, then waits (bounded: `timeout`, else tracking.final_timeout_s) for everything to
+        reach the server; True when all did."""
         if self.monitor is not None:
             try:
                 self.monitor.finish()
@@ -380,10 +404,11 @@ class Tracker:
         if self.sender is None:
             return True
         self.sender.call(self.sender.client.set_terminated, self.run_id, status)
-        done = self.sender.close(self.cfg.tracking.final_timeout_s)
+        timeout = self.cfg.tracking.final_timeout_s if timeout is None else timeout
+        done = self.sender.close(timeout)
         if not done:
             log.warning("MLflow: %d records could not be sent within %d s; they are in %s",
-                        self.sender.pending(), self.cfg.tracking.final_timeout_s, self.cfg.run_dir / "metrics.jsonl")
+                        self.sender.pending(), timeout, self.cfg.run_dir / "metrics.jsonl")
         return done
 
 

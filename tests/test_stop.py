@@ -1,0 +1,179 @@
+"""Stop signals for real: a 2-rank CPU run under launch/pretrain_22k.sh gets SIGTERM (to the script, as a user,
+Kubernetes or an sbatch script sends it) mid-epoch, then SIGUSR1 to one rank only while it evaluates; each time
+every rank finishes its step, the ranks agree, save a checkpoint at the step reached (checkpoint.every_steps far
+away), exit 75 within the launcher's grace, and MLflow records why; the same command resumes there, and the loss
+curve of the three jobs equals an uninterrupted run's, step for step."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from servers import REPO, free_port, run_prep
+
+pytestmark = pytest.mark.slow
+LAUNCH = REPO / "launch" / "pretrain_22k.sh"
+TINY = REPO / "configs" / "tiny_22k.yaml"
+EXIT_STOPPED = 75
+GRACE_S = 30  # the deepspeed launcher's SIGTERM -> SIGKILL (launch.py, terminate_process_tree)
+
+
+@pytest.fixture(scope="module")
+def shards(digits_tars, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stop") / "shards"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
+    return out
+
+
+def command(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """The tiny recipe: 16 images per rank per step, a long schedule cut by max_steps, an evaluation every 5
+    steps in 50 small batches per rank (so that a signal can land in one), checkpoints only far away."""
+    return list(map(str, ["bash", LAUNCH, "--config", TINY, f"name={name}", f"out_dir={out}",
+                          f"data.shards={shards}", "train.global_batch=32", "train.micro_batch=16",
+                          "eval.batch_size=2", "eval.every_steps=5", "data.workers=1", "train.log_every=1",
+                          "schedule.epochs=20", "schedule.warmup_epochs=0", "train.max_steps=40",
+                          "checkpoint.every_steps=1000", *extra]))
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
+            not k.startswith("SLURM_")}
+    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_record(run_dir: Path, proc: subprocess.Popen, log: Path, want, timeout: float = 300) -> dict:
+    end = time.time() + timeout
+    while True:
+        found = [r for r in records(run_dir) if want(r)]
+        if found:
+            return found[0]
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) first:\n{log.read_text()[-5000:]}"
+        assert time.time() < end, f"no such record after {timeout} s:\n{log.read_text()[-5000:]}"
+        time.sleep(0.005)
+
+
+def rank_pid(run_dir: Path, rank: int) -> int:
+    """The training process of `rank` (its DataLoader workers share its command line; their parent is it)."""
+    marks = (f"out_dir={run_dir.parent}".encode(), f"name={run_dir.name}".encode(), f"--local_rank={rank}".encode())
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = Path(f"/proc/{(proc / 'stat').read_text().rsplit(')', 1)[1].split()[1]}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if all(m in cmd for m in marks) and b"deepspeed.launcher.launch" in parent:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} process of {run_dir}")
+
+
+def stop_and_wait(proc: subprocess.Popen, log: Path) -> float:
+    t0 = time.monotonic()
+    try:
+        rc = proc.wait(timeout=GRACE_S + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"still running {GRACE_S + 30} s after the signal:\n{log.read_text()[-5000:]}")
+    assert rc == EXIT_STOPPED, f"exit {rc}:\n{log.read_text()[-5000:]}"
+    return time.monotonic() - t0
+
+
+def newest_checkpoint(run_dir: Path) -> tuple[int, dict]:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
+    meta = json.loads((done[-1] / "COMPLETE").read_text())
+    assert sorted(p.name for p in done[-1].glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    return meta["step"], meta
+
+
+@pytest.fixture
+def started():
+    """Launches of the test, each in its own session: whatever is left of them is killed at the end."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, mlflow_server, tmp_path, started):
+    from mlflow.tracking import MlflowClient
+
+    subprocess.run(command(shards, tmp_path, "straight", "tracking.enabled=false"), cwd=REPO, env=env(),
+                   check=True, capture_output=True, timeout=600)
+    straight = {r["step"]: r["loss"] for r in records(tmp_path / "straight") if "loss" in r}
+    assert sorted(straight) == list(range(1, 41))
+
+    run_dir = tmp_path / "stopped"
+    cmd = command(shards, tmp_path, "stopped", "tracking.system_metrics=false")
+    run_env = env(MLFLOW_TRACKING_URI=mlflow_server.uri)
+    client = MlflowClient(mlflow_server.uri)
+
+    # 1. SIGTERM to the launch script mid-epoch (50 steps per epoch here), between checkpoints
+    log1 = tmp_path / "first.log"
+    with open(log1, "w") as out:  # run from the user's folder, not the repository: the script is all it needs
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        started.append(proc)
+    wait_for_record(run_dir, proc, log1, lambda r: r.get("step", 0) >= 12 and "loss" in r)
+    proc.send_signal(signal.SIGTERM)
+    seconds = stop_and_wait(proc, log1)
+    first = log1.read_text()
+    step1, meta1 = newest_checkpoint(run_dir)
+    stop1 = [r for r in records(run_dir) if "stopped" in r]
+    assert [(r["step"], r["stopped"]) for r in stop1] == [(step1, "SIGTERM")], stop1
+    assert 12 <= step1 < 40 and meta1["stopped"] == "SIGTERM", meta1
+    assert max(r["step"] for r in records(run_dir) if "loss" in r) == step1  # no step after the one saved
+    assert f"stopped by SIGTERM at step {step1}" in first, first[-3000:]
+    assert seconds < GRACE_S, f"{seconds:.1f} s from SIGTERM to exit"
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    during = stop1[0]["during"]  # "evaluation" when the step reached was one of every 5th
+    assert during == ("evaluation" if step1 % 5 == 0 else "training"), stop1
+    assert run.data.tags["swin.stopped"] == f"SIGTERM at step {step1} ({during})"
+
+    # 2. the same command resumes there; SIGUSR1 to rank 1 alone, while it evaluates: both ranks stop together
+    log2 = tmp_path / "second.log"
+    with open(log2, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        started.append(proc)
+    eval_step = (step1 // 5 + 2) * 5
+    wait_for_record(run_dir, proc, log2, lambda r: r.get("step") == eval_step and "loss" in r)
+    os.kill(rank_pid(run_dir, 1), signal.SIGUSR1)  # logged, then evaluated: the evaluation is under way
+    stop_and_wait(proc, log2)
+    second = log2.read_text()
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step1:08d}'} at step {step1}" in second
+    step2, meta2 = newest_checkpoint(run_dir)
+    assert step2 == eval_step and meta2["pending_eval"] is True, meta2
+    assert [r for r in records(run_dir) if "stopped" in r][-1]["during"] == "evaluation"
+    assert not any("val_top1" in r and r["step"] == eval_step for r in records(run_dir))
+    assert client.get_run(run_id).data.tags["swin.stopped"] == f"SIGUSR1 at step {eval_step} (evaluation)"
+
+    # 3. the same command finishes the run: the evaluation owed first, then the rest, in the same MLflow run
+    done = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    steps = [r for r in records(run_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41)), "a step was lost or done twice"
+    assert {r["step"]: r["loss"] for r in steps} == straight  # the curve continues exactly (CPU, same world)
+    evals = [r["step"] for r in records(run_dir) if "val_top1" in r]
+    assert evals == list(range(5, 41, 5)), evals
+    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
+    final = client.get_run(run_id)
+    assert final.info.status == "FINISHED"
+    history = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(set(history)) == list(range(1, 41))
