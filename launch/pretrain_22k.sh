@@ -82,6 +82,9 @@ pass_on() {
     kill -"$1" $(ranks_under "$runner") 2>/dev/null || true
   fi
 }
+# rank 0 writes it once every rank has stopped at a checkpoint (the exit status then is 75 whatever the runner says)
+export SWIN_STOP_FILE="${TMPDIR:-/tmp}/swin-stop-$$-$RANDOM"
+rm -f "$SWIN_STOP_FILE"
 "$python" "${launcher[@]}" --module pipeline.train --launch-dir "$launch_dir" "$@" &
 runner=$!
 trap 'pass_on TERM' TERM
@@ -91,5 +94,9 @@ while :; do
   wait "$runner" || status=$?
   kill -0 "$runner" 2>/dev/null || break  # a trap ended the wait, not the runner: wait on
 done
+if [ -f "$SWIN_STOP_FILE" ]; then
+  status=75
+  rm -f "$SWIN_STOP_FILE"
+fi
 exit "$status"
 : "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; raise SystemExit(main(sys.argv[1:]))

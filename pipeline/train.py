@@ -184,6 +184,22 @@ def run(cfg, world) -> dict:
     return {**summary, "seconds": time.time() - t_start, "mlflow_run": tracker.run_id}
 
 
+def report_stop(cfg, stop) -> None:
+    """Rank 0's line on a stop, and the stop record a launch script asked for in SWIN_STOP_FILE: the script's
+    proof that every rank stopped at a checkpoint (a launcher may report another status, e.g. srun's when it
+    kills the other tasks on their way out after rank 0's exit 75)."""
+    from pipeline.engine.checkpoint import complete_checkpoints
+    from pipeline.engine.stop import EXIT_STOPPED
+
+    newest = complete_checkpoints(cfg.run_dir / "checkpoints")
+    print(f"stopped by {stop}: checkpoint {newest[-1] if newest else '(none)'}; run the same command to resume "
+          f"(exit {EXIT_STOPPED})", file=sys.stderr, flush=True)
+    record = os.environ.get("SWIN_STOP_FILE")
+    if record:
+        Path(record).write_text(json.dumps({"signal": stop.signal_name, "step": stop.step, "during": stop.during,
+                                            "checkpoint": str(newest[-1]) if newest else None}) + "\n")
+
+
 @command(exit_codes={"TrainingDiverged": 3}, ranked=True)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -209,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except RunStopped as stop:
         if world.is_main:
-            print(f"stopped by {stop}: checkpoint saved in {cfg.run_dir / 'checkpoints'}; run the same command "
-                  f"to resume (exit {EXIT_STOPPED})", file=sys.stderr, flush=True)
+            report_stop(cfg, stop)
         return EXIT_STOPPED
     except BaseException:
         stop_flag().uninstall()  # on its way out with an error: a launcher's SIGTERM ends it at once again

@@ -6,6 +6,7 @@ curve of the three jobs equals an uninterrupted run's, step for step."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -177,3 +178,71 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     assert final.info.status == "FINISHED"
     history = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(set(history)) == list(range(1, 41))
+
+
+# --- Slurm: the time limit requeues, scancel does not ------------------------------------------------------
+
+SBATCH = REPO / "launch" / "slurm" / "pretrain_22k.sbatch"
+
+
+def submit(cluster, shards: Path, tmp_path: Path, *sbatch_args: str, steps: int) -> int:
+    return cluster.sbatch(SBATCH, "--config", TINY, "name=sl", f"out_dir={tmp_path}", f"data.shards={shards}",
+                          "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
+                          "train.log_every=1", "schedule.epochs=20", "schedule.warmup_epochs=0",
+                          "tracking.enabled=false", "checkpoint.every_steps=1000", f"train.max_steps={steps}",
+                          sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+                                       f"--output={tmp_path}/job-%j.out", *sbatch_args],
+                          env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+
+
+@pytest.mark.slurm
+def test_slurm_time_limit_checkpoints_requeues_and_finishes_over_several_jobs(slurm_cluster, shards, tmp_path):
+    """--time=1 with the signal 40 s before it: each job is stopped by SIGUSR1 at the step it reached, requeues
+    itself and the next resumes there, until the run is done; one submission. Slurm holds a requeued job for
+    a while (BeginTime, ~2.5 minutes); the test, as the cluster's admin, lets it start at once."""
+    steps = 120
+    job = submit(slurm_cluster, shards, tmp_path, "--time=1", "--signal=B:USR1@40", steps=steps)
+    log = tmp_path / f"job-{job}.out"
+    end, restarts = time.time() + 600, 0
+    while True:
+        [state] = slurm_cluster.job_states(job)
+        restarts = max(restarts, int(re.search(r"Restarts=(\d+)", state.raw).group(1)))
+        if state.state == "PENDING" and state.reason == "BeginTime":
+            slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        if state.finished:
+            break
+        assert time.time() < end, f"job {job} still {state.state} after 600 s:\n{log.read_text()[-5000:]}"
+        time.sleep(0.5)
+    text = log.read_text()
+    assert state.state == "COMPLETED" and state.exit_code == 0, f"{state}\n{text[-5000:]}"
+    assert restarts >= 1, f"the run finished in its first job: nothing was requeued\n{text[-3000:]}"
+    assert text.count("requeued to resume from it") == restarts, text[-5000:]
+    run_dir = tmp_path / "sl"
+    stops = [r for r in records(run_dir) if "stopped" in r]
+    assert len(stops) == restarts and all(r["stopped"] == "SIGUSR1" for r in stops), stops
+    for r in stops:  # each job resumed where the one before it stopped
+        step = r["step"]
+        assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'} at step {step}" in text
+    assert [r["step"] for r in records(run_dir) if "loss" in r] == list(range(1, steps + 1))
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slurm
+def test_scancel_saves_the_step_reached_and_is_not_requeued(slurm_cluster, shards, tmp_path):
+    job = submit(slurm_cluster, shards, tmp_path, steps=2000)
+    run_dir, log = tmp_path / "sl", tmp_path / f"job-{job}.out"
+    end = time.time() + 300
+    while not any(r.get("step", 0) >= 5 for r in records(run_dir)):
+        assert time.time() < end and not slurm_cluster.job_states(job)[0].finished, log.read_text()[-5000:]
+        time.sleep(0.05)
+    slurm_cluster.run("scancel", job)
+    [state] = slurm_cluster.wait(job, timeout=120)
+    time.sleep(3)  # a requeue would show by now
+    [state] = slurm_cluster.job_states(job)
+    text = log.read_text()
+    assert state.state == "CANCELLED" and state.exit_code == 75, f"{state}\n{text[-5000:]}"
+    assert "Restarts=0" in state.raw and "requeued" not in text, text[-3000:]
+    [stop] = [r for r in records(run_dir) if "stopped" in r]
+    assert stop["stopped"] == "SIGTERM" and 5 <= stop["step"] < 2000
+    assert (run_dir / "checkpoints" / f"step_{stop['step']:08d}" / "COMPLETE").is_file()
+    assert max(r["step"] for r in records(run_dir) if "loss" in r) == stop["step"]
