@@ -38,9 +38,15 @@ if [ -n "${LOCAL_RANK:-}" ] || [ -n "${SLURM_STEP_ID:-}" ]; then
 fi
 
 launcher=(-m deepspeed.launcher.runner)
+env_file=""
 if [ -n "${HOSTFILE:-}" ]; then
   [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE=$HOSTFILE not found" >&2; exit 2; }
   launcher+=(--hostfile "$HOSTFILE")
+  # the other nodes get SWIN_*, AWS_*, TORCH_*, DEEPSPEED_TIMEOUT too, not only the runner's own prefixes
+  # (swin_common/launch_env.py): a private file, named in DS_ENV_FILE, holding the user's .deepspeed_env lines too
+  env_file="$(mktemp "${TMPDIR:-/tmp}/swin-deepspeed-env.XXXXXX")"
+  "$python" -m swin_common.launch_env "$HOME/.deepspeed_env" "$launch_dir/.deepspeed_env" >"$env_file"
+  export DS_ENV_FILE="$env_file"
 else
   launcher+=(--hostfile /dev/null)  # no hostfile: this machine only, no ssh
 fi
@@ -98,5 +104,6 @@ if [ -f "$SWIN_STOP_FILE" ]; then
   status=75
   rm -f "$SWIN_STOP_FILE"
 fi
+[ -z "$env_file" ] || rm -f "$env_file"
 exit "$status"
 : "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; raise SystemExit(main(sys.argv[1:]))

@@ -221,3 +221,54 @@ def test_a_multi_node_job_without_a_tracking_server_refuses_naming_the_script(od
     assert len(errors) == 1 and "runs on 2 nodes (node0, node1)" in errors[0], outs[0][1][-2000:]
     assert "scripts/start_mlflow_server.sh" in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
     assert not (tmp_path / "mlflow").exists()  # no SQLite file written from either "node"
+
+
+# -- 5. timeouts that fit the work ------------------------------------------------------------------------------
+WAIT = r"""
+import sys, time
+from pipeline.engine.distributed import barrier, init_distributed, shutdown, wait_for_main
+how, rank0_s = sys.argv[1], float(sys.argv[2])
+world = init_distributed(timeout_s=3, long_timeout_s=120)  # every collective: 3 s (train.collective_timeout_s)
+if world.is_main:
+    time.sleep(rank0_s)  # rank 0's long work: the export and registration, a universal conversion
+t0 = time.monotonic()
+try:
+    (wait_for_main("the test's long section", progress_s=2) if how == "wait_for_main" else barrier())
+    print(f"passed after {time.monotonic() - t0:.1f} s", flush=True)
+finally:
+    shutdown()
+"""
+
+
+def run_ranks(code: str, *args: str, world: int = 2, timeout: float = 120) -> list[tuple[int, str, str]]:
+    port = str(free_port())
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(world)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
+@pytest.mark.slow
+def test_rank0_work_longer_than_the_collective_timeout_is_waited_for():
+    """The collective timeout is 3 s; rank 0 works 8 s while rank 1 waits: wait_for_main (the long-wait gloo
+    group) passes and says it still waits, where a plain barrier of the process group times out."""
+    (rc0, out0, err0), (rc1, out1, err1) = run_ranks(WAIT, "wait_for_main", "8")
+    assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
+    assert float(out1.split()[-2]) >= 7, out1
+    assert "still waiting for rank 0 to finish the test's long section" in err1, err1[-2000:]
+    (_rc0, _out0, _err0), (rc1, out1, err1) = run_ranks(WAIT, "barrier", "8")
+    assert rc1 != 0 and "passed" not in out1, out1 + err1[-2000:]  # the timeout is real: the test could fail
+    assert "timed out" in err1.lower() or "timeout" in err1.lower(), err1[-2000:]
+
+
+def test_nccl_gets_async_error_handling_and_a_flight_recorder_dumping_into_the_run_folder(tmp_path):
+    from pipeline.engine.distributed import nccl_environment
+
+    env = nccl_environment(str(tmp_path / "run" / "nccl_traces"))
+    assert env == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",
+                   "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                   "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(tmp_path / "run" / "nccl_traces" / "rank_")}
+    assert "TORCH_NCCL_DUMP_ON_TIMEOUT" not in nccl_environment(None)  # no folder, no dump

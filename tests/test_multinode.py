@@ -115,6 +115,10 @@ def wait_gone(marker: str, timeout: float) -> list[int]:
 
 
 # --- ssh "nodes" -----------------------------------------------------------------------------------------
+# settings the project reads, which the deepspeed runner alone would not pass to the other nodes
+FORWARDED = {"SWIN_FORWARD_CHECK": "a b,c", "AWS_DEFAULT_REGION": "eu-west-3", "TORCH_CPP_LOG_LEVEL": "ERROR",
+             "DEEPSPEED_TIMEOUT": "12"}
+
 
 @pytest.mark.parametrize("form", ["bash_hostfile", "deepspeed_hostfile"])
 def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_nodes, shards, tmp_path):
@@ -128,7 +132,8 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
     port = free_port()
     if form == "bash_hostfile":  # HOSTFILE=... bash launch/pretrain_22k.sh, from the user's own folder
         cmd = ["bash", LAUNCH, *args]
-        env = clean_env(**ssh_nodes.env, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = clean_env(**ssh_nodes.env, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                        **FORWARDED)
         cwd = user_dir
     else:  # as the team types it, in the repository: the script's path and --config are relative
         cmd = [DEEPSPEED, "--hostfile", hostfile, "--ssh_port", ssh_nodes.port, "--master_addr", "127.0.0.1",
@@ -155,6 +160,9 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
         # it was started over ssh on the second node, by the launcher there, one rank per node
         assert victim_env["SSH_CONNECTION"].split()[2] == "127.0.0.2", victim_env.get("SSH_CONNECTION")
         assert (victim_env["WORLD_SIZE"], victim_env["LOCAL_RANK"]) == ("2", "0")
+        if form == "bash_hostfile":  # the project's settings reached the other node (DeepSpeed's runner alone
+            # passes on only NCCL*, PYTHON*, MLFLOW*, ...): swin_common/launch_env.py's DS_ENV_FILE
+            assert {k: victim_env.get(k) for k in FORWARDED} == FORWARDED
         rank0 = rank_process(marker, 0)
         assert rank0 is not None and _environ(rank0)["SSH_CONNECTION"].split()[2] == "127.0.0.1"
         try:
