@@ -220,18 +220,20 @@ def main(argv: list[str] | None = None) -> int:
                       format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
     try:
         summary = run(cfg, world)
-        if world.is_main:
-            print(redact_text(json.dumps(summary, indent=1)), flush=True)
-        return 0
     except RunStopped as stop:
         if world.is_main:
             report_stop(cfg, stop)
+        shutdown()
         return EXIT_STOPPED
     except BaseException:
-        stop_flag().uninstall()  # on its way out with an error: a launcher's SIGTERM ends it at once again
+        # on its way out with an error: a launcher's SIGTERM ends it at once again, and the process group stays
+        # up for the error report, which compares the ranks' lines through its store (swin_common.cli)
+        stop_flag().uninstall()
         raise
-    finally:
-        shutdown()
+    if world.is_main:
+        print(redact_text(json.dumps(summary, indent=1)), flush=True)
+    shutdown()
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,10 +13,14 @@
 - Anything else is a bug: its traceback is printed (redacted) and the exit status is 1.
 - `--debug` (on every parser made with this module's ArgumentParser) or SWIN_DEBUG=1 prints the traceback of
   expected failures too.
-- `ranked=True` (commands started once per rank by a launcher): rank 0 (RANK, else SLURM_PROCID) prints the line
-  of an expected failure at once; another rank waits a short grace (SWIN_RANK_GRACE_S, 5 s) first, in which the
-  launcher, seeing rank 0 exit, stops it: so the line appears once, not once per rank. A rank that outlives the
-  grace failed alone and prints `error: rank N: ...` itself. Unexpected failures print on every rank.
+- `ranked=True` (commands started once per rank by a launcher): the same error on several ranks shows once, an
+  error of one rank shows once with its rank (`error: rank N: ...`). Once the process group runs, the ranks
+  compare lines through its key-value store (hosted by rank 0, or torchrun's agent): each failing rank posts its
+  line; rank 0 prints its own and waits (at most SWIN_RANK_GRACE_S, 10 s) until the others have posted theirs,
+  so that its store outlives their question; another rank prints only a line rank 0 did not post. Before the
+  process group (a bad config, on every rank alike), another rank waits the grace for the launcher to stop it
+  once rank 0 has exited, and prints the line with its rank if it is still alive. Unexpected failures print on
+  every rank.
 - Everything the process writes through Python is redacted from the start (swin_common.redact).
 
 Expected failures are: CommandError (raised by the commands with a ready message), OSError (files, paths,
@@ -41,7 +45,7 @@ from .redact import install_log_redaction, install_redaction, redact_text
 OUR_PACKAGES = ("data_prep", "pipeline", "swin_common")
 USER_ERROR = 2
 BUG = 1
-RANK_GRACE_S = 5.0  # how long another rank waits before exiting, so rank 0's line gets out (SWIN_RANK_GRACE_S)
+RANK_GRACE_S = 10.0  # the longest ranks wait for each other's error lines (SWIN_RANK_GRACE_S)
 MAX_LINE = 600
 _debug = False
 
@@ -205,16 +209,67 @@ def report(e: BaseException, expected=(), exit_codes=None, ranked: bool = False)
             sys.stderr.write(f"error: {describe(e)}\n")
         sys.stderr.flush()
         return BUG if code is None else code
-    if not ranked or main_rank():
-        sys.stderr.write(f"error: {describe(e)}\n")
+    line = describe(e)
+    store = _job_store() if ranked else None
+    if store is not None:
+        _report_through_store(store, line)
+    elif not ranked or main_rank():
+        sys.stderr.write(f"error: {line}\n")
     else:
-        # Rank 0 speaks for the job: a launcher (deepspeed, torchrun, srun --kill-on-bad-exit) stops every rank
-        # once one exits non-zero, so while rank 0 reports the same error, this rank is stopped silently here.
+        # No process group yet: a launcher (deepspeed, torchrun, srun --kill-on-bad-exit) stops every rank once
+        # one exits non-zero, so while rank 0 reports the same error, this rank is stopped silently here.
         # A rank still alive after the grace failed alone (rank 0 waits in a collective): it says so itself.
-        time.sleep(float(os.environ.get("SWIN_RANK_GRACE_S", RANK_GRACE_S)))
-        sys.stderr.write(f"error: rank {rank()}: {describe(e)}\n")
+        time.sleep(_grace())
+        sys.stderr.write(f"error: rank {rank()}: {line}\n")
     sys.stderr.flush()
     return code
+
+
+def _grace() -> float:
+    return float(os.environ.get("SWIN_RANK_GRACE_S", RANK_GRACE_S))
+
+
+def _job_store():
+    """The running process group's key-value store, or None (no group, or a world of one)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store  # torch's own; no public accessor
+
+        return _get_default_store()
+    except Exception:  # noqa: BLE001  (then the grace below)
+        return None
+
+
+def _report_through_store(store, line: str) -> None:
+    """The same line from several ranks once, rank 0's copy; another rank's own line with its rank."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    me, world = dist.get_rank(), dist.get_world_size()
+    wait = timedelta(seconds=_grace())
+    try:
+        store.set(f"swin/error/{me}", line)
+    except Exception:  # noqa: BLE001  (rank 0 and its store are gone: it has reported and exited)
+        sys.stderr.write(f"error: {line}\n" if me == 0 else f"error: rank {me}: {line}\n")
+        return
+    if me == 0:
+        sys.stderr.write(f"error: {line}\n")
+        sys.stderr.flush()
+        try:  # keep the store up until every other rank has posted (a rank that did not fail never does)
+            store.wait([f"swin/error/{r}" for r in range(1, world)], wait)
+        except Exception:  # noqa: BLE001
+            pass
+        return
+    try:
+        store.wait(["swin/error/0"], wait)
+        same = store.get("swin/error/0").decode() == line
+    except Exception:  # noqa: BLE001  (rank 0 did not fail, or is gone)
+        same = False
+    if not same:
+        sys.stderr.write(f"error: rank {me}: {line}\n")
 
 
 def command(expected=(), exit_codes=None, ranked: bool = False):

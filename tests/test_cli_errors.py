@@ -111,10 +111,64 @@ def test_another_rank_defers_to_rank_0():
         one_line(proc, "error: rank 1: unknown key(s) nosuch")
 
 
+@pytest.fixture
+def busy_machine():
+    """Two processes that keep both cores busy (a loaded CI machine), for as long as the test runs."""
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for proc in spin:
+        proc.kill()
+        proc.wait()
+
+
+RANKED = r"""
+import sys
+from pipeline.engine.distributed import barrier, init_distributed, shutdown
+from swin_common.cli import CommandError, command
+
+@command(ranked=True)
+def main(argv=None):
+    how = sys.argv[1]
+    world = init_distributed(timeout_s=60)
+    if how == "same" or how == "differ" or (how == "alone" and world.rank == 1):
+        raise CommandError("the shard set is gone" if how != "differ" else f"trouble on rank {world.rank}")
+    barrier()  # "alone": rank 0 waits here for rank 1, which failed
+    shutdown()
+    return 0
+
+raise SystemExit(main())
+"""
+
+
 @pytest.mark.slow
-def test_launcher_prints_the_error_once(tmp_path):
-    """launch/pretrain_22k.sh starts 2 CPU ranks through the deepspeed launcher: its own lines may show, the
-    error line once, no traceback."""
+@pytest.mark.parametrize("how", ["same", "differ", "alone"])
+def test_ranks_agree_on_what_to_print_whatever_the_timing(how, busy_machine):
+    """Two ranks on a busy machine, each started as a launcher starts it, and no launcher to stop either: the
+    same error from both shows once; different errors each once, the other rank's with its rank; an error of
+    rank 1 alone (rank 0 waits for it in a collective) shows with its rank."""
+    port = str(free_port())
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    procs = [subprocess.Popen([sys.executable, "-c", RANKED, how], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SWIN_RANK_GRACE_S": "6"})
+             for r in range(2)]
+    if how == "alone":
+        procs[1].wait(timeout=120)
+        procs[0].kill()  # what a launcher does once rank 1 has exited
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    lines = [[line for line in err.splitlines() if line.startswith("error: ")] for err in errs]
+    expected = {"same": [["error: the shard set is gone"], []],
+                "differ": [["error: trouble on rank 0"], ["error: rank 1: trouble on rank 1"]],
+                "alone": [[], ["error: rank 1: the shard set is gone"]]}[how]
+    assert lines == expected, errs
+    assert procs[1].returncode == 2
+
+
+@pytest.mark.slow
+def test_launcher_prints_the_error_once(tmp_path, busy_machine):
+    """launch/pretrain_22k.sh starts 2 CPU ranks through the deepspeed launcher on a busy machine: its own lines
+    may show, the error line once, no traceback."""
     proc = run("bash", REPO / "launch" / "pretrain_22k.sh", "--config", TINY, "data.shards=/nonexistent",
                f"out_dir={tmp_path}", env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}, timeout=300)
     out = proc.stdout + proc.stderr
@@ -126,8 +180,9 @@ def test_launcher_prints_the_error_once(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path):
-    """launch/slurm/pretrain_22k.sbatch: srun starts 2 tasks; the job log holds the error line once."""
+def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machine):
+    """launch/slurm/pretrain_22k.sbatch: srun starts 2 tasks on a busy machine; the job log holds the error line
+    once (srun stops the other task once one exits non-zero: "once" must not depend on which is first)."""
     job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch", "--config", TINY,
                                "data.shards=/nonexistent", f"out_dir={tmp_path}",
                                sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
