@@ -26,7 +26,7 @@ from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import (check_shared_run_dir, checkpoint_meta, complete_checkpoints, find_resume,
                                        load_checkpoint, needs_universal, save_checkpoint)
-from pipeline.engine.distributed import World, all_reduce_sum, all_true, world_size
+from pipeline.engine.distributed import World, all_gather_object, all_reduce_sum, all_true, world_size
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config,
@@ -34,6 +34,7 @@ from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, 
                                    skipped_steps)
 from pipeline.engine.step import StepTally, micro_step
 from pipeline.engine.stop import RunStopped, stop_flag
+from pipeline.engine.timing import RunClock, run_summary, summary_line, window_fields
 from pipeline.model import create_model, forward_flops
 from pipeline.model.transfer import initialise
 
@@ -56,6 +57,7 @@ class RunState:
     last_checkpoint_step: int = -1
     last_eval: dict = field(default_factory=dict)
     nonfinite_seen: int = 0  # the tally's non-finite count at the last skipped step
+    clock: RunClock = field(default_factory=RunClock)  # where the time went (pipeline/engine/timing.py)
 
 
 class MetricsLog:
@@ -208,8 +210,14 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
     schedule.step_update(state.step)
 
     def checkpoint(meta: dict | None = None):
+        t0 = time.perf_counter()
         save_checkpoint(engine, cfg, state.step, world.rank, world.size, train_loader.state_dict(), synsets, meta)
         state.last_checkpoint_step = state.step
+        state.clock.window.checkpoint += time.perf_counter() - t0
+
+    state.clock = RunClock()  # the loop's time, from here
+    state.clock.watch_backward(engine.module)
+    state.window_start = time.perf_counter()
 
     try:
         if val_loader is not None and ((cfg.init_from and resume is None) or  # step 0: the initialised model
@@ -227,8 +235,11 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
         save_at_stop(stop, state, checkpoint, metrics, world)
         raise
     final = complete_checkpoints(run_dir / "checkpoints")[-1]
+    timing = run_summary(state.clock)
+    if world.is_main:
+        log.info(summary_line(timing))
     return {"steps": state.step, "dropped_micro_batches": state.dropped_total, "eval": state.last_eval,
-            "checkpoint": str(final)}
+            "checkpoint": str(final), "time": timing}
 
 
 def stop_if_agreed(step: int, during: str) -> None:
@@ -287,17 +298,21 @@ def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: in
     batches = iter(loader)
     try:
         while loader.position < per_epoch and state.step < end:
+            asked = time.perf_counter()
             images, labels = next(batches)
+            ready = time.perf_counter()
             # non_blocking: a pinned CPU batch (torch backend) is copied while the GPU works; DALI's are there
             result = micro_step(engine, images.to(engine.device, non_blocking=True),
                                 labels.to(engine.device, non_blocking=True), cfg.data.label_smoothing, state.tally,
                                 ctx.guard_on_host)
+            state.clock.micro(asked, ready, result.guard_s)
             if result.dropped or (result.skipped and bad_step_skipped(state, ctx)):
                 on_bad_loss(cfg, state, checkpoint, engine)
                 continue
             if result.stepped:
                 state.bad_streak = 0
                 state.step += 1
+                state.clock.window.steps += 1
                 schedule.step_update(state.step)
                 after_step(cfg, engine, val_loader, state, metrics, checkpoint, epoch, end, ctx)
                 stop_if_agreed(state.step, "training")
@@ -336,7 +351,10 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int, ctx: Step
     totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(tally.images)], dtype=torch.float64,
                                                           device=sums.device)])).tolist()
     loss_sum, finite, nonfinite, images = totals
-    elapsed = time.perf_counter() - state.window_start
+    window = state.clock.close_window()
+    # the window's training time: its evaluations and checkpoints have their own fields
+    elapsed = time.perf_counter() - state.window_start - window.eval - window.checkpoint
+    timing = window_fields(all_gather_object((window.own, window.data)), window.steps, elapsed)
     grad_norm = engine.get_global_grad_norm()
     scale = loss_scale(engine)
     record = {
@@ -348,9 +366,15 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int, ctx: Step
         "nonfinite_losses": int(nonfinite),  # in this window, every rank
         "dropped_micro_batches": state.dropped_total,
         "images_per_s": images / elapsed if elapsed > 0 else None,
+        "images_per_s_per_rank": images / elapsed / world if elapsed > 0 else None,
+        **timing,  # step time, each rank's own time (the slowest named), data wait
         "world_size": world,  # an elastic resume shows on the curves
         "time": time.time(),
     }
+    if window.checkpoint:
+        record["checkpoint_s"] = window.checkpoint  # saved since the last record (rank 0's time)
+    if window.eval:
+        record["eval_s"] = window.eval
     if engine.device.type == "cuda":
         if ctx.forward_flops is not None and elapsed > 0:
             record["mfu"] = mfu(images / elapsed / world, ctx.forward_flops, ctx.peak_flops)
@@ -362,10 +386,15 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int, ctx: Step
 
 
 def eval_now(engine, val_loader, state: RunState, metrics: MetricsLog) -> None:
-    result = evaluate(engine, val_loader, engine.device,
-                      between_batches=lambda: stop_if_agreed(state.step, "evaluation"))
+    t0 = time.perf_counter()
+    try:
+        result = evaluate(engine, val_loader, engine.device,
+                          between_batches=lambda: stop_if_agreed(state.step, "evaluation"))
+    finally:
+        seconds = time.perf_counter() - t0
+        state.clock.window.eval += seconds
     state.last_eval = {"step": state.step, **result}
-    metrics.write({**state.last_eval, "time": time.time()})
+    metrics.write({**state.last_eval, "eval_s": seconds, "time": time.time()})
 
 
 def on_bad_loss(cfg: RunConfig, state: RunState, checkpoint, engine) -> None:

@@ -14,6 +14,7 @@ log step reads the sums once per log line. A non-finite loss never reaches the w
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class MicroResult:
     dropped: bool  # non-finite loss on some rank, found before the backward: no backward on any rank
     stepped: bool  # this micro batch closed an optimizer step
     skipped: bool = False  # DeepSpeed skipped that optimizer step (non-finite gradients, or an fp16 overflow)
+    guard_s: float = 0.0  # seconds in the finite-loss all-reduce before the backward (a wait for the other ranks)
 
 
 class StepTally:
@@ -68,10 +70,16 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, label_smoothi
     loss = loss_fn(engine(images), labels, label_smoothing)
     finite = torch.isfinite(loss.detach())
     tally.add(loss, finite, len(images))
-    if guard_on_host and not all_true(finite):
-        return MicroResult(dropped=True, stepped=False)
+    guard_s = 0.0
+    if guard_on_host:
+        t0 = time.perf_counter()
+        ok = all_true(finite)
+        guard_s = time.perf_counter() - t0
+        if not ok:
+            return MicroResult(dropped=True, stepped=False, guard_s=guard_s)
     boundary = engine.is_gradient_accumulation_boundary()
     skipped_before = engine.skipped_steps
     engine.backward(loss)
     engine.step()
-    return MicroResult(dropped=False, stepped=boundary, skipped=boundary and engine.skipped_steps > skipped_before)
+    return MicroResult(dropped=False, stepped=boundary, skipped=boundary and engine.skipped_steps > skipped_before,
+                       guard_s=guard_s)

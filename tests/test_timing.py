@@ -1,0 +1,134 @@
+"""Every log line says where the time went, checked with real processes: a rank stopped (SIGSTOP) for 3 s is
+named as the slowest by its own time, not by the wait every rank then shares; a shard set behind a slow S3
+shows a data wait above a local set's; the run ends with its time split into compute, data, checkpoints and
+evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.engine.timing import window_fields
+from servers import REPO, free_port, latency_proxy, run_prep
+
+LAUNCH = REPO / "launch" / "pretrain_22k.sh"
+TINY = REPO / "configs" / "tiny_22k.yaml"
+
+
+def test_window_fields_name_the_slowest_rank_by_its_own_time():
+    fields = window_fields([(0.5, 0.1), (3.4, 0.2), (0.6, 0.0)], steps=2, elapsed=4.0)
+    assert fields["slowest_rank"] == 1 and fields["own_s_max"] == pytest.approx(1.7)
+    assert fields["own_s_median"] == pytest.approx(0.3) and fields["step_s"] == pytest.approx(2.0)
+    assert fields["data_wait_s"] == pytest.approx(0.1) and fields["data_wait_pct"] == pytest.approx(5.0)
+
+
+@pytest.fixture(scope="module")
+def shards(digits_tars, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("timing") / "shards"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
+    return out
+
+
+def args(shards, out: Path, name: str, *extra: str) -> list[str]:
+    return ["--config", str(TINY), f"name={name}", f"out_dir={out}", f"data.shards={shards}",
+            "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
+            "train.log_every=1", "schedule.epochs=20", "schedule.warmup_epochs=0", "tracking.enabled=false",
+            "checkpoint.every_steps=1000", *extra]
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
+            not k.startswith("SLURM_")}
+    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def rank1_pid(run_dir: Path) -> int:
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if f"name={run_dir.name}".encode() in cmd and b"--local_rank=1" in cmd and \
+                b"deepspeed.launcher.launch" in parent:
+            return int(proc.name)
+    raise AssertionError("no rank 1")
+
+
+def main_thread_running(pid: int) -> bool:
+    """Its main thread is on a CPU (state R): computing, not asleep in a collective's receive."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_for_3_s_is_named_the_slowest_with_its_own_stall(shards, tmp_path):
+    run_dir = tmp_path / "stall"
+    proc = subprocess.Popen(["bash", LAUNCH, *args(shards, tmp_path, "stall", "train.max_steps=40")], cwd=REPO,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        end = time.time() + 300
+        while len(step_records(run_dir)) < 8:
+            assert proc.poll() is None and time.time() < end, proc.stderr.read()[-4000:]
+            time.sleep(0.05)
+        victim = rank1_pid(run_dir)
+        running = 0
+        while running < 3:  # three looks 1 ms apart: inside its forward or backward, not a short phase
+            running = running + 1 if main_thread_running(victim) else 0
+            time.sleep(0.001)
+        os.kill(victim, signal.SIGSTOP)
+        stopped_after = step_records(run_dir)[-1]["step"]
+        time.sleep(3)
+        os.kill(victim, signal.SIGCONT)
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    after = [r for r in step_records(run_dir) if r["step"] > stopped_after][:2]
+    stalled = [r for r in after if r["own_s_max"] >= 3.0]
+    assert stalled, f"no record after step {stopped_after} shows a 3 s own time: {after}"
+    r = stalled[0]
+    assert r["slowest_rank"] == 1, r
+    assert r["step_s"] >= 3.0  # every rank waited for it...
+    assert 2 * r["own_s_median"] - r["own_s_max"] < 1.0, r  # ... but rank 0's own time did not grow
+    others = [x for x in step_records(run_dir) if x["step"] not in (r["step"],) and x["step"] > 3]
+    assert statistics.median(x["own_s_max"] for x in others) < 1.0
+    assert "time: " in err and "training = compute" in err and "data wait" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_shard_set_behind_a_slow_s3_shows_a_longer_data_wait(shards, s3_server, tmp_path):
+    """One rank, no read-ahead, in-process decoding: every shard it opens comes through a proxy that delays each
+    S3 request by 300 ms, against the same set on local disk."""
+    bucket = s3_server.create_bucket("timing")
+    s3_server.upload_dir(shards, bucket, "digits")
+
+    def waits(name: str, shard_url, run_env: dict) -> list[float]:
+        subprocess.run([sys.executable, "-m", "pipeline.train",
+                        *args(shard_url, tmp_path, name, "train.max_steps=12", "data.workers=0", "data.read_ahead=0",
+                              f"data.cache_dir={tmp_path / name / 'cache'}", "data.val_split=")],
+                       cwd=REPO, env=run_env, check=True, capture_output=True, timeout=300)
+        return [r["data_wait_s"] for r in step_records(tmp_path / name)]
+
+    local = waits("local", shards, env())
+    with latency_proxy(s3_server.endpoint_url, delay_ms=300) as slow:
+        remote = waits("s3", f"s3://{bucket}/digits", s3_server.subprocess_env(
+            AWS_ENDPOINT_URL=slow, AWS_ENDPOINT_URL_S3=slow, PYTHON=sys.executable,
+            **{k: v for k, v in env().items() if k == "MASTER_PORT"}))
+    assert sum(remote) > sum(local) + 0.5, (remote, local)
+    assert max(remote) >= 0.3  # at least one batch waited for a shard's download
