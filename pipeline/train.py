@@ -10,7 +10,8 @@ pipeline/engine/loop.py) -> end-of-run steps: export the final checkpoint (rank 
 register the model, close the MLflow run.
 
 Expected failures (a bad config key, a missing or unfinalized shard set, ...) end in one line, `error: ...`,
-printed by rank 0 only, and exit 2 (3 when the training diverged); `--debug` shows their traceback.
+printed by rank 0 only, and exit 2 (3 when the training diverged, 4 when another rank stopped answering or ended:
+the line names it, pipeline/engine/watchdog.py); `--debug` shows their traceback.
 
 SIGTERM or SIGUSR1 (scancel, preemption, Slurm's signal before the time limit, the launcher passing one on): every
 rank finishes its optimizer step, the ranks agree to stop, save a checkpoint at that step, and exit 75; the
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from swin_common.cli import ArgumentParser, command, configure_logging
+from swin_common.cli import ArgumentParser, CommandError, command, configure_logging
 from swin_common.redact import redact_text
 
 log = logging.getLogger("pipeline.train")
@@ -218,22 +219,47 @@ def main(argv: list[str] | None = None) -> int:
                              str(cfg.run_dir / "nccl_traces"))
     configure_logging(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
                       format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
+    from pipeline.engine.watchdog import is_collective_failure, lost_rank_error, start_watch
+
+    watch = None
     try:
+        if world.size > 1:
+            watch = start_watch(cfg.run_dir, world.rank)  # a rank that ends or hangs ends the job, named
         summary = run(cfg, world)
     except RunStopped as stop:
         if world.is_main:
             report_stop(cfg, stop)
+        if watch is not None:
+            watch.done()
         shutdown()
         return EXIT_STOPPED
-    except BaseException:
+    except BaseException as e:
         # on its way out with an error: a launcher's SIGTERM ends it at once again, and the process group stays
         # up for the error report, which compares the ranks' lines through its store (swin_common.cli)
         stop_flag().uninstall()
+        if watch is not None and is_collective_failure(e):
+            raise RankLost(lost_rank_error(cfg.run_dir, world.rank, world.size, cfg.train.collective_timeout_s)) \
+                from e
         raise
     if world.is_main:
         print(redact_text(json.dumps(summary, indent=1)), flush=True)
+    if watch is not None:
+        watch.done()
     shutdown()
     return 0
+
+
+class RankLost(CommandError):
+    """Another rank stopped answering or ended: named, exit 4. The process leaves at once after its line
+    (os._exit): the transport's threads, whose peer is gone, would abort the interpreter's own exit."""
+
+    hard_exit = True
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=EXIT_RANK_LOST)
+
+
+EXIT_RANK_LOST = 4
 
 
 if __name__ == "__main__":

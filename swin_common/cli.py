@@ -285,7 +285,12 @@ def command(expected=(), exit_codes=None, ranked: bool = False):
             except (SystemExit, KeyboardInterrupt):
                 raise
             except Exception as e:  # noqa: BLE001  (sorted into expected failures and bugs below)
-                return report(e, expected, exit_codes, ranked)
+                code = report(e, expected, exit_codes, ranked)
+                if getattr(e, "hard_exit", False):  # the interpreter's own exit would hang or abort
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+                return code
 
         return run
 

@@ -171,6 +171,9 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
             pytest.fail(f"the launcher did not end within 120 s of the kill:\n{log1.read_text()[-6000:]}")
         first = log1.read_text()
         assert rc != 0, first[-4000:]
+        # rank 0 names the rank it lost, and where it ran (pipeline/engine/watchdog.py)
+        assert re.search(r"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid \d+, last at step \d+: its "
+                         r"process ended", first, re.M), first[-4000:]
         left = wait_gone(marker, 60)  # pdsh is gone; the ranks' own launchers on each node end them
         assert not left, f"processes left after the killed run: {[(p, _cmdline(p)) for p in left]}"
         assert "127.0.0.1: " in first and "127.0.0.2: " in first, first[-3000:]  # pdsh's per-node prefixes
@@ -197,6 +200,55 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
     assert complete["world_size"] == 2 and complete["step"] == 40
     assert sorted(p.name for p in final.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, shards, tmp_path):
+    """SIGSTOP of the rank on 127.0.0.2 mid-run (a hung node): rank 0's collective times out after
+    train.collective_timeout_s, it names the rank and its node, every process on both nodes ends (the stopped
+    one by its watchdog's SIGKILL), and the same command resumes from the newest checkpoint."""
+    run_dir = tmp_path / "shared" / "hang"
+    marker = str(run_dir.parent)
+    timeout_s = 20
+    args = small(shards, run_dir.parent, "hang", "train.max_steps=30", "checkpoint.every_steps=4",
+                 f"train.collective_timeout_s={timeout_s}")
+    env = clean_env(**ssh_nodes.env, HOSTFILE=str(ssh_nodes.hostfile(tmp_path / "hostfile")),
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = list(map(str, ["bash", LAUNCH, *args]))
+    log1 = tmp_path / "first.log"
+    try:
+        with open(log1, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        ckpt = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
+        end = time.time() + 240
+        while not ckpt.exists():
+            assert proc.poll() is None and time.time() < end, log1.read_text()[-6000:]
+            time.sleep(0.05)
+        victim = rank_process(marker, 1)
+        assert victim is not None and _environ(victim)["SSH_CONNECTION"].split()[2] == "127.0.0.2"
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            rc = proc.wait(timeout=timeout_s + 90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job still runs {timeout_s + 90} s after the stop:\n{log1.read_text()[-6000:]}")
+        took = time.monotonic() - t0
+        first = log1.read_text()
+        assert rc != 0, first[-4000:]
+        assert re.search(rf"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid {victim}, last at step "
+                         r"\d+: stopped answering", first, re.M), first[-4000:]
+        left = wait_gone(marker, 30)
+        assert not left, f"processes left after the hung run: {[(p, _cmdline(p)) for p in left]}"
+        newest = max(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
+        step = json.loads((newest / "COMPLETE").read_text())["step"]
+        again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        assert again.returncode == 0, again.stdout[-6000:]
+        assert f"resumed from {newest} at step {step}" in again.stdout + again.stderr
+    finally:
+        left = kill_all(marker)
+    assert not left
+    assert took < timeout_s + 60, f"{took:.0f} s from the stop to the job's end"
+    print(f"stopped rank -> job ended in {took:.1f} s (collective timeout {timeout_s} s)")
 
 
 # --- Slurm across two nodes ------------------------------------------------------------------------------

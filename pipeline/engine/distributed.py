@@ -159,7 +159,14 @@ def init_distributed(timeout_s: float | None = None, long_timeout_s: float | Non
         # use; it serves only DeepSpeed's inference all-reduce, training goes through gloo. DeepSpeed keeps the
         # probed op table in one dict so that such edits hold.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    timeout = {}
+    if timeout_s is not None:
+        import torch.distributed.distributed_c10d as c10d
+
+        timeout = {"timeout": timedelta(seconds=timeout_s)}
+        # the groups DeepSpeed makes (its data-parallel group is a clone of the world's) are new_group()s without
+        # a timeout, which torch fills in from these module defaults, not from the world group's: set them too
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout["timeout"]
     deepspeed.init_distributed(dist_backend=process_group_backend(cuda), **timeout)
     if _distributed():
         import torch.distributed as dist

@@ -35,6 +35,7 @@ from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, 
 from pipeline.engine.step import StepTally, micro_step
 from pipeline.engine.stop import RunStopped, stop_flag
 from pipeline.engine.timing import RunClock, run_summary, summary_line, window_fields
+from pipeline.engine.watchdog import at_step
 from pipeline.model import create_model, forward_flops
 from pipeline.model.transfer import initialise
 
@@ -313,6 +314,7 @@ def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: in
                 state.bad_streak = 0
                 state.step += 1
                 state.clock.window.steps += 1
+                at_step(state.step)
                 schedule.step_update(state.step)
                 after_step(cfg, engine, val_loader, state, metrics, checkpoint, epoch, end, ctx)
                 stop_if_agreed(state.step, "training")
