@@ -277,3 +277,23 @@ def test_a_refused_metrics_batch_drops_only_itself(mlflow_server):
         sender.metrics += [Metric("loss", float(i), now, i) for i in range(1, 600)]
     assert sender.close(60)
     assert steps_of(client, run.info.run_id, "loss") == list(range(500, 600))
+
+
+def test_a_crashed_run_is_failed_with_its_redacted_error(mlflow_server, tmp_path, monkeypatch):
+    """The train command's end for a crash (pipeline/train.py: tracker.failed): FAILED, and a tag with the
+    error's first line, its credentials cut."""
+    from pipeline.config import dump_config, load_config
+    from pipeline.engine.distributed import World
+    from pipeline.tracking.tracker import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    cfg = load_config(TINY, ["name=crash", f"out_dir={tmp_path}", "tracking.system_metrics=false"])
+    cfg.run_dir.mkdir(parents=True)
+    dump_config(cfg, cfg.run_dir / "config.yaml")
+    tracker = Tracker(cfg, World(0, 1, 0), resumed=False)
+    tracker.failed(OSError("cannot read s3 shard via https://alice:hunter2secret@proxy.example:3128\nmore"))
+    run = MlflowClient(mlflow_server.uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    tag = run.data.tags["swin.error"]
+    assert tag.startswith("OSError: cannot read s3 shard via") and "hunter2secret" not in tag, tag
+    assert "more" not in tag  # the first line only
