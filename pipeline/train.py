@@ -151,6 +151,7 @@ def run(cfg, world) -> dict:
     from pipeline.engine.distributed import broadcast_object, wait_for_main
     from pipeline.engine.loop import prepare, stop_if_agreed, train
     from pipeline.engine.stop import RunStopped, stop_flag
+    from pipeline.engine.watchdog import note_exiting
 
     t_start = time.time()
     setup = prepare(cfg, world)
@@ -163,7 +164,11 @@ def run(cfg, world) -> dict:
         tracker.stopped(stop)
         raise
     except BaseException as e:
-        tracker.failed(e)
+        note_exiting()  # its watchdog lets it finish the report
+        lost = as_lost_rank(e, cfg, world)
+        tracker.failed(lost or e)  # MLflow gets the rank's name, not the transport's words
+        if lost is not None:
+            raise lost from e
         raise
     failure, stopped = None, None
     if world.is_main:
@@ -214,12 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.distributed import init_distributed, shutdown
     from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag
 
+    from pipeline.engine.watchdog import note_start, start_failure
+
     stop_flag().install()  # before the slow start: a signal then stops the run at its first step boundary
-    world = init_distributed(cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s,
-                             str(cfg.run_dir / "nccl_traces"))
+    started = note_start(cfg.run_dir, dict(os.environ))  # a rank that never starts is then named
+    try:
+        world = init_distributed(cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s,
+                                 str(cfg.run_dir / "nccl_traces"))
+    except Exception as e:  # noqa: BLE001  (a rendezvous that timed out names the ranks that never came)
+        failure = start_failure(e, cfg.run_dir, dict(os.environ), started, cfg.train.collective_timeout_s)
+        if failure is e:
+            raise
+        raise failure from e
     configure_logging(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
                       format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
-    from pipeline.engine.watchdog import is_collective_failure, lost_rank_error, start_watch
+    from pipeline.engine.watchdog import note_exiting, start_watch
 
     watch = None
     try:
@@ -237,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         # on its way out with an error: a launcher's SIGTERM ends it at once again, and the process group stays
         # up for the error report, which compares the ranks' lines through its store (swin_common.cli)
         stop_flag().uninstall()
-        if watch is not None and is_collective_failure(e):
-            raise RankLost(lost_rank_error(cfg.run_dir, world.rank, world.size, cfg.train.collective_timeout_s)) \
-                from e
+        note_exiting()
+        lost = as_lost_rank(e, cfg, world) if watch is not None else None
+        if lost is not None:
+            raise lost from e
         raise
     if world.is_main:
         print(redact_text(json.dumps(summary, indent=1)), flush=True)
@@ -247,6 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         watch.done()
     shutdown()
     return 0
+
+
+def as_lost_rank(e: BaseException, cfg, world) -> "RankLost | None":
+    """A collective's failure (a timeout, a peer gone) in a job of several ranks, as the error that names the
+    rank that stopped answering; None for anything else."""
+    from pipeline.engine.watchdog import is_collective_failure, lost_rank_error
+
+    if world.size < 2 or isinstance(e, RankLost) or not is_collective_failure(e):
+        return None
+    return RankLost(lost_rank_error(cfg.run_dir, world.rank, world.size, cfg.train.collective_timeout_s, e))
 
 
 class RankLost(CommandError):

@@ -23,7 +23,10 @@
 # Stop it:  scripts/stop_sshd.sh STATE_DIR   (SIGTERM by PID to the listener and its session processes)
 #
 # environment: SSHD_HOSTS (default "127.0.0.1 127.0.0.2": the loopback addresses it listens on),
-#              SSHD_START_TIMEOUT seconds (default 30).
+#              SSHD_START_TIMEOUT seconds (default 30),
+#              SSHD_SETENV "ADDRESS:KEY=VALUE ..." (default none): variables set in the sessions of one address
+#              only (sshd's Match LocalAddress + SetEnv), to make one "node" differ from the others, e.g.
+#              "127.0.0.2:PYTHONHOME=/nonexistent" for an interpreter that is broken on that node alone.
 # exit status: 0 a login works on every address; 1 failed (sshd.log printed to stderr, sshd stopped); 2 usage.
 set -euo pipefail
 
@@ -80,6 +83,9 @@ MaxStartups 64:30:128
 MaxSessions 64
 LogLevel INFO
 EOF
+  for item in ${SSHD_SETENV:-}; do  # Match blocks last: they run to the end of the file
+    printf 'Match LocalAddress %s\n  SetEnv %s\n' "${item%%:*}" "${item#*:}"
+  done
 } >"$state/sshd_config"
 
 cat >"$state/ssh_config" <<EOF

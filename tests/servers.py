@@ -51,6 +51,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """This environment as outside any job (no rank or Slurm variables), the venv's python for the launch
+    scripts, a free rendezvous port, plus extra."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
+            not k.startswith("SLURM_")}
+    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
+
+
+def rank_pid(run_dir: Path, rank: int) -> int:
+    """The training process of `rank` of the run `run_dir` (out_dir=parent, name=folder) under the deepspeed
+    launcher on this machine: its DataLoader workers share its command line, but their parent is the rank."""
+    marks = (f"out_dir={run_dir.parent}".encode(), f"name={run_dir.name}".encode(), f"--local_rank={rank}".encode())
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if all(m in cmd for m in marks) and b"deepspeed.launcher.launch" in parent:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} process of {run_dir}")
+
+
 def stop_pid(pid: int, expect_comm: str | tuple[str, ...], grace: float = 20.0) -> bool:
     """SIGTERM, then SIGKILL after `grace` seconds; only while /proc says the PID still is `expect_comm` (a
     reused PID is left alone). True when the process is gone."""
@@ -650,10 +676,11 @@ class SshNodes:
             raise RuntimeError(f"sshd {self.pid} survived SIGKILL")
 
 
-def start_sshd(state_dir: Path, timeout: float = 60) -> SshNodes:
-    """Starts scripts/start_sshd.sh with its keys and config in state_dir; waits until a login works."""
+def start_sshd(state_dir: Path, timeout: float = 60, env: dict | None = None) -> SshNodes:
+    """Starts scripts/start_sshd.sh with its keys and config in state_dir; waits until a login works. `env`:
+    more for the script (SSHD_SETENV: a node that differs)."""
     state_dir = Path(state_dir)
-    _run_script([str(SCRIPTS / "start_sshd.sh"), str(state_dir)], dict(os.environ), timeout,
+    _run_script([str(SCRIPTS / "start_sshd.sh"), str(state_dir)], {**os.environ, **(env or {})}, timeout,
                 "the test sshd did not start")
     values = read_env_file(state_dir / "sshd.env")
     nodes = SshNodes(pid=int(values["SSHD_PID"]), port=int(values["SSH_PORT"]),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO, free_port, run_prep
+from servers import REPO, free_port, run_prep, start_sshd
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
@@ -208,8 +208,8 @@ def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, sha
     one by its watchdog's SIGKILL), and the same command resumes from the newest checkpoint."""
     run_dir = tmp_path / "shared" / "hang"
     marker = str(run_dir.parent)
-    timeout_s = 20
-    args = small(shards, run_dir.parent, "hang", "train.max_steps=30", "checkpoint.every_steps=4",
+    timeout_s = 10
+    args = small(shards, run_dir.parent, "hang", "train.max_steps=16", "checkpoint.every_steps=4",
                  f"train.collective_timeout_s={timeout_s}")
     env = clean_env(**ssh_nodes.env, HOSTFILE=str(ssh_nodes.hostfile(tmp_path / "hostfile")),
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -249,6 +249,34 @@ def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, sha
     assert not left
     assert took < timeout_s + 60, f"{took:.0f} s from the stop to the job's end"
     print(f"stopped rank -> job ended in {took:.1f} s (collective timeout {timeout_s} s)")
+
+
+def test_a_rank_that_cannot_start_on_one_node_is_named_at_start(ssh_nodes, shards, tmp_path):
+    """The interpreter is broken on 127.0.0.2 alone (a second throwaway sshd whose sessions there get
+    PYTHONHOME=/nonexistent, as on a node whose Python or virtualenv is missing): that node's launcher cannot
+    start rank 1; rank 0 names it when its rendezvous times out (train.collective_timeout_s), and nothing is
+    left on either node."""
+    nodes = start_sshd(tmp_path / "sshd", env={"SSHD_SETENV": "127.0.0.2:PYTHONHOME=/nonexistent/python"})
+    try:
+        run_dir = tmp_path / "shared" / "nostart"
+        args = small(shards, run_dir.parent, "nostart", "train.max_steps=4", "train.collective_timeout_s=10")
+        env = clean_env(**nodes.env, HOSTFILE=str(nodes.hostfile(tmp_path / "hostfile")),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        t0 = time.monotonic()
+        proc = subprocess.run(list(map(str, ["bash", LAUNCH, *args])), cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=240)
+        took = time.monotonic() - t0
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out[-4000:]
+        errors = [line for line in out.splitlines() if "error: " in line and "never started" in line]
+        assert len(errors) == 1 and "rank(s) 1 of 2 never started" in errors[0], out[-4000:]
+        assert errors[0].startswith("127.0.0.1: error: "), errors  # rank 0's node says it
+        left = wait_gone(str(run_dir.parent), 30)
+        assert not left, [(p, _cmdline(p)) for p in left]
+        assert not (run_dir / "checkpoints").exists()
+    finally:
+        nodes.stop()
+    print(f"a rank that never started: named after {took:.1f} s (collective timeout 10 s)")
 
 
 # --- Slurm across two nodes ------------------------------------------------------------------------------

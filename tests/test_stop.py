@@ -6,8 +6,8 @@ curve of the three jobs equals an uninterrupted run's, step for step."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO, free_port, run_prep
+from servers import REPO, launch_env, rank_pid, run_prep
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
@@ -42,12 +42,6 @@ def command(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
                           "checkpoint.every_steps=1000", *extra]))
 
 
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
-            not k.startswith("SLURM_")}
-    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
-
-
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -62,22 +56,6 @@ def wait_for_record(run_dir: Path, proc: subprocess.Popen, log: Path, want, time
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) first:\n{log.read_text()[-5000:]}"
         assert time.time() < end, f"no such record after {timeout} s:\n{log.read_text()[-5000:]}"
         time.sleep(0.005)
-
-
-def rank_pid(run_dir: Path, rank: int) -> int:
-    """The training process of `rank` (its DataLoader workers share its command line; their parent is it)."""
-    marks = (f"out_dir={run_dir.parent}".encode(), f"name={run_dir.name}".encode(), f"--local_rank={rank}".encode())
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            parent = Path(f"/proc/{(proc / 'stat').read_text().rsplit(')', 1)[1].split()[1]}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if all(m in cmd for m in marks) and b"deepspeed.launcher.launch" in parent:
-            return int(proc.name)
-    raise AssertionError(f"no rank {rank} process of {run_dir}")
 
 
 def stop_and_wait(proc: subprocess.Popen, log: Path) -> float:
@@ -113,14 +91,14 @@ def started():
 def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, mlflow_server, tmp_path, started):
     from mlflow.tracking import MlflowClient
 
-    subprocess.run(command(shards, tmp_path, "straight", "tracking.enabled=false"), cwd=REPO, env=env(),
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(command(shards, tmp_path, "straight", "tracking.enabled=false"), cwd=REPO,
+                   env=launch_env(), check=True, capture_output=True, timeout=600)
     straight = {r["step"]: r["loss"] for r in records(tmp_path / "straight") if "loss" in r}
     assert sorted(straight) == list(range(1, 41))
 
     run_dir = tmp_path / "stopped"
     cmd = command(shards, tmp_path, "stopped", "tracking.system_metrics=false")
-    run_env = env(MLFLOW_TRACKING_URI=mlflow_server.uri)
+    run_env = launch_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
     client = MlflowClient(mlflow_server.uri)
 
     # 1. SIGTERM to the launch script mid-epoch (50 steps per epoch here), between checkpoints
@@ -178,6 +156,45 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     assert final.info.status == "FINISHED"
     history = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(set(history)) == list(range(1, 41))
+
+
+def test_a_signal_during_warm_up_or_a_periodic_checkpoint_stops_at_the_next_boundary(shards, tmp_path, started):
+    """SIGTERM while the ranks are still starting (their heartbeats are there, no step yet): they build the
+    engine, take one step and stop there with a checkpoint. Then SIGTERM while a periodic checkpoint is being
+    written: that checkpoint completes and is the stop's, none is saved twice."""
+    run_dir = tmp_path / "edges"
+    cmd = command(shards, tmp_path, "edges", "tracking.enabled=false", "checkpoint.every_steps=4", "eval.every_steps=0")
+    log1 = tmp_path / "warmup.log"
+    with open(log1, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        started.append(proc)
+    end = time.time() + 300
+    while not (run_dir / "ranks" / "rank_00001.json").is_file():  # set up, before the loaders and the engine
+        assert proc.poll() is None and time.time() < end, log1.read_text()[-5000:]
+        time.sleep(0.01)
+    assert not [r for r in records(run_dir) if "loss" in r]
+    proc.send_signal(signal.SIGTERM)
+    stop_and_wait(proc, log1)
+    assert newest_checkpoint(run_dir)[0] == 1, log1.read_text()[-3000:]
+    assert [(r["step"], r["stopped"]) for r in records(run_dir) if "stopped" in r] == [(1, "SIGTERM")]
+
+    log2 = tmp_path / "periodic.log"
+    with open(log2, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        started.append(proc)
+    tmp = run_dir / "checkpoints" / ".tmp-step_00000008"
+    while not tmp.exists():
+        assert proc.poll() is None and time.time() < end, log2.read_text()[-5000:]
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    stop_and_wait(proc, log2)
+    step, meta = newest_checkpoint(run_dir)
+    assert step == 8 and "stopped" not in meta, meta  # the periodic one, not saved again at the stop
+    stop = [r for r in records(run_dir) if "stopped" in r][-1]
+    assert (stop["step"], stop["checkpoint_s"]) == (8, 0.0), stop
+    assert "its checkpoint was saved already" in log2.read_text()
 
 
 # --- Slurm: the time limit requeues, scancel does not ------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.engine.timing import window_fields
-from servers import REPO, free_port, latency_proxy, run_prep
+from servers import REPO, latency_proxy, launch_env, rank_pid, run_prep
 
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
 TINY = REPO / "configs" / "tiny_22k.yaml"
@@ -43,30 +43,10 @@ def args(shards, out: Path, name: str, *extra: str) -> list[str]:
             "checkpoint.every_steps=1000", *extra]
 
 
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
-            not k.startswith("SLURM_")}
-    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
-
-
 def step_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def rank1_pid(run_dir: Path) -> int:
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
-        except (OSError, IndexError):
-            continue
-        if f"name={run_dir.name}".encode() in cmd and b"--local_rank=1" in cmd and \
-                b"deepspeed.launcher.launch" in parent:
-            return int(proc.name)
-    raise AssertionError("no rank 1")
 
 
 def main_thread_running(pid: int) -> bool:
@@ -78,14 +58,14 @@ def main_thread_running(pid: int) -> bool:
 def test_a_rank_stopped_for_3_s_is_named_the_slowest_with_its_own_stall(shards, tmp_path):
     run_dir = tmp_path / "stall"
     proc = subprocess.Popen(["bash", LAUNCH, *args(shards, tmp_path, "stall", "train.max_steps=40")], cwd=REPO,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         end = time.time() + 300
         while len(step_records(run_dir)) < 8:
             assert proc.poll() is None and time.time() < end, proc.stderr.read()[-4000:]
             time.sleep(0.05)
-        victim = rank1_pid(run_dir)
+        victim = rank_pid(run_dir, 1)
         running = 0
         while running < 3:  # three looks 1 ms apart: inside its forward or backward, not a short phase
             running = running + 1 if main_thread_running(victim) else 0
@@ -118,17 +98,24 @@ def test_a_shard_set_behind_a_slow_s3_shows_a_longer_data_wait(shards, s3_server
     bucket = s3_server.create_bucket("timing")
     s3_server.upload_dir(shards, bucket, "digits")
 
-    def waits(name: str, shard_url, run_env: dict) -> list[float]:
+    def run(name: str, shard_url, run_env: dict, *extra: str) -> list[dict]:
         subprocess.run([sys.executable, "-m", "pipeline.train",
-                        *args(shard_url, tmp_path, name, "train.max_steps=12", "data.workers=0", "data.read_ahead=0",
-                              f"data.cache_dir={tmp_path / name / 'cache'}", "data.val_split=")],
+                        *args(shard_url, tmp_path, name, "train.max_steps=12", "data.workers=0",
+                              f"data.cache_dir={tmp_path / name / 'cache'}", "data.val_split=", *extra)],
                        cwd=REPO, env=run_env, check=True, capture_output=True, timeout=300)
-        return [r["data_wait_s"] for r in step_records(tmp_path / name)]
+        return step_records(tmp_path / name)
 
-    local = waits("local", shards, env())
+    local = run("local", shards, launch_env(), "data.read_ahead=0")
+    assert "cache_hits" not in local[-1]  # a local set is read in place: no cache fields
     with latency_proxy(s3_server.endpoint_url, delay_ms=300) as slow:
-        remote = waits("s3", f"s3://{bucket}/digits", s3_server.subprocess_env(
-            AWS_ENDPOINT_URL=slow, AWS_ENDPOINT_URL_S3=slow, PYTHON=sys.executable,
-            **{k: v for k, v in env().items() if k == "MASTER_PORT"}))
-    assert sum(remote) > sum(local) + 0.5, (remote, local)
-    assert max(remote) >= 0.3  # at least one batch waited for a shard's download
+        s3_env = s3_server.subprocess_env(AWS_ENDPOINT_URL=slow, AWS_ENDPOINT_URL_S3=slow, PYTHON=sys.executable,
+                                          **{k: v for k, v in launch_env().items() if k == "MASTER_PORT"})
+        remote = run("s3", f"s3://{bucket}/digits", s3_env, "data.read_ahead=0")
+        ahead = run("s3ahead", f"s3://{bucket}/digits", s3_env, "data.read_ahead=2")
+    local_wait, remote_wait = [r["data_wait_s"] for r in local], [r["data_wait_s"] for r in remote]
+    assert sum(remote_wait) > sum(local_wait) + 0.5, (remote_wait, local_wait)
+    assert max(remote_wait) >= 0.3  # at least one batch waited for a shard's download
+    # the node cache's counts: every shard opened once was downloaded (a miss), a reopened one found (a hit)
+    assert sum(r["cache_misses"] for r in remote) >= 1 and all(r["read_ahead_depth"] == 0 for r in remote)
+    assert max(r["read_ahead_depth"] for r in ahead) >= 1, [r["read_ahead_depth"] for r in ahead]
+    assert sum(r["cache_hits"] for r in ahead) >= 1  # read ahead, then found by the reader

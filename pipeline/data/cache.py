@@ -12,6 +12,10 @@ on their own:
   shard (or needs the room) takes it over or deletes it. A half-written copy never has the final name.
 When the copies in use (and being downloaded) exceed the budget, the cache overshoots with one warning per
 process rather than fail. Local shard sets are read in place.
+
+`stats()`: S3 shards this cache object found on the node (hits, another process's download included) and
+downloaded itself (misses), counted in shared memory made with it, so the DataLoader workers forked from its
+process count into the same numbers (the training log shows them per window).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import multiprocessing
 import os
 import time
 import weakref
@@ -68,6 +73,13 @@ class ShardCache:
     def __init__(self, root: str | os.PathLike, max_bytes: int):
         self.root, self.max_bytes = Path(root), max_bytes
         self._warned = False
+        self._counts = multiprocessing.RawArray("q", 2)  # hits, misses; shared with forked workers
+
+    def stats(self) -> dict[str, int]:
+        return {"cache_hits": int(self._counts[0]), "cache_misses": int(self._counts[1])}
+
+    def _count(self, which: int) -> None:
+        self._counts[which] += 1  # one writer per slot at a time is not guaranteed: a rare lost count is fine
 
     # -- use ------------------------------------------------------------------------------------------------
     def acquire(self, store, rel: str, size: int, overshoot: bool = True) -> Pin | None:
@@ -84,6 +96,7 @@ class ShardCache:
             with self._node_lock():
                 pin = self._open_copy(final, size)
                 if pin is not None:
+                    self._count(0)
                     return pin
                 if not self._make_room(size, exclude=part, overshoot=overshoot):
                     return None
@@ -96,9 +109,12 @@ class ShardCache:
                 else:
                     claimed = False
             if claimed:
-                return self._download(store, rel, size, fd, part, final)
+                pin = self._download(store, rel, size, fd, part, final)
+                self._count(1)
+                return pin
             pin = self._wait_for_download(fd, final, size)
             if pin is not None:
+                self._count(0)
                 return pin
             time.sleep(0.01)  # its download failed or its process died: try again (perhaps to download it)
 

@@ -67,6 +67,7 @@ class ShardLoader:
         cache = ShardCache(cfg.cache_dir, cfg.cache_bytes)
         self.shard_set = open_shard_set(cfg.shards, cfg.split, cfg.max_bad_shards, cache)
         self.reader = ShardReader(self.shard_set, cache)
+        self._ahead = None  # the read-ahead of the epoch under way (S3 sets)
         self.source = BatchSource(cfg, self.reader, rank)
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.backend = create_backend(cfg.backend, cfg, self.device)
@@ -98,6 +99,14 @@ class ShardLoader:
         return {"epoch": self.epoch, "position": self.position, "consumed": self.consumed(), "seed": self.cfg.seed,
                 "world": self.world, "rank": self.rank, "batch_size": self.cfg.batch_size,
                 **self.backend.state_dict(self.position)}
+
+    def s3_stats(self) -> dict[str, int]:
+        """For a set on S3: the node cache's hits and misses so far (this rank and its workers) and the shards
+        read ahead now; {} for a local set."""
+        if isinstance(self.reader.store, LocalStore):
+            return {}
+        ahead = self._ahead
+        return {**self.reader.cache.stats(), "read_ahead_depth": ahead.depth() if ahead is not None else 0}
 
     def consumed(self) -> int:
         return self.position * self.world * self.cfg.batch_size
@@ -134,6 +143,7 @@ class ShardLoader:
         ahead = None
         if self.cfg.read_ahead > 0 and not isinstance(self.reader.store, LocalStore):
             ahead = ReadAhead(self.reader, order, self.cfg.batch_size, self.cfg.read_ahead, self.position)
+        self._ahead = ahead
         try:
             for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
                                                                     len(self)):
@@ -146,6 +156,7 @@ class ShardLoader:
         finally:
             if ahead is not None:
                 ahead.close()
+            self._ahead = None
             self.reader.close()
         self.epoch, self.position = self.epoch + 1, 0
         self.backend.new_epoch()

@@ -51,6 +51,11 @@ class ReadAhead:
             self.position = batch
             self._wake.notify()
 
+    def depth(self) -> int:
+        """Shards it holds on the node for the loader now: those the current batches read and the next ones
+        (0: the loader is about to wait for S3)."""
+        return len(self.pins)
+
     def close(self) -> None:
         with self._wake:
             self._stop = True

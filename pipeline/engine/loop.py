@@ -34,7 +34,7 @@ from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, 
                                    skipped_steps)
 from pipeline.engine.step import StepTally, micro_step
 from pipeline.engine.stop import RunStopped, stop_flag
-from pipeline.engine.timing import RunClock, run_summary, summary_line, window_fields
+from pipeline.engine.timing import RunClock, run_summary, s3_fields, summary_line, window_fields
 from pipeline.engine.watchdog import at_step
 from pipeline.model import create_model, forward_flops
 from pipeline.model.transfer import initialise
@@ -59,6 +59,8 @@ class RunState:
     last_eval: dict = field(default_factory=dict)
     nonfinite_seen: int = 0  # the tally's non-finite count at the last skipped step
     clock: RunClock = field(default_factory=RunClock)  # where the time went (pipeline/engine/timing.py)
+    s3_stats: object = None  # the train loader's s3_stats (cache hits/misses, read-ahead depth), for the log
+    s3_before: list | None = None  # every rank's s3_stats at the last record
 
 
 class MetricsLog:
@@ -216,6 +218,7 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
         state.last_checkpoint_step = state.step
         state.clock.window.checkpoint += time.perf_counter() - t0
 
+    state.s3_stats = train_loader.s3_stats
     state.clock = RunClock()  # the loop's time, from here
     state.clock.watch_backward(engine.module)
     state.window_start = time.perf_counter()
@@ -356,7 +359,13 @@ def log_step(engine, state: RunState, metrics: MetricsLog, epoch: int, ctx: Step
     window = state.clock.close_window()
     # the window's training time: its evaluations and checkpoints have their own fields
     elapsed = time.perf_counter() - state.window_start - window.eval - window.checkpoint
-    timing = window_fields(all_gather_object((window.own, window.data)), window.steps, elapsed)
+    s3 = state.s3_stats() if state.s3_stats is not None else {}
+    ranks = all_gather_object((window.own, window.data, s3))
+    timing = window_fields([(own, data) for own, data, _ in ranks], window.steps, elapsed)
+    if s3:  # a set on S3: every rank's loader reads from it
+        now = [r[2] for r in ranks]
+        timing.update(s3_fields(now, state.s3_before))
+        state.s3_before = now
     grad_norm = engine.get_global_grad_norm()
     scale = loss_scale(engine)
     record = {

@@ -80,6 +80,16 @@ def window_fields(per_rank: list[tuple[float, float]], steps: int, elapsed: floa
             "data_wait_pct": 100.0 * data / elapsed if elapsed > 0 else None}
 
 
+def s3_fields(now: list[dict], before: list[dict] | None) -> dict:
+    """For a set on S3, from every rank's loader.s3_stats() now and at the last record: the window's node-cache
+    hits and misses (summed over the ranks) and the read-ahead depth of the rank with the fewest shards ahead."""
+    before = before or [{} for _ in now]
+    return {"cache_hits": sum(n["cache_hits"] - b.get("cache_hits", 0) for n, b in zip(now, before, strict=True)),
+            "cache_misses": sum(n["cache_misses"] - b.get("cache_misses", 0)
+                                for n, b in zip(now, before, strict=True)),
+            "read_ahead_depth": min(n["read_ahead_depth"] for n in now)}
+
+
 def run_summary(clock: RunClock) -> dict:
     """Rank 0's whole loop split into compute (and its collectives), data wait, checkpoints and evaluations."""
     total = time.perf_counter() - clock.started

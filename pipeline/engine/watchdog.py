@@ -7,13 +7,16 @@ main; no torch), which the rank tells through a pipe when it ends cleanly:
 
 - the rank ends without saying so (a crash, kill -9, NCCL's watchdog aborting it, an error exit): the watchdog
   writes `<run>/ranks/rank_NNNNN.lost` and `<run>/ranks/ABORT`: the job is over;
-- ABORT appears (another rank ended): the watchdog gives its rank ABORT_GRACE_S to end on its own, then
-  SIGKILLs it, which also ends a stopped process. Its launcher, seeing it gone, stops the node's other ranks, so
+- ABORT appears (another rank ended): the watchdog gives its rank ABORT_GRACE_S to end on its own (longer,
+  EXITING_GRACE_S, when the rank said it is reporting an error of its own), then SIGKILLs it, which also ends a
+  stopped process. Its launcher, seeing it gone, stops the node's other ranks, so
   no process is left behind on any node.
 
 When a collective fails on a rank that is alive (gloo's timeout after train.collective_timeout_s, or its peer's
 connection closing), `lost_rank_error` names the rank that stopped answering from those files: one that is gone
 (its `.lost` marker), else the one whose heartbeat is oldest, else the one furthest behind.
+Before the process group forms, each rank writes a start record (`ranks/start/rank_NNNNN.json`): when rank 0's
+rendezvous times out, `start_failure` names the ranks that never started (their node's launcher failed).
 Files on the run folder, which every rank sees anyway (the checkpoints need it).
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 HEARTBEAT_S = 5.0
 ABORT_GRACE_S = 10.0
+EXITING_GRACE_S = 120.0  # for a rank that said it is reporting an error (note_exiting)
 ABORT = "ABORT"
 
 
@@ -90,6 +94,54 @@ class RankWatch:
 _watch: RankWatch | None = None
 
 
+def note_start(run_dir: Path, env: dict[str, str]) -> float:
+    """Before the process group: this rank's start record, `<run>/ranks/start/rank_NNNNN.json`, so that a
+    rank that never starts can be named (start_failure). Returns the time it was written."""
+    from pipeline.engine.distributed import rank_environment
+
+    ranks = rank_environment(env)
+    now = time.time()
+    if int(ranks["WORLD_SIZE"]) > 1:
+        folder = ranks_dir(run_dir) / "start"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"rank_{int(ranks['RANK']):05d}.json").write_text(json.dumps(
+                {"rank": int(ranks["RANK"]), "host": socket.gethostname(), "address": node_address(),
+                 "pid": os.getpid(), "time": now}))
+        except OSError:
+            pass  # an unwritable run folder is reported by the run itself, naming it
+    return now
+
+
+def start_failure(e: BaseException, run_dir: Path, env: dict[str, str], since: float, timeout_s: float):
+    """The process group did not form (its rendezvous timed out): the error naming the ranks that never
+    started, from the start records written since `since` (less a margin for clocks); else `e` itself."""
+    from pipeline.engine.distributed import rank_environment
+    from swin_common.cli import CommandError
+
+    world = int(rank_environment(env)["WORLD_SIZE"])
+    if world < 2 or not is_collective_failure(e):
+        return e
+    started = set()
+    for path in (ranks_dir(run_dir) / "start").glob("rank_*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("time", 0) >= since - 300:
+            started.add(record["rank"])
+    missing = [r for r in range(world) if r not in started]
+    if not missing:
+        return CommandError(f"every rank started but the process group did not form within "
+                            f"train.collective_timeout_s={timeout_s:g} s: can every node reach "
+                            f"MASTER_ADDR:MASTER_PORT ({env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')})?")
+    some = ", ".join(map(str, missing[:16])) + (" ..." if len(missing) > 16 else "")
+    return CommandError(f"rank(s) {some} of {world} never started (no start record from this job in "
+                        f"{ranks_dir(run_dir) / 'start'}; rank 0 waited train.collective_timeout_s={timeout_s:g} s "
+                        f"for them): their node's launcher could not start them; see that node's lines above (a "
+                        f"path, interpreter or virtualenv missing on that node?)")
+
+
 def start_watch(run_dir: Path, rank: int) -> RankWatch:
     """Every rank, once the process group runs: rank 0 clears what an earlier job left (its ABORT would stop this
     one), then each rank starts its heartbeat and watchdog."""
@@ -102,8 +154,21 @@ def start_watch(run_dir: Path, rank: int) -> RankWatch:
         for old in [folder / ABORT, *folder.glob("rank_*")]:
             old.unlink(missing_ok=True)
     barrier()
+    if rank == 0:  # every rank wrote its start record before the process group formed: they have served
+        for old in (ranks_dir(run_dir) / "start").glob("rank_*.json"):
+            old.unlink(missing_ok=True)
     _watch = RankWatch(run_dir, rank)
     return _watch
+
+
+def note_exiting() -> None:
+    """This rank is on its way out with an error (reporting it, ending the MLflow run): its watchdog, should
+    ABORT appear meanwhile, gives it EXITING_GRACE_S instead of ABORT_GRACE_S. A stopped rank never says so."""
+    if _watch is not None:
+        try:
+            (_watch.dir / f"rank_{_watch.rank:05d}.exiting").touch()
+        except OSError:
+            pass
 
 
 def at_step(step: int) -> None:
@@ -131,8 +196,10 @@ def is_collective_failure(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("/gloo/" in text or "NCCL" in text or "Connection closed by peer" in text))
 
 
-def lost_rank_error(run_dir: Path, me: int, world: int, timeout_s: float, settle_s: float = 3.0) -> str:
-    """The line that names the rank that stopped answering (see the module's docstring)."""
+def lost_rank_error(run_dir: Path, me: int, world: int, timeout_s: float, cause: BaseException | None = None,
+                    settle_s: float = 3.0) -> str:
+    """The line that names the rank that stopped answering (see the module's docstring); `cause`: the
+    collective's own error, whose first line ends it."""
     deadline = time.time() + settle_s  # a dead rank's watchdog writes its marker within a second or so
     while True:
         lost = sorted(int(p.stem.split("_")[1]) for p in ranks_dir(run_dir).glob("rank_*.lost"))
@@ -165,9 +232,13 @@ def lost_rank_error(run_dir: Path, me: int, world: int, timeout_s: float, settle
         else:
             behind = min(others, key=lambda r: beats[r]["step"])
             what = f"{who(behind)}: furthest behind, still alive"
+    why = ""
+    if cause is not None:
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        why = f" (rank {me}'s collective: {first.split('] ', 1)[-1][:160]})"  # without gloo's source path
     return (f"{what}; the other ranks waited for it past train.collective_timeout_s={timeout_s:g} s or lost their "
             f"connection to it, and the job ends (every rank is stopped; rank heartbeats in {ranks_dir(run_dir)}). "
-            f"Run the same command to resume from the newest checkpoint")
+            f"Run the same command to resume from the newest checkpoint{why}")
 
 
 # -- the watchdog process ------------------------------------------------------------------------------------
@@ -199,8 +270,11 @@ def watch(parent: int, rank: int, folder: Path) -> int:
             (folder / ABORT).write_text(f"rank {rank} ended\n")
             return 0
         if (folder / ABORT).exists():
-            end = time.time() + ABORT_GRACE_S
-            while time.time() < end and _alive(parent) and reader.is_alive():
+            start = time.time()
+            while _alive(parent) and reader.is_alive():
+                exiting = (folder / f"rank_{rank:05d}.exiting").exists()
+                if time.time() - start > (EXITING_GRACE_S if exiting else ABORT_GRACE_S):
+                    break
                 time.sleep(0.2)
             if _alive(parent) and reader.is_alive():
                 try:
