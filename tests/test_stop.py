@@ -76,6 +76,17 @@ def newest_checkpoint(run_dir: Path) -> tuple[int, dict]:
     return meta["step"], meta
 
 
+def test_a_stop_reaches_the_other_ranks_intact():
+    """Rank 0 broadcasts a stop that came during its export (broadcast_object pickles it)."""
+    import pickle
+
+    from pipeline.engine.stop import RunStopped
+
+    back = pickle.loads(pickle.dumps(RunStopped("SIGUSR1", 312, "after the export")))
+    assert (back.signal_name, back.step, back.during, str(back)) == \
+        ("SIGUSR1", 312, "after the export", "SIGUSR1 at step 312 (after the export)")
+
+
 @pytest.fixture
 def started():
     """Launches of the test, each in its own session: whatever is left of them is killed at the end."""

@@ -33,6 +33,9 @@ class RunStopped(Exception):
         super().__init__(f"{signal_name} at step {step} ({during})")
         self.signal_name, self.step, self.during = signal_name, step, during
 
+    def __reduce__(self):  # rank 0 broadcasts it (broadcast_object pickles): rebuilt from its three fields
+        return RunStopped, (self.signal_name, self.step, self.during)
+
 
 class StopFlag:
     """Where a stop signal lands. `install()` in the main thread; `agreed()` at step boundaries, on every rank."""
