@@ -84,9 +84,13 @@ def run_params(setup) -> dict:
 
 def export_final(setup, summary: dict) -> dict:
     """Rank 0 consolidates the final checkpoint into <run>/model (model.safetensors + model.json)."""
-    from pipeline.engine.model_export import export_checkpoint
+    from pipeline.engine.model_export import export_checkpoint, exported_from
 
-    exported = export_checkpoint(summary["checkpoint"], setup.cfg.run_dir / "model")
+    out = setup.cfg.run_dir / "model"
+    if exported_from(out, Path(summary["checkpoint"])):  # a job stopped after the export: not done twice
+        log.info("the export of %s is there already: %s", summary["checkpoint"], out)
+        return {**summary, "model": str(out)}
+    exported = export_checkpoint(summary["checkpoint"], out)
     log.info("exported %s", exported)
     return {**summary, "model": str(exported)}
 

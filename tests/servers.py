@@ -435,23 +435,30 @@ class SlurmCluster:
         return int(out.split(";")[0])
 
     def job_states(self, job_id: int) -> list[JobState]:
-        """Every record of the job (one per array task once started), from slurmctld, else from the job
-        completion log (slurmctld forgets finished jobs after MinJobAge)."""
-        proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
-        if proc.returncode == 0 and proc.stdout.strip():
-            return [_job_state(line) for line in proc.stdout.splitlines() if line.strip()]
-        return self._completed_from_log(job_id)
+        """Every record of the job (one per array task once started), from slurmctld, else, once slurmctld has
+        forgotten the job (MinJobAge), from the job completion log. Only then: a requeued job has a completion
+        record for each run, and a busy slurmctld's timeout must not be read as the job's end."""
+        deadline = time.time() + 60
+        while True:
+            proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+            if proc.returncode == 0 and proc.stdout.strip():
+                return [_job_state(line) for line in proc.stdout.splitlines() if line.strip()]
+            if "Invalid job id" in proc.stderr:
+                return self._completed_from_log(job_id)
+            assert time.time() < deadline, f"scontrol show job {job_id} keeps failing: {proc.stderr.strip()}"
+            time.sleep(1)
 
     def _completed_from_log(self, job_id: int) -> list[JobState]:
+        """The last completion record of each job (or array task) of job_id."""
         log = self.state_dir / "jobcomp.txt"
         if not log.exists():
             return []
-        states = []
+        last = {}
         for line in log.read_text().splitlines():
             s = _job_state(line)
             if s.job_id == job_id or s.array_job_id == job_id:
-                states.append(s)
-        return states
+                last[s.job_id] = s
+        return list(last.values())
 
     def wait(self, job_id: int, timeout: float = 600, poll: float = 0.5) -> list[JobState]:
         """Waits until the job (every task of an array job) has finished; returns the records sorted by array

@@ -154,9 +154,25 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     assert not any("val_top1" in r and r["step"] == eval_step for r in records(run_dir))
     assert client.get_run(run_id).data.tags["swin.stopped"] == f"SIGUSR1 at step {eval_step} (evaluation)"
 
-    # 3. the same command finishes the run: the evaluation owed first, then the rest, in the same MLflow run
+    # 3. the same command goes on, with the evaluation owed first, to the end; SIGTERM during rank 0's export
+    log3 = tmp_path / "third.log"
+    with open(log3, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        started.append(proc)
+    signal_during_the_export(run_dir, proc, log3)
+    stop_and_wait(proc, log3)
+    third = log3.read_text()
+    assert "stopped by SIGTERM at step 40 (after the export)" in third, third[-3000:]
+    assert json.loads((run_dir / "model" / "model.json").read_text())["step"] == 40  # the export is kept
+    assert client.get_run(run_id).data.tags["swin.stopped"] == "SIGTERM at step 40 (after the export)"
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not client.search_model_versions("name='stopped'")  # registering is the resumed job's
+
+    # 4. the same command registers what the export holds: no step, evaluation or export is done again
     done = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
+    assert "the export of" in done.stderr and "is there already" in done.stderr, done.stderr[-3000:]
     steps = [r for r in records(run_dir) if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 41)), "a step was lost or done twice"
     assert {r["step"]: r["loss"] for r in steps} == straight  # the curve continues exactly (CPU, same world)
@@ -167,6 +183,37 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     assert final.info.status == "FINISHED"
     history = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(set(history)) == list(range(1, 41))
+    [version] = client.search_model_versions("name='stopped'")  # (a search's versions carry no aliases)
+    assert version.run_id == run_id, version
+    assert client.get_model_version_by_alias("stopped", "current").version == version.version
+
+
+def wait_for_ranks(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> list[int]:
+    """The pids of ranks 0 and 1, once the launcher has started them."""
+    end = time.time() + timeout
+    while True:
+        try:
+            return [rank_pid(run_dir, r) for r in (0, 1)]
+        except AssertionError:
+            assert proc.poll() is None and time.time() < end, log.read_text()[-5000:]
+            time.sleep(0.05)
+
+
+def signal_during_the_export(run_dir: Path, proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM to both ranks while rank 0 writes <run>/model.tmp (rank 1 waits): rank 0 is frozen (SIGSTOP) once
+    the folder is seen and the signal counts only if the folder is still there; it is handled when rank 0 goes on."""
+    ranks = wait_for_ranks(run_dir, proc, log)
+    tmp, end = run_dir / "model.tmp", time.time() + 300
+    while not tmp.exists():
+        assert proc.poll() is None and time.time() < end, log.read_text()[-5000:]
+        time.sleep(0.002)
+    os.kill(ranks[0], signal.SIGSTOP)
+    try:
+        assert tmp.exists(), "the export was over before rank 0 could be frozen"
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+    finally:
+        os.kill(ranks[0], signal.SIGCONT)
 
 
 def test_a_signal_during_warm_up_or_a_periodic_checkpoint_stops_at_the_next_boundary(shards, tmp_path, started):
@@ -195,17 +242,37 @@ def test_a_signal_during_warm_up_or_a_periodic_checkpoint_stops_at_the_next_boun
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         started.append(proc)
-    tmp = run_dir / "checkpoints" / ".tmp-step_00000008"
-    while not tmp.exists():
-        assert proc.poll() is None and time.time() < end, log2.read_text()[-5000:]
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGTERM)
+    step = signal_during_a_checkpoint(run_dir, proc, log2, steps=range(8, 40, 4))
     stop_and_wait(proc, log2)
-    step, meta = newest_checkpoint(run_dir)
-    assert step == 8 and "stopped" not in meta, meta  # the periodic one, not saved again at the stop
+    newest, meta = newest_checkpoint(run_dir)
+    assert newest == step and "stopped" not in meta, meta  # the periodic one, not saved again at the stop
     stop = [r for r in records(run_dir) if "stopped" in r][-1]
-    assert (stop["step"], stop["checkpoint_s"]) == (8, 0.0), stop
+    assert (stop["step"], stop["checkpoint_s"]) == (step, 0.0), stop
     assert "its checkpoint was saved already" in log2.read_text()
+
+
+def signal_during_a_checkpoint(run_dir: Path, proc: subprocess.Popen, log: Path, steps) -> int:
+    """SIGTERM to both ranks while the periodic checkpoint of one of `steps` is being written; returns its step.
+    A tiny checkpoint takes ~0.1 s: the ranks are frozen (SIGSTOP) once its temporary folder is seen, and the
+    signal counts only if that folder is still there, i.e. frozen before the checkpoint was complete; else the
+    next periodic checkpoint is tried. The signal is then pending and is handled the moment they go on."""
+    ranks, end = wait_for_ranks(run_dir, proc, log), time.time() + 300
+    for step in steps:
+        tmp = run_dir / "checkpoints" / f".tmp-step_{step:08d}"
+        while not tmp.exists():
+            assert proc.poll() is None and time.time() < end, log.read_text()[-5000:]
+            time.sleep(0.002)
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            if tmp.exists():
+                for pid in ranks:
+                    os.kill(pid, signal.SIGTERM)
+                return step
+        finally:
+            for pid in ranks:
+                os.kill(pid, signal.SIGCONT)
+    pytest.fail(f"no periodic checkpoint of {list(steps)} was caught being written:\n{log.read_text()[-3000:]}")
 
 
 # --- Slurm: the time limit requeues, scancel does not ------------------------------------------------------
@@ -227,16 +294,21 @@ def submit(cluster, shards: Path, tmp_path: Path, *sbatch_args: str, steps: int)
 def test_slurm_time_limit_checkpoints_requeues_and_finishes_over_several_jobs(slurm_cluster, shards, tmp_path):
     """--time=1 with the signal 40 s before it: each job is stopped by SIGUSR1 at the step it reached, requeues
     itself and the next resumes there, until the run is done; one submission. Slurm holds a requeued job for
-    a while (BeginTime, ~2.5 minutes); the test, as the cluster's admin, lets it start at once."""
+    a while (BeginTime, ~2.5 minutes); the test, as the cluster's admin, lets it start after 3 s: slurmd refuses
+    a job whose credential is from the second its previous run was killed in ("Job credential revoked")."""
     steps = 120
     job = submit(slurm_cluster, shards, tmp_path, "--time=1", "--signal=B:USR1@40", steps=steps)
     log = tmp_path / f"job-{job}.out"
-    end, restarts = time.time() + 600, 0
+    end, restarts, held = time.time() + 600, 0, 0.0
     while True:
         [state] = slurm_cluster.job_states(job)
         restarts = max(restarts, int(re.search(r"Restarts=(\d+)", state.raw).group(1)))
         if state.state == "PENDING" and state.reason == "BeginTime":
-            slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            held = held or time.time()
+            if time.time() - held > 3:
+                slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        else:
+            held = 0.0
         if state.finished:
             break
         assert time.time() < end, f"job {job} still {state.state} after 600 s:\n{log.read_text()[-5000:]}"

@@ -26,7 +26,8 @@ from swin_common.redact import redact_text
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import (check_shared_run_dir, checkpoint_meta, complete_checkpoints, find_resume,
                                        load_checkpoint, needs_universal, save_checkpoint)
-from pipeline.engine.distributed import World, all_gather_object, all_reduce_sum, all_true, world_size
+from pipeline.engine.distributed import (World, all_gather_object, all_reduce_sum, all_true, broadcast_object,
+                                         world_size)
 from pipeline.engine.evaluate import evaluate
 from pipeline.engine.model_export import load_source
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config,
@@ -79,6 +80,17 @@ class MetricsLog:
         if self.tracker is not None:
             self.tracker.log_metrics(record["step"], {k: v for k, v in record.items()
                                                       if k not in ("step", "time", "epoch")})
+
+    def evaluation_at(self, step: int) -> dict:
+        """The evaluation recorded at `step` (a job stopped after it, e.g. during the export), else {}."""
+        if not self.path.is_file():
+            return {}
+        found = {}
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line) if '"val_top1"' in line else {}
+            if record.get("step") == step:
+                found = {k: v for k, v in record.items() if k not in ("eval_s", "time")}
+        return found
 
 
 def _short(v):
@@ -200,6 +212,8 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
         state.step, loader_state, done = load_checkpoint(engine, resume, world.rank, world.size, cfg.train.seed)
         train_loader.load_state_dict(loader_state)
         state.last_checkpoint_step = state.step
+        # rank 0 keeps the log; every rank must know whether the evaluation at this step is owed (a collective)
+        state.last_eval = broadcast_object(metrics.evaluation_at(state.step) if world.is_main else None)
         log.info("resumed from %s at step %d%s", resume, state.step,
                  f" (elastic: {done['from_world']} -> {done['to_world']} ranks)" if done["elastic"] else "")
         if done["elastic"]:

@@ -51,7 +51,10 @@ def model_metadata(cfg: RunConfig, synsets: list[str]) -> dict:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """<out> (replaced whole, at the end) from the checkpoint folder; <out>.tmp while it is under way."""
     checkpoint, out = Path(checkpoint), Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = load_config(checkpoint / "config.yaml")
     synsets = (checkpoint / "synsets.txt").read_text().split()
     state = consolidated_state_dict(checkpoint)
@@ -59,8 +62,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     meta["source_checkpoint"] = str(checkpoint.resolve())
     meta["step"] = json.loads((checkpoint / "COMPLETE").read_text())["step"]
     create_model(cfg.model.arch, cfg.model.img_size, cfg.model.window_size, len(synsets)).load_state_dict(state)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
@@ -69,6 +70,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def exported_from(out: Path, checkpoint: Path) -> bool:
+    """Whether <out> is a complete export of this checkpoint folder, made after it was saved."""
+    try:
+        source = json.loads((out / "model.json").read_text())["source_checkpoint"]
+        return (Path(source) == checkpoint.resolve()
+                and (out / "model.json").stat().st_mtime >= (checkpoint / "COMPLETE").stat().st_mtime)
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 class UnsafeModelFile(ValueError):
