@@ -53,7 +53,8 @@ fi
 [ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
 if [ -n "${NUM_GPUS:-}" ]; then
   launcher+=(--num_gpus "$NUM_GPUS")
-elif [ -z "${HOSTFILE:-}" ] && ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+elif [ -z "${HOSTFILE:-}" ] && { [ ! -e /proc/driver/nvidia/version ] ||  # no driver: no GPU, no torch import
+       ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; }; then
   launcher+=(--num_gpus 2)  # CPU-only machine: two gloo ranks (with a hostfile its slots count, wherever this runs)
 fi
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
