@@ -7,9 +7,9 @@ less the finite-loss check's all-reduce where there is one: the part of a step t
 the collectives that make every rank wait for the slowest. So a stalled rank (a slow disk, a stopped or swapped
 process, a throttled host) shows as the slowest with its stall, not as the wait every rank then shares. ZeRO-3
 gathers parameters during the forward, so there its own time also holds those waits. A stall in the
-optimizer's step comes after the collectives and so shows as every rank's wait, not as one rank's. The clock is the host's:
-no GPU synchronisation in the hot loop; on GPUs, whose kernels run ahead of the host, a slow GPU shows only
-where the host waits for it (DataLoader pinning, the loss check's host read).
+optimizer's step comes after the collectives and so shows as every rank's wait, not as one rank's. The
+clock is the host's: no GPU synchronisation in the hot loop; on GPUs, whose kernels run ahead of the host, a
+slow GPU shows only where the host waits for it (DataLoader pinning, the loss check's host read).
 """
 from __future__ import annotations
 
