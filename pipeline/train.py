@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from swin_common.cli import ArgumentParser, CommandError, command, configure_logging
+from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import redact_text
 
 log = logging.getLogger("pipeline.train")
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if world.size > 1:
             watch = start_watch(cfg.run_dir, world.rank)  # a rank that ends or hangs ends the job, named
         summary = run(cfg, world)
+        stop_flag().run_complete()
     except RunStopped as stop:
         if world.is_main:
             report_stop(cfg, stop)
@@ -292,4 +293,4 @@ EXIT_RANK_LOST = 4
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -102,8 +102,15 @@ def started():
 def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, mlflow_server, tmp_path, started):
     from mlflow.tracking import MlflowClient
 
-    subprocess.run(command(shards, tmp_path, "straight", "tracking.enabled=false"), cwd=REPO,
-                   env=launch_env(), check=True, capture_output=True, timeout=600)
+    # 0. an uninterrupted run, sent SIGUSR1 over and over once it is complete: it still exits 0
+    log0 = tmp_path / "straight.log"
+    with open(log0, "w") as out:
+        proc = subprocess.Popen(command(shards, tmp_path, "straight", "tracking.enabled=false"), cwd=REPO,
+                                env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(proc)
+    signals = signal_after_the_end(tmp_path / "straight", proc, log0)
+    assert proc.returncode == 0 and signals > 0, f"exit {proc.returncode} ({signals} signals):\n" \
+                                                  f"{log0.read_text()[-5000:]}"
     straight = {r["step"]: r["loss"] for r in records(tmp_path / "straight") if "loss" in r}
     assert sorted(straight) == list(range(1, 41))
 
@@ -186,6 +193,26 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     [version] = client.search_model_versions("name='stopped'")  # (a search's versions carry no aliases)
     assert version.run_id == run_id, version
     assert client.get_model_version_by_alias("stopped", "current").version == version.version
+
+
+def signal_after_the_end(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
+    """Once rank 0 has printed the run's summary, SIGUSR1 to every rank still there, every 20 ms, until the job
+    exits (a Slurm time-limit signal that comes as a finished run shuts down); the number of signals sent."""
+    end, sent = time.time() + timeout, 0
+    while '"mlflow_run"' not in log.read_text():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) first:\n{log.read_text()[-5000:]}"
+        assert time.time() < end, log.read_text()[-5000:]
+        time.sleep(0.02)
+    while proc.poll() is None:
+        for rank in (0, 1):
+            try:
+                os.kill(rank_pid(run_dir, rank), signal.SIGUSR1)  # looked up each time: a pid may be reused
+                sent += 1
+            except (AssertionError, ProcessLookupError):
+                pass
+        assert time.time() < end, log.read_text()[-5000:]
+        time.sleep(0.02)
+    return sent
 
 
 def wait_for_ranks(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> list[int]:

@@ -56,6 +56,19 @@ class StopFlag:
             signal.signal(sig, previous)
         self._previous.clear()
 
+    def run_complete(self) -> None:
+        """The run is complete: a stop signal from now on has nothing to save. It is ignored rather than left to
+        the handler, which Python resets to the default (die) while the interpreter shuts down; an ignored
+        signal stays ignored (CPython's _PySignal_Fini), so a Slurm time-limit SIGUSR1 that lands during the
+        teardown of a finished run no longer turns its exit 0 into "killed by signal". A hung teardown still
+        ends: the launchers follow SIGTERM with SIGKILL."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+        if self.signum:
+            log.info("%s came after the last step boundary: the run is complete, nothing to stop",
+                     self.signal_name)
+
     def _handle(self, signum, frame) -> None:  # runs in the main thread between bytecodes: only record
         if not self.signum:
             self.signum, self.received_at = signum, time.monotonic()
