@@ -4,7 +4,8 @@
 # 22K -> 1K fine-tuning at 384; any recipe in configs/ runs the same way. Two ways to start it:
 #
 #   bash launch/pretrain_22k.sh --config configs/swin_base_22k.yaml [key=value ...]
-#       starts the ranks itself with the `deepspeed` launcher:
+#       starts the ranks itself with DeepSpeed's launcher (on one machine its per-node launcher, without the
+#       runner: swin_common/node_launch.py):
 #         HOSTFILE      hostfile ("host slots=8" per line, launch/hostfile.example); unset = this machine only
 #         NUM_NODES     nodes to use from the hostfile (default: all)
 #         NUM_GPUS      processes per node (default: the hostfile's slots; without one every GPU, or 2 on a
@@ -37,9 +38,19 @@ if [ -n "${LOCAL_RANK:-}" ] || [ -n "${SLURM_STEP_ID:-}" ]; then
   exec "$python" -u -m pipeline.train "$@"
 fi
 
+# ranks on this machine, when known without asking torch: NUM_GPUS, or 2 on a machine without an NVIDIA driver
+local_procs="${NUM_GPUS:-}"
+if [ -z "$local_procs" ] && [ -z "${HOSTFILE:-}" ] && { [ ! -e /proc/driver/nvidia/version ] ||
+     ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; }; then
+  local_procs=2  # CPU-only machine: two gloo ranks (with a hostfile its slots count, wherever this runs)
+fi
 launcher=(-m deepspeed.launcher.runner)
 env_file=""
-if [ -n "${HOSTFILE:-}" ]; then
+if [ -z "${HOSTFILE:-}${NUM_NODES:-}${DS_LAUNCHER_ARGS:-}" ] && [ -n "$local_procs" ]; then
+  # one machine, the rank count known: DeepSpeed's per-node launcher without the runner, whose only work here
+  # is to encode that count, in a process of its own with all of DeepSpeed imported (swin_common/node_launch.py)
+  launcher=(-u -m swin_common.node_launch --procs "$local_procs")
+elif [ -n "${HOSTFILE:-}" ]; then
   [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE=$HOSTFILE not found" >&2; exit 2; }
   launcher+=(--hostfile "$HOSTFILE")
   # the other nodes get SWIN_*, AWS_*, TORCH_*, DEEPSPEED_TIMEOUT too, not only the runner's own prefixes
@@ -50,15 +61,12 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   launcher+=(--hostfile /dev/null)  # no hostfile: this machine only, no ssh
 fi
-[ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
-if [ -n "${NUM_GPUS:-}" ]; then
-  launcher+=(--num_gpus "$NUM_GPUS")
-elif [ -z "${HOSTFILE:-}" ] && { [ ! -e /proc/driver/nvidia/version ] ||  # no driver: no GPU, no torch import
-       ! "$python" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; }; then
-  launcher+=(--num_gpus 2)  # CPU-only machine: two gloo ranks (with a hostfile its slots count, wherever this runs)
+if [ "${launcher[1]}" = deepspeed.launcher.runner ]; then
+  [ -n "${NUM_NODES:-}" ] && launcher+=(--num_nodes "$NUM_NODES")
+  [ -n "$local_procs" ] && launcher+=(--num_gpus "$local_procs")
+  [ -n "${SSH_PORT:-}" ] && launcher+=(--ssh_port "$SSH_PORT")
 fi
 [ -n "${MASTER_ADDR:-}" ] && launcher+=(--master_addr "$MASTER_ADDR")
-[ -n "${SSH_PORT:-}" ] && launcher+=(--ssh_port "$SSH_PORT")
 launcher+=(--master_port "${MASTER_PORT:-29500}")
 # split on white space only, never glob-expanded: DS_LAUNCHER_ARGS='--include node[1-2]' stays as written
 read -r -d '' -a ds_launcher_args <<<"${DS_LAUNCHER_ARGS:-}" || true
@@ -107,4 +115,4 @@ if [ -f "$SWIN_STOP_FILE" ]; then
 fi
 [ -z "$env_file" ] || rm -f "$env_file"
 exit "$status"
-: "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; raise SystemExit(main(sys.argv[1:]))
+: "'''" #"; import sys; sys.path.insert(0, __file__.rsplit("/launch/", 1)[0]); from pipeline.train import main; from swin_common.cli import exit_process; exit_process(main(sys.argv[1:]))

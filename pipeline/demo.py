@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from data_prep.shardset.store import open_store
-from swin_common.cli import ArgumentParser, CommandError, command, configure_logging
+from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import redact_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,4 +253,4 @@ def finish(t0: float, shards: str, manifest: dict, ok: bool) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

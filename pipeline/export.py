@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from swin_common.cli import ArgumentParser, CommandError, command
+from swin_common.cli import ArgumentParser, CommandError, command, exit_process
 
 
 @command()
@@ -33,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from swin_common.cli import command
+from swin_common.cli import command, exit_process
 
 
 def preprocess(path: str, meta: dict) -> torch.Tensor:
@@ -85,4 +85,4 @@ def check_images(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

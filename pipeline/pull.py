@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from swin_common.cli import ArgumentParser, command, configure_logging, error_context
+from swin_common.cli import ArgumentParser, command, configure_logging, error_context, exit_process
 
 
 @command()
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from swin_common.cli import ArgumentParser, CommandError, command, configure_logging
+from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import REDACTED
 
 
@@ -59,4 +59,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -60,8 +60,9 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 
 def rank_pid(run_dir: Path, rank: int) -> int:
-    """The training process of `rank` of the run `run_dir` (out_dir=parent, name=folder) under the deepspeed
-    launcher on this machine: its DataLoader workers share its command line, but their parent is the rank."""
+    """The training process of `rank` of the run `run_dir` (out_dir=parent, name=folder) under DeepSpeed's
+    per-node launcher on this machine (started by its runner or by swin_common.node_launch): its DataLoader
+    workers share its command line, but their parent is the rank."""
     marks = (f"out_dir={run_dir.parent}".encode(), f"name={run_dir.name}".encode(), f"--local_rank={rank}".encode())
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -72,7 +73,8 @@ def rank_pid(run_dir: Path, rank: int) -> int:
             parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if all(m in cmd for m in marks) and b"deepspeed.launcher.launch" in parent:
+        if all(m in cmd for m in marks) and (b"deepspeed.launcher.launch" in parent
+                                             or b"swin_common.node_launch" in parent):
             return int(proc.name)
     raise AssertionError(f"no rank {rank} process of {run_dir}")
 

@@ -77,6 +77,21 @@ def test_zero_stage_trains_on_two_ranks_and_the_loss_falls(stage, shards, tmp_pa
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("procs", [1, 2, 8])
+def test_one_machine_launch_gives_the_launcher_the_runners_world_info(procs):
+    """launch/pretrain_22k.sh on one machine starts DeepSpeed's per-node launcher without its runner: the world
+    info it hands over is the runner's encoding of this machine's ranks."""
+    from deepspeed.launcher.runner import encode_world_info
+
+    from swin_common.node_launch import launcher_argv
+
+    argv = launcher_argv(["--procs", str(procs), "--master_port", "29511", "--module", "pipeline.train", "a=1"])
+    assert argv == [f"--world_info={encode_world_info({'localhost': list(range(procs))})}", "--master_port",
+                    "29511", "--module", "pipeline.train", "a=1"]
+    with pytest.raises(SystemExit, match="give --procs N first"):
+        launcher_argv(["--module", "pipeline.train"])
+
+
 @pytest.mark.parametrize("mode", ["python", "no_python"])
 def test_the_deepspeed_launcher_starts_the_script(mode, shards, tmp_path):
     """`deepspeed launch/pretrain_22k.sh ...` runs each rank as `python -u launch/pretrain_22k.sh`; with

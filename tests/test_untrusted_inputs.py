@@ -356,7 +356,8 @@ def test_ds_launcher_args_reach_the_launcher_unexpanded(tmp_path, folder_of_file
     (tmp_path / "argv.jsonl").unlink()
     subprocess.run(["bash", str(REPO / "launch" / "pretrain_22k.sh"), "--config", "x.yaml"], cwd=folder_of_files,
                    env=env, capture_output=True, text=True, timeout=60, check=True)
-    [argv] = argv_of(tmp_path)
+    [argv] = argv_of(tmp_path)  # one machine, the count known: DeepSpeed's per-node launcher without the runner
+    assert argv[:5] == ["-u", "-m", "swin_common.node_launch", "--procs", "2"], argv
     assert argv[argv.index("--master_port"):] == ["--master_port", "29500", "--module", "pipeline.train",
                                                   "--launch-dir", str(folder_of_files), "--config", "x.yaml"]
 
