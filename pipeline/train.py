@@ -212,6 +212,12 @@ def report_stop(cfg, stop) -> None:
 
 @command(exit_codes={"TrainingDiverged": 3}, ranked=True)
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag  # no torch: a few ms
+
+    # first: a stop signal from here on only sets the flag, and the run stops at its first step boundary; Slurm's
+    # time-limit SIGUSR1 may come in the first seconds of a job (up to 60 s early), and before this line it kills
+    # the task (the Slurm script requeues such a job: launch/slurm/pretrain_22k.sbatch)
+    stop_flag().install()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pipeline.config import load_config
 
@@ -221,11 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config, args.overrides)
     resolve_at_launch(cfg, args.launch_dir)
     from pipeline.engine.distributed import init_distributed, shutdown
-    from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag
-
     from pipeline.engine.watchdog import note_start, start_failure
 
-    stop_flag().install()  # before the slow start: a signal then stops the run at its first step boundary
     started = note_start(cfg.run_dir, dict(os.environ))  # a rank that never starts is then named
     try:
         world = init_distributed(cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s,

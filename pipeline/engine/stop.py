@@ -19,8 +19,6 @@ import os
 import signal
 import time
 
-import torch
-
 from swin_common.signals import EXIT_STOPPED, STOP_SIGNALS  # noqa: F401  (EXIT_STOPPED: for the train command)
 
 log = logging.getLogger("pipeline.train")
@@ -86,6 +84,8 @@ class StopFlag:
     def agreed(self) -> str | None:
         """The signal that stops the run when any rank received one (SIGTERM before SIGUSR1), else None. A
         collective: every rank calls it at the same point."""
+        import torch  # here, not at the top: the train command installs the flag before its slow imports
+
         from pipeline.engine.distributed import all_reduce_max
 
         code = int(all_reduce_max(torch.tensor([self.signum], dtype=torch.int32))[0])
