@@ -88,7 +88,7 @@ def main() -> int:
             rate[name] = statistics.median(rates)
             print(f"{name:24s} {rate[name]:8.0f} {cpu_ms:11.2f}   {' '.join(f'{r:.0f}' for r in rates)}")
         print(f"ratio with RandAugment, dali vs torch: {rate['dali + RandAugment'] / rate['torch + RandAugment']:.2f}"
-              f" (DALI's RandAugment policy, not timm's: README)")
+              f" (DALI's RandAugment policy, not timm's: docs/loading.md)")
         print(f"images timed per epoch, every variant: {counts.pop()}")
         print(f"ratio_dali_vs_torch: {rate['dali'] / rate['torch']:.2f}")
     return 0

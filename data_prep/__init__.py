@@ -1,1 +1,1 @@
-"""data_prep: ImageNet-22K / ImageFolder sources into verified webdataset shards (see README, "Shard format")."""
+"""data_prep: ImageNet-22K / ImageFolder sources into verified webdataset shards (see docs/shard_format.md)."""

@@ -37,8 +37,8 @@ PEAK_FLOPS: list[tuple[str, float | None, float]] = [
 ]
 INSTALL_HINT = {
     "volta": "on V100 (sm_70) nodes install the CUDA 12.6 build of torch and nvidia-dali-cuda120: "
-             "SWIN_CUDA=cu126 scripts/ensure_venv.sh (README: GPU nodes)",
-    "default": "install a torch build whose arch list covers it (README: GPU nodes)",
+             "SWIN_CUDA=cu126 scripts/ensure_venv.sh (docs/clusters.md: GPUs)",
+    "default": "install a torch build whose arch list covers it (docs/clusters.md: GPUs)",
 }
 
 

@@ -117,7 +117,7 @@ def _build(cfg, device: str, seed_key: tuple[int, ...], source, train: bool, che
                                antialias=True)
             if augment:
                 n, m = rand_augment_args(cfg.rand_augment)
-                # DALI's policy, not timm's: see README "RandAugment on DALI" for the differences
+                # DALI's policy, not timm's: see docs/loading.md "RandAugment on DALI" for the differences
                 images = rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11,
                                                    max_translate_abs=int(0.45 * size), fill_value=128)
             images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
