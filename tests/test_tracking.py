@@ -236,7 +236,8 @@ def make_big_export(real: Path, out: Path, size: int) -> Path:
     from safetensors.torch import save_file
 
     out.mkdir()
-    (out / "model.json").write_text((real / "model.json").read_text())
+    for name in ("model.json", "config.json"):
+        (out / name).write_text((real / name).read_text())
     save_file({"w": torch.zeros(size // 4)}, str(out / "model.safetensors"))
     return out
 

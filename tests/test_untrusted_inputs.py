@@ -110,42 +110,26 @@ def test_load_source_refuses_a_pickle_named_model_safetensors(tmp_path):
     assert not marker.exists()
 
 
-def test_registry_pulls_refuse_pickles_and_other_files(tmp_path, monkeypatch):
-    """A real MLflow store (sqlite + local artifacts): a version whose model.safetensors is a pickle, or that
-    holds a pickled model beside a good one, is refused naming its models:/ URI and never enters the cache."""
+def test_register_refuses_what_a_pull_would_refuse(tmp_path):
+    """An export whose model.safetensors is a pickle, or that holds a pickled model beside good weights, is
+    never registered (a real sqlite store); the pull's own refusals: tests/test_registry.py."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking.registry import pull, pull_to_folder, register
+    from pipeline.tracking.registry import register
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("SWIN_MODEL_CACHE", str(cache))
-    client = MlflowClient(uri)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("untrusted", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
     marker = tmp_path / "code-ran"
-
-    register(client, run_id, export_folder(tmp_path / "good"), "good", ["current"])
-    model, meta = pull("models:/good@current", tracking_uri=uri)
-    assert meta["synsets"] == SYNSETS
-
-    register(client, run_id, export_folder(tmp_path / "evil", pickled=True, marker=marker, step=1), "evil",
-             ["current"])
-    with pytest.raises(UnsafeModelFile, match=r"model\.safetensors \(from models:/evil@current\) is not a "
-                                              r"safetensors file"):
-        pull_to_folder("models:/evil@current", tracking_uri=uri)
-
+    evil = export_folder(tmp_path / "evil", pickled=True, marker=marker, step=1)
+    with pytest.raises(UnsafeModelFile, match=r"evil/model\.safetensors \(from .*evil\) is not a safetensors file"):
+        register(client, run_id, evil, "evil", ["current"])
     extra = export_folder(tmp_path / "extra", step=2)
     torch.save({"w": RunsCode(marker)}, extra / "model.pth")
-    register(client, run_id, extra, "extra", ["current"])
-    with pytest.raises(UnsafeModelFile, match=r"models:/extra/1 holds model\.pth: refused"):
-        pull_to_folder("models:/extra/1", tracking_uri=uri)
-
-    assert not marker.exists()
-    assert sorted(p.name for p in cache.iterdir()) == ["evil", "extra", "good"]
-    assert [p.name for p in (cache / "good").iterdir() if not p.name.startswith(".")] == ["1"]  # and its .lock
-    for refused in ("evil", "extra"):  # nothing kept but the lock file of the one download per node
-        assert [p.name for p in (cache / refused).iterdir()] == [".1.lock"]
+    with pytest.raises(UnsafeModelFile, match=r"extra holds model\.pth: refused"):
+        register(client, run_id, extra, "extra", ["current"])
+    assert not marker.exists() and client.search_registered_models() == []
+    assert str(register(client, run_id, export_folder(tmp_path / "good"), "good", ["current"])) == "1"
 
 
 # --- the project's own checkpoint rank files ---------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 `<out>/model.safetensors` holds the fp32 weights (ZeRO 1-3 partitions merged by DeepSpeed's own
 `zero_to_fp32`; a ZeRO-0 checkpoint already holds the whole module); `<out>/model.json` says how to rebuild and
-feed the model: timm architecture and kwargs, image size, window, label layout (synsets) and preprocessing.
+feed the model: timm architecture and kwargs, image size, window, label layout (synsets) and preprocessing;
+`<out>/config.json` says the same to timm itself, written by timm's own config writer, so that
+`timm.create_model("local-dir:<out>", pretrained=True)` loads the folder without this project.
 Loading needs no unpickling: `load_exported(dir)` returns a ready timm model.
 """
 from __future__ import annotations
@@ -61,15 +63,40 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     meta = model_metadata(cfg, synsets)
     meta["source_checkpoint"] = str(checkpoint.resolve())
     meta["step"] = json.loads((checkpoint / "COMPLETE").read_text())["step"]
-    create_model(cfg.model.arch, cfg.model.img_size, cfg.model.window_size, len(synsets)).load_state_dict(state)
+    model = create_model(cfg.model.arch, cfg.model.img_size, cfg.model.window_size, len(synsets))
+    model.load_state_dict(state)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    write_timm_config(model, tmp, meta)
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+# what the base architecture's pretrained_cfg says of timm's released weights (their tag, licence, paper, source):
+# untrue of weights this project trained, so never copied into an export's config.json
+RELEASED_WEIGHTS_KEYS = ("tag", "license", "description", "notes", "origin_url", "paper_ids", "paper_name",
+                         "url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "source")
+
+
+def write_timm_config(model: torch.nn.Module, folder: Path, meta: dict) -> Path:
+    """<folder>/config.json by timm's own writer (`save_config_for_hf`; never its pickle `pytorch_model.bin`):
+    architecture = timm's registered base name with `model_args` for size, window and this project's variants,
+    `num_classes`, `label_names` = the synsets, and a `pretrained_cfg` whose input size, crop_pct, interpolation,
+    mean and std are the ones the model was evaluated with."""
+    from timm.models._hub import save_config_for_hf  # save_for_hf minus the weights, which are written already
+
+    pre = meta["preprocessing"]
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in RELEASED_WEIGHTS_KEYS}
+    path = Path(folder) / "config.json"
+    save_config_for_hf(model, str(path), model_config={"label_names": list(meta["synsets"])},
+                       data_config={"input_size": tuple(pre["input_size"]), "crop_pct": pre["crop_pct"],
+                                    "interpolation": pre["interpolation"], "mean": tuple(pre["mean"]),
+                                    "std": tuple(pre["std"]), "crop_mode": "center"})
+    return path
 
 
 def exported_from(out: Path, checkpoint: Path) -> bool:

@@ -1,9 +1,13 @@
-"""The MLflow model registry: an exported model (model.safetensors + model.json) registered as a model version,
-and pulled back by name and alias (models:/NAME@ALIAS) or version (models:/NAME/VERSION).
+"""The MLflow model registry: an exported model registered as a model version, and pulled back by name and alias
+(models:/NAME@ALIAS) or version (models:/NAME/VERSION).
 
-What a version holds is the export folder itself, logged as the run's `model/step_N/` artifacts: weights that load
-without unpickling anything, and the metadata to rebuild and feed them (timm architecture and kwargs, image
-size, window, synsets, preprocessing). The same facts are set as version tags, so they show in the UI.
+A version is an MLflow pyfunc "models from code" model around the export (pipeline/tracking/mlflow_model.py:
+MLmodel, one code file, requirements, input examples, the export under `artifacts/model/`), logged as the run's
+`model/step_N/` artifacts, so MLflow's own `pyfunc.load_model` and `mlflow models serve` use it. The metadata to
+rebuild and feed the model (timm architecture and kwargs, image size, window, synsets, preprocessing) is also set
+as version tags, so it shows in the UI. This project's own pull lists a version's files first, refuses any file
+outside the layout's allow-list, and downloads only `artifacts/model/`: it never imports, runs or unpickles
+anything from the registry.
 """
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
+
+from pipeline.tracking import mlflow_model
 
 log = logging.getLogger("pipeline.tracking.registry")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -36,7 +43,9 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
     meta = json.loads((model_dir / "model.json").read_text())
     # one artifact folder per exported step: a version's files never change after it is registered
     artifact_path = f"model/step_{meta.get('step', 0):08d}"
-    client.log_artifacts(run_id, str(model_dir), artifact_path)
+    check_model_folder(model_dir, str(model_dir))  # what a pull would refuse is never registered
+    with tempfile.TemporaryDirectory(prefix="swin-register-") as tmp:
+        client.log_artifacts(run_id, str(mlflow_model.build(model_dir, Path(tmp) / "version")), artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         client.get_registered_model(name)
@@ -70,10 +79,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("SWIN_MODEL_CACHE", Path.home() / ".cache" / "swin-pipeline" / "models"))
 
 
-# What a pulled model version may hold: weights in safetensors, the rest text. Anything else (a pickled
-# torch/sklearn model, MLflow's flavour files, code) is refused, whatever its name.
+# What a pulled export holds (mlflow_model.EXPORT_SUFFIXES: weights in safetensors, the rest text); anything
+# else (a pickled torch/sklearn model, code) is refused, whatever its name.
 MODEL_FILES = ("model.safetensors", "model.json")
-TEXT_SUFFIXES = (".json", ".txt", ".md", ".yaml", ".yml")
 
 
 def check_model_folder(folder: Path, uri: str) -> None:
@@ -85,7 +93,7 @@ def check_model_folder(folder: Path, uri: str) -> None:
         raise FileNotFoundError(f"{uri} holds no {' or '.join(missing)}: not a swin-pipeline export "
                                 f"(model.safetensors + model.json)")
     others = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                    if p.is_symlink() or (p.is_file() and p.suffix.lower() not in (".safetensors", *TEXT_SUFFIXES)))
+                    if p.is_symlink() or (p.is_file() and not p.name.lower().endswith(mlflow_model.EXPORT_SUFFIXES)))
     if others:
         raise UnsafeModelFile(f"{uri} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}: refused, "
                               f"a model version must hold only safetensors weights and json/text metadata "
@@ -136,18 +144,33 @@ def _exclusive(lock_path: Path):
 
 
 def _download(client, version, uri: str, folder: Path, tracking_uri: str) -> None:
-    """The version's files into `folder`, through a temporary folder renamed once checked."""
-    import mlflow
+    """The version's export into `folder`: its file listing checked against the allow-list first, then only the
+    export downloaded into a temporary folder, checked, and renamed."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    source = client.get_model_version_download_uri(version.name, version.version)
+    repo = get_artifact_repository(source, tracking_uri=tracking_uri)
+    files = list_files(repo)
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # every rank of a job may pull at once
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        source = client.get_model_version_download_uri(version.name, version.version)
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri)
-        inner = next((p.parent for p in sorted(tmp.rglob("model.json"))), tmp)
+        code_file = None
+        if "MLmodel" in files:  # read as YAML data, for the name of its code file; never run
+            code_file = mlflow_model.code_file_of(Path(repo.download_artifacts("MLmodel", str(tmp))).read_text(),
+                                                  uri)
+        export = mlflow_model.check_version_files(files, uri, code_file)
+        inner, downloads = tmp / "export", tmp / "download"
+        inner.mkdir()
+        downloads.mkdir()
+        for f in files:  # file by file: a listed folder is never downloaded whole
+            if export == "" or f.startswith(export + "/"):
+                target = inner / f[len(export) + 1 if export else 0:]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(repo.download_artifacts(f, str(downloads)), target)
         if not (inner / "model.json").is_file():
-            raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json")
+            raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json in "
+                                    f"{export or 'its root'}: not a swin-pipeline model")
         check_model_folder(inner, uri)  # before it enters the cache
         if folder.exists() and not (folder / "model.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a broken leftover
@@ -159,6 +182,14 @@ def _download(client, version, uri: str, folder: Path, tracking_uri: str) -> Non
             check_model_folder(folder, uri)  # another process pulled it meanwhile
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_files(repo, path: str | None = None) -> list[str]:
+    """Every file under an artifact repository's root, as relative paths."""
+    files = []
+    for info in repo.list_artifacts(path):
+        files.extend(list_files(repo, info.path) if info.is_dir else [info.path])
+    return files
 
 
 def pull(uri: str, tracking_uri: str | None = None):

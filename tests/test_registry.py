@@ -1,0 +1,260 @@
+"""A registered version works with the tools its users already have, on a real MLflow server whose artifacts are
+on the S3 server: MLflow's `pyfunc.load_model` in a fresh process that cannot import this project, `mlflow models
+serve` answering a real HTTP client, timm's `local-dir:` loader and eval transform; and this project's pull takes
+only the export from a version, refusing crafted ones file by file before anything is downloaded."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from servers import REPO, free_port, run_prep, start_mlflow_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+TINY = REPO / "configs" / "tiny_22k.yaml"
+PROJECT = ("pipeline", "data_prep", "swin_common")
+
+# a fresh interpreter in which this project cannot be imported (the venv has it installed, editable)
+NO_PROJECT = f"""
+import sys
+class NoProject:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {PROJECT!r}:
+            raise ImportError(f"{{name}}: this project is not importable here")
+sys.meta_path.insert(0, NoProject())
+"""
+
+
+@pytest.fixture(scope="module")
+def registry(s3_server, tmp_path_factory):
+    """An MLflow server (sqlite store) whose artifacts are proxied to the S3 server."""
+    bucket = s3_server.create_bucket("registry")
+    server = start_mlflow_server(tmp_path_factory.mktemp("registry") / "mlflow", env={
+        **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts"})
+    try:
+        yield SimpleNamespace(uri=server.uri, s3=s3_server, bucket=bucket)
+    finally:
+        server.stop()
+
+
+def env(uri: str, **extra) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    return {**base, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", **extra}
+
+
+@pytest.fixture(scope="module")
+def trained(registry, digits_tars, tmp_path_factory):
+    """A tiny model trained on the digits for a few dozen steps (one rank) and registered as models:/tiny@candidate
+    by the train command itself: the one trained model of this module's tests."""
+    tmp = tmp_path_factory.mktemp("trained")
+    shards = tmp / "shards"
+    run_prep("shard", "--source", digits_tars, "--out", shards, "--max-samples", 200, "--holdout-per-class", 4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--config", TINY, "name=tiny", f"out_dir={tmp}",
+         f"data.shards={shards}", "train.global_batch=32", "train.micro_batch=32", "eval.batch_size=40",
+         "data.workers=0", "schedule.epochs=6", "schedule.warmup_epochs=0", "train.log_every=10",
+         "tracking.system_metrics=false", "tracking.aliases=[candidate]"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env(registry.uri, MASTER_PORT=str(free_port())))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "registered tiny version 1" in proc.stderr, proc.stderr[-5000:]
+    return tmp / "tiny"
+
+
+@pytest.fixture(scope="module")
+def images(digits_tars, tmp_path_factory) -> list[Path]:
+    """Two held-out-looking digits per class, as JPEG files."""
+    out = tmp_path_factory.mktemp("images")
+    paths = []
+    for digit in range(10):
+        with tarfile.open(digits_tars / f"n{digit:08d}.tar") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()][-2:]
+            for i, member in enumerate(members):
+                paths.append(out / f"digit{digit}_{i}.jpg")
+                paths[-1].write_bytes(tar.extractfile(member).read())
+    return paths
+
+
+def predict_top1(model: str, images: list[Path], uri: str, **extra) -> list[str]:
+    """The top-1 synset per image as `python -m pipeline.predict` prints it."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.predict", model, *map(str, images)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env(uri, **extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    return [lines[i + 1].split()[1] for i, line in enumerate(lines) if not line.startswith(" ")]
+
+
+def version_files(client, name: str, version: str) -> list[str]:
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from pipeline.tracking.registry import list_files
+
+    source = client.get_model_version_download_uri(name, version)
+    return list_files(get_artifact_repository(source, tracking_uri=client.tracking_uri))
+
+
+PYFUNC = NO_PROJECT + """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = pd.DataFrame({"image": [open(p, "rb").read() for p in sys.argv[2:]]})
+out = model.predict(frame, params={"top_k": 3})
+print(json.dumps({"labels": list(out["label"]), "top": [list(t) for t in out["top_labels"]],
+                  "probs": [list(p) for p in out["top_probabilities"]],
+                  "inputs": str(model.metadata.get_input_schema()), "params": str(model.metadata.get_params_schema())}))
+"""
+
+
+def test_a_version_is_an_mlflow_model_that_loads_without_this_project(registry, trained, images, tmp_path):
+    client = MlflowClient(registry.uri)
+    version = client.get_model_version_by_alias("tiny", "candidate")
+    files = version_files(client, "tiny", version.version)
+    assert sorted(files) == ["MLmodel", "artifacts/model/config.json", "artifacts/model/model.json",
+                             "artifacts/model/model.safetensors", "conda.yaml", "input_example.json",
+                             "python_env.yaml", "requirements.txt", "serving_input_example.json", "swin_pyfunc.py"]
+    keys = [o["Key"] for o in registry_objects(registry)]
+    assert any(k.endswith("artifacts/model/model.safetensors") for k in keys), keys  # on S3
+
+    import mlflow
+
+    root = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("tiny", version.version), dst_path=str(tmp_path),
+        tracking_uri=registry.uri))
+    mlmodel = yaml.safe_load((root / "MLmodel").read_text())
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["model_code_path"] == "swin_pyfunc.py" and pyfunc["artifacts"] == {"model": {"path": "artifacts/model"}}
+    assert (root / "swin_pyfunc.py").read_text() == (REPO / "pipeline" / "tracking" / "swin_pyfunc.py").read_text()
+    # no path of the training host (the repository, a temporary folder, the run folder, home) in any text file
+    for path in [root / "MLmodel", *root.glob("*.yaml"), *root.glob("*.txt"), *root.glob("*.json")]:
+        text = path.read_text()
+        for host_path in (str(REPO), "/tmp/", str(trained), str(Path.home())):
+            assert host_path not in text, f"{path.name} names {host_path}"
+    requirements = (root / "requirements.txt").read_text().split()
+    assert requirements == [f"{p}=={metadata.version(p).split('+')[0]}" for p in
+                            ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "pandas")]
+    # the code file imports only what a serving host has
+    imports = {line.split()[1].split(".")[0] for line in (root / "swin_pyfunc.py").read_text().splitlines()
+               if line.startswith(("import ", "from "))}
+    assert imports <= {"__future__", "base64", "binascii", "io", "warnings", "mlflow", "pandas", "timm", "torch",
+                       "PIL"}, imports
+
+    # MLflow's own loader, fresh process, pickles refused, this project not importable: the same top-1 as predict
+    proc = subprocess.run([sys.executable, "-c", PYFUNC, "models:/tiny@candidate", *map(str, images)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env(registry.uri))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert "'image': binary" in out["inputs"] and "'top_k': long (default: 5)" in out["params"], out
+    ours = predict_top1("models:/tiny@candidate", images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "cache"))
+    assert out["labels"] == ours, (out["labels"], ours)
+    assert sum(label == f"n{int(p.name[5]):08d}" for label, p in zip(ours, images)) >= 12  # it learned the digits
+    assert all(len(t) == 3 and t[0] == label for t, label in zip(out["top"], out["labels"]))
+    assert all(p[0] >= p[1] >= p[2] for p in out["probs"])
+
+
+def registry_objects(registry) -> list[dict]:
+    return registry.s3.client().list_objects_v2(Bucket=registry.bucket).get("Contents", [])
+
+
+class RunsCode:
+    """Unpickling this creates the folder `path`: the proof that a loader ran code from a file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def craft(client, run_id: str, name: str, folder: Path) -> str:
+    """`folder` registered as it is (no check of this project's on the way in): models:/NAME/1."""
+    client.log_artifacts(run_id, str(folder), f"crafted/{name}")
+    client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/crafted/{name}"
+    return f"models:/{name}/{client.create_model_version(name, source, run_id=run_id).version}"
+
+
+def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, trained, images, tmp_path):
+    """Versions made by hand on the server (artifacts on S3): one file outside the allow-list makes the pull
+    fail naming it, before anything is downloaded, and nothing from it is imported, run or unpickled; a version
+    registered before the MLflow model layout (the export itself) still pulls and predicts."""
+    import shutil
+
+    import torch
+
+    from pipeline.tracking import mlflow_model
+    from pipeline.tracking.mlflow_model import UnexpectedVersionFile
+    from pipeline.tracking.registry import pull_to_folder
+    from pipeline.engine.model_export import UnsafeModelFile
+
+    client = MlflowClient(registry.uri)
+    run_id = client.create_run(client.create_experiment("crafted")).info.run_id
+    good = mlflow_model.build(trained / "model", tmp_path / "good")
+    marker = tmp_path / "code-ran"
+    pickle = io.BytesIO()
+    torch.save({"w": RunsCode(marker)}, pickle)
+    code = f"import os\nos.mkdir({str(marker)!r})\n"
+
+    def variant(label: str, edit) -> Path:
+        folder = tmp_path / label
+        shutil.copytree(good, folder)
+        edit(folder)
+        return folder
+
+    def write(relative: str, data: bytes | str):
+        def edit(folder: Path):
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            (folder / relative).write_bytes(data.encode() if isinstance(data, str) else data)
+        return edit
+
+    refused = {
+        "pkl": (write("model.pkl", pickle.getvalue()), "model.pkl"),
+        "pt": (write("weights.pt", pickle.getvalue()), "weights.pt"),
+        "bin": (write("artifacts/model/pytorch_model.bin", pickle.getvalue()), "artifacts/model/pytorch_model.bin"),
+        "codedir": (write("code/helpers.py", code), "code/helpers.py"),
+        "second": (write("loader.py", code), "loader.py"),
+        "beside": (write("artifacts/other/model.safetensors", b"x"), "artifacts/other/model.safetensors"),
+    }
+    cache = tmp_path / "cache"
+    os.environ["SWIN_MODEL_CACHE"] = str(cache)
+    try:
+        for label, (edit, named) in refused.items():
+            uri = craft(client, run_id, f"crafted_{label}", variant(label, edit))
+            with pytest.raises(UnexpectedVersionFile, match=rf"{uri} holds {named}: refused") as e:
+                pull_to_folder(uri, tracking_uri=registry.uri)
+            assert "nothing was downloaded" in str(e.value)
+            assert [p.name for p in (cache / f"crafted_{label}").iterdir()] == [".1.lock"], label  # nothing kept
+        # a pickle named model.safetensors inside the export: the export's own check, after a download
+        uri = craft(client, run_id, "crafted_named", variant("named", write("artifacts/model/model.safetensors",
+                                                                            pickle.getvalue())))
+        with pytest.raises(UnsafeModelFile, match="is not a safetensors file"):
+            pull_to_folder(uri, tracking_uri=registry.uri)
+        assert [p.name for p in (cache / "crafted_named").iterdir()] == [".1.lock"]
+
+        # the good one: only the export comes down
+        uri = craft(client, run_id, "crafted_good", good)
+        folder = pull_to_folder(uri, tracking_uri=registry.uri)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.json", "model.safetensors"]
+    finally:
+        del os.environ["SWIN_MODEL_CACHE"]
+    assert not marker.exists()
+
+    # a version registered before this layout: the export folder itself
+    old = craft(client, run_id, "old_layout", variant("old", lambda f: None) / "artifacts" / "model")
+    assert predict_top1(old, images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "old-cache")) == \
+        predict_top1(str(trained / "model"), images, registry.uri)
