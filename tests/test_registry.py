@@ -151,7 +151,7 @@ def test_a_version_is_an_mlflow_model_that_loads_without_this_project(registry, 
     # the code file imports only what a serving host has
     imports = {line.split()[1].split(".")[0] for line in (root / "swin_pyfunc.py").read_text().splitlines()
                if line.startswith(("import ", "from "))}
-    assert imports <= {"__future__", "base64", "binascii", "io", "warnings", "mlflow", "pandas", "timm", "torch",
+    assert imports <= {"__future__", "base64", "binascii", "io", "re", "warnings", "mlflow", "pandas", "timm", "torch",
                        "PIL"}, imports
 
     # MLflow's own loader, fresh process, pickles refused, this project not importable: the same top-1 as predict
@@ -258,3 +258,149 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
     old = craft(client, run_id, "old_layout", variant("old", lambda f: None) / "artifacts" / "model")
     assert predict_top1(old, images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "old-cache")) == \
         predict_top1(str(trained / "model"), images, registry.uri)
+
+
+TIMM = NO_PROJECT + """
+import json, sys
+import timm, torch
+from PIL import Image
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+config = timm.data.resolve_data_config({}, model=model)
+transform = timm.data.create_transform(**config)
+batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in sys.argv[2:]])
+with torch.no_grad():
+    top1 = model(batch).argmax(dim=1).tolist()
+labels = model.pretrained_cfg["label_names"]
+print(json.dumps({"labels": [labels[i] for i in top1], "config": {k: v for k, v in config.items()}}))
+"""
+
+
+@pytest.mark.parametrize("size,window", [(224, 7), (384, 12)])
+def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, window):
+    """timm's own loader and eval transform, without this project, on a pulled folder: the same top-1 as
+    `python -m pipeline.predict`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.config import RunConfig
+    from pipeline.engine.model_export import model_metadata, write_timm_config
+    from pipeline.model import create_model
+    from pipeline.tracking.registry import pull_to_folder, register
+
+    torch.manual_seed(size)
+    synsets = [f"n{d:08d}" for d in range(10)]
+    cfg = RunConfig()
+    cfg.model.arch, cfg.model.img_size, cfg.model.window_size = "swin_nano", size, window
+    model = create_model("swin_nano", size, window, len(synsets))
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file(model.state_dict(), str(export / "model.safetensors"))
+    meta = model_metadata(cfg, synsets)
+    (export / "model.json").write_text(json.dumps(meta))
+    write_timm_config(model, export, meta)
+
+    client = MlflowClient(registry.uri)
+    run_id = client.create_run(client.create_experiment(f"timm_{size}")).info.run_id
+    name = f"timm_{size}"
+    register(client, run_id, export, name, ["candidate"])
+    folder = pull_to_folder(f"models:/{name}@candidate", tmp_path / "pulled", tracking_uri=registry.uri)
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "swin_tiny_patch4_window7_224" and config["num_classes"] == 10
+    assert config["label_names"] == synsets
+    assert {k: config["model_args"][k] for k in ("img_size", "window_size", "embed_dim", "depths", "num_heads")} == \
+        {"img_size": [size, size], "window_size": window, "embed_dim": 32, "depths": [2, 2, 2, 2],
+         "num_heads": [1, 2, 4, 8]}
+    pre = config["pretrained_cfg"]
+    assert pre["input_size"] == [3, size, size] and pre["crop_pct"] == cfg.data.crop_pct
+    assert pre["interpolation"] == "bicubic" and pre["mean"] == list(meta["preprocessing"]["mean"])
+    assert pre["std"] == list(meta["preprocessing"]["std"])
+    inherited = {"tag", "license", "url", "hf_hub_id", "description", "paper_ids", "origin_url"}
+    assert not inherited & (set(pre) | set(config)), sorted(inherited & (set(pre) | set(config)))
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pth"))  # never timm's pickle default
+
+    proc = subprocess.run([sys.executable, "-c", TIMM, str(folder), *map(str, images)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env(registry.uri))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["config"]["input_size"] == [3, size, size] and out["config"]["crop_pct"] == cfg.data.crop_pct
+    assert out["labels"] == predict_top1(str(folder), images, registry.uri)
+
+
+def post(port: int, payload, timeout: float = 120) -> tuple[int, dict]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_mlflow_serves_a_version(registry, trained, images, tmp_path):
+    """`mlflow models serve -m models:/tiny@candidate --env-manager local` answers a real HTTP client: the
+    labels pipeline.predict gives in the three JSON request formats, a 400 naming the problem for bad inputs
+    (the server serving on after each), and 8 concurrent requests."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/tiny@candidate", "--env-manager",
+                                   "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=env(registry.uri, PATH=f"{mlflow_cli.parent}:{os.environ['PATH']}"))
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        encoded = [b64(p.read_bytes()) for p in images]
+        expected = predict_top1("models:/tiny@candidate", images, registry.uri,
+                                SWIN_MODEL_CACHE=str(tmp_path / "cache"))
+        requests = {
+            "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
+            "dataframe_records": {"dataframe_records": [{"image": e} for e in encoded]},
+            "inputs": {"inputs": {"image": encoded}, "params": {"top_k": 2}},
+        }
+        for form, payload in requests.items():
+            status, answer = post(port, payload)
+            assert status == 200, (form, answer)
+            rows = answer["predictions"]
+            assert [r["label"] for r in rows] == expected, form
+            assert all(len(r["top_labels"]) == (2 if form == "inputs" else 5) for r in rows), form
+
+        jpeg = images[0].read_bytes()
+        bomb = io.BytesIO()
+        Image.new("1", (12_000, 12_000)).save(bomb, "PNG")  # 144 MP that compress to a few kB
+        bad = {
+            "not an image": ([b64(b"hello, this is text, not a picture")], "not an image"),
+            "truncated": ([b64(jpeg[: len(jpeg) // 2])], "truncated"),
+            "bomb": ([b64(bomb.getvalue())], "too many pixels"),
+            "empty": ([], "no image"),
+        }
+        for case, (data, says) in bad.items():
+            status, answer = post(port, {"dataframe_split": {"columns": ["image"], "data": [[d] for d in data]}})
+            assert 400 <= status < 500 and says in answer.get("message", ""), (case, status, answer)
+            status, answer = post(port, {"dataframe_split": {"columns": ["image"], "data": [[encoded[0]]]}})
+            assert status == 200 and answer["predictions"][0]["label"] == expected[0], (case, answer)
+
+        one = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded[:4]]}}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(port, one, timeout=300), range(8)))
+        assert [status for status, _ in answers] == [200] * 8
+        assert all([r["label"] for r in a["predictions"]] == expected[:4] for _, a in answers)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 
 import mlflow
@@ -33,6 +34,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 MAX_PIXELS = 40_000_000  # 8K photos are ~33 MP; a file that claims more is refused before it is decoded
 MAX_IMAGES = 256  # per request: a bigger batch is the client's to split
 BATCH = 32  # images per forward pass
+BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/=\s]+")
 
 
 def bad_request(message: str) -> MlflowException:
@@ -40,16 +42,22 @@ def bad_request(message: str) -> MlflowException:
 
 
 def image_bytes(value, row: int) -> bytes:
-    """The encoded image of one row: bytes as the signature gives them, or a base64 string (a caller that
-    skipped the schema)."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+    """The encoded image of one row: bytes as the signature gives them, or base64 text (a REST request in the
+    `inputs` format reaches the model undecoded, as does a caller that skipped the schema). Base64 text is told
+    apart by its alphabet: an encoded image starts with bytes outside it (JPEG FF D8, PNG 89 50, ...)."""
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
     if isinstance(value, str):
+        value = value.encode("ascii", errors="replace")
+    if not isinstance(value, bytes):
+        raise bad_request(f"image {row}: {type(value).__name__} given; send the encoded file's bytes "
+                          f"(base64 over REST)")
+    if value and BASE64_TEXT.fullmatch(value):
         try:
-            return base64.b64decode(value, validate=False)
+            return base64.b64decode(value)
         except (binascii.Error, ValueError) as e:
-            raise bad_request(f"image {row}: a string that is not base64 ({e})") from None
-    raise bad_request(f"image {row}: {type(value).__name__} given; send the encoded file's bytes (base64 over REST)")
+            raise bad_request(f"image {row}: base64 text that does not decode ({e})") from None
+    return value
 
 
 def decode(data: bytes, row: int) -> Image.Image:
@@ -62,8 +70,8 @@ def decode(data: bytes, row: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise bad_request(f"image {row}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,} "
-                                  f"(a decompression bomb, or a photo to downscale first)")
+                raise bad_request(f"image {row}: too many pixels, {width}x{height} is over the limit of "
+                                  f"{MAX_PIXELS:,} (a decompression bomb, or a photo to downscale first)")
             image.load()  # decodes now: a truncated file fails here, not inside the transform
             return image.convert("RGB")
     except MlflowException:
