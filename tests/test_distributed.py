@@ -143,7 +143,7 @@ EVAL = """
 import json, sys, torch
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.distributed import init_distributed, shutdown
-from pipeline.engine.evaluate import evaluate
+from pipeline.engine.validation import evaluate
 from pipeline.model import create_model
 world = init_distributed()
 torch.manual_seed(0)  # the same weights in every process

@@ -141,5 +141,5 @@ def test_every_collective_goes_through_the_distributed_helper():
 def test_command_modules_and_library_modules_do_not_share_a_name():
     commands = {p.stem for p in (REPO / "pipeline").glob("*.py") if p.stem not in ("__init__", "config")}
     libraries = {p.stem for p in (REPO / "pipeline").rglob("*.py") if p.parent != REPO / "pipeline"}
-    assert commands >= {"train", "export", "pull", "predict", "register", "demo"}
+    assert commands >= {"train", "export", "pull", "predict", "register", "demo", "evaluate"}
     assert not commands & libraries, commands & libraries

@@ -200,7 +200,7 @@ def test_a_micro_step_reads_nothing_on_the_host_where_deepspeed_guards_the_weigh
 def test_evaluation_sums_a_batch_without_reading_the_host():
     import torch.nn.functional as F
 
-    from pipeline.engine.evaluate import batch_sums
+    from pipeline.engine.validation import batch_sums
     from precision_probe import SyncCounter
 
     g = torch.Generator().manual_seed(0)

@@ -213,7 +213,7 @@ def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path, monkeypatch):
     try:
         train(shards, tmp_path, "on_s3", server.uri, "train.max_steps=2", "tracking.system_metrics=false", ranks=1)
         keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
-        assert any(k.endswith("model/step_00000002/model.safetensors") for k in keys), keys
+        assert any(k.endswith("model/step_00000002/artifacts/model/model.safetensors") for k in keys), keys
         pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/on_s3@current", "--dst",
                                  str(tmp_path / "pulled")], cwd=REPO, capture_output=True, text=True, timeout=300,
                                 env=env(server.uri))

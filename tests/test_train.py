@@ -201,13 +201,13 @@ def evaluate_like_the_engine(model, shards: Path, stage: int, device: str = "cpu
     """The export evaluated as the bf16 engine evaluated: the same `world` rank slices in batches of 50 (the same
     shapes, so the same kernels), bf16 images, and the weights as the engine holds them: rounded to bf16 at
     ZeRO 1-3, fp32 under autocast at ZeRO-0; at ZeRO-3 with DeepSpeed's linear (its engine replaces
-    F.linear by zero3_linear_wrap: matmul, then the bias, rounded apart). Sums as pipeline.engine.evaluate does."""
+    F.linear by zero3_linear_wrap: matmul, then the bias, rounded apart). Sums as pipeline.engine.validation does."""
     import contextlib
     from unittest import mock
 
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
-    from pipeline.engine.evaluate import batch_sums
+    from pipeline.engine.validation import batch_sums
 
     model = model.to(device) if stage == 0 else model.to(device, torch.bfloat16)
     sums = torch.zeros(4, dtype=torch.float64, device=device)

@@ -28,7 +28,7 @@ from pipeline.engine.checkpoint import (check_shared_run_dir, checkpoint_meta, c
                                        load_checkpoint, needs_universal, save_checkpoint)
 from pipeline.engine.distributed import (World, all_gather_object, all_reduce_sum, all_true, broadcast_object,
                                          world_size)
-from pipeline.engine.evaluate import evaluate
+from pipeline.engine.validation import evaluate
 from pipeline.engine.model_export import load_source
 from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config,
                                    deepspeed_skips_nonfinite, loss_scale, plan_steps, resolve_precision,
