@@ -5,9 +5,11 @@ train shards, a per-class val hold-out, DALI index files, manifest) -> `data_pre
 (5 of the classes plus a synset the pretraining never saw, in a declared layout) -> pretraining of the tiny
 Swin with DeepSpeed ZeRO-2 on 2 CPU processes through launch/pretrain_22k.sh -> fine-tuning at a larger
 size and window (bias tables resized bicubic, head rows mapped by synset) through launch/finetune_1k_384.sh
--> both registered in MLflow (MLFLOW_TRACKING_URI, else a local store in the runs folder) -> the fine-tuned
-model pulled back by alias in a fresh process (`python -m pipeline.predict models:/tiny_22kto1k@current`) and
-run on held-out images.
+-> both registered in MLflow (MLFLOW_TRACKING_URI, else a local store in the runs folder), the fine-tuned one as
+`candidate` -> `python -m pipeline.evaluate` scores it on the "1K" val split and promotes it to `champion` when it
+beats the version `champion` names -> the champion pulled back by alias in a fresh process (`python -m
+pipeline.predict models:/tiny_22kto1k@champion`) and run on held-out images; the `mlflow models serve` command
+that serves it is printed.
 
 Expected failures end in one line, `error: ...` (a training stage's own error line among them), with a non-zero
 exit; `--debug` shows their traceback. Every URI it prints is redacted (no password or token).
@@ -31,7 +33,8 @@ from swin_common.redact import redact_text
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE_DIGITS = (1, 3, 5, 7, 9)
 UNSEEN_SYNSET = "n09999999"  # in the "1K" layout, absent from the "22K" one (as n04399382 is from fall11)
-STAGES = 7
+STAGES = 8
+MODEL_1K = "tiny_22kto1k"
 
 
 def stage(n: int, text: str) -> None:
@@ -135,7 +138,7 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
 
 def predict_held_out(shards: str, out: Path, tracking_uri: str, count: int) -> dict:
     images = held_out_images(shards, out, count)
-    cmd = [sys.executable, "-m", "pipeline.predict", "models:/tiny_22kto1k@current", "-k", "1",
+    cmd = [sys.executable, "-m", "pipeline.predict", f"models:/{MODEL_1K}@champion", "-k", "1",
            *(str(p) for p, _ in images)]
     print(f"  $ MLFLOW_TRACKING_URI={redact_text(tracking_uri)} {' '.join(cmd[:5])} <{len(images)} images>",
           flush=True)
@@ -150,6 +153,22 @@ def predict_held_out(shards: str, out: Path, tracking_uri: str, count: int) -> d
         print(f"  {path.name}: predicted {guess}, true {truth}")
     hits = sum(guess == truth for (_, truth), guess in zip(images, top1, strict=True))
     return {"images": len(images), "accuracy": 100 * hits / max(len(images), 1)}
+
+
+def evaluate_and_promote(shards: str, tracking_uri: str, workers: int) -> int:
+    """`python -m pipeline.evaluate` on the candidate: exit 0 promoted (or nothing to compare), 3 not better (the
+    champion stays); both are outcomes, anything else a failure."""
+    cmd = [sys.executable, "-m", "pipeline.evaluate", f"models:/{MODEL_1K}@candidate", "--shards", shards,
+           "--promote", "champion", "--if-better-than", "champion", "--workers", str(workers)]
+    print(f"  $ MLFLOW_TRACKING_URI={redact_text(tracking_uri)} {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    if proc.returncode not in (0, 3):
+        raise CommandError(f"evaluate failed (exit {proc.returncode}){last_error(proc.stderr)}",
+                           exit_code=proc.returncode if proc.returncode > 0 else 1)
+    for line in proc.stdout.splitlines():
+        print("  " + line, flush=True)
+    return proc.returncode
 
 
 def evals(run_dir: Path) -> list[dict]:
@@ -210,19 +229,22 @@ def main(argv: list[str] | None = None) -> int:
 
     stage(5, "fine-tune at 96x96 / window 6 on the '1K' set (launch/finetune_1k_384.sh, configs/tiny_22kto1k.yaml)")
     train("finetune_1k_384.sh", "tiny_22kto1k.yaml", [f"out_dir={runs}", f"data.shards={shards_1k}",
-                                                      f"init_from={pre / 'model'}",
+                                                      f"init_from={pre / 'model'}", "tracking.aliases=[candidate]",
                                                       f"schedule.epochs={args.finetune_epochs}"], work / "finetune.log")
     fine = runs / "tiny_22kto1k"
     init = json.loads((fine / "init.json").read_text())
 
-    stage(6, "pull models:/tiny_22kto1k@current from MLflow in a fresh process and predict held-out images")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs / 'mlflow' / 'mlflow.db'}"
+    stage(6, f"evaluate models:/{MODEL_1K}@candidate on the '1K' val split; promote it to champion if it beats it")
+    promoted = evaluate_and_promote(shards_1k, uri, args.workers) == 0
+
+    stage(7, f"pull models:/{MODEL_1K}@champion from MLflow in a fresh process and predict held-out images")
     predicted = predict_held_out(shards_1k, work / "held_out", uri, args.predict_images)
     print(f"  tracking URI: {redact_text(uri)} "
           f"({'from MLFLOW_TRACKING_URI' if os.environ.get('MLFLOW_TRACKING_URI') else 'local store'})")
     print(f"  top-1 on {predicted['images']} held-out images: {predicted['accuracy']:.1f}%")
 
-    stage(7, "summary")
+    stage(8, "summary")
     pre_eval, fine_evals = evals(pre)[-1], evals(fine)
     print(f"  shards:     {shards} ({totals(manifest)}); '1K' set {shards_1k}")
     print(f"  pretrain:   {pre} - val top-1 {pre_eval['val_top1']:.1f}% on {pre_eval['val_samples']} held-out "
@@ -235,10 +257,15 @@ def main(argv: list[str] | None = None) -> int:
         record = run_dir / "mlflow_run.json"
         if record.is_file():
             tracked = json.loads(record.read_text())
-            print(f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name}@current")
+            aliases = "candidate, " + ("champion" if promoted else "not champion") if run_dir == fine else "current"
+            print(f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name} "
+                  f"({aliases})")
     store = runs / "mlflow" / "mlflow.db"
     if store.is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):
         print(f"  MLflow UI:  mlflow ui --backend-store-uri sqlite:///{store}")
+    print(f"  serve it:   MLFLOW_TRACKING_URI={redact_text(uri)} mlflow models serve -m models:/{MODEL_1K}@champion "
+          f"--env-manager local -p 5001   (runs the version's code file: for registries you trust; "
+          f"docs/mlflow.md has a curl request)")
     return finish(t0, shards, manifest, ok)
 
 

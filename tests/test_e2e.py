@@ -34,15 +34,26 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
         keys = [o["Key"] for page in s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
                 for o in page.get("Contents", [])]
         assert "data/shards/manifest.json" in keys and "data/shards_1k/manifest.json" in keys
-        assert any(re.search(r"mlflow/.*/model/step_\d+/model.safetensors$", k) for k in keys)
+        assert any(re.search(r"mlflow/.*/model/step_\d+/artifacts/model/model.safetensors$", k) for k in keys)
         assert f"tracking URI: {server.uri} (from MLFLOW_TRACKING_URI)" in out
         client = MlflowClient(server.uri)
-        for name in ("tiny_22k", "tiny_22kto1k"):
-            version = client.get_model_version_by_alias(name, "current")
+        pretrained = client.get_model_version_by_alias("tiny_22k", "current")
+        candidate = client.get_model_version_by_alias("tiny_22kto1k", "candidate")
+        for version in (pretrained, candidate):
             assert client.get_run(version.run_id).info.status == "FINISHED"
+        # the round trip: the candidate evaluated, promoted (no champion before), pulled back as the champion
+        assert client.get_model_version_by_alias("tiny_22kto1k", "champion").version == candidate.version
+        scored = re.search(r"models:/tiny_22kto1k/\d+ on s3://\S+ \(split val, (\d+) samples\): loss [\d.]+, "
+                           r"top-1 ([\d.]+)%", out)
+        assert scored and int(scored.group(1)) == 100, out[-3000:]  # 5 digits x 20 held out (the unseen synset: none)
+        top1_tags = {k: v for k, v in client.get_model_version("tiny_22kto1k", candidate.version).tags.items()
+                     if k.startswith("eval.") and k.endswith(".val.top1")}
+        assert len(top1_tags) == 1 and abs(float(*top1_tags.values()) - float(scored.group(2))) < 0.01, top1_tags
+        assert "names no version of tiny_22kto1k yet (nothing to compare)" in out and "champion -> version" in out
+        assert "mlflow models serve -m models:/tiny_22kto1k@champion --env-manager local" in out
         accuracy = float(re.search(r"top-1 on 30 held-out images: ([\d.]+)%", out).group(1))
         assert accuracy > 100 / 6 + 10, out[-3000:]  # well above chance over the 6 classes
-        for stage in ("[1/7]", "[4/7] pretrain", "[5/7] fine-tune", "[6/7] pull", "[7/7] summary"):
+        for stage in ("[1/8]", "[4/8] pretrain", "[5/8] fine-tune", "[6/8] evaluate", "[7/8] pull", "[8/8] summary"):
             assert stage in out
         assert re.search(r"val top-1 [\d.]+% before .* [\d.]+% after", out)
     finally:
