@@ -368,20 +368,21 @@ def run(client, plan: Plan, info: SetInfo, args, world) -> int:
         plan = Plan(**agreed, versions=plan.versions)
         prepare_all(plan, info, args.tracking_uri)
     main_rank = world.is_main
-    if main_rank:
-        print(f"scoring models:/{plan.name}/{plan.candidate} on {info.shown} (split {info.split}, {info.samples} "
-              f"samples, {world.size} rank(s)) ...", file=sys.stderr, flush=True)
-    candidate = score(plan.versions[plan.candidate], info, args, world)
-    if main_rank:
-        print(scores_line(f"models:/{plan.name}/{plan.candidate}", info, candidate), flush=True)
+
+    def scored(version: str, why: str) -> dict:
+        if main_rank:
+            print(why, file=sys.stderr, flush=True)
+        scores = score(plan.versions[version], info, args, world)
+        if main_rank:
+            print(scores_line(f"models:/{plan.name}/{version}", info, scores), flush=True)
+        return scores
+
+    candidate = scored(plan.candidate, f"scoring models:/{plan.name}/{plan.candidate} on {info.shown} (split "
+                                       f"{info.split}, {info.samples} samples, {world.size} rank(s)) ...")
     champion = None
     if plan.evaluate_champion:
-        if main_rank:
-            print(f"{args.if_better_than} models:/{plan.name}/{plan.champion} has no score on {info.shown} (split "
-                  f"{info.split}) yet: scoring it too ...", file=sys.stderr, flush=True)
-        champion = score(plan.versions[plan.champion], info, args, world)
-        if main_rank:
-            print(scores_line(f"models:/{plan.name}/{plan.champion}", info, champion), flush=True)
+        champion = scored(plan.champion, f"{args.if_better_than} models:/{plan.name}/{plan.champion} has no score on "
+                                         f"{info.shown} (split {info.split}) yet: scoring it too ...")
     outcome, failure = None, None
     if main_rank:  # MLflow: rank 0 alone; its outcome, or its error's line, then goes to every rank
         try:
