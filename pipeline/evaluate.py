@@ -340,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level=logging.WARNING, stream=sys.stderr,
                       format=f"[rank {rank()}] %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file and rank otherwise
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    args.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    from pipeline.tracking.registry import existing_store
+
+    args.tracking_uri = existing_store(args.tracking_uri)  # never a store created by this read
     with naming(args.shards):
         info = open_set(args.shards, args.split)
     client = MlflowClient(args.tracking_uri)

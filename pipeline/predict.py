@@ -1,7 +1,7 @@
 """python -m pipeline.predict MODEL IMAGE [IMAGE ...]
 
-Top-5 classes per image. MODEL is models:/NAME@ALIAS, models:/NAME/VERSION (MLflow registry at
-MLFLOW_TRACKING_URI) or an exported model folder. Preprocessing is the eval loader's (timm's eval transform) with
+Top-5 classes per image. MODEL is models:/NAME@ALIAS, models:/NAME/VERSION (MLflow registry at --tracking-uri,
+else MLFLOW_TRACKING_URI) or an exported model folder. Preprocessing is the eval loader's (timm's eval transform) with
 the model's metadata: resize the shorter side to floor(size / crop_pct) (bicubic), centre crop, normalise.
 """
 from __future__ import annotations
@@ -37,11 +37,11 @@ def predict(model, meta: dict, paths: list[str], k: int = 5) -> list[list[tuple[
             for row_p, row_i in zip(top.values, top.indices, strict=True)]
 
 
-def load(model_ref: str):
+def load(model_ref: str, tracking_uri: str | None = None):
     if model_ref.startswith("models:/"):
         from pipeline.tracking.registry import pull
 
-        return pull(model_ref)
+        return pull(model_ref, tracking_uri=tracking_uri)
     from pipeline.engine.model_export import load_exported
 
     return load_exported(model_ref)
@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported model folder")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--tracking-uri", help="the MLflow store of a models:/ URI (default: MLFLOW_TRACKING_URI)")
     args = p.parse_args(argv)
     check_images(args.images)  # before fetching the model: a typo fails at once
     with error_context(args.model):
-        model, meta = load(args.model)
+        model, meta = load(args.model, args.tracking_uri)
     for path, top in zip(args.images, predict(model, meta, args.images, args.k), strict=True):
         print(path)
         for synset, index, prob in top:

@@ -52,14 +52,16 @@ def resolve_at_launch(cfg, launch_dir: str | None) -> None:
         cfg.out_dir = str((base / cfg.out_dir).resolve())
 
 
-def pull_init_source(init_from: str) -> str:
-    """`init_from=models:/NAME@ALIAS` (or /VERSION): the registered model pulled into the local model cache; a
-    path is returned as it is."""
+def pull_init_source(init_from: str, cfg) -> str:
+    """`init_from=models:/NAME@ALIAS` (or /VERSION): the registered model pulled into the local model cache from
+    the store this run tracks to (MLFLOW_TRACKING_URI, tracking.uri, else the local store in out_dir); a path is
+    returned as it is."""
     if not init_from.startswith("models:/"):
         return init_from
     from pipeline.tracking.registry import pull_to_folder
+    from pipeline.tracking.tracker import tracking_uri
 
-    return str(pull_to_folder(init_from))
+    return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
 
 
 def start_tracking(setup):
@@ -159,7 +161,7 @@ def run(cfg, world) -> dict:
 
     t_start = time.time()
     setup = prepare(cfg, world)
-    setup.init_path = pull_init_source(setup.init_path)
+    setup.init_path = pull_init_source(setup.init_path, cfg)
     tracker = start_tracking(setup)
     try:
         summary = train(setup, tracker)

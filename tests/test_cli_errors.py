@@ -205,6 +205,23 @@ def test_unknown_model_or_alias(mlflow_server, image):
     one_line(py("pipeline.pull", "models:/nope/3", env=env), "models:/nope/3", "nope", "not found")
 
 
+def test_a_read_of_the_registry_never_creates_a_store(mlflow_server, tmp_path, image):
+    """pull, predict and evaluate without a store, or naming a local one that is not there, say so and create
+    none (MLflow's default would create mlflow.db in the current folder); a model a store lacks is reported with
+    the store it looked in."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for cmd in (("pipeline.pull", "models:/tiny@current"), ("pipeline.predict", "models:/tiny@current", image),
+                ("pipeline.evaluate", "models:/tiny@current", "--shards", tmp_path)):
+        one_line(py(*cmd, cwd=empty), "no MLflow store given", "MLFLOW_TRACKING_URI", "--tracking-uri")
+        missing = tmp_path / "nowhere" / "mlflow.db"
+        one_line(py(*cmd, "--tracking-uri", f"sqlite:///{missing}", cwd=empty), f"no MLflow store at {missing}")
+        assert not list(empty.iterdir()) and not missing.parent.exists(), cmd
+    line = one_line(py("pipeline.predict", "models:/nope@current", image, "--tracking-uri", mlflow_server.uri,
+                       cwd=empty), "models:/nope@current", f"in the MLflow store {mlflow_server.uri}")
+    assert "not found" in line and not list(empty.iterdir())
+
+
 def test_unreachable_server(image):
     uri = unreachable_uri()
     one_line(py("pipeline.pull", "models:/tiny@current", env={"MLFLOW_TRACKING_URI": uri}),

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.tracking import mlflow_model
+from swin_common.redact import redact_text
 
 log = logging.getLogger("pipeline.tracking.registry")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -109,16 +110,52 @@ def _folder_name(name: str, uri: str) -> str:
     return name
 
 
+class StoreNotFound(ValueError):
+    """No MLflow store to read from: none named, or a local one that does not exist (never created by a read)."""
+
+
+class ModelNotFound(ValueError):
+    """A registered model, version or alias that the store does not hold."""
+
+
+def existing_store(tracking_uri: str | None) -> str:
+    """The tracking URI a command that only reads the registry uses: the one given, else MLFLOW_TRACKING_URI.
+    Never MLflow's own default (a `mlflow.db` it would create in the current folder) and never a local store that
+    is not there: MLflow creates a missing sqlite file or mlruns folder on first use, and a read must not."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise StoreNotFound("no MLflow store given: set MLFLOW_TRACKING_URI (http://HOST:PORT, or "
+                            "sqlite:////path/to/mlflow.db for a local store) or pass --tracking-uri")
+    local = None
+    if uri.startswith("sqlite:///"):
+        local = Path(uri[len("sqlite:///"):])
+    elif uri.startswith("file:") or "://" not in uri:
+        local = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
+    if local is not None and not local.exists():
+        raise StoreNotFound(f"no MLflow store at {local} ({redact_text(uri)}): give the store the training wrote "
+                            f"(its runs/mlflow/mlflow.db, or the server's http://HOST:PORT)")
+    return uri
+
+
 def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Downloads the model version behind a models:/ URI into a folder (cached by name and version) and
     returns the folder holding model.safetensors and model.json. A version holding anything else than
-    safetensors weights and json/text (a pickle named model.safetensors included) is refused, naming the URI."""
-    import mlflow
+    safetensors weights and json/text (a pickle named model.safetensors included) is refused, naming the URI.
+    The store: `tracking_uri`, else MLFLOW_TRACKING_URI (existing_store); a version or alias it lacks is an
+    error naming the store."""
     from mlflow.tracking import MlflowClient
 
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    tracking_uri = existing_store(tracking_uri)
     client = MlflowClient(tracking_uri)
-    version = resolve_version(client, uri)
+    try:
+        version = resolve_version(client, uri)
+    except Exception as e:  # noqa: BLE001  (MlflowException RESOURCE_DOES_NOT_EXIST: say where it looked)
+        if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        found = str(getattr(e, "message", e)).replace("RESOURCE_DOES_NOT_EXIST: ", "").rstrip(".")
+        raise ModelNotFound(f"{found} in the MLflow store {redact_text(tracking_uri)}: check the name, version or "
+                          f"alias, and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that holds "
+                          f"it") from None
     folder = Path(dst) if dst else cache_root() / _folder_name(version.name, uri) / str(int(version.version))
     folder.parent.mkdir(parents=True, exist_ok=True)
     # one download per cache: every rank of a node pulls at once, the first one downloads, the others wait here
