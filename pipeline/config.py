@@ -101,10 +101,15 @@ class EvalConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: str = ""  # MLFLOW_TRACKING_URI wins; neither: a local store in out_dir/mlflow
+    # artifacts of an experiment this project creates in a local store (sqlite/file): here, else out_dir/mlflow/
+    # artifacts (never where the launcher happens to run); a server keeps its own (--artifacts-destination)
+    artifact_location: str = ""
     experiment: str = "swin-pipeline"
     register: bool = True  # register the exported model at the end of training
     model_name: str = ""  # registered model name (default: the run's name)
-    aliases: list[str] = field(default_factory=lambda: ["current"])  # MLflow reserves "latest"
+    # set on the new version; "candidate" by default: the alias users pull (champion) moves only by a deliberate
+    # step, `python -m pipeline.evaluate ... --promote champion --if-better-than champion` (MLflow reserves "latest")
+    aliases: list[str] = field(default_factory=lambda: ["candidate"])
     system_metrics: bool = True  # CPU/GPU/memory/network per node, every system_metrics_s seconds
     system_metrics_s: float = 10.0
     start_timeout_s: float = 30.0  # MLflow unreachable that long at start: the run is not tracked

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         record = run_dir / "mlflow_run.json"
         if record.is_file():
             tracked = json.loads(record.read_text())
-            aliases = "candidate, " + ("champion" if promoted else "not champion") if run_dir == fine else "current"
+            aliases = "candidate, " + ("champion" if promoted else "not champion") if run_dir == fine else "candidate"
             print(f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name} "
                   f"({aliases})")
     store = runs / "mlflow" / "mlflow.db"

@@ -45,11 +45,19 @@ def parse_args(argv):
 
 
 def resolve_at_launch(cfg, launch_dir: str | None) -> None:
-    """A relative out_dir becomes absolute once, against the folder the job was launched from, so every rank on
-    every node names the same run folder whatever folder its launcher started it in."""
+    """A relative out_dir, local MLflow store or artifact location becomes absolute once, against the folder the
+    job was launched from, so every rank on every node names the same run folder and store whatever folder its
+    launcher started it in (the launch scripts change to the repository)."""
     base = Path(launch_dir or os.getcwd())
     if not Path(cfg.out_dir).is_absolute():
         cfg.out_dir = str((base / cfg.out_dir).resolve())
+    from pipeline.tracking.tracker import absolute_store_uri
+
+    cfg.tracking.uri = absolute_store_uri(cfg.tracking.uri, base)  # a relative store: where the user launched
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = absolute_store_uri(os.environ["MLFLOW_TRACKING_URI"], base)
+    if cfg.tracking.artifact_location and "://" not in cfg.tracking.artifact_location:
+        cfg.tracking.artifact_location = str((base / cfg.tracking.artifact_location).resolve())
 
 
 def pull_init_source(init_from: str, cfg) -> str:
@@ -62,6 +70,19 @@ def pull_init_source(init_from: str, cfg) -> str:
     from pipeline.tracking.tracker import tracking_uri
 
     return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
+
+
+def check_init_source(cfg) -> None:
+    """init_from resolves: a path that exists, or a models:/ URI whose version or alias the store holds (nothing
+    downloaded)."""
+    if cfg.init_from.startswith("models:/"):
+        from pipeline.tracking.registry import resolve_in_store
+        from pipeline.tracking.tracker import tracking_uri
+
+        resolve_in_store(cfg.init_from, tracking_uri(cfg.tracking.uri, cfg.out_dir))
+    elif not Path(cfg.init_from).exists():
+        raise CommandError(f"init_from={cfg.init_from}: no such file or folder (give a checkpoint folder, an "
+                           f"exported model folder or models:/NAME@ALIAS)")
 
 
 def start_tracking(setup):
@@ -115,7 +136,7 @@ def finish_tracking(cfg, tracker, summary: dict) -> None:
         else:
             tracker.flush(cfg.tracking.final_timeout_s)  # what was queued first goes first
             try:
-                register_final(cfg, tracker, Path(summary["model"]))
+                register_final(cfg, tracker, Path(summary["model"]), version_run_tags(cfg, summary))
             except Exception as e:  # noqa: BLE001  (the run's end is still recorded; the error follows)
                 failure = e
     tracker.finish("FINISHED" if failure is None else "FAILED")
@@ -128,7 +149,20 @@ def finish_tracking(cfg, tracker, summary: dict) -> None:
                            f"{cfg.run_dir}`") from failure
 
 
-def register_final(cfg, tracker, model_dir: Path) -> str:
+def version_run_tags(cfg, summary: dict) -> dict[str, str]:
+    """What the registered version says of the run behind it: its steps, and, when train.max_steps cut it short
+    of its schedule, that it did (a scratch run's model is not a finished one)."""
+    steps, planned = summary.get("steps"), summary.get("schedule_steps")
+    if steps is None or planned is None:
+        return {}
+    tags = {"steps": str(steps), "schedule_steps": str(planned)}
+    if steps < planned:
+        tags["stopped_before_schedule_end"] = (f"train.max_steps={cfg.train.max_steps}: {steps} of the schedule's "
+                                               f"{planned} steps")
+    return tags
+
+
+def register_final(cfg, tracker, model_dir: Path, tags: dict[str, str] | None = None) -> str:
     """Registers the export as a new model version, logging progress while the upload runs."""
     import threading
 
@@ -145,7 +179,8 @@ def register_final(cfg, tracker, model_dir: Path) -> str:
 
     threading.Thread(target=progress, name="register-progress", daemon=True).start()
     try:
-        version = register(tracker.sender.client, tracker.run_id, model_dir, name, list(cfg.tracking.aliases))
+        version = register(tracker.sender.client, tracker.run_id, model_dir, name, list(cfg.tracking.aliases),
+                           tags)
     finally:
         done.set()
     log.info("registered models:/%s/%s in %.0f s", name, version, time.time() - t0)
@@ -161,6 +196,11 @@ def run(cfg, world) -> dict:
 
     t_start = time.time()
     setup = prepare(cfg, world)
+    if setup.resume is not None and cfg.init_from:
+        check_init_source(cfg)  # not applied, but a typo is still an error
+        if world.is_main:
+            log.info("resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
+                     "out_dir starts from it)", setup.resume, redact_text(cfg.init_from))
     setup.init_path = pull_init_source(setup.init_path, cfg)
     tracker = start_tracking(setup)
     try:

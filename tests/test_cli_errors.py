@@ -20,6 +20,8 @@ from servers import REPO, free_port
 from swin_common.cli import CommandError, exit_code_of
 
 TINY = REPO / "configs" / "tiny_22k.yaml"
+NO_SET = ("error: shard set not found: /nonexistent does not exist (give the folder `python -m data_prep shard "
+          "--out` wrote, or s3://bucket/prefix)")
 FAST_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
 
 
@@ -57,9 +59,12 @@ def image(tmp_path) -> Path:
 
 
 # -- data_prep ---------------------------------------------------------------------------------------------
-def test_data_prep_missing_and_unfinalized_shard_sets(tmp_path):
-    one_line(py("data_prep", "verify", "/nonexistent/shards"), "no manifest.json in /nonexistent/shards",
-             "finalized")
+def test_data_prep_missing_and_unfinalized_shard_sets(tmp_path, digits_tars, digits_folder):
+    one_line(py("data_prep", "verify", "/nonexistent/shards"), "shard set not found: /nonexistent/shards does not "
+             "exist")
+    for source, kind in ((digits_tars, "per-synset tars"), (digits_folder, "an ImageFolder tree")):
+        one_line(py("data_prep", "verify", source), f"{source} is a source ({kind}), not a shard set",
+                 f"python -m data_prep shard --source {source} --out SHARDS")
     (tmp_path / "set").mkdir()
     one_line(py("data_prep", "verify", tmp_path / "set"), f"no manifest.json in {tmp_path / 'set'}")
     one_line(py("data_prep", "finalize", tmp_path / "set"), str(tmp_path / "set"), "no prepared shards")
@@ -79,8 +84,8 @@ def test_data_prep_bad_source_layout_and_option(tmp_path):
 def test_debug_shows_the_traceback_of_an_expected_error():
     proc = py("data_prep", "verify", "/nonexistent/shards", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: no manifest.json in /nonexistent/shards: is the shard "
-                                                    "set finalized?")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: shard set not found: /nonexistent/shards does "
+                                                            "not exist")
     debug_env = py("pipeline.train", "--config", TINY, "nosuch.key=1", env={"SWIN_DEBUG": "1"})
     assert debug_env.returncode == 2 and "Traceback" in debug_env.stderr and "ConfigError" in debug_env.stderr
 
@@ -95,7 +100,7 @@ def test_train_config_errors():
 
 def test_train_missing_and_unfinalized_shard_set(tmp_path):
     one_line(py("pipeline.train", "--config", TINY, "data.shards=/nonexistent", f"out_dir={tmp_path}"),
-             "no manifest.json in /nonexistent", "finalized")
+             "shard set not found: /nonexistent does not exist")
     (tmp_path / "unfinished" / "train").mkdir(parents=True)  # shards being written: no manifest.json yet
     one_line(py("pipeline.train", "--config", TINY, f"data.shards={tmp_path / 'unfinished'}", f"out_dir={tmp_path}"),
              f"no manifest.json in {tmp_path / 'unfinished'}")
@@ -174,7 +179,7 @@ def test_launcher_prints_the_error_once(tmp_path, busy_machine):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-4000:]
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: no manifest.json in /nonexistent: is the shard set finalized?"], out[-4000:]
+    assert errors == [NO_SET], out[-4000:]
     assert "Traceback" not in out
 
 
@@ -192,7 +197,7 @@ def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machin
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert not state.ok and state.exit_code != 0, log
     errors = [line for line in log.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: no manifest.json in /nonexistent: is the shard set finalized?"], log[-4000:]
+    assert errors == [NO_SET], log[-4000:]
     assert "Traceback" not in log
 
 

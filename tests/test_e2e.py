@@ -37,10 +37,12 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
         assert any(re.search(r"mlflow/.*/model/step_\d+/artifacts/model/model.safetensors$", k) for k in keys)
         assert f"tracking URI: {server.uri} (from MLFLOW_TRACKING_URI)" in out
         client = MlflowClient(server.uri)
-        pretrained = client.get_model_version_by_alias("tiny_22k", "current")
+        pretrained = client.get_model_version_by_alias("tiny_22k", "candidate")
         candidate = client.get_model_version_by_alias("tiny_22kto1k", "candidate")
-        for version in (pretrained, candidate):
+        for version in (pretrained, candidate):  # whole schedules: not cut short
             assert client.get_run(version.run_id).info.status == "FINISHED"
+            assert "stopped_before_schedule_end" not in version.tags and version.tags["steps"] == \
+                version.tags["schedule_steps"], version.tags
         # the round trip: the candidate evaluated, promoted (no champion before), pulled back as the champion
         assert client.get_model_version_by_alias("tiny_22kto1k", "champion").version == candidate.version
         scored = re.search(r"models:/tiny_22kto1k/\d+ on s3://\S+ \(split val, (\d+) samples\): loss [\d.]+, "

@@ -160,7 +160,7 @@ def test_password_in_the_tracking_uri_with_the_server_unreachable(shards, tmp_pa
     assert not leaks([password], {"stdout": proc.stdout, "stderr": proc.stderr}, [tmp_path])
 
     # the one-line error of a command that needs the server names it, redacted
-    pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/offline@current"], cwd=REPO,
+    pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/offline@candidate"], cwd=REPO,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
@@ -201,7 +201,7 @@ def test_password_in_the_tracking_uri_with_a_real_server(mlflow_server, shards, 
     assert params["tracking.uri"] == record["tracking_uri"] and params["data.cache_dir"] == "/tmp/cache-***"
     artifacts = Path(client.download_artifacts(run_id, "", str(tmp_path / "artifacts")))
     assert (artifacts / "config.yaml").is_file()
-    version = client.get_model_version_by_alias("secretive", "current")
+    version = client.get_model_version_by_alias("secretive", "candidate")
     stored = json.dumps([params, run.data.tags, dict(version.tags), version.description, version.source])
 
     # register by hand: the record's URI lacks the password, so MLFLOW_TRACKING_URI must give it

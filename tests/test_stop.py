@@ -200,7 +200,7 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     assert sorted(set(history)) == list(range(1, 41))
     [version] = client.search_model_versions("name='stopped'")  # (a search's versions carry no aliases)
     assert version.run_id == run_id, version
-    assert client.get_model_version_by_alias("stopped", "current").version == version.version
+    assert client.get_model_version_by_alias("stopped", "candidate").version == version.version
 
 
 def signal_after_the_end(run_dir: Path, proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:

@@ -88,6 +88,9 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert {"config.yaml", "metrics.jsonl", "plots/training_curves.png", "model"} <= artifacts, artifacts
     version = client.get_model_version_by_alias("tracked", "champion")
     assert version.run_id == run_id and version.tags["timm_name"] == "swin_nano_patch4_window4_64"
+    # cut short by train.max_steps: the version says so
+    assert version.tags["stopped_before_schedule_end"].startswith("train.max_steps=4: 4 of the schedule's "), \
+        version.tags
     assert client.get_model_version_by_alias("tracked", "current").version == version.version
 
     # a resumed job (more steps) continues the same run
@@ -130,6 +133,12 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
                  SWIN_MODEL_CACHE=str(tmp_path / "fresh-cache"))  # 2 ranks pull it at once into one cache
     init = json.loads((tmp_path / "from_registry" / "init.json").read_text())
     assert init["init_head_rows_mapped"] == 10 and init["init_resized_bias_tables"] == 8, fine.stderr[-2000:]
+    # the same command again resumes (init_from is not applied then), but an init_from that does not resolve is
+    # still an error, naming the alias and the store
+    again = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@nope", "train.max_steps=1",
+                  "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=2, check=False)
+    assert again.returncode == 2 and "alias nope" in again.stderr and f"in the MLflow store {uri}" in again.stderr, \
+        again.stderr[-3000:]
     versions = [p for p in (tmp_path / "fresh-cache" / "tracked").iterdir() if not p.name.startswith(".")]
     assert len(versions) == 1 and (versions[0] / "model.json").is_file(), versions  # no partial leftovers
 
@@ -149,6 +158,31 @@ from pipeline.tracking.registry import pull_to_folder
 logging.basicConfig(level=logging.INFO)
 print(pull_to_folder(sys.argv[1]))
 """
+
+
+def test_a_relative_local_store_and_its_artifacts_stay_where_the_user_launched(shards, tmp_path):
+    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db and out_dir=runs, launched from a folder of the user's through the
+    launch script (which changes to the repository): the store is in that folder, the experiment the run creates
+    keeps its artifacts in out_dir, and nothing lands in the checkout."""
+    here = tmp_path / "somewhere"
+    here.mkdir()
+    before = sorted(p.name for p in REPO.iterdir())
+    proc = subprocess.run(
+        ["bash", str(LAUNCH), "--config", str(TINY), "name=here", "out_dir=runs", f"data.shards={shards}",
+         "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=0",
+         "train.max_steps=2", "schedule.epochs=1", "schedule.warmup_epochs=0", "tracking.system_metrics=false",
+         "tracking.experiment=launched_here"],
+        cwd=here, capture_output=True, text=True, timeout=900,
+        env=env("sqlite:///mlflow.db", MASTER_PORT=str(free_port())))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert (here / "mlflow.db").is_file() and (here / "runs" / "here" / "model").is_dir()
+    client = MlflowClient(f"sqlite:///{here / 'mlflow.db'}")
+    artifacts = (here / "runs" / "mlflow" / "artifacts").as_uri()
+    assert client.get_experiment_by_name("launched_here").artifact_location == artifacts
+    version = client.get_model_version_by_alias("here", "candidate")
+    assert version.source.startswith(artifacts) or client.get_run(version.run_id).info.artifact_uri.startswith(
+        artifacts), version.source
+    assert sorted(p.name for p in REPO.iterdir()) == before  # no mlruns/, no mlflow.db in the checkout
 
 
 def test_training_survives_the_server_going_away(shards, tmp_path):
@@ -198,7 +232,7 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
         client = MlflowClient(server.uri)
         assert steps_of(client, run_id, "loss") == list(range(1, 31))
         assert client.get_run(run_id).info.status == "FINISHED"
-        assert client.get_model_version_by_alias("outage", "current").run_id == run_id
+        assert client.get_model_version_by_alias("outage", "candidate").run_id == run_id
     finally:
         server.stop()
 
@@ -214,7 +248,7 @@ def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path, monkeypatch):
         train(shards, tmp_path, "on_s3", server.uri, "train.max_steps=2", "tracking.system_metrics=false", ranks=1)
         keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert any(k.endswith("model/step_00000002/artifacts/model/model.safetensors") for k in keys), keys
-        pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/on_s3@current", "--dst",
+        pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/on_s3@candidate", "--dst",
                                  str(tmp_path / "pulled")], cwd=REPO, capture_output=True, text=True, timeout=300,
                                 env=env(server.uri))
         assert pulled.returncode == 0, pulled.stderr[-3000:]
@@ -259,7 +293,7 @@ def register_at_the_end(tmp_path: Path, name: str, uri: str, model: Path, monkey
     finish_tracking(cfg, tracker, {"model": str(model)})
     client = MlflowClient(uri)
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
-    return client.get_model_version_by_alias(name, "current")
+    return client.get_model_version_by_alias(name, "candidate")
 
 
 def test_a_refused_metrics_batch_drops_only_itself(mlflow_server):

@@ -256,8 +256,8 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
     timing = run_summary(state.clock)
     if world.is_main:
         log.info(summary_line(timing))
-    return {"steps": state.step, "dropped_micro_batches": state.dropped_total, "eval": state.last_eval,
-            "checkpoint": str(final), "time": timing}
+    return {"steps": state.step, "schedule_steps": plan.total_steps, "dropped_micro_batches": state.dropped_total,
+            "eval": state.last_eval, "checkpoint": str(final), "time": timing}
 
 
 def stop_if_agreed(step: int, during: str) -> None:

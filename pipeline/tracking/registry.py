@@ -37,9 +37,11 @@ def version_tags(meta: dict) -> dict[str, str]:
             "synsets_head": ",".join(meta["synsets"][:5]) + (" ..." if len(meta["synsets"]) > 5 else "")}
 
 
-def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]) -> str:
-    """Logs model_dir as the run's `model/step_N/` artifacts and registers it; returns the version (the existing
-    one when the same export was registered already, e.g. a call retried after an outage)."""
+def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str],
+             tags: dict[str, str] | None = None) -> str:
+    """Logs model_dir as the run's `model/step_N/` artifacts and registers it with the version tags of its
+    metadata plus `tags`; returns the version (the existing one when the same export was registered already,
+    e.g. a call retried after an outage)."""
     model_dir = Path(model_dir)
     meta = json.loads((model_dir / "model.json").read_text())
     # one artifact folder per exported step: a version's files never change after it is registered
@@ -55,7 +57,7 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
     # a retried call (after an outage) must not register the same weights twice
     same = [v for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if v.source == source]
     version = same[0] if same else client.create_model_version(
-        name, source, run_id=run_id, tags=version_tags(meta),
+        name, source, run_id=run_id, tags={**version_tags(meta), **(tags or {})},
         description=f"{meta['timm_name']}, {meta['num_classes']} classes")
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
@@ -114,6 +116,9 @@ class StoreNotFound(ValueError):
     """No MLflow store to read from: none named, or a local one that does not exist (never created by a read)."""
 
 
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 class ModelNotFound(ValueError):
     """A registered model, version or alias that the store does not hold."""
 
@@ -137,25 +142,34 @@ def existing_store(tracking_uri: str | None) -> str:
     return uri
 
 
+def resolve_in_store(uri: str, tracking_uri: str | None):
+    """(client, model version) of a models:/ URI; a version or alias the store lacks is an error naming the
+    store."""
+    from mlflow.tracking import MlflowClient
+
+    tracking_uri = existing_store(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        return client, resolve_version(client, uri)
+    except Exception as e:  # noqa: BLE001  (an MlflowException saying "not found": say where it looked)
+        message = str(getattr(e, "message", e))
+        # a local store answers RESOURCE_DOES_NOT_EXIST, a server INVALID_PARAMETER_VALUE for a missing alias
+        if getattr(e, "error_code", None) not in NOT_FOUND_CODES or "not found" not in message.lower():
+            raise
+        found = re.sub(r"^[A-Z_]+: ", "", message).rstrip(".")
+        raise ModelNotFound(f"{uri}: {found} in the MLflow store {redact_text(tracking_uri)}: check the name, "
+                            f"version or alias, and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that "
+                            f"holds it") from None
+
+
 def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Downloads the model version behind a models:/ URI into a folder (cached by name and version) and
     returns the folder holding model.safetensors and model.json. A version holding anything else than
     safetensors weights and json/text (a pickle named model.safetensors included) is refused, naming the URI.
     The store: `tracking_uri`, else MLFLOW_TRACKING_URI (existing_store); a version or alias it lacks is an
     error naming the store."""
-    from mlflow.tracking import MlflowClient
-
     tracking_uri = existing_store(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    try:
-        version = resolve_version(client, uri)
-    except Exception as e:  # noqa: BLE001  (MlflowException RESOURCE_DOES_NOT_EXIST: say where it looked)
-        if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        found = str(getattr(e, "message", e)).replace("RESOURCE_DOES_NOT_EXIST: ", "").rstrip(".")
-        raise ModelNotFound(f"{found} in the MLflow store {redact_text(tracking_uri)}: check the name, version or "
-                          f"alias, and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that holds "
-                          f"it") from None
+    client, version = resolve_in_store(uri, tracking_uri)
     folder = Path(dst) if dst else cache_root() / _folder_name(version.name, uri) / str(int(version.version))
     folder.parent.mkdir(parents=True, exist_ok=True)
     # one download per cache: every rank of a node pulls at once, the first one downloads, the others wait here

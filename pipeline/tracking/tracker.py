@@ -66,6 +66,19 @@ def local_store(out_dir: str | Path) -> Path:
     return Path(out_dir).resolve() / "mlflow"
 
 
+def absolute_store_uri(uri: str, base: Path) -> str:
+    """A local store named relatively (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) made absolute against
+    `base`, the folder the user launched from: the launch scripts change to the repository, and a relative store
+    would land in the checkout. Servers and absolute stores are returned as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return (base / uri[len("file:"):]).resolve().as_uri()
+    if uri and "://" not in uri and not uri.startswith(("file:", "/")):
+        return str((base / uri).resolve())
+    return uri
+
+
 def git_state(repo: Path) -> dict[str, str]:
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
@@ -304,8 +317,9 @@ class Tracker:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             location = None
-            if self.uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-                location = (local_store(self.cfg.out_dir) / "artifacts").as_uri()
+            if self.cfg.tracking.artifact_location or is_local_store(self.uri):  # a server keeps its own
+                where = self.cfg.tracking.artifact_location or str(local_store(self.cfg.out_dir) / "artifacts")
+                location = where if "://" in where else Path(where).resolve().as_uri()
             experiment_id = client.create_experiment(name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
