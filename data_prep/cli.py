@@ -11,7 +11,7 @@ import logging
 import re
 import sys
 
-from swin_common.cli import ArgumentParser, command, configure_logging
+from swin_common.cli import ArgumentParser, DefaultsHelpFormatter, command, configure_logging
 
 from .records import IncompleteError
 from .shardset.layout import LayoutError, read_layout, write_map
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter  # argparse's, without empty or doubled defaults
 
     s = sub.add_parser("shard", formatter_class=fmt, help="write webdataset shards from a source",
                        description="Reads an ImageFolder tree or a folder of per-synset tars (local or "

@@ -38,6 +38,16 @@ if [ -n "${LOCAL_RANK:-}" ] || [ -n "${SLURM_STEP_ID:-}" ]; then
   exec "$python" -u -m pipeline.train "$@"
 fi
 
+for arg in "$@"; do  # --help: this text and the train command's options, without starting any rank
+  case "$arg" in
+    -h|--help) sed -n '3,/^# How this file runs/p' "$0" | sed '$d; s/^# \{0,1\}//'
+               exec "$python" -m pipeline.train --help ;;
+  esac
+done
+# what a user can get wrong (the config, the shard set, an init_from path), said in a second and as the last
+# line, before any rank starts; run from the repository, where the ranks run
+(cd "$repo" && "$python" -m pipeline.train --check --launch-dir "$launch_dir" "$@") || exit $?
+
 # ranks on this machine, when known without asking torch: NUM_GPUS, or 2 on a machine without an NVIDIA driver
 local_procs="${NUM_GPUS:-}"
 if [ -z "$local_procs" ] && [ -z "${HOSTFILE:-}" ] && { [ ! -e /proc/driver/nvidia/version ] ||

@@ -41,6 +41,8 @@ def parse_args(argv):
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     p.add_argument("--launch-dir", help="where the job was launched: a relative out_dir (and --config) is taken "
                                         "from there (the launch scripts pass it; default: this process's folder)")
+    p.add_argument("--check", action="store_true", help="check the config, the shard set and an init_from path, "
+                                                        "then exit (the launch scripts do it before any rank starts)")
     return p.parse_args(argv)
 
 
@@ -70,6 +72,17 @@ def pull_init_source(init_from: str, cfg) -> str:
     from pipeline.tracking.tracker import tracking_uri
 
     return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
+
+
+def check_before_launch(cfg) -> None:
+    """What a user can get wrong, found in a second and before any rank starts (the config was parsed already):
+    the shard set and an init_from path. A models:/ init_from is checked by the ranks (it needs MLflow)."""
+    from data_prep.shardset.manifest import read_manifest
+    from data_prep.shardset.store import open_store
+
+    read_manifest(open_store(cfg.data.shards))  # its errors name the set: missing, a source, not finalized
+    if cfg.init_from and not cfg.init_from.startswith("models:/"):
+        check_init_source(cfg)
 
 
 def check_init_source(cfg) -> None:
@@ -266,8 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args.config)
     if args.launch_dir and not config.is_absolute() and (Path(args.launch_dir) / config).is_file():
         config = Path(args.launch_dir) / config
+    if not config.is_file():
+        looked = [config] if config.is_absolute() else \
+            [p.resolve() for p in dict.fromkeys([Path(args.launch_dir or ".") / config, config])]
+        raise CommandError(f"config not found: {args.config} (looked for {' and '.join(map(str, looked))}): give a "
+                           f"recipe of configs/, e.g. --config configs/tiny_22k.yaml")
     cfg = load_config(config, args.overrides)
     resolve_at_launch(cfg, args.launch_dir)
+    if args.check:
+        check_before_launch(cfg)
+        return 0
     from pipeline.engine.distributed import init_distributed, shutdown
     from pipeline.engine.watchdog import note_start, start_failure
 

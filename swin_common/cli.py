@@ -72,6 +72,17 @@ class _DebugAction(argparse.Action):
         _debug = True
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after an option's help, except where it says nothing (a default of None or
+    False, a required option) or the help text already tells its default in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser with `--debug` (on subcommands too) and usage errors in one line."""
 

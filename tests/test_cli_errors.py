@@ -20,8 +20,7 @@ from servers import REPO, free_port
 from swin_common.cli import CommandError, exit_code_of
 
 TINY = REPO / "configs" / "tiny_22k.yaml"
-NO_SET = ("error: shard set not found: /nonexistent does not exist (give the folder `python -m data_prep shard "
-          "--out` wrote, or s3://bucket/prefix)")
+NO_ARCH = "error: unknown arch 'swin_huge'; choose one of swin_nano, swin_tiny, swin_small, swin_base, swin_large"
 FAST_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
 
 
@@ -98,6 +97,26 @@ def test_train_config_errors():
     one_line(py("pipeline.train", "data.shards=/x"), "--config")
 
 
+def test_the_launch_script_answers_help_and_user_errors_before_any_rank_starts(tmp_path):
+    """bash launch/pretrain_22k.sh --help prints its text and the train command's options once, and a config
+    typo, a config that is not there or a missing shard set is one line, the last one, from a check that runs
+    before the launcher starts any rank."""
+    launch = REPO / "launch" / "pretrain_22k.sh"
+    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
+    helped = run("bash", launch, "--help", cwd=tmp_path, env=env)
+    assert helped.returncode == 0 and helped.stdout.count("usage: python -m pipeline.train") == 1, helped.stderr
+    assert "Training on a cluster" in helped.stdout and "--check" in helped.stdout
+    cases = (((f"--config={TINY}", "nosuch.key=1"), ("unknown key(s) nosuch",)),
+             (("--config", "nope.yaml"), ("config not found: nope.yaml", str(tmp_path / "nope.yaml"))),
+             (("--config", TINY, "data.shards=/nonexistent"), ("shard set not found: /nonexistent",)))
+    for args, names in cases:
+        proc = run("bash", launch, *args, cwd=tmp_path, env=env)
+        one_line(proc, *names)
+        assert "launch.py" not in proc.stdout + proc.stderr and not proc.stdout.strip(), proc.stdout[-2000:]
+    for proc in [helped]:
+        assert "WORLD INFO" not in proc.stdout + proc.stderr  # no rank was started
+
+
 def test_train_missing_and_unfinalized_shard_set(tmp_path):
     one_line(py("pipeline.train", "--config", TINY, "data.shards=/nonexistent", f"out_dir={tmp_path}"),
              "shard set not found: /nonexistent does not exist")
@@ -114,6 +133,16 @@ def test_another_rank_defers_to_rank_0():
         proc = py("pipeline.train", "--config", TINY, "nosuch.key=1", env={**env, "SWIN_RANK_GRACE_S": "1.5"})
         assert time.time() - t0 >= 1.5
         one_line(proc, "error: rank 1: unknown key(s) nosuch")
+
+
+@pytest.fixture(scope="module")
+def small_set(digits_tars, tmp_path_factory) -> Path:
+    """A real shard set (the launchers check the set before any rank starts: errors of the ranks need one)."""
+    from servers import run_prep
+
+    out = tmp_path_factory.mktemp("small") / "shards"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 40, "--holdout-per-class", 2)
+    return out
 
 
 @pytest.fixture
@@ -171,25 +200,26 @@ def test_ranks_agree_on_what_to_print_whatever_the_timing(how, busy_machine):
 
 
 @pytest.mark.slow
-def test_launcher_prints_the_error_once(tmp_path, busy_machine):
+def test_launcher_prints_the_error_once(tmp_path, busy_machine, small_set):
     """launch/pretrain_22k.sh starts 2 CPU ranks through the deepspeed launcher on a busy machine: its own lines
     may show, the error line once, no traceback."""
-    proc = run("bash", REPO / "launch" / "pretrain_22k.sh", "--config", TINY, "data.shards=/nonexistent",
-               f"out_dir={tmp_path}", env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())}, timeout=300)
+    proc = run("bash", REPO / "launch" / "pretrain_22k.sh", "--config", TINY, f"data.shards={small_set}",
+               "model.arch=swin_huge", f"out_dir={tmp_path}", timeout=300,
+               env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())})
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-4000:]
+    assert proc.returncode == 2 and "WORLD INFO" in out, out[-4000:]  # the ranks started, and met the error
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert errors == [NO_SET], out[-4000:]
+    assert errors == [NO_ARCH], out[-4000:]
     assert "Traceback" not in out
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machine):
+def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machine, small_set):
     """launch/slurm/pretrain_22k.sbatch: srun starts 2 tasks on a busy machine; the job log holds the error line
     once (srun stops the other task once one exits non-zero: "once" must not depend on which is first)."""
     job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch", "--config", TINY,
-                               "data.shards=/nonexistent", f"out_dir={tmp_path}",
+                               f"data.shards={small_set}", "model.arch=swin_huge", f"out_dir={tmp_path}",
                                sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
                                             "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out"],
                                env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
@@ -197,7 +227,7 @@ def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machin
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert not state.ok and state.exit_code != 0, log
     errors = [line for line in log.splitlines() if line.startswith("error: ")]
-    assert errors == [NO_SET], log[-4000:]
+    assert errors == [NO_ARCH], log[-4000:]
     assert "Traceback" not in log
 
 
