@@ -117,6 +117,23 @@ def test_the_launch_script_answers_help_and_user_errors_before_any_rank_starts(t
         assert "WORLD INFO" not in proc.stdout + proc.stderr  # no rank was started
 
 
+HELPED = (("pipeline.train",), ("pipeline.pull",), ("pipeline.predict",), ("pipeline.evaluate",),
+          ("pipeline.register",), ("pipeline.export",), ("pipeline.demo",), ("data_prep",), ("data_prep", "shard"),
+          ("data_prep", "verify"), ("data_prep", "map"), ("data_prep", "finalize"), ("data_prep", "embedded"))
+
+
+def test_help_texts_show_no_empty_or_doubled_defaults():
+    """No "(default: None)" on a required or unset option, and no option whose default is told twice."""
+    import re
+
+    for cmd in HELPED:
+        proc = py(*cmd, "--help")
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (cmd, proc.stderr[-2000:])
+        assert "(default: None)" not in proc.stdout, (cmd, proc.stdout)
+        for block in re.split(r"\n  (?=-)", proc.stdout.split("options:")[-1]):
+            assert block.lower().count("default") <= 1, (cmd, block)
+
+
 def test_train_missing_and_unfinalized_shard_set(tmp_path):
     one_line(py("pipeline.train", "--config", TINY, "data.shards=/nonexistent", f"out_dir={tmp_path}"),
              "shard set not found: /nonexistent does not exist")
