@@ -1,8 +1,10 @@
 """python -m pipeline.pull models:/NAME@ALIAS | models:/NAME/VERSION [--dst DIR]
 
-Downloads a registered model (model.safetensors + model.json) from the MLflow registry at MLFLOW_TRACKING_URI,
-builds the timm model from it to check it loads, and prints the folder. In Python:
-`pipeline.tracking.registry.pull("models:/NAME@ALIAS")` returns (timm model, metadata).
+Downloads a registered model's export (model.safetensors, model.json, timm's config.json) from the MLflow registry
+at --tracking-uri, else MLFLOW_TRACKING_URI, checks it (safetensors weights, json metadata; nothing is imported,
+run or unpickled), and prints what it is and the folder. It imports neither torch nor timm: it answers in about
+the time MLflow's client takes to import. In Python: `pipeline.tracking.registry.pull("models:/NAME@ALIAS")`
+returns (timm model, metadata); `timm.create_model("local-dir:FOLDER", pretrained=True)` loads the folder too.
 """
 from __future__ import annotations
 
@@ -23,13 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
     args = p.parse_args(argv)
     configure_logging(level=logging.WARNING, stream=sys.stderr)
-    from pipeline.engine.model_export import load_exported
+    import json
+    import math
+
     from pipeline.tracking.registry import pull_to_folder
+    from swin_common.safe_weights import tensor_shapes
 
     with error_context(args.uri):
         folder = pull_to_folder(args.uri, args.dst, args.tracking_uri)
-        model, meta = load_exported(folder)
-    params = sum(p.numel() for p in model.parameters())
+        meta = json.loads((folder / "model.json").read_text())
+        params = sum(math.prod(shape) for shape in tensor_shapes(folder / "model.safetensors").values())
     print(f"{args.uri}: {meta['timm_name']}, {meta['num_classes']} classes, {params / 1e6:.2f}M parameters, "
           f"input {meta['img_size']}px (crop_pct {meta['preprocessing']['crop_pct']})")
     print(folder)

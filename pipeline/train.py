@@ -131,16 +131,17 @@ def export_final(setup, summary: dict) -> dict:
     return {**summary, "model": str(exported)}
 
 
-def finish_tracking(cfg, tracker, summary: dict) -> None:
+def finish_tracking(cfg, tracker, summary: dict) -> dict:
     """Curves and metrics (waited for up to tracking.final_timeout_s), then the model registered in this thread,
-    however long its upload takes (Swin-L's export is ~790 MB), then the MLflow run's end."""
+    however long its upload takes (Swin-L's export is ~790 MB), then the MLflow run's end. Returns what the
+    summary says of the registration: {"registered": models:/NAME/VERSION, "aliases": [...]} (or {})."""
     from pipeline.tracking.plots import training_curves
 
     curves = training_curves(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "plots" / "training_curves.png")
     if curves:
         tracker.log_artifact(curves, "plots")
     tracker.log_artifact(cfg.run_dir / "metrics.jsonl")
-    failure = None
+    failure, registered = None, {}
     if cfg.tracking.register and summary.get("model"):
         if tracker.sender is None:
             if cfg.tracking.enabled:
@@ -149,7 +150,9 @@ def finish_tracking(cfg, tracker, summary: dict) -> None:
         else:
             tracker.flush(cfg.tracking.final_timeout_s)  # what was queued first goes first
             try:
-                register_final(cfg, tracker, Path(summary["model"]), version_run_tags(cfg, summary))
+                version = register_final(cfg, tracker, Path(summary["model"]), version_run_tags(cfg, summary))
+                registered = {"registered": f"models:/{cfg.tracking.model_name or cfg.name}/{version}",
+                              "aliases": list(cfg.tracking.aliases)}
             except Exception as e:  # noqa: BLE001  (the run's end is still recorded; the error follows)
                 failure = e
     tracker.finish("FINISHED" if failure is None else "FAILED")
@@ -160,6 +163,7 @@ def finish_tracking(cfg, tracker, summary: dict) -> None:
         raise CommandError(f"the model was trained and exported to {summary['model']}, but registering it in "
                            f"MLflow failed ({short_error(failure)}): retry with `python -m pipeline.register "
                            f"{cfg.run_dir}`") from failure
+    return registered
 
 
 def version_run_tags(cfg, summary: dict) -> dict[str, str]:
@@ -237,7 +241,7 @@ def run(cfg, world) -> dict:
             tracker.stopped(stopped)
         else:
             try:
-                finish_tracking(cfg, tracker, summary)
+                summary.update(finish_tracking(cfg, tracker, summary))
             except Exception as e:  # noqa: BLE001  (raised once every rank is past the wait)
                 failure = e
     wait_for_main("the export and registration")
@@ -246,7 +250,15 @@ def run(cfg, world) -> dict:
         raise stopped
     if failure is not None:
         raise failure
-    return {**summary, "seconds": time.time() - t_start, "mlflow_run": tracker.run_id}
+    return {**summary, "seconds": round(time.time() - t_start, 1), "mlflow_run": tracker.run_id,
+            "run_dir": str(cfg.run_dir), **({"mlflow_ui": ui_command(tracker.uri)} if tracker.run_id else {})}
+
+
+def ui_command(uri: str) -> str:
+    """Where to look at the run: the server's address, or the `mlflow ui` command for a local store."""
+    from pipeline.tracking.tracker import is_local_store
+
+    return f"mlflow ui --backend-store-uri {redact_text(uri)}" if is_local_store(uri) else redact_text(uri)
 
 
 def report_stop(cfg, stop) -> None:

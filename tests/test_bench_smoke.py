@@ -143,3 +143,11 @@ def test_listing_memory_bench_reports_a_slope_per_listed_image(tmp_path):
                                      timeout=300)
     assert lines[0].startswith("data_prep shard --list-only over 200 synset tars")
     assert int(re.fullmatch(r"bytes_per_image: (-?\d+)", lines[-1]).group(1)) < 2000
+
+
+def test_startup_bench_times_every_help_against_the_bare_interpreter(tmp_path):
+    lines = run_bench_in_scratch_cwd(tmp_path, "startup.py", "--repeats", "1", "--only", "help", timeout=600)
+    rows = [line for line in lines if "--help" in line]
+    assert len(rows) == 5 and all(re.search(r"\d+\.\d\d\s+python\s+[+-]\d+\.\d\d\s+under 1\.0 s: (met|NOT met)$", r)
+                                  for r in rows), lines
+    assert lines[1].startswith("  baselines: python ")

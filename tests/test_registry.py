@@ -189,6 +189,30 @@ def craft(client, run_id: str, name: str, folder: Path) -> str:
     return f"models:/{name}/{client.create_model_version(name, source, run_id=run_id).version}"
 
 
+NO_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "timm", "deepspeed"):
+            raise ImportError(f"{name}: pull must not need it")
+sys.meta_path.insert(0, NoTorch())
+from pipeline.pull import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_pull_needs_neither_torch_nor_timm(registry, trained, tmp_path):
+    """`python -m pipeline.pull` answers in about the time MLflow's client takes to import: it reads the
+    export's json and the safetensors header, and never imports torch, timm or DeepSpeed."""
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, "models:/tiny@candidate", "--dst", str(tmp_path / "p")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env(registry.uri))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, folder = proc.stdout.splitlines()
+    assert first.startswith("models:/tiny@candidate: swin_nano_patch4_window4_64, 10 classes, ") and \
+        "M parameters" in first, first
+    assert Path(folder) == tmp_path / "p" and (tmp_path / "p" / "config.json").is_file()
+
+
 def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, trained, images, tmp_path):
     """Versions made by hand on the server (artifacts on S3): one file outside the allow-list makes the pull
     fail naming it, before anything is downloaded, and nothing from it is imported, run or unpickled; a version

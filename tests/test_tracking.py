@@ -49,6 +49,14 @@ def train(shards, out, name, uri, *extra, ranks=2, check=True, **env_extra) -> s
     return proc
 
 
+def run_summary(stdout: str) -> dict:
+    """The train command's closing JSON (rank 0's stdout; the launcher's own lines around it)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.rstrip() == "{")
+    end = next(i for i in range(start, len(lines)) if lines[i].rstrip() == "}")
+    return json.loads("\n".join(lines[start:end + 1]))
+
+
 def steps_of(client, run_id, key) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -88,6 +96,11 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert {"config.yaml", "metrics.jsonl", "plots/training_curves.png", "model"} <= artifacts, artifacts
     version = client.get_model_version_by_alias("tracked", "champion")
     assert version.run_id == run_id and version.tags["timm_name"] == "swin_nano_patch4_window4_64"
+    # the run's summary names the version, its aliases, the run folder and where to look at it; times rounded
+    summary = run_summary(proc.stdout)
+    assert summary["registered"] == f"models:/tracked/{version.version}"
+    assert summary["aliases"] == ["current", "champion"] and summary["run_dir"] == str(run_dir)
+    assert summary["mlflow_ui"] == uri and summary["seconds"] == round(summary["seconds"], 1)
     # cut short by train.max_steps: the version says so
     assert version.tags["stopped_before_schedule_end"].startswith("train.max_steps=4: 4 of the schedule's "), \
         version.tags

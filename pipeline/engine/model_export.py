@@ -20,6 +20,7 @@ from pipeline.config import RunConfig, load_config
 from pipeline.data.samples import MEAN, STD
 from pipeline.model import create_model, timm_kwargs, timm_name
 from pipeline.model.transfer import SourceModel, TransferError
+from swin_common.safe_weights import UnsafeModelFile, check_safetensors  # noqa: F401  (the export's check)
 
 FORMAT = "swin-pipeline-model/1"
 
@@ -107,44 +108,6 @@ def exported_from(out: Path, checkpoint: Path) -> bool:
                 and (out / "model.json").stat().st_mtime >= (checkpoint / "COMPLETE").stat().st_mtime)
     except (OSError, ValueError, KeyError):
         return False
-
-
-class UnsafeModelFile(ValueError):
-    """A model file that is not the safetensors file its name says (a pickle, a zip archive, ...): never loaded."""
-
-
-SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
-
-
-def check_safetensors(path: str | Path, origin: str | None = None) -> None:
-    """Raises UnsafeModelFile, naming the file (and `origin`, e.g. a models:/ URI), unless `path` starts as a
-    safetensors file does: an 8-byte little-endian header length, then that many bytes of one JSON object.
-    Reads the header only and unpickles nothing: a model from outside (an export, a registry version, an
-    init_from file) is weights + JSON, and a pickle named `model.safetensors` could run code when loaded."""
-    path = Path(path)
-    where = f"{path} (from {origin})" if origin else str(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        header = f.read(length) if 2 <= length <= min(size - 8, SAFETENSORS_MAX_HEADER) else b""
-    if header[:1] == b"{":
-        try:
-            if isinstance(json.loads(header), dict):
-                return
-        except (UnicodeDecodeError, ValueError):
-            pass
-    if head.startswith(b"PK\x03\x04"):
-        what = "a zip archive, as torch.save writes (a pickle inside)"
-    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        what = "a Python pickle (torch.save's legacy format, or pickle.dump)"
-    elif size < 8:
-        what = f"a file of {size} bytes"
-    else:
-        what = "a file without a safetensors header"
-    raise UnsafeModelFile(f"{where} is not a safetensors file: it is {what}. Refused: models are loaded only "
-                          f"from safetensors weights + model.json (what `python -m pipeline.export` writes), "
-                          f"never unpickled")
 
 
 def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:

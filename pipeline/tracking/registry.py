@@ -89,7 +89,7 @@ MODEL_FILES = ("model.safetensors", "model.json")
 
 def check_model_folder(folder: Path, uri: str) -> None:
     """Raises unless `folder` (what a registry version holds) is safetensors weights + json metadata only."""
-    from pipeline.engine.model_export import UnsafeModelFile, check_safetensors
+    from swin_common.safe_weights import UnsafeModelFile, check_safetensors
 
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
     if missing:

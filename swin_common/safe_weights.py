@@ -1,0 +1,53 @@
+"""Weights from outside (an export, a registry version, an init_from file) are safetensors: this checks that a
+file is one by reading its header only, without torch and without unpickling anything. A pickle named
+`model.safetensors` could run code when loaded; it is refused, naming the file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class UnsafeModelFile(ValueError):
+    """A model file that is not the safetensors file its name says (a pickle, a zip archive, ...): never loaded."""
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def check_safetensors(path: str | Path, origin: str | None = None) -> None:
+    """Raises UnsafeModelFile, naming the file (and `origin`, e.g. a models:/ URI), unless `path` starts as a
+    safetensors file does: an 8-byte little-endian header length, then that many bytes of one JSON object.
+    Reads the header only and unpickles nothing: a model from outside (an export, a registry version, an
+    init_from file) is weights + JSON, and a pickle named `model.safetensors` could run code when loaded."""
+    path = Path(path)
+    where = f"{path} (from {origin})" if origin else str(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = f.read(length) if 2 <= length <= min(size - 8, SAFETENSORS_MAX_HEADER) else b""
+    if header[:1] == b"{":
+        try:
+            if isinstance(json.loads(header), dict):
+                return
+        except (UnicodeDecodeError, ValueError):
+            pass
+    if head.startswith(b"PK\x03\x04"):
+        what = "a zip archive, as torch.save writes (a pickle inside)"
+    elif head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        what = "a Python pickle (torch.save's legacy format, or pickle.dump)"
+    elif size < 8:
+        what = f"a file of {size} bytes"
+    else:
+        what = "a file without a safetensors header"
+    raise UnsafeModelFile(f"{where} is not a safetensors file: it is {what}. Refused: models are loaded only "
+                          f"from safetensors weights + model.json (what `python -m pipeline.export` writes), "
+                          f"never unpickled")
+
+
+def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
+    """Each tensor's shape, from a checked safetensors file's header (no tensor is read)."""
+    check_safetensors(path)
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
