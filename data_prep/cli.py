@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(level=logging.DEBUG if args.verbose else logging.INFO,
                       format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    return COMMANDS[args.command](args)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # a log line goes above the progress bar, never into it
+        return COMMANDS[args.command](args)
 
 
 def cmd_shard(args) -> int:

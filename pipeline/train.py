@@ -74,6 +74,30 @@ def pull_init_source(init_from: str, cfg) -> str:
     return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
 
 
+REGISTERED = "registered.json"  # in the run folder, once its export is registered: {"registered", "aliases"}
+
+
+def completed_run(cfg, setup) -> dict | None:
+    """The summary of a run whose every step is done: its newest checkpoint at the end of the schedule (or of
+    train.max_steps), exported from that checkpoint, and registered when the run registers. None when anything
+    is owed (steps, the export, the registration after an outage or a stop): the run then goes on as usual."""
+    if setup.resume is None:
+        return None
+    from pipeline.engine.checkpoint import checkpoint_meta
+    from pipeline.engine.model_export import exported_from
+
+    step, planned = checkpoint_meta(setup.resume)["step"], setup.plan.total_steps
+    end = planned if cfg.train.max_steps <= 0 else min(planned, cfg.train.max_steps)
+    model, record = cfg.run_dir / "model", cfg.run_dir / REGISTERED
+    if step < end or not exported_from(model, setup.resume):
+        return None
+    registers = cfg.tracking.enabled and cfg.tracking.register
+    if registers and not record.is_file():
+        return None
+    return {"steps": step, "schedule_steps": planned, "complete": True, "checkpoint": str(setup.resume),
+            "model": str(model), "run_dir": str(cfg.run_dir), **(json.loads(record.read_text()) if registers else {})}
+
+
 def check_before_launch(cfg) -> None:
     """What a user can get wrong, found in a second and before any rank starts (the config was parsed already):
     the shard set and an init_from path. A models:/ init_from is checked by the ranks (it needs MLflow)."""
@@ -153,6 +177,7 @@ def finish_tracking(cfg, tracker, summary: dict) -> dict:
                 version = register_final(cfg, tracker, Path(summary["model"]), version_run_tags(cfg, summary))
                 registered = {"registered": f"models:/{cfg.tracking.model_name or cfg.name}/{version}",
                               "aliases": list(cfg.tracking.aliases)}
+                (cfg.run_dir / REGISTERED).write_text(json.dumps(registered) + "\n")  # a rerun: nothing owed
             except Exception as e:  # noqa: BLE001  (the run's end is still recorded; the error follows)
                 failure = e
     tracker.finish("FINISHED" if failure is None else "FAILED")
@@ -213,6 +238,14 @@ def run(cfg, world) -> dict:
 
     t_start = time.time()
     setup = prepare(cfg, world)
+    complete = completed_run(cfg, setup)
+    if complete is not None:  # every rank reads the same files: all leave here, or none
+        if world.is_main:
+            log.info("run %s is complete at step %d of %d (model %s%s): nothing to do. To train further raise "
+                     "train.max_steps or schedule.epochs; to start over give another name or out_dir",
+                     cfg.run_dir, complete["steps"], complete["schedule_steps"], complete["model"],
+                     f", registered as {complete['registered']}" if complete.get("registered") else "")
+        return {**complete, "seconds": round(time.time() - t_start, 1)}
     if setup.resume is not None and cfg.init_from:
         check_init_source(cfg)  # not applied, but a typo is still an error
         if world.is_main:

@@ -113,6 +113,17 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     newest = client.get_model_version_by_alias("tracked", "current")
     assert int(newest.version) == int(version.version) + 1 and newest.run_id == run_id
 
+    # the same command once more: the run is complete (steps, export, registration), so it says so and does nothing
+    metrics_before = (run_dir / "metrics.jsonl").read_bytes()
+    done = train(shards, tmp_path, "tracked", uri, "train.max_steps=6", "tracking.aliases=[current, champion]",
+                 ranks=1)  # one rank: nothing is loaded, so nothing to convert either
+    assert "is complete at step 6 of " in done.stderr and f"registered as models:/tracked/{newest.version}" in \
+        done.stderr, done.stderr[-3000:]
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before
+    assert len(client.search_model_versions("name='tracked'")) == 2  # versions 1 (step 4) and 2 (step 6) only
+    assert client.get_model_version_by_alias("tracked", "current").version == newest.version
+    assert run_summary(done.stdout)["complete"] is True
+
     # registering by hand (e.g. after an outage at the end) adds nothing new for the same export ...
     by_hand = subprocess.run([sys.executable, "-m", "pipeline.register", run_dir, "--alias", "manual"], cwd=REPO,
                              capture_output=True, text=True, env=env(uri), timeout=300)
