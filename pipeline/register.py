@@ -48,17 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_config
-    from pipeline.tracking.registry import register
+    from pipeline.tracking.registry import record_registration, register
 
     cfg = load_config(run_dir / "config.yaml")
     name = args.name or cfg.tracking.model_name or cfg.name
     aliases = args.alias if args.alias is not None else cfg.tracking.aliases
     version = register(MlflowClient(uri), record["run_id"], model_dir, name, aliases)
     if model_dir == run_dir / "model":  # the run's own export: a rerun of the training has nothing left to do
-        from pipeline.train import REGISTERED
-
-        (run_dir / REGISTERED).write_text(json.dumps({"registered": f"models:/{name}/{version}",
-                                                      "aliases": list(aliases)}) + "\n")
+        record_registration(run_dir, name, version, aliases)
     print(f"models:/{name}/{version}" + "".join(f"  models:/{name}@{a}" for a in aliases))
     return 0
 

@@ -74,9 +74,6 @@ def pull_init_source(init_from: str, cfg) -> str:
     return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
 
 
-REGISTERED = "registered.json"  # in the run folder, once its export is registered: {"registered", "aliases"}
-
-
 def completed_run(cfg, setup) -> dict | None:
     """The summary of a run whose every step is done: its newest checkpoint at the end of the schedule (or of
     train.max_steps), exported from that checkpoint, and registered when the run registers. None when anything
@@ -85,17 +82,18 @@ def completed_run(cfg, setup) -> dict | None:
         return None
     from pipeline.engine.checkpoint import checkpoint_meta
     from pipeline.engine.model_export import exported_from
+    from pipeline.tracking.registry import registration_record
 
     step, planned = checkpoint_meta(setup.resume)["step"], setup.plan.total_steps
     end = planned if cfg.train.max_steps <= 0 else min(planned, cfg.train.max_steps)
-    model, record = cfg.run_dir / "model", cfg.run_dir / REGISTERED
+    model = cfg.run_dir / "model"
     if step < end or not exported_from(model, setup.resume):
         return None
-    registers = cfg.tracking.enabled and cfg.tracking.register
-    if registers and not record.is_file():
+    record = registration_record(cfg.run_dir) if cfg.tracking.enabled and cfg.tracking.register else {}
+    if record is None:
         return None
     return {"steps": step, "schedule_steps": planned, "complete": True, "checkpoint": str(setup.resume),
-            "model": str(model), "run_dir": str(cfg.run_dir), **(json.loads(record.read_text()) if registers else {})}
+            "model": str(model), "run_dir": str(cfg.run_dir), **record}
 
 
 def check_before_launch(cfg) -> None:
@@ -174,10 +172,11 @@ def finish_tracking(cfg, tracker, summary: dict) -> dict:
         else:
             tracker.flush(cfg.tracking.final_timeout_s)  # what was queued first goes first
             try:
+                from pipeline.tracking.registry import record_registration
+
                 version = register_final(cfg, tracker, Path(summary["model"]), version_run_tags(cfg, summary))
-                registered = {"registered": f"models:/{cfg.tracking.model_name or cfg.name}/{version}",
-                              "aliases": list(cfg.tracking.aliases)}
-                (cfg.run_dir / REGISTERED).write_text(json.dumps(registered) + "\n")  # a rerun: nothing owed
+                registered = record_registration(cfg.run_dir, cfg.tracking.model_name or cfg.name, version,
+                                                 cfg.tracking.aliases)  # a rerun: nothing owed
             except Exception as e:  # noqa: BLE001  (the run's end is still recorded; the error follows)
                 failure = e
     tracker.finish("FINISHED" if failure is None else "FAILED")

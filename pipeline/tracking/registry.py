@@ -66,6 +66,22 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
     return version.version
 
 
+REGISTERED_RECORD = "registered.json"  # in a run folder once its own export is registered
+
+
+def record_registration(run_dir: Path, name: str, version: str, aliases: list[str]) -> dict:
+    """Writes and returns the run folder's record of its export's registration, which tells a rerun of a finished
+    run that nothing is owed: {"registered": "models:/NAME/VERSION", "aliases": [...]}."""
+    record = {"registered": f"models:/{name}/{version}", "aliases": list(aliases)}
+    (Path(run_dir) / REGISTERED_RECORD).write_text(json.dumps(record) + "\n")
+    return record
+
+
+def registration_record(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / REGISTERED_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     m = MODELS_URI.match(uri)
     if not m:
