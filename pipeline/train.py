@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if not config.is_file():
         looked = [config] if config.is_absolute() else \
             [p.resolve() for p in dict.fromkeys([Path(args.launch_dir or ".") / config, config])]
-        raise CommandError(f"config not found: {args.config} (looked for {' and '.join(map(str, looked))}): give a "
-                           f"recipe of configs/, e.g. --config configs/tiny_22k.yaml")
+        raise CommandError(f"config file not found: {args.config} (looked for {' and '.join(map(str, looked))}): "
+                           f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
     cfg = load_config(config, args.overrides)
     resolve_at_launch(cfg, args.launch_dir)
     if args.check:

@@ -107,7 +107,7 @@ def test_the_launch_script_answers_help_and_user_errors_before_any_rank_starts(t
     assert helped.returncode == 0 and helped.stdout.count("usage: python -m pipeline.train") == 1, helped.stderr
     assert "Training on a cluster" in helped.stdout and "--check" in helped.stdout
     cases = (((f"--config={TINY}", "nosuch.key=1"), ("unknown key(s) nosuch",)),
-             (("--config", "nope.yaml"), ("config not found: nope.yaml", str(tmp_path / "nope.yaml"))),
+             (("--config", "nope.yaml"), ("config file not found: nope.yaml", str(tmp_path / "nope.yaml"))),
              (("--config", TINY, "data.shards=/nonexistent"), ("shard set not found: /nonexistent",)))
     for args, names in cases:
         proc = run("bash", launch, *args, cwd=tmp_path, env=env)
@@ -313,6 +313,8 @@ def test_register_errors(tmp_path):
              "no exported model", "pipeline.export")
     (run_dir / "model").mkdir()
     (run_dir / "model" / "model.json").write_text(json.dumps({"step": 1}))
+    header = b'{"__metadata__": {}}'  # an (empty) safetensors file: the export's own check passes
+    (run_dir / "model" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     (run_dir / "config.yaml").write_text("name: run\n")
     one_line(py("pipeline.register", run_dir, env={"MLFLOW_TRACKING_URI": uri}),
              f"cannot reach the MLflow server at {uri}")

@@ -47,9 +47,10 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
     # one artifact folder per exported step: a version's files never change after it is registered
     artifact_path = f"model/step_{meta.get('step', 0):08d}"
     check_model_folder(model_dir, str(model_dir))  # what a pull would refuse is never registered
+    # the server answers, and holds the run, before the export is packaged and uploaded
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     with tempfile.TemporaryDirectory(prefix="swin-register-") as tmp:
         client.log_artifacts(run_id, str(mlflow_model.build(model_dir, Path(tmp) / "version")), artifact_path)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001  (RESOURCE_DOES_NOT_EXIST)
