@@ -237,6 +237,11 @@ def run(cfg, world) -> dict:
 
     t_start = time.time()
     setup = prepare(cfg, world)
+    if setup.resume is not None and cfg.init_from:
+        check_init_source(cfg)  # not applied, but a typo is still an error
+        if world.is_main:
+            log.info("resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
+                     "out_dir starts from it)", setup.resume, redact_text(cfg.init_from))
     complete = completed_run(cfg, setup)
     if complete is not None:  # every rank reads the same files: all leave here, or none
         if world.is_main:
@@ -245,11 +250,6 @@ def run(cfg, world) -> dict:
                      cfg.run_dir, complete["steps"], complete["schedule_steps"], complete["model"],
                      f", registered as {complete['registered']}" if complete.get("registered") else "")
         return {**complete, "seconds": round(time.time() - t_start, 1)}
-    if setup.resume is not None and cfg.init_from:
-        check_init_source(cfg)  # not applied, but a typo is still an error
-        if world.is_main:
-            log.info("resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
-                     "out_dir starts from it)", setup.resume, redact_text(cfg.init_from))
     setup.init_path = pull_init_source(setup.init_path, cfg)
     tracker = start_tracking(setup)
     try:

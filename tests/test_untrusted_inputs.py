@@ -315,6 +315,14 @@ def argv_of(tmp_path: Path) -> list[list[str]]:
     return [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
 
 
+def launched_after_the_check(tmp_path: Path, launch_dir: Path, args: list[str]) -> list[str]:
+    """The launch's argv, after checking that the launch script first ran the train command's --check with the
+    same arguments, unexpanded (python -m pipeline.train --check --launch-dir DIR ARGS)."""
+    check, launch = argv_of(tmp_path)
+    assert check == ["-m", "pipeline.train", "--check", "--launch-dir", str(launch_dir), *args], check
+    return launch
+
+
 @pytest.fixture
 def folder_of_files(tmp_path) -> Path:
     """The working directory: a glob `*` or `node[1-2]` here would expand to these names."""
@@ -330,7 +338,7 @@ def test_ds_launcher_args_reach_the_launcher_unexpanded(tmp_path, folder_of_file
     proc = subprocess.run(["bash", str(REPO / "launch" / "pretrain_22k.sh"), "--config", "x.yaml", "a=*"],
                           cwd=folder_of_files, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    [argv] = argv_of(tmp_path)
+    argv = launched_after_the_check(tmp_path, folder_of_files, ["--config", "x.yaml", "a=*"])
     assert argv[:2] == ["-m", "deepspeed.launcher.runner"]
     assert argv[argv.index("--foo"):] == ["--foo", "*", "--include", "node[1-2]", "--bar", "?.txt", "--module",
                                           "pipeline.train", "--launch-dir", str(folder_of_files), "--config",
@@ -340,7 +348,8 @@ def test_ds_launcher_args_reach_the_launcher_unexpanded(tmp_path, folder_of_file
     (tmp_path / "argv.jsonl").unlink()
     subprocess.run(["bash", str(REPO / "launch" / "pretrain_22k.sh"), "--config", "x.yaml"], cwd=folder_of_files,
                    env=env, capture_output=True, text=True, timeout=60, check=True)
-    [argv] = argv_of(tmp_path)  # one machine, the count known: DeepSpeed's per-node launcher without the runner
+    # one machine, the count known: DeepSpeed's per-node launcher without the runner
+    argv = launched_after_the_check(tmp_path, folder_of_files, ["--config", "x.yaml"])
     assert argv[:5] == ["-u", "-m", "swin_common.node_launch", "--procs", "2"], argv
     assert argv[argv.index("--master_port"):] == ["--master_port", "29500", "--module", "pipeline.train",
                                                   "--launch-dir", str(folder_of_files), "--config", "x.yaml"]
@@ -356,7 +365,7 @@ def test_srun_and_prep_args_reach_their_commands_unexpanded(tmp_path, folder_of_
     proc = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "pretrain_22k.sbatch"), "--config", "x.yaml"],
                           cwd=folder_of_files, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    [argv] = argv_of(tmp_path)
+    argv = launched_after_the_check(tmp_path, folder_of_files, ["--config", "x.yaml"])
     assert argv == ["--kill-on-bad-exit=1", "--cpu-bind=none", "--nodelist", "node[1-2]", "*", env["PYTHON"], "-u",
                     "-m", "pipeline.train", "--launch-dir", str(folder_of_files), "--config", "x.yaml"]
 
