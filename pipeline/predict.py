@@ -10,12 +10,10 @@ import argparse
 import os
 import sys
 
-import torch
-
 from swin_common.cli import command, exit_process
 
 
-def preprocess(path: str, meta: dict) -> torch.Tensor:
+def preprocess(path: str, meta: dict) -> "torch.Tensor":  # noqa: F821  (torch: imported once needed)
     """The pixels the model was evaluated on: the eval loader's own transform (timm's), with the model's size,
     crop_pct, mean and std."""
     from PIL import Image
@@ -29,6 +27,8 @@ def preprocess(path: str, meta: dict) -> torch.Tensor:
 
 def predict(model, meta: dict, paths: list[str], k: int = 5) -> list[list[tuple[str, int, float]]]:
     """Per image: the top-k (synset, class index, probability)."""
+    import torch  # here, not at the top: `--help` and argument errors answer without it
+
     batch = torch.stack([preprocess(p, meta) for p in paths])
     with torch.no_grad():
         probs = model(batch).softmax(dim=1)
