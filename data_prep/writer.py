@@ -132,7 +132,8 @@ def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opt
                  progress: Callable[[int], None] = lambda n: None, threads: int = 1) -> EncodedShard:
     """Reads, checks and packs the shard's images into its staging file (the CPU-bound part), checking images
     on `threads` threads."""
-    for name in (spec.name, spec.index_name):
+    # a killed run may have left any of the three half-written (the record too: it is staged, then renamed)
+    for name in (spec.name, spec.index_name, spec.record_name):
         out.remove_stale_staging(name)
     staged = out.staging_path(spec.name)
     index, rejected, converted, class_counts = [], [], [], Counter()

@@ -158,6 +158,20 @@ def test_the_same_source_spelt_differently_resumes(digits_tars, tmp_path):
     assert json.loads(proc.stdout)["shards_written"] == 0
 
 
+def test_a_rerun_removes_what_a_killed_run_left_half_written(digits_tars, tmp_path):
+    ref, out = tmp_path / "ref", tmp_path / "set"
+    run_prep("shard", "--source", digits_tars, "--out", ref, "--max-samples", 100)
+    # what a kill -9 leaves when it lands while shard 0's tar, index and done-record are being written
+    leftovers = [out / "train/.shard-000000.tar.tmp-4242", out / "train/.shard-000000.idx.tmp-4242",
+                 out / "_prep/done/.train-000000.json.tmp-4242"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 100)
+    assert not [path for path in leftovers if path.exists()]
+    assert read_tree(out) == read_tree(ref)
+
+
 def test_listing_skips_files_being_written_by_other_tasks(tmp_path):
     from data_prep.shardset.store import LocalStore
 
