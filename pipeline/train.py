@@ -367,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         # up for the error report, which compares the ranks' lines through its store (swin_common.cli)
         stop_flag().uninstall()
         note_exiting()
+        if world.is_main:
+            from pipeline.engine.loop import discard_unstarted_run
+
+            discard_unstarted_run(cfg.run_dir, world.size)  # a failure before the first step leaves no folder
         lost = as_lost_rank(e, cfg, world) if watch is not None else None
         if lost is not None:
             raise lost from e

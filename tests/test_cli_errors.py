@@ -140,6 +140,16 @@ def test_train_missing_and_unfinalized_shard_set(tmp_path):
     (tmp_path / "unfinished" / "train").mkdir(parents=True)  # shards being written: no manifest.json yet
     one_line(py("pipeline.train", "--config", TINY, f"data.shards={tmp_path / 'unfinished'}", f"out_dir={tmp_path}"),
              f"no manifest.json in {tmp_path / 'unfinished'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unfinished"]  # no half-made run folder
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, small_set):
+    """The ranks meet the error after the run folder, its config dump and the MLflow run were made: the folder
+    goes (the local MLflow store in out_dir keeps the failed run, as MLflow does)."""
+    proc = py("pipeline.train", "--config", TINY, f"data.shards={small_set}", "model.arch=swin_huge",
+              f"out_dir={tmp_path}", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == NO_ARCH, proc.stderr[-3000:]
+    assert not (tmp_path / "tiny_22k").exists(), sorted(map(str, tmp_path.rglob("*")))
 
 
 def test_another_rank_defers_to_rank_0():
@@ -228,6 +238,8 @@ def test_launcher_prints_the_error_once(tmp_path, busy_machine, small_set):
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert errors == [NO_ARCH], out[-4000:]
     assert "Traceback" not in out
+    # the run folder keeps only the watchdog's record of the ranks (another rank's may still write there)
+    assert {p.name for p in (tmp_path / "tiny_22k").iterdir()} <= {"ranks"}, sorted(tmp_path.rglob("*"))
 
 
 @pytest.mark.slow

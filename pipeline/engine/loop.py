@@ -193,6 +193,32 @@ def prepare(cfg: RunConfig, world: World) -> Setup:
                  init_path)
 
 
+# what prepare, the tracker (mlflow_run.json: its MLflow run, which a rerun would continue) and the engine's set-up
+# write into a run folder before its first step (ranks/ is the watchdog's: pipeline/engine/watchdog.py)
+STARTED_FILES = ("config.yaml", ".ranks-see-this", ".ranks-see-this.tmp", "mlflow_run.json", "init.json",
+                 "head_map.json")
+
+
+def discard_unstarted_run(run_dir: Path, world_size: int) -> bool:
+    """Rank 0, on a failure: a run that never reached its first step (no checkpoint, nothing in metrics.jsonl)
+    leaves nothing behind: the files its start wrote are removed, then the folder when nothing else is in it.
+    In a job of several ranks, ranks/ stays: the watchdogs of the other ranks still write there on their way out
+    (which rank ended), and an error line may point to it. Returns whether the folder was removed."""
+    metrics = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir() or complete_checkpoints(run_dir / "checkpoints") or \
+            (metrics.is_file() and metrics.stat().st_size):
+        return False
+    for name in (*STARTED_FILES, "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    folders = ["checkpoints", "nccl_traces", *(["ranks/start", "ranks"] if world_size == 1 else [])]
+    for folder in [*(run_dir / name for name in folders), run_dir]:
+        try:
+            folder.rmdir()  # only when empty: what the user (or a tool) put there stays
+        except OSError:
+            pass
+    return not run_dir.exists()
+
+
 def train(setup: Setup, tracker=None) -> dict:
     """Trains to the end of the schedule (or train.max_steps); returns a summary naming the final checkpoint."""
     return run(setup.cfg, setup.world, setup.train_loader, setup.val_loader, setup.synsets, setup.plan,
