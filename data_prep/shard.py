@@ -204,8 +204,8 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
             try:
                 records.append(write_shard(spec, source, out, labels, image_opts, bar.update, threads))
             except Exception as e:  # keep the other shards going; the rerun picks this one up
-                log.error("shard %s failed: %r", spec.name, e)
-                failures.append((spec.name, repr(e)))
+                log.error("shard %s failed: %s", spec.name, _why(e))
+                failures.append((spec.name, _why(e)))
         bar.close()
         return records, failures
     ctx = mp.get_context("fork")
@@ -223,18 +223,23 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
                 if fut.exception() is None:
                     pending_commits.append((spec, committer.submit(commit_shard, out, fut.result())))
                     continue
-                log.error("shard %s failed: %r", spec.name, fut.exception())
-                failures.append((spec.name, repr(fut.exception())))
+                log.error("shard %s failed: %s", spec.name, _why(fut.exception()))
+                failures.append((spec.name, _why(fut.exception())))
         for spec, fut in pending_commits:
             try:
                 records.append(fut.result())
             except Exception as e:  # keep the other shards going; the rerun picks this one up
-                log.error("shard %s failed: %r", spec.name, e)
-                failures.append((spec.name, repr(e)))
+                log.error("shard %s failed: %s", spec.name, _why(e))
+                failures.append((spec.name, _why(e)))
     _drain(progress, bar)
     bar.close()
     _JOB.clear()
     return records, failures
+
+
+def _why(e: BaseException) -> str:
+    """The error with its type, and for an OSError the file it names (repr() drops the file name)."""
+    return f"{type(e).__name__}: {e}"
 
 
 def _drain(progress, bar) -> None:

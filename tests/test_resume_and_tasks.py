@@ -172,6 +172,28 @@ def test_a_rerun_removes_what_a_killed_run_left_half_written(digits_tars, tmp_pa
     assert read_tree(out) == read_tree(ref)
 
 
+def test_a_failed_shard_is_logged_on_its_own_line_above_the_progress_bar(digits_tars, tmp_path):
+    """A directory where shard 2's staging file goes (a real OSError, from the file system) fails that shard while
+    the bar runs: the log line is its own line on a terminal (tqdm's \\r redraws never run into it), the other
+    shards are written, and once the directory is gone the same command finishes the set."""
+    import re
+
+    out = tmp_path / "set"
+    blocker = out / "train" / ".shard-000002.tar.tmp-1"
+    blocker.mkdir(parents=True)
+    proc = run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 300, check=False)
+    assert proc.returncode == 2 and "shard train/shard-000002.tar failed" in proc.stderr, proc.stderr[-3000:]
+    assert f"IsADirectoryError: [Errno 21] Is a directory: '{blocker}'" in proc.stderr.splitlines()[-1]  # the file
+    assert "sharding:" in proc.stderr  # the bar was drawn
+    shown = [line.rsplit("\r", 1)[-1] for line in proc.stderr.split("\n")]  # what a terminal keeps of each line
+    logged = [line for line in shown if " data_prep " in line]
+    assert any(" ERROR shard train/shard-000002.tar failed" in line for line in logged)
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) for line in logged), logged
+    blocker.rmdir()
+    rerun = run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 300)
+    assert json.loads(rerun.stdout)["shards_written"] == 1
+
+
 def test_listing_skips_files_being_written_by_other_tasks(tmp_path):
     from data_prep.shardset.store import LocalStore
 
