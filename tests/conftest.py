@@ -80,6 +80,15 @@ def digits_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shards(digits_tars, tmp_path_factory) -> Path:
+    """The training modules' shard set (250 images per shard, 10 per class held out for val), made once per
+    session: read-only (a test that alters a set copies it first)."""
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
+    return out
+
+
+@pytest.fixture(scope="session")
 def bad_inputs() -> dict[str, bytes]:
     """One file per kind of bad input a 22K crawl holds, each named like an ImageNet JPEG."""
     pics = photos()

@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, run_prep
 from pipeline.data.augment_params import seeded, torch_generators
-from pipeline.engine.distributed import cuda_device_index, process_group_backend, rank_environment
+from pipeline.engine.distributed import cpu_threads, cuda_device_index, process_group_backend, rank_environment
 from servers import free_port
 
 
@@ -30,16 +30,16 @@ def test_a_gpu_machine_gets_nccl_for_cuda_tensors_and_gloo_for_cpu_ones():
 
 LAUNCHERS = {
     # what each launcher puts in a rank's environment (the second rank of the second node, 4 ranks per node)
-    "deepspeed": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500",
-                  "CROSS_RANK": "1", "CROSS_SIZE": "2"},
+    "deepspeed": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "MASTER_ADDR": "n1",
+                  "MASTER_PORT": "29500", "CROSS_RANK": "1", "CROSS_SIZE": "2"},
     "torchrun": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
                  "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"},
     "accelerate": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                    "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "ACCELERATE_USE_DEEPSPEED": "false"},
     "srun": {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-             "SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "n1,n2", "MASTER_ADDR": "n1"},
+             "SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "n1,n2", "MASTER_ADDR": "n1", "SLURM_CPUS_PER_TASK": "8"},
     "openmpi": {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-                "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
 }
 
 
@@ -48,6 +48,16 @@ def test_every_launcher_gives_the_rank_and_the_gpu_of_its_local_rank(launcher):
     env = rank_environment(LAUNCHERS[launcher])
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
     assert cuda_device_index(env, device_count=4) == 1  # torch.cuda.set_device(1); DALI's device_id follows
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_every_launcher_shares_the_nodes_cores_among_its_ranks(launcher):
+    """4 ranks on a 32-core node: 8 intra-op threads each (torch's default would give each rank all 32); a user's
+    OMP_NUM_THREADS wins; a rank alone on its node keeps torch's default."""
+    assert cpu_threads(LAUNCHERS[launcher], cores=32) == 8
+    assert cpu_threads({**LAUNCHERS[launcher], "OMP_NUM_THREADS": "3"}, cores=32) is None
+    assert cpu_threads({"LOCAL_SIZE": "4"}, cores=2) == 1
+    assert cpu_threads({}, cores=32) is None and cpu_threads({"LOCAL_WORLD_SIZE": "1"}, cores=32) is None
 
 
 def test_no_launcher_is_a_world_of_one_and_too_many_ranks_per_node_is_an_error():

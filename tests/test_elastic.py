@@ -21,18 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO, run_prep
+from servers import REPO
 from test_train import LAUNCH, env, metrics, run, small
 
 pytestmark = pytest.mark.slow
 LOSS_TOLERANCE = 0.005
-
-
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("elastic") / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
 
 
 def launch(ranks: int, shards, out, name, *extra, **kw) -> subprocess.CompletedProcess:

@@ -11,13 +11,6 @@ from conftest import run_prep
 from pipeline.data.loader import DataError, LoaderConfig, create_loader
 
 
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("loader") / "set"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
-
-
 def config(shards, **kw) -> LoaderConfig:
     base = dict(shards=str(shards), batch_size=32, image_size=64, workers=2)
     return LoaderConfig(**{**base, **kw})

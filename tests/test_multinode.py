@@ -18,19 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO, free_port, run_prep, start_sshd
+from servers import REPO, free_port, start_sshd
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("multinode") / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
 
 
 def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:

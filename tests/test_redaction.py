@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import dump_config, load_config
 from pipeline.tracking.tracker import redact
-from servers import REPO, free_port, run_prep
+from servers import REPO, free_port
 from swin_common.redact import REDACTED, redact_text, redact_tree, secret_values
 
 TINY = REPO / "configs" / "tiny_22k.yaml"
@@ -112,13 +112,6 @@ sys.exit(main(sys.argv[1:]))
 
 
 # -- real runs ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("redaction") / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
-
-
 def train(shards, out, name, *extra, **env) -> subprocess.CompletedProcess:
     """One rank, a couple of steps of the tiny recipe."""
     args = ["--config", TINY, f"name={name}", f"out_dir={out}", f"data.shards={shards}", "train.global_batch=32",

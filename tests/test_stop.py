@@ -16,20 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO, launch_env, rank_pid, run_prep
+from servers import REPO, launch_env, rank_pid
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
 TINY = REPO / "configs" / "tiny_22k.yaml"
 EXIT_STOPPED = 75
 GRACE_S = 30  # the deepspeed launcher's SIGTERM -> SIGKILL (launch.py, terminate_process_tree)
-
-
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stop") / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
 
 
 def command(shards: Path, out: Path, name: str, *extra: str) -> list[str]:

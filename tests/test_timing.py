@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.engine.timing import window_fields
-from servers import REPO, latency_proxy, launch_env, rank_pid, run_prep
+from servers import REPO, latency_proxy, launch_env, rank_pid
 
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
 TINY = REPO / "configs" / "tiny_22k.yaml"
@@ -27,13 +27,6 @@ def test_window_fields_name_the_slowest_rank_by_its_own_time():
     assert fields["slowest_rank"] == 1 and fields["own_s_max"] == pytest.approx(1.7)
     assert fields["own_s_median"] == pytest.approx(0.3) and fields["step_s"] == pytest.approx(2.0)
     assert fields["data_wait_s"] == pytest.approx(0.1) and fields["data_wait_pct"] == pytest.approx(5.0)
-
-
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("timing") / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
 
 
 def args(shards, out: Path, name: str, *extra: str) -> list[str]:

@@ -18,18 +18,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from servers import REPO, free_port, run_prep, start_mlflow_server
+from servers import REPO, free_port, start_mlflow_server
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
 TINY = REPO / "configs" / "tiny_22k.yaml"
-
-
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("track") / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
 
 
 def env(uri: str, **extra) -> dict[str, str]:

@@ -17,19 +17,12 @@ from safetensors.torch import load_file
 
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.model_export import load_exported
-from servers import REPO, free_port, run_prep
+from servers import REPO, free_port
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
 TINY = REPO / "configs" / "tiny_22k.yaml"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-
-
-@pytest.fixture(scope="module")
-def shards(digits_tars, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train") / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", out, "--max-samples", 250, "--holdout-per-class", 10)
-    return out
 
 
 def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
@@ -102,6 +95,8 @@ def test_the_deepspeed_launcher_starts_the_script(mode, shards, tmp_path):
     steps, _ = metrics(tmp_path / mode)
     assert steps[-1]["step"] == 2
     assert "--local_rank=1" in proc.stdout + proc.stderr
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the machine's cores shared by its 2 ranks
+    assert f"{threads} CPU threads per rank" in proc.stderr, proc.stderr[-3000:]
     ckpt = tmp_path / mode / "checkpoints" / "step_00000002"  # two ranks trained and saved together
     assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]

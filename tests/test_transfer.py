@@ -117,13 +117,11 @@ def test_unknown_sources_are_clear_errors(tmp_path):
 # --- the fine-tuning run ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_finetune_22k_to_1k_at_a_larger_window(digits_tars, tmp_path):
+def test_finetune_22k_to_1k_at_a_larger_window(digits_tars, shards, tmp_path):
     """Pretrain the tiny model briefly at 64/window 4 on all 10 classes, then fine-tune at 96/window 6 with
     launch/finetune_1k_384.sh (2 ranks) on a "1K" set of 5 classes plus a synset the pretraining never saw:
     the tables are resized, 5 head rows mapped, 1 fresh, the accuracy before (step 0) and after is recorded."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    shards = tmp_path / "shards"
-    run_prep("shard", "--source", digits_tars, "--out", shards, "--max-samples", 250, "--holdout-per-class", 10)
     odd = tmp_path / "src_1k"
     odd.mkdir()
     for d in (1, 3, 5, 7, 9):

@@ -114,8 +114,25 @@ def first_host(nodelist: str) -> str:
         return nodelist.split(",")[0].split("[")[0]  # "node[01-04]" without scontrol: best effort
 
 
+def cpu_threads(env: dict[str, str], cores: int) -> int | None:
+    """Intra-op threads for a rank whose user set none (OMP_NUM_THREADS, which torch reads itself): the cores it
+    may run on, shared among its node's ranks (LOCAL_WORLD_SIZE from torchrun and accelerate, LOCAL_SIZE from
+    DeepSpeed's launcher, OMPI_COMM_WORLD_LOCAL_SIZE from mpirun; under srun the task's --cpus-per-task), as torchrun and DeepSpeed's --bind_cores_to_rank do.
+    torch's default is every core in every rank: N ranks on a node then run N x cores OpenMP threads, which wait
+    on each other at every parallel op. None: leave torch's default (one rank, or nothing known)."""
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    if "SLURM_STEP_ID" in env and env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, min(cores, int(env["SLURM_CPUS_PER_TASK"])))
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or "1"
+    return max(1, cores // int(local)) if local.isdigit() and int(local) > 1 else None
+
+
 def prepare_environment() -> None:
     os.environ.update(rank_environment(dict(os.environ)))
+    threads = cpu_threads(dict(os.environ), len(os.sched_getaffinity(0)))
+    if threads is not None:
+        torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

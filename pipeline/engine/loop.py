@@ -248,8 +248,9 @@ def run(cfg: RunConfig, world: World, train_loader, val_loader, synsets, plan: S
     end = plan.total_steps if cfg.train.max_steps <= 0 else min(plan.total_steps, cfg.train.max_steps)
     if world.is_main:
         log.info("run %s: %d steps (%d per epoch), global batch %d = %d micro x %d ranks x %d accumulation, %s, "
-                 "ZeRO-%d, loader %s", run_dir, end, plan.steps_per_epoch, cfg.train.global_batch, plan.micro_batch,
-                 world.size, plan.grad_accum, precision, cfg.train.zero_stage, train_loader.backend.name)
+                 "ZeRO-%d, loader %s, %d CPU threads per rank", run_dir, end, plan.steps_per_epoch,
+                 cfg.train.global_batch, plan.micro_batch, world.size, plan.grad_accum, precision,
+                 cfg.train.zero_stage, train_loader.backend.name, torch.get_num_threads())
     schedule.step_update(state.step)
 
     def checkpoint(meta: dict | None = None):
