@@ -38,23 +38,35 @@ def resumes(run_dir: Path) -> list[dict]:
 
 
 def fingerprint_of(checkpoint: Path) -> dict[str, list[float]]:
+    from pipeline.engine.loop import tensor_fingerprint
     from pipeline.engine.model_export import consolidated_state_dict
 
-    state = consolidated_state_dict(checkpoint)
-    return {k: [v.double().sum().item(), v.double().square().sum().item()] for k, v in state.items()}
+    return {k: tensor_fingerprint(v) for k, v in consolidated_state_dict(checkpoint).items()}
 
 
 def at(rows: list[dict], step: int) -> dict:
     return next(r for r in rows if r["step"] == step)
 
 
+def stopped_copy(run_dir: Path, step: int, dest: Path) -> None:
+    """`dest` as a job of `run_dir`'s run that ended after its step-`step` checkpoint would have left it: that
+    checkpoint (written by the real run, on its ranks) and the metrics up to it. The reference run is then also
+    the stopped one, which saves a launch that would train the same steps again."""
+    import shutil
+
+    name = f"step_{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / name, dest / "checkpoints" / name)
+    rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+
+
 @pytest.mark.parametrize("stage,worlds", [(3, (2, 1)), (1, (1, 2)), (0, (2, 1))])
 def test_a_run_continues_on_another_number_of_ranks(stage, worlds, shards, tmp_path):
     before, after = worlds
     zero = f"train.zero_stage={stage}"
-    launch(before, shards, tmp_path, "uninterrupted", zero, "train.max_steps=8")
-    launch(before, shards, tmp_path, "elastic", zero, "train.max_steps=4")
-    second = launch(after, shards, tmp_path, "elastic", zero, "train.max_steps=8")
+    launch(before, shards, tmp_path, "uninterrupted", zero, "train.max_steps=8", "checkpoint.every_steps=4")
+    stopped_copy(tmp_path / "uninterrupted", 4, tmp_path / "elastic")  # stopped at step 4 on `before` ranks
+    second = launch(after, shards, tmp_path, "elastic", zero, "train.max_steps=8", "checkpoint.every_steps=4")
     assert f"resumed from {tmp_path / 'elastic' / 'checkpoints' / 'step_00000004'} at step 4 (elastic: " \
            f"{before} -> {after} ranks)" in second.stderr
     [done] = resumes(tmp_path / "elastic")

@@ -331,9 +331,17 @@ def fp32_fingerprint(engine) -> dict[str, list[float]]:
     out = {}
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)
-        full = (param.detach() if full is None else full).double()
-        out[name] = [full.sum().item(), full.square().sum().item()]
+        out[name] = tensor_fingerprint(param.detach() if full is None else full)
     return out
+
+
+def tensor_fingerprint(t: torch.Tensor) -> list[float]:
+    """[sum, sum of squares], each correctly rounded (math.fsum): the same numbers for the same values whatever
+    the summation order, so whatever the number of threads or ranks that computed them (torch's sum is not)."""
+    import math
+
+    values = t.detach().double().flatten().tolist()
+    return [math.fsum(values), math.fsum(v * v for v in values)]
 
 
 def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: int, state: RunState,
