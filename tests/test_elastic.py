@@ -29,7 +29,7 @@ LOSS_TOLERANCE = 0.005
 
 
 def launch(ranks: int, shards, out, name, *extra, **kw) -> subprocess.CompletedProcess:
-    args = small(shards, out, name, "tracking.enabled=false", "data.val_split=", "model.drop_path=0", *extra)
+    args = small(shards, out, name, "data.val_split=", "model.drop_path=0", *extra)
     return run(["bash", LAUNCH, *args], env=env(NUM_GPUS=str(ranks)), **kw)
 
 
@@ -90,7 +90,7 @@ def test_two_one_two_through_the_launcher_and_a_kill_during_the_conversion(shard
     6, 2 ranks again to step 8: one run, every resume elastic, the converted copies kept beside their
     checkpoints, nothing half-converted ever taken for complete."""
     launch(2, shards, tmp_path, "chain", "train.max_steps=4", "checkpoint.every_steps=2")
-    args = small(shards, tmp_path, "chain", "tracking.enabled=false", "data.val_split=", "train.max_steps=6",
+    args = small(shards, tmp_path, "chain", "data.val_split=", "train.max_steps=6",
                  "checkpoint.every_steps=2")
     proc = subprocess.Popen(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=env(NUM_GPUS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -120,7 +120,7 @@ def test_a_slurm_job_resubmitted_with_fewer_tasks_resumes(slurm_cluster, shards,
     """sbatch with 2 tasks to step 4, then the same job resubmitted with 1 task: it resumes at step 4."""
     def sbatch(tasks: int, steps: int):
         job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
-                                   *small(shards, tmp_path, "slurm", "tracking.enabled=false", "data.val_split=",
+                                   *small(shards, tmp_path, "slurm", "data.val_split=",
                                           f"train.max_steps={steps}"),
                                    sbatch_args=["--nodes=1", f"--ntasks-per-node={tasks}", "--cpus-per-task=1",
                                                 "--gpus-per-node=0", f"--output={tmp_path}/job-{tasks}-%j.out"],

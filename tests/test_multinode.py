@@ -113,6 +113,9 @@ FORWARDED = {"SWIN_FORWARD_CHECK": "a b,c", "AWS_DEFAULT_REGION": "eu-west-3", "
              "DEEPSPEED_TIMEOUT": "12"}
 
 
+STEPS = 16  # killed after the step-4 checkpoint (at most step 8 is saved by then), resumed to the end
+
+
 @pytest.mark.parametrize("form", ["bash_hostfile", "deepspeed_hostfile"])
 def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_nodes, shards, tmp_path):
     run_dir = tmp_path / "shared" / "mn"  # the shared run folder: an absolute out_dir every node sees
@@ -120,7 +123,7 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
     hostfile = ssh_nodes.hostfile(tmp_path / "hostfile")
     user_dir = tmp_path / "user"  # where the user types the command (relative paths are the user's)
     user_dir.mkdir()
-    args = small(shards, run_dir.parent, "mn", "train.max_steps=40", "checkpoint.every_steps=4",
+    args = small(shards, run_dir.parent, "mn", f"train.max_steps={STEPS}", "checkpoint.every_steps=4",
                  "checkpoint.keep_last=3")
     port = free_port()
     if form == "bash_hostfile":  # HOSTFILE=... bash launch/pretrain_22k.sh, from the user's own folder
@@ -174,7 +177,7 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
         done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
         newest = done[-1]
         step = json.loads((newest / "COMPLETE").read_text())["step"]
-        assert step < 40, f"the run finished before the kill took effect ({newest})"
+        assert step < STEPS, f"the run finished before the kill took effect ({newest})"
 
         with open(log2, "w") as out:
             again = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400)
@@ -186,11 +189,11 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
         left = kill_all(marker)
     assert not left, f"processes of the run were still alive at the end: {left}"
     steps = metrics(run_dir)
-    assert steps[-1]["step"] == 40
-    assert [m["step"] for m in steps[step - 40:]] == list(range(step + 1, 41))  # the second run's records
-    final = run_dir / "checkpoints" / "step_00000040"
+    assert steps[-1]["step"] == STEPS
+    assert [m["step"] for m in steps[step - STEPS:]] == list(range(step + 1, STEPS + 1))  # the second run's records
+    final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     complete = json.loads((final / "COMPLETE").read_text())
-    assert complete["world_size"] == 2 and complete["step"] == 40
+    assert complete["world_size"] == 2 and complete["step"] == STEPS
     assert sorted(p.name for p in final.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
     assert (run_dir / "model" / "model.safetensors").is_file()
 

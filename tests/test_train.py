@@ -26,10 +26,11 @@ DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 
 
 def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
-    """The tiny recipe, smaller: 16 images per rank per step, a short schedule."""
+    """The tiny recipe, smaller: 16 images per rank per step, a short schedule; untracked (MLflow's part of a run
+    is tests/test_tracking.py's, and a local store costs each launch ~2.5 s here)."""
     return ["--config", str(TINY), f"name={name}", f"out_dir={out}", f"data.shards={shards}",
             "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
-            "train.log_every=1", "schedule.epochs=2", "schedule.warmup_epochs=0", *extra]
+            "train.log_every=1", "schedule.epochs=2", "schedule.warmup_epochs=0", "tracking.enabled=false", *extra]
 
 
 def env(**extra) -> dict[str, str]:
@@ -255,7 +256,7 @@ def test_bf16_on_a_gpu_trains_exports_and_evaluates_alike(shards, tmp_path):
     """One GPU rank (process group cpu:gloo,cuda:nccl, DALI mixed decode, bf16, ZeRO-2): the loss is finite, and
     the export evaluated on the GPU as the engine evaluated gives the engine's top-1 exactly."""
     run([sys.executable, "-m", "pipeline.train", *small(shards, tmp_path, "bf16", "train.precision=bf16",
-                                                         "train.max_steps=6", "tracking.enabled=false",
+                                                         "train.max_steps=6",
                                                          "train.global_batch=16")])
     train_rows, evals = metrics(tmp_path / "bf16")
     assert all(r["loss"] == r["loss"] for r in train_rows) and evals[-1]["val_samples"] == 100
@@ -271,7 +272,7 @@ def test_bf16_on_a_gpu_trains_exports_and_evaluates_alike(shards, tmp_path):
 def test_fp16_at_zero0_keeps_its_loss_scale_across_a_resume(shards, tmp_path):
     """ZeRO-0 fp16 runs as autocast with torch's GradScaler, whose state DeepSpeed does not save: the rank file
     holds it, the logged loss scale is the scaler's, and the resumed run continues from it."""
-    args = ["train.precision=fp16", "train.zero_stage=0", "tracking.enabled=false", "train.global_batch=16",
+    args = ["train.precision=fp16", "train.zero_stage=0", "train.global_batch=16",
             "checkpoint.every_steps=2"]
     run([sys.executable, "-m", "pipeline.train", *small(shards, tmp_path, "fp16z0", *args, "train.max_steps=2")])
     own = torch.load(tmp_path / "fp16z0" / "checkpoints" / "step_00000002" / "rank_00000.pt", weights_only=True)
