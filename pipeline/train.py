@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
     cfg = load_config(config, args.overrides)
     resolve_at_launch(cfg, args.launch_dir)
+    check_before_launch(cfg)  # a user's error in a second, before torch and the process group (every rank alike)
     if args.check:
-        check_before_launch(cfg)
         return 0
     from pipeline.engine.distributed import init_distributed, shutdown
     from pipeline.engine.watchdog import note_start, start_failure
