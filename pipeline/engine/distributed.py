@@ -117,8 +117,8 @@ def first_host(nodelist: str) -> str:
 def cpu_threads(env: dict[str, str], cores: int) -> int | None:
     """Intra-op threads for a rank whose user set none (OMP_NUM_THREADS, which torch reads itself): the cores it
     may run on, shared among its node's ranks (LOCAL_WORLD_SIZE from torchrun and accelerate, LOCAL_SIZE from
-    DeepSpeed's launcher, OMPI_COMM_WORLD_LOCAL_SIZE from mpirun; under srun the task's --cpus-per-task), as torchrun and DeepSpeed's --bind_cores_to_rank do.
-    torch's default is every core in every rank: N ranks on a node then run N x cores OpenMP threads, which wait
+    DeepSpeed's launcher, OMPI_COMM_WORLD_LOCAL_SIZE from mpirun; under srun the task's --cpus-per-task), as
+    torchrun and DeepSpeed's --bind_cores_to_rank do. torch's default is every core in every rank: N ranks on a node then run N x cores OpenMP threads, which wait
     on each other at every parallel op. None: leave torch's default (one rank, or nothing known)."""
     if env.get("OMP_NUM_THREADS"):
         return None

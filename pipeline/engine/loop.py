@@ -336,12 +336,11 @@ def fp32_fingerprint(engine) -> dict[str, list[float]]:
 
 
 def tensor_fingerprint(t: torch.Tensor) -> list[float]:
-    """[sum, sum of squares], each correctly rounded (math.fsum): the same numbers for the same values whatever
-    the summation order, so whatever the number of threads or ranks that computed them (torch's sum is not)."""
-    import math
-
-    values = t.detach().double().flatten().tolist()
-    return [math.fsum(values), math.fsum(v * v for v in values)]
+    """[sum, sum of squares] in float64, summed by numpy (pairwise, one thread: one fixed order), so the same
+    weights give the same numbers whatever the threads or ranks at work (torch's parallel sum changes its order
+    with the thread count). One float64 copy of the tensor at a time: cheap next to a resume, even for Swin-L."""
+    values = t.detach().to("cpu", torch.float64).numpy().ravel()
+    return [float(values.sum()), float((values * values).sum())]
 
 
 def run_epoch(cfg, engine, schedule, loader, val_loader, plan: StepPlan, end: int, state: RunState,
