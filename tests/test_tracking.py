@@ -237,20 +237,16 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
             time.sleep(0.2)
         server = server.restart()
         proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        server.stop()
-    err = log_file.read_text()
-    assert proc.returncode == 0, err[-5000:]
-    assert "MLflow unreachable" in err and "MLflow is reachable again" in err
-    server = server.restart()
-    try:
-        client = MlflowClient(server.uri)
+        err = log_file.read_text()
+        assert proc.returncode == 0, err[-5000:]
+        assert "MLflow unreachable" in err and "MLflow is reachable again" in err
+        client = MlflowClient(server.uri)  # the restarted server, on the same store and port
         assert steps_of(client, run_id, "loss") == list(range(1, 31))
         assert client.get_run(run_id).info.status == "FINISHED"
         assert client.get_model_version_by_alias("outage", "candidate").run_id == run_id
     finally:
+        if proc.poll() is None:
+            proc.kill()
         server.stop()
 
 
