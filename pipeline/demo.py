@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from data_prep.shardset.store import open_store
+from pipeline.tracking.tracker import absolute_store_uri
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import redact_text
 
@@ -176,11 +177,19 @@ def evals(run_dir: Path) -> list[dict]:
     return [m for m in map(json.loads, lines) if "val_top1" in m]
 
 
+def tracking_store(runs: Path, launched_from: Path) -> str:
+    """The MLflow store the demo tracks to: MLFLOW_TRACKING_URI, a relative local store in it taken from the folder
+    the demo was run from (its stages run in the repository), else a local sqlite store in the runs folder."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return absolute_store_uri(uri, launched_from) if uri else f"sqlite:///{runs / 'mlflow' / 'mlflow.db'}"
+
+
 @command()
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="runs/demo", help="where the sources, shards and runs go")
+    p.add_argument("--workdir", default="runs/demo", help="where the sources, shards and runs go (default: "
+                                                          "runs/demo in the folder it is run from)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--shards-url", help="where the shard sets go (a folder or s3://bucket/prefix; default "
                                         "WORKDIR): SHARDS_URL/shards and SHARDS_URL/shards_1k")
@@ -191,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predict-images", type=int, default=20, help="held-out images to predict at the end")
     args = p.parse_args(argv)
     configure_logging(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    work = Path(args.workdir).resolve()
+    work = Path(args.workdir).resolve()  # the user's folder's (run_demo.sh runs it there)
+    uri = tracking_store(work / "runs", Path.cwd())
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # what every stage's process tracks to
     if args.fresh and work.exists():
         shutil.rmtree(work)
     t0 = time.time()
@@ -234,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     fine = runs / "tiny_22kto1k"
     init = json.loads((fine / "init.json").read_text())
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs / 'mlflow' / 'mlflow.db'}"
     stage(6, f"evaluate models:/{MODEL_1K}@candidate on the '1K' val split; promote it to champion if it beats it")
     promoted = evaluate_and_promote(shards_1k, uri, args.workers) == 0
 

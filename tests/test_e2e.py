@@ -13,9 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from servers import REPO, start_mlflow_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3]
-
-
+@pytest.mark.slow
+@pytest.mark.s3
 def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
     bucket = s3_server.create_bucket("e2e")
     server = start_mlflow_server(tmp_path / "mlflow", env={
@@ -25,10 +24,11 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
         env = {**s3_server.subprocess_env(), "MLFLOW_TRACKING_URI": server.uri, "PYTHON": sys.executable,
                "SWIN_MODEL_CACHE": str(tmp_path / "models")}
         env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--workdir", str(tmp_path / "demo"),
+        # the README's command, from the user's own folder: the relative workdir is that folder's
+        proc = subprocess.run(["bash", str(REPO / "run_demo.sh"), "--workdir", "demo",
                                "--shards-url", f"s3://{bucket}/data", "--pretrain-epochs", "3",
                                "--finetune-epochs", "3", "--predict-images", "30"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
         out = proc.stdout
         keys = [o["Key"] for page in s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
@@ -60,4 +60,18 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
         assert re.search(r"val top-1 [\d.]+% before .* [\d.]+% after", out)
     finally:
         server.stop()
+    assert (tmp_path / "demo" / "runs" / "tiny_22kto1k" / "model" / "model.json").is_file()
     assert not os.path.exists(tmp_path / "demo" / "shards")  # the shards went to S3 only
+
+
+def test_a_relative_local_store_is_the_folder_the_demo_runs_from(tmp_path, monkeypatch):
+    """The demo's stages run in the repository, so a relative MLFLOW_TRACKING_URI is made absolute against the
+    folder the demo was started from; a server's URI stays as it is, and no URI means the runs folder's store."""
+    from pipeline.demo import tracking_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine/mlflow.db")
+    assert tracking_store(tmp_path / "runs", tmp_path) == f"sqlite:///{tmp_path / 'mine' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_store(tmp_path / "runs", tmp_path) == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_store(tmp_path / "runs", tmp_path) == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
