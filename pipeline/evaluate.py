@@ -19,8 +19,9 @@ rows of the set's synsets are scored, mapped by synset.
 --promote ALIAS --if-better-than ALIAS2 (both of the model NAME): after the evaluation, ALIAS is moved to the
 evaluated version when its top-1 on this set and split beats that of the version ALIAS2 names (its recorded
 score on this set and split, or, when it has none, one evaluated now the same way). A tie is not better. Both
-figures are printed. ALIAS2 naming no version yet: ALIAS is moved (nothing to compare). ALIAS2 naming the
-evaluated version itself: nothing to do.
+figures are printed. ALIAS2 naming no version yet: when ALIAS2 is ALIAS itself, this is its first promotion and ALIAS
+is moved (nothing to compare, said so); any other ALIAS2 that names no version (a typo) is an error, exit 2, and
+nothing moves. ALIAS2 naming the evaluated version itself: nothing to do.
 
 Exit status: 0 the model was scored (with --promote: ALIAS was moved, or there was nothing to compare);
 3 with --promote: not better, ALIAS left where it was; 2 a model, alias, shard set or split that does not exist,
@@ -204,19 +205,28 @@ def make_plan(args, info: SetInfo, client) -> Plan:
         if alias is not None:
             number = alias_version(client, name, alias)
             if number is None:
-                aliases = client.get_registered_model(name).aliases or {}
-                known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
                 raise CommandError(f"{args.uri}: the registered model {name} has no alias {alias!r} (its aliases: "
-                                   f"{known})")
+                                   f"{known_aliases(client, name)})")
         else:
             number = str(int(client.get_model_version(name, number).version))
     plan = Plan(name, number)
     if args.promote is not None:
         plan.champion = alias_version(client, name, args.if_better_than)
+        if plan.champion is None and args.if_better_than != args.promote:
+            # only the alias being moved may name nothing yet (its first promotion): a gate a typo cannot open
+            raise CommandError(f"--if-better-than {args.if_better_than}: the registered model {name} has no alias "
+                               f"{args.if_better_than!r} (its aliases: {known_aliases(client, name)}); nothing to "
+                               f"compare against, so {args.promote} is not moved. Only the alias being promoted "
+                               f"may name no version yet (its first promotion: --if-better-than {args.promote})")
         if plan.champion is not None and plan.champion != plan.candidate:
             plan.champion_scores = version_scores(client, name, plan.champion, info.set_id, info.split)
     prepare_all(plan, info, args.tracking_uri)
     return plan
+
+
+def known_aliases(client, name: str) -> str:
+    aliases = client.get_registered_model(name).aliases or {}
+    return ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
 
 
 def prepare_all(plan: Plan, info: SetInfo, tracking_uri: str | None) -> None:
@@ -315,8 +325,9 @@ def conclude(client, plan: Plan, info: SetInfo, args, candidate: dict, champion:
     cand = f"models:/{name}/{plan.candidate}"
     if plan.champion is None:
         move_alias(client, name, alias, plan.candidate)
-        return 0, [f"candidate {cand} top-1 {recorded['top1']:.2f}%; {alias2} names no version of {name} yet "
-                   f"(nothing to compare) on {info.shown}: {alias} -> version {plan.candidate}"]
+        return 0, [f"candidate {cand} top-1 {recorded['top1']:.2f}% on {info.shown}; {alias2} names no version "
+                   f"of {name} yet: the first promotion of {alias} (nothing to compare): {alias} -> version "
+                   f"{plan.candidate}"]
     if plan.champion == plan.candidate:
         return 0, [f"candidate {cand} is the version {alias2} names already (nothing to compare): {alias} left as "
                    f"it is"]

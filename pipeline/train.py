@@ -46,13 +46,30 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def local_path(value: str) -> bool:
+    """Whether a config value names a local path (not empty, a URL such as s3://... or a models:/ URI)."""
+    return bool(value) and "://" not in value and not value.startswith("models:/")
+
+
 def resolve_at_launch(cfg, launch_dir: str | None) -> None:
-    """A relative out_dir, local MLflow store or artifact location becomes absolute once, against the folder the
-    job was launched from, so every rank on every node names the same run folder and store whatever folder its
-    launcher started it in (the launch scripts change to the repository)."""
+    """Every relative path of the config (out_dir, data.shards, data.cache_dir, init_from, checkpoint.resume, a
+    local MLflow store or artifact location; a recipe's own relative defaults too) becomes absolute once, against
+    the folder the job was launched from, so every rank on every node names the same files whatever folder its
+    launcher started it in (the launch scripts and the Slurm scripts change to the repository and pass
+    --launch-dir; `python -m pipeline.train`, torchrun and accelerate run where they were started), and every
+    "not found" names the absolute path it tried."""
     base = Path(launch_dir or os.getcwd())
+
+    def absolute(value: str) -> str:  # as the user named it: `..` folded, symlinks kept
+        return os.path.abspath(base / value) if local_path(value) and not Path(value).is_absolute() else value
+
     if not Path(cfg.out_dir).is_absolute():
         cfg.out_dir = str((base / cfg.out_dir).resolve())
+    cfg.data.shards = absolute(cfg.data.shards)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
+    cfg.init_from = absolute(cfg.init_from)
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        cfg.checkpoint.resume = absolute(cfg.checkpoint.resume)
     from pipeline.tracking.tracker import absolute_store_uri
 
     cfg.tracking.uri = absolute_store_uri(cfg.tracking.uri, base)  # a relative store: where the user launched
@@ -97,27 +114,59 @@ def completed_run(cfg, setup) -> dict | None:
 
 
 def check_before_launch(cfg) -> None:
-    """What a user can get wrong, found in a second and before any rank starts (the config was parsed already):
-    the shard set and an init_from path. A models:/ init_from is checked by the ranks (it needs MLflow)."""
+    """What a user can get wrong, found in about a second and before any rank starts (the config was parsed
+    already): the shard set, init_from (a path's files from their headers; a models:/ URI's version or alias in
+    the store, nothing downloaded) and an out_dir that cannot be created or written. Each is one line, exit 2."""
     from data_prep.shardset.manifest import read_manifest
     from data_prep.shardset.store import open_store
 
     read_manifest(open_store(cfg.data.shards))  # its errors name the set: missing, a source, not finalized
-    if cfg.init_from and not cfg.init_from.startswith("models:/"):
+    if cfg.init_from:
         check_init_source(cfg)
+    check_writable(Path(cfg.out_dir), "out_dir")
 
 
 def check_init_source(cfg) -> None:
-    """init_from resolves: a path that exists, or a models:/ URI whose version or alias the store holds (nothing
-    downloaded)."""
+    """init_from resolves: a path holding what a run can start from (pipeline/engine/init_source.py), or a
+    models:/ URI whose version or alias the store holds (nothing downloaded)."""
     if cfg.init_from.startswith("models:/"):
-        from pipeline.tracking.registry import resolve_in_store
+        from pipeline.tracking.registry import ModelNotFound, StoreNotFound, resolve_in_store
         from pipeline.tracking.tracker import tracking_uri
 
-        resolve_in_store(cfg.init_from, tracking_uri(cfg.tracking.uri, cfg.out_dir))
-    elif not Path(cfg.init_from).exists():
-        raise CommandError(f"init_from={cfg.init_from}: no such file or folder (give a checkpoint folder, an "
-                           f"exported model folder or models:/NAME@ALIAS)")
+        try:
+            resolve_in_store(cfg.init_from, tracking_uri(cfg.tracking.uri, cfg.out_dir))
+        except (ModelNotFound, StoreNotFound) as e:
+            said = str(e).removeprefix(f"{cfg.init_from}: ")
+            raise CommandError(f"init_from={cfg.init_from}: {said}") from None
+    else:
+        from pipeline.engine.init_source import check_init_source as check_path
+
+        check_path(cfg.init_from)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """`folder` can be created (if missing) and written: tried for real with a file made and removed, since
+    permission bits say nothing for root or on /proc, NFS or a full disk; folders made for the try are removed
+    again."""
+    made = []
+    try:
+        for parent in reversed([folder, *folder.parents]):
+            if not parent.exists():
+                parent.mkdir()
+                made.append(parent)
+        probe = folder / f".swin-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CommandError(f"{key}={folder}: cannot be {'created' if not folder.is_dir() else 'written'} "
+                           f"({e.strerror or e}): give a folder this job can write (on a file system every node "
+                           f"mounts)") from None
+    finally:
+        for parent in reversed(made):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def start_tracking(setup):

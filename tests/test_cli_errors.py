@@ -117,6 +117,36 @@ def test_the_launch_script_answers_help_and_user_errors_before_any_rank_starts(t
         assert "WORLD INFO" not in proc.stdout + proc.stderr  # no rank was started
 
 
+def test_the_launch_check_refuses_what_ranks_would_meet_in_one_line(tmp_path, small_set):
+    """Through launch/pretrain_22k.sh from the user's folder, before any rank starts, exit 2 in one line: an
+    init_from whose registered model or alias the store lacks, a file that holds no Swin weights (named by its
+    absolute path: relative paths are the launch folder's), an out_dir that cannot be created; nothing is left
+    behind (no run folder, no MLflow run)."""
+    from stores import constant_export, local_store, register_export
+
+    uri = local_store(tmp_path / "store")
+    register_export(uri, "tiny", constant_export(tmp_path / "export", [f"n{d:08d}" for d in range(10)], 0, 1.0))
+    (tmp_path / "swin_base_patch4_window7_224_22k.pth").write_bytes(b"\x80\x02}q\x00.")  # a pickle
+    launch = REPO / "launch" / "pretrain_22k.sh"
+    env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MLFLOW_TRACKING_URI": uri}
+    common = ("--config", TINY, f"data.shards={small_set}", "out_dir=runs")
+    cases = {"init_from=models:/nope@candidate": ("init_from", "models:/nope@candidate", "not found",
+                                                  "in the MLflow store"),
+             "init_from=models:/tiny@nope": ("models:/tiny@nope", "alias", "not found"),
+             "init_from=swin_base_patch4_window7_224_22k.pth":
+                 (f"init_from={tmp_path / 'swin_base_patch4_window7_224_22k.pth'} is a PyTorch pickle (.pth)",),
+             "out_dir=/proc/swin_runs": ("out_dir=/proc/swin_runs: cannot be created",)}
+    for arg, names in cases.items():
+        proc = run("bash", launch, *common, arg, cwd=tmp_path, env=env)
+        one_line(proc, *names)
+        assert "WORLD INFO" not in proc.stdout + proc.stderr, arg  # no rank was started
+    assert not (tmp_path / "runs").exists()
+    from mlflow.tracking import MlflowClient
+
+    assert not MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()
+                                              if e.name != "registered"])
+
+
 HELPED = (("pipeline.train",), ("pipeline.pull",), ("pipeline.predict",), ("pipeline.evaluate",),
           ("pipeline.register",), ("pipeline.export",), ("pipeline.demo",), ("data_prep",), ("data_prep", "shard"),
           ("data_prep", "verify"), ("data_prep", "map"), ("data_prep", "finalize"), ("data_prep", "embedded"))

@@ -51,7 +51,7 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
         top1_tags = {k: v for k, v in client.get_model_version("tiny_22kto1k", candidate.version).tags.items()
                      if k.startswith("eval.") and k.endswith(".val.top1")}
         assert len(top1_tags) == 1 and abs(float(*top1_tags.values()) - float(scored.group(2))) < 0.01, top1_tags
-        assert "names no version of tiny_22kto1k yet (nothing to compare)" in out and "champion -> version" in out
+        assert "names no version of tiny_22kto1k yet: the first promotion of champion" in out and "champion -> version" in out
         assert "mlflow models serve -m models:/tiny_22kto1k@champion --env-manager local" in out
         accuracy = float(re.search(r"top-1 on 30 held-out images: ([\d.]+)%", out).group(1))
         assert accuracy > 100 / 6 + 10, out[-3000:]  # well above chance over the 6 classes

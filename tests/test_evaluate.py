@@ -205,7 +205,8 @@ def test_scores_promotion_and_two_ranks(registry, expected, shards, tmp_path):
     assert set(figures) == {"1"}, one.stdout
     assert_figures(figures["1"], expected["1"])
     assert figures["1"]["set"] == str(shards) and figures["1"]["split"] == "val"
-    assert f"champion names no version of {NAME} yet" in one.stdout and "champion -> version 1" in one.stdout
+    assert f"champion names no version of {NAME} yet: the first promotion of champion" in one.stdout
+    assert "champion -> version 1" in one.stdout
     assert client.get_model_version_by_alias(NAME, "champion").version == "1"
     recorded = tags(uri, "1", shards)
     assert recorded["samples"] == "90" and recorded["shards"] == str(shards)
@@ -263,6 +264,13 @@ def test_what_does_not_exist_is_one_line_naming_it(registry, shards, tmp_path):
                    f"shard set not found: {tmp_path / 'no_set'}")
     one_error_line(evaluate(uri, cache, f"models:/{NAME}/1", "--shards", shards, "--split", "test"),
                    str(shards), "no 'test' split", "train, val")
+    # a gate a typo cannot open: an alias to beat that names no version is an error unless it is the alias being
+    # promoted (its first promotion); nothing is scored and nothing moves
+    typo = evaluate(uri, cache, f"models:/{NAME}/1", "--shards", shards, "--promote", "prod", "--if-better-than",
+                    "prdo")
+    one_error_line(typo, "--if-better-than prdo", f"the registered model {NAME} has no alias 'prdo'",
+                   "prod is not moved")
+    assert "scoring" not in typo.stderr and "prod" not in (MlflowClient(uri).get_registered_model(NAME).aliases or {})
 
 
 def test_a_model_is_scored_on_a_set_whose_synsets_it_covers(shards):

@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from servers import REPO, free_port, start_mlflow_server
+from stores import constant_export, local_store, register_export
 
 pytestmark = pytest.mark.slow
 LAUNCH = REPO / "launch" / "pretrain_22k.sh"
@@ -63,7 +64,7 @@ def a_digit_jpeg(digits_tars: Path, tmp_path: Path, digit: int) -> Path:
     return out
 
 
-def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, digits_tars, tmp_path):
+def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, digits_tars, tmp_path, monkeypatch):
     uri = mlflow_server.uri
     proc = train(shards, tmp_path, "tracked", uri, "train.max_steps=4", "tracking.aliases=[current, champion]")
     # no GPU here: said once, with the reason (NVML finds no driver), not silently left out
@@ -144,12 +145,25 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert lines[0].endswith("digit3.jpg") and len(lines) == 2 * 6
     assert all(" n0000000" in line and "(class " in line for line in lines[1:6])
 
-    # fine-tuning starts from the registry
+    # fine-tuning starts from the registry, through a cache that already holds another store's models:/tracked/N
+    # (a dev store, or one made again): the run starts from this store's weights all the same
+    champion = client.get_model_version_by_alias("tracked", "champion")
+    other_store = local_store(tmp_path / "other_store")
+    other = constant_export(tmp_path / "other_export", [f"n{d:08d}" for d in range(10)], 0, 5.0)
+    for _ in range(int(champion.version)):
+        register_export(other_store, "tracked", other)
+    from pipeline.tracking.registry import pull_to_folder
+    from swin_common.safe_weights import file_sha256
+
+    monkeypatch.setenv("SWIN_MODEL_CACHE", str(tmp_path / "fresh-cache"))
+    pull_to_folder(f"models:/tracked/{champion.version}", tracking_uri=other_store)
+    monkeypatch.delenv("SWIN_MODEL_CACHE")
     fine = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@champion", "train.max_steps=1",
                  "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=2,
                  SWIN_MODEL_CACHE=str(tmp_path / "fresh-cache"))  # 2 ranks pull it at once into one cache
     init = json.loads((tmp_path / "from_registry" / "init.json").read_text())
     assert init["init_head_rows_mapped"] == 10 and init["init_resized_bias_tables"] == 8, fine.stderr[-2000:]
+    assert init["weights_sha256"] == champion.tags["weights_sha256"] != file_sha256(other / "model.safetensors")
     # the same command again resumes (init_from is not applied then), but an init_from that does not resolve is
     # still an error, naming the alias and the store
     again = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@nope", "train.max_steps=1",
@@ -157,7 +171,7 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert again.returncode == 2 and "alias nope" in again.stderr and f"in the MLflow store {uri}" in again.stderr, \
         again.stderr[-3000:]
     versions = [p for p in (tmp_path / "fresh-cache" / "tracked").iterdir() if not p.name.startswith(".")]
-    assert len(versions) == 1 and (versions[0] / "model.json").is_file(), versions  # no partial leftovers
+    assert len(versions) == 2 and all((v / "model.json").is_file() for v in versions), versions  # no partial leftovers
 
     # several processes of one node pull the same version at once: one downloads, the others wait and reuse it
     pulls = [subprocess.Popen([sys.executable, "-c", PULL, "models:/tracked@champion"], cwd=REPO, text=True,
@@ -178,14 +192,20 @@ print(pull_to_folder(sys.argv[1]))
 
 
 def test_a_relative_local_store_and_its_artifacts_stay_where_the_user_launched(shards, tmp_path):
-    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db and out_dir=runs, launched from a folder of the user's through the
-    launch script (which changes to the repository): the store is in that folder, the experiment the run creates
-    keeps its artifacts in out_dir, and nothing lands in the checkout."""
+    """MLFLOW_TRACKING_URI=sqlite:///mlflow.db, out_dir=runs, a relative init_from and the recipe's own relative
+    data.shards (runs/demo/shards), launched from a folder of the user's through the launch script (which changes
+    to the repository): every relative path is that folder's. The store is there, the experiment the run creates
+    keeps its artifacts in out_dir, the run reads the folder's shards and starts from its weights, and nothing
+    lands in the checkout."""
+    from swin_common.safe_weights import file_sha256
+
     here = tmp_path / "somewhere"
-    here.mkdir()
+    (here / "runs" / "demo").mkdir(parents=True)
+    (here / "runs" / "demo" / "shards").symlink_to(shards)
+    weights = constant_export(here / "weights", [f"n{d:08d}" for d in range(10)], 4, 3.0)
     before = sorted(p.name for p in REPO.iterdir())
     proc = subprocess.run(
-        ["bash", str(LAUNCH), "--config", str(TINY), "name=here", "out_dir=runs", f"data.shards={shards}",
+        ["bash", str(LAUNCH), "--config", str(TINY), "name=here", "out_dir=runs", "init_from=weights",
          "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=0",
          "train.max_steps=2", "schedule.epochs=1", "schedule.warmup_epochs=0", "tracking.system_metrics=false",
          "tracking.experiment=launched_here"],
@@ -200,6 +220,10 @@ def test_a_relative_local_store_and_its_artifacts_stay_where_the_user_launched(s
     assert version.source.startswith(artifacts) or client.get_run(version.run_id).info.artifact_uri.startswith(
         artifacts), version.source
     assert sorted(p.name for p in REPO.iterdir()) == before  # no mlruns/, no mlflow.db in the checkout
+    init = json.loads((here / "runs" / "here" / "init.json").read_text())
+    assert init["weights_sha256"] == file_sha256(weights / "model.safetensors") and init["init_head_rows_mapped"] == 10
+    config = (here / "runs" / "here" / "config.yaml").read_text()
+    assert f"shards: {here / 'runs' / 'demo' / 'shards'}" in config and f"init_from: {weights}" in config, config
 
 
 def test_training_survives_the_server_going_away(shards, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -109,9 +110,55 @@ def test_zeros_option_zeroes_every_table():
     assert tables and all(not t.any() for t in tables)
 
 
-def test_unknown_sources_are_clear_errors(tmp_path):
-    with pytest.raises(TransferError, match="not a complete checkpoint folder"):
-        load_source(str(tmp_path))
+def what_is_not_a_source(tmp_path):
+    """Paths an init_from may name by mistake, each with the words its error must say."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "swin_base_patch4_window7_224_22k.pth").write_bytes(b"\x80\x02}q\x00.")  # a pickle
+    resnet = tmp_path / "resnet"
+    resnet.mkdir()
+    save_file({"conv1.weight": torch.zeros(2, 3, 1, 1)}, str(resnet / "model.safetensors"))
+    (resnet / "model.json").write_text(json.dumps({"synsets": SYNSETS}))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"w": torch.zeros(1)}, pickled / "model.safetensors")
+    (pickled / "model.json").write_text(json.dumps({"synsets": SYNSETS}))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    save_file(trained_like().state, str(alone / "model.safetensors"))
+    return {
+        tmp_path / "missing": "no such file or folder",
+        tmp_path / "empty": "a folder without COMPLETE or model.json (it holds nothing)",
+        run: "it is a run folder, start from its model/ or a checkpoint",
+        tmp_path / "swin_base_patch4_window7_224_22k.pth": "is a PyTorch pickle (.pth), not weights this run can",
+        resnet: "holds no Swin weights",
+        pickled / "model.safetensors": "is not a safetensors file: it is a zip archive",
+        alone / "model.safetensors": "no model.json beside it",
+    }
+
+
+def test_what_is_not_a_source_is_one_error_naming_it(tmp_path):
+    """The pre-launch check (header reads, no torch) and the ranks' load_source refuse the same paths with the same
+    words, each naming the absolute path; a real export passes both."""
+    from pipeline.engine.init_source import check_init_source
+    from swin_common.safe_weights import UnsafeModelFile
+
+    for path, says in what_is_not_a_source(tmp_path).items():
+        for check in (check_init_source, load_source):
+            with pytest.raises((ValueError, UnsafeModelFile), match=re.escape(says)) as e:
+                check(path)
+            assert str(path.absolute()) in str(e.value), (check.__name__, str(e.value))
+    from safetensors.torch import save_file
+
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file(trained_like().state, str(export / "model.safetensors"))
+    (export / "model.json").write_text(json.dumps({"synsets": SYNSETS}))
+    assert check_init_source(export) == f"exported model {export} (10 classes)"
+    assert load_source(export).synsets == SYNSETS
 
 
 # --- the fine-tuning run ------------------------------------------------------------------------------------

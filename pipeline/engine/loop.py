@@ -139,7 +139,8 @@ def initialise_from(cfg: RunConfig, path: str, model, synsets: list[str], world:
     if world.is_main:
         write_map(cfg.run_dir / "head_map.json", source.description, "this run's shard set", source.synsets, synsets)
         (cfg.run_dir / "init.json").write_text(json.dumps(
-            {"init_from": redact_text(cfg.init_from), "source": source.description, **report.as_params(),
+            {"init_from": redact_text(cfg.init_from), "source": source.description,
+             "weights_sha256": source.weights_sha256 or None, **report.as_params(),
              "resized_tables": report.resized_tables, "fresh_synsets": report.fresh_synsets}, indent=1))
 
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import RunConfig, load_config
 from pipeline.data.samples import MEAN, STD
 from pipeline.model import create_model, timm_kwargs, timm_name
-from pipeline.model.transfer import SourceModel, TransferError
-from swin_common.safe_weights import UnsafeModelFile, check_safetensors  # noqa: F401  (the export's check)
+from pipeline.model.transfer import SourceModel
+from swin_common.safe_weights import UnsafeModelFile, check_safetensors, file_sha256  # noqa: F401  (re-exported)
 
 FORMAT = "swin-pipeline-model/1"
 
@@ -125,20 +125,14 @@ def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
 
 def load_source(path: str | Path) -> SourceModel:
     """The weights and label layout to initialise from (`init_from`): a complete checkpoint folder, an exported
-    model folder, or its model.safetensors beside model.json. (A models:/ URI is pulled to a folder first, by
-    `python -m pipeline.train`.)"""
-    path = Path(path)
-    if path.is_dir() and (path / "COMPLETE").is_file():
+    model folder, or its model.safetensors beside model.json (told apart by init_source, as the pre-launch check
+    does). (A models:/ URI is pulled to a folder first, by `python -m pipeline.train`.)"""
+    from pipeline.engine.init_source import check_init_source, init_source_kind
+
+    kind, path = init_source_kind(path)
+    if kind == "checkpoint":
         return SourceModel(consolidated_state_dict(path), (path / "synsets.txt").read_text().split(),
                            f"checkpoint {path}")
-    if path.is_dir() and (path / "model.json").is_file():
-        path = path / "model.safetensors"
-    if path.suffix == ".safetensors" and path.is_file():
-        meta_path = path.with_name("model.json")
-        if not meta_path.is_file():
-            raise TransferError(f"{path}: no model.json beside it (its label layout is needed to map the head)")
-        check_safetensors(path)  # a pickle named .safetensors is refused, never loaded
-        meta = json.loads(meta_path.read_text())
-        return SourceModel(load_file(str(path)), meta["synsets"], f"exported model {path.parent}", meta)
-    raise TransferError(f"init_from={str(path)!r}: not a complete checkpoint folder, an exported model "
-                        f"(folder or model.safetensors with model.json), or a models:/ URI")
+    check_init_source(path)  # model.json beside it, safetensors (a pickle so named is refused), Swin names
+    meta = json.loads(path.with_name("model.json").read_text())
+    return SourceModel(load_file(str(path)), meta["synsets"], f"exported model {path.parent}", meta, file_sha256(path))

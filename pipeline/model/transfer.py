@@ -38,6 +38,7 @@ class SourceModel:
     synsets: list[str]
     description: str  # where it came from, for logs and run params
     meta: dict = field(default_factory=dict)
+    weights_sha256: str = ""  # of the safetensors file it was read from (an export, a pulled version)
 
 
 @dataclass

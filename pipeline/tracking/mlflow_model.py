@@ -24,6 +24,11 @@ CODE_FILE = Path(__file__).with_name("swin_pyfunc.py")
 EXPORT_PATH = "artifacts/model"  # the export inside a version: the only folder this project's pull downloads
 ENV_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml")
 EXAMPLE_FILES = ("input_example.json", "serving_input_example.json")
+# what MLflow's own tools write into a version's folder on a local store (`pyfunc.load_model`, `models serve`:
+# a YAML of the model's name and version): bookkeeping read by nobody here, never downloaded by the pull
+MLFLOW_BOOKKEEPING = ("registered_model_meta",)
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_CHECKSUM = "weights_sha256"  # the export's weights' sha256: a version tag, and the pyfunc's model_config
 # what the code file imports, pinned at the versions that trained and exported the model (MLflow would otherwise
 # infer them by loading the model in a subprocess); torchvision: timm's transforms
 SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "pandas")
@@ -67,8 +72,11 @@ def input_example():
 
 
 def build(export_dir: str | Path, dst: str | Path) -> Path:
-    """<dst> (new): the MLflow model of an export folder, as a version holds it."""
+    """<dst> (new): the MLflow model of an export folder, as a version holds it. Its MLmodel carries the
+    weights' sha256 as the pyfunc's model_config (WEIGHTS_CHECKSUM), which the code file checks when it loads."""
     import mlflow
+
+    from swin_common.safe_weights import file_sha256
 
     export_dir, dst = Path(export_dir), Path(dst)
     with tempfile.TemporaryDirectory(prefix="swin-mlflow-model-") as tmp:
@@ -81,7 +89,8 @@ def build(export_dir: str | Path, dst: str | Path) -> Path:
             write_timm_config(model, staged, meta)
         mlflow.pyfunc.save_model(str(dst), python_model=str(CODE_FILE), artifacts={"model": str(staged)},
                                  signature=signature(), input_example=input_example(),
-                                 pip_requirements=pinned_requirements())
+                                 pip_requirements=pinned_requirements(),
+                                 model_config={WEIGHTS_CHECKSUM: file_sha256(staged / WEIGHTS_FILE)})
     strip_host_paths(dst / "MLmodel")
     return dst
 
@@ -126,8 +135,9 @@ def check_version_files(files: list[str], uri: str, code_file: str | None) -> st
     """The folder of `files` (a version's file listing, relative paths) that holds the export: EXPORT_PATH, or ""
     for a version registered before the MLflow model layout. Raises UnexpectedVersionFile naming the first file
     outside the allow-list: MLmodel, its one code file, the requirement and env files, the input examples and
-    EXPORT_PATH/** (or, for an old version, the export's own files at the root); an export holds only
-    safetensors weights and json/text metadata."""
+    EXPORT_PATH/** (or, for an old version, the export's own files at the root), and MLflow's own bookkeeping
+    (MLFLOW_BOOKKEEPING, data that is never downloaded); an export holds only safetensors weights and json/text
+    metadata."""
     def refuse(unexpected: list[str], rule: str):
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise UnexpectedVersionFile(f"{uri} holds {unexpected[0]}{more}: refused, {rule} (a pickle or code could "
@@ -137,7 +147,8 @@ def check_version_files(files: list[str], uri: str, code_file: str | None) -> st
     export = EXPORT_PATH if mlflow_layout else ""
     in_export = [f for f in files if not mlflow_layout or f.startswith(EXPORT_PATH + "/")]
     if mlflow_layout:
-        allowed = {"MLmodel", *ENV_FILES, *EXAMPLE_FILES} | ({code_file} if code_file else set())
+        allowed = {"MLmodel", *ENV_FILES, *EXAMPLE_FILES, *MLFLOW_BOOKKEEPING} | \
+            ({code_file} if code_file else set())
         unexpected = sorted(set(files) - set(in_export) - allowed)
         if unexpected:
             refuse(unexpected, f"a version may hold only MLmodel, its code file {code_file}, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.tracking import mlflow_model
 from swin_common.redact import redact_text
@@ -47,6 +49,9 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
     # one artifact folder per exported step: a version's files never change after it is registered
     artifact_path = f"model/step_{meta.get('step', 0):08d}"
     check_model_folder(model_dir, str(model_dir))  # what a pull would refuse is never registered
+    from swin_common.safe_weights import file_sha256
+
+    checksum = {mlflow_model.WEIGHTS_CHECKSUM: file_sha256(model_dir / mlflow_model.WEIGHTS_FILE)}
     # the server answers, and holds the run, before the export is packaged and uploaded
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     with tempfile.TemporaryDirectory(prefix="swin-register-") as tmp:
@@ -58,13 +63,13 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
     # a retried call (after an outage) must not register the same weights twice
     same = [v for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if v.source == source]
     version = same[0] if same else client.create_model_version(
-        name, source, run_id=run_id, tags={**version_tags(meta), **(tags or {})},
+        name, source, run_id=run_id, tags={**version_tags(meta), **checksum, **(tags or {})},
         description=f"{meta['timm_name']}, {meta['num_classes']} classes")
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
     log.info("registered %s version %s (aliases: %s) from run %s", name, version.version, ", ".join(aliases) or "-",
              run_id)
-    return version.version
+    return str(version.version)
 
 
 REGISTERED_RECORD = "registered.json"  # in a run folder once its own export is registered
@@ -179,26 +184,118 @@ def resolve_in_store(uri: str, tracking_uri: str | None):
                             f"holds it") from None
 
 
+class WeightsMismatch(ValueError):
+    """Weights whose sha256 is not the one the model version recorded at registration: another model's, or a
+    file changed after it was pulled."""
+
+
+def store_identity(tracking_uri: str) -> str:
+    """The store a version comes from, as one string that names it wherever the command runs: a local store's
+    absolute path, a server's scheme://host:port/path without credentials."""
+    if tracking_uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):]).resolve())
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        path = tracking_uri[len("file://"):] if tracking_uri.startswith("file://") else tracking_uri.removeprefix("file:")
+        return Path(path).resolve().as_uri()
+    parts = urlsplit(tracking_uri)
+    netloc = parts.hostname or ""
+    netloc += f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def binding(tracking_uri: str, version) -> dict[str, str]:
+    """What a pulled folder is bound to: the store, the model, the version and where its files are. A folder is
+    reused only for the same binding (the same name and version in another store, or in a store made again, is
+    another model)."""
+    return {"store": store_identity(tracking_uri), "name": version.name, "version": str(int(version.version)),
+            "run_id": version.run_id or "", "source": version.source or ""}
+
+
+def cache_folder(bound: dict[str, str], uri: str) -> Path:
+    """<cache>/NAME/VERSION-KEY: KEY is a digest of the binding, so two stores' `NAME/1` never share a folder."""
+    key = hashlib.sha256(json.dumps(bound, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / _folder_name(bound["name"], uri) / f"{bound['version']}-{key}"
+
+
 def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
-    """Downloads the model version behind a models:/ URI into a folder (cached by name and version) and
-    returns the folder holding model.safetensors and model.json. A version holding anything else than
-    safetensors weights and json/text (a pickle named model.safetensors included) is refused, naming the URI.
-    The store: `tracking_uri`, else MLFLOW_TRACKING_URI (existing_store); a version or alias it lacks is an
-    error naming the store."""
+    """Downloads the model version behind a models:/ URI into a folder and returns the folder holding
+    model.safetensors and model.json, their weights checked against the sha256 the version recorded.
+
+    The folder (`dst`, else the model cache: cache_folder) is bound to the version it holds (binding: store,
+    name, version, run, source; recorded beside it as `.FOLDER.pulled.json`) and reused only for the same
+    binding and only while its weights still have the recorded sha256 (a changed file is a WeightsMismatch
+    naming it); otherwise the version is downloaded again and replaces it atomically. A version registered
+    before checksums were recorded gets its tag at its first pull (said once). A version holding anything else
+    than safetensors weights and json/text (a pickle named model.safetensors included) is refused, naming the URI.
+    The store: `tracking_uri`, else MLFLOW_TRACKING_URI (existing_store); a version or alias it lacks is an error
+    naming the store."""
     tracking_uri = existing_store(tracking_uri)
     client, version = resolve_in_store(uri, tracking_uri)
-    folder = Path(dst) if dst else cache_root() / _folder_name(version.name, uri) / str(int(version.version))
+    bound = binding(tracking_uri, version)
+    folder = Path(dst).absolute() if dst else cache_folder(bound, uri)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    record_path = folder.with_name(f".{folder.name}.pulled.json")
+    name = f"models:/{version.name}/{bound['version']}"
     # one download per cache: every rank of a node pulls at once, the first one downloads, the others wait here
     # and find it cached (a lock file beside the folder; flock works across nodes on a shared NFSv4 cache too)
     with _exclusive(folder.with_name(f".{folder.name}.lock")):
-        if not (folder / "model.json").is_file():
-            _download(client, version, uri, folder, tracking_uri)
-            log.info("downloaded %s (%s version %s) into %s", uri, version.name, version.version, folder)
-        else:
-            check_model_folder(folder, uri)  # a cache filled by another tool or an older version of this one
-    log.info("%s -> %s version %s in %s", uri, version.name, version.version, folder)
+        record = _read_json(record_path)
+        if record and record.get("binding") == bound and (folder / "model.json").is_file():
+            check_model_folder(folder, uri)
+            expected = (version.tags or {}).get(mlflow_model.WEIGHTS_CHECKSUM) or record.get("sha256")
+            _check_weights(folder, expected, f"{uri} ({name} in {redact_text(tracking_uri)})",
+                           "was changed after it was pulled: delete the folder to pull the version again")
+            log.info("%s -> %s, pulled before into %s", uri, name, folder)
+            return folder
+        if record is None and folder.is_dir() and any(folder.iterdir()) and not (folder / "model.json").is_file():
+            raise FileExistsError(f"{folder} holds files but no model (no model.json): not replaced by the pull of "
+                                  f"{uri}; give an empty or new folder")
+        record_path.unlink(missing_ok=True)  # the folder is replaced next: no record may vouch for it meanwhile
+        _download(client, version, uri, folder, tracking_uri)
+        sha = _record_checksum(client, version, folder, uri, tracking_uri)
+        record_path.write_text(json.dumps({"binding": bound, "sha256": sha}, indent=1) + "\n")
+        log.info("downloaded %s (%s) into %s", uri, name, folder)
     return folder
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_weights(folder: Path, expected: str | None, what: str, why: str) -> str:
+    """The sha256 of the folder's weights, which must be `expected` (when there is one)."""
+    from swin_common.safe_weights import file_sha256
+
+    weights = folder / mlflow_model.WEIGHTS_FILE
+    sha = file_sha256(weights)
+    if expected and sha != expected:
+        raise WeightsMismatch(f"{what}: {weights} has sha256 {sha}, the version recorded {expected} when it was "
+                              f"registered: {why}")
+    return sha
+
+
+def _record_checksum(client, version, folder: Path, uri: str, tracking_uri: str) -> str:
+    """Checks a downloaded folder's weights against the version's recorded sha256; a version registered before
+    checksums were recorded gets its tag now (said once: later pulls find the tag)."""
+    expected = (version.tags or {}).get(mlflow_model.WEIGHTS_CHECKSUM)
+    name = f"models:/{version.name}/{int(version.version)}"
+    try:
+        sha = _check_weights(folder, expected, f"{uri} ({name} in {redact_text(tracking_uri)})",
+                             "the store handed out other weights than it registered; nothing was kept")
+    except WeightsMismatch:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if not expected:
+        try:
+            client.set_model_version_tag(version.name, version.version, mlflow_model.WEIGHTS_CHECKSUM, sha)
+            recorded = "recorded it on the version now"
+        except Exception as e:  # noqa: BLE001  (a user without edit rights: the pull goes on, checked locally)
+            recorded = f"could not record it on the version ({type(e).__name__}): checked against this pull only"
+        log.warning("%s was registered without a weights checksum: its sha256 is %s, %s", name, sha, recorded)
+    return sha
 
 
 @contextlib.contextmanager
@@ -212,8 +309,9 @@ def _exclusive(lock_path: Path):
 
 
 def _download(client, version, uri: str, folder: Path, tracking_uri: str) -> None:
-    """The version's export into `folder`: its file listing checked against the allow-list first, then only the
-    export downloaded into a temporary folder, checked, and renamed."""
+    """The version's export into `folder` (replacing what it held; the caller holds its lock): its file listing
+    checked against the allow-list first, then only the export downloaded into a temporary folder, checked, and
+    renamed."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     source = client.get_model_version_download_uri(version.name, version.version)
@@ -240,14 +338,9 @@ def _download(client, version, uri: str, folder: Path, tracking_uri: str) -> Non
             raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json in "
                                     f"{export or 'its root'}: not a swin-pipeline model")
         check_model_folder(inner, uri)  # before it enters the cache
-        if folder.exists() and not (folder / "model.json").is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # a broken leftover
-        try:
-            os.replace(inner, folder)
-        except OSError:
-            if not (folder / "model.json").is_file():
-                raise
-            check_model_folder(folder, uri)  # another process pulled it meanwhile
+        if folder.exists():  # another version's files, or a broken leftover: the caller holds the folder's lock
+            os.replace(folder, tmp / "replaced")
+        os.replace(inner, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

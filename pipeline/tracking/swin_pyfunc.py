@@ -8,6 +8,9 @@ are the version's `artifacts/model/` folder (the project's export: model.safeten
 config.json), which timm itself loads (`timm.create_model("local-dir:...")`) and whose timm data config gives the
 eval transform, the same pixels `python -m pipeline.predict` feeds.
 
+The weights are checked against the sha256 recorded when the version was built (MLmodel's model_config
+`weights_sha256`): other bytes under the version's name fail the load, naming the file.
+
 Input: a DataFrame column `image` of encoded image bytes (JPEG, PNG, ...; base64 strings in a REST request, which
 MLflow decodes as the signature's binary type says); parameter `top_k` (default 5).
 Output, a row per image: `label` (the top synset), `probability`, `top_labels` and `top_probabilities` (top_k).
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import os
 import re
 import warnings
 
@@ -85,9 +90,26 @@ def decode(data: bytes, row: int) -> Image.Image:
         raise bad_request(f"image {row}: cannot be decoded ({e}): a truncated or corrupt file") from None
 
 
+def check_weights(folder: str, expected: str | None) -> None:
+    """Raises MlflowException unless the folder's model.safetensors has the sha256 the version recorded (a
+    version built before the checksum was recorded has none: nothing to check)."""
+    if not expected:
+        return
+    path = os.path.join(folder, "model.safetensors")
+    digest = hashlib.sha256()  # this file cannot import swin-pipeline's own file_sha256
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise MlflowException(f"{path} has sha256 {digest.hexdigest()}, but this model version recorded {expected} "
+                              f"when it was registered: not the weights of this version (changed or mixed up "
+                              f"after registration); pull the version again")
+
+
 class SwinClassifier(PythonModel):
     def load_context(self, context):
         folder = context.artifacts["model"]
+        check_weights(folder, (context.model_config or {}).get("weights_sha256"))
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, never half an image
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval().to(self.device)
