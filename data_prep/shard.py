@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
 from .records import build_manifest, missing_records
-from .shardset.manifest import MANIFEST_NAME, write_manifest
+from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
 from .plan import ShardSpec, make_plan, task_share
 from .sources import LISTING_NAME, OLD_LISTING_NAME, Listing, scan_source
 from .shardset.split_index import write_split_indexes
@@ -266,7 +266,12 @@ def finalize(out_url: str) -> dict:
     """Writes manifest.json once every planned shard has its record (what the last task does by itself)."""
     out = open_store(out_url)
     if not out.exists(OPTIONS_NAME):
-        raise FileNotFoundError(f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing)")
+        root = getattr(out, "root", None)
+        found = describe_folder(root) if root is not None and root.is_dir() else None
+        if out.exists(MANIFEST_NAME):
+            found = f"{out_url} is a finalized shard set already (its {MANIFEST_NAME} is there): nothing to do"
+        raise FileNotFoundError(found or f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing): "
+                                         f"finalize takes the --out of `python -m data_prep shard`")
     options = json.loads(out.read(OPTIONS_NAME))
     listing = read_listing(out)
     if listing is None:

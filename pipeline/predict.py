@@ -76,8 +76,12 @@ def check_images(paths: list[str]) -> None:
     from swin_common.cli import CommandError
 
     for path in paths:
+        if os.path.isdir(path):
+            inside = sorted(os.listdir(path))
+            raise CommandError(f"{os.path.abspath(path)} is a folder ({len(inside)} entries), not an image: give "
+                               f"image files, e.g. {os.path.join(path, '*.jpg')} (the shell expands it)")
         if not os.path.isfile(path):
-            raise CommandError(f"image not found: {path} (check the path)")
+            raise CommandError(f"image not found: {os.path.abspath(path)} (check the path)")
         try:
             with Image.open(path):
                 pass

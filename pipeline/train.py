@@ -31,6 +31,7 @@ from swin_common.cli import ArgumentParser, CommandError, command, configure_log
 from swin_common.redact import redact_text
 
 log = logging.getLogger("pipeline.train")
+REPO = Path(__file__).resolve().parents[1]  # its configs/ are the recipes a relative --config may name
 
 
 def parse_args(argv):
@@ -367,14 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     # the task (the Slurm script requeues such a job: launch/slurm/pretrain_22k.sbatch)
     stop_flag().install()
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not sys.stderr.isatty():  # a job's log: DeepSpeed's checkpoint readers' bars would be one long line each
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from pipeline.config import load_config
 
+    # a relative --config is the launch folder's; failing that, a recipe of this repository (configs/...)
     config = Path(args.config)
-    if args.launch_dir and not config.is_absolute() and (Path(args.launch_dir) / config).is_file():
-        config = Path(args.launch_dir) / config
-    if not config.is_file():
-        looked = [config] if config.is_absolute() else \
-            [p.resolve() for p in dict.fromkeys([Path(args.launch_dir or ".") / config, config])]
+    looked = [config] if config.is_absolute() else \
+        list(dict.fromkeys(Path(os.path.abspath(base / config)) for base in (Path(args.launch_dir or "."), REPO)))
+    config = next((path for path in looked if path.is_file()), None)
+    if config is None:
         raise CommandError(f"config file not found: {args.config} (looked for {' and '.join(map(str, looked))}): "
                            f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
     cfg = load_config(config, args.overrides)

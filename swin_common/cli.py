@@ -296,6 +296,7 @@ def command(expected=(), exit_codes=None, ranked: bool = False):
         @functools.wraps(main_fn)
         def run(argv=None) -> int:
             install_redaction()
+            quiet_known_noise()
             try:
                 return main_fn(argv)
             except (SystemExit, KeyboardInterrupt):
@@ -311,6 +312,23 @@ def command(expected=(), exit_codes=None, ranked: bool = False):
         return run
 
     return wrap
+
+
+# library warnings this project knows do not apply to it: each would repeat once per rank and command
+KNOWN_NOISE = (
+    # DeepSpeed's ZeRO calls it; nothing of this project does
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
+)
+
+
+def quiet_known_noise() -> None:
+    """Silences KNOWN_NOISE and MLflow's per-file artifact progress bars (this project says what it downloads:
+    pipeline/tracking/registry.py); a user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins."""
+    import warnings
+
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def exit_process(code: int):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 
 from swin_common.cli import exit_process
@@ -37,6 +38,9 @@ def main(argv: list[str]) -> int:
         return 0
     sys.argv = ["deepspeed.launcher.launch", *launcher_argv(argv)]
     from deepspeed.launcher import launch
+
+    if not os.path.exists("/proc/driver/nvidia/version"):  # no NVIDIA driver: the launcher's GPU list is no news
+        launch.logger.addFilter(lambda record: not record.getMessage().startswith("Setting CUDA_VISIBLE_DEVICES"))
 
     try:
         launch.main()

@@ -113,25 +113,41 @@ def redact_tree(value, secrets: list[str] | None = None):
 
 
 # -- where text leaves the process -------------------------------------------------------------------------
-class RedactingFormatter(logging.Formatter):
-    """Formats with the handler's own formatter, then redacts the whole line (message, arguments, traceback)."""
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (MLflow's coloured warnings)
 
-    def __init__(self, inner: logging.Formatter | None = None):
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with the handler's own formatter, then redacts the whole line (message, arguments, traceback);
+    `plain`: terminal escape codes dropped too (a handler that writes to a file or a pipe)."""
+
+    def __init__(self, inner: logging.Formatter | None = None, plain: bool = False):
         super().__init__()
         self.inner = inner or logging.Formatter()
+        self.plain = plain
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_text(self.inner.format(record))
+        line = redact_text(self.inner.format(record))
+        return ANSI_ESCAPE.sub("", line) if self.plain and "\x1b" in line else line
 
 
 class RedactingStream:
-    """A text stream that redacts every write before passing it on (sys.stdout / sys.stderr)."""
+    """A text stream that redacts every write before passing it on (sys.stdout / sys.stderr); when the stream
+    is not a terminal (a log file, a pipe) it also drops terminal escape codes, so a log stays text that grep
+    reads."""
 
     def __init__(self, stream):
         self._stream = stream
+        try:
+            self._plain = not stream.isatty()
+        except (AttributeError, ValueError):  # a closed or unusual stream
+            self._plain = True
 
     def write(self, text: str) -> int:
-        self._stream.write(redact_text(text) if isinstance(text, str) else text)
+        if isinstance(text, str):
+            out = redact_text(text)
+            self._stream.write(ANSI_ESCAPE.sub("", out) if self._plain and "\x1b" in out else out)
+        else:
+            self._stream.write(text)
         return len(text)
 
     def writelines(self, lines) -> None:
@@ -152,7 +168,14 @@ def install_log_redaction() -> None:
     for logger in loggers:
         for handler in list(logger.handlers):
             if not isinstance(handler.formatter, RedactingFormatter):
-                handler.setFormatter(RedactingFormatter(handler.formatter))
+                handler.setFormatter(RedactingFormatter(handler.formatter, plain=not _is_terminal(handler)))
+
+
+def _is_terminal(handler: logging.Handler) -> bool:
+    try:
+        return bool(handler.stream.isatty())  # a StreamHandler's stream (a FileHandler's file: False)
+    except (AttributeError, ValueError):
+        return False
 
 
 def install_redaction() -> None:

@@ -61,12 +61,34 @@ def image(tmp_path) -> Path:
 def test_data_prep_missing_and_unfinalized_shard_sets(tmp_path, digits_tars, digits_folder):
     one_line(py("data_prep", "verify", "/nonexistent/shards"), "shard set not found: /nonexistent/shards does not "
              "exist")
-    for source, kind in ((digits_tars, "per-synset tars"), (digits_folder, "an ImageFolder tree")):
-        one_line(py("data_prep", "verify", source), f"{source} is a source ({kind}), not a shard set",
+    for source, kind in ((digits_tars, "a source of 10 per-synset tars"),
+                         (digits_folder, "a source (an ImageFolder tree of 10 class folders)")):
+        one_line(py("data_prep", "verify", source), f"{source} is {kind}, not a shard set",
                  f"python -m data_prep shard --source {source} --out SHARDS")
     (tmp_path / "set").mkdir()
-    one_line(py("data_prep", "verify", tmp_path / "set"), f"no manifest.json in {tmp_path / 'set'}")
+    one_line(py("data_prep", "verify", tmp_path / "set"), f"no manifest.json in {tmp_path / 'set'}",
+             f"python -m data_prep finalize {tmp_path / 'set'}")
     one_line(py("data_prep", "finalize", tmp_path / "set"), str(tmp_path / "set"), "no prepared shards")
+
+
+def test_near_misses_name_what_they_found_and_the_command_that_fits(tmp_path, small_set, image):
+    """A split folder given as the set, a folder of loose JPEGs given as a set or to finalize, a folder given to
+    predict: each one line naming what is there and what to do instead (relative paths named absolute)."""
+    (tmp_path / "shards").symlink_to(small_set)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"IMG_{i}.JPG").write_bytes(image.read_bytes())
+    one_line(py("pipeline.train", "--check", "--config", TINY, "data.shards=shards/train", cwd=tmp_path),
+             f"{tmp_path / 'shards' / 'train'} is the 'train' split folder of the shard set {tmp_path / 'shards'}",
+             f"give {tmp_path / 'shards'} (the folder holding manifest.json)")
+    for cmd in (("pipeline.train", "--check", "--config", TINY, "data.shards=photos"), ("data_prep", "verify",
+                                                                                       "photos"),
+                ("data_prep", "finalize", "photos")):
+        one_line(py(*cmd, cwd=tmp_path), "photos is a folder of 3 loose images, not a shard set",
+                 "a sub-folder per synset", "python -m data_prep shard --source")
+    one_line(py("pipeline.predict", "models:/tiny@current", "photos", cwd=tmp_path),
+             f"{photos} is a folder (3 entries), not an image", "e.g. photos/*.jpg")
 
 
 def test_data_prep_bad_source_layout_and_option(tmp_path):

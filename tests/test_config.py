@@ -65,3 +65,27 @@ def test_22k_recipes_hold_the_official_facts_and_the_paper_is_one_override_away(
         ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
     paper = load_config(path, ["schedule.epochs=60", "schedule.decay=linear", "optim.weight_decay=0.01"])
     assert (paper.schedule.epochs, paper.schedule.decay, paper.optim.weight_decay) == (60, "linear", 0.01)
+
+
+def test_every_relative_path_is_the_launch_folders(tmp_path, monkeypatch):
+    """resolve_at_launch (every entry point: the launch and Slurm scripts pass --launch-dir, the others run where
+    they were started): each relative path key becomes absolute against the launch folder, as typed (symlinks
+    kept); absolute paths, URLs and models:/ URIs stay; the recipe's own relative defaults count too."""
+    from pipeline.train import resolve_at_launch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny_22kto1k.yaml",
+                      ["data.cache_dir=cache", "checkpoint.resume=../other/runs/x/checkpoints/step_00000004",
+                       "tracking.uri=sqlite:///mlflow.db", "tracking.artifact_location=art"])
+    resolve_at_launch(cfg, str(tmp_path))
+    assert cfg.out_dir == str(tmp_path / "runs") and cfg.init_from == str(tmp_path / "runs" / "tiny_22k" / "model")
+    assert cfg.data.shards == str(tmp_path / "runs" / "demo" / "shards_1k")  # the recipe's own default
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.checkpoint.resume == str(tmp_path.parent / "other" / "runs" / "x" / "checkpoints" / "step_00000004")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cfg.tracking.artifact_location == str(tmp_path / "art")
+    kept = load_config(overrides=["data.shards=s3://bucket/set", "init_from=models:/m@champion", "out_dir=/abs",
+                                  "checkpoint.resume=auto"])
+    resolve_at_launch(kept, str(tmp_path))
+    assert (kept.data.shards, kept.init_from, kept.out_dir, kept.checkpoint.resume) == \
+        ("s3://bucket/set", "models:/m@champion", "/abs", "auto")

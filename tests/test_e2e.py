@@ -58,9 +58,18 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
         for stage in ("[1/8]", "[4/8] pretrain", "[5/8] fine-tune", "[6/8] evaluate", "[7/8] pull", "[8/8] summary"):
             assert stage in out
         assert re.search(r"val top-1 [\d.]+% before .* [\d.]+% after", out)
+        experiment = client.get_experiment(client.get_run(pretrained.run_id).info.experiment_id)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     finally:
         server.stop()
     assert (tmp_path / "demo" / "runs" / "tiny_22kto1k" / "model" / "model.json").is_file()
+    # the logs hold what a user needs: text without terminal codes, no library noise that does not apply here
+    for log in ("pretrain.log", "finetune.log"):
+        text = (tmp_path / "demo" / log).read_text()
+        for noise in ("\x1b[", "Setting CUDA_VISIBLE_DEVICES", "FutureWarning", "Add type hints",
+                      "Downloading artifacts", "Loading checkpoint shards"):
+            assert noise not in text, (log, noise)
+    assert "\x1b[" not in proc.stdout + proc.stderr
     assert not os.path.exists(tmp_path / "demo" / "shards")  # the shards went to S3 only
 
 

@@ -215,7 +215,9 @@ def test_a_relative_local_store_and_its_artifacts_stay_where_the_user_launched(s
     assert (here / "mlflow.db").is_file() and (here / "runs" / "here" / "model").is_dir()
     client = MlflowClient(f"sqlite:///{here / 'mlflow.db'}")
     artifacts = (here / "runs" / "mlflow" / "artifacts").as_uri()
-    assert client.get_experiment_by_name("launched_here").artifact_location == artifacts
+    experiment = client.get_experiment_by_name("launched_here")
+    assert experiment.artifact_location == artifacts
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     version = client.get_model_version_by_alias("here", "candidate")
     assert version.source.startswith(artifacts) or client.get_run(version.run_id).info.artifact_uri.startswith(
         artifacts), version.source

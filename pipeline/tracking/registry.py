@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from tqdm import tqdm
+
 from pipeline.tracking import mlflow_model
 from swin_common.redact import redact_text
 
@@ -329,11 +331,12 @@ def _download(client, version, uri: str, folder: Path, tracking_uri: str) -> Non
         inner, downloads = tmp / "export", tmp / "download"
         inner.mkdir()
         downloads.mkdir()
-        for f in files:  # file by file: a listed folder is never downloaded whole
-            if export == "" or f.startswith(export + "/"):
-                target = inner / f[len(export) + 1 if export else 0:]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(repo.download_artifacts(f, str(downloads)), target)
+        wanted = [f for f in files if export == "" or f.startswith(export + "/")]
+        # one bar for the whole pull (on a terminal only; MLflow's per-file bars are off: swin_common.cli)
+        for f in tqdm(wanted, desc=f"pulling {uri}", unit="file", disable=None, leave=False):
+            target = inner / f[len(export) + 1 if export else 0:]  # file by file: a folder is never taken whole
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(repo.download_artifacts(f, str(downloads)), target)
         if not (inner / "model.json").is_file():
             raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json in "
                                     f"{export or 'its root'}: not a swin-pipeline model")

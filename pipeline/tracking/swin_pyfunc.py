@@ -117,7 +117,9 @@ class SwinClassifier(PythonModel):
         data_config = timm.data.resolve_data_config({}, model=self.model)
         self.transform = timm.data.create_transform(**data_config, is_training=False)
 
-    def predict(self, context, model_input, params=None):
+    # the DataFrame hint tells MLflow there is no schema to infer from it (the signature is given at registration),
+    # instead of a warning at every load asking for hints
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
             raise bad_request(f"no `image` column (columns: {', '.join(map(str, frame.columns)) or 'none'})")

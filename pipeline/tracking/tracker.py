@@ -57,6 +57,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 # -- what a run records ------------------------------------------------------------------------------------
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs): say it trains models
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
 def tracking_uri(configured: str, out_dir: str | Path) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     return uri or f"sqlite:///{local_store(out_dir) / 'mlflow.db'}"
@@ -320,9 +325,11 @@ class Tracker:
             if self.cfg.tracking.artifact_location or is_local_store(self.uri):  # a server keeps its own
                 where = self.cfg.tracking.artifact_location or str(local_store(self.cfg.out_dir) / "artifacts")
                 location = where if "://" in where else Path(where).resolve().as_uri()
-            experiment_id = client.create_experiment(name, artifact_location=location)
+            experiment_id = client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         else:
             experiment_id = experiment.experiment_id
+            if not (experiment.tags or {}).get(EXPERIMENT_KIND):  # made by another tool, or before the tag
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
         tags = {"mlflow.runName": self.cfg.name, **git_state(Path(__file__).resolve().parents[2]),
                 "run_dir": str(self.cfg.run_dir.resolve())}
         run = client.create_run(experiment_id, run_name=self.cfg.name, tags=redact(tags))
