@@ -114,17 +114,18 @@ def completed_run(cfg, setup) -> dict | None:
             "model": str(model), "run_dir": str(cfg.run_dir), **record}
 
 
-def check_before_launch(cfg) -> None:
+def check_before_launch(cfg, alone: bool = False) -> None:
     """What a user can get wrong, found in about a second and before any rank starts (the config was parsed
     already): the shard set, init_from (a path's files from their headers; a models:/ URI's version or alias in
-    the store, nothing downloaded) and an out_dir that cannot be created or written. Each is one line, exit 2."""
+    the store, nothing downloaded) and an out_dir that cannot be created or written. Each is one line, exit 2.
+    `alone`: no rank runs beside this process (--check), so folders made to try out_dir are removed again."""
     from data_prep.shardset.manifest import read_manifest
     from data_prep.shardset.store import open_store
 
     read_manifest(open_store(cfg.data.shards))  # its errors name the set: missing, a source, not finalized
     if cfg.init_from:
         check_init_source(cfg)
-    check_writable(Path(cfg.out_dir), "out_dir")
+    check_writable(Path(cfg.out_dir), "out_dir", remove_made=alone)
 
 
 def check_init_source(cfg) -> None:
@@ -145,17 +146,20 @@ def check_init_source(cfg) -> None:
         check_path(cfg.init_from)
 
 
-def check_writable(folder: Path, key: str) -> None:
-    """`folder` can be created (if missing) and written: tried for real with a file made and removed, since
-    permission bits say nothing for root or on /proc, NFS or a full disk; folders made for the try are removed
-    again."""
+def check_writable(folder: Path, key: str, remove_made: bool) -> None:
+    """`folder` can be created (if missing) and written: tried for real with a file made and removed (its name
+    this host's and process's: ranks of several nodes may try one shared folder at once), since permission bits
+    say nothing for root or on /proc, NFS or a full disk. `remove_made`: the folders made for the try are removed
+    again (only where no other rank may be using them)."""
+    import socket
+
     made = []
     try:
         for parent in reversed([folder, *folder.parents]):
             if not parent.exists():
-                parent.mkdir()
+                parent.mkdir(exist_ok=True)
                 made.append(parent)
-        probe = folder / f".swin-write-check-{os.getpid()}"
+        probe = folder / f".swin-write-check-{socket.gethostname()}-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -163,7 +167,7 @@ def check_writable(folder: Path, key: str) -> None:
                            f"({e.strerror or e}): give a folder this job can write (on a file system every node "
                            f"mounts)") from None
     finally:
-        for parent in reversed(made):
+        for parent in reversed(made if remove_made else []):
             try:
                 parent.rmdir()
             except OSError:
@@ -382,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
     cfg = load_config(config, args.overrides)
     resolve_at_launch(cfg, args.launch_dir)
-    check_before_launch(cfg)  # a user's error in a second, before torch and the process group (every rank alike)
+    # a user's error in a second, before torch and the process group; `alone`: the launch scripts' own check
+    alone = args.check and args.local_rank is None and not any(k in os.environ for k in ("RANK", "SLURM_STEP_ID"))
+    check_before_launch(cfg, alone=alone)
     if args.check:
         return 0
     from pipeline.engine.distributed import init_distributed, shutdown

@@ -208,5 +208,5 @@ def test_a_version_without_a_recorded_checksum_gets_one_and_store_swapped_weight
               f"models:/{NAME}/1", "model.safetensors has sha256", "handed out other weights")
     assert not [p for p in (tmp_path / "new-cache" / NAME).iterdir() if not p.name.startswith(".")]  # nothing kept
     loaded = run(tmp_path, uris["b"], cache, "-c", LOAD_MODEL, f"models:/{NAME}/1", image)
-    assert loaded.returncode != 0 and "recorded" in loaded.stderr and "model.safetensors has sha256" in \
-        loaded.stderr, loaded.stderr[-3000:]
+    assert loaded.returncode != 0 and f"models:/{NAME}/1: " in loaded.stderr and "model.safetensors has sha256" in \
+        loaded.stderr and "the version recorded" in loaded.stderr, loaded.stderr[-3000:]

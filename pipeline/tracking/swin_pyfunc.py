@@ -101,9 +101,21 @@ def check_weights(folder: str, expected: str | None) -> None:
         while block := f.read(1 << 22):
             digest.update(block)
     if digest.hexdigest() != expected:
-        raise MlflowException(f"{path} has sha256 {digest.hexdigest()}, but this model version recorded {expected} "
-                              f"when it was registered: not the weights of this version (changed or mixed up "
-                              f"after registration); pull the version again")
+        raise MlflowException(f"{version_name(folder)}: {path} has sha256 {digest.hexdigest()}, but the version "
+                              f"recorded {expected} when it was registered: not the weights of this version "
+                              f"(changed or mixed up after registration); pull the version again")
+
+
+def version_name(folder: str) -> str:
+    """models:/NAME/VERSION as MLflow's loader recorded it beside the version's files (`registered_model_meta`,
+    two YAML lines, read as text), or "this model version" when it did not (a model loaded by path)."""
+    try:
+        with open(os.path.join(folder, os.pardir, os.pardir, "registered_model_meta")) as f:
+            fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    except OSError:
+        return "this model version"
+    name, version = fields.get("model_name", "").strip(" '\""), fields.get("model_version", "").strip(" '\"")
+    return f"models:/{name}/{version}" if name and version else "this model version"
 
 
 class SwinClassifier(PythonModel):
