@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from data_prep.shardset.store import open_store
-from pipeline.tracking.tracker import absolute_store_uri
+from pipeline.tracking.tracker import absolute_store_uri, ui_link
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import redact_text
 
@@ -272,8 +272,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name} "
                   f"({aliases})")
     store = runs / "mlflow" / "mlflow.db"
+    experiment = json.loads((pre / "mlflow_run.json").read_text()).get("experiment_id") \
+        if (pre / "mlflow_run.json").is_file() else None
     if store.is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):
-        print(f"  MLflow UI:  mlflow ui --backend-store-uri sqlite:///{store}")
+        print(f"  MLflow UI:  mlflow ui --backend-store-uri sqlite:///{store}, then "
+              f"{ui_link('http://127.0.0.1:5000', experiment)}")
+    elif experiment:
+        print(f"  MLflow UI:  {ui_link(redact_text(uri), experiment)}")
     print(f"  serve it:   MLFLOW_TRACKING_URI={redact_text(uri)} mlflow models serve -m models:/{MODEL_1K}@champion "
           f"--env-manager local -p 5001   (runs the version's code file: for registries you trust; "
           f"docs/mlflow.md has a curl request)")

@@ -337,14 +337,19 @@ def run(cfg, world) -> dict:
     if failure is not None:
         raise failure
     return {**summary, "seconds": round(time.time() - t_start, 1), "mlflow_run": tracker.run_id,
-            "run_dir": str(cfg.run_dir), **({"mlflow_ui": ui_command(tracker.uri)} if tracker.run_id else {})}
+            "run_dir": str(cfg.run_dir),
+            **({"mlflow_ui": ui_command(tracker.uri, tracker.experiment_id)} if tracker.run_id else {})}
 
 
-def ui_command(uri: str) -> str:
-    """Where to look at the run: the server's address, or the `mlflow ui` command for a local store."""
-    from pipeline.tracking.tracker import is_local_store
+def ui_command(uri: str, experiment_id: str | None) -> str:
+    """Where to look at the run: the server's page of its experiment in the model-training view, or for a local
+    store the `mlflow ui` command and that page on it."""
+    from pipeline.tracking.tracker import is_local_store, ui_link
 
-    return f"mlflow ui --backend-store-uri {redact_text(uri)}" if is_local_store(uri) else redact_text(uri)
+    if is_local_store(uri):
+        return (f"mlflow ui --backend-store-uri {redact_text(uri)}, then "
+                f"{ui_link('http://127.0.0.1:5000', experiment_id)}")
+    return ui_link(redact_text(uri), experiment_id)
 
 
 def report_stop(cfg, stop) -> None:

@@ -60,6 +60,8 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
         assert re.search(r"val top-1 [\d.]+% before .* [\d.]+% after", out)
         experiment = client.get_experiment(client.get_run(pretrained.run_id).info.experiment_id)
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
+        assert f"MLflow UI:  {server.uri}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning" \
+            in out, out[-3000:]
     finally:
         server.stop()
     assert (tmp_path / "demo" / "runs" / "tiny_22kto1k" / "model" / "model.json").is_file()

@@ -94,7 +94,9 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     summary = run_summary(proc.stdout)
     assert summary["registered"] == f"models:/tracked/{version.version}"
     assert summary["aliases"] == ["current", "champion"] and summary["run_dir"] == str(run_dir)
-    assert summary["mlflow_ui"] == uri and summary["seconds"] == round(summary["seconds"], 1)
+    # the experiment's page in the UI's model-training view (MLflow 3 opens the GenAI one by default)
+    assert summary["mlflow_ui"] == f"{uri}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning"
+    assert summary["seconds"] == round(summary["seconds"], 1)
     # cut short by train.max_steps: the version says so
     assert version.tags["stopped_before_schedule_end"].startswith("train.max_steps=4: 4 of the schedule's "), \
         version.tags

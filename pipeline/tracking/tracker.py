@@ -57,9 +57,16 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 # -- what a run records ------------------------------------------------------------------------------------
-# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs): say it trains models
+# MLflow 3's UI: an experiment without this tag opens as a GenAI one (traces, no runs); since 3.x's workflow
+# switch (GenAI | Model training, default GenAI, kept per browser) a link picks the view with UI_VIEW
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+UI_VIEW = "?workflowType=machine_learning"
+
+
+def ui_link(base: str, experiment_id: str | None) -> str:
+    """The MLflow UI page of an experiment in the model-training view (its runs): base is the UI's address."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{UI_VIEW}" if experiment_id else base
 
 
 def tracking_uri(configured: str, out_dir: str | Path) -> str:
@@ -263,6 +270,7 @@ class Tracker:
                 f"MLFLOW_TRACKING_URI=http://HOST:PORT for every rank, or set tracking.enabled=false")
         self.sender: Sender | None = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None  # rank 0's, once its run is open
         self.monitor = None
         self.secrets = secret_values()
         run_id = None
@@ -289,6 +297,7 @@ class Tracker:
                 if previous and redact_text(previous.get("tracking_uri", "")) == redact_text(self.uri):
                     run_id = previous["run_id"]
                     client.update_run(run_id, status="RUNNING")
+                    self.experiment_id = client.get_run(run_id).info.experiment_id
                     log.info("MLflow: continuing run %s at %s", run_id, redact_text(self.uri))
                     new = False
                 else:
@@ -302,7 +311,8 @@ class Tracker:
                     return None
                 time.sleep(2)
         staged = record.with_name(record.name + ".tmp")  # renamed, so a reader never sees it half written
-        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact_text(self.uri)}) + "\n")
+        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact_text(self.uri),
+                                      "experiment_id": self.experiment_id}) + "\n")
         os.replace(staged, record)
         self.run_id, self.sender = run_id, Sender(client, run_id)
         if new:
@@ -333,6 +343,7 @@ class Tracker:
         tags = {"mlflow.runName": self.cfg.name, **git_state(Path(__file__).resolve().parents[2]),
                 "run_dir": str(self.cfg.run_dir.resolve())}
         run = client.create_run(experiment_id, run_name=self.cfg.name, tags=redact(tags))
+        self.experiment_id = str(experiment_id)
         log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, redact_text(self.uri))
         return run.info.run_id
 
