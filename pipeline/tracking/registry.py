@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pipeline.tracking import mlflow_model
 from swin_common.redact import redact_text
+from swin_common.safe_weights import file_sha256
 
 log = logging.getLogger("pipeline.tracking.registry")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -51,8 +52,6 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
     # one artifact folder per exported step: a version's files never change after it is registered
     artifact_path = f"model/step_{meta.get('step', 0):08d}"
     check_model_folder(model_dir, str(model_dir))  # what a pull would refuse is never registered
-    from swin_common.safe_weights import file_sha256
-
     checksum = {mlflow_model.WEIGHTS_CHECKSUM: file_sha256(model_dir / mlflow_model.WEIGHTS_FILE)}
     # the server answers, and holds the run, before the export is packaged and uploaded
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
@@ -269,8 +268,6 @@ def _read_json(path: Path) -> dict | None:
 
 def _check_weights(folder: Path, expected: str | None, what: str, why: str) -> str:
     """The sha256 of the folder's weights, which must be `expected` (when there is one)."""
-    from swin_common.safe_weights import file_sha256
-
     weights = folder / mlflow_model.WEIGHTS_FILE
     sha = file_sha256(weights)
     if expected and sha != expected:
