@@ -213,8 +213,9 @@ def test_dali_rand_augment_changes_the_images(shards):
     pytest.param("dali", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                              reason="needs a CUDA device")]),
 ])
-def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, tmp_path, backend, device):
-    """Through the node's cache and read-ahead (DALI: its reader thread reads the pinned copies)."""
+def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, tmp_path, backend, device, caplog):
+    """Through the node's cache and read-ahead (DALI: its feeder thread reads the pinned copies, batches ahead of
+    the loader, and the read-ahead lets go of what the feeder has passed)."""
     s3_server = s3_in_env
     bucket = s3_server.create_bucket()
     s3_server.upload_dir(shards, bucket, "set")
@@ -230,6 +231,7 @@ def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, t
     assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
     cached = [p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")]
     assert cached and sum(cached) <= 4 * biggest and len(cached) < 7
+    assert "over its budget" not in caplog.text  # never over it, not even while it ran
 
 
 SAME_PROCESS = """

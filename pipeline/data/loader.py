@@ -143,6 +143,8 @@ class ShardLoader:
         ahead = None
         if self.cfg.read_ahead > 0 and not isinstance(self.reader.store, LocalStore):
             ahead = ReadAhead(self.reader, order, self.cfg.batch_size, self.cfg.read_ahead, self.position)
+            if self.backend.reads_ahead_here:
+                self.source.after_read = ahead.advance
         self._ahead = ahead
         try:
             for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
@@ -155,6 +157,7 @@ class ShardLoader:
                 yield images, labels
         finally:
             if ahead is not None:
+                self.source.after_read = None
                 ahead.close()
             self._ahead = None
             self.reader.close()

@@ -3,8 +3,8 @@ readers need them, so the training thread waits for S3 only at the start of an e
 
 The rank's order is known in advance (pipeline.data.order), so is the sequence of shards it will read. The
 thread keeps pinned the shards the loader's batch reads now (a shuffle window spans several) and the next
-`ahead` ones after them, letting go of each once the loader has passed its last batch; it never evicts a copy
-in use nor goes over the node's budget to do it (the cache's `overshoot=False`: it waits for room instead).
+`ahead` ones after them, letting go of each once the reads have passed its last batch (DALI's feeder reads
+batches ahead of the loader, and says how far); it never evicts a copy in use nor goes over the node's budget to do it (the cache's `overshoot=False`: it waits for room instead).
 Downloads go in rounds of `parallel`, nearest first. A fork (DataLoader workers start when the epoch does) waits
 for the round in progress, so that a child never inherits a lock or a boto3 connection held mid-download, and no
 round starts until it is done: the workers start after the first shards arrive, which they need first anyway,
@@ -37,7 +37,7 @@ class ReadAhead:
         self.position = start_batch
         self.pins: dict[int, object] = {}
         self.error: BaseException | None = None
-        self._wake = threading.Condition()  # guards position, _stop, _busy and _forking
+        self._wake = threading.Condition()  # guards position, pins, _stop, _busy and _forking
         self._busy = False  # a round of downloads is in progress; a fork waits for it to end
         self._forking = False  # a fork is waiting or under way; no round starts
         self._stop = False
@@ -46,9 +46,15 @@ class ReadAhead:
         self._thread.start()
 
     def advance(self, batch: int) -> None:
-        """The loader is at `batch`: shards read only before it can go, the next ones come."""
+        """Reads have reached `batch`: the shards read only before it go now, in the caller's thread (so the
+        reader's next shard finds their room), and the thread fetches the next ones. Called by the loader as it
+        hands out batches and, where the reads run ahead of that in this process (DALI's feeder), by the reads;
+        the furthest position wins."""
         with self._wake:
+            if batch <= self.position:
+                return
             self.position = batch
+            self._release_passed()
             self._wake.notify()
 
     def depth(self) -> int:
@@ -61,9 +67,10 @@ class ReadAhead:
             self._stop = True
             self._wake.notify()
         self._thread.join()
-        for pin in self.pins.values():
-            pin.close()
-        self.pins.clear()
+        with self._wake:
+            for pin in self.pins.values():
+                pin.close()
+            self.pins.clear()
         _running.discard(self)
 
     def _run(self) -> None:
@@ -84,8 +91,9 @@ class ReadAhead:
     def _work(self, position: int) -> bool:
         """Pins what comes next, `parallel` downloads at a time (nearest first); True when the budget had no
         room for one of them (try again shortly)."""
-        for shard in [s for s in self.pins if self.last[s] < position]:
-            self.pins.pop(shard).close()
+        with self._wake:
+            self._release_passed()
+            held = set(self.pins)
         wanted, upcoming = [], 0
         for shard in self.sequence:  # the shards being read now (a shuffle window spans several), then `ahead` more
             if self.last[shard] < position:
@@ -94,7 +102,7 @@ class ReadAhead:
                 upcoming += 1
                 if upcoming > self.ahead:
                     break
-            if shard not in self.pins:
+            if shard not in held:
                 wanted.append(shard)
         no_room = False
         for start in range(0, len(wanted), self.parallel):
@@ -106,9 +114,11 @@ class ReadAhead:
                     pins = list(pool.map(self._acquire, group))
             finally:
                 self._end_round()
-            for shard, pin in zip(group, pins, strict=True):
-                if pin is not None:
-                    self.pins[shard] = pin
+            with self._wake:
+                for shard, pin in zip(group, pins, strict=True):
+                    if pin is not None:
+                        self.pins[shard] = pin
+                self._release_passed()  # the reads may have passed some while they downloaded
             if any(pin is None for pin in pins):
                 no_room = True
                 break
@@ -116,6 +126,11 @@ class ReadAhead:
                 if self.position != position:  # the loader moved on: look again at what is wanted
                     break
         return no_room
+
+    def _release_passed(self) -> None:
+        """Under the lock: lets go of the shards no batch from `position` on reads."""
+        for shard in [s for s in self.pins if self.last[s] < self.position]:
+            self.pins.pop(shard).close()
 
     def _begin_round(self) -> bool:
         with self._wake:

@@ -20,6 +20,7 @@ class BatchSource:
     def __init__(self, cfg, reader: ShardReader, rank: int):
         self.cfg, self.reader, self.rank = cfg, reader, rank
         self._last_for, self._last = None, None  # the order whose last batch per shard `_last` holds
+        self.after_read = None  # called with b + 1 once batch b is read (the loader's read-ahead, in this process)
 
     @property
     def url(self) -> str:
@@ -40,6 +41,8 @@ class BatchSource:
             data.append(jpg)
             labels.append(label)
         self.reader.release_finished(self._last_batches(order), b)
+        if self.after_read is not None:
+            self.after_read(b + 1)
         labels = np.asarray(labels, np.int64)
         if order.valid is not None:
             lo = b * self.cfg.batch_size

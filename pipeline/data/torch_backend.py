@@ -31,6 +31,7 @@ _STD = torch.tensor(STD).view(3, 1, 1)
 class TorchBackend:
     """No state of its own: every draw is a function of (seed, epoch, rank, batch)."""
     name = "torch"
+    reads_ahead_here = False  # in its workers (forked processes) or, without workers, as batches are handed out
 
     def __init__(self, cfg, device: str):
         self.cfg, self.device = cfg, device
