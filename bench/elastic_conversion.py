@@ -34,7 +34,7 @@ def save_rank(rank: int, world: int, port: int, args, out: str) -> None:
     from pipeline.config import load_config
     from pipeline.engine.checkpoint import save_checkpoint
     from pipeline.engine.distributed import init_distributed, shutdown
-    from pipeline.engine.loop import build_engine
+    from pipeline.engine.trainer import build_engine
     from pipeline.engine.optim import plan_steps
     from pipeline.engine.step import micro_step
 

@@ -2,7 +2,7 @@
 memory of ZeRO 0/1/2/3 at world sizes 1/2/4 against the ZeRO paper's accounting.
 
 Throughput: the same timm Swin, batch, dtype, AdamW param groups and gradient clipping; "ours" is
-pipeline.engine.step.micro_step on the DeepSpeed engine built by pipeline.engine.loop.build_engine (the code the
+pipeline.engine.step.micro_step on the DeepSpeed engine built by pipeline.engine.trainer.build_engine (the code the
 trainer runs), "plain" is forward -> loss -> backward -> clip -> AdamW step -> zero_grad. Both take the same
 in-memory batch (the loader has its own bench), alternate for R rounds in this process, and report the median
 step time. In bf16/fp16 "plain" is PyTorch's AMP (autocast over fp32 weights), which is what ZeRO-0 runs too. On a GPU it also prints Swin images/s and MFU (training FLOPs per image = 3 x 2 x the model's MACs).
@@ -48,7 +48,7 @@ def run_config(arch: str, size: int, window: int, batch: int, world: int, stage:
 
 
 def build(cfg, world, precision: str, num_classes: int):
-    from pipeline.engine.loop import build_engine
+    from pipeline.engine.trainer import build_engine
 
     plan = plan_steps(cfg, world.size, micro_batches_per_epoch=10**6)
     engine, _ = build_engine(cfg, world, plan, [f"class{i}" for i in range(num_classes)], precision)

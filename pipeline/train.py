@@ -4,10 +4,10 @@ Trains (or resumes) one run with DeepSpeed ZeRO. Start one process per GPU with 
 `torchrun` or Slurm's `srun` (see launch/); started alone it is a world of one. Overrides use dotted keys:
 `train.zero_stage=3 optim.base_lr=5e-4 checkpoint.resume=none`.
 
-The run, step by step: set up (loaders, step plan, resume point, the init_from weights pulled from the
-registry when it names a models:/ URI) -> open the MLflow run -> train (the loop in
-pipeline/engine/loop.py) -> end-of-run steps: export the final checkpoint (rank 0), log the curves and metrics,
-register the model, close the MLflow run.
+The run, step by step (`TrainingJob.run`): set up (`Trainer`: loaders, step plan, resume point, whether
+init_from applies) -> pull init_from's weights when it names a models:/ URI -> open the MLflow run -> train
+(`Trainer.train`, pipeline/engine/trainer.py) -> end-of-run steps: export the final checkpoint (rank 0), log the
+curves and metrics, register the model, close the MLflow run.
 
 Expected failures (a bad config key, a missing or unfinalized shard set, ...) end in one line, `error: ...`,
 printed by rank 0 only, and exit 2 (3 when the training diverged, 4 when another rank stopped answering or ended:
@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
@@ -92,26 +93,26 @@ def pull_init_source(init_from: str, cfg) -> str:
     return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
 
 
-def completed_run(cfg, setup) -> dict | None:
-    """The summary of a run whose every step is done: its newest checkpoint at the end of the schedule (or of
-    train.max_steps), exported from that checkpoint, and registered when the run registers. None when anything
-    is owed (steps, the export, the registration after an outage or a stop): the run then goes on as usual."""
-    if setup.resume is None:
+def completed_run(cfg, trainer) -> "RunSummary | None":
+    """The summary of a run whose every step is done: its newest checkpoint at its end step, exported from that
+    checkpoint, and registered when the run registers. None when anything is owed (steps, the export, the
+    registration after an outage or a stop): the run then goes on as usual."""
+    if trainer.resume is None:
         return None
     from pipeline.engine.checkpoint import checkpoint_meta
     from pipeline.engine.model_export import exported_from
     from pipeline.tracking.registry import registration_record
 
-    step, planned = checkpoint_meta(setup.resume)["step"], setup.plan.total_steps
-    end = planned if cfg.train.max_steps <= 0 else min(planned, cfg.train.max_steps)
+    step = checkpoint_meta(trainer.resume)["step"]
     model = cfg.run_dir / "model"
-    if step < end or not exported_from(model, setup.resume):
+    if step < trainer.end or not exported_from(model, trainer.resume):
         return None
     record = registration_record(cfg.run_dir) if cfg.tracking.enabled and cfg.tracking.register else {}
     if record is None:
         return None
-    return {"steps": step, "schedule_steps": planned, "complete": True, "checkpoint": str(setup.resume),
-            "model": str(model), "run_dir": str(cfg.run_dir), **record}
+    return RunSummary(steps=step, schedule_steps=trainer.plan.total_steps, checkpoint=str(trainer.resume),
+                      run_dir=str(cfg.run_dir), model=str(model), complete=True,
+                      registered=record.get("registered"), aliases=record.get("aliases"))
 
 
 def check_before_launch(cfg, alone: bool = False) -> None:
@@ -174,40 +175,40 @@ def check_writable(folder: Path, key: str, remove_made: bool) -> None:
                 break
 
 
-def start_tracking(setup):
+def start_tracking(trainer):
     """The MLflow run (rank 0 opens or reopens it; every rank gets its id)."""
     from pipeline.tracking.tracker import Tracker
 
-    return Tracker(setup.cfg, setup.world, resumed=setup.resume is not None, extra_params=run_params(setup))
+    return Tracker(trainer.cfg, trainer.world, resumed=trainer.resume is not None, extra_params=run_params(trainer))
 
 
-def run_params(setup) -> dict:
+def run_params(trainer) -> dict:
     """What MLflow records beside the config (rank 0 only needs it)."""
-    cfg, world, plan = setup.cfg, setup.world, setup.plan
+    cfg, world, plan = trainer.cfg, trainer.world, trainer.plan
     if not world.is_main or not cfg.tracking.enabled:
         return {}
     from pipeline.engine.optim import deepspeed_config
     from pipeline.tracking.tracker import flatten, manifest_params, package_versions
 
-    ds = deepspeed_config(cfg, plan, world.size, setup.precision)
+    ds = deepspeed_config(cfg, plan, world.size, trainer.precision)
     return {**flatten(ds, "deepspeed."), **manifest_params(cfg.data.shards), **package_versions(),
-            "precision": setup.precision, "grad_accum": plan.grad_accum, "total_steps": plan.total_steps}
+            "precision": trainer.precision, "grad_accum": plan.grad_accum, "total_steps": plan.total_steps}
 
 
-def export_final(setup, summary: dict) -> dict:
+def export_final(run_dir: Path, checkpoint: Path) -> Path:
     """Rank 0 consolidates the final checkpoint into <run>/model (model.safetensors + model.json)."""
     from pipeline.engine.model_export import export_checkpoint, exported_from
 
-    out = setup.cfg.run_dir / "model"
-    if exported_from(out, Path(summary["checkpoint"])):  # a job stopped after the export: not done twice
-        log.info("the export of %s is there already: %s", summary["checkpoint"], out)
-        return {**summary, "model": str(out)}
-    exported = export_checkpoint(summary["checkpoint"], out)
+    out = run_dir / "model"
+    if exported_from(out, checkpoint):  # a job stopped after the export: not done twice
+        log.info("the export of %s is there already: %s", checkpoint, out)
+        return out
+    exported = export_checkpoint(checkpoint, out)
     log.info("exported %s", exported)
-    return {**summary, "model": str(exported)}
+    return Path(exported)
 
 
-def finish_tracking(cfg, tracker, summary: dict) -> dict:
+def finish_tracking(cfg, tracker, model: Path, version_tags: dict[str, str] | None = None) -> dict:
     """Curves and metrics (waited for up to tracking.final_timeout_s), then the model registered in this thread,
     however long its upload takes (Swin-L's export is ~790 MB), then the MLflow run's end. Returns what the
     summary says of the registration: {"registered": models:/NAME/VERSION, "aliases": [...]} (or {})."""
@@ -218,7 +219,7 @@ def finish_tracking(cfg, tracker, summary: dict) -> dict:
         tracker.log_artifact(curves, "plots")
     tracker.log_artifact(cfg.run_dir / "metrics.jsonl")
     failure, registered = None, {}
-    if cfg.tracking.register and summary.get("model"):
+    if cfg.tracking.register:
         if tracker.sender is None:
             if cfg.tracking.enabled:
                 log.warning("this run is not tracked (MLflow was unreachable at its start), so its model is not "
@@ -228,7 +229,7 @@ def finish_tracking(cfg, tracker, summary: dict) -> dict:
             try:
                 from pipeline.tracking.registry import record_registration
 
-                version = register_final(cfg, tracker, Path(summary["model"]), version_run_tags(cfg, summary))
+                version = register_final(cfg, tracker, model, version_tags)
                 registered = record_registration(cfg.run_dir, cfg.tracking.model_name or cfg.name, version,
                                                  cfg.tracking.aliases)  # a rerun: nothing owed
             except Exception as e:  # noqa: BLE001  (the run's end is still recorded; the error follows)
@@ -238,18 +239,15 @@ def finish_tracking(cfg, tracker, summary: dict) -> dict:
         from pipeline.tracking.tracker import short_error
         from swin_common.cli import CommandError
 
-        raise CommandError(f"the model was trained and exported to {summary['model']}, but registering it in "
+        raise CommandError(f"the model was trained and exported to {model}, but registering it in "
                            f"MLflow failed ({short_error(failure)}): retry with `python -m pipeline.register "
                            f"{cfg.run_dir}`") from failure
     return registered
 
 
-def version_run_tags(cfg, summary: dict) -> dict[str, str]:
+def version_run_tags(cfg, steps: int, planned: int) -> dict[str, str]:
     """What the registered version says of the run behind it: its steps, and, when train.max_steps cut it short
     of its schedule, that it did (a scratch run's model is not a finished one)."""
-    steps, planned = summary.get("steps"), summary.get("schedule_steps")
-    if steps is None or planned is None:
-        return {}
     tags = {"steps": str(steps), "schedule_steps": str(planned)}
     if steps < planned:
         tags["stopped_before_schedule_end"] = (f"train.max_steps={cfg.train.max_steps}: {steps} of the schedule's "
@@ -282,63 +280,117 @@ def register_final(cfg, tracker, model_dir: Path, tags: dict[str, str] | None = 
     return version
 
 
-def run(cfg, world) -> dict:
-    """Set up, train, then the end-of-run steps; the summary rank 0 prints."""
-    from pipeline.engine.distributed import broadcast_object, wait_for_main
-    from pipeline.engine.loop import prepare, stop_if_agreed, train
-    from pipeline.engine.stop import RunStopped, stop_flag
-    from pipeline.engine.watchdog import note_exiting
+@dataclass
+class RunSummary:
+    """What rank 0 prints at the end (one JSON object; fields without a value are left out, except mlflow_run
+    of a run that trained, null when it was not tracked)."""
+    steps: int
+    schedule_steps: int
+    checkpoint: str
+    run_dir: str
+    complete: bool | None = None  # it was complete at the start: nothing was done
+    dropped_micro_batches: int | None = None
+    eval: dict | None = None
+    time: dict | None = None
+    model: str | None = None
+    registered: str | None = None  # models:/NAME/VERSION
+    aliases: list[str] | None = None
+    seconds: float | None = None
+    mlflow_run: str | None = None
+    mlflow_ui: str | None = None
 
-    t_start = time.time()
-    setup = prepare(cfg, world)
-    if setup.resume is not None and cfg.init_from:
-        check_init_source(cfg)  # not applied, but a typo is still an error
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or (k == "mlflow_run" and not self.complete)}
+
+
+class TrainingJob:
+    """What `python -m pipeline.train` does once the world is up: set up, train, then the end-of-run steps. Its
+    MLflow run is open (`tracker`) from before the first step until the run's end is recorded, so that the
+    command's one failure handler can end it."""
+
+    def __init__(self, cfg, world):
+        self.cfg, self.world = cfg, world
+        self.tracker = None
+        self.started = time.time()
+
+    def run(self) -> RunSummary:
+        """Set up, train, export and register; the summary rank 0 prints."""
+        from pipeline.engine.distributed import broadcast_object, wait_for_main
+        from pipeline.engine.stop import RunStopped, stop_flag, stop_if_agreed
+        from pipeline.engine.trainer import Trainer
+
+        cfg, world = self.cfg, self.world
+        trainer = Trainer(cfg, world)
+        if trainer.resume is not None and cfg.init_from:
+            check_init_source(cfg)  # not applied, but a typo is still an error
+            if world.is_main:
+                log.info("resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
+                         "out_dir starts from it)", trainer.resume, redact_text(cfg.init_from))
+        summary = completed_run(cfg, trainer)
+        if summary is not None:  # every rank reads the same files: all leave here, or none
+            if world.is_main:
+                log.info("run %s is complete at step %d of %d (model %s%s): nothing to do. To train further raise "
+                         "train.max_steps or schedule.epochs; to start over give another name or out_dir",
+                         cfg.run_dir, summary.steps, summary.schedule_steps, summary.model,
+                         f", registered as {summary.registered}" if summary.registered else "")
+            summary.seconds = self._seconds()
+            return summary
+        init_path = pull_init_source(trainer.init_from, cfg)
+        self.tracker = start_tracking(trainer)
+        result = trainer.train(init_path, self.tracker)
+        stop_if_agreed(result.steps, "before the export")
+        summary = RunSummary(steps=result.steps, schedule_steps=result.schedule_steps,
+                             checkpoint=str(result.checkpoint), run_dir=str(cfg.run_dir),
+                             dropped_micro_batches=result.dropped_micro_batches, eval=result.eval, time=result.time)
+        failure, stopped = None, None
         if world.is_main:
-            log.info("resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
-                     "out_dir starts from it)", setup.resume, redact_text(cfg.init_from))
-    complete = completed_run(cfg, setup)
-    if complete is not None:  # every rank reads the same files: all leave here, or none
-        if world.is_main:
-            log.info("run %s is complete at step %d of %d (model %s%s): nothing to do. To train further raise "
-                     "train.max_steps or schedule.epochs; to start over give another name or out_dir",
-                     cfg.run_dir, complete["steps"], complete["schedule_steps"], complete["model"],
-                     f", registered as {complete['registered']}" if complete.get("registered") else "")
-        return {**complete, "seconds": round(time.time() - t_start, 1)}
-    setup.init_path = pull_init_source(setup.init_path, cfg)
-    tracker = start_tracking(setup)
-    try:
-        summary = train(setup, tracker)
-        stop_if_agreed(summary["steps"], "before the export")
-    except RunStopped as stop:
-        tracker.stopped(stop)
-        raise
-    except BaseException as e:
-        note_exiting()  # its watchdog lets it finish the report
-        lost = as_lost_rank(e, cfg, world)
-        tracker.failed(lost or e)  # MLflow gets the rank's name, not the transport's words
-        if lost is not None:
-            raise lost from e
-        raise
-    failure, stopped = None, None
-    if world.is_main:
-        summary = export_final(setup, summary)
-        if stop_flag().requested:  # the export is kept; registering it is left to the resumed job
-            stopped = RunStopped(stop_flag().signal_name, summary["steps"], "after the export")
-            tracker.stopped(stopped)
-        else:
-            try:
-                summary.update(finish_tracking(cfg, tracker, summary))
-            except Exception as e:  # noqa: BLE001  (raised once every rank is past the wait)
-                failure = e
-    wait_for_main("the export and registration")
-    stopped = broadcast_object(stopped)
-    if stopped is not None:
-        raise stopped
-    if failure is not None:
-        raise failure
-    return {**summary, "seconds": round(time.time() - t_start, 1), "mlflow_run": tracker.run_id,
-            "run_dir": str(cfg.run_dir),
-            **({"mlflow_ui": ui_command(tracker.uri, tracker.experiment_id)} if tracker.run_id else {})}
+            summary.model = str(export_final(cfg.run_dir, result.checkpoint))
+            if stop_flag().requested:  # the export is kept; registering it is left to the resumed job
+                stopped = RunStopped(stop_flag().signal_name, result.steps, "after the export")
+            else:
+                tracker, self.tracker = self.tracker, None  # finish_tracking ends the MLflow run, whatever happens
+                try:
+                    record = finish_tracking(cfg, tracker, Path(summary.model),
+                                             version_run_tags(cfg, result.steps, result.schedule_steps))
+                    summary.registered, summary.aliases = record.get("registered"), record.get("aliases")
+                except Exception as e:  # noqa: BLE001  (raised once every rank is past the wait)
+                    failure = e
+        wait_for_main("the export and registration")
+        stopped = broadcast_object(stopped)
+        if stopped is not None:
+            raise stopped
+        if failure is not None:
+            raise failure
+        tracker = self.tracker
+        self.tracker = None
+        run_id = tracker.run_id if tracker is not None else None
+        summary.mlflow_run, summary.seconds = run_id, self._seconds()
+        if run_id:
+            summary.mlflow_ui = ui_command(tracker.uri, tracker.experiment_id)
+        return summary
+
+    def stopped(self, stop) -> None:
+        """A stop signal ended the run at a checkpoint: its MLflow run, when open, records it."""
+        if self.tracker is not None:
+            self.tracker.stopped(stop)
+            self.tracker = None
+
+    def failed(self, e: BaseException) -> None:
+        """The run ends with an error: its MLflow run, when open, records it (the rank's name for a lost rank, not
+        the transport's words), and a run that never reached its first step leaves no folder behind."""
+        if self.tracker is not None:
+            self.tracker.failed(e)
+            self.tracker = None
+        if self.world.is_main:
+            from pipeline.engine.run_files import discard_unstarted_run
+
+            discard_unstarted_run(self.cfg.run_dir, self.world.size, also=(MLFLOW_RUN_RECORD,))
+
+    def _seconds(self) -> float:
+        return round(time.time() - self.started, 1)
+
+
+MLFLOW_RUN_RECORD = "mlflow_run.json"  # the tracker's record of the run's MLflow run (pipeline/tracking/tracker.py)
 
 
 def ui_command(uri: str, experiment_id: str | None) -> str:
@@ -368,6 +420,43 @@ def report_stop(cfg, stop) -> None:
                                             "checkpoint": str(newest[-1]) if newest else None}) + "\n")
 
 
+def load_run_config(args: argparse.Namespace):
+    """The run's config: --config (a relative one is the launch folder's, failing that a recipe of this
+    repository) with the overrides, every relative path made absolute against the launch folder."""
+    from pipeline.config import load_config
+
+    config = Path(args.config)
+    looked = [config] if config.is_absolute() else \
+        list(dict.fromkeys(Path(os.path.abspath(base / config)) for base in (Path(args.launch_dir or "."), REPO)))
+    found = next((path for path in looked if path.is_file()), None)
+    if found is None:
+        raise CommandError(f"config file not found: {args.config} (looked for {' and '.join(map(str, looked))}): "
+                           f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
+    cfg = load_config(found, args.overrides)
+    resolve_at_launch(cfg, args.launch_dir)
+    return cfg
+
+
+def join_world(cfg):
+    """This rank in the job's process group (a world of one when started alone), logging configured; a
+    rendezvous that timed out names the ranks that never came."""
+    from pipeline.engine.distributed import init_distributed
+    from pipeline.engine.watchdog import note_start, start_failure
+
+    started = note_start(cfg.run_dir, dict(os.environ))  # a rank that never starts is then named
+    try:
+        world = init_distributed(cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s,
+                                 str(cfg.run_dir / "nccl_traces"))
+    except Exception as e:  # noqa: BLE001  (start_failure tells a rendezvous timeout from anything else)
+        failure = start_failure(e, cfg.run_dir, dict(os.environ), started, cfg.train.collective_timeout_s)
+        if failure is e:
+            raise
+        raise failure from e
+    configure_logging(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
+                      format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
+    return world
+
+
 @command(exit_codes={"TrainingDiverged": 3}, ranked=True)
 def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag  # no torch: a few ms
@@ -379,46 +468,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():  # a job's log: DeepSpeed's checkpoint readers' bars would be one long line each
         os.environ.setdefault("TQDM_DISABLE", "1")
-    from pipeline.config import load_config
-
-    # a relative --config is the launch folder's; failing that, a recipe of this repository (configs/...)
-    config = Path(args.config)
-    looked = [config] if config.is_absolute() else \
-        list(dict.fromkeys(Path(os.path.abspath(base / config)) for base in (Path(args.launch_dir or "."), REPO)))
-    config = next((path for path in looked if path.is_file()), None)
-    if config is None:
-        raise CommandError(f"config file not found: {args.config} (looked for {' and '.join(map(str, looked))}): "
-                           f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
-    cfg = load_config(config, args.overrides)
-    resolve_at_launch(cfg, args.launch_dir)
+    cfg = load_run_config(args)
     # a user's error in a second, before torch and the process group; `alone`: the launch scripts' own check
     alone = args.check and args.local_rank is None and not any(k in os.environ for k in ("RANK", "SLURM_STEP_ID"))
     check_before_launch(cfg, alone=alone)
     if args.check:
         return 0
-    from pipeline.engine.distributed import init_distributed, shutdown
-    from pipeline.engine.watchdog import note_start, start_failure
-
-    started = note_start(cfg.run_dir, dict(os.environ))  # a rank that never starts is then named
-    try:
-        world = init_distributed(cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s,
-                                 str(cfg.run_dir / "nccl_traces"))
-    except Exception as e:  # noqa: BLE001  (a rendezvous that timed out names the ranks that never came)
-        failure = start_failure(e, cfg.run_dir, dict(os.environ), started, cfg.train.collective_timeout_s)
-        if failure is e:
-            raise
-        raise failure from e
-    configure_logging(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
-                      format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
+    world = join_world(cfg)
+    from pipeline.engine.distributed import shutdown
     from pipeline.engine.watchdog import note_exiting, start_watch
 
-    watch = None
+    watch, job = None, TrainingJob(cfg, world)
     try:
         if world.size > 1:
             watch = start_watch(cfg.run_dir, world.rank)  # a rank that ends or hangs ends the job, named
-        summary = run(cfg, world)
+        summary = job.run()
         stop_flag().run_complete()
     except RunStopped as stop:
+        job.stopped(stop)
         if world.is_main:
             report_stop(cfg, stop)
         if watch is not None:
@@ -427,19 +494,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
     except BaseException as e:
         # on its way out with an error: a launcher's SIGTERM ends it at once again, and the process group stays
-        # up for the error report, which compares the ranks' lines through its store (swin_common.cli)
+        # up for the error report, which compares the ranks' lines through its store (swin_common.cli); its
+        # watchdog lets it finish the report
         stop_flag().uninstall()
         note_exiting()
-        if world.is_main:
-            from pipeline.engine.loop import discard_unstarted_run
-
-            discard_unstarted_run(cfg.run_dir, world.size)  # a failure before the first step leaves no folder
-        lost = as_lost_rank(e, cfg, world) if watch is not None else None
+        lost = as_lost_rank(e, cfg, world)
+        job.failed(lost or e)
         if lost is not None:
             raise lost from e
         raise
     if world.is_main:
-        print(redact_text(json.dumps(summary, indent=1)), flush=True)
+        print(redact_text(json.dumps(summary.as_dict(), indent=1)), flush=True)
     if watch is not None:
         watch.done()
     shutdown()

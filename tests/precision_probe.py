@@ -1,5 +1,5 @@
 """Run as a program by tests/test_precision.py (a world of one, its own process group): for each ZeRO stage and
-precision given, builds the real engine (pipeline.engine.loop.build_engine) of a tiny Swin from the same initial
+precision given, builds the real engine (pipeline.engine.trainer.build_engine) of a tiny Swin from the same initial
 weights and takes one optimizer step on a fixed batch, then one on a batch whose loss is not finite, through
 pipeline.engine.step.micro_step; prints one JSON line per case:
 
@@ -94,7 +94,7 @@ def fp32_weights(engine) -> dict[str, torch.Tensor]:
 
 def probe(stage: int, precision: str, world) -> dict:
     from pipeline.config import load_config
-    from pipeline.engine.loop import build_engine
+    from pipeline.engine.trainer import build_engine
     from pipeline.engine.optim import StepPlan, deepspeed_skips_nonfinite, loss_scale, skipped_steps
     from pipeline.engine.step import StepTally, micro_step
 

@@ -38,7 +38,7 @@ def resumes(run_dir: Path) -> list[dict]:
 
 
 def fingerprint_of(checkpoint: Path) -> dict[str, list[float]]:
-    from pipeline.engine.loop import tensor_fingerprint
+    from pipeline.engine.run_files import tensor_fingerprint
     from pipeline.engine.model_export import consolidated_state_dict
 
     return {k: tensor_fingerprint(v) for k, v in consolidated_state_dict(checkpoint).items()}

@@ -58,7 +58,7 @@ def layer(module: str) -> int:
 
 def test_the_graph_is_read():
     assert "data_prep.shardset.store" in GRAPH["pipeline.data.reader"]
-    assert "pipeline.engine.loop" in GRAPH["pipeline.train"]
+    assert "pipeline.engine.trainer" in GRAPH["pipeline.train"]
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))

@@ -331,7 +331,7 @@ def register_at_the_end(tmp_path: Path, name: str, uri: str, model: Path, monkey
     cfg.run_dir.mkdir(parents=True)
     dump_config(cfg, cfg.run_dir / "config.yaml")
     tracker = Tracker(cfg, World(0, 1, 0), resumed=False)
-    finish_tracking(cfg, tracker, {"model": str(model)})
+    finish_tracking(cfg, tracker, model)
     client = MlflowClient(uri)
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     return client.get_model_version_by_alias(name, "candidate")

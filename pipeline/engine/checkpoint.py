@@ -38,11 +38,14 @@ class SharedStorageError(RuntimeError):
     """Ranks that do not see the run folder rank 0 writes into."""
 
 
+SHARED_RUN_DIR_FILES = (".ranks-see-this", ".ranks-see-this.tmp")  # check_shared_run_dir's token, staged
+
+
 def check_shared_run_dir(run_dir: Path, rank: int) -> None:
     """Rank 0 writes a token into the run folder and every rank reads it back: checkpoints and the export are
     written there by every rank, so they must all see the same folder. Fails on every rank, naming the ranks
     and the path, when some do not (a node-local disk, another mount, a relative out_dir resolved elsewhere)."""
-    token_file = run_dir / ".ranks-see-this"
+    token_file = run_dir / SHARED_RUN_DIR_FILES[0]
     token = None
     if rank == 0:
         token = os.urandom(8).hex()

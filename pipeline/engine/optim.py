@@ -28,6 +28,10 @@ class StepPlan:
     total_steps: int
     warmup_steps: int
 
+    def end_step(self, max_steps: int) -> int:
+        """The step a run stops at: the schedule's end, or train.max_steps when that comes first (> 0)."""
+        return self.total_steps if max_steps <= 0 else min(self.total_steps, max_steps)
+
 
 def plan_steps(cfg: RunConfig, world: int, micro_batches_per_epoch: int) -> StepPlan:
     t = cfg.train

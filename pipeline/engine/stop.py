@@ -35,6 +35,14 @@ class RunStopped(Exception):
         return RunStopped, (self.signal_name, self.step, self.during)
 
 
+def stop_if_agreed(step: int, during: str) -> None:
+    """At a boundary, on every rank: raises RunStopped (at `step`, `during` what) when any rank received a stop
+    signal (a collective)."""
+    name = stop_flag().agreed()
+    if name:
+        raise RunStopped(name, step, during)
+
+
 class StopFlag:
     """Where a stop signal lands. `install()` in the main thread; `agreed()` at step boundaries, on every rank."""
 
