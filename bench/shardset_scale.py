@@ -36,7 +36,7 @@ from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 OPEN = """
 import gc, json, sys, time, tracemalloc
-from pipeline.data.shard_checks import open_shard_set
+from data_prep.shardset.reader import open_shard_set
 t0 = time.perf_counter()
 s = open_shard_set(sys.argv[1], "train")  # timed without tracemalloc, which slows boto3's parsing severalfold
 seconds = time.perf_counter() - t0

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from conftest import as_old_format, run_prep
+from data_prep.shardset.reader import open_shard_set
 from data_prep.shardset.store import open_store
 from pipeline.data.cache import CacheFullError, ShardCache
 from pipeline.data.loader import LoaderConfig
 from pipeline.data.order import epoch_order
 from pipeline.data.readahead import ReadAhead
 from pipeline.data.reader import ShardReader
-from pipeline.data.shard_checks import open_shard_set
 from servers import REPO, latency_proxy
 
 pytestmark = pytest.mark.s3

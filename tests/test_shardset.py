@@ -1,4 +1,4 @@
-"""pipeline.data.shard_checks: the cheap checks before a pipeline starts, the split index and old sets without it."""
+"""data_prep.shardset.reader: the cheap checks before a pipeline starts, the split index and old sets without it."""
 import hashlib
 import json
 import logging
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import as_old_format, run_prep
-from pipeline.data.shard_checks import ShardSetError, open_shard_set
+from data_prep.shardset.reader import ShardSetError, open_shard_set
+
+LOGGER = "data_prep.shardset.reader"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def cut(path: Path, keep: int) -> None:
 
 def test_a_truncated_shard_is_left_out_within_the_budget(copy, caplog):
     cut(copy / "train/shard-000002.tar", 50_000)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         train = open_shard_set(str(copy), "train", max_bad_shards=1)
     assert [name for name, _ in train.skipped] == ["train/shard-000002.tar"]
     assert "50000 bytes, the manifest says" in train.skipped[0][1]
@@ -109,7 +111,7 @@ def test_one_split_index_read_instead_of_one_per_shard(copy, monkeypatch):
 
 def test_finalize_adds_the_split_indexes_to_an_old_set(copy, monkeypatch, caplog):
     old = as_old_format(copy)
-    with caplog.at_level(logging.INFO, logger="pipeline.data"):
+    with caplog.at_level(logging.INFO, logger=LOGGER):
         before = open_shard_set(str(old), "train")
     assert f"python -m data_prep finalize {old}" in caplog.text  # the slow path says how to leave it
     run_prep("finalize", old)
@@ -131,7 +133,7 @@ def test_the_split_index_is_in_the_manifest_with_its_sha256(shard_set):
 def test_a_damaged_split_index_falls_back_to_the_shard_indexes(copy, caplog):
     index = copy / "train/index.npz"
     index.write_bytes(index.read_bytes()[:-10])
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         train = open_shard_set(str(copy), "train")
     assert "train/index.npz does not match the sha256 in the manifest" in caplog.text
     assert "reading every shard's index file instead" in caplog.text
@@ -160,7 +162,7 @@ def test_a_split_index_pointing_past_the_end_is_caught(copy):
 
 def test_a_shard_not_in_the_manifest_is_not_used(copy, caplog):
     shutil.copy(copy / "train/shard-000000.tar", copy / "train/shard-000077.tar")
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         train = open_shard_set(str(copy), "train")
     assert "train/shard-000077.tar" not in {s.name for s in train.shards}
     assert "shard-000077.tar is not in the manifest" in caplog.text

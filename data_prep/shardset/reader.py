@@ -1,35 +1,34 @@
-"""A shard set as a training job opens it: the manifest's shards of one split, each checked cheaply before any
+"""A shard set opened for reading one split: the manifest's shards of that split, each checked cheaply before any
 pipeline starts, so a truncated or mismatched shard never reaches DALI (which cannot skip a bad sample, and
 segfaults on an index entry that points past the end of its tar).
 
-Where the store is read from: the split's one consolidated index (`train/index.npz`, listed with its sha256 in
+Where the samples lie comes from the split's one consolidated index (`train/index.npz`, listed with its sha256 in
 the manifest; one GET instead of one per shard, about 14,200 at 22K scale), or, for a set finalized before split
 indexes (or a damaged one, with a warning), every shard's own `.idx` file.
 
 Checks per shard, without reading it: listed in the manifest, present on storage with the manifest's size, index
 entries with the manifest's sample count that give every sample its jpg and cls and point only inside the tar
-(offset + size <= file size). A bad shard is left out with a warning, up to a budget; past it, an error names
-the shards and the `data_prep verify` command to run. The result holds the sample table the readers use (numpy
-arrays, not Python objects: `bench/shardset_scale.py` measures its bytes per sample).
+(offset + size <= file size). A bad shard is left out with a warning, up to the caller's budget; past it, an
+error names the shards and the `data_prep verify` command to run. The result holds the sample table the readers
+use (numpy arrays, not Python objects: `bench/shardset_scale.py` measures its bytes per sample).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from data_prep.shardset.index import format_index, parse_index
-from data_prep.shardset.manifest import read_manifest
-from data_prep.shardset.split_index import SampleTable
-from data_prep.shardset.store import LocalStore, S3Store, open_store
+from .index import format_index, parse_index
+from .manifest import read_manifest
+from .split_index import SampleTable, read_split_index
+from .store import LocalStore, S3Store, open_store
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger("data_prep.shardset.reader")
 REQUIRED = ("jpg", "cls")
 
 
 class ShardSetError(RuntimeError):
-    pass
+    """A shard set that cannot be read as asked: no such split, too many bad shards."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,7 @@ class Shard:
 
 @dataclass
 class ShardSet:
+    """The usable shards of one split and where their samples lie (`table`), read through one store client."""
     url: str
     split: str
     synsets: list[str]
@@ -61,7 +61,7 @@ class ShardSet:
 
 
 def check_index(text: str, shard: Shard, file_size: int) -> str | None:
-    """Why the index cannot be trusted for this shard, or None."""
+    """Why a shard's own `.idx` cannot be trusted for this shard, or None."""
     try:
         samples = parse_index(text)
     except ValueError as e:
@@ -109,7 +109,7 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
     entry = manifest.get("split_indexes", {}).get(split)
     if entry is not None:
         try:
-            table = _read_split_index(store, entry, cache)
+            table = read_split_index(store, entry, cache)
         except (OSError, ValueError) as e:  # prep's problem, not the job's: the shards' own index files remain
             log.warning("%s: %s; reading every shard's index file instead", url, e)
     else:
@@ -137,18 +137,6 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
     return ShardSet(url, split, synsets, kept, bad, table.select(good), store)
 
 
-def _read_split_index(store, entry: dict, cache) -> SampleTable:
-    where = f"{store.url}/{entry['name']}"
-    if cache is not None and not isinstance(store, LocalStore):
-        with cache.pinned(store, entry["name"], entry["bytes"]) as path:
-            data = path.read_bytes()
-    else:
-        data = store.read(entry["name"])
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{where} does not match the sha256 in the manifest")
-    return SampleTable.from_bytes(data, where)
-
-
 def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> list:
     """Per shard: the split index has its samples and points only inside its tar (vectorised: 14,200 shards)."""
     if table.names != [s.name for s in shards]:
@@ -165,7 +153,7 @@ def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> lis
 
 
 def _table_from_shard_indexes(store, shards: list[Shard], sizes: dict, problems: list):
-    """A set finalized before split indexes: every shard's index file, read and checked."""
+    """A set finalized before split indexes, or a damaged one: every shard's index file, read and checked."""
     def read(i: int) -> tuple[str | None, str | None]:
         shard = shards[i]
         if problems[i]:
