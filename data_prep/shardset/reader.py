@@ -3,8 +3,9 @@ pipeline starts, so a truncated or mismatched shard never reaches DALI (which ca
 segfaults on an index entry that points past the end of its tar).
 
 Where the samples lie comes from the split's one consolidated index (`train/index.npz`, listed with its sha256 in
-the manifest; one GET instead of one per shard, about 14,200 at 22K scale), or, for a set finalized before split
-indexes (or a damaged one, with a warning), every shard's own `.idx` file.
+the manifest; one GET instead of one per shard, about 14,200 at 22K scale). A set whose manifest lists no split
+index for the split is refused, naming `python -m data_prep finalize SET`, which writes it. A damaged split index
+(prep's problem, not the job's) is warned about, and every shard's own `.idx` file is read instead.
 
 Checks per shard, without reading it: listed in the manifest, present on storage with the manifest's size, index
 entries with the manifest's sample count that give every sample its jpg and cls and point only inside the tar
@@ -28,7 +29,7 @@ REQUIRED = ("jpg", "cls")
 
 
 class ShardSetError(RuntimeError):
-    """A shard set that cannot be read as asked: no such split, too many bad shards."""
+    """A shard set that cannot be read as asked: no such split, no split index, too many bad shards."""
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,19 @@ def check_index(text: str, shard: Shard, file_size: int) -> str | None:
 
 
 def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cache=None) -> ShardSet:
-    """The split's usable shards and where their samples lie; raises ShardSetError when more than max_bad_shards
-    are bad or none is left. The samples come from the split's one index (`split_indexes` in the manifest; on S3
-    fetched through `cache`, once per node) or, for sets finalized before it, from every shard's index file."""
+    """The split's usable shards and where their samples lie; raises ShardSetError when the split has no shards or
+    no split index (`split_indexes` in the manifest), or when more than max_bad_shards are bad or none is left.
+    On S3 the split index is fetched through `cache` (see read_split_index), once per node."""
     store = open_store(url)
     manifest = read_manifest(store)
     synsets = manifest["label_layout"]["synsets"]
     entries = [e for e in manifest["shards"] if e["split"] == split]
     if not entries:
         raise ShardSetError(f"{url} has no {split!r} shards (splits: {sorted(manifest['totals'])})")
+    entry = manifest.get("split_indexes", {}).get(split)
+    if entry is None:
+        raise ShardSetError(f"{url} has no split index for its {split!r} shards (no `split_indexes` entry in its "
+                            f"manifest.json): `python -m data_prep finalize {url}` writes it")
     shards = [Shard(e["name"], e["index"], e["samples"], e["bytes"], e["sha256"]) for e in entries]
     # one listing, not a request per shard: on S3 small prefix listings in parallel (~140 for 14,200 shards)
     sizes = dict(store.list(split) if isinstance(store, LocalStore) else store.list_names([s.name for s in shards]))
@@ -105,21 +110,13 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
         return None
 
     problems = [storage_problem(s) for s in shards]
-    table = None
-    entry = manifest.get("split_indexes", {}).get(split)
-    if entry is not None:
-        try:
-            table = read_split_index(store, entry, cache)
-        except (OSError, ValueError) as e:  # prep's problem, not the job's: the shards' own index files remain
-            log.warning("%s: %s; reading every shard's index file instead", url, e)
-    else:
-        # slow at scale (one request a shard: ~50 s a rank for 14,200 shards on S3) and silent otherwise
-        log.info("%s was finalized before split indexes: reading its %d %s shard index files, a request each "
-                 "(`python -m data_prep finalize %s` adds the split indexes)", url, len(shards), split, url)
-    if table is not None:
-        problems = _check_table(table, shards, problems)
-    else:
+    try:
+        table = read_split_index(store, entry, cache)
+    except (OSError, ValueError) as e:  # prep's problem, not the job's: the shards' own index files remain
+        log.warning("%s: %s; reading every shard's index file instead", url, e)
         table, problems = _table_from_shard_indexes(store, shards, sizes, problems)
+    else:
+        problems = _check_table(table, shards, problems)
     bad = [(s.name, p) for s, p in zip(shards, problems, strict=True) if p]
     good = [i for i, p in enumerate(problems) if not p]
     for name, why in bad:
@@ -153,7 +150,7 @@ def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> lis
 
 
 def _table_from_shard_indexes(store, shards: list[Shard], sizes: dict, problems: list):
-    """A set finalized before split indexes, or a damaged one: every shard's index file, read and checked."""
+    """In place of a damaged split index: every shard's index file, read and checked (a request each)."""
     def read(i: int) -> tuple[str | None, str | None]:
         shard = shards[i]
         if problems[i]:
