@@ -3,9 +3,9 @@
 
 The set is written by the project's own `data_prep shard` from tiny JPEGs (S images per shard, so that 14,200
 shards fit a laptop's disk and a few minutes), read from the local disk and from the real S3 server behind
-DELAY ms of latency per request (scripts/latency_proxy.py), with the split index and as a set finalized before it
-(every shard's .idx read: the old way, 14,200 GETs per rank). Each open runs in a fresh process; medians over the
-rounds. Memory is what tracemalloc counts as freed when the opened ShardSet is dropped (its sample table and
+DELAY ms of latency per request (scripts/latency_proxy.py), with the split index and with a damaged one (a
+manifest whose sha256 for it does not match: every shard's .idx is read instead, 14,200 GETs per rank). Each open
+runs in a fresh process; medians over the rounds. Memory is what tracemalloc counts as freed when the opened ShardSet is dropped (its sample table and
 its per-shard records); at ImageNet's 1,000 images per shard the per-shard part weighs 1/1000 as much per
 sample, and that figure is given too (the table's bytes per sample measured, plus the per-shard bytes measured
 divided by 1,000). The last line is `open_s3_seconds: X.XX` (with the split index).
@@ -36,7 +36,7 @@ from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 OPEN = """
 import gc, json, sys, time, tracemalloc
-from pipeline.data.shard_checks import open_shard_set
+from data_prep.shardset.reader import open_shard_set
 t0 = time.perf_counter()
 s = open_shard_set(sys.argv[1], "train")  # timed without tracemalloc, which slows boto3's parsing severalfold
 seconds = time.perf_counter() - t0
@@ -82,50 +82,52 @@ def main() -> int:
     args = p.parse_args()
 
     with bench_workdir(args.workdir, "shardset-scale-bench-") as work:
-        local, old = work / "set", work / "old"
+        local, damaged = work / "set", work / "damaged"
         if not (local / "manifest.json").exists():
             make_source(work / "src", args.shards * args.shard_images)
             subprocess.run([sys.executable, "-m", "data_prep", "shard", "--source", str(work / "src"), "--out",
                             str(local), "--max-samples", str(args.shard_images), "--workers", "2"], cwd=REPO,
                            check=True, capture_output=True, text=True)
             shutil.rmtree(work / "src")
-        old_manifest = as_old_set(local, old)
+        damaged_manifest = as_damaged_set(local, damaged)
         with nullcontext((None, None)) if args.no_s3 else remote_s3(work, args.delay_ms) as (client, env):
             if client is not None:
                 upload_set(client, local, "bench")
-            results = measure(args, local, old, old_manifest, client, env)
+            results = measure(args, local, damaged, damaged_manifest, client, env)
         report(args, results)
         return 0
 
 
-def as_old_set(local: Path, old: Path) -> bytes:
-    """The same shards as finalized before split indexes (hard links, not copies); returns its manifest."""
+def as_damaged_set(local: Path, damaged: Path) -> bytes:
+    """The same shards (hard links, not copies) under a manifest whose split index sha256 does not match, so that
+    every shard's .idx is read instead; returns that manifest."""
     manifest = json.loads((local / "manifest.json").read_text())
-    old_manifest = json.dumps({k: v for k, v in manifest.items() if k != "split_indexes"}).encode()
-    if not old.exists():
-        (old / "train").mkdir(parents=True)
+    manifest["split_indexes"]["train"]["sha256"] = "0" * 64
+    damaged_manifest = json.dumps(manifest).encode()
+    if not damaged.exists():
+        (damaged / "train").mkdir(parents=True)
         for f in (local / "train").iterdir():
-            if f.name != "index.npz":
-                os.link(f, old / "train" / f.name)
+            os.link(f, damaged / "train" / f.name)
         for f in local.iterdir():
             if f.is_file():
-                shutil.copy(f, old / f.name)
-        (old / "manifest.json").write_bytes(old_manifest)
-    return old_manifest
+                shutil.copy(f, damaged / f.name)
+        (damaged / "manifest.json").write_bytes(damaged_manifest)
+    return damaged_manifest
 
 
-def measure(args, local: Path, old: Path, old_manifest: bytes, client, env) -> dict[str, list[dict]]:
-    s3_new, s3_old = f"s3 +{args.delay_ms:g} ms, split index", f"s3 +{args.delay_ms:g} ms, every .idx (old sets)"
-    results: dict[str, list[dict]] = {"local, split index": [], "local, every .idx (old sets)": []}
+def measure(args, local: Path, damaged: Path, damaged_manifest: bytes, client, env) -> dict[str, list[dict]]:
+    s3_split = f"s3 +{args.delay_ms:g} ms, split index"
+    s3_every = f"s3 +{args.delay_ms:g} ms, every .idx (damaged index)"
+    results: dict[str, list[dict]] = {"local, split index": [], "local, every .idx (damaged index)": []}
     if client is not None:
-        results.update({s3_new: [], s3_old: []})
+        results.update({s3_split: [], s3_every: []})
     for _ in range(args.rounds):
         results["local, split index"].append(open_once(str(local), dict(os.environ)))
-        results["local, every .idx (old sets)"].append(open_once(str(old), dict(os.environ)))
-        if client is not None:  # the same bucket, with the new manifest, then with the old one, then back
-            results[s3_new].append(open_once("s3://bench/set", env))
-            client.put_object(Bucket="bench", Key="set/manifest.json", Body=old_manifest)
-            results[s3_old].append(open_once("s3://bench/set", env))
+        results["local, every .idx (damaged index)"].append(open_once(str(damaged), dict(os.environ)))
+        if client is not None:  # the same bucket, with the good manifest, then with the damaged one, then back
+            results[s3_split].append(open_once("s3://bench/set", env))
+            client.put_object(Bucket="bench", Key="set/manifest.json", Body=damaged_manifest)
+            results[s3_every].append(open_once("s3://bench/set", env))
             client.put_object(Bucket="bench", Key="set/manifest.json", Body=(local / "manifest.json").read_bytes())
     return results
 
@@ -148,9 +150,10 @@ def report(args, results: dict[str, list[dict]]) -> None:
     print(f"held_bytes_per_sample_at_1000_per_shard: {table + per_shard / 1000:.1f}")
     if not args.no_s3:
         median = {name: statistics.median(r["seconds"] for r in runs) for name, runs in results.items()}
-        new, old = (median[f"s3 +{args.delay_ms:g} ms, {what}"] for what in ("split index", "every .idx (old sets)"))
-        print(f"ratio_old_vs_split_index_s3: {old / new:.1f}")
-        print(f"open_s3_seconds: {new:.2f}")
+        split, every = (median[f"s3 +{args.delay_ms:g} ms, {what}"]
+                        for what in ("split index", "every .idx (damaged index)"))
+        print(f"ratio_every_idx_vs_split_index_s3: {every / split:.1f}")
+        print(f"open_s3_seconds: {split:.2f}")
 
 if __name__ == "__main__":
     sys.exit(main())

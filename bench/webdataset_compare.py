@@ -31,9 +31,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import webdataset  # noqa: E402
 from prep_throughput import photo_shard_set  # noqa: E402
 
+from data_prep.shardset.reader import open_shard_set  # noqa: E402
 from pipeline.data.cache import ShardCache  # noqa: E402
 from pipeline.data.reader import ShardReader  # noqa: E402
-from pipeline.data.shard_checks import open_shard_set  # noqa: E402
 from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 warnings.filterwarnings("ignore", module="webdataset")  # it asks for an explicit shardshuffle

@@ -19,7 +19,7 @@ from .shardset.layout import check_covers, format_layout, layout_sha256, parse_l
 from .records import build_manifest, missing_records
 from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
 from .plan import ShardSpec, make_plan, task_share
-from .sources import LISTING_NAME, OLD_LISTING_NAME, Listing, scan_source
+from .sources import LISTING_NAME, Listing, scan_source
 from .shardset.split_index import write_split_indexes
 from .shardset.store import open_store
 from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
@@ -68,10 +68,9 @@ def load_or_scan(source, out, source_format: str, workers: int) -> Listing:
 
 
 def read_listing(out) -> Listing | None:
+    """The source listing cached in the output (`_prep/listing.npz`), or None when the output holds none yet."""
     if out.exists(LISTING_NAME):
         return Listing.load(out, LISTING_NAME)
-    if out.exists(OLD_LISTING_NAME):  # an output begun by an earlier version
-        return Listing.from_json(out.read(OLD_LISTING_NAME))
     return None
 
 

@@ -11,7 +11,6 @@ sample's "source", and a listed path that would leave the source (`..`, absolute
 """
 from __future__ import annotations
 
-import gzip
 import json
 import tempfile
 import re
@@ -27,7 +26,6 @@ from tqdm import tqdm
 from .shardset.store import LocalStore, S3Store, UnsafePath, inside
 
 LISTING_NAME = "_prep/listing.npz"
-OLD_LISTING_NAME = "_prep/listing.json.gz"  # written before columns; still read
 KINDS = ("imagefolder", "synset-tars")
 
 
@@ -121,17 +119,6 @@ class Listing:
         meta = json.loads(columns.pop("meta").tobytes())
         return cls(meta["kind"], meta["synsets"], meta["containers"], columns,
                    [tuple(r) for r in meta["rejected"]])
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Listing":
-        """A listing cached by an earlier version (`_prep/listing.json.gz`): the same rows, as columns."""
-        doc = json.loads(gzip.decompress(data))
-        synsets = doc["synsets"]
-        builder = _Builder(synsets)
-        for key, synset, path, container, offset, size in doc["items"]:
-            name = path if container is None else path[len(container) + 1:]
-            builder.add(key, synset, name, container, offset, size)
-        return builder.build(doc["kind"], [tuple(r) for r in doc["rejected"]])
 
 
 class _Builder:

@@ -31,12 +31,21 @@ def s3_in_env(s3_server, monkeypatch):  # noqa: F811  (the fixture imported abov
     return s3_server
 
 
-def as_old_format(folder: Path) -> Path:
-    """The set as finalized before split indexes: no `split_indexes` in the manifest, no index.npz."""
+def without_split_indexes(folder: Path) -> Path:
+    """The set with its split indexes taken away: no `split_indexes` in the manifest, no index.npz (refused by
+    open_shard_set until `data_prep finalize` writes them again)."""
     manifest = json.loads((folder / "manifest.json").read_text())
     for entry in manifest.pop("split_indexes").values():
         (folder / entry["name"]).unlink()
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def damage_split_index(folder: Path, split: str = "train") -> Path:
+    """The set with its split's index.npz cut short (no longer the manifest's sha256): read from the shards' own
+    `.idx` files instead, with a warning."""
+    index = folder / split / "index.npz"
+    index.write_bytes(index.read_bytes()[:-10])
     return folder
 
 

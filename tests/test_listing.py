@@ -1,8 +1,6 @@
 """data_prep's columnar listing and plan: the same items and the same shards as the object-per-image version,
-its cache round trip, and outputs begun with the old JSON listing cache."""
-import gzip
+and its cache round trip."""
 import hashlib
-import json
 
 import pytest
 
@@ -67,15 +65,11 @@ def test_the_plan_is_the_one_the_object_version_made(listing, seed, per_class, m
     assert got == reference_plan(items(listing), seed, per_class, max_samples or None, max_bytes)
 
 
-def test_the_cache_round_trips_and_the_old_json_cache_still_reads(listing, tmp_path):
+def test_the_cache_round_trips(listing, tmp_path):
     out = open_store(str(tmp_path))
     listing.save(out, "_prep/listing.npz")
     again = Listing.load(out, "_prep/listing.npz")
     assert items(again) == items(listing) and again.kind == listing.kind and again.synsets == listing.synsets
-    old = gzip.compress(json.dumps({"kind": listing.kind, "synsets": listing.synsets,
-                                    "items": [list(i) for i in items(listing)],
-                                    "rejected": [list(r) for r in listing.rejected]}).encode())
-    assert items(Listing.from_json(old)) == items(listing)
 
 
 def test_setting_classes_aside_keeps_the_other_rows(listing):

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_old_format, run_prep
+from conftest import damage_split_index, run_prep, without_split_indexes
+from data_prep.shardset.reader import ShardSetError, open_shard_set
 from data_prep.shardset.store import open_store
 from pipeline.data.cache import CacheFullError, ShardCache
 from pipeline.data.loader import LoaderConfig
 from pipeline.data.order import epoch_order
 from pipeline.data.readahead import ReadAhead
 from pipeline.data.reader import ShardReader
-from pipeline.data.shard_checks import open_shard_set
 from servers import REPO, latency_proxy
 
 pytestmark = pytest.mark.s3
@@ -194,26 +194,40 @@ def test_read_ahead_pins_the_next_shards_within_the_budget(on_s3, set18, tmp_pat
         reader.close()
 
 
-def test_an_old_format_set_on_s3_loads_from_its_shard_indexes(on_s3, set18, s3_in_env, tmp_path, caplog):
-    """A set finalized before split indexes, on S3: every .idx is read instead, and a rank reads the same samples."""
-    old = as_old_format(Path(shutil.copytree(set18, tmp_path / "old")))
+def test_a_set_without_split_indexes_on_s3_is_refused_naming_finalize(set18, s3_in_env, tmp_path):
+    """One line naming the set and the command that writes its split indexes; after it the set opens."""
+    bare = without_split_indexes(Path(shutil.copytree(set18, tmp_path / "bare")))
     bucket = s3_in_env.create_bucket()
-    s3_in_env.upload_dir(old, bucket, "set")
-    names = [name for name, _size in open_store(f"s3://{bucket}/set").list()]
-    assert "train/shard-000000.idx" in names and "train/index.npz" not in names
+    s3_in_env.upload_dir(bare, bucket, "set")
+    url = f"s3://{bucket}/set"
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(url, "train")
+    assert str(err.value) == (f"{url} has no split index for its 'train' shards (no `split_indexes` entry in its "
+                              f"manifest.json): `python -m data_prep finalize {url}` writes it")
+    run_prep("finalize", url, env=s3_in_env.subprocess_env())
+    assert open_shard_set(url, "train").num_samples == open_shard_set(str(set18), "train").num_samples
+
+
+def test_a_damaged_split_index_on_s3_loads_from_the_shard_indexes(on_s3, set18, s3_in_env, tmp_path, caplog):
+    """A split index that does not match the manifest, on S3: every .idx is read instead (warned), and a rank reads
+    the same samples."""
+    damaged = damage_split_index(Path(shutil.copytree(set18, tmp_path / "damaged")))
+    bucket = s3_in_env.create_bucket()
+    s3_in_env.upload_dir(damaged, bucket, "set")
     with caplog.at_level(logging.WARNING):
-        old_set = open_shard_set(f"s3://{bucket}/set", "train")
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # an old set is not an error
-    new_set = open_shard_set(on_s3, "train")
-    assert old_set.shards == new_set.shards
-    assert len(old_set.table) == len(new_set.table) == sum(s.samples for s in new_set.shards) > 1700
-    old_reader = ShardReader(old_set, ShardCache(tmp_path / "cache-old", 4 * max(s.bytes for s in old_set.shards)))
-    new_reader = ShardReader(new_set, ShardCache(tmp_path / "cache-new", 4 * max(s.bytes for s in new_set.shards)))
+        per_shard = open_shard_set(f"s3://{bucket}/set", "train")
+    assert "reading every shard's index file instead" in caplog.text and "left out" not in caplog.text
+    split = open_shard_set(on_s3, "train")
+    assert per_shard.shards == split.shards
+    assert len(per_shard.table) == len(split.table) == sum(s.samples for s in split.shards) > 1700
+    budget = 4 * max(s.bytes for s in split.shards)
+    per_shard_reader = ShardReader(per_shard, ShardCache(tmp_path / "cache-per-shard", budget))
+    split_reader = ShardReader(split, ShardCache(tmp_path / "cache-split", budget))
     try:
-        for shard in range(len(old_set.shards)):
-            for sample in (0, old_set.shards[shard].samples - 1):
-                assert old_reader.key(shard, sample) == new_reader.key(shard, sample)
-                assert old_reader.read(shard, sample) == new_reader.read(shard, sample)
+        for shard in range(len(per_shard.shards)):
+            for sample in (0, per_shard.shards[shard].samples - 1):
+                assert per_shard_reader.key(shard, sample) == split_reader.key(shard, sample)
+                assert per_shard_reader.read(shard, sample) == split_reader.read(shard, sample)
     finally:
-        old_reader.close()
-        new_reader.close()
+        per_shard_reader.close()
+        split_reader.close()

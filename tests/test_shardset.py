@@ -1,4 +1,5 @@
-"""pipeline.data.shard_checks: the cheap checks before a pipeline starts, the split index and old sets without it."""
+"""data_prep.shardset.reader: the cheap checks before a pipeline starts, the split index, the shards' own index
+files when it is damaged, and the refusal of a set without one."""
 import hashlib
 import json
 import logging
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import as_old_format, run_prep
-from pipeline.data.shard_checks import ShardSetError, open_shard_set
+from conftest import damage_split_index, run_prep, without_split_indexes
+from data_prep.shardset.reader import ShardSetError, open_shard_set
+
+LOGGER = "data_prep.shardset.reader"
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +27,9 @@ def copy(shard_set, tmp_path) -> Path:
 
 
 @pytest.fixture
-def old_copy(copy) -> Path:
-    return as_old_format(copy)
+def damaged_copy(copy) -> Path:
+    """A copy read from its shards' own `.idx` files (its split index is damaged), so that they are checked."""
+    return damage_split_index(copy)
 
 
 def test_a_good_set_opens_whole(shard_set):
@@ -41,7 +45,7 @@ def cut(path: Path, keep: int) -> None:
 
 def test_a_truncated_shard_is_left_out_within_the_budget(copy, caplog):
     cut(copy / "train/shard-000002.tar", 50_000)
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         train = open_shard_set(str(copy), "train", max_bad_shards=1)
     assert [name for name, _ in train.skipped] == ["train/shard-000002.tar"]
     assert "50000 bytes, the manifest says" in train.skipped[0][1]
@@ -60,9 +64,9 @@ def test_past_the_budget_the_error_names_the_shards_and_verify(copy):
     assert f"python -m data_prep verify {copy}" in text
 
 
-def test_an_index_pointing_past_the_end_is_caught(old_copy):
+def test_an_index_pointing_past_the_end_is_caught(damaged_copy):
     # same size as the manifest says, but the index was written for another tar: DALI would read past the end
-    copy = old_copy
+    copy = damaged_copy
     idx = copy / "train/shard-000001.idx"
     lines = idx.read_text().splitlines()
     fields = lines[5].split(" ")
@@ -80,9 +84,9 @@ def test_an_index_pointing_past_the_end_is_caught(old_copy):
     (lambda idx: idx.write_text("\n".join(idx.read_text().splitlines()[:-1]) + "\n"), "index file unreadable"),
     (lambda idx: idx.write_text(idx.read_text().replace(" jpg ", " png ")), "lacks ['jpg']"),
 ])
-def test_bad_index_files_are_caught(old_copy, damage, reason):
-    damage(old_copy / "train/shard-000003.idx")
-    train = open_shard_set(str(old_copy), "train", max_bad_shards=1)
+def test_bad_index_files_are_caught(damaged_copy, damage, reason):
+    damage(damaged_copy / "train/shard-000003.idx")
+    train = open_shard_set(str(damaged_copy), "train", max_bad_shards=1)
     assert train.skipped[0][0] == "train/shard-000003.tar" and reason in train.skipped[0][1]
 
 
@@ -96,26 +100,31 @@ def count_reads(monkeypatch) -> list[str]:
 
 def test_one_split_index_read_instead_of_one_per_shard(copy, monkeypatch):
     reads = count_reads(monkeypatch)
-    new = open_shard_set(str(copy), "train")
+    split = open_shard_set(str(copy), "train")
     assert reads == ["manifest.json", "train/index.npz"]
     reads.clear()
-    old = open_shard_set(str(as_old_format(copy)), "train")  # a set finalized before split indexes still loads
-    assert reads[0] == "manifest.json" and sorted(reads[1:]) == [s.index_name for s in old.shards]
-    assert new.shards == old.shards and new.table.names == old.table.names
+    per_shard = open_shard_set(str(damage_split_index(copy)), "train")  # the shards' own .idx files instead
+    assert reads[:2] == ["manifest.json", "train/index.npz"]
+    assert sorted(reads[2:]) == [s.index_name for s in per_shard.shards]
+    assert split.shards == per_shard.shards and split.table.names == per_shard.table.names
     for column in ("starts", "jpg_offset", "jpg_size", "cls_offset", "cls_size", "key_blob", "key_starts"):
-        assert (getattr(new.table, column) == getattr(old.table, column)).all(), column
-    assert new.table.key(0) == old.table.key(0) and len(new.table) == new.num_samples == 1767
+        assert (getattr(split.table, column) == getattr(per_shard.table, column)).all(), column
+    assert split.table.key(0) == per_shard.table.key(0) and len(split.table) == split.num_samples == 1767
 
 
-def test_finalize_adds_the_split_indexes_to_an_old_set(copy, monkeypatch, caplog):
-    old = as_old_format(copy)
-    with caplog.at_level(logging.INFO, logger="pipeline.data"):
-        before = open_shard_set(str(old), "train")
-    assert f"python -m data_prep finalize {old}" in caplog.text  # the slow path says how to leave it
-    run_prep("finalize", old)
+def test_a_set_without_split_indexes_is_refused_until_finalize_writes_them(shard_set, copy, monkeypatch):
+    bare = without_split_indexes(copy)
     reads = count_reads(monkeypatch)
-    after = open_shard_set(str(old), "train")
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(str(bare), "val")
+    assert str(err.value) == (f"{bare} has no split index for its 'val' shards (no `split_indexes` entry in its "
+                              f"manifest.json): `python -m data_prep finalize {bare}` writes it")
+    assert reads == ["manifest.json"]  # refused before any index file is read
+    run_prep("finalize", bare)
+    reads.clear()
+    after = open_shard_set(str(bare), "train")
     assert reads == ["manifest.json", "train/index.npz"]
+    before = open_shard_set(str(shard_set), "train")
     assert after.shards == before.shards and (after.table.jpg_offset == before.table.jpg_offset).all()
 
 
@@ -129,9 +138,8 @@ def test_the_split_index_is_in_the_manifest_with_its_sha256(shard_set):
 
 
 def test_a_damaged_split_index_falls_back_to_the_shard_indexes(copy, caplog):
-    index = copy / "train/index.npz"
-    index.write_bytes(index.read_bytes()[:-10])
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    damage_split_index(copy)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         train = open_shard_set(str(copy), "train")
     assert "train/index.npz does not match the sha256 in the manifest" in caplog.text
     assert "reading every shard's index file instead" in caplog.text
@@ -160,7 +168,7 @@ def test_a_split_index_pointing_past_the_end_is_caught(copy):
 
 def test_a_shard_not_in_the_manifest_is_not_used(copy, caplog):
     shutil.copy(copy / "train/shard-000000.tar", copy / "train/shard-000077.tar")
-    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
         train = open_shard_set(str(copy), "train")
     assert "train/shard-000077.tar" not in {s.name for s in train.shards}
     assert "shard-000077.tar is not in the manifest" in caplog.text

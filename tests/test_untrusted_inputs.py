@@ -155,11 +155,13 @@ def test_rank_files_hold_tensors_and_plain_values_only(tmp_path):
              torch.rand(3).tolist())
     assert again == expected
 
-    # a rank file in the old format (python/numpy state tuples) is refused with a clear error, not unpickled
+    # a rank file holding pickled objects (here python/numpy state tuples, a numpy array) is refused with a clear
+    # error, not unpickled
     torch.save({"rng": {"python": random.getstate(), "numpy": np.random.get_state()}, "loader": {}},
                path / "rank_00000.pt")
     with pytest.raises(RuntimeError, match=r"rank_00000\.pt holds more than tensors and plain values "
-                                           r"\(Unsupported global: .*_reconstruct\)"):
+                                           r"\(Unsupported global: .*_reconstruct\), so it is not loaded: not a "
+                                           r"rank file this project wrote"):
         read_rank_file(path / "rank_00000.pt")
 
 

@@ -2,7 +2,8 @@
 object at start instead of one `.idx` per shard (14,200 GETs per rank per split at ImageNet-22K scale).
 
 `finalize` builds it from the shards' DALI index files (which stay: DALI's readers and tools use them) and lists
-it in manifest.json with its sha256. Columns, not Python objects, so that a rank holds about 40 bytes per sample:
+it in manifest.json with its sha256 (`write_split_indexes`); a reader fetches it and checks it against that entry
+(`read_split_index`). Columns, not Python objects, so that a rank holds about 40 bytes per sample:
 per shard its name and first row; per sample the jpg's and cls's byte ranges inside the tar and its key (one
 bytes blob with offsets). An npz of plain arrays loads with allow_pickle=False: nothing in it is executed.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .index import parse_index
+from .store import LocalStore
 
 VERSION = 1
 
@@ -148,6 +150,21 @@ def _columns(name: str, text: str) -> tuple:
     cls_ = np.asarray(cls_, np.int64).reshape(-1, 2)
     return jpg[:, 0], jpg[:, 1], cls_[:, 0], cls_[:, 1], b"".join(keys), np.fromiter(map(len, keys), np.int64,
                                                                                          len(keys))
+
+
+def read_split_index(store, entry: dict, cache=None) -> SampleTable:
+    """The split index the manifest's `split_indexes` entry names, checked against its sha256; raises ValueError
+    (naming the file) when it does not match or does not parse. On S3 it is read through `cache` when given (an
+    object with `pinned(store, name, bytes)`, as the loader's node-shared cache has), so a node fetches it once."""
+    where = f"{store.url}/{entry['name']}"
+    if cache is not None and not isinstance(store, LocalStore):
+        with cache.pinned(store, entry["name"], entry["bytes"]) as path:
+            data = path.read_bytes()
+    else:
+        data = store.read(entry["name"])
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{where} does not match the sha256 in the manifest")
+    return SampleTable.from_bytes(data, where)
 
 
 def write_split_indexes(out, shards: list[dict], threads: int = 16) -> dict:

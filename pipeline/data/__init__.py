@@ -1,1 +1,2 @@
-"""Reading shard sets for training: checks before a pipeline starts, a bounded local cache for S3 shards."""
+"""Reading shard sets for training (opened and checked by data_prep.shardset.reader): epoch order, a bounded
+node-shared cache and read-ahead for S3 shards, the backends."""

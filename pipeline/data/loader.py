@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from data_prep.shardset.reader import open_shard_set
 from data_prep.shardset.store import LocalStore
 
 from .augment_params import batch_rng, seeded, torch_generators
@@ -28,7 +29,6 @@ from .order import epoch_order, samples_per_rank
 from .readahead import ReadAhead
 from .reader import ShardReader
 from .samples import BatchSource, DataError  # noqa: F401  (DataError: what the loader raises)
-from .shard_checks import open_shard_set
 
 log = logging.getLogger("pipeline.data")
 

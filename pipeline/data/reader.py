@@ -12,10 +12,10 @@ from collections import OrderedDict
 
 import numpy as np
 
+from data_prep.shardset.reader import ShardSet
 from data_prep.shardset.store import open_store
 
 from .cache import Pin, ShardCache
-from .shard_checks import ShardSet
 
 
 class ShardReader:

@@ -279,14 +279,15 @@ def seed_streams(seed: int, step: int, rank: int) -> None:
 
 
 def read_rank_file(own_file: Path) -> dict:
+    """A rank file's RNG states and loader position, loaded with weights_only=True; a file holding anything but
+    tensors and plain values is refused with a RuntimeError naming the first object it would have unpickled."""
     try:  # tensors and plain values only (rng_state): nothing in it is unpickled as code
         return torch.load(own_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
         why = why.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "") or str(e)[:200]
         raise RuntimeError(f"{own_file} holds more than tensors and plain values ({why}), so it is not loaded: "
-                           f"it was written before RNG states were stored as tensors, or not by this project"
-                           ) from None
+                           f"not a rank file this project wrote, which holds only those") from None
 
 
 def _prune(root: Path, keep: int) -> None:

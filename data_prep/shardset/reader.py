@@ -1,35 +1,35 @@
-"""A shard set as a training job opens it: the manifest's shards of one split, each checked cheaply before any
+"""A shard set opened for reading one split: the manifest's shards of that split, each checked cheaply before any
 pipeline starts, so a truncated or mismatched shard never reaches DALI (which cannot skip a bad sample, and
 segfaults on an index entry that points past the end of its tar).
 
-Where the store is read from: the split's one consolidated index (`train/index.npz`, listed with its sha256 in
-the manifest; one GET instead of one per shard, about 14,200 at 22K scale), or, for a set finalized before split
-indexes (or a damaged one, with a warning), every shard's own `.idx` file.
+Where the samples lie comes from the split's one consolidated index (`train/index.npz`, listed with its sha256 in
+the manifest; one GET instead of one per shard, about 14,200 at 22K scale). A set whose manifest lists no split
+index for the split is refused, naming `python -m data_prep finalize SET`, which writes it. A damaged split index
+(prep's problem, not the job's) is warned about, and every shard's own `.idx` file is read instead.
 
 Checks per shard, without reading it: listed in the manifest, present on storage with the manifest's size, index
 entries with the manifest's sample count that give every sample its jpg and cls and point only inside the tar
-(offset + size <= file size). A bad shard is left out with a warning, up to a budget; past it, an error names
-the shards and the `data_prep verify` command to run. The result holds the sample table the readers use (numpy
-arrays, not Python objects: `bench/shardset_scale.py` measures its bytes per sample).
+(offset + size <= file size). A bad shard is left out with a warning, up to the caller's budget; past it, an
+error names the shards and the `data_prep verify` command to run. The result holds the sample table the readers
+use (numpy arrays, not Python objects: `bench/shardset_scale.py` measures its bytes per sample).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from data_prep.shardset.index import format_index, parse_index
-from data_prep.shardset.manifest import read_manifest
-from data_prep.shardset.split_index import SampleTable
-from data_prep.shardset.store import LocalStore, S3Store, open_store
+from .index import format_index, parse_index
+from .manifest import read_manifest
+from .split_index import SampleTable, read_split_index
+from .store import LocalStore, S3Store, open_store
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger("data_prep.shardset.reader")
 REQUIRED = ("jpg", "cls")
 
 
 class ShardSetError(RuntimeError):
-    pass
+    """A shard set that cannot be read as asked: no such split, no split index, too many bad shards."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Shard:
 
 @dataclass
 class ShardSet:
+    """The usable shards of one split and where their samples lie (`table`), read through one store client."""
     url: str
     split: str
     synsets: list[str]
@@ -61,7 +62,7 @@ class ShardSet:
 
 
 def check_index(text: str, shard: Shard, file_size: int) -> str | None:
-    """Why the index cannot be trusted for this shard, or None."""
+    """Why a shard's own `.idx` cannot be trusted for this shard, or None."""
     try:
         samples = parse_index(text)
     except ValueError as e:
@@ -79,15 +80,19 @@ def check_index(text: str, shard: Shard, file_size: int) -> str | None:
 
 
 def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cache=None) -> ShardSet:
-    """The split's usable shards and where their samples lie; raises ShardSetError when more than max_bad_shards
-    are bad or none is left. The samples come from the split's one index (`split_indexes` in the manifest; on S3
-    fetched through `cache`, once per node) or, for sets finalized before it, from every shard's index file."""
+    """The split's usable shards and where their samples lie; raises ShardSetError when the split has no shards or
+    no split index (`split_indexes` in the manifest), or when more than max_bad_shards are bad or none is left.
+    On S3 the split index is fetched through `cache` (see read_split_index), once per node."""
     store = open_store(url)
     manifest = read_manifest(store)
     synsets = manifest["label_layout"]["synsets"]
     entries = [e for e in manifest["shards"] if e["split"] == split]
     if not entries:
         raise ShardSetError(f"{url} has no {split!r} shards (splits: {sorted(manifest['totals'])})")
+    entry = manifest.get("split_indexes", {}).get(split)
+    if entry is None:
+        raise ShardSetError(f"{url} has no split index for its {split!r} shards (no `split_indexes` entry in its "
+                            f"manifest.json): `python -m data_prep finalize {url}` writes it")
     shards = [Shard(e["name"], e["index"], e["samples"], e["bytes"], e["sha256"]) for e in entries]
     # one listing, not a request per shard: on S3 small prefix listings in parallel (~140 for 14,200 shards)
     sizes = dict(store.list(split) if isinstance(store, LocalStore) else store.list_names([s.name for s in shards]))
@@ -105,21 +110,13 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
         return None
 
     problems = [storage_problem(s) for s in shards]
-    table = None
-    entry = manifest.get("split_indexes", {}).get(split)
-    if entry is not None:
-        try:
-            table = _read_split_index(store, entry, cache)
-        except (OSError, ValueError) as e:  # prep's problem, not the job's: the shards' own index files remain
-            log.warning("%s: %s; reading every shard's index file instead", url, e)
-    else:
-        # slow at scale (one request a shard: ~50 s a rank for 14,200 shards on S3) and silent otherwise
-        log.info("%s was finalized before split indexes: reading its %d %s shard index files, a request each "
-                 "(`python -m data_prep finalize %s` adds the split indexes)", url, len(shards), split, url)
-    if table is not None:
-        problems = _check_table(table, shards, problems)
-    else:
+    try:
+        table = read_split_index(store, entry, cache)
+    except (OSError, ValueError) as e:  # prep's problem, not the job's: the shards' own index files remain
+        log.warning("%s: %s; reading every shard's index file instead", url, e)
         table, problems = _table_from_shard_indexes(store, shards, sizes, problems)
+    else:
+        problems = _check_table(table, shards, problems)
     bad = [(s.name, p) for s, p in zip(shards, problems, strict=True) if p]
     good = [i for i, p in enumerate(problems) if not p]
     for name, why in bad:
@@ -135,18 +132,6 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
         log.warning("%d of %d %s shards left out (budget %d); %d samples remain", len(bad), len(shards), split,
                     max_bad_shards, sum(s.samples for s in kept))
     return ShardSet(url, split, synsets, kept, bad, table.select(good), store)
-
-
-def _read_split_index(store, entry: dict, cache) -> SampleTable:
-    where = f"{store.url}/{entry['name']}"
-    if cache is not None and not isinstance(store, LocalStore):
-        with cache.pinned(store, entry["name"], entry["bytes"]) as path:
-            data = path.read_bytes()
-    else:
-        data = store.read(entry["name"])
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{where} does not match the sha256 in the manifest")
-    return SampleTable.from_bytes(data, where)
 
 
 def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> list:
@@ -165,7 +150,7 @@ def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> lis
 
 
 def _table_from_shard_indexes(store, shards: list[Shard], sizes: dict, problems: list):
-    """A set finalized before split indexes: every shard's index file, read and checked."""
+    """In place of a damaged split index: every shard's index file, read and checked (a request each)."""
     def read(i: int) -> tuple[str | None, str | None]:
         shard = shards[i]
         if problems[i]:
