@@ -121,9 +121,12 @@ def check_before_launch(cfg, alone: bool = False) -> None:
     the store, nothing downloaded) and an out_dir that cannot be created or written. Each is one line, exit 2.
     `alone`: no rank runs beside this process (--check), so folders made to try out_dir are removed again."""
     from data_prep.shardset.manifest import read_manifest
+    from data_prep.shardset.reader import split_entries
     from data_prep.shardset.store import open_store
 
-    read_manifest(open_store(cfg.data.shards))  # its errors name the set: missing, a source, not finalized
+    manifest = read_manifest(open_store(cfg.data.shards))  # its errors name the set: missing, a source, not finalized
+    for split in filter(None, (cfg.data.train_split, cfg.data.val_split)):
+        split_entries(manifest, cfg.data.shards, split)  # no such split, or no split index
     if cfg.init_from:
         check_init_source(cfg)
     check_writable(Path(cfg.out_dir), "out_dir", remove_made=alone)

@@ -4,11 +4,14 @@ import hashlib
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import damage_split_index, run_prep, without_split_indexes
+from servers import REPO
 from data_prep.shardset.reader import ShardSetError, open_shard_set
 
 LOGGER = "data_prep.shardset.reader"
@@ -120,6 +123,10 @@ def test_a_set_without_split_indexes_is_refused_until_finalize_writes_them(shard
     assert str(err.value) == (f"{bare} has no split index for its 'val' shards (no `split_indexes` entry in its "
                               f"manifest.json): `python -m data_prep finalize {bare}` writes it")
     assert reads == ["manifest.json"]  # refused before any index file is read
+    checked = subprocess.run([sys.executable, "-m", "pipeline.train", "--check", "--config", str(REPO / "configs" / "tiny_22k.yaml"),
+                              f"data.shards={bare}", f"out_dir={bare.parent / 'runs'}"], capture_output=True,
+                             text=True, cwd=REPO, timeout=120)  # refused before any rank starts, too
+    assert checked.returncode == 2 and checked.stderr.strip() == f"error: {err.value}".replace("'val'", "'train'")
     run_prep("finalize", bare)
     reads.clear()
     after = open_shard_set(str(bare), "train")

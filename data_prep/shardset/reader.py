@@ -79,13 +79,9 @@ def check_index(text: str, shard: Shard, file_size: int) -> str | None:
     return None
 
 
-def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cache=None) -> ShardSet:
-    """The split's usable shards and where their samples lie; raises ShardSetError when the split has no shards or
-    no split index (`split_indexes` in the manifest), or when more than max_bad_shards are bad or none is left.
-    On S3 the split index is fetched through `cache` (see read_split_index), once per node."""
-    store = open_store(url)
-    manifest = read_manifest(store)
-    synsets = manifest["label_layout"]["synsets"]
+def split_entries(manifest: dict, url: str, split: str) -> tuple[list[dict], dict]:
+    """The manifest's shard entries of `split` and its split index entry; ShardSetError naming the set when the
+    split has no shards or no split index (nothing but the manifest is read: the launch check calls it too)."""
     entries = [e for e in manifest["shards"] if e["split"] == split]
     if not entries:
         raise ShardSetError(f"{url} has no {split!r} shards (splits: {sorted(manifest['totals'])})")
@@ -93,6 +89,17 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
     if entry is None:
         raise ShardSetError(f"{url} has no split index for its {split!r} shards (no `split_indexes` entry in its "
                             f"manifest.json): `python -m data_prep finalize {url}` writes it")
+    return entries, entry
+
+
+def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cache=None) -> ShardSet:
+    """The split's usable shards and where their samples lie; raises ShardSetError when the split has no shards or
+    no split index (`split_indexes` in the manifest), or when more than max_bad_shards are bad or none is left.
+    On S3 the split index is fetched through `cache` (see read_split_index), once per node."""
+    store = open_store(url)
+    manifest = read_manifest(store)
+    synsets = manifest["label_layout"]["synsets"]
+    entries, entry = split_entries(manifest, url, split)
     shards = [Shard(e["name"], e["index"], e["samples"], e["bytes"], e["sha256"]) for e in entries]
     # one listing, not a request per shard: on S3 small prefix listings in parallel (~140 for 14,200 shards)
     sizes = dict(store.list(split) if isinstance(store, LocalStore) else store.list_names([s.name for s in shards]))
