@@ -1,4 +1,4 @@
-"""The deterministic plan: which item goes to which split and shard, and which task writes which shard.
+"""The deterministic shard plan: which item goes to which split and shard, and which task writes which shard.
 
 Everything is a pure function of the listing and the options, so every Slurm array task computes the same plan
 on its own and writes only its share; no coordination, and a rerun or a different number of tasks or workers
@@ -92,7 +92,7 @@ def chunk(rows: np.ndarray, sizes: np.ndarray, max_samples: int | None, max_byte
     return np.split(rows, cuts) if len(rows) else []
 
 
-def make_plan(listing: Listing, seed: int, holdout_per_class: int, max_samples: int | None,
+def plan_shards(listing: Listing, seed: int, holdout_per_class: int, max_samples: int | None,
               max_bytes: int | None) -> list[ShardSpec]:
     train, val = split_holdout(listing, holdout_per_class, seed)
     order_rank = ranks(listing, seed, "order")

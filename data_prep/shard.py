@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
 from .records import build_manifest, missing_records
 from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
-from .plan import ShardSpec, make_plan, task_share
+from .plan import ShardSpec, plan_shards, task_share
 from .sources import LISTING_NAME, Listing, scan_source
 from .shardset.split_index import write_split_indexes
 from .shardset.store import open_store
@@ -130,14 +130,14 @@ def check_options(out, options: dict) -> None:
         out.write_bytes(OPTIONS_NAME, json.dumps(options, indent=1).encode())
 
 
-def plan_for(out, opts: ShardOptions):
+def shard_plan_for(out, opts: ShardOptions):
     source = open_store(opts.source)
     listing = set_aside_small_classes(load_or_scan(source, out, opts.source_format, opts.workers),
                                       opts.min_images_per_class)
     synsets = resolve_layout(out, listing, opts.layout)
     options = output_options(opts, listing.kind, synsets)
     check_options(out, options)
-    plan = make_plan(listing, opts.seed, opts.holdout_per_class, opts.max_samples, opts.max_bytes)
+    plan = plan_shards(listing, opts.seed, opts.holdout_per_class, opts.max_samples, opts.max_bytes)
     return source, listing, synsets, options, plan
 
 
@@ -169,7 +169,7 @@ def _encode_planned(position: int) -> EncodedShard:
 
 def run_shard(opts: ShardOptions) -> dict:
     out = open_store(opts.out)
-    source, listing, synsets, options, plan = plan_for(out, opts)
+    source, listing, synsets, options, plan = shard_plan_for(out, opts)
     if opts.list_only:
         return {"images": len(listing), "synsets": len(listing.synsets), "kind": listing.kind,
                 "rejected_while_listing": len(listing.rejected), "shards_planned": len(plan)}
@@ -278,7 +278,7 @@ def finalize(out_url: str) -> dict:
     listing = set_aside_small_classes(listing,
                                       options.get("min_images_per_class", 0))
     synsets = parse_layout(out.read("synsets.txt").decode(), f"{out_url}/synsets.txt")
-    plan = make_plan(listing, options["seed"], options["holdout_per_class"], options["max_samples"],
+    plan = plan_shards(listing, options["seed"], options["holdout_per_class"], options["max_samples"],
                      options["max_bytes"])
     manifest = build_manifest(out, plan, options, synsets, listing.rejected, listing.set_aside)
     write_finished_set(out, manifest)

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from data_prep.plan import make_plan
+from data_prep.plan import plan_shards
 from data_prep.shardset.store import open_store
 from data_prep.sources import Listing, scan_source
 
@@ -60,7 +60,7 @@ def test_items_are_sorted_by_synset_and_path_with_unique_keys(listing):
 @pytest.mark.parametrize("seed, per_class, max_samples, max_bytes",
                          [(0, 0, 200, None), (1, 5, 150, None), (7, 3, 0, 60_000), (2, 10, 90, 40_000)])
 def test_the_plan_is_the_one_the_object_version_made(listing, seed, per_class, max_samples, max_bytes):
-    plan = make_plan(listing, seed, per_class, max_samples or None, max_bytes)
+    plan = plan_shards(listing, seed, per_class, max_samples or None, max_bytes)
     got = [(s.split, s.index, s.items) for s in plan]
     assert got == reference_plan(items(listing), seed, per_class, max_samples or None, max_bytes)
 

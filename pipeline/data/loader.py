@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 
 from data_prep.shardset.reader import open_shard_set
 from data_prep.shardset.store import LocalStore
@@ -77,14 +79,10 @@ class ShardLoader:
             self.load_state_dict(state)
         self._mixup = None
         if cfg.train and (cfg.mixup > 0 or cfg.cutmix > 0):
-            from timm.data import Mixup
-
             self._mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                                 num_classes=self.shard_set.num_classes)
         self._erase = None
         if cfg.train and cfg.random_erasing > 0:
-            from timm.data.random_erasing import RandomErasing
-
             self._erase = RandomErasing(cfg.random_erasing, mode="pixel", device=self.device)
 
     # -- state ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 import torch
+from timm.data.auto_augment import rand_augment_transform
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
@@ -55,8 +56,6 @@ class _Batches(IterableDataset):
         self.rand_augment = None
         cfg = source.cfg
         if cfg.train and cfg.rand_augment:
-            from timm.data.auto_augment import rand_augment_transform
-
             self.rand_augment = rand_augment_transform(
                 cfg.rand_augment, {"translate_const": int(cfg.image_size * 0.45),
                                    "img_mean": tuple(round(255 * m) for m in MEAN)})

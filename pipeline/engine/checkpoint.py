@@ -130,11 +130,11 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
     # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to convert it for another world size
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False,
                            client_state={"step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-    own = {"rng": rng_state(), "loader": loader_state}
+    rank_state = {"rng": rng_state(), "loader": loader_state}
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
     if scaler is not None:  # ZeRO-0 fp16's loss scale (autocast's GradScaler), which DeepSpeed does not save
-        own["grad_scaler"] = scaler.state_dict()
-    _write_durable(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save(own, f))
+        rank_state["grad_scaler"] = scaler.state_dict()
+    _write_durable(tmp / f"rank_{rank:05d}.pt", lambda f: torch.save(rank_state, f))
     barrier()
     if rank == 0:
         dump_config(cfg, tmp / "config.yaml")
@@ -199,7 +199,8 @@ def universal_copy(path: Path, rank: int) -> Path:
 
 
 def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) -> tuple[int, dict, dict]:
-    """Restores engine, optimizer, loss scaler and RNG; returns (step, loader state, what was done).
+    """Restores engine, optimizer, loss scaler and RNG; returns (step, loader state, the resume record:
+    what was loaded, from and to which world size, and the optimizer groups' weight decay).
 
     The same world size: DeepSpeed's own files and this rank's RNG, exactly. Another world size (an elastic
     resume): ZeRO 1-3 through the universal copy (the engine was built with checkpoint.load_universal), ZeRO-0
@@ -223,16 +224,16 @@ def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) ->
             for group, settings in zip(optimizer.param_groups, groups, strict=True):
                 group.update(settings)
         seed_streams(seed, step, rank)
-    own = read_rank_file(path / f"rank_{(rank if not elastic else 0):05d}.pt")
+    rank_state = read_rank_file(path / f"rank_{(rank if not elastic else 0):05d}.pt")
     if not elastic:
-        set_rng_state(own["rng"])
+        set_rng_state(rank_state["rng"])
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-    if scaler is not None and "grad_scaler" in own:
-        scaler.load_state_dict(own["grad_scaler"])
-    done = {"checkpoint": str(path), "step": step, "from_world": meta["world_size"], "to_world": world,
+    if scaler is not None and "grad_scaler" in rank_state:
+        scaler.load_state_dict(rank_state["grad_scaler"])
+    resumed = {"checkpoint": str(path), "step": step, "from_world": meta["world_size"], "to_world": world,
             "elastic": elastic, "universal": str(load_from) if load_from != path else None,
             "weight_decay": [g.get("weight_decay") for g in engine.optimizer.param_groups]}
-    return step, own["loader"], done
+    return step, rank_state["loader"], resumed
 
 
 def check_zero0_weights_dtype(path: Path, engine_dtype: torch.dtype) -> None:

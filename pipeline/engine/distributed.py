@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -39,6 +40,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
 
 log = logging.getLogger("pipeline.train")
 _long_group = None  # the gloo group wait_for_main waits on (long timeout)
@@ -163,8 +168,6 @@ def init_distributed(timeout_s: float | None = None, long_timeout_s: float | Non
 
     cuda = torch.cuda.is_available()
     if cuda:
-        from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
-
         torch.cuda.set_device(cuda_device_index(dict(os.environ), torch.cuda.device_count()))
         check_torch_kernels(current_gpu(), torch_arch_list(), torch.__version__)  # before any kernel or NCCL
         for key, value in nccl_environment(trace_dir).items():
@@ -178,24 +181,18 @@ def init_distributed(timeout_s: float | None = None, long_timeout_s: float | Non
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     timeout = {}
     if timeout_s is not None:
-        import torch.distributed.distributed_c10d as c10d
-
         timeout = {"timeout": timedelta(seconds=timeout_s)}
         # the groups DeepSpeed makes (its data-parallel group is a clone of the world's) are new_group()s without
         # a timeout, which torch fills in from these module defaults, not from the world group's: set them too
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout["timeout"]
     deepspeed.init_distributed(dist_backend=process_group_backend(cuda), **timeout)
     if _distributed():
-        import torch.distributed as dist
-
         long_wait = timedelta(seconds=long_timeout_s) if long_timeout_s else None
         _long_group = dist.new_group(backend="gloo", timeout=long_wait)
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -203,22 +200,16 @@ def free_port() -> int:
 
 # -- collectives: the only place the project calls torch.distributed ---------------------------------------
 def _distributed() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sums `values` over every rank, in place, and returns it."""
     if _distributed():
-        import torch.distributed as dist
-
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
@@ -226,8 +217,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """The largest of `values` over every rank, in place, and returns it."""
     if _distributed():
-        import torch.distributed as dist
-
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
@@ -241,16 +230,12 @@ def all_true(flag: bool | torch.Tensor) -> bool:
     else:
         value = torch.tensor([int(bool(flag))], dtype=torch.int32)
     if _distributed():
-        import torch.distributed as dist
-
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 
 def barrier() -> None:
     if _distributed():
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -260,7 +245,6 @@ def wait_for_main(what: str, progress_s: float = 60.0) -> None:
     gloo group: a host-side wait, not a collective under the process group's short timeout."""
     if not _distributed():
         return
-    import torch.distributed as dist
 
     done = threading.Event()
     t0 = time.monotonic()
@@ -282,7 +266,6 @@ def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` (anything picklable), on every rank."""
     if not _distributed():
         return obj
-    import torch.distributed as dist
 
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -293,7 +276,6 @@ def all_gather_object(obj) -> list:
     """Every rank's `obj` (anything picklable), in rank order, on every rank."""
     if not _distributed():
         return [obj]
-    import torch.distributed as dist
 
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -302,7 +284,6 @@ def all_gather_object(obj) -> list:
 
 def shutdown() -> None:
     """Ends the process group, if one was started."""
-    import torch.distributed as dist
 
     global _long_group
     if dist.is_available() and dist.is_initialized():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunConfig, load_config
 from pipeline.data.samples import MEAN, STD
+from pipeline.engine.init_source import check_init_source, init_source_kind
 from pipeline.model import create_model, timm_kwargs, timm_name
 from pipeline.model.transfer import SourceModel
 from swin_common.safe_weights import UnsafeModelFile, check_safetensors, file_sha256  # noqa: F401  (re-exported)
@@ -70,8 +72,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     (tmp / "model.json").write_text(json.dumps(meta, indent=1))
     write_timm_config(model, tmp, meta)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
@@ -127,7 +127,6 @@ def load_source(path: str | Path) -> SourceModel:
     """The weights and label layout to initialise from (`init_from`): a complete checkpoint folder, an exported
     model folder, or its model.safetensors beside model.json (told apart by init_source, as the pre-launch check
     does). (A models:/ URI is pulled to a folder first, by `python -m pipeline.train`.)"""
-    from pipeline.engine.init_source import check_init_source, init_source_kind
 
     kind, path = init_source_kind(path)
     if kind == "checkpoint":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 # name -> (timm base architecture, overrides of that architecture)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -63,7 +64,6 @@ def forward_flops(arch: str, img_size: int, window_size: int, num_classes: int) 
     """FLOPs of one image's forward pass (2 per multiply-add of every matmul, convolution and attention), counted
     by torch's FlopCounterMode on the meta device: no memory, no compute. Training counts 3x (forward + backward,
     which MFU's convention takes as twice the forward; recomputation under grad checkpointing is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         model = create_model(arch, img_size, window_size, num_classes, fused_attn=False)

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 
 from data_prep.shardset.layout import map_layouts
 
@@ -56,7 +57,6 @@ def resize_bias_table(table: torch.Tensor, size: int) -> torch.Tensor:
     """A ((2M-1)^2, heads) table resized to (size^2, heads), bicubic over each head's (2M-1)x(2M-1) grid: timm's
     `resize_rel_pos_bias_table_simple` (the same computation as the official code), computed in fp32 and returned
     as a new tensor in the table's dtype."""
-    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 
     rows, heads = table.shape
     side = round(rows ** 0.5)
