@@ -51,14 +51,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_env(**extra: str) -> dict[str, str]:
-    """This environment as outside any job (no rank or Slurm variables), the venv's python for the launch
-    scripts, a free rendezvous port, plus extra."""
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
-            not k.startswith("SLURM_")}
-    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
-
-
 def rank_pid(run_dir: Path, rank: int) -> int:
     """The training process of `rank` of the run `run_dir` (out_dir=parent, name=folder) under DeepSpeed's
     per-node launcher on this machine (started by its runner or by swin_common.node_launch): its DataLoader

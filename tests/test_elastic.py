@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from servers import REPO
-from test_train import LAUNCH, env, metrics, run, small
+from runs import LAUNCH, job_env, metrics, run, small
 
 pytestmark = pytest.mark.slow
 LOSS_TOLERANCE = 0.005
@@ -30,7 +30,7 @@ LOSS_TOLERANCE = 0.005
 
 def launch(ranks: int, shards, out, name, *extra, **kw) -> subprocess.CompletedProcess:
     args = small(shards, out, name, "data.val_split=", "model.drop_path=0", *extra)
-    return run(["bash", LAUNCH, *args], env=env(NUM_GPUS=str(ranks)), **kw)
+    return run(["bash", LAUNCH, *args], env=job_env(NUM_GPUS=str(ranks)), **kw)
 
 
 def resumes(run_dir: Path) -> list[dict]:
@@ -92,7 +92,7 @@ def test_two_one_two_through_the_launcher_and_a_kill_during_the_conversion(shard
     launch(2, shards, tmp_path, "chain", "train.max_steps=4", "checkpoint.every_steps=2")
     args = small(shards, tmp_path, "chain", "data.val_split=", "train.max_steps=6",
                  "checkpoint.every_steps=2")
-    proc = subprocess.Popen(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=env(NUM_GPUS="1"),
+    proc = subprocess.Popen(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=job_env(NUM_GPUS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = tmp_path / "chain" / "checkpoints"
     deadline = time.time() + 300

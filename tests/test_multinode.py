@@ -18,31 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from runs import ACCELERATE, DEEPSPEED, LAUNCH, job_env, metrics, small as small_run
 from servers import REPO, free_port, start_sshd
 
 pytestmark = pytest.mark.slow
-LAUNCH = REPO / "launch" / "pretrain_22k.sh"
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
 def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
-    """The tiny recipe (as a user names it, relative to the repository), smaller: 16 images per rank per step."""
-    return ["--config", "configs/tiny_22k.yaml", f"name={name}", f"out_dir={out}", f"data.shards={shards}",
-            "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
-            "train.log_every=1", "schedule.epochs=2", "schedule.warmup_epochs=0", "tracking.enabled=false", *extra]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment as outside any job (no rank or Slurm variables), plus extra."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-            and not k.startswith(("SLURM_", "ACCELERATE_"))}
-    return {**base, "PYTHON": sys.executable, **extra}
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    """A small run with the recipe named as a user types it, relative to the repository."""
+    return small_run(shards, out, name, *extra, config="configs/tiny_22k.yaml")
 
 
 # --- processes of one run, found by /proc ----------------------------------------------------------------
@@ -128,13 +112,13 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
     port = free_port()
     if form == "bash_hostfile":  # HOSTFILE=... bash launch/pretrain_22k.sh, from the user's own folder
         cmd = ["bash", LAUNCH, *args]
-        env = clean_env(**ssh_nodes.env, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        env = job_env(port=False, **ssh_nodes.env, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                         **FORWARDED)
         cwd = user_dir
     else:  # as the team types it, in the repository: the script's path and --config are relative
         cmd = [DEEPSPEED, "--hostfile", hostfile, "--ssh_port", ssh_nodes.port, "--master_addr", "127.0.0.1",
                "--master_port", port, "launch/pretrain_22k.sh", *args]
-        env = clean_env(PATH=ssh_nodes.env["PATH"])
+        env = job_env(port=False, PATH=ssh_nodes.env["PATH"])
         cwd = REPO
     cmd = list(map(str, cmd))
     log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
@@ -188,7 +172,7 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
     finally:
         left = kill_all(marker)
     assert not left, f"processes of the run were still alive at the end: {left}"
-    steps = metrics(run_dir)
+    steps = metrics(run_dir)[0]
     assert steps[-1]["step"] == STEPS
     assert [m["step"] for m in steps[step - STEPS:]] == list(range(step + 1, STEPS + 1))  # the second run's records
     final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
@@ -207,7 +191,7 @@ def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, sha
     timeout_s = 10
     args = small(shards, run_dir.parent, "hang", "train.max_steps=16", "checkpoint.every_steps=4",
                  f"train.collective_timeout_s={timeout_s}")
-    env = clean_env(**ssh_nodes.env, HOSTFILE=str(ssh_nodes.hostfile(tmp_path / "hostfile")),
+    env = job_env(port=False, **ssh_nodes.env, HOSTFILE=str(ssh_nodes.hostfile(tmp_path / "hostfile")),
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     cmd = list(map(str, ["bash", LAUNCH, *args]))
     log1 = tmp_path / "first.log"
@@ -256,7 +240,7 @@ def test_a_rank_that_cannot_start_on_one_node_is_named_at_start(ssh_nodes, shard
     try:
         run_dir = tmp_path / "shared" / "nostart"
         args = small(shards, run_dir.parent, "nostart", "train.max_steps=4", "train.collective_timeout_s=10")
-        env = clean_env(**nodes.env, HOSTFILE=str(nodes.hostfile(tmp_path / "hostfile")),
+        env = job_env(port=False, **nodes.env, HOSTFILE=str(nodes.hostfile(tmp_path / "hostfile")),
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         t0 = time.monotonic()
         proc = subprocess.run(list(map(str, ["bash", LAUNCH, *args])), cwd=tmp_path, env=env, capture_output=True,
@@ -298,7 +282,7 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
     for node in ("127.0.0.1", "127.0.0.2"):  # each node's slurmd launched one task of the step
         assert re.search(rf"launch task StepId={job}\.0 ", (slurm_two_nodes.state_dir / f"slurmd-{node}.log")
                          .read_text()), slurm_two_nodes.log_tails()
-    assert [m["step"] for m in metrics(run_dir / "slurm2")] == [1, 2, 3]
+    assert [m["step"] for m in metrics(run_dir / "slurm2")[0]] == [1, 2, 3]
     ckpt = run_dir / "slurm2" / "checkpoints" / "step_00000003"
     assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
@@ -317,12 +301,12 @@ def accelerate_args(num_machines: int, port: int) -> list[str]:
 def test_accelerate_launch_on_one_node_starts_two_ranks(shards, tmp_path):
     cmd = [ACCELERATE, *accelerate_args(1, free_port()), "-m", "pipeline.train",
            *small(shards, tmp_path, "acc1", "train.max_steps=3")]
-    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=clean_env(), capture_output=True, text=True,
+    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=job_env(port=False), capture_output=True, text=True,
                           timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "global batch 32 = 16 micro x 2 ranks" in out, out[-4000:]
-    assert [m["step"] for m in metrics(tmp_path / "acc1")] == [1, 2, 3]
+    assert [m["step"] for m in metrics(tmp_path / "acc1")[0]] == [1, 2, 3]
     ckpt = tmp_path / "acc1" / "checkpoints" / "step_00000003"
     assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
@@ -335,7 +319,7 @@ def test_accelerate_launch_on_two_nodes_through_pdsh(ssh_nodes, shards, tmp_path
     args = [*accelerate_args(2, free_port()), "--machine_rank", "%n", "--main_process_ip", "127.0.0.1",
             "-m", "pipeline.train", *small(shards, run_dir, "acc2", "train.max_steps=3")]
     remote = f"cd {REPO} && {ACCELERATE} " + " ".join(args)
-    env = clean_env(PATH=ssh_nodes.env["PATH"], PDSH_RCMD_TYPE="ssh", PDSH_SSH_ARGS_APPEND=f"-p {ssh_nodes.port}")
+    env = job_env(port=False, PATH=ssh_nodes.env["PATH"], PDSH_RCMD_TYPE="ssh", PDSH_SSH_ARGS_APPEND=f"-p {ssh_nodes.port}")
     try:
         proc = subprocess.run(["pdsh", "-S", "-w", ",".join(ssh_nodes.hosts), remote], env=env,
                               capture_output=True, text=True, timeout=400)
@@ -346,7 +330,7 @@ def test_accelerate_launch_on_two_nodes_through_pdsh(ssh_nodes, shards, tmp_path
     assert proc.returncode == 0, out[-6000:]
     assert not left, f"processes of the run were still alive at the end: {left}"
     assert "global batch 32 = 16 micro x 2 ranks" in out, out[-4000:]
-    assert [m["step"] for m in metrics(run_dir / "acc2")] == [1, 2, 3]
+    assert [m["step"] for m in metrics(run_dir / "acc2")[0]] == [1, 2, 3]
     ckpt = run_dir / "acc2" / "checkpoints" / "step_00000003"  # 1 process per node: rank 1 ran on 127.0.0.2
     assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]

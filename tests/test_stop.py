@@ -16,28 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO, launch_env, rank_pid
+from runs import LAUNCH, TINY, job_env, records, small
+from servers import REPO, rank_pid
 
 pytestmark = pytest.mark.slow
-LAUNCH = REPO / "launch" / "pretrain_22k.sh"
-TINY = REPO / "configs" / "tiny_22k.yaml"
 EXIT_STOPPED = 75
 GRACE_S = 30  # the deepspeed launcher's SIGTERM -> SIGKILL (launch.py, terminate_process_tree)
 
 
 def command(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
-    """The tiny recipe: 16 images per rank per step, a long schedule cut by max_steps, an evaluation every 5
-    steps in 50 small batches per rank (so that a signal can land in one), checkpoints only far away."""
-    return list(map(str, ["bash", LAUNCH, "--config", TINY, f"name={name}", f"out_dir={out}",
-                          f"data.shards={shards}", "train.global_batch=32", "train.micro_batch=16",
-                          "eval.batch_size=2", "eval.every_steps=5", "data.workers=1", "train.log_every=1",
-                          "schedule.epochs=20", "schedule.warmup_epochs=0", "train.max_steps=40",
-                          "checkpoint.every_steps=1000", *extra]))
-
-
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    """The small run with a long schedule cut by max_steps, an evaluation every 5 steps in 50 small batches per
+    rank (so that a signal can land in one), checkpoints only far away."""
+    return list(map(str, ["bash", LAUNCH, *small(shards, out, name, "eval.batch_size=2", "eval.every_steps=5",
+                                                 "schedule.epochs=20", "train.max_steps=40",
+                                                 "checkpoint.every_steps=1000", *extra, tracked=True)]))
 
 
 def wait_for_record(run_dir: Path, proc: subprocess.Popen, log: Path, want, timeout: float = 300) -> dict:
@@ -107,7 +99,7 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     log0 = tmp_path / "straight.log"
     with open(log0, "w") as out:
         proc = subprocess.Popen(command(shards, tmp_path, "straight", "tracking.enabled=false"), cwd=REPO,
-                                env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=job_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         started.append(proc)
     signals = signal_after_the_end(tmp_path / "straight", proc, log0)
     assert proc.returncode == 0 and signals > 0, f"exit {proc.returncode} ({signals} signals):\n" \
@@ -117,7 +109,7 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
 
     run_dir = tmp_path / "stopped"
     cmd = command(shards, tmp_path, "stopped", "tracking.system_metrics=false")
-    run_env = launch_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
+    run_env = job_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
     client = MlflowClient(mlflow_server.uri)
 
     # 1. SIGTERM to the launch script mid-epoch (50 steps per epoch here), between checkpoints
@@ -252,7 +244,7 @@ def test_a_signal_during_warm_up_or_a_periodic_checkpoint_stops_at_the_next_boun
     cmd = command(shards, tmp_path, "edges", "tracking.enabled=false", "checkpoint.every_steps=4", "eval.every_steps=0")
     log1 = tmp_path / "warmup.log"
     with open(log1, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         started.append(proc)
     end = time.time() + 300
@@ -267,7 +259,7 @@ def test_a_signal_during_warm_up_or_a_periodic_checkpoint_stops_at_the_next_boun
 
     log2 = tmp_path / "periodic.log"
     with open(log2, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=launch_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         started.append(proc)
     step = signal_during_a_checkpoint(run_dir, proc, log2, steps=range(8, 40, 4))
@@ -311,10 +303,8 @@ SBATCH = REPO / "launch" / "slurm" / "pretrain_22k.sbatch"
 def submit(cluster, shards: Path, tmp_path: Path, *sbatch_args: str, steps: int | None = None, config: Path = TINY,
            python: Path | str = sys.executable) -> int:
     limit = [f"train.max_steps={steps}"] if steps is not None else []
-    return cluster.sbatch(SBATCH, "--config", config, "name=sl", f"out_dir={tmp_path}", f"data.shards={shards}",
-                          "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
-                          "train.log_every=1", "schedule.epochs=20", "schedule.warmup_epochs=0",
-                          "tracking.enabled=false", "checkpoint.every_steps=1000", *limit,
+    return cluster.sbatch(SBATCH, *small(shards, tmp_path, "sl", "schedule.epochs=20", "checkpoint.every_steps=1000",
+                                         *limit, config=config),
                           sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
                                        f"--output={tmp_path}/job-%j.out", *sbatch_args],
                           env={"PYTHON": str(python), "SWIN_REPO": str(REPO)}, cwd=tmp_path)

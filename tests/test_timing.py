@@ -4,7 +4,6 @@ shows a data wait above a local set's; the run ends with its time split into com
 evaluation."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
@@ -16,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.engine.timing import window_fields
-from servers import REPO, latency_proxy, launch_env, rank_pid
-
-LAUNCH = REPO / "launch" / "pretrain_22k.sh"
-TINY = REPO / "configs" / "tiny_22k.yaml"
+from runs import LAUNCH, job_env, metrics, small
+from servers import REPO, latency_proxy, rank_pid
 
 
 def test_window_fields_name_the_slowest_rank_by_its_own_time():
@@ -30,16 +27,11 @@ def test_window_fields_name_the_slowest_rank_by_its_own_time():
 
 
 def args(shards, out: Path, name: str, *extra: str) -> list[str]:
-    return ["--config", str(TINY), f"name={name}", f"out_dir={out}", f"data.shards={shards}",
-            "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
-            "train.log_every=1", "schedule.epochs=20", "schedule.warmup_epochs=0", "tracking.enabled=false",
-            "checkpoint.every_steps=1000", *extra]
+    return small(shards, out, name, "schedule.epochs=20", "checkpoint.every_steps=1000", *extra)
 
 
 def step_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return metrics(run_dir)[0]
 
 
 def main_thread_running(pid: int) -> bool:
@@ -67,7 +59,7 @@ def test_a_rank_stopped_for_3_s_is_named_the_slowest_with_its_own_stall(shards, 
     run_dir, log = tmp_path / "stall", tmp_path / "stall.log"
     with open(log, "w") as out:  # a file, not a pipe that nobody reads while the run goes on
         proc = subprocess.Popen(["bash", LAUNCH, *args(shards, tmp_path, "stall", "train.max_steps=60")],
-                                cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL, stderr=out,
+                                cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=out,
                                 start_new_session=True)
     stalled, tries = [], []
     try:
@@ -115,11 +107,11 @@ def test_a_shard_set_behind_a_slow_s3_shows_a_longer_data_wait(shards, s3_server
                        cwd=REPO, env=run_env, check=True, capture_output=True, timeout=300)
         return step_records(tmp_path / name)
 
-    local = run("local", shards, launch_env(), "data.read_ahead=0")
+    local = run("local", shards, job_env(), "data.read_ahead=0")
     assert "cache_hits" not in local[-1]  # a local set is read in place: no cache fields
     with latency_proxy(s3_server.endpoint_url, delay_ms=300) as slow:
         s3_env = s3_server.subprocess_env(AWS_ENDPOINT_URL=slow, AWS_ENDPOINT_URL_S3=slow, PYTHON=sys.executable,
-                                          **{k: v for k, v in launch_env().items() if k == "MASTER_PORT"})
+                                          **{k: v for k, v in job_env().items() if k == "MASTER_PORT"})
         remote = run("s3", f"s3://{bucket}/digits", s3_env, "data.read_ahead=0")
         ahead = run("s3ahead", f"s3://{bucket}/digits", s3_env, "data.read_ahead=2")
     local_wait, remote_wait = [r["data_wait_s"] for r in local], [r["data_wait_s"] for r in remote]

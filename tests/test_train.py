@@ -17,42 +17,10 @@ from safetensors.torch import load_file
 
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.model_export import load_exported
+from runs import DEEPSPEED, LAUNCH, job_env, metrics, run, small
 from servers import REPO, free_port
 
 pytestmark = pytest.mark.slow
-LAUNCH = REPO / "launch" / "pretrain_22k.sh"
-TINY = REPO / "configs" / "tiny_22k.yaml"
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-
-
-def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
-    """The tiny recipe, smaller: 16 images per rank per step, a short schedule; untracked (MLflow's part of a run
-    is tests/test_tracking.py's, and a local store costs each launch ~2.5 s here)."""
-    return ["--config", str(TINY), f"name={name}", f"out_dir={out}", f"data.shards={shards}",
-            "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1",
-            "train.log_every=1", "schedule.epochs=2", "schedule.warmup_epochs=0", "tracking.enabled=false", *extra]
-
-
-def env(**extra) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE") and
-            not k.startswith("SLURM_")}
-    return {**base, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), **extra}
-
-
-def run(cmd: list, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=kw.pop("env", None) or env(), **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-5000:]}\n"
-                             f"{proc.stderr[-8000:]}")
-    return proc
-
-
-def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "loss" in m], [m for m in lines if "val_top1" in m]
-
-
 # Each ZeRO stage's run starts the script a different way: `bash launch/pretrain_22k.sh`, and the `deepspeed`
 # launcher running it as `python -u launch/pretrain_22k.sh` or, with --no_python, as a program. One launch per
 # stage serves both checks (a launch costs ~20 s here, nearly all of it start-up), and the ZeRO-3 run is also
@@ -119,7 +87,7 @@ def test_one_machine_launch_gives_the_launcher_the_runners_world_info(procs):
 
 
 def start_in_session(cmd: list) -> subprocess.Popen:
-    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env(), start_new_session=True,
+    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=job_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
