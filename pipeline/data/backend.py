@@ -13,6 +13,7 @@ import torch
 
 class Backend(Protocol):
     name: str
+    reads_ahead_here: bool  # reads batches ahead of those it hands out, in the loader's process (a feeder thread)
 
     def batches(self, source, order, epoch: int, start: int, end: int
                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]: ...

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Generator
 
 import torch
 from timm.data import Mixup
@@ -69,7 +69,7 @@ class ShardLoader:
         cache = ShardCache(cfg.cache_dir, cfg.cache_bytes)
         self.shard_set = open_shard_set(cfg.shards, cfg.split, cfg.max_bad_shards, cache)
         self.reader = ShardReader(self.shard_set, cache)
-        self._ahead = None  # the read-ahead of the epoch under way (S3 sets)
+        self._ahead: ReadAhead | None = None  # the read-ahead of the epoch under way (S3 sets)
         self.source = BatchSource(cfg, self.reader, rank)
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.backend = create_backend(cfg.backend, cfg, self.device)
@@ -133,7 +133,7 @@ class ShardLoader:
         self.backend.new_epoch()
 
     # -- batches -------------------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
         order = epoch_order(self.reader.sizes, self.cfg.seed, self.epoch, self.rank, self.world,
                             self.cfg.shuffle_window, shuffle=self.cfg.train, pad=not self.cfg.train,

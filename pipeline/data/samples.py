@@ -2,6 +2,8 @@
 and the names of its samples for error messages."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import simplejpeg
 from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
@@ -20,7 +22,7 @@ class BatchSource:
     def __init__(self, cfg, reader: ShardReader, rank: int):
         self.cfg, self.reader, self.rank = cfg, reader, rank
         self._last_for, self._last = None, None  # the order whose last batch per shard `_last` holds
-        self.after_read = None  # called with b + 1 once batch b is read (the loader's read-ahead, in this process)
+        self.after_read: Callable[[int], None] | None = None  # with b + 1 once batch b is read (the read-ahead)
 
     @property
     def url(self) -> str:

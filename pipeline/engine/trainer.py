@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import deepspeed
 import torch
+from timm.scheduler.scheduler import Scheduler
 
 from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
@@ -89,6 +90,12 @@ class StepContext:
 class Trainer:
     """One run: its loaders, step plan, end step, resume point and init decision, then its engine and state."""
 
+    # made by train(), once the weights it starts from are local
+    engine: deepspeed.DeepSpeedEngine
+    schedule: Scheduler
+    metrics: MetricsLog
+    ctx: StepContext
+
     def __init__(self, cfg: RunConfig, world: World):
         self.cfg, self.world, self.run_dir = cfg, world, cfg.run_dir
         if world.is_main:
@@ -106,7 +113,6 @@ class Trainer:
         # init_from starts a new run; a resumed one has its own weights (a new name or out_dir starts from it)
         self.init_from = cfg.init_from if self.resume is None else ""
         self.state = RunState()
-        self.engine = self.schedule = self.metrics = self.ctx = None
 
     # -- the run ---------------------------------------------------------------------------------------------
     def train(self, init_path: str = "", tracker=None) -> TrainResult:
@@ -119,7 +125,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.world.is_main, tracker)
         self.ctx = step_context(cfg, self.precision, self.engine.device, len(self.synsets))
         if self.resume is not None:
-            self._resume()
+            self._resume(self.resume)
         self._announce()
         self.schedule.step_update(state.step)
         state.clock = RunClock()  # the loop's time, from here
@@ -145,15 +151,15 @@ class Trainer:
         return TrainResult(state.step, self.plan.total_steps, complete_checkpoints(self.run_dir / "checkpoints")[-1],
                            state.dropped_total, state.last_eval, timing)
 
-    def _resume(self) -> None:
+    def _resume(self, checkpoint: Path) -> None:
         state, world = self.state, self.world
-        state.step, loader_state, resumed = load_checkpoint(self.engine, self.resume, world.rank, world.size,
+        state.step, loader_state, resumed = load_checkpoint(self.engine, checkpoint, world.rank, world.size,
                                                             self.cfg.train.seed)
         self.train_loader.load_state_dict(loader_state)
         state.last_checkpoint_step = state.step
         # rank 0 keeps the log; every rank must know whether the evaluation at this step is owed (a collective)
         state.last_eval = broadcast_object(self.metrics.evaluation_at(state.step) if world.is_main else None)
-        log.info("resumed from %s at step %d%s", self.resume, state.step,
+        log.info("resumed from %s at step %d%s", checkpoint, state.step,
                  f" (elastic: {resumed['from_world']} -> {resumed['to_world']} ranks)" if resumed["elastic"] else "")
         if resumed["elastic"]:
             self.schedule.step_update(state.step)
@@ -264,8 +270,9 @@ class Trainer:
         if window.eval:
             record["eval_s"] = window.eval
         if engine.device.type == "cuda":
-            if self.ctx.forward_flops is not None and elapsed > 0:
-                record["mfu"] = mfu(images / elapsed / world, self.ctx.forward_flops, self.ctx.peak_flops)
+            ctx = self.ctx
+            if ctx.forward_flops is not None and ctx.peak_flops is not None and elapsed > 0:
+                record["mfu"] = mfu(images / elapsed / world, ctx.forward_flops, ctx.peak_flops)
             record.update(memory_fields(engine.device))
         self.metrics.write(record)
         tally.reset()
@@ -351,19 +358,18 @@ class Trainer:
 def loader_configs(cfg: RunConfig, precision: str) -> tuple[LoaderConfig, LoaderConfig | None]:
     """The train loader's config and, with a validation split, the evaluation loader's."""
     d, m = cfg.data, cfg.model
-    common = dict(shards=d.shards, image_size=m.img_size, backend=d.backend, workers=d.workers, seed=d.seed,
-                  max_bad_shards=d.max_bad_shards, dtype=DTYPES[precision], cache_dir=d.cache_dir,
-                  cache_bytes=d.cache_bytes, read_ahead=d.read_ahead, crop_pct=d.crop_pct)
-    train = LoaderConfig(split=d.train_split, train=True, batch_size=cfg.train.micro_batch,
-                         rand_augment=d.rand_augment, mixup=d.mixup, cutmix=d.cutmix,
-                         label_smoothing=d.label_smoothing, random_erasing=d.random_erasing, **common)
-    val = LoaderConfig(split=d.val_split, train=False, batch_size=cfg.eval.batch_size, **common) \
-        if d.val_split else None
+    common = LoaderConfig(shards=d.shards, image_size=m.img_size, backend=d.backend, workers=d.workers, seed=d.seed,
+                          max_bad_shards=d.max_bad_shards, dtype=DTYPES[precision], cache_dir=d.cache_dir,
+                          cache_bytes=d.cache_bytes, read_ahead=d.read_ahead, crop_pct=d.crop_pct)
+    train = replace(common, split=d.train_split, train=True, batch_size=cfg.train.micro_batch,
+                    rand_augment=d.rand_augment, mixup=d.mixup, cutmix=d.cutmix, label_smoothing=d.label_smoothing,
+                    random_erasing=d.random_erasing)
+    val = replace(common, split=d.val_split, train=False, batch_size=cfg.eval.batch_size) if d.val_split else None
     return train, val
 
 
 def build_engine(cfg: RunConfig, world: World, plan: StepPlan, synsets: list[str], precision: str,
-                 init_from: str = "", load_universal: bool = False):
+                 init_from: str = "", load_universal: bool = False) -> tuple[deepspeed.DeepSpeedEngine, Scheduler]:
     """The DeepSpeed engine and LR schedule; the model starts from the weights at `init_from` (a local path)
     when given; `load_universal`: the engine will load a universal checkpoint (an elastic resume)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
