@@ -52,13 +52,17 @@ def local_path(value: str) -> bool:
     return bool(value) and "://" not in value and not value.startswith("models:/")
 
 
-def resolve_at_launch(cfg, launch_dir: str | None) -> None:
+def resolve_at_launch(cfg, launch_dir: str | None) -> "Store":  # noqa: F821  (pipeline.tracking.store)
     """Every relative path of the config (out_dir, data.shards, data.cache_dir, init_from, checkpoint.resume, a
     local MLflow store or artifact location; a recipe's own relative defaults too) becomes absolute once, against
     the folder the job was launched from, so every rank on every node names the same files whatever folder its
     launcher started it in (the launch scripts and the Slurm scripts change to the repository and pass
     --launch-dir; `python -m pipeline.train`, torchrun and accelerate run where they were started), and every
-    "not found" names the absolute path it tried."""
+    "not found" names the absolute path it tried.
+
+    The MLflow store is resolved here, once (pipeline.tracking.store.resolve_store: MLFLOW_TRACKING_URI, else
+    tracking.uri, else the local store in out_dir) and returned; tracking.uri is set to its URI, so the resolved
+    config names the store every later step uses (store.run_store) and the environment is not read again."""
     base = Path(launch_dir or os.getcwd())
 
     def absolute(value: str) -> str:  # as the user named it: `..` folded, symlinks kept
@@ -71,25 +75,24 @@ def resolve_at_launch(cfg, launch_dir: str | None) -> None:
     cfg.init_from = absolute(cfg.init_from)
     if cfg.checkpoint.resume not in ("auto", "none"):
         cfg.checkpoint.resume = absolute(cfg.checkpoint.resume)
-    from pipeline.tracking.tracker import absolute_store_uri
+    from pipeline.tracking.store import absolute_location, resolve_store
 
-    cfg.tracking.uri = absolute_store_uri(cfg.tracking.uri, base)  # a relative store: where the user launched
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ["MLFLOW_TRACKING_URI"] = absolute_store_uri(os.environ["MLFLOW_TRACKING_URI"], base)
-    if cfg.tracking.artifact_location and "://" not in cfg.tracking.artifact_location:
-        cfg.tracking.artifact_location = str((base / cfg.tracking.artifact_location).resolve())
+    cfg.tracking.artifact_location = absolute_location(cfg.tracking.artifact_location, base)
+    store = resolve_store(cfg.tracking.uri, cfg.out_dir, base, os.environ, cfg.tracking.artifact_location)
+    cfg.tracking.uri = store.uri
+    return store
 
 
 def pull_init_source(init_from: str, cfg) -> str:
     """`init_from=models:/NAME@ALIAS` (or /VERSION): the registered model pulled into the local model cache from
-    the store this run tracks to (MLFLOW_TRACKING_URI, tracking.uri, else the local store in out_dir); a path is
-    returned as it is."""
+    the store this run tracks to (the one resolve_at_launch resolved: store.run_store); a path is returned as it
+    is."""
     if not init_from.startswith("models:/"):
         return init_from
     from pipeline.tracking.registry import pull_to_folder
-    from pipeline.tracking.tracker import tracking_uri
+    from pipeline.tracking.store import run_store
 
-    return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
+    return str(pull_to_folder(init_from, store=run_store(cfg)))
 
 
 def completed_run(cfg, setup) -> dict | None:
@@ -132,11 +135,11 @@ def check_init_source(cfg) -> None:
     """init_from resolves: a path holding what a run can start from (pipeline/engine/init_source.py), or a
     models:/ URI whose version or alias the store holds (nothing downloaded)."""
     if cfg.init_from.startswith("models:/"):
-        from pipeline.tracking.registry import ModelNotFound, StoreNotFound, resolve_in_store
-        from pipeline.tracking.tracker import tracking_uri
+        from pipeline.tracking.registry import ModelNotFound, resolve_in_store
+        from pipeline.tracking.store import StoreNotFound, run_store
 
         try:
-            resolve_in_store(cfg.init_from, tracking_uri(cfg.tracking.uri, cfg.out_dir))
+            resolve_in_store(cfg.init_from, run_store(cfg))
         except (ModelNotFound, StoreNotFound) as e:
             said = str(e).removeprefix(f"{cfg.init_from}: ")
             raise CommandError(f"init_from={cfg.init_from}: {said}") from None
@@ -175,10 +178,13 @@ def check_writable(folder: Path, key: str, remove_made: bool) -> None:
 
 
 def start_tracking(setup):
-    """The MLflow run (rank 0 opens or reopens it; every rank gets its id)."""
+    """The MLflow run (rank 0 opens or reopens it; every rank gets its id), in the store resolve_at_launch
+    resolved."""
+    from pipeline.tracking.store import run_store
     from pipeline.tracking.tracker import Tracker
 
-    return Tracker(setup.cfg, setup.world, resumed=setup.resume is not None, extra_params=run_params(setup))
+    return Tracker(setup.cfg, setup.world, run_store(setup.cfg), resumed=setup.resume is not None,
+                   extra_params=run_params(setup))
 
 
 def run_params(setup) -> dict:
@@ -343,13 +349,10 @@ def run(cfg, world) -> dict:
 
 def ui_command(uri: str, experiment_id: str | None) -> str:
     """Where to look at the run: the server's page of its experiment in the model-training view, or for a local
-    store the `mlflow ui` command and that page on it."""
-    from pipeline.tracking.tracker import is_local_store, ui_link
+    store the `mlflow ui` command and that page on it. `uri`: the resolved store's (absolute)."""
+    from pipeline.tracking.store import store_at, ui_address
 
-    if is_local_store(uri):
-        return (f"mlflow ui --backend-store-uri {redact_text(uri)}, then "
-                f"{ui_link('http://127.0.0.1:5000', experiment_id)}")
-    return ui_link(redact_text(uri), experiment_id)
+    return ui_address(store_at(uri, Path.cwd()), experiment_id)
 
 
 def report_stop(cfg, stop) -> None:

@@ -3,12 +3,13 @@ stores taken against the launch folder, what a read-only command accepts, redact
 no MLflow, no server."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from pipeline.tracking.store import (LOCAL, SERVER, StoreNotFound, TrackingError, absolute_location, check_nodes,
-                                     reading_store, resolve_store, store_at, ui_address)
+                                     reading_store, resolve_store, run_store, store_at, ui_address)
 
 SERVER_URI = "http://trainer:s3cret-pw@mlflow.example:5000/"
 
@@ -99,6 +100,25 @@ def test_a_read_names_a_store_that_is_there(tmp_path):
     assert reading_store("http://given:1", env, tmp_path).uri == "http://given:1"  # --tracking-uri first
     assert reading_store(None, env, tmp_path, recorded="http://recorded:1").path == tmp_path / "mlflow.db"
     assert reading_store(None, {}, tmp_path, recorded="http://recorded:1").uri == "http://recorded:1"
+
+
+def test_launch_resolves_the_store_once_without_touching_the_environment(tmp_path, monkeypatch):
+    """resolve_at_launch takes MLFLOW_TRACKING_URI (relative: the launch folder's) into the resolved config; the
+    steps after it (run_store) name the same store without reading the environment, which is left as it was."""
+    from pipeline.config import load_config
+    from pipeline.train import resolve_at_launch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine.db")
+    cfg = load_config(overrides=["out_dir=runs", "tracking.uri=http://ignored:1"])
+    store = resolve_at_launch(cfg, str(tmp_path))
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///mine.db"
+    assert store.uri == f"sqlite:///{tmp_path / 'mine.db'}" == cfg.tracking.uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://changed-later:1")
+    assert run_store(cfg) == store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    plain = load_config(overrides=["out_dir=runs"])
+    assert resolve_at_launch(plain, str(tmp_path)) == run_store(plain)
+    assert plain.tracking.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
 
 
 def test_one_node_only_for_a_local_store_and_where_to_look(tmp_path):

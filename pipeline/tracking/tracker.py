@@ -13,8 +13,7 @@
   blanked, and every param, tag, the config.yaml artifact and `mlflow_run.json` go through the project's one
   redaction function (swin_common.redact.redact_text: URI passwords, query-string tokens, secret environment
   values). `mlflow_run.json` holds the redacted tracking URI; a resumed job compares redacted forms.
-- The tracking URI: MLFLOW_TRACKING_URI, else `tracking.uri`, else a local store beside the runs
-  (`<out_dir>/mlflow/mlflow.db`, artifacts in `<out_dir>/mlflow/artifacts`).
+- The store is the one the job resolved at launch (store.py: a Store, passed in).
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.tracking.store import Store, check_nodes
 from swin_common.redact import REDACTED, SECRET_NAME, redact_text, remember_secrets, secret_values
 
 log = logging.getLogger("pipeline.tracking")
@@ -57,38 +57,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 # -- what a run records ------------------------------------------------------------------------------------
-# MLflow 3's UI: an experiment without this tag opens as a GenAI one (traces, no runs); since 3.x's workflow
-# switch (GenAI | Model training, default GenAI, kept per browser) a link picks the view with UI_VIEW
+# MLflow 3's UI: an experiment without this tag opens as a GenAI one (traces, no runs)
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
-UI_VIEW = "?workflowType=machine_learning"
-
-
-def ui_link(base: str, experiment_id: str | None) -> str:
-    """The MLflow UI page of an experiment in the model-training view (its runs): base is the UI's address."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{UI_VIEW}" if experiment_id else base
-
-
-def tracking_uri(configured: str, out_dir: str | Path) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
-    return uri or f"sqlite:///{local_store(out_dir) / 'mlflow.db'}"
-
-
-def local_store(out_dir: str | Path) -> Path:
-    return Path(out_dir).resolve() / "mlflow"
-
-
-def absolute_store_uri(uri: str, base: Path) -> str:
-    """A local store named relatively (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) made absolute against
-    `base`, the folder the user launched from: the launch scripts change to the repository, and a relative store
-    would land in the checkout. Servers and absolute stores are returned as they are."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
-    if uri.startswith("file:") and not uri.startswith("file:/"):
-        return (base / uri[len("file:"):]).resolve().as_uri()
-    if uri and "://" not in uri and not uri.startswith(("file:", "/")):
-        return str((base / uri).resolve())
-    return uri
 
 
 def git_state(repo: Path) -> dict[str, str]:
@@ -140,18 +111,9 @@ def manifest_params(shards: str) -> dict[str, object]:
     return out
 
 
-class TrackingError(RuntimeError):
-    """A tracking set-up that cannot work for this job."""
-
-
 def node_name() -> str:
     """This node's name in the run (system metrics, the multi-node check): SWIN_NODE_NAME, else the host name."""
     return os.environ.get("SWIN_NODE_NAME") or socket.gethostname()
-
-
-def is_local_store(uri: str) -> bool:
-    """A store MLflow writes to as files on this machine (SQLite, a folder), not a tracking server."""
-    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
 # -- the background sender ---------------------------------------------------------------------------------
@@ -254,20 +216,16 @@ def _short(e: Exception) -> str:
 class Tracker:
     """One per rank; only rank 0 talks to MLflow (plus each node's local rank 0, for system metrics)."""
 
-    def __init__(self, cfg, world, resumed: bool, extra_params: dict | None = None):
+    def __init__(self, cfg, world, store: Store, resumed: bool, extra_params: dict | None = None):
         from pipeline.engine.distributed import all_gather_object, broadcast_object
 
-        self.cfg, self.world = cfg, world
+        self.cfg, self.world, self.store = cfg, world, store
         self.enabled = cfg.tracking.enabled
-        self.uri = tracking_uri(cfg.tracking.uri, cfg.out_dir) if self.enabled else ""
-        remember_secrets(self.uri)  # its password is cut from all text, in whatever form it shows up
+        if self.enabled:
+            remember_secrets(store.uri)  # its password is cut from all text, in whatever form it shows up
         nodes = sorted(set(all_gather_object(node_name())))  # every rank takes part, so every rank decides alike
-        if self.enabled and len(nodes) > 1 and is_local_store(self.uri):
-            raise TrackingError(
-                f"this job runs on {len(nodes)} nodes ({', '.join(nodes[:4])}{' ...' if len(nodes) > 4 else ''}) "
-                f"and MLflow would write to a file store on each ({redact_text(self.uri)}), which is for one "
-                f"machine: start a tracking server (scripts/start_mlflow_server.sh, or any MLflow server) and set "
-                f"MLFLOW_TRACKING_URI=http://HOST:PORT for every rank, or set tracking.enabled=false")
+        if self.enabled:
+            check_nodes(store, nodes)
         self.sender: Sender | None = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None  # rank 0's, once its run is open
@@ -281,6 +239,11 @@ class Tracker:
         if run_id and cfg.tracking.system_metrics and world.local_rank == 0:
             self._start_system_metrics()
 
+    @property
+    def uri(self) -> str:
+        """The store's URI ("" when tracking is off): what pipeline.train.run hands to ui_command."""
+        return self.store.uri if self.enabled else ""
+
     def _open_run(self, resumed: bool, extra_params: dict) -> str | None:
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -291,14 +254,14 @@ class Tracker:
         deadline = time.time() + self.cfg.tracking.start_timeout_s
         while True:
             try:
-                client = MlflowClient(self.uri)
+                client = MlflowClient(self.store.uri)
                 previous = json.loads(record.read_text()) if resumed and record.is_file() else None
                 # the record holds the redacted URI (older records the full one): compare redacted forms
-                if previous and redact_text(previous.get("tracking_uri", "")) == redact_text(self.uri):
+                if previous and redact_text(previous.get("tracking_uri", "")) == self.store.redacted:
                     run_id = previous["run_id"]
                     client.update_run(run_id, status="RUNNING")
                     self.experiment_id = client.get_run(run_id).info.experiment_id
-                    log.info("MLflow: continuing run %s at %s", run_id, redact_text(self.uri))
+                    log.info("MLflow: continuing run %s at %s", run_id, self.store.redacted)
                     new = False
                 else:
                     run_id = self._create_run(client, mlflow)
@@ -307,11 +270,11 @@ class Tracker:
             except Exception as e:  # noqa: BLE001
                 if time.time() > deadline:
                     log.warning("MLflow at %s unreachable (%s): this run is not tracked (metrics.jsonl has "
-                                "everything)", redact_text(self.uri), _short(e))
+                                "everything)", self.store.redacted, _short(e))
                     return None
                 time.sleep(2)
         staged = record.with_name(record.name + ".tmp")  # renamed, so a reader never sees it half written
-        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact_text(self.uri),
+        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": self.store.redacted,
                                       "experiment_id": self.experiment_id}) + "\n")
         os.replace(staged, record)
         self.run_id, self.sender = run_id, Sender(client, run_id)
@@ -331,11 +294,8 @@ class Tracker:
         name = self.cfg.tracking.experiment
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
-            location = None
-            if self.cfg.tracking.artifact_location or is_local_store(self.uri):  # a server keeps its own
-                where = self.cfg.tracking.artifact_location or str(local_store(self.cfg.out_dir) / "artifacts")
-                location = where if "://" in where else Path(where).resolve().as_uri()
-            experiment_id = client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+            experiment_id = client.create_experiment(name, artifact_location=self.store.artifacts,
+                                                     tags=EXPERIMENT_TAGS)
         else:
             experiment_id = experiment.experiment_id
             if not (experiment.tags or {}).get(EXPERIMENT_KIND):  # made by another tool, or before the tag
@@ -344,7 +304,7 @@ class Tracker:
                 "run_dir": str(self.cfg.run_dir.resolve())}
         run = client.create_run(experiment_id, run_name=self.cfg.name, tags=redact(tags))
         self.experiment_id = str(experiment_id)
-        log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, redact_text(self.uri))
+        log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, self.store.redacted)
         return run.info.run_id
 
     def _start_system_metrics(self) -> None:
@@ -352,7 +312,7 @@ class Tracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.tracking.system_metrics_s,
-                                                node_id=node_name(), tracking_uri=self.uri,
+                                                node_id=node_name(), tracking_uri=self.store.uri,
                                                 resume_logging=True)
             self.monitor.start()
         except Exception as e:  # noqa: BLE001
