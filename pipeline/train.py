@@ -193,7 +193,7 @@ def run_params(setup) -> dict:
     if not world.is_main or not cfg.tracking.enabled:
         return {}
     from pipeline.engine.optim import deepspeed_config
-    from pipeline.tracking.tracker import flatten, manifest_params, package_versions
+    from pipeline.tracking.params import flatten, manifest_params, package_versions
 
     ds = deepspeed_config(cfg, plan, world.size, setup.precision)
     return {**flatten(ds, "deepspeed."), **manifest_params(cfg.data.shards), **package_versions(),
@@ -241,7 +241,7 @@ def finish_tracking(cfg, tracker, summary: dict) -> dict:
                 failure = e
     tracker.finish("FINISHED" if failure is None else "FAILED")
     if failure is not None:
-        from pipeline.tracking.tracker import short_error
+        from pipeline.tracking.sender import short_error
         from swin_common.cli import CommandError
 
         raise CommandError(f"the model was trained and exported to {summary['model']}, but registering it in "

@@ -343,7 +343,7 @@ def test_a_refused_metrics_batch_drops_only_itself(mlflow_server):
     queued after it still arrive."""
     from mlflow.entities import Metric
 
-    from pipeline.tracking.tracker import Sender
+    from pipeline.tracking.sender import Sender
 
     client = MlflowClient(mlflow_server.uri)
     run = client.create_run(client.create_experiment(f"refused-{time.time()}"))
