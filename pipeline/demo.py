@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from data_prep.shardset.store import open_store
@@ -173,7 +174,7 @@ def evals(run_dir: Path) -> list[dict]:
     return [m for m in map(json.loads, lines) if "val_top1" in m]
 
 
-def tracking_store(runs: Path, launched_from: Path, env) -> Store:
+def tracking_store(runs: Path, launched_from: Path, env: Mapping[str, str]) -> Store:
     """The MLflow store the demo tracks to: env's MLFLOW_TRACKING_URI, a relative local store in it taken from the
     folder the demo was run from (its stages run in the repository), else a local sqlite store in the runs folder
     (the one training with out_dir=runs uses)."""

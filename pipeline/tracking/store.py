@@ -21,6 +21,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -50,7 +51,7 @@ class TrackingError(RuntimeError):
 class Store:
     """One MLflow store: what MLflow's client gets, how to name it in logs and errors, and what it is."""
 
-    kind: str  # LOCAL (a sqlite file or a folder on this machine) | SERVER (http(s), a database server, ...)
+    kind: Literal["local", "server"]  # LOCAL (a sqlite file or a folder on this machine) | SERVER (http(s), a database server, ...)
     uri: str  # what MLflow's client gets: a local store's absolute URI, a server's as given (credentials too)
     path: Path | None  # a local store's sqlite file or folder, absolute; None for a server (and in-memory sqlite)
     redacted: str  # the URI without credentials: for logs, errors and run records (swin_common.redact)
