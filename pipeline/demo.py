@@ -24,12 +24,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from data_prep.shardset.store import open_store
-from pipeline.tracking.tracker import absolute_store_uri, ui_link
+from pipeline.tracking.store import ENV_VAR, Store, resolve_store, ui_address
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
-from swin_common.redact import redact_text
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE_DIGITS = (1, 3, 5, 7, 9)
@@ -80,11 +80,11 @@ def write_1k_source(source_22k: Path, work: Path) -> tuple[Path, Path]:
     return source, layout
 
 
-def train(script: str, config: str, overrides: list[str], log_path: Path) -> None:
+def train(script: str, config: str, overrides: list[str], log_path: Path, store: Store) -> None:
     """Runs a launch script (2 gloo ranks), showing rank 0's progress lines and keeping the whole log."""
     cmd = ["bash", str(REPO / "launch" / script), "--config", str(REPO / "configs" / config), *overrides]
     print(f"  $ {' '.join(cmd)}\n  (full log: {log_path})", flush=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {k: v for k, v in stage_env(store).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("PYTHON", sys.executable)
     with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                                       stderr=subprocess.STDOUT, text=True) as proc:
@@ -137,14 +137,12 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
     return [(p, synset_of_path[p]) for p in in_turn if p is not None][:count]
 
 
-def predict_held_out(shards: str, out: Path, tracking_uri: str, count: int) -> dict:
+def predict_held_out(shards: str, out: Path, store: Store, count: int) -> dict:
     images = held_out_images(shards, out, count)
     cmd = [sys.executable, "-m", "pipeline.predict", f"models:/{MODEL_1K}@champion", "-k", "1",
            *(str(p) for p, _ in images)]
-    print(f"  $ MLFLOW_TRACKING_URI={redact_text(tracking_uri)} {' '.join(cmd[:5])} <{len(images)} images>",
-          flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    print(f"  $ {ENV_VAR}={store.redacted} {' '.join(cmd[:5])} <{len(images)} images>", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=stage_env(store))
     if proc.returncode != 0:
         raise CommandError(f"predict failed (exit {proc.returncode}){last_error(proc.stderr)}",
                            exit_code=proc.returncode if proc.returncode > 0 else 1)
@@ -156,14 +154,13 @@ def predict_held_out(shards: str, out: Path, tracking_uri: str, count: int) -> d
     return {"images": len(images), "accuracy": 100 * hits / max(len(images), 1)}
 
 
-def evaluate_and_promote(shards: str, tracking_uri: str, workers: int) -> int:
+def evaluate_and_promote(shards: str, store: Store, workers: int) -> int:
     """`python -m pipeline.evaluate` on the candidate: exit 0 promoted (or nothing to compare), 3 not better (the
     champion stays); both are outcomes, anything else a failure."""
     cmd = [sys.executable, "-m", "pipeline.evaluate", f"models:/{MODEL_1K}@candidate", "--shards", shards,
            "--promote", "champion", "--if-better-than", "champion", "--workers", str(workers)]
-    print(f"  $ MLFLOW_TRACKING_URI={redact_text(tracking_uri)} {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+    print(f"  $ {ENV_VAR}={store.redacted} {' '.join(cmd[1:])}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=stage_env(store))
     if proc.returncode not in (0, 3):
         raise CommandError(f"evaluate failed (exit {proc.returncode}){last_error(proc.stderr)}",
                            exit_code=proc.returncode if proc.returncode > 0 else 1)
@@ -177,11 +174,18 @@ def evals(run_dir: Path) -> list[dict]:
     return [m for m in map(json.loads, lines) if "val_top1" in m]
 
 
-def tracking_store(runs: Path, launched_from: Path) -> str:
-    """The MLflow store the demo tracks to: MLFLOW_TRACKING_URI, a relative local store in it taken from the folder
-    the demo was run from (its stages run in the repository), else a local sqlite store in the runs folder."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return absolute_store_uri(uri, launched_from) if uri else f"sqlite:///{runs / 'mlflow' / 'mlflow.db'}"
+def tracking_store(runs: Path, launched_from: Path, env: Mapping[str, str]) -> Store:
+    """The MLflow store the demo tracks to: env's MLFLOW_TRACKING_URI, a relative local store in it taken from the
+    folder the demo was run from (its stages run in the repository), else a local sqlite store in the runs folder
+    (the one training with out_dir=runs uses)."""
+    return resolve_store("", runs, launched_from, env)
+
+
+def stage_env(store: Store) -> dict[str, str]:
+    """The environment of a stage's process (the training ranks, evaluate, predict): this one's, with the demo's
+    store in MLFLOW_TRACKING_URI, which is how those commands are told their store; the absolute URI, since they
+    run in the repository, not where the demo was started."""
+    return {**os.environ, ENV_VAR: store.uri}
 
 
 @command()
@@ -201,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure_logging(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     work = Path(args.workdir).resolve()  # the user's folder's (run_demo.sh runs it there)
-    uri = tracking_store(work / "runs", Path.cwd())
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # what every stage's process tracks to
+    store = tracking_store(work / "runs", Path.cwd(), os.environ)
     if args.fresh and work.exists():
         shutil.rmtree(work)
     t0 = time.time()
@@ -236,23 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     runs = work / "runs"
     stage(4, "pretrain: tiny Swin, DeepSpeed ZeRO-2, 2 CPU ranks (launch/pretrain_22k.sh, configs/tiny_22k.yaml)")
     train("pretrain_22k.sh", "tiny_22k.yaml", [f"out_dir={runs}", f"data.shards={shards}",
-                                               f"schedule.epochs={args.pretrain_epochs}"], work / "pretrain.log")
+                                               f"schedule.epochs={args.pretrain_epochs}"], work / "pretrain.log",
+          store)
     pre = runs / "tiny_22k"
 
     stage(5, "fine-tune at 96x96 / window 6 on the '1K' set (launch/finetune_1k_384.sh, configs/tiny_22kto1k.yaml)")
     train("finetune_1k_384.sh", "tiny_22kto1k.yaml", [f"out_dir={runs}", f"data.shards={shards_1k}",
                                                       f"init_from={pre / 'model'}", "tracking.aliases=[candidate]",
-                                                      f"schedule.epochs={args.finetune_epochs}"], work / "finetune.log")
+                                                      f"schedule.epochs={args.finetune_epochs}"], work / "finetune.log",
+          store)
     fine = runs / "tiny_22kto1k"
     init = json.loads((fine / "init.json").read_text())
 
     stage(6, f"evaluate models:/{MODEL_1K}@candidate on the '1K' val split; promote it to champion if it beats it")
-    promoted = evaluate_and_promote(shards_1k, uri, args.workers) == 0
+    promoted = evaluate_and_promote(shards_1k, store, args.workers) == 0
 
     stage(7, f"pull models:/{MODEL_1K}@champion from MLflow in a fresh process and predict held-out images")
-    predicted = predict_held_out(shards_1k, work / "held_out", uri, args.predict_images)
-    print(f"  tracking URI: {redact_text(uri)} "
-          f"({'from MLFLOW_TRACKING_URI' if os.environ.get('MLFLOW_TRACKING_URI') else 'local store'})")
+    predicted = predict_held_out(shards_1k, work / "held_out", store, args.predict_images)
+    print(f"  tracking URI: {store.redacted} ({f'from {ENV_VAR}' if os.environ.get(ENV_VAR) else 'local store'})")
     print(f"  top-1 on {predicted['images']} held-out images: {predicted['accuracy']:.1f}%")
 
     stage(8, "summary")
@@ -271,15 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             aliases = "candidate, " + ("champion" if promoted else "not champion") if run_dir == fine else "candidate"
             print(f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name} "
                   f"({aliases})")
-    store = runs / "mlflow" / "mlflow.db"
     experiment = json.loads((pre / "mlflow_run.json").read_text()).get("experiment_id") \
         if (pre / "mlflow_run.json").is_file() else None
-    if store.is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):
-        print(f"  MLflow UI:  mlflow ui --backend-store-uri sqlite:///{store}, then "
-              f"{ui_link('http://127.0.0.1:5000', experiment)}")
-    elif experiment:
-        print(f"  MLflow UI:  {ui_link(redact_text(uri), experiment)}")
-    print(f"  serve it:   MLFLOW_TRACKING_URI={redact_text(uri)} mlflow models serve -m models:/{MODEL_1K}@champion "
+    if experiment or (store.path is not None and store.path.exists()):
+        print(f"  MLflow UI:  {ui_address(store, experiment)}")
+    print(f"  serve it:   {ENV_VAR}={store.redacted} mlflow models serve -m models:/{MODEL_1K}@champion "
           f"--env-manager local -p 5001   (runs the version's code file: for registries you trust; "
           f"docs/mlflow.md has a curl request)")
     return finish(t0, shards, manifest, ok)

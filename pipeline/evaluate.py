@@ -37,7 +37,9 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from pipeline.tracking.store import Store, reading_store
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process, rank
 
 NOT_BETTER = 3
@@ -152,7 +154,7 @@ class Version:
         return f"models:/{self.name}/{self.version}"
 
 
-def prepare_version(name: str, version: str, info: SetInfo, tracking_uri: str | None) -> Version:
+def prepare_version(name: str, version: str, info: SetInfo, mlflow_store: Store) -> Version:
     """Pulls the version (the node's model cache: every rank may call it at once) and checks its preprocessing and
     label layout against the set, before any weights are loaded."""
     import json
@@ -163,7 +165,7 @@ def prepare_version(name: str, version: str, info: SetInfo, tracking_uri: str | 
 
     uri = f"models:/{name}/{version}"
     with error_context(uri):
-        folder = pull_to_folder(uri, tracking_uri=tracking_uri)
+        folder = pull_to_folder(uri, store=mlflow_store)
         meta = json.loads((folder / "model.json").read_text())
     pre = meta["preprocessing"]
     if [round(v, 4) for v in pre["mean"]] != [round(v, 4) for v in MEAN] or \
@@ -192,7 +194,7 @@ class Plan:
         return self.champion is not None and self.champion != self.candidate and self.champion_scores is None
 
 
-def make_plan(args, info: SetInfo, client) -> Plan:
+def make_plan(args, info: SetInfo, client, mlflow_store: Store) -> Plan:
     """Resolves the model and the alias to beat, reads the recorded scores, pulls what will be scored: every
     failure a user can fix (an unknown model, version or alias, a set that does not fit) happens here, on every
     rank alike, before any process group."""
@@ -220,7 +222,7 @@ def make_plan(args, info: SetInfo, client) -> Plan:
                                f"may name no version yet (its first promotion: --if-better-than {args.promote})")
         if plan.champion is not None and plan.champion != plan.candidate:
             plan.champion_scores = version_scores(client, name, plan.champion, info.set_id, info.split)
-    prepare_all(plan, info, args.tracking_uri)
+    prepare_all(plan, info, mlflow_store)
     return plan
 
 
@@ -229,11 +231,11 @@ def known_aliases(client, name: str) -> str:
     return ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
 
 
-def prepare_all(plan: Plan, info: SetInfo, tracking_uri: str | None) -> None:
+def prepare_all(plan: Plan, info: SetInfo, mlflow_store: Store) -> None:
     wanted = [plan.candidate] + ([plan.champion] if plan.evaluate_champion else [])
     for version in wanted:
         if version not in plan.versions:
-            plan.versions[version] = prepare_version(plan.name, version, info, tracking_uri)
+            plan.versions[version] = prepare_version(plan.name, version, info, mlflow_store)
 
 
 # -- scoring -----------------------------------------------------------------------------------------------
@@ -353,16 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file and rank otherwise
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking.registry import existing_store
-
-    args.tracking_uri = existing_store(args.tracking_uri)  # never a store created by this read
+    mlflow_store = reading_store(args.tracking_uri, os.environ, Path.cwd())  # never a store created by this read
     with naming(args.shards):
         info = open_set(args.shards, args.split)
-    client = MlflowClient(args.tracking_uri)
-    plan = make_plan(args, info, client)
+    client = MlflowClient(mlflow_store.uri)
+    plan = make_plan(args, info, client, mlflow_store)
 
     world, grouped = start_world()
-    code = run(client, plan, info, args, world)
+    code = run(client, mlflow_store, plan, info, args, world)
     if grouped:  # after a failure the process group stays up for the error report (swin_common.cli)
         from pipeline.engine.distributed import shutdown
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def run(client, plan: Plan, info: SetInfo, args, world) -> int:
+def run(client, mlflow_store: Store, plan: Plan, info: SetInfo, args, world) -> int:
     """Every rank: the scoring; rank 0: the lines, the tags and the alias. Every rank returns rank 0's status."""
     from pipeline.engine.distributed import broadcast_object
     from swin_common.cli import describe, exit_code_of
@@ -378,7 +378,7 @@ def run(client, plan: Plan, info: SetInfo, args, world) -> int:
     agreed = broadcast_object(plan.broadcastable())
     if agreed != plan.broadcastable():  # an alias moved while the ranks started: rank 0's view holds
         plan = Plan(**agreed, versions=plan.versions)
-        prepare_all(plan, info, args.tracking_uri)
+        prepare_all(plan, info, mlflow_store)
     main_rank = world.is_main
 
     def scored(version: str, why: str) -> dict:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
+from pipeline.tracking.store import reading_store
 from swin_common.cli import command, exit_process
 
 
@@ -38,10 +40,12 @@ def predict(model, meta: dict, paths: list[str], k: int = 5) -> list[list[tuple[
 
 
 def load(model_ref: str, tracking_uri: str | None = None):
+    """(model, metadata) of an exported model folder, or of a models:/ URI pulled from the store `tracking_uri`
+    names (--tracking-uri), else MLFLOW_TRACKING_URI."""
     if model_ref.startswith("models:/"):
         from pipeline.tracking.registry import pull
 
-        return pull(model_ref, tracking_uri=tracking_uri)
+        return pull(model_ref, reading_store(tracking_uri, os.environ, Path.cwd()))
     from pipeline.engine.model_export import load_exported
 
     return load_exported(model_ref)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
+from pipeline.tracking.store import reading_store
 from swin_common.cli import ArgumentParser, command, configure_logging, error_context, exit_process
 
 
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from swin_common.safe_weights import tensor_shapes
 
     with error_context(args.uri):
-        folder = pull_to_folder(args.uri, args.dst, args.tracking_uri)
+        folder = pull_to_folder(args.uri, args.dst, reading_store(args.tracking_uri, os.environ, Path.cwd()))
         meta = json.loads((folder / "model.json").read_text())
         params = sum(math.prod(shape) for shape in tensor_shapes(folder / "model.safetensors").values())
     print(f"{args.uri}: {meta['timm_name']}, {meta['num_classes']} classes, {params / 1e6:.2f}M parameters, "

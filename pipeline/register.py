@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.tracking.store import reading_store
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import REDACTED
 
@@ -37,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         raise CommandError(f"{record_file} not found: that run was not tracked in MLflow (start the server and "
                            f"rerun the training, which continues from its last checkpoint)")
     record = json.loads(record_file.read_text())
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or record["tracking_uri"]
-    if REDACTED in uri:
-        raise CommandError(f"{record_file} holds the tracking URI without its credentials ({uri}): set "
+    store = reading_store(None, os.environ, Path.cwd(), recorded=record["tracking_uri"])
+    if REDACTED in store.uri:
+        raise CommandError(f"{record_file} holds the tracking URI without its credentials ({store.redacted}): set "
                            f"MLFLOW_TRACKING_URI to the full URI (with the password or token) and rerun")
     model_dir = Path(args.model) if args.model else run_dir / "model"
     if not (model_dir / "model.json").is_file():
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(run_dir / "config.yaml")
     name = args.name or cfg.tracking.model_name or cfg.name
     aliases = args.alias if args.alias is not None else cfg.tracking.aliases
-    version = register(MlflowClient(uri), record["run_id"], model_dir, name, aliases)
+    version = register(MlflowClient(store.uri), record["run_id"], model_dir, name, aliases)
     if model_dir == run_dir / "model":  # the run's own export: a rerun of the training has nothing left to do
         record_registration(run_dir, name, version, aliases)
     print(f"models:/{name}/{version}" + "".join(f"  models:/{name}@{a}" for a in aliases))

@@ -23,13 +23,36 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+# what start-up needs (the stop flag, --help, --check) is imported here: none of it imports torch, DeepSpeed or
+# MLflow (tests/test_stop.py's import probe); the training and MLflow client modules are imported where a run
+# starts (join_world, TrainingJob.run, start_tracking, finish_tracking)
+from data_prep.shardset.manifest import read_manifest
+from data_prep.shardset.reader import split_entries
+from data_prep.shardset.store import open_store
+from pipeline.config import RunConfig, load_config
+from pipeline.engine.init_source import check_init_source as check_init_path
+from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag, stop_if_agreed
+from pipeline.engine.watchdog import is_collective_failure, lost_rank_error, note_exiting, note_start, start_failure, \
+    start_watch
+from pipeline.tracking.params import flatten, manifest_params, package_versions
+from pipeline.tracking.plots import training_curves
+from pipeline.tracking.registry import ModelNotFound, pull_to_folder, register, registration_record, resolve_in_store
+from pipeline.tracking.store import Store, StoreNotFound, absolute_location, resolve_store, ui_address
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import redact_text
+
+if TYPE_CHECKING:  # they import torch
+    from pipeline.engine.distributed import World
+    from pipeline.engine.trainer import Trainer
+    from pipeline.tracking.tracker import Tracker
 
 log = logging.getLogger("pipeline.train")
 REPO = Path(__file__).resolve().parents[1]  # its configs/ are the recipes a relative --config may name
@@ -53,13 +76,17 @@ def local_path(value: str) -> bool:
     return bool(value) and "://" not in value and not value.startswith("models:/")
 
 
-def resolve_at_launch(cfg, launch_dir: str | None) -> None:
+def resolve_at_launch(cfg: RunConfig, launch_dir: str | None) -> Store:
     """Every relative path of the config (out_dir, data.shards, data.cache_dir, init_from, checkpoint.resume, a
     local MLflow store or artifact location; a recipe's own relative defaults too) becomes absolute once, against
     the folder the job was launched from, so every rank on every node names the same files whatever folder its
     launcher started it in (the launch scripts and the Slurm scripts change to the repository and pass
     --launch-dir; `python -m pipeline.train`, torchrun and accelerate run where they were started), and every
-    "not found" names the absolute path it tried."""
+    "not found" names the absolute path it tried.
+
+    The MLflow store is resolved here, once (pipeline.tracking.store.resolve_store: MLFLOW_TRACKING_URI, else
+    tracking.uri, else the local store in out_dir) and returned, for the steps that use it to be handed; the
+    config records it (tracking.uri) and the environment is not read again."""
     base = Path(launch_dir or os.getcwd())
 
     def absolute(value: str) -> str:  # as the user named it: `..` folded, symlinks kept
@@ -72,28 +99,23 @@ def resolve_at_launch(cfg, launch_dir: str | None) -> None:
     cfg.init_from = absolute(cfg.init_from)
     if cfg.checkpoint.resume not in ("auto", "none"):
         cfg.checkpoint.resume = absolute(cfg.checkpoint.resume)
-    from pipeline.tracking.tracker import absolute_store_uri
 
-    cfg.tracking.uri = absolute_store_uri(cfg.tracking.uri, base)  # a relative store: where the user launched
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ["MLFLOW_TRACKING_URI"] = absolute_store_uri(os.environ["MLFLOW_TRACKING_URI"], base)
-    if cfg.tracking.artifact_location and "://" not in cfg.tracking.artifact_location:
-        cfg.tracking.artifact_location = str((base / cfg.tracking.artifact_location).resolve())
+    cfg.tracking.artifact_location = absolute_location(cfg.tracking.artifact_location, base)
+    store = resolve_store(cfg.tracking.uri, cfg.out_dir, base, os.environ, cfg.tracking.artifact_location)
+    cfg.tracking.uri = store.uri
+    return store
 
 
-def pull_init_source(init_from: str, cfg) -> str:
+def pull_init_source(init_from: str, store: Store) -> str:
     """`init_from=models:/NAME@ALIAS` (or /VERSION): the registered model pulled into the local model cache from
-    the store this run tracks to (MLFLOW_TRACKING_URI, tracking.uri, else the local store in out_dir); a path is
-    returned as it is."""
+    `store`, the one this run tracks to; a path is returned as it is."""
     if not init_from.startswith("models:/"):
         return init_from
-    from pipeline.tracking.registry import pull_to_folder
-    from pipeline.tracking.tracker import tracking_uri
 
-    return str(pull_to_folder(init_from, tracking_uri=tracking_uri(cfg.tracking.uri, cfg.out_dir)))
+    return str(pull_to_folder(init_from, store=store))
 
 
-def completed_run(cfg, trainer) -> "RunSummary | None":
+def completed_run(cfg: RunConfig, trainer: Trainer) -> RunSummary | None:
     """The summary of a run whose every step is done: its newest checkpoint at its end step, exported from that
     checkpoint, and registered when the run registers. None when anything is owed (steps, the export, the
     registration after an outage or a stop): the run then goes on as usual."""
@@ -101,7 +123,6 @@ def completed_run(cfg, trainer) -> "RunSummary | None":
         return None
     from pipeline.engine.checkpoint import checkpoint_meta
     from pipeline.engine.model_export import exported_from
-    from pipeline.tracking.registry import registration_record
 
     step = checkpoint_meta(trainer.resume)["step"]
     model = cfg.run_dir / "model"
@@ -115,39 +136,30 @@ def completed_run(cfg, trainer) -> "RunSummary | None":
                       registered=record.get("registered"), aliases=record.get("aliases"))
 
 
-def check_before_launch(cfg, alone: bool = False) -> None:
+def check_before_launch(cfg: RunConfig, store: Store, alone: bool = False) -> None:
     """What a user can get wrong, found in about a second and before any rank starts (the config was parsed
     already): the shard set, init_from (a path's files from their headers; a models:/ URI's version or alias in
     the store, nothing downloaded) and an out_dir that cannot be created or written. Each is one line, exit 2.
     `alone`: no rank runs beside this process (--check), so folders made to try out_dir are removed again."""
-    from data_prep.shardset.manifest import read_manifest
-    from data_prep.shardset.reader import split_entries
-    from data_prep.shardset.store import open_store
-
     manifest = read_manifest(open_store(cfg.data.shards))  # its errors name the set: missing, a source, not finalized
     for split in filter(None, (cfg.data.train_split, cfg.data.val_split)):
         split_entries(manifest, cfg.data.shards, split)  # no such split, or no split index
     if cfg.init_from:
-        check_init_source(cfg)
+        check_init_source(cfg, store)
     check_writable(Path(cfg.out_dir), "out_dir", remove_made=alone)
 
 
-def check_init_source(cfg) -> None:
+def check_init_source(cfg: RunConfig, store: Store) -> None:
     """init_from resolves: a path holding what a run can start from (pipeline/engine/init_source.py), or a
-    models:/ URI whose version or alias the store holds (nothing downloaded)."""
+    models:/ URI whose version or alias `store` holds (nothing downloaded)."""
     if cfg.init_from.startswith("models:/"):
-        from pipeline.tracking.registry import ModelNotFound, StoreNotFound, resolve_in_store
-        from pipeline.tracking.tracker import tracking_uri
-
         try:
-            resolve_in_store(cfg.init_from, tracking_uri(cfg.tracking.uri, cfg.out_dir))
+            resolve_in_store(cfg.init_from, store)
         except (ModelNotFound, StoreNotFound) as e:
             said = str(e).removeprefix(f"{cfg.init_from}: ")
             raise CommandError(f"init_from={cfg.init_from}: {said}") from None
     else:
-        from pipeline.engine.init_source import check_init_source as check_path
-
-        check_path(cfg.init_from)
+        check_init_path(cfg.init_from)
 
 
 def check_writable(folder: Path, key: str, remove_made: bool) -> None:
@@ -155,8 +167,6 @@ def check_writable(folder: Path, key: str, remove_made: bool) -> None:
     this host's and process's: ranks of several nodes may try one shared folder at once), since permission bits
     say nothing for root or on /proc, NFS or a full disk. `remove_made`: the folders made for the try are removed
     again (only where no other rank may be using them)."""
-    import socket
-
     made = []
     try:
         for parent in reversed([folder, *folder.parents]):
@@ -178,20 +188,20 @@ def check_writable(folder: Path, key: str, remove_made: bool) -> None:
                 break
 
 
-def start_tracking(trainer):
-    """The MLflow run (rank 0 opens or reopens it; every rank gets its id)."""
+def start_tracking(trainer: Trainer, store: Store) -> Tracker:
+    """The MLflow run in `store` (rank 0 opens or reopens it; every rank gets its id)."""
     from pipeline.tracking.tracker import Tracker
 
-    return Tracker(trainer.cfg, trainer.world, resumed=trainer.resume is not None, extra_params=run_params(trainer))
+    return Tracker(trainer.cfg, trainer.world, store, resumed=trainer.resume is not None,
+                   extra_params=run_params(trainer))
 
 
-def run_params(trainer) -> dict:
+def run_params(trainer: Trainer) -> dict:
     """What MLflow records beside the config (rank 0 only needs it)."""
     cfg, world, plan = trainer.cfg, trainer.world, trainer.plan
     if not world.is_main or not cfg.tracking.enabled:
         return {}
     from pipeline.engine.optim import deepspeed_config
-    from pipeline.tracking.tracker import flatten, manifest_params, package_versions
 
     ds = deepspeed_config(cfg, plan, world.size, trainer.precision)
     return {**flatten(ds, "deepspeed."), **manifest_params(cfg.data.shards), **package_versions(),
@@ -211,12 +221,10 @@ def export_final(run_dir: Path, checkpoint: Path) -> Path:
     return Path(exported)
 
 
-def finish_tracking(cfg, tracker, model: Path, version_tags: dict[str, str] | None = None) -> dict:
+def finish_tracking(cfg: RunConfig, tracker: Tracker, model: Path, version_tags: dict[str, str] | None = None) -> dict:
     """Curves and metrics (waited for up to tracking.final_timeout_s), then the model registered in this thread,
     however long its upload takes (Swin-L's export is ~790 MB), then the MLflow run's end. Returns what the
     summary says of the registration: {"registered": models:/NAME/VERSION, "aliases": [...]} (or {})."""
-    from pipeline.tracking.plots import training_curves
-
     curves = training_curves(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "plots" / "training_curves.png")
     if curves:
         tracker.log_artifact(curves, "plots")
@@ -239,8 +247,7 @@ def finish_tracking(cfg, tracker, model: Path, version_tags: dict[str, str] | No
                 failure = e
     tracker.finish("FINISHED" if failure is None else "FAILED")
     if failure is not None:
-        from pipeline.tracking.tracker import short_error
-        from swin_common.cli import CommandError
+        from pipeline.tracking.sender import short_error
 
         raise CommandError(f"the model was trained and exported to {model}, but registering it in "
                            f"MLflow failed ({short_error(failure)}): retry with `python -m pipeline.register "
@@ -248,7 +255,7 @@ def finish_tracking(cfg, tracker, model: Path, version_tags: dict[str, str] | No
     return registered
 
 
-def version_run_tags(cfg, steps: int, planned: int) -> dict[str, str]:
+def version_run_tags(cfg: RunConfig, steps: int, planned: int) -> dict[str, str]:
     """What the registered version says of the run behind it: its steps, and, when train.max_steps cut it short
     of its schedule, that it did (a scratch run's model is not a finished one)."""
     tags = {"steps": str(steps), "schedule_steps": str(planned)}
@@ -258,11 +265,9 @@ def version_run_tags(cfg, steps: int, planned: int) -> dict[str, str]:
     return tags
 
 
-def register_final(cfg, tracker, model_dir: Path, tags: dict[str, str] | None = None) -> str:
+def register_final(cfg: RunConfig, tracker: Tracker, model_dir: Path, tags: dict[str, str] | None = None) -> str:
     """Registers the export as a new model version, logging progress while the upload runs."""
-    import threading
 
-    from pipeline.tracking.registry import register
 
     name = cfg.tracking.model_name or cfg.name
     size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
@@ -310,22 +315,20 @@ class TrainingJob:
     """What `python -m pipeline.train` does once the world is up: set up, train, then the end-of-run steps. Its
     MLflow run is open (`tracker`) from before the first step until the run's end is recorded, so that the
     command's one failure handler can end it."""
-
-    def __init__(self, cfg, world):
-        self.cfg, self.world = cfg, world
+    def __init__(self, cfg: RunConfig, world: World, store: Store):
+        self.cfg, self.world, self.store = cfg, world, store
         self.tracker = None
         self.started = time.time()
 
     def run(self) -> RunSummary:
         """Set up, train, export and register; the summary rank 0 prints."""
         from pipeline.engine.distributed import broadcast_object, wait_for_main
-        from pipeline.engine.stop import RunStopped, stop_flag, stop_if_agreed
         from pipeline.engine.trainer import Trainer
 
         cfg, world = self.cfg, self.world
         trainer = Trainer(cfg, world)
         if trainer.resume is not None and cfg.init_from:
-            check_init_source(cfg)  # not applied, but a typo is still an error
+            check_init_source(cfg, self.store)  # not applied, but a typo is still an error
             if world.is_main:
                 log.info("resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
                          "out_dir starts from it)", trainer.resume, redact_text(cfg.init_from))
@@ -338,8 +341,8 @@ class TrainingJob:
                          f", registered as {summary.registered}" if summary.registered else "")
             summary.seconds = self._seconds()
             return summary
-        init_path = pull_init_source(trainer.init_from, cfg)
-        self.tracker = start_tracking(trainer)
+        init_path = pull_init_source(trainer.init_from, self.store)
+        self.tracker = start_tracking(trainer, self.store)
         result = trainer.train(init_path, self.tracker)
         stop_if_agreed(result.steps, "before the export")
         summary = RunSummary(steps=result.steps, schedule_steps=result.schedule_steps,
@@ -369,10 +372,10 @@ class TrainingJob:
         run_id = tracker.run_id if tracker is not None else None
         summary.mlflow_run, summary.seconds = run_id, self._seconds()
         if run_id:
-            summary.mlflow_ui = ui_command(tracker.uri, tracker.experiment_id)
+            summary.mlflow_ui = ui_command(self.store, tracker.experiment_id)
         return summary
 
-    def stopped(self, stop) -> None:
+    def stopped(self, stop: RunStopped) -> None:
         """A stop signal ended the run at a checkpoint: its MLflow run, when open, records it."""
         if self.tracker is not None:
             self.tracker.stopped(stop)
@@ -396,23 +399,17 @@ class TrainingJob:
 MLFLOW_RUN_RECORD = "mlflow_run.json"  # the tracker's record of the run's MLflow run (pipeline/tracking/tracker.py)
 
 
-def ui_command(uri: str, experiment_id: str | None) -> str:
+def ui_command(store: Store, experiment_id: str | None) -> str:
     """Where to look at the run: the server's page of its experiment in the model-training view, or for a local
     store the `mlflow ui` command and that page on it."""
-    from pipeline.tracking.tracker import is_local_store, ui_link
-
-    if is_local_store(uri):
-        return (f"mlflow ui --backend-store-uri {redact_text(uri)}, then "
-                f"{ui_link('http://127.0.0.1:5000', experiment_id)}")
-    return ui_link(redact_text(uri), experiment_id)
+    return ui_address(store, experiment_id)
 
 
-def report_stop(cfg, stop) -> None:
+def report_stop(cfg: RunConfig, stop: RunStopped) -> None:
     """Rank 0's line on a stop, and the stop record a launch script asked for in SWIN_STOP_FILE: the script's
     proof that every rank stopped at a checkpoint (a launcher may report another status, e.g. srun's when it
     kills the other tasks on their way out after rank 0's exit 75)."""
     from pipeline.engine.checkpoint import complete_checkpoints
-    from pipeline.engine.stop import EXIT_STOPPED
 
     newest = complete_checkpoints(cfg.run_dir / "checkpoints")
     print(f"stopped by {stop}: checkpoint {newest[-1] if newest else '(none)'}; run the same command to resume "
@@ -423,11 +420,10 @@ def report_stop(cfg, stop) -> None:
                                             "checkpoint": str(newest[-1]) if newest else None}) + "\n")
 
 
-def load_run_config(args: argparse.Namespace):
+def load_run_config(args: argparse.Namespace) -> tuple[RunConfig, Store]:
     """The run's config: --config (a relative one is the launch folder's, failing that a recipe of this
-    repository) with the overrides, every relative path made absolute against the launch folder."""
-    from pipeline.config import load_config
-
+    repository) with the overrides, every relative path made absolute against the launch folder; and its MLflow
+    store, resolved once."""
     config = Path(args.config)
     looked = [config] if config.is_absolute() else \
         list(dict.fromkeys(Path(os.path.abspath(base / config)) for base in (Path(args.launch_dir or "."), REPO)))
@@ -436,15 +432,14 @@ def load_run_config(args: argparse.Namespace):
         raise CommandError(f"config file not found: {args.config} (looked for {' and '.join(map(str, looked))}): "
                            f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
     cfg = load_config(found, args.overrides)
-    resolve_at_launch(cfg, args.launch_dir)
-    return cfg
+    store = resolve_at_launch(cfg, args.launch_dir)
+    return cfg, store
 
 
-def join_world(cfg):
+def join_world(cfg: RunConfig) -> World:
     """This rank in the job's process group (a world of one when started alone), logging configured; a
     rendezvous that timed out names the ranks that never came."""
     from pipeline.engine.distributed import init_distributed
-    from pipeline.engine.watchdog import note_start, start_failure
 
     started = note_start(cfg.run_dir, dict(os.environ))  # a rank that never starts is then named
     try:
@@ -462,8 +457,6 @@ def join_world(cfg):
 
 @command(exit_codes={"TrainingDiverged": 3}, ranked=True)
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag  # no torch: a few ms
-
     # first: a stop signal from here on only sets the flag, and the run stops at its first step boundary; Slurm's
     # time-limit SIGUSR1 may come in the first seconds of a job (up to 60 s early), and before this line it kills
     # the task (the Slurm script requeues such a job: launch/slurm/pretrain_22k.sbatch)
@@ -471,17 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not sys.stderr.isatty():  # a job's log: DeepSpeed's checkpoint readers' bars would be one long line each
         os.environ.setdefault("TQDM_DISABLE", "1")
-    cfg = load_run_config(args)
+    cfg, store = load_run_config(args)
     # a user's error in a second, before torch and the process group; `alone`: the launch scripts' own check
     alone = args.check and args.local_rank is None and not any(k in os.environ for k in ("RANK", "SLURM_STEP_ID"))
-    check_before_launch(cfg, alone=alone)
+    check_before_launch(cfg, store, alone=alone)
     if args.check:
         return 0
     world = join_world(cfg)
     from pipeline.engine.distributed import shutdown
-    from pipeline.engine.watchdog import note_exiting, start_watch
 
-    watch, job = None, TrainingJob(cfg, world)
+    watch, job = None, TrainingJob(cfg, world, store)
     try:
         if world.size > 1:
             watch = start_watch(cfg.run_dir, world.rank)  # a rank that ends or hangs ends the job, named
@@ -514,11 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def as_lost_rank(e: BaseException, cfg, world) -> "RankLost | None":
+def as_lost_rank(e: BaseException, cfg: RunConfig, world: World) -> RankLost | None:
     """A collective's failure (a timeout, a peer gone) in a job of several ranks, as the error that names the
     rank that stopped answering; None for anything else."""
-    from pipeline.engine.watchdog import is_collective_failure, lost_rank_error
-
     if world.size < 2 or isinstance(e, RankLost) or not is_collective_failure(e):
         return None
     return RankLost(lost_rank_error(cfg.run_dir, world.rank, world.size, cfg.train.collective_timeout_s, e))
@@ -527,7 +517,6 @@ def as_lost_rank(e: BaseException, cfg, world) -> "RankLost | None":
 class RankLost(CommandError):
     """Another rank stopped answering or ended: named, exit 4. The process leaves at once after its line
     (os._exit): the transport's threads, whose peer is gone, would abort the interpreter's own exit."""
-
     hard_exit = True
 
     def __init__(self, message: str):

@@ -75,14 +75,16 @@ def test_main_job_on_s3_with_a_tracking_server(s3_server, tmp_path):
     assert not os.path.exists(tmp_path / "demo" / "shards")  # the shards went to S3 only
 
 
-def test_a_relative_local_store_is_the_folder_the_demo_runs_from(tmp_path, monkeypatch):
+def test_a_relative_local_store_is_the_folder_the_demo_runs_from(tmp_path):
     """The demo's stages run in the repository, so a relative MLFLOW_TRACKING_URI is made absolute against the
-    folder the demo was started from; a server's URI stays as it is, and no URI means the runs folder's store."""
-    from pipeline.demo import tracking_store
+    folder the demo was started from, and that absolute URI is what each stage's process is given; a server's URI
+    stays as it is, and no URI means the runs folder's store (the one its training runs use)."""
+    from pipeline.demo import stage_env, tracking_store
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine/mlflow.db")
-    assert tracking_store(tmp_path / "runs", tmp_path) == f"sqlite:///{tmp_path / 'mine' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking_store(tmp_path / "runs", tmp_path) == "http://127.0.0.1:5000"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking_store(tmp_path / "runs", tmp_path) == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
+    mine = tracking_store(tmp_path / "runs", tmp_path, {"MLFLOW_TRACKING_URI": "sqlite:///mine/mlflow.db"})
+    assert mine.uri == f"sqlite:///{tmp_path / 'mine' / 'mlflow.db'}"
+    assert stage_env(mine)["MLFLOW_TRACKING_URI"] == mine.uri
+    server = tracking_store(tmp_path / "runs", tmp_path, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert server.uri == "http://127.0.0.1:5000"
+    local = tracking_store(tmp_path / "runs", tmp_path, {})
+    assert local.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"

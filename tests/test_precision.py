@@ -78,7 +78,7 @@ def test_dali_builds_are_checked_by_their_cuda_major():
 
 
 def test_the_installed_dali_is_named_as_found():
-    from pipeline.tracking.tracker import package_versions
+    from pipeline.tracking.params import package_versions
     from swin_common.gpu import dali_package
 
     found = dali_package()

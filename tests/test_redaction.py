@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import dump_config, load_config
-from pipeline.tracking.tracker import redact
+from pipeline.tracking.params import redact
 from servers import REPO, free_port
 from swin_common.redact import REDACTED, redact_text, redact_tree, secret_values
 

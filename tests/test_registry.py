@@ -225,6 +225,7 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
     from pipeline.tracking import mlflow_model
     from pipeline.tracking.mlflow_model import UnexpectedVersionFile
     from pipeline.tracking.registry import pull_to_folder
+    from pipeline.tracking.store import store_at
     from pipeline.engine.model_export import UnsafeModelFile
 
     client = MlflowClient(registry.uri)
@@ -261,7 +262,7 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
         for label, (edit, named) in refused.items():
             uri = craft(client, run_id, f"crafted_{label}", variant(label, edit))
             with pytest.raises(UnexpectedVersionFile, match=rf"{uri} holds {named}: refused") as e:
-                pull_to_folder(uri, tracking_uri=registry.uri)
+                pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
             assert "nothing was downloaded" in str(e.value)
             kept = [p.name for p in (cache / f"crafted_{label}").iterdir()]
             assert len(kept) == 1 and kept[0].startswith(".1-") and kept[0].endswith(".lock"), (label, kept)
@@ -269,13 +270,13 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
         uri = craft(client, run_id, "crafted_named", variant("named", write("artifacts/model/model.safetensors",
                                                                             pickle.getvalue())))
         with pytest.raises(UnsafeModelFile, match="is not a safetensors file"):
-            pull_to_folder(uri, tracking_uri=registry.uri)
+            pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
         kept = [p.name for p in (cache / "crafted_named").iterdir()]
         assert len(kept) == 1 and kept[0].startswith(".1-") and kept[0].endswith(".lock"), kept  # nothing kept
 
         # the good one: only the export comes down
         uri = craft(client, run_id, "crafted_good", good)
-        folder = pull_to_folder(uri, tracking_uri=registry.uri)
+        folder = pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.json", "model.safetensors"]
     finally:
         del os.environ["SWIN_MODEL_CACHE"]
@@ -313,6 +314,7 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
     from pipeline.engine.model_export import model_metadata, write_timm_config
     from pipeline.model import create_model
     from pipeline.tracking.registry import pull_to_folder, register
+    from pipeline.tracking.store import store_at
 
     torch.manual_seed(size)
     synsets = [f"n{d:08d}" for d in range(10)]
@@ -330,7 +332,7 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
     run_id = client.create_run(client.create_experiment(f"timm_{size}")).info.run_id
     name = f"timm_{size}"
     register(client, run_id, export, name, ["candidate"])
-    folder = pull_to_folder(f"models:/{name}@candidate", tmp_path / "pulled", tracking_uri=registry.uri)
+    folder = pull_to_folder(f"models:/{name}@candidate", tmp_path / "pulled", store=store_at(registry.uri, tmp_path))
 
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "swin_tiny_patch4_window7_224" and config["num_classes"] == 10

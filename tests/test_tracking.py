@@ -155,10 +155,11 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     for _ in range(int(champion.version)):
         register_export(other_store, "tracked", other)
     from pipeline.tracking.registry import pull_to_folder
+    from pipeline.tracking.store import store_at
     from swin_common.safe_weights import file_sha256
 
     monkeypatch.setenv("SWIN_MODEL_CACHE", str(tmp_path / "fresh-cache"))
-    pull_to_folder(f"models:/tracked/{champion.version}", tracking_uri=other_store)
+    pull_to_folder(f"models:/tracked/{champion.version}", store=store_at(other_store, tmp_path))
     monkeypatch.delenv("SWIN_MODEL_CACHE")
     fine = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@champion", "train.max_steps=1",
                  "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=2,
@@ -279,7 +280,7 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
 
 
 @pytest.mark.s3
-def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path, monkeypatch):
+def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path):
     """A server whose artifacts live on the S3 server: the model version's files are there, and pull works."""
     bucket = s3_server.create_bucket("mlflow")
     server = start_mlflow_server(tmp_path / "s3mlflow", env={
@@ -297,7 +298,7 @@ def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path, monkeypatch):
 
         # a big export (Swin-L's is ~790 MB) is registered whole, however short the end-of-run wait for metrics
         big = make_big_export(tmp_path / "on_s3" / "model", tmp_path / "big_model", 300_000_000)
-        registered = register_at_the_end(tmp_path, "big", server.uri, big, monkeypatch)
+        registered = register_at_the_end(tmp_path, "big", server.uri, big)
         keys = {o["Key"]: o["Size"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
         uploaded = [size for key, size in keys.items() if key.endswith("model.safetensors") and size > 300_000_000]
         assert registered.version == "1" and uploaded == [big.joinpath("model.safetensors").stat().st_size]
@@ -317,20 +318,20 @@ def make_big_export(real: Path, out: Path, size: int) -> Path:
     return out
 
 
-def register_at_the_end(tmp_path: Path, name: str, uri: str, model: Path, monkeypatch):
+def register_at_the_end(tmp_path: Path, name: str, uri: str, model: Path):
     """The train command's end-of-run steps on a run whose export is `model`, with a 1 s wait for queued
     records: registration runs in the foreground to its end."""
     from pipeline.config import dump_config, load_config
     from pipeline.engine.distributed import World
+    from pipeline.tracking.store import store_at
     from pipeline.tracking.tracker import Tracker
     from pipeline.train import finish_tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = load_config(TINY, [f"name={name}", f"out_dir={tmp_path}", "tracking.final_timeout_s=1",
                              "tracking.system_metrics=false"])
     cfg.run_dir.mkdir(parents=True)
     dump_config(cfg, cfg.run_dir / "config.yaml")
-    tracker = Tracker(cfg, World(0, 1, 0), resumed=False)
+    tracker = Tracker(cfg, World(0, 1, 0), store_at(uri, tmp_path), resumed=False)
     finish_tracking(cfg, tracker, model)
     client = MlflowClient(uri)
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
@@ -342,7 +343,7 @@ def test_a_refused_metrics_batch_drops_only_itself(mlflow_server):
     queued after it still arrive."""
     from mlflow.entities import Metric
 
-    from pipeline.tracking.tracker import Sender
+    from pipeline.tracking.sender import Sender
 
     client = MlflowClient(mlflow_server.uri)
     run = client.create_run(client.create_experiment(f"refused-{time.time()}"))
@@ -355,18 +356,18 @@ def test_a_refused_metrics_batch_drops_only_itself(mlflow_server):
     assert steps_of(client, run.info.run_id, "loss") == list(range(500, 600))
 
 
-def test_a_crashed_run_is_failed_with_its_redacted_error(mlflow_server, tmp_path, monkeypatch):
+def test_a_crashed_run_is_failed_with_its_redacted_error(mlflow_server, tmp_path):
     """The train command's end for a crash (pipeline/train.py: tracker.failed): FAILED, and a tag with the
     error's first line, its credentials cut."""
     from pipeline.config import dump_config, load_config
     from pipeline.engine.distributed import World
+    from pipeline.tracking.store import store_at
     from pipeline.tracking.tracker import Tracker
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     cfg = load_config(TINY, ["name=crash", f"out_dir={tmp_path}", "tracking.system_metrics=false"])
     cfg.run_dir.mkdir(parents=True)
     dump_config(cfg, cfg.run_dir / "config.yaml")
-    tracker = Tracker(cfg, World(0, 1, 0), resumed=False)
+    tracker = Tracker(cfg, World(0, 1, 0), store_at(mlflow_server.uri, tmp_path), resumed=False)
     tracker.failed(OSError("cannot read s3 shard via https://alice:hunter2secret@proxy.example:3128\nmore"))
     run = MlflowClient(mlflow_server.uri).get_run(tracker.run_id)
     assert run.info.status == "FAILED"

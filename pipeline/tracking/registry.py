@@ -21,12 +21,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from pipeline.tracking import mlflow_model
-from swin_common.redact import redact_text
+from pipeline.tracking.store import Store, existing, reading_store
 from swin_common.safe_weights import file_sha256
 
 log = logging.getLogger("pipeline.tracking.registry")
@@ -135,10 +134,6 @@ def _folder_name(name: str, uri: str) -> str:
     return name
 
 
-class StoreNotFound(ValueError):
-    """No MLflow store to read from: none named, or a local one that does not exist (never created by a read)."""
-
-
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
@@ -146,32 +141,12 @@ class ModelNotFound(ValueError):
     """A registered model, version or alias that the store does not hold."""
 
 
-def existing_store(tracking_uri: str | None) -> str:
-    """The tracking URI a command that only reads the registry uses: the one given, else MLFLOW_TRACKING_URI.
-    Never MLflow's own default (a `mlflow.db` it would create in the current folder) and never a local store that
-    is not there: MLflow creates a missing sqlite file or mlruns folder on first use, and a read must not."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise StoreNotFound("no MLflow store given: set MLFLOW_TRACKING_URI (http://HOST:PORT, or "
-                            "sqlite:////path/to/mlflow.db for a local store) or pass --tracking-uri")
-    local = None
-    if uri.startswith("sqlite:///"):
-        local = Path(uri[len("sqlite:///"):])
-    elif uri.startswith("file:") or "://" not in uri:
-        local = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
-    if local is not None and not local.exists():
-        raise StoreNotFound(f"no MLflow store at {local} ({redact_text(uri)}): give the store the training wrote "
-                            f"(its runs/mlflow/mlflow.db, or the server's http://HOST:PORT)")
-    return uri
-
-
-def resolve_in_store(uri: str, tracking_uri: str | None):
-    """(client, model version) of a models:/ URI; a version or alias the store lacks is an error naming the
-    store."""
+def resolve_in_store(uri: str, store: Store):
+    """(client, model version) of a models:/ URI in `store`, which must exist (store.existing: a read never
+    creates one); a version or alias the store lacks is a ModelNotFound naming the store."""
     from mlflow.tracking import MlflowClient
 
-    tracking_uri = existing_store(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(existing(store).uri)
     try:
         return client, resolve_version(client, uri)
     except Exception as e:  # noqa: BLE001  (an MlflowException saying "not found": say where it looked)
@@ -180,9 +155,8 @@ def resolve_in_store(uri: str, tracking_uri: str | None):
         if getattr(e, "error_code", None) not in NOT_FOUND_CODES or "not found" not in message.lower():
             raise
         found = re.sub(r"^[A-Z_]+: ", "", message).rstrip(".")
-        raise ModelNotFound(f"{uri}: {found} in the MLflow store {redact_text(tracking_uri)}: check the name, "
-                            f"version or alias, and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that "
-                            f"holds it") from None
+        raise ModelNotFound(f"{uri}: {found} in the MLflow store {store.redacted}: check the name, version or alias, "
+                            f"and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that holds it") from None
 
 
 class WeightsMismatch(ValueError):
@@ -190,25 +164,11 @@ class WeightsMismatch(ValueError):
     file changed after it was pulled."""
 
 
-def store_identity(tracking_uri: str) -> str:
-    """The store a version comes from, as one string that names it wherever the command runs: a local store's
-    absolute path, a server's scheme://host:port/path without credentials."""
-    if tracking_uri.startswith("sqlite:///"):
-        return "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):]).resolve())
-    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        path = tracking_uri[len("file://"):] if tracking_uri.startswith("file://") else tracking_uri.removeprefix("file:")
-        return Path(path).resolve().as_uri()
-    parts = urlsplit(tracking_uri)
-    netloc = parts.hostname or ""
-    netloc += f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-
-
-def binding(tracking_uri: str, version) -> dict[str, str]:
+def binding(store: Store, version) -> dict[str, str]:
     """What a pulled folder is bound to: the store, the model, the version and where its files are. A folder is
     reused only for the same binding (the same name and version in another store, or in a store made again, is
     another model)."""
-    return {"store": store_identity(tracking_uri), "name": version.name, "version": str(int(version.version)),
+    return {"store": store.identity, "name": version.name, "version": str(int(version.version)),
             "run_id": version.run_id or "", "source": version.source or ""}
 
 
@@ -218,7 +178,7 @@ def cache_folder(bound: dict[str, str], uri: str) -> Path:
     return cache_root() / _folder_name(bound["name"], uri) / f"{bound['version']}-{key}"
 
 
-def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+def pull_to_folder(uri: str, dst: str | Path | None = None, store: Store | None = None) -> Path:
     """Downloads the model version behind a models:/ URI into a folder and returns the folder holding
     model.safetensors and model.json, their weights checked against the sha256 the version recorded.
 
@@ -228,11 +188,11 @@ def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | 
     naming it); otherwise the version is downloaded again and replaces it atomically. A version registered
     before checksums were recorded gets its tag at its first pull (said once). A version holding anything else
     than safetensors weights and json/text (a pickle named model.safetensors included) is refused, naming the URI.
-    The store: `tracking_uri`, else MLFLOW_TRACKING_URI (existing_store); a version or alias it lacks is an error
-    naming the store."""
-    tracking_uri = existing_store(tracking_uri)
-    client, version = resolve_in_store(uri, tracking_uri)
-    bound = binding(tracking_uri, version)
+    The store: `store`, else the one MLFLOW_TRACKING_URI names (store.reading_store); it must exist, and a version
+    or alias it lacks is an error naming it."""
+    store = store or reading_store(None, os.environ, Path.cwd())
+    client, version = resolve_in_store(uri, store)
+    bound = binding(store, version)
     folder = Path(dst).absolute() if dst else cache_folder(bound, uri)
     folder.parent.mkdir(parents=True, exist_ok=True)
     record_path = folder.with_name(f".{folder.name}.pulled.json")
@@ -244,7 +204,7 @@ def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | 
         if record and record.get("binding") == bound and (folder / "model.json").is_file():
             check_model_folder(folder, uri)
             expected = (version.tags or {}).get(mlflow_model.WEIGHTS_CHECKSUM) or record.get("sha256")
-            _check_weights(folder, expected, f"{uri} ({name} in {redact_text(tracking_uri)})",
+            _check_weights(folder, expected, f"{uri} ({name} in {store.redacted})",
                            "was changed after it was pulled: delete the folder to pull the version again")
             log.info("%s -> %s, pulled before into %s", uri, name, folder)
             return folder
@@ -252,8 +212,8 @@ def pull_to_folder(uri: str, dst: str | Path | None = None, tracking_uri: str | 
             raise FileExistsError(f"{folder} holds files but no model (no model.json): not replaced by the pull of "
                                   f"{uri}; give an empty or new folder")
         record_path.unlink(missing_ok=True)  # the folder is replaced next: no record may vouch for it meanwhile
-        _download(client, version, uri, folder, tracking_uri)
-        sha = _record_checksum(client, version, folder, uri, tracking_uri)
+        _download(client, version, uri, folder, store)
+        sha = _record_checksum(client, version, folder, uri, store)
         record_path.write_text(json.dumps({"binding": bound, "sha256": sha}, indent=1) + "\n")
         log.info("downloaded %s (%s) into %s", uri, name, folder)
     return folder
@@ -276,13 +236,13 @@ def _check_weights(folder: Path, expected: str | None, what: str, why: str) -> s
     return sha
 
 
-def _record_checksum(client, version, folder: Path, uri: str, tracking_uri: str) -> str:
+def _record_checksum(client, version, folder: Path, uri: str, store: Store) -> str:
     """Checks a downloaded folder's weights against the version's recorded sha256; a version registered before
     checksums were recorded gets its tag now (said once: later pulls find the tag)."""
     expected = (version.tags or {}).get(mlflow_model.WEIGHTS_CHECKSUM)
     name = f"models:/{version.name}/{int(version.version)}"
     try:
-        sha = _check_weights(folder, expected, f"{uri} ({name} in {redact_text(tracking_uri)})",
+        sha = _check_weights(folder, expected, f"{uri} ({name} in {store.redacted})",
                              "the store handed out other weights than it registered; nothing was kept")
     except WeightsMismatch:
         shutil.rmtree(folder, ignore_errors=True)
@@ -307,14 +267,14 @@ def _exclusive(lock_path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _download(client, version, uri: str, folder: Path, tracking_uri: str) -> None:
+def _download(client, version, uri: str, folder: Path, store: Store) -> None:
     """The version's export into `folder` (replacing what it held; the caller holds its lock): its file listing
     checked against the allow-list first, then only the export downloaded into a temporary folder, checked, and
     renamed."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     source = client.get_model_version_download_uri(version.name, version.version)
-    repo = get_artifact_repository(source, tracking_uri=tracking_uri)
+    repo = get_artifact_repository(source, tracking_uri=store.uri)
     files = list_files(repo)
     tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # every rank of a job may pull at once
     shutil.rmtree(tmp, ignore_errors=True)
@@ -353,8 +313,8 @@ def list_files(repo, path: str | None = None) -> list[str]:
     return files
 
 
-def pull(uri: str, tracking_uri: str | None = None):
-    """(timm model in eval mode, metadata) of a registered model."""
+def pull(uri: str, store: Store | None = None):
+    """(timm model in eval mode, metadata) of a registered model (the store: as pull_to_folder's)."""
     from pipeline.engine.model_export import load_exported
 
-    return load_exported(pull_to_folder(uri, tracking_uri=tracking_uri))
+    return load_exported(pull_to_folder(uri, store=store))
