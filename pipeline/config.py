@@ -18,6 +18,8 @@ from typing import Literal
 
 import yaml
 
+from swin_common.errors import UserError
+
 Backend = Literal["auto", "dali", "torch"]
 Decay = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -26,7 +28,7 @@ BiasTables = Literal["bicubic", "zeros"]
 Head = Literal["map", "fresh"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, key or value that cannot make a run: named, with what it takes."""
 
 

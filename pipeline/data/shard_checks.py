@@ -19,17 +19,18 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from data_prep.shardset.index import format_index, parse_index
+from data_prep.shardset.index import IndexFileError, format_index, parse_index
 from data_prep.shardset.manifest import read_manifest
 from data_prep.shardset.split_index import SampleTable
 from data_prep.shardset.store import LocalStore, S3Store, open_store
+from swin_common.errors import UserError
 
 log = logging.getLogger("pipeline.data")
 REQUIRED = ("jpg", "cls")
 
 
-class ShardSetError(RuntimeError):
-    pass
+class ShardSetError(UserError, RuntimeError):
+    """A shard set a run cannot train on: a split it lacks, or more bad shards than data.max_bad_shards."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _read_split_index(store, entry: dict, cache) -> SampleTable:
     else:
         data = store.read(entry["name"])
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{where} does not match the sha256 in the manifest")
+        raise IndexFileError(f"{where} does not match the sha256 in the manifest")
     return SampleTable.from_bytes(data, where)
 
 

@@ -16,7 +16,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 
-from pipeline.config import Decay, Precision, RunConfig, ZeroStage
+from pipeline.config import ConfigError, Decay, Precision, RunConfig, ZeroStage
 from swin_common.gpu import Gpu, check_precision, current_gpu, precision_for
 
 
@@ -34,15 +34,15 @@ def plan_steps(cfg: RunConfig, world: int, micro_batches_per_epoch: int) -> Step
     t = cfg.train
     if t.global_batch % (t.micro_batch * world):
         fits = [w for w in range(1, t.global_batch // t.micro_batch + 1) if t.global_batch % (t.micro_batch * w) == 0]
-        raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
-                         f"{t.micro_batch} x world size {world}: with micro batch {t.micro_batch} the world sizes "
-                         f"that keep the global batch are {', '.join(map(str, fits[:12]))}"
-                         f"{' ...' if len(fits) > 12 else ''}; or change train.micro_batch")
+        raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
+                          f"{t.micro_batch} x world size {world}: with micro batch {t.micro_batch} the world sizes "
+                          f"that keep the global batch are {', '.join(map(str, fits[:12]))}"
+                          f"{' ...' if len(fits) > 12 else ''}; or change train.micro_batch")
     accum = t.global_batch // (t.micro_batch * world)
     steps_per_epoch = micro_batches_per_epoch // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"an epoch holds {micro_batches_per_epoch} micro batches per rank, fewer than one "
-                         f"optimizer step ({accum} micro batches): lower train.global_batch")
+        raise ConfigError(f"an epoch holds {micro_batches_per_epoch} micro batches per rank, fewer than one "
+                          f"optimizer step ({accum} micro batches): lower train.global_batch")
     total = max(1, round(cfg.schedule.epochs * steps_per_epoch))
     warmup = min(total - 1, round(cfg.schedule.warmup_epochs * steps_per_epoch))
     return StepPlan(t.micro_batch, accum, steps_per_epoch, total, warmup)
@@ -83,7 +83,8 @@ def resolve_precision(precision: str, gpu: Gpu | None | str = "detect") -> str:
     if precision not in typing.get_args(Precision):
         raise ValueError(f"train.precision must be one of {', '.join(typing.get_args(Precision))}, not {precision!r}")
     if precision == "fp16" and gpu is None:
-        raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 or bf16")
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 or "
+                          "bf16")
     if gpu is not None:
         check_precision(precision, gpu)
     return precision

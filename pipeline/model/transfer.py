@@ -23,13 +23,14 @@ import torch
 
 from data_prep.shardset.layout import map_layouts
 from pipeline.config import BiasTables, Head
+from swin_common.errors import UserError
 
 log = logging.getLogger("pipeline.model.transfer")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 REBUILT_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 
 
-class TransferError(ValueError):
+class TransferError(UserError, ValueError):
     """Source weights that do not fit the model or the label layout they should start."""
 
 

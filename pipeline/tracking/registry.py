@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm import tqdm
 
 from pipeline.tracking import mlflow_model
+from swin_common.errors import UserError
 from swin_common.redact import redact_text
 from swin_common.safe_weights import file_sha256
 
@@ -89,10 +90,14 @@ def registration_record(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+class ModelURIError(UserError, ValueError):
+    """A model reference that is not models:/NAME@ALIAS or models:/NAME/VERSION, or a name no folder can hold."""
+
+
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     m = MODELS_URI.match(uri)
     if not m:
-        raise ValueError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise ModelURIError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
     return m["name"], m["alias"], m["version"]
 
 
@@ -131,18 +136,18 @@ def check_model_folder(folder: Path, uri: str) -> None:
 def _folder_name(name: str, uri: str) -> str:
     """A registered model's name as one folder of the cache: never `..`, a path or a NUL."""
     if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-        raise ValueError(f"{uri}: the registered model name {name!r} cannot be a folder name of the model cache")
+        raise ModelURIError(f"{uri}: the registered model name {name!r} cannot be a folder name of the model cache")
     return name
 
 
-class StoreNotFound(ValueError):
+class StoreNotFound(UserError, ValueError):
     """No MLflow store to read from: none named, or a local one that does not exist (never created by a read)."""
 
 
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(UserError, ValueError):
     """A registered model, version or alias that the store does not hold."""
 
 
@@ -185,7 +190,7 @@ def resolve_in_store(uri: str, tracking_uri: str | None):
                             f"holds it") from None
 
 
-class WeightsMismatch(ValueError):
+class WeightsMismatch(UserError, ValueError):
     """Weights whose sha256 is not the one the model version recorded at registration: another model's, or a
     file changed after it was pulled."""
 

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from swin_common.errors import UserError
 from swin_common.redact import REDACTED, SECRET_NAME, redact_text, remember_secrets, secret_values
 
 log = logging.getLogger("pipeline.tracking")
@@ -140,7 +141,7 @@ def manifest_params(shards: str) -> dict[str, object]:
     return out
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracking set-up that cannot work for this job."""
 
 
