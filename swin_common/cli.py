@@ -239,7 +239,8 @@ def _job_store():
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return None
     try:
-        from torch.distributed.distributed_c10d import _get_default_store  # torch's own; no public accessor
+        # torch's own, with no public accessor: tests/test_cli_errors.py checks it in the pinned torch
+        from torch.distributed.distributed_c10d import _get_default_store
 
         return _get_default_store()
     except Exception:  # noqa: BLE001  (then the grace below)
@@ -327,7 +328,9 @@ def exit_process(code: int):
     streams are flushed. What is skipped is the finalization after that: the garbage collection of every
     loaded module and torch's operator deregistration (C++ static destructors), which take 2-4 s per process
     with torch, timm, DeepSpeed and MLflow loaded on 2 cores, and a launch has several processes. A stop signal
-    that lands in that teardown also no longer meets Python's reset, default handlers (pipeline.engine.stop)."""
+    that lands in that teardown also no longer meets Python's reset, default handlers (pipeline.engine.stop).
+    threading._shutdown and atexit._run_exitfuncs are CPython's own steps of its exit, with no public equivalent:
+    tests/test_cli_errors.py checks them in the pinned CPython."""
     shutdown_threads = getattr(threading, "_shutdown", None)  # CPython's own step of the exit; absent: skipped
     if shutdown_threads is not None:
         shutdown_threads()
