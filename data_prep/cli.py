@@ -13,8 +13,7 @@ import sys
 
 from swin_common.cli import ArgumentParser, DefaultsHelpFormatter, command, configure_logging
 
-from .records import IncompleteError
-from .shardset.layout import LayoutError, read_layout, write_map
+from .shardset.layout import read_layout, write_map
 
 EXAMPLES = """examples:
   python -m data_prep shard --source /data/imagenet22k_tars --out s3://bucket/in22k --holdout-per-class 10 --workers 8
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@command(expected=(LayoutError, IncompleteError))  # and OSError, S3 errors, ValueError/RuntimeError of ours
+@command()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -12,10 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from swin_common.errors import UserError
+
 from .sources import Item, Listing
 
 SPLITS = ("train", "val")
 RECORDS_DIR = "_prep/done"  # one completion record per finished shard
+
+
+class PlanError(UserError, ValueError):
+    """A prep job that cannot go as asked: its task share, or options that differ from those its output folder was
+    begun with."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,5 +112,5 @@ def plan_shards(listing: Listing, seed: int, holdout_per_class: int, max_samples
 
 def task_share(plan: list[ShardSpec], task_index: int, num_tasks: int) -> list[ShardSpec]:
     if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+        raise PlanError(f"task index {task_index} is outside 0..{num_tasks - 1}")
     return plan[task_index::num_tasks]

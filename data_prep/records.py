@@ -6,12 +6,14 @@ import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+from swin_common.errors import UserError
+
 from .plan import RECORDS_DIR, ShardSpec
 from .shardset.manifest import FORMAT
 
 
-class IncompleteError(RuntimeError):
-    pass
+class IncompleteError(UserError, RuntimeError):
+    """A shard set whose planned shards are not all written yet."""
 
 
 def missing_records(out, plan: list[ShardSpec]) -> list[ShardSpec]:

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from swin_common.errors import UserError
+
 from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
 from .records import build_manifest, missing_records
 from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
-from .plan import ShardSpec, plan_shards, task_share
+from .plan import PlanError, ShardSpec, plan_shards, task_share
 from .sources import LISTING_NAME, Listing, scan_source
 from .shardset.split_index import write_split_indexes
 from .shardset.store import open_store
@@ -26,6 +28,10 @@ from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, writ
 
 log = logging.getLogger("data_prep")
 OPTIONS_NAME = "_prep/options.json"
+
+
+class ShardsFailed(UserError, RuntimeError):
+    """Shards of this task that could not be written (each logged with its cause); a rerun resumes them."""
 
 
 @dataclass
@@ -57,7 +63,7 @@ def load_or_scan(source, out, source_format: str, workers: int) -> Listing:
     listing = read_listing(out)
     if listing is not None:
         if source_format not in ("auto", listing.kind):
-            raise ValueError(f"{out.url} was prepared from a {listing.kind} source, not {source_format}")
+            raise PlanError(f"{out.url} was prepared from a {listing.kind} source, not {source_format}")
         return listing
     t0 = time.time()
     listing = scan_source(source, source_format, workers)
@@ -94,8 +100,8 @@ def resolve_layout(out, listing: Listing, layout_file: str | None) -> list[str]:
     if out.exists("synsets.txt"):
         existing = parse_layout(out.read("synsets.txt").decode(), f"{out.url}/synsets.txt")
         if existing != synsets:
-            raise ValueError(f"{out.url}/synsets.txt holds another label layout than this run's; use a new "
-                             f"output folder or the same --layout")
+            raise PlanError(f"{out.url}/synsets.txt holds another label layout than this run's; use a new "
+                            f"output folder or the same --layout")
     else:
         out.write_bytes("synsets.txt", format_layout(synsets).encode())
     return synsets
@@ -124,8 +130,8 @@ def check_options(out, options: dict) -> None:
         changed = {k: (before.get(k), v) for k, v in options.items() if before.get(k) != v}
         if changed:
             what = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
-            raise ValueError(f"{out.url} holds shards prepared with other options ({what}); use a new output "
-                             f"folder or the same options")
+            raise PlanError(f"{out.url} holds shards prepared with other options ({what}); use a new output "
+                            f"folder or the same options")
     else:
         out.write_bytes(OPTIONS_NAME, json.dumps(options, indent=1).encode())
 
@@ -184,7 +190,7 @@ def run_shard(opts: ShardOptions) -> dict:
     elapsed = time.time() - t0
     summary = _summarise(records, failures, elapsed, len(mine) - len(todo))
     if failures:
-        raise RuntimeError(f"{len(failures)} shard(s) failed (rerun the same command to resume): "
+        raise ShardsFailed(f"{len(failures)} shard(s) failed (rerun the same command to resume): "
                            + "; ".join(f"{n}: {e}" for n, e in failures))
     if opts.finalize and not missing_records(out, plan):
         write_finished_set(out, build_manifest(out, plan, options, synsets, listing.rejected,
@@ -302,6 +308,6 @@ def slurm_task_defaults() -> tuple[int, int]:
     step, count = int(env.get("SLURM_ARRAY_TASK_STEP", "1")), int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
     last = int(env.get("SLURM_ARRAY_TASK_MAX", first + step * (count - 1)))
     if (last - first) // step + 1 != count:
-        raise ValueError(f"the Slurm array must be a range (like 0-63, 0-63%8 or 0-126:2), not a list of ids: "
-                         f"{count} tasks between {first} and {last}; or pass --task-index and --num-tasks")
+        raise PlanError(f"the Slurm array must be a range (like 0-63, 0-63%8 or 0-126:2), not a list of ids: "
+                        f"{count} tasks between {first} and {last}; or pass --task-index and --num-tasks")
     return (task - first) // step, count

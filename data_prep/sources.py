@@ -23,10 +23,16 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from swin_common.errors import UserError
+
 from .shardset.store import LocalStore, S3Store, UnsafePath, inside
 
 LISTING_NAME = "_prep/listing.npz"
 KINDS = ("imagefolder", "synset-tars")
+
+
+class SourceError(UserError, ValueError):
+    """A source folder or prefix whose layout is none this project reads."""
 
 
 class Item(NamedTuple):
@@ -175,13 +181,13 @@ def detect_kind(store: LocalStore | S3Store) -> str:
     dirs, files = store.list_dir()
     tars = [f for f in files if f.endswith(".tar")]
     if tars and dirs:
-        raise ValueError(f"{store.url} holds both folders and .tar files: pass --source-format "
-                         f"imagefolder or synset-tars")
+        raise SourceError(f"{store.url} holds both folders and .tar files: pass --source-format "
+                          f"imagefolder or synset-tars")
     if tars:
         return "synset-tars"
     if dirs:
         return "imagefolder"
-    raise ValueError(f"{store.url} holds neither class folders nor per-synset .tar files")
+    raise SourceError(f"{store.url} holds neither class folders nor per-synset .tar files")
 
 
 def scan_source(store: LocalStore | S3Store, kind: str = "auto", workers: int = 1) -> Listing:
@@ -191,7 +197,7 @@ def scan_source(store: LocalStore | S3Store, kind: str = "auto", workers: int = 
         return _scan_imagefolder(store)
     if kind == "synset-tars":
         return _scan_tars(store, workers)
-    raise ValueError(f"unknown source format {kind!r}; expected one of {KINDS}")
+    raise SourceError(f"unknown source format {kind!r}; expected one of {KINDS}")
 
 
 def _scan_imagefolder(store) -> Listing:

@@ -2,7 +2,10 @@
 arguments (dotted paths, values parsed as YAML: `optim.base_lr=5e-4`, `train.zero_stage=3`,
 `data.rand_augment=null`), checked against the field types, and dumped with every run (`config.yaml`).
 
-Unknown keys are errors, never silently ignored: a typo in a recipe must not train the wrong model.
+Unknown keys are errors, never silently ignored: a typo in a recipe must not train the wrong model. A field with
+a fixed set of values is a typing.Literal (`data.backend`, `schedule.decay`, `train.precision`,
+`train.zero_stage`, `transfer.bias_tables`, `transfer.head`): a value outside it is refused here, with the rest
+of the config, in a second and before torch is imported; the code that uses the field takes the config's word.
 """
 from __future__ import annotations
 
@@ -11,12 +14,22 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from swin_common.errors import UserError
 
-class ConfigError(ValueError):
-    pass
+Backend = Literal["auto", "dali", "torch"]
+Decay = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+ZeroStage = Literal[0, 1, 2, 3]
+BiasTables = Literal["bicubic", "zeros"]
+Head = Literal["map", "fresh"]
+
+
+class ConfigError(UserError, ValueError):
+    """A config file, key or value that cannot make a run: named, with what it takes."""
 
 
 @dataclass
@@ -34,7 +47,7 @@ class DataConfig:
     shards: str = ""  # shard set folder or s3://bucket/prefix (written by `python -m data_prep shard`)
     train_split: str = "train"
     val_split: str = "val"  # "" = no evaluation
-    backend: str = "auto"  # auto (dali where it imports) | dali | torch
+    backend: Backend = "auto"  # auto: dali where it imports, else torch
     workers: int = 4  # DALI threads / DataLoader worker processes per rank
     seed: int = 0
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"
@@ -63,7 +76,7 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: float = 90
     warmup_epochs: float = 5  # linear warm-up, per optimizer step, from warmup_lr
-    decay: str = "cosine"  # cosine | linear | constant (after warm-up)
+    decay: Decay = "cosine"  # after warm-up
     warmup_lr: float = 1.25e-7  # scaled like base_lr (per lr_batch_base images)
     min_lr: float = 1.25e-6  # scaled like base_lr
 
@@ -72,8 +85,8 @@ class ScheduleConfig:
 class TrainConfig:
     global_batch: int = 4096  # images per optimizer step over all ranks
     micro_batch: int = 128  # images per rank per forward/backward; accumulation = global / (micro x world)
-    zero_stage: int = 2  # DeepSpeed ZeRO 0 (DDP) | 1 | 2 | 3
-    precision: str = "auto"  # auto (bf16 where the GPU has it, fp16 on V100, fp32 on CPU) | bf16 | fp16 | fp32
+    zero_stage: ZeroStage = 2  # DeepSpeed ZeRO stage; 0 = DDP
+    precision: Precision = "auto"  # auto: bf16 where the GPU has it, fp16 on V100, fp32 on CPU
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0 = the whole schedule)
     log_every: int = 10  # optimizer steps
@@ -118,8 +131,8 @@ class TrackingConfig:
 
 @dataclass
 class TransferConfig:
-    bias_tables: str = "bicubic"  # bicubic: resize each head's (2M-1)^2 grid (paper, official code) | zeros
-    head: str = "map"  # map: class rows from the source rows of the same synsets | fresh: a new head
+    bias_tables: BiasTables = "bicubic"  # bicubic: resize each head's (2M-1)^2 grid (paper, official code) | zeros
+    head: Head = "map"  # map: class rows from the source rows of the same synsets | fresh: a new head
 
 
 @dataclass
@@ -222,6 +235,13 @@ def _coerce(value, hint, key: str):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is Literal:
+        kind = type(args[0])
+        if kind is not str:  # `train.zero_stage=two`: the type first, as for any int field
+            value = _coerce(value, kind, key)
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
             value = [value]

@@ -455,7 +455,7 @@ def join_world(cfg: RunConfig) -> World:
     return world
 
 
-@command(exit_codes={"TrainingDiverged": 3}, ranked=True)
+@command(ranked=True)
 def main(argv: list[str] | None = None) -> int:
     # first: a stop signal from here on only sets the flag, and the run stops at its first step boundary; Slurm's
     # time-limit SIGUSR1 may come in the first seconds of a job (up to 60 s early), and before this line it kills

@@ -7,10 +7,16 @@
         args = ArgumentParser(prog="python -m pipeline.pull", ...).parse_args(argv)
         ...
 
-- Expected failures (a missing or unfinalized shard set, an unknown model or alias, an unreachable server, a
-  bad path or option, an unreadable image, a bad config key) end in ONE line on stderr, `error: ...`, naming
-  the thing and what to do, and exit 2 (or the code `exit_codes` gives, e.g. 3 for a diverged training).
-- Anything else is a bug: its traceback is printed (redacted) and the exit status is 1.
+- Expected failures end in ONE line on stderr, `error: ...`, naming the thing and what to do, and exit 2 (or
+  the code the error's class or `exit_codes` gives, e.g. 3 for a diverged training). They are:
+  - user errors, raised on purpose (swin_common.errors.UserError: a bad config key or value, a missing or
+    unfinalized shard set, an unknown model or alias, an unreadable image, bad data; CommandError is the one a
+    command raises with a ready message);
+  - the world's refusals, whoever raised them: OSError (files, paths, permissions, connections), MLflow's
+    MlflowException/RestException, boto3/botocore errors;
+  - what a command names in `expected` (classes, or class names) or `exit_codes`.
+- Anything else is a bug, a ValueError or RuntimeError of the project's own code too: its traceback is printed
+  (redacted) and the exit status is 1.
 - `--debug` (on every parser made with this module's ArgumentParser) or SWIN_DEBUG=1 prints the traceback of
   expected failures too.
 - `ranked=True` (commands started once per rank by a launcher): the same error on several ranks shows once, an
@@ -24,11 +30,6 @@
 - Everything the process writes through Python is redacted from the start (swin_common.redact).
 - A command's `__main__` ends with `exit_process(main())`: the process leaves without the interpreter's
   finalization, which takes seconds once torch, timm, DeepSpeed and MLflow are loaded.
-
-Expected failures are: CommandError (raised by the commands with a ready message), OSError (files, paths,
-permissions, connections, unreadable images), MLflow's MlflowException/RestException, boto3/botocore errors,
-ValueError and RuntimeError raised by the project's own code (data_prep, pipeline, swin_common: ConfigError,
-LayoutError, ShardSetError, ...), and what a command names in `expected`.
 """
 from __future__ import annotations
 
@@ -45,18 +46,17 @@ import threading
 import time
 import traceback
 
+from .errors import USER_ERROR, UserError
 from .redact import install_log_redaction, install_redaction, redact_text
 
-OUR_PACKAGES = ("data_prep", "pipeline", "swin_common")
-USER_ERROR = 2
 BUG = 1
 RANK_GRACE_S = 10.0  # the longest ranks wait for each other's error lines (SWIN_RANK_GRACE_S)
 MAX_LINE = 600
 _debug = False
 
 
-class CommandError(Exception):
-    """An expected failure whose message is ready for the user (names the thing and what to do)."""
+class CommandError(UserError):
+    """The user error a command raises itself, with a ready message and, when not 2, its own exit status."""
 
     def __init__(self, message: str, exit_code: int = USER_ERROR):
         super().__init__(message)
@@ -136,31 +136,19 @@ def _is_mlflow(e: BaseException) -> bool:
     return any(m.startswith("mlflow") and n == "MlflowException" for m, n in _classes(e))
 
 
-def _raised_by_us(e: BaseException) -> bool:
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    module = tb.tb_frame.f_globals.get("__name__", "")
-    return module.split(".")[0] in OUR_PACKAGES
-
-
 def exit_code_of(e: BaseException, expected=(), exit_codes=None) -> int | None:
     """The exit status of an expected failure, or None for a bug."""
     names = {n for _, n in _classes(e)}
     for kind, code in (exit_codes or {}).items():
         if (isinstance(kind, str) and kind in names) or (isinstance(kind, type) and isinstance(e, kind)):
             return code
-    if isinstance(e, CommandError):
+    if isinstance(e, UserError):
         return e.exit_code
     if any((isinstance(k, str) and k in names) or (isinstance(k, type) and isinstance(e, k)) for k in expected):
         return USER_ERROR
     if isinstance(e, OSError) or _is_mlflow(e):
         return USER_ERROR
     if any(m.split(".")[0] in ("botocore", "boto3", "s3transfer") for m, _ in _classes(e)):
-        return USER_ERROR
-    if isinstance(e, (ValueError, RuntimeError)) and not isinstance(e, NotImplementedError) and _raised_by_us(e):
         return USER_ERROR
     return None
 
@@ -251,7 +239,8 @@ def _job_store():
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return None
     try:
-        from torch.distributed.distributed_c10d import _get_default_store  # torch's own; no public accessor
+        # torch's own, with no public accessor: tests/test_cli_errors.py checks it in the pinned torch
+        from torch.distributed.distributed_c10d import _get_default_store
 
         return _get_default_store()
     except Exception:  # noqa: BLE001  (then the grace below)
@@ -339,7 +328,9 @@ def exit_process(code: int):
     streams are flushed. What is skipped is the finalization after that: the garbage collection of every
     loaded module and torch's operator deregistration (C++ static destructors), which take 2-4 s per process
     with torch, timm, DeepSpeed and MLflow loaded on 2 cores, and a launch has several processes. A stop signal
-    that lands in that teardown also no longer meets Python's reset, default handlers (pipeline.engine.stop)."""
+    that lands in that teardown also no longer meets Python's reset, default handlers (pipeline.engine.stop).
+    threading._shutdown and atexit._run_exitfuncs are CPython's own steps of its exit, with no public equivalent:
+    tests/test_cli_errors.py checks them in the pinned CPython."""
     shutdown_threads = getattr(threading, "_shutdown", None)  # CPython's own step of the exit; absent: skipped
     if shutdown_threads is not None:
         shutdown_threads()

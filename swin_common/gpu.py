@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import UserError
+
 BF16_MIN_CAPABILITY = (8, 0)
 # DALI's CUDA major -> the lowest compute capability its wheels carry kernels for (DALI's support matrix)
 DALI_MIN_CAPABILITY = {11: (3, 5), 12: (5, 0), 13: (7, 5)}
@@ -42,7 +44,7 @@ INSTALL_HINT = {
 }
 
 
-class UnsupportedGPU(RuntimeError):
+class UnsupportedGPU(UserError, RuntimeError):
     """The installed torch or DALI build has no kernels for this rank's GPU."""
 
 

@@ -7,8 +7,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from .errors import UserError
 
-class UnsafeModelFile(ValueError):
+
+class UnsafeModelFile(UserError, ValueError):
     """A model file that is not the safetensors file its name says (a pickle, a zip archive, ...): never loaded."""
 
 

@@ -6,10 +6,13 @@ on stderr, `error: ...`, naming the thing, and a non-zero exit (2); under a laun
 once per rank. Tracebacks are for bugs and for --debug. Each case runs the real command in a fresh process."""
 from __future__ import annotations
 
+import atexit
+import inspect
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -405,10 +408,41 @@ def test_main_job_errors(tmp_path):
 
 
 # -- which failures are expected ---------------------------------------------------------------------------
+# `python -m data_prep map` with a bug put into the project's own code: write_map unpacks two values from a
+# map_layouts that returns one, so the ValueError is raised in a frame of data_prep.shardset.layout
+BUGGY_MAP = r"""
+import sys
+import data_prep.shardset.layout as layout
+from data_prep.cli import main
+
+layout.map_layouts = lambda source, target: ([],)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_bug_in_project_code_shows_its_traceback(tmp_path):
+    """A plain ValueError raised in the project's own code ("not enough values to unpack") is a bug: its traceback
+    and exit 1, not one `error:` line and exit 2; the same command's user error (a layout listing a synset twice)
+    is still one line and exit 2."""
+    good, twice = tmp_path / "good.txt", tmp_path / "twice.txt"
+    good.write_text("n1\nn2\n")
+    twice.write_text("n1\nn2\nn1\n")
+    bug = run(sys.executable, "-c", BUGGY_MAP, "map", "--from", good, "--to", good, "--out", tmp_path / "map.json")
+    assert bug.returncode == 1, bug.stderr[-3000:]
+    assert "Traceback (most recent call last)" in bug.stderr and 'data_prep/shardset/layout.py", line' in bug.stderr
+    assert bug.stderr.strip().splitlines()[-1] == "ValueError: not enough values to unpack (expected 2, got 1)"
+    assert not any(line.startswith("error: ") for line in bug.stderr.splitlines()), bug.stderr[-3000:]
+    one_line(run(sys.executable, "-c", BUGGY_MAP, "map", "--from", twice, "--to", good, "--out", tmp_path / "m.json"),
+             f"{twice}: synset n1 is listed twice (lines 1 and 3)")
+
+
 def test_expected_failures_and_bugs_are_told_apart():
     import numpy as np
 
+    from data_prep.shardset.layout import LayoutError, parse_layout
     from pipeline.config import ConfigError, load_config
+    from pipeline.data.order import epoch_order
+    from swin_common.errors import UserError
 
     def raised(fn):
         try:
@@ -417,10 +451,63 @@ def test_expected_failures_and_bugs_are_told_apart():
             return e
         raise AssertionError("nothing raised")
 
-    assert exit_code_of(raised(lambda: load_config(None, ["nosuch=1"]))) == 2  # ConfigError from our code
+    assert exit_code_of(raised(lambda: load_config(None, ["nosuch=1"]))) == 2  # ConfigError: a UserError
+    assert exit_code_of(raised(lambda: parse_layout("n1\nn1\n"))) == 2 and issubclass(LayoutError, ValueError)
+    assert exit_code_of(raised(lambda: epoch_order([4], 0, 0, rank=2, world=2))) is None  # a ValueError of ours: a bug
+    assert exit_code_of(type("Diverged", (UserError, RuntimeError), {"exit_code": 3})("x")) == 3
     assert exit_code_of(raised(lambda: open("/nonexistent/file"))) == 2
     assert exit_code_of(CommandError("x", exit_code=4)) == 4
     assert exit_code_of(raised(lambda: np.zeros(3).reshape(2))) is None  # a ValueError from a library: a bug
     assert exit_code_of(raised(lambda: {}["k"])) is None
     assert exit_code_of(ConfigError("x"), exit_codes={ConfigError: 5}) == 5
     assert exit_code_of(ConfigError("x"), exit_codes={"ConfigError": 5}) == 5  # by name: no import needed
+
+
+# -- the exit path -----------------------------------------------------------------------------------------
+EXITING = r"""
+import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from swin_common.cli import exit_process
+
+atexit.register(lambda: print("atexit handler ran", flush=True))
+pool = ThreadPoolExecutor(2)  # never shut down: its workers end through threading's own exit hook
+pool.submit(time.sleep, 0.1)
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread joined", flush=True))).start()
+exit_process(3)
+"""
+
+
+def test_exit_process_ends_threads_and_runs_exit_handlers():
+    """exit_process: threading's exit hooks (concurrent.futures': an executor never shut down would keep the join
+    waiting forever), the non-daemon threads joined, then the atexit handlers, then the status."""
+    proc = run(sys.executable, "-c", EXITING, timeout=60)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["thread joined", "atexit handler ran"], proc.stdout
+
+
+STORE_OF_THE_GROUP = r"""
+import inspect
+from datetime import timedelta
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _get_default_store
+
+print(list(inspect.signature(_get_default_store).parameters))
+dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", 0, 1, True), rank=0, world_size=1)
+store = _get_default_store()
+print(isinstance(store, dist.Store))
+store.set("swin/error/0", "line")
+store.wait(["swin/error/0"], timedelta(seconds=5))
+print(store.get("swin/error/0").decode())
+dist.destroy_process_group()
+"""
+
+
+def test_the_private_apis_of_the_exit_path_are_there():
+    """exit_process and the ranked error report use CPython's and torch's own private functions, for which there is
+    no public way: threading._shutdown, atexit._run_exitfuncs, torch.distributed's _get_default_store (the process
+    group's key-value store, which the ranks compare their error lines through). Checked in the pinned versions
+    (CPython 3.11, torch 2.14.1), so that an upgrade that drops or changes one fails here."""
+    assert not inspect.signature(threading._shutdown).parameters
+    assert callable(atexit._run_exitfuncs) and atexit._run_exitfuncs.__module__ == "atexit"
+    store = run(sys.executable, "-c", STORE_OF_THE_GROUP, timeout=120)
+    assert store.returncode == 0 and store.stdout.split() == ["[]", "True", "line"], store.stdout + store.stderr[-3000:]

@@ -1,6 +1,9 @@
 """The typed run config: recipes load, overrides apply with types checked, typos are errors, dumps round-trip."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,47 @@ def test_an_empty_override_is_an_empty_string_and_null_is_none():
 def test_mistakes_are_errors_that_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.backend=dal", r"data.backend: expected one of auto, dali, torch, got 'dal'"),
+    ("schedule.decay=step", r"schedule.decay: expected one of cosine, linear, constant, got 'step'"),
+    ("train.precision=fp8", r"train.precision: expected one of auto, bf16, fp16, fp32, got 'fp8'"),
+    ("train.zero_stage=4", r"train.zero_stage: expected one of 0, 1, 2, 3, got 4"),
+    ("train.zero_stage=true", r"train.zero_stage: expected int, got True"),
+    ("transfer.head=new", r"transfer.head: expected one of map, fresh, got 'new'"),
+    ("transfer.bias_tables=null", r"transfer.bias_tables: expected one of bicubic, zeros, got None"),
+])
+def test_choice_fields_take_only_their_choices(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_every_choice_of_a_choice_field_loads():
+    cfg = load_config(None, ["data.backend=torch", "schedule.decay=constant", "train.precision=bf16",
+                             "train.zero_stage=0", "transfer.head=fresh", "transfer.bias_tables=zeros"])
+    assert (cfg.data.backend, cfg.schedule.decay, cfg.train.precision, cfg.train.zero_stage, cfg.transfer.head,
+            cfg.transfer.bias_tables) == ("torch", "constant", "bf16", 0, "fresh", "zeros")
+
+
+CHECK_BACKEND = """
+import sys
+from pipeline.train import main
+
+code = main(["--config", "configs/tiny_22k.yaml", "data.backend=dal", "--check"])
+print(code, "torch" in sys.modules)
+"""
+
+
+def test_a_bad_choice_is_refused_by_check_before_torch_loads():
+    """`python -m pipeline.train ... data.backend=dal --check`: one line naming the key, the value and the choices,
+    exit 2, from the config alone: torch is never imported (the loader's own check came after it, at the run)."""
+    repo = Path(__file__).resolve().parents[1]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", CHECK_BACKEND], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "False"], (proc.stdout, proc.stderr[-3000:])
+    assert proc.stderr.strip() == "error: data.backend: expected one of auto, dali, torch, got 'dal'", proc.stderr
+    assert time.time() - t0 < 30  # about a second; a loaded machine may take several
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

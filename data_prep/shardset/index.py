@@ -5,7 +5,13 @@ First line 'v1.2 <samples>'; then one line per sample with, for each of its file
 """
 from __future__ import annotations
 
+from swin_common.errors import UserError
+
 VERSION = "v1.2"
+
+
+class IndexFileError(UserError, ValueError):
+    """An index file (a shard's .idx, a split's index.npz) that cannot be read as one."""
 
 
 def format_index(samples: list[list[tuple[str, int, int, str]]]) -> str:
@@ -18,17 +24,19 @@ def format_index(samples: list[list[tuple[str, int, int, str]]]) -> str:
 def parse_index(text: str) -> list[list[tuple[str, int, int, str]]]:
     lines = text.splitlines()
     if not lines:
-        raise ValueError("empty index file")
+        raise IndexFileError("empty index file")
     version, _, count = lines[0].partition(" ")
     if version != VERSION:
-        raise ValueError(f"index version {version!r}, expected {VERSION}")
+        raise IndexFileError(f"index version {version!r}, expected {VERSION}")
     samples = []
     for line in lines[1:]:
         fields = line.split(" ")
-        if len(fields) % 4:
-            raise ValueError(f"malformed index line: {line[:100]!r}")
-        samples.append([(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                        for i in range(0, len(fields), 4)])
-    if len(samples) != int(count):
-        raise ValueError(f"index header says {count} samples, lines give {len(samples)}")
+        try:  # a field short of a whole (ext, offset, size, name) group, or a number that is none
+            sample = [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                      for i in range(0, len(fields), 4)]
+        except (IndexError, ValueError):
+            raise IndexFileError(f"malformed index line: {line[:100]!r}") from None
+        samples.append(sample)
+    if not count.isdigit() or len(samples) != int(count):
+        raise IndexFileError(f"index header says {count} samples, lines give {len(samples)}")
     return samples

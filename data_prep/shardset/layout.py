@@ -5,9 +5,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from swin_common.errors import UserError
 
-class LayoutError(ValueError):
-    pass
+
+class LayoutError(UserError, ValueError):
+    """A label layout file that is missing, empty or lists a synset twice, or that misses synsets of the source."""
 
 
 def parse_layout(text: str, origin: str = "layout") -> list[str]:

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import json
 
+from swin_common.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "swin-pipeline-shards/1"
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest.json of another format than the one this version reads."""
 
 
 def write_manifest(out, manifest: dict) -> None:
@@ -18,7 +24,7 @@ def read_manifest(out) -> dict:
         raise FileNotFoundError(missing_manifest(out))
     manifest = json.loads(out.read(MANIFEST_NAME))
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{out.url}/{MANIFEST_NAME} has format {manifest.get('format')!r}, expected {FORMAT}")
+        raise ManifestError(f"{out.url}/{MANIFEST_NAME} has format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest
 
 

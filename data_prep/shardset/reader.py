@@ -19,7 +19,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .index import format_index, parse_index
+from swin_common.errors import UserError
+
+from .index import IndexFileError, format_index, parse_index
 from .manifest import read_manifest
 from .split_index import SampleTable, read_split_index
 from .store import LocalStore, S3Store, open_store
@@ -28,7 +30,7 @@ log = logging.getLogger("data_prep.shardset.reader")
 REQUIRED = ("jpg", "cls")
 
 
-class ShardSetError(RuntimeError):
+class ShardSetError(UserError, RuntimeError):
     """A shard set that cannot be read as asked: no such split, no split index, too many bad shards."""
 
 
@@ -65,7 +67,7 @@ def check_index(text: str, shard: Shard, file_size: int) -> str | None:
     """Why a shard's own `.idx` cannot be trusted for this shard, or None."""
     try:
         samples = parse_index(text)
-    except ValueError as e:
+    except IndexFileError as e:
         return f"index file unreadable: {e}"
     if len(samples) != shard.samples:
         return f"index lists {len(samples)} samples, the manifest {shard.samples}"
@@ -119,7 +121,7 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
     problems = [storage_problem(s) for s in shards]
     try:
         table = read_split_index(store, entry, cache)
-    except (OSError, ValueError) as e:  # prep's problem, not the job's: the shards' own index files remain
+    except (OSError, IndexFileError) as e:  # prep's problem, not the job's: the shards' own index files remain
         log.warning("%s: %s; reading every shard's index file instead", url, e)
         table, problems = _table_from_shard_indexes(store, shards, sizes, problems)
     else:

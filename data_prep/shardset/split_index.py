@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .index import parse_index
+from .index import IndexFileError, parse_index
 from .store import LocalStore
 
 VERSION = 1
@@ -117,11 +117,11 @@ class SampleTable:
                 table = cls([str(n) for n in z["names"]], z["starts"], z["jpg_offset"], z["jpg_size"],
                             z["cls_offset"], z["cls_size"], z["key_blob"], z["key_starts"])
         except (ValueError, KeyError, OSError) as e:
-            raise ValueError(f"{where}: not a readable split index ({e})") from None
+            raise IndexFileError(f"{where}: not a readable split index ({e})") from None
         n = len(table)
         if not all(len(a) == n for a in (table.jpg_offset, table.jpg_size, table.cls_offset, table.cls_size)) \
                 or len(table.key_starts) != n + 1 or len(table.starts) != len(table.names) + 1:
-            raise ValueError(f"{where}: split index columns of different lengths")
+            raise IndexFileError(f"{where}: split index columns of different lengths")
         return table
 
 
@@ -136,13 +136,14 @@ def _columns(name: str, text: str) -> tuple:
     """(jpg offsets, jpg sizes, cls offsets, cls sizes, key bytes, key lengths) of one shard's index file."""
     try:
         samples = parse_index(text)
-    except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+    except IndexFileError as e:
+        raise IndexFileError(f"{name}: {e}") from None
     jpg, cls_, keys = [], [], []
     for components in samples:
         parts = {ext: (offset, size, member) for ext, offset, size, member in components}
         if "jpg" not in parts or "cls" not in parts:
-            raise ValueError(f"{name}: a sample without jpg and cls ({components[0][3] if components else '?'})")
+            raise IndexFileError(f"{name}: a sample without jpg and cls "
+                                 f"({components[0][3] if components else '?'})")
         jpg.append(parts["jpg"][:2])
         cls_.append(parts["cls"][:2])
         keys.append(parts["jpg"][2].rsplit(".", 1)[0].encode("ascii"))
@@ -153,7 +154,7 @@ def _columns(name: str, text: str) -> tuple:
 
 
 def read_split_index(store, entry: dict, cache=None) -> SampleTable:
-    """The split index the manifest's `split_indexes` entry names, checked against its sha256; raises ValueError
+    """The split index the manifest's `split_indexes` entry names, checked against its sha256; raises IndexFileError
     (naming the file) when it does not match or does not parse. On S3 it is read through `cache` when given (an
     object with `pinned(store, name, bytes)`, as the loader's node-shared cache has), so a node fetches it once."""
     where = f"{store.url}/{entry['name']}"
@@ -163,7 +164,7 @@ def read_split_index(store, entry: dict, cache=None) -> SampleTable:
     else:
         data = store.read(entry["name"])
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{where} does not match the sha256 in the manifest")
+        raise IndexFileError(f"{where} does not match the sha256 in the manifest")
     return SampleTable.from_bytes(data, where)
 
 

@@ -16,12 +16,18 @@ from contextlib import closing
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+from swin_common.errors import UserError
+
 # (path inside the store, byte offset, size or None for "to the end")
 ReadRequest = tuple[str, int, "int | None"]
 
 
-class UnsafePath(ValueError):
+class UnsafePath(UserError, ValueError):
     """A path inside a store that would leave it (absolute, `..`) or cannot be a file name (NUL)."""
+
+
+class StoreURLError(UserError, ValueError):
+    """A store URL that names no store (s3:// without a bucket)."""
 
 
 def inside(rel: str, where: str) -> str:
@@ -36,7 +42,7 @@ def open_store(url: str) -> "LocalStore | S3Store":
     if url.startswith("s3://"):
         bucket, _, prefix = url[len("s3://"):].partition("/")
         if not bucket:
-            raise ValueError(f"S3 URL needs a bucket: {url!r}")
+            raise StoreURLError(f"S3 URL needs a bucket: {url!r}")
         return S3Store(bucket, prefix.strip("/"))
     return LocalStore(url)
 

@@ -6,9 +6,12 @@ mid-epoch (DALI's RNG checkpoint when its own operators draw) it keeps itself an
 """
 from __future__ import annotations
 
+import typing
 from typing import Iterator, Protocol
 
 import torch
+
+from pipeline.config import Backend as BackendName
 
 
 class Backend(Protocol):
@@ -33,7 +36,7 @@ def dali_available() -> bool:
         return False
 
 
-def create_backend(name: str, cfg, device: str) -> Backend:
+def create_backend(name: BackendName, cfg, device: str) -> Backend:
     """`auto` is DALI where it imports, else PyTorch."""
     if name == "auto":
         name = "dali" if dali_available() else "torch"
@@ -45,4 +48,4 @@ def create_backend(name: str, cfg, device: str) -> Backend:
         from .torch_backend import TorchBackend
 
         return TorchBackend(cfg, device)
-    raise ValueError(f"data.backend must be auto, dali or torch, not {name!r}")
+    raise ValueError(f"data.backend must be one of {', '.join(typing.get_args(BackendName))}, not {name!r}")

@@ -31,12 +31,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from data_prep.shardset.store import LocalStore
+from swin_common.errors import UserError
 
 log = logging.getLogger("pipeline.data")
 
 
-class CacheFullError(RuntimeError):
-    pass
+class CacheFullError(UserError, RuntimeError):
+    """A shard larger than the node's whole cache budget (data.cache_bytes)."""
 
 
 class Pin:

@@ -14,6 +14,8 @@ import numpy as np
 import simplejpeg
 import torch
 
+from pipeline.config import ConfigError
+
 from .augment_params import eval_resize
 from .samples import MEAN, STD, DataError
 
@@ -80,7 +82,7 @@ def rand_augment_args(policy: str) -> tuple[int, int]:
     """(n, m) of a timm RandAugment string such as 'rand-m9-mstd0.5-inc1' (n defaults to 2, as in timm)."""
     parts = policy.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"not a RandAugment policy: {policy!r}")
+        raise ConfigError(f"data.rand_augment: not a RandAugment policy: {policy!r}")
     args = {p[0]: p[1:] for p in parts[1:] if p and p[0] in "nm" and not p.startswith("mstd")}
     return int(args.get("n", 2)), int(float(args.get("m", 9)))
 

@@ -23,6 +23,7 @@ from timm.data.random_erasing import RandomErasing
 
 from data_prep.shardset.reader import open_shard_set
 from data_prep.shardset.store import LocalStore
+from pipeline.config import ConfigError
 
 from .augment_params import batch_rng, seeded, torch_generators
 from .backend import create_backend
@@ -114,7 +115,7 @@ class ShardLoader:
         Another world size or micro batch (an elastic resume): the epoch's sequence from the `consumed` sample
         on, split over this world; DALI's own RNG then restarts from a seed of where it starts."""
         if state["seed"] != self.cfg.seed:
-            raise ValueError(f"loader state was saved with seed={state['seed']}, this run has {self.cfg.seed}")
+            raise ConfigError(f"loader state was saved with seed={state['seed']}, this run has {self.cfg.seed}")
         self.epoch = state["epoch"]
         if (state["world"], state["batch_size"]) == (self.world, self.cfg.batch_size):
             self.position = state["position"]
@@ -123,9 +124,9 @@ class ShardLoader:
         consumed = state.get("consumed", state["position"] * state["world"] * state["batch_size"])
         per_step = self.world * self.cfg.batch_size
         if consumed % per_step:
-            raise ValueError(f"loader state: {consumed} samples of epoch {self.epoch} consumed, not a whole number "
-                             f"of {self.world} ranks x {self.cfg.batch_size} micro batch: resume from a checkpoint "
-                             f"taken at an optimizer step")
+            raise ConfigError(f"loader state: {consumed} samples of epoch {self.epoch} consumed, not a whole number "
+                              f"of {self.world} ranks x {self.cfg.batch_size} micro batch: resume from a checkpoint "
+                              f"taken at an optimizer step")
         self.position = consumed // per_step
 
     def set_epoch(self, epoch: int) -> None:

@@ -8,11 +8,13 @@ import numpy as np
 import simplejpeg
 from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
 
+from swin_common.errors import UserError
+
 from .augment_params import batch_rng, flips, random_resized_crop
 from .reader import ShardReader, last_batch_of_shards
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A sample the pipeline cannot use, named with its shard and key."""
 
 

@@ -27,6 +27,7 @@ import torch
 
 from pipeline.config import RunConfig, dump_config
 from pipeline.engine.distributed import all_gather_object, barrier, broadcast_object, wait_for_main
+from swin_common.errors import UserError
 
 log = logging.getLogger("pipeline.train")
 MARKER = "COMPLETE"
@@ -34,11 +35,15 @@ UNIVERSAL_MARKER = "UNIVERSAL_COMPLETE"
 TAG = re.compile(r"^step_(\d{8})$")
 
 
-class SharedStorageError(RuntimeError):
+class SharedStorageError(UserError, RuntimeError):
     """Ranks that do not see the run folder rank 0 writes into."""
 
 
 SHARED_RUN_DIR_FILES = (".ranks-see-this", ".ranks-see-this.tmp")  # check_shared_run_dir's token, staged
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint this run cannot resume from (or convert for another world size), named, with what to do."""
 
 
 def check_shared_run_dir(run_dir: Path, rank: int) -> None:
@@ -185,7 +190,8 @@ def universal_copy(path: Path, rank: int) -> Path:
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tail = " | ".join(line.strip() for line in proc.stderr.strip().splitlines()[-3:])
-            raise RuntimeError(f"converting {path} to a universal checkpoint failed (exit {proc.returncode}): {tail}")
+            raise CheckpointError(f"converting {path} to a universal checkpoint failed (exit {proc.returncode}): "
+                                  f"{tail}")
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         _write_durable(tmp / UNIVERSAL_MARKER, lambda f: f.write(json.dumps(
             {"source": path.name, "seconds": round(time.time() - t0, 2), "bytes": size}).encode()))
@@ -194,7 +200,7 @@ def universal_copy(path: Path, rank: int) -> Path:
         log.info("converted %s in %.1f s (%.0f MB) into %s", path.name, time.time() - t0, size / 1e6, out)
     wait_for_main(f"converting {path.name} for another world size")  # minutes for big models: not a barrier
     if not (out / UNIVERSAL_MARKER).is_file():
-        raise RuntimeError(f"{out} is not a complete universal checkpoint (rank 0 did not finish converting it)")
+        raise CheckpointError(f"{out} is not a complete universal checkpoint (rank 0 did not finish converting it)")
     return out
 
 
@@ -216,7 +222,7 @@ def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) ->
     loaded, client = engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
     if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load {load_from}")
+        raise CheckpointError(f"DeepSpeed could not load {load_from}")
     step = int(client["step"])
     if elastic:
         check_no_persistent_buffers(engine.module)
@@ -243,11 +249,11 @@ def check_zero0_weights_dtype(path: Path, engine_dtype: torch.dtype) -> None:
     states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
     dtype = next((v.dtype for v in states["module"].values() if v.is_floating_point()), engine_dtype)
     if dtype in (torch.bfloat16, torch.float16) and engine_dtype == torch.float32:
-        raise RuntimeError(f"{path} holds ZeRO-0 weights in {str(dtype).replace('torch.', '')}: it was written by "
-                           f"DeepSpeed's own ZeRO-0 16-bit optimizer, which this version replaces by autocast over "
-                           f"fp32 weights, and its optimizer state does not load here. Start from its weights with "
-                           f"init_from={path} checkpoint.resume=none (the optimizer starts afresh), or resume it "
-                           f"with the version that wrote it")
+        raise CheckpointError(f"{path} holds ZeRO-0 weights in {str(dtype).replace('torch.', '')}: it was written by "
+                              f"DeepSpeed's own ZeRO-0 16-bit optimizer, which this version replaces by autocast over "
+                              f"fp32 weights, and its optimizer state does not load here. Start from its weights with "
+                              f"init_from={path} checkpoint.resume=none (the optimizer starts afresh), or resume it "
+                              f"with the version that wrote it")
 
 
 GROUP_SETTINGS = ("weight_decay", "betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
@@ -267,8 +273,9 @@ def check_no_persistent_buffers(module) -> None:
     buffers = {name for name, _ in module.named_buffers()}
     persistent = sorted(k for k in module.state_dict() if k in buffers)
     if persistent:
-        raise RuntimeError(f"the model has persistent buffers ({', '.join(persistent[:5])}), which an elastic resume "
-                           f"through a universal checkpoint does not restore: resume on the original world size")
+        raise CheckpointError(f"the model has persistent buffers ({', '.join(persistent[:5])}), which an elastic "
+                              f"resume through a universal checkpoint does not restore: resume on the original world "
+                              f"size")
 
 
 def seed_streams(seed: int, step: int, rank: int) -> None:
@@ -287,8 +294,8 @@ def read_rank_file(own_file: Path) -> dict:
     except pickle.UnpicklingError as e:
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
         why = why.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "") or str(e)[:200]
-        raise RuntimeError(f"{own_file} holds more than tensors and plain values ({why}), so it is not loaded: "
-                           f"not a rank file this project wrote, which holds only those") from None
+        raise CheckpointError(f"{own_file} holds more than tensors and plain values ({why}), so it is not loaded: "
+                              f"not a rank file this project wrote, which holds only those") from None
 
 
 def _prune(root: Path, keep: int) -> None:

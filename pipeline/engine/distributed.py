@@ -45,8 +45,14 @@ import torch.distributed.distributed_c10d as c10d
 
 from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
 
+from swin_common.errors import UserError
+
 log = logging.getLogger("pipeline.train")
 _long_group = None  # the gloo group wait_for_main waits on (long timeout)
+
+
+class LaunchError(UserError, RuntimeError):
+    """Ranks started in a way that cannot work on this node (more ranks than GPUs, ...)."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,10 @@ def cuda_device_index(env: dict[str, str], device_count: int) -> int:
     if device_count == 1:
         return 0
     if not 0 <= local < device_count:
-        raise RuntimeError(f"LOCAL_RANK={local} but this node has {device_count} visible GPU(s) "
-                           f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
-                           f"{device_count} rank(s) per node, one per GPU, or bind one GPU per task "
-                           f"(srun --gpus-per-task=1)")
+        raise LaunchError(f"LOCAL_RANK={local} but this node has {device_count} visible GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                          f"{device_count} rank(s) per node, one per GPU, or bind one GPU per task "
+                          f"(srun --gpus-per-task=1)")
     return local
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from swin_common.errors import UserError
 from swin_common.safe_weights import tensor_shapes
 
 ACCEPTED = ("a complete checkpoint folder (runs/NAME/checkpoints/step_N), an exported model folder (runs/NAME/model: "
@@ -21,7 +22,7 @@ SWIN_KEYS = ("patch_embed.proj.weight",)
 SWIN_SUFFIX = "relative_position_bias_table"
 
 
-class InitSourceError(ValueError):
+class InitSourceError(UserError, ValueError):
     """An init_from that names nothing the run can start from: the path and what was found there."""
 
 

@@ -22,6 +22,7 @@ from pipeline.data.samples import MEAN, STD
 from pipeline.engine.init_source import check_init_source, init_source_kind
 from pipeline.model import create_model, timm_kwargs, timm_name
 from pipeline.model.transfer import SourceModel
+from swin_common.errors import UserError
 from swin_common.safe_weights import UnsafeModelFile, check_safetensors, file_sha256  # noqa: F401  (re-exported)
 
 FORMAT = "swin-pipeline-model/1"
@@ -110,12 +111,16 @@ def exported_from(out: Path, checkpoint: Path) -> bool:
         return False
 
 
+class NotAnExport(UserError, ValueError):
+    """A folder whose model.json is not this project's export."""
+
+
 def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
     """(timm model in eval mode, its metadata) from an exported folder."""
     folder = Path(folder)
     meta = json.loads((folder / "model.json").read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder}/model.json is not a {FORMAT} export")
+        raise NotAnExport(f"{folder}/model.json is not a {FORMAT} export")
     weights = folder / "model.safetensors"
     check_safetensors(weights)
     model = create_model(meta["arch"], meta["img_size"], meta["window_size"], meta["num_classes"])

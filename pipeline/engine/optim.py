@@ -9,13 +9,14 @@
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, Decay, Precision, RunConfig, ZeroStage
 from swin_common.gpu import Gpu, check_precision, current_gpu, precision_for
 
 
@@ -37,15 +38,15 @@ def plan_steps(cfg: RunConfig, world: int, micro_batches_per_epoch: int) -> Step
     t = cfg.train
     if t.global_batch % (t.micro_batch * world):
         fits = [w for w in range(1, t.global_batch // t.micro_batch + 1) if t.global_batch % (t.micro_batch * w) == 0]
-        raise ValueError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
-                         f"{t.micro_batch} x world size {world}: with micro batch {t.micro_batch} the world sizes "
-                         f"that keep the global batch are {', '.join(map(str, fits[:12]))}"
-                         f"{' ...' if len(fits) > 12 else ''}; or change train.micro_batch")
+        raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
+                          f"{t.micro_batch} x world size {world}: with micro batch {t.micro_batch} the world sizes "
+                          f"that keep the global batch are {', '.join(map(str, fits[:12]))}"
+                          f"{' ...' if len(fits) > 12 else ''}; or change train.micro_batch")
     accum = t.global_batch // (t.micro_batch * world)
     steps_per_epoch = micro_batches_per_epoch // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"an epoch holds {micro_batches_per_epoch} micro batches per rank, fewer than one "
-                         f"optimizer step ({accum} micro batches): lower train.global_batch")
+        raise ConfigError(f"an epoch holds {micro_batches_per_epoch} micro batches per rank, fewer than one "
+                          f"optimizer step ({accum} micro batches): lower train.global_batch")
     total = max(1, round(cfg.schedule.epochs * steps_per_epoch))
     warmup = min(total - 1, round(cfg.schedule.warmup_epochs * steps_per_epoch))
     return StepPlan(t.micro_batch, accum, steps_per_epoch, total, warmup)
@@ -73,7 +74,7 @@ def create_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: Step
         return PolyLRScheduler(optimizer, t_initial=decay_steps, power=1.0, lr_min=scaled_lr(cfg, s.min_lr), **common)
     if s.decay == "constant":
         return StepLRScheduler(optimizer, decay_t=10**12, decay_rate=1.0, **common)
-    raise ValueError(f"schedule.decay must be cosine, linear or constant, not {s.decay!r}")
+    raise ValueError(f"schedule.decay must be one of {', '.join(typing.get_args(Decay))}, not {s.decay!r}")
 
 
 def resolve_precision(precision: str, gpu: Gpu | None | str = "detect") -> str:
@@ -83,10 +84,11 @@ def resolve_precision(precision: str, gpu: Gpu | None | str = "detect") -> str:
         gpu = current_gpu() if torch.cuda.is_available() else None
     if precision == "auto":
         return "fp32" if gpu is None else precision_for(gpu)
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, not {precision!r}")
+    if precision not in typing.get_args(Precision):
+        raise ValueError(f"train.precision must be one of {', '.join(typing.get_args(Precision))}, not {precision!r}")
     if precision == "fp16" and gpu is None:
-        raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 or bf16")
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 or "
+                          "bf16")
     if gpu is not None:
         check_precision(precision, gpu)
     return precision
@@ -117,8 +119,9 @@ def deepspeed_config(cfg: RunConfig, plan: StepPlan, world: int, precision: str)
       ZeRO-3 overlaps by default.
     """
     t = cfg.train
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, not {t.zero_stage}")
+    if t.zero_stage not in typing.get_args(ZeroStage):
+        raise ValueError(f"train.zero_stage must be one of {', '.join(map(str, typing.get_args(ZeroStage)))}, not "
+                         f"{t.zero_stage!r}")
     zero: dict = {"stage": t.zero_stage}
     if t.zero_stage in (1, 2):
         zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=BUCKET_ELEMENTS,

@@ -40,6 +40,7 @@ from pipeline.engine.validation import evaluate
 from pipeline.engine.watchdog import at_step
 from pipeline.model import create_model, forward_flops
 from pipeline.model.transfer import initialise
+from swin_common.errors import UserError
 from swin_common.gpu import current_gpu, memory_fields, mfu, peak_flops
 from swin_common.redact import redact_text
 
@@ -47,8 +48,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss stayed non-finite for more than train.max_bad_steps micro batches in a row: exit 3."""
+
+    exit_code = 3
 
 
 @dataclass

@@ -13,6 +13,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from swin_common.errors import UserError
+
 # name -> (timm base architecture, overrides of that architecture)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "swin_nano": ("swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))),
@@ -21,6 +23,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "swin_base": ("swin_base_patch4_window7_224", {}),
     "swin_large": ("swin_large_patch4_window7_224", {}),
 }
+
+
+class ArchError(UserError, ValueError):
+    """An architecture (model.arch, an export's arch) or image size no variant here builds."""
 
 
 def timm_name(arch: str, img_size: int, window_size: int) -> str:
@@ -38,7 +44,7 @@ def timm_kwargs(arch: str, img_size: int, window_size: int, num_classes: int, dr
 def create_model(arch: str, img_size: int = 224, window_size: int = 7, num_classes: int = 1000,
                  drop_path: float = 0.0, grad_checkpointing: bool = False, fused_attn: bool = True) -> torch.nn.Module:
     if img_size % 32:
-        raise ValueError(f"img_size {img_size} is not a multiple of 32 (patch 4 x three 2x merges)")
+        raise ArchError(f"img_size {img_size} is not a multiple of 32 (patch 4 x three 2x merges)")
     model = timm.create_model(_variant(arch)[0], pretrained=False,
                               **timm_kwargs(arch, img_size, window_size, num_classes, drop_path))
     set_fused_attn(model, fused_attn)
@@ -57,7 +63,7 @@ def _variant(arch: str) -> tuple[str, dict]:
     try:
         return VARIANTS[arch]
     except KeyError:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(VARIANTS)}") from None
+        raise ArchError(f"unknown arch {arch!r}; choose one of {', '.join(VARIANTS)}") from None
 
 
 def forward_flops(arch: str, img_size: int, window_size: int, num_classes: int) -> float:

@@ -16,20 +16,23 @@
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass, field
 
 import torch
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 
 from data_prep.shardset.layout import map_layouts
+from pipeline.config import BiasTables, Head
+from swin_common.errors import UserError
 
 log = logging.getLogger("pipeline.model.transfer")
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 REBUILT_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 
 
-class TransferError(ValueError):
-    pass
+class TransferError(UserError, ValueError):
+    """Source weights that do not fit the model or the label layout they should start."""
 
 
 @dataclass
@@ -69,12 +72,14 @@ def resize_bias_table(table: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def transfer_state(model: torch.nn.Module, source: SourceModel, target_synsets: list[str],
-                   bias_tables: str = "bicubic", head: str = "map") -> tuple[dict[str, torch.Tensor], TransferReport]:
+                   bias_tables: BiasTables = "bicubic", head: Head = "map"
+                   ) -> tuple[dict[str, torch.Tensor], TransferReport]:
     """The state dict to load into `model` (built at the target size/window/classes) from the source."""
-    if bias_tables not in ("bicubic", "zeros"):
-        raise TransferError(f"transfer.bias_tables must be bicubic or zeros, not {bias_tables!r}")
-    if head not in ("map", "fresh"):
-        raise TransferError(f"transfer.head must be map or fresh, not {head!r}")
+    if bias_tables not in typing.get_args(BiasTables):
+        raise ValueError(f"transfer.bias_tables must be one of {', '.join(typing.get_args(BiasTables))}, not "
+                         f"{bias_tables!r}")
+    if head not in typing.get_args(Head):
+        raise ValueError(f"transfer.head must be one of {', '.join(typing.get_args(Head))}, not {head!r}")
     target = model.state_dict()
     src = {k: v for k, v in source.state.items() if not k.endswith(REBUILT_BUFFERS)}
     extra = sorted(set(src) - set(target))
@@ -126,8 +131,8 @@ def map_head(target: dict, src: dict, source_synsets: list[str], target_synsets:
     return {HEAD_KEYS[0]: weight, HEAD_KEYS[1]: bias}, int(have.sum()), fresh
 
 
-def initialise(model: torch.nn.Module, source: SourceModel, target_synsets: list[str], bias_tables: str = "bicubic",
-               head: str = "map") -> TransferReport:
+def initialise(model: torch.nn.Module, source: SourceModel, target_synsets: list[str],
+               bias_tables: BiasTables = "bicubic", head: Head = "map") -> TransferReport:
     state, report = transfer_state(model, source, target_synsets, bias_tables, head)
     model.load_state_dict(state, strict=True)
     log.info("initialised from %s: %d bias tables %s, %d head rows mapped by synset, %d fresh%s",

@@ -20,6 +20,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
+from swin_common.errors import UserError
+
 CODE_FILE = Path(__file__).with_name("swin_pyfunc.py")
 EXPORT_PATH = "artifacts/model"  # the export inside a version: the only folder this project's pull downloads
 ENV_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml")
@@ -36,7 +38,7 @@ SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "safetensors", "pi
 EXPORT_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".yaml", ".yml")
 
 
-class UnexpectedVersionFile(ValueError):
+class UnexpectedVersionFile(UserError, ValueError):
     """A registered version holds a file outside the allow-list (a pickle, more code, ...): nothing is pulled."""
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.tracking import mlflow_model
 from pipeline.tracking.store import Store, existing, reading_store
+from swin_common.errors import UserError
 from swin_common.safe_weights import file_sha256
 
 log = logging.getLogger("pipeline.tracking.registry")
@@ -88,10 +89,14 @@ def registration_record(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+class ModelURIError(UserError, ValueError):
+    """A model reference that is not models:/NAME@ALIAS or models:/NAME/VERSION, or a name no folder can hold."""
+
+
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     m = MODELS_URI.match(uri)
     if not m:
-        raise ValueError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+        raise ModelURIError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
     return m["name"], m["alias"], m["version"]
 
 
@@ -130,14 +135,14 @@ def check_model_folder(folder: Path, uri: str) -> None:
 def _folder_name(name: str, uri: str) -> str:
     """A registered model's name as one folder of the cache: never `..`, a path or a NUL."""
     if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-        raise ValueError(f"{uri}: the registered model name {name!r} cannot be a folder name of the model cache")
+        raise ModelURIError(f"{uri}: the registered model name {name!r} cannot be a folder name of the model cache")
     return name
 
 
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(UserError, ValueError):
     """A registered model, version or alias that the store does not hold."""
 
 
@@ -159,7 +164,7 @@ def resolve_in_store(uri: str, store: Store):
                             f"and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that holds it") from None
 
 
-class WeightsMismatch(ValueError):
+class WeightsMismatch(UserError, ValueError):
     """Weights whose sha256 is not the one the model version recorded at registration: another model's, or a
     file changed after it was pulled."""
 

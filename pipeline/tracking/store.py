@@ -25,6 +25,7 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
+from swin_common.errors import UserError
 from swin_common.redact import redact_text
 
 log = logging.getLogger("pipeline.tracking.store")
@@ -39,11 +40,11 @@ UI_VIEW = "?workflowType=machine_learning"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
-class StoreNotFound(ValueError):
+class StoreNotFound(UserError, ValueError):
     """No MLflow store to read from: none named, or a local one that does not exist (never created by a read)."""
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracking set-up that cannot work for this job."""
 
 
