@@ -19,6 +19,7 @@ The fine-tuning recipe loads a model trained at 224/window 7 at 384/window 12, i
 Last line: `agreement_gain_bicubic_vs_zeros: X.XXX`, the mean over seeds for the last kind of source listed
 (`locality-prior` by default).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.embedded import digit_jpegs, synset_of  # noqa: E402
-from pipeline.model import create_model  # noqa: E402
-from pipeline.model.transfer import SourceModel, initialise  # noqa: E402
+from data_prep.embedded import digit_jpegs, synset_of
+from pipeline.model import create_model
+from pipeline.model.transfer import SourceModel, initialise
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 SYNSETS = [synset_of(d) for d in range(10)]
@@ -54,10 +55,12 @@ def digit_images() -> tuple[list[Image.Image], torch.Tensor]:
 
 def to_batch(images: list[Image.Image], size: int) -> torch.Tensor:
     """Normalised tensors, resized bicubic to size x size (the upsampling of the 224 -> 384 check)."""
+
     def one(image):
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC)
         return (torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1) - MEAN) / STD
+
     return torch.stack([one(image) for image in images])
 
 
@@ -68,7 +71,7 @@ def random_resized_crops(x: torch.Tensor, rng: np.random.Generator, min_area: fl
     for image in x:
         side = int(size * np.sqrt(rng.uniform(min_area, 1.0)))
         top, left = rng.integers(0, size - side + 1, 2)
-        crop = image[None, :, top:top + side, left:left + side]
+        crop = image[None, :, top : top + side, left : left + side]
         out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
     return torch.stack(out)
 
@@ -86,8 +89,9 @@ def locality_prior(table: torch.Tensor) -> torch.Tensor:
     return -squared * slopes[None, :]
 
 
-def train_source(x: torch.Tensor, y: torch.Tensor, kind: str, epochs: int, seed: int = 0,
-                 lr: float = 2e-3, batch: int = 64) -> torch.nn.Module:
+def train_source(
+    x: torch.Tensor, y: torch.Tensor, kind: str, epochs: int, seed: int = 0, lr: float = 2e-3, batch: int = 64
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = create_model("swin_nano", 64, 4, len(SYNSETS))
@@ -99,16 +103,19 @@ def train_source(x: torch.Tensor, y: torch.Tensor, kind: str, epochs: int, seed:
                     p.copy_(locality_prior(p))
     tables = [p for n, p in model.named_parameters() if n.endswith(TABLE)]
     others = [p for n, p in model.named_parameters() if not n.endswith(TABLE)]
-    optimizer = torch.optim.AdamW([{"params": others, "weight_decay": 0.05},
-                                   {"params": tables, "weight_decay": 0.0, "lr": lr * table_lr_scale}], lr=lr)
+    optimizer = torch.optim.AdamW(
+        [{"params": others, "weight_decay": 0.05}, {"params": tables, "weight_decay": 0.0, "lr": lr * table_lr_scale}],
+        lr=lr,
+    )
     steps_per_epoch = len(x) // batch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[lr, lr * table_lr_scale],
-                                                   total_steps=epochs * steps_per_epoch, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[lr, lr * table_lr_scale], total_steps=epochs * steps_per_epoch, pct_start=0.05
+    )
     model.train()
     for _epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(len(x)))
         for step in range(steps_per_epoch):
-            idx = order[step * batch:(step + 1) * batch]
+            idx = order[step * batch : (step + 1) * batch]
             loss = F.cross_entropy(model(random_resized_crops(x[idx], rng)), y[idx], label_smoothing=0.1)
             optimizer.zero_grad()
             loss.backward()
@@ -144,26 +151,37 @@ def measure(source: torch.nn.Module, images: list[Image.Image], img_size: int = 
     x64, x_up = to_batch(images, 64), to_batch(images, img_size)
     reference = logits(source, x64)
     tables = [p.abs().mean().item() for n, p in source.named_parameters() if n.endswith(TABLE)]
-    return {"mean_abs_table": float(np.mean(tables)),
-            "own_size_zero_tables": agreement(reference, logits(transferred(source, 64, 4, "zeros"), x64)),
-            "bicubic": agreement(reference, logits(transferred(source, img_size, window, "bicubic"), x_up)),
-            "zeros": agreement(reference, logits(transferred(source, img_size, window, "zeros"), x_up))}
+    return {
+        "mean_abs_table": float(np.mean(tables)),
+        "own_size_zero_tables": agreement(reference, logits(transferred(source, 64, 4, "zeros"), x64)),
+        "bicubic": agreement(reference, logits(transferred(source, img_size, window, "bicubic"), x_up)),
+        "zeros": agreement(reference, logits(transferred(source, img_size, window, "zeros"), x_up)),
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES),
-                   help="kinds of source to train (see above); the last line is for the last one")
+    p.add_argument(
+        "--sources",
+        nargs="+",
+        choices=list(SOURCES),
+        default=list(SOURCES),
+        help="kinds of source to train (see above); the last line is for the last one",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="a source per seed and kind")
     args = p.parse_args()
     images, labels = digit_images()
     held_out = torch.arange(len(images)) % 10 == 0  # for the sources' own accuracy
     x = to_batch(images, 64)
-    print(f"{len(images)} digits; sources: swin_nano 64/w4, {args.epochs} epochs; transferred to 96/w6; "
-          "agreement with the source on all images (upsampled to 96)")
-    print(f"{'seed':>4s} {'source':>14s} {'val top1':>8s} {'mean|b|':>8s} {'64, zero tables':>16s} "
-          f"{'96 bicubic: agree / KL':>23s} {'96 zeros: agree / KL':>21s}")
+    print(
+        f"{len(images)} digits; sources: swin_nano 64/w4, {args.epochs} epochs; transferred to 96/w6; "
+        "agreement with the source on all images (upsampled to 96)"
+    )
+    print(
+        f"{'seed':>4s} {'source':>14s} {'val top1':>8s} {'mean|b|':>8s} {'64, zero tables':>16s} "
+        f"{'96 bicubic: agree / KL':>23s} {'96 zeros: agree / KL':>21s}"
+    )
     gains = []
     for seed, kind in ((seed, kind) for kind in args.sources for seed in args.seeds):
         t0 = time.perf_counter()
@@ -171,9 +189,11 @@ def main() -> int:
         val_top1 = (logits(source, x[held_out]).argmax(1) == labels[held_out]).float().mean().item()
         m = measure(source, images)
         b, z = m["bicubic"], m["zeros"]
-        print(f"{seed:4d} {kind:>14s} {val_top1:8.3f} {m['mean_abs_table']:8.3f} "
-              f"{m['own_size_zero_tables'].top1:16.3f} {b.top1:14.3f} / {b.kl:5.3f} {z.top1:12.3f} / {z.kl:5.3f}"
-              f"   ({time.perf_counter() - t0:.0f}s)")
+        print(
+            f"{seed:4d} {kind:>14s} {val_top1:8.3f} {m['mean_abs_table']:8.3f} "
+            f"{m['own_size_zero_tables'].top1:16.3f} {b.top1:14.3f} / {b.kl:5.3f} {z.top1:12.3f} / {z.kl:5.3f}"
+            f"   ({time.perf_counter() - t0:.0f}s)"
+        )
         if kind == args.sources[-1]:
             gains.append(b.top1 - z.top1)
     print(f"agreement_gain_bicubic_vs_zeros: {float(np.mean(gains)):.3f}")

@@ -6,6 +6,7 @@ engine on W gloo ranks (CPU), takes one optimizer step so the Adam moments exist
 training does, then converts it R times (a fresh copy each time) and reports the median seconds, the checkpoint's
 bytes and the universal copy's bytes. The last line is `conversion_seconds_median: X`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from workdir import add_workdir_option, bench_workdir  # noqa: E402
+import torch
+import torch.multiprocessing as mp
+from workdir import add_workdir_option, bench_workdir
 
 
 def du(path: Path) -> int:
@@ -28,20 +29,33 @@ def du(path: Path) -> int:
 
 
 def save_rank(rank: int, world: int, port: int, args, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from pipeline.config import load_config
     from pipeline.engine.checkpoint import save_checkpoint
     from pipeline.engine.distributed import init_distributed, shutdown
-    from pipeline.engine.trainer import build_engine
     from pipeline.engine.optim import plan_steps
     from pipeline.engine.step import micro_step
+    from pipeline.engine.trainer import build_engine
 
     world_info = init_distributed()
-    cfg = load_config(None, [f"model.arch={args.arch}", f"model.img_size={args.img_size}", "model.drop_path=0",
-                             f"train.global_batch={world}", "train.micro_batch=1", f"train.zero_stage={args.stage}",
-                             "train.precision=fp32", f"out_dir={out}", "name=bench", "checkpoint.keep_last=0"])
+    cfg = load_config(
+        None,
+        [
+            f"model.arch={args.arch}",
+            f"model.img_size={args.img_size}",
+            "model.drop_path=0",
+            f"train.global_batch={world}",
+            "train.micro_batch=1",
+            f"train.zero_stage={args.stage}",
+            "train.precision=fp32",
+            f"out_dir={out}",
+            "name=bench",
+            "checkpoint.keep_last=0",
+        ],
+    )
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_steps(cfg, world, 10**6)
@@ -49,8 +63,15 @@ def save_rank(rank: int, world: int, port: int, args, out: str) -> None:
     engine, _ = build_engine(cfg, world_info, plan, classes, "fp32")
     x, y = torch.randn(1, 3, args.img_size, args.img_size), torch.randint(0, args.classes, (1,))
     micro_step(engine, x, y, 0.1)
-    save_checkpoint(engine, cfg, 1, rank, world, {"epoch": 0, "position": 1, "consumed": world, "seed": 0,
-                                                   "world": world, "rank": rank, "batch_size": 1}, classes)
+    save_checkpoint(
+        engine,
+        cfg,
+        1,
+        rank,
+        world,
+        {"epoch": 0, "position": 1, "consumed": world, "seed": 0, "world": world, "rank": rank, "batch_size": 1},
+        classes,
+    )
     shutdown()
 
 
@@ -70,8 +91,7 @@ def main() -> int:
     with bench_workdir(args.workdir, "elastic-bench-") as work:
         ctx = mp.get_context("spawn")
         port = free_port()
-        procs = [ctx.Process(target=save_rank, args=(r, args.world, port, args, str(work)))
-                 for r in range(args.world)]
+        procs = [ctx.Process(target=save_rank, args=(r, args.world, port, args, str(work))) for r in range(args.world)]
         for proc in procs:
             proc.start()
         for proc in procs:
@@ -79,16 +99,22 @@ def main() -> int:
             if proc.exitcode:
                 raise SystemExit(f"a saving rank exited {proc.exitcode}")
         checkpoint = work / "bench" / "checkpoints" / "step_00000001"
-        params = sum(v.numel() for v in torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu",
-                                                    weights_only=False)["module"].values())
+        params = sum(
+            v.numel()
+            for v in torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+                "module"
+            ].values()
+        )
         times = []
         for _ in range(args.rounds):
             shutil.rmtree(checkpoint.with_name(checkpoint.name + ".universal"), ignore_errors=True)
             t0 = time.perf_counter()
             universal = universal_copy(checkpoint, rank=0)
             times.append(time.perf_counter() - t0)
-        print(f"{args.arch} {params / 1e6:.1f}M parameters, ZeRO-{args.stage} at world {args.world}, "
-              f"{os.cpu_count()} cores, {args.rounds} conversions")
+        print(
+            f"{args.arch} {params / 1e6:.1f}M parameters, ZeRO-{args.stage} at world {args.world}, "
+            f"{os.cpu_count()} cores, {args.rounds} conversions"
+        )
         print(f"checkpoint_bytes: {du(checkpoint)}")
         print(f"universal_copy_bytes: {du(universal)} ({du(universal) / du(checkpoint):.2f}x the checkpoint)")
         print(f"conversion_seconds: {' '.join(f'{t:.1f}' for t in times)}")

@@ -6,6 +6,7 @@ With `--baseline-rev REV` the same measurement runs, in the same invocation, on 
 REV (a temporary worktree of this repository, same virtualenv), for a ratio against it. Each (code, size) runs
 R times in fresh processes; medians. The last line is `bytes_per_image: X` (this checkout).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,25 @@ def list_only(code: Path, source: Path, out: Path) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PEAK, "shard", "--source", str(source), "--out", str(out),
-                           "--list-only", "--workers", "2"], cwd=code, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PEAK,
+            "shard",
+            "--source",
+            str(source),
+            "--out",
+            str(out),
+            "--list-only",
+            "--workers",
+            "2",
+        ],
+        cwd=code,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"--list-only failed in {code}:\n{proc.stderr[-3000:]}")
@@ -84,10 +102,16 @@ def main() -> int:
         codes = {"this checkout": REPO}
         if args.baseline_rev:
             worktree = work / "baseline"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree),
-                            args.baseline_rev], check=True, capture_output=True)
-            cleanup.callback(subprocess.run, ["git", "-C", str(REPO), "worktree", "remove", "--force",
-                                              str(worktree)], capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.baseline_rev],
+                check=True,
+                capture_output=True,
+            )
+            cleanup.callback(
+                subprocess.run,
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
+                capture_output=True,
+            )
             codes[f"at {args.baseline_rev}"] = worktree
         results = {(name, n): [] for name in codes for n in sizes}
         for _ in range(args.rounds):
@@ -102,8 +126,7 @@ def main() -> int:
             for per_tar, n in sizes.items():
                 runs = results[(name, per_tar)]
                 peaks[per_tar] = statistics.median(r[1] for r in runs)
-                print(f"{name:28s} {n:9d} {peaks[per_tar] / 1e6:12.1f} "
-                      f"{statistics.median(r[0] for r in runs):8.2f}")
+                print(f"{name:28s} {n:9d} {peaks[per_tar] / 1e6:12.1f} {statistics.median(r[0] for r in runs):8.2f}")
             slope[name] = (peaks[args.large] - peaks[args.small]) / (sizes[args.large] - sizes[args.small])
             print(f"{name:28s} slope: {slope[name]:.0f} bytes per listed image")
         if args.baseline_rev:

@@ -1,12 +1,15 @@
 """Images/s and CPU-ms per image of the loader's DALI backend against its PyTorch backend, on the same shards
-with the same augmentations (random-resized-crop to 224, flip, normalise; optionally RandAugment m9: timm's in the torch backend, DALI's
+with the same augmentations (random-resized-crop to 224, flip, normalise; optionally RandAugment m9: timm's in the
+torch backend, DALI's
 auto_aug.rand_augment in the DALI backend).
 
 Shards are made from N real-photo JPEGs (bench/prep_throughput.py's images) and read warm (this measures
 decoding and augmenting, not the disk). Variants alternate for R rounds in this one process tree; CPU time is
-user+sys of this process and its (DataLoader worker) children, from each epoch's first batch on. The last line is `ratio_dali_vs_torch: X.XX`
+user+sys of this process and its (DataLoader worker) children, from each epoch's first batch on. The last line is
+`ratio_dali_vs_torch: X.XX`
 (CPU, without RandAugment).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from prep_throughput import photo_shard_set  # noqa: E402
+from prep_throughput import photo_shard_set
+from workdir import add_workdir_option, bench_workdir
 
-from pipeline.data.loader import LoaderConfig, create_loader  # noqa: E402
-from workdir import add_workdir_option, bench_workdir  # noqa: E402
+from pipeline.data.loader import LoaderConfig, create_loader
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
 
@@ -65,11 +68,22 @@ def main() -> int:
             tar.read_bytes()  # warm: the disk is not what this measures
 
         def cfg(backend: str, rand_augment: str | None) -> LoaderConfig:
-            return LoaderConfig(shards=str(shards), batch_size=args.batch_size, image_size=224, backend=backend,
-                                device=args.device, workers=args.workers, rand_augment=rand_augment)
+            return LoaderConfig(
+                shards=str(shards),
+                batch_size=args.batch_size,
+                image_size=224,
+                backend=backend,
+                device=args.device,
+                workers=args.workers,
+                rand_augment=rand_augment,
+            )
 
-        variants = {"torch": cfg("torch", None), "dali": cfg("dali", None),
-                    "torch + RandAugment": cfg("torch", RAND_AUGMENT), "dali + RandAugment": cfg("dali", RAND_AUGMENT)}
+        variants = {
+            "torch": cfg("torch", None),
+            "dali": cfg("dali", None),
+            "torch + RandAugment": cfg("torch", RAND_AUGMENT),
+            "dali + RandAugment": cfg("dali", RAND_AUGMENT),
+        }
         results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, c in variants.items():
@@ -78,8 +92,10 @@ def main() -> int:
         counts = {n for runs in results.values() for _w, _c, n in runs}
         if len(counts) != 1:  # every variant must have decoded the same images, or the rates compare nothing
             raise SystemExit(f"variants delivered different image counts per epoch: {sorted(counts)}")
-        print(f"\n{args.images} images, batch {args.batch_size}, 224x224, {args.workers} workers, "
-              f"{os.cpu_count()} cores, device {args.device}, {args.rounds} rounds; medians:")
+        print(
+            f"\n{args.images} images, batch {args.batch_size}, 224x224, {args.workers} workers, "
+            f"{os.cpu_count()} cores, device {args.device}, {args.rounds} rounds; medians:"
+        )
         print(f"{'variant':24s} {'img/s':>8s} {'CPU-ms/img':>11s}   img/s of each run")
         rate = {}
         for name, runs in results.items():
@@ -87,8 +103,10 @@ def main() -> int:
             cpu_ms = statistics.median(1000 * cpu / n for _wall, cpu, n in runs)
             rate[name] = statistics.median(rates)
             print(f"{name:24s} {rate[name]:8.0f} {cpu_ms:11.2f}   {' '.join(f'{r:.0f}' for r in rates)}")
-        print(f"ratio with RandAugment, dali vs torch: {rate['dali + RandAugment'] / rate['torch + RandAugment']:.2f}"
-              f" (DALI's RandAugment policy, not timm's: docs/loading.md)")
+        print(
+            f"ratio with RandAugment, dali vs torch: {rate['dali + RandAugment'] / rate['torch + RandAugment']:.2f}"
+            f" (DALI's RandAugment policy, not timm's: docs/loading.md)"
+        )
         print(f"images timed per epoch, every variant: {counts.pop()}")
         print(f"ratio_dali_vs_torch: {rate['dali'] / rate['torch']:.2f}")
     return 0

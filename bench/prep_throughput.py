@@ -3,11 +3,14 @@
 Makes N real-photo JPEGs (random crops of scikit-image's photographs, ImageNet-like sizes) as an ImageFolder
 tree, then alternates: tar | shard 1 worker x 1 thread | 1 worker x 2 threads | 2 workers x 2 threads | the same
 with --resize-shorter, R rounds, and prints medians and ratios, with the CPU time the hypervisor stole (from
-/proc/stat) and, as the ceiling on this machine, the validating decode alone on the files in memory. Each run starts with the source evicted from the page cache (as a 1.3 TB source
-is never cached) and ends with its output fsync'd (shards are fsync'd before their rename), so tar's rate is the physical limit
+/proc/stat) and, as the ceiling on this machine, the validating decode alone on the files in memory. Each run starts
+with the source evicted from the page cache (as a 1.3 TB source
+is never cached) and ends with its output fsync'd (shards are fsync'd before their rename), so tar's rate is the
+physical limit
 of this disk for reading and writing the same bytes. The last line is `ratio_vs_tar: X.XX` (2 workers, no
 resize).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +30,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from data_prep.images import prepare_image  # noqa: E402
-from data_prep.shard import ShardOptions, run_shard  # noqa: E402
-from workdir import add_workdir_option, bench_workdir  # noqa: E402
+from workdir import add_workdir_option, bench_workdir
+
+from data_prep.images import prepare_image
+from data_prep.shard import ShardOptions, run_shard
 
 MAIN = "shard, 2 workers x 2 threads"  # the ratio_vs_tar line
 
@@ -37,8 +41,7 @@ MAIN = "shard, 2 workers x 2 threads"  # the ratio_vs_tar line
 def make_images(root: Path, count: int, classes: int, seed: int = 0) -> int:
     import skimage.data as sd
 
-    photos = [sd.astronaut(), sd.coffee(), sd.chelsea(), sd.rocket(), sd.immunohistochemistry(),
-              sd.hubble_deep_field()]
+    photos = [sd.astronaut(), sd.coffee(), sd.chelsea(), sd.rocket(), sd.immunohistochemistry(), sd.hubble_deep_field()]
     rng = np.random.default_rng(seed)
     total = 0
     for i in range(count):
@@ -49,7 +52,7 @@ def make_images(root: Path, count: int, classes: int, seed: int = 0) -> int:
         y = int(rng.integers(0, photo.shape[0] - h + 1))
         x = int(rng.integers(0, photo.shape[1] - w + 1))
         buf = io.BytesIO()
-        Image.fromarray(photo[y:y + h, x:x + w]).save(buf, "JPEG", quality=int(rng.integers(85, 96)))
+        Image.fromarray(photo[y : y + h, x : x + w]).save(buf, "JPEG", quality=int(rng.integers(85, 96)))
         folder = root / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"n{i % classes:08d}_{i}.JPEG").write_bytes(buf.getvalue())
@@ -61,8 +64,9 @@ def photo_shard_set(out: Path, images: int, per_shard: int) -> Path:
     """A shard set of `images` of these photos, `per_shard` a shard (made once: reused when `out` has one)."""
     if not (out / "manifest.json").exists():
         make_images(out.with_name(out.name + "-src"), images, classes=10)
-        run_shard(ShardOptions(source=str(out.with_name(out.name + "-src")), out=str(out), max_samples=per_shard,
-                               workers=2))
+        run_shard(
+            ShardOptions(source=str(out.with_name(out.name + "-src")), out=str(out), max_samples=per_shard, workers=2)
+        )
     return out
 
 
@@ -88,8 +92,16 @@ def time_tar(src: Path, dst: Path) -> float:
 
 def time_shard(src: Path, dst: Path, workers: int, threads: int, resize: int | None, max_samples: int) -> float:
     t0 = time.perf_counter()
-    summary = run_shard(ShardOptions(source=str(src), out=str(dst / "shards"), workers=workers, threads=threads,
-                                     resize_shorter=resize, max_samples=max_samples))
+    summary = run_shard(
+        ShardOptions(
+            source=str(src),
+            out=str(dst / "shards"),
+            workers=workers,
+            threads=threads,
+            resize_shorter=resize,
+            max_samples=max_samples,
+        )
+    )
     elapsed = time.perf_counter() - t0
     images = sum(1 for p in src.rglob("*") if p.is_file())
     if summary["images_rejected"] or summary["images_written"] != images or "manifest" not in summary:
@@ -133,8 +145,9 @@ def main() -> int:
             "shard, 1 worker x 1 thread": lambda d: time_shard(src, d, 1, 1, None, args.max_samples),
             "shard, 1 worker x 2 threads": lambda d: time_shard(src, d, 1, 2, None, args.max_samples),
             MAIN: lambda d: time_shard(src, d, 2, 2, None, args.max_samples),
-            f"shard, 2 workers x 2 threads, --resize-shorter {args.resize_shorter}":
-                lambda d: time_shard(src, d, 2, 2, args.resize_shorter, args.max_samples),
+            f"shard, 2 workers x 2 threads, --resize-shorter {args.resize_shorter}": lambda d: time_shard(
+                src, d, 2, 2, args.resize_shorter, args.max_samples
+            ),
             "validating decode alone, in memory, 2 threads": lambda d: time_decode_only(src, 2),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
@@ -152,13 +165,17 @@ def main() -> int:
         shutil.rmtree(work / "out", ignore_errors=True)
 
         tar_rate = args.images / statistics.median(times["tar"])
-        print(f"\n{args.images} images, {args.rounds} rounds, {os.cpu_count()} cores, "
-              "inputs read from disk, outputs fsync'd; medians:")
+        print(
+            f"\n{args.images} images, {args.rounds} rounds, {os.cpu_count()} cores, "
+            "inputs read from disk, outputs fsync'd; medians:"
+        )
         print(f"{'variant':60s} {'img/s':>7s} {'vs tar':>7s} {'stolen':>7s}   all runs (s)")
         for name, ts in times.items():
             rate = args.images / statistics.median(ts)
-            print(f"{name:60s} {rate:7.0f} {rate / tar_rate:7.2f} {statistics.median(stolen[name]):7.1%}   "
-                  f"{' '.join(f'{t:.3f}' for t in ts)}")
+            print(
+                f"{name:60s} {rate:7.0f} {rate / tar_rate:7.2f} {statistics.median(stolen[name]):7.1%}   "
+                f"{' '.join(f'{t:.3f}' for t in ts)}"
+            )
         ratio = args.images / statistics.median(times[MAIN]) / tar_rate
         print(f"ratio_vs_tar: {ratio:.2f}")
     return 0

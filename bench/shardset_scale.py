@@ -5,11 +5,13 @@ The set is written by the project's own `data_prep shard` from tiny JPEGs (S ima
 shards fit a laptop's disk and a few minutes), read from the local disk and from the real S3 server behind
 DELAY ms of latency per request (scripts/latency_proxy.py), with the split index and with a damaged one (a
 manifest whose sha256 for it does not match: every shard's .idx is read instead, 14,200 GETs per rank). Each open
-runs in a fresh process; medians over the rounds. Memory is what tracemalloc counts as freed when the opened ShardSet is dropped (its sample table and
+runs in a fresh process; medians over the rounds. Memory is what tracemalloc counts as freed when the opened ShardSet
+is dropped (its sample table and
 its per-shard records); at ImageNet's 1,000 images per shard the per-shard part weighs 1/1000 as much per
 sample, and that figure is given too (the table's bytes per sample measured, plus the per-shard bytes measured
 divided by 1,000). The last line is `open_s3_seconds: X.XX` (with the split index).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +66,9 @@ def make_source(root: Path, images: int, classes: int = 100) -> None:
 
 
 def open_once(url: str, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", OPEN, url], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-c", OPEN, url], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
     if proc.returncode != 0:
         raise SystemExit(f"opening {url} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -85,9 +88,26 @@ def main() -> int:
         local, damaged = work / "set", work / "damaged"
         if not (local / "manifest.json").exists():
             make_source(work / "src", args.shards * args.shard_images)
-            subprocess.run([sys.executable, "-m", "data_prep", "shard", "--source", str(work / "src"), "--out",
-                            str(local), "--max-samples", str(args.shard_images), "--workers", "2"], cwd=REPO,
-                           check=True, capture_output=True, text=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "data_prep",
+                    "shard",
+                    "--source",
+                    str(work / "src"),
+                    "--out",
+                    str(local),
+                    "--max-samples",
+                    str(args.shard_images),
+                    "--workers",
+                    "2",
+                ],
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             shutil.rmtree(work / "src")
         damaged_manifest = as_damaged_set(local, damaged)
         with nullcontext((None, None)) if args.no_s3 else remote_s3(work, args.delay_ms) as (client, env):
@@ -135,25 +155,31 @@ def measure(args, local: Path, damaged: Path, damaged_manifest: bytes, client, e
 def report(args, results: dict[str, list[dict]]) -> None:
     first = results["local, split index"][0]
     samples, shards = first["samples"], first["shards"]
-    print(f"{shards} train shards of {args.shard_images} images, {samples} samples; open_shard_set per rank, "
-          f"a fresh process each (median of {args.rounds}; runs in s)")
+    print(
+        f"{shards} train shards of {args.shard_images} images, {samples} samples; open_shard_set per rank, "
+        f"a fresh process each (median of {args.rounds}; runs in s)"
+    )
     print(f"{'variant':40s} {'open s':>7s} {'held B/sample':>14s}")
     for name, runs in results.items():
-        if {(r['samples'], r['shards']) for r in runs} != {(samples, shards)}:
+        if {(r["samples"], r["shards"]) for r in runs} != {(samples, shards)}:
             raise SystemExit(f"{name} opened another set: {runs}")
         held = statistics.median(r["held"] for r in runs)
-        print(f"{name:40s} {statistics.median(r['seconds'] for r in runs):7.2f} {held / samples:14.1f}  "
-              + " ".join(f"{r['seconds']:.2f}" for r in runs))
+        print(
+            f"{name:40s} {statistics.median(r['seconds'] for r in runs):7.2f} {held / samples:14.1f}  "
+            + " ".join(f"{r['seconds']:.2f}" for r in runs)
+        )
     table = first["table"] / samples
     per_shard = (statistics.median(r["held"] for r in results["local, split index"]) - first["table"]) / shards
     print(f"sample table: {table:.1f} B/sample; everything else the open set holds: {per_shard:.0f} B/shard")
     print(f"held_bytes_per_sample_at_1000_per_shard: {table + per_shard / 1000:.1f}")
     if not args.no_s3:
         median = {name: statistics.median(r["seconds"] for r in runs) for name, runs in results.items()}
-        split, every = (median[f"s3 +{args.delay_ms:g} ms, {what}"]
-                        for what in ("split index", "every .idx (damaged index)"))
+        split, every = (
+            median[f"s3 +{args.delay_ms:g} ms, {what}"] for what in ("split index", "every .idx (damaged index)")
+        )
         print(f"ratio_every_idx_vs_split_index_s3: {every / split:.1f}")
         print(f"open_s3_seconds: {split:.2f}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ user's first hour): every `--help` under 1 s; config and path errors under 2 s, 
 `pull` within 1.5 s of importing MLflow's client; `predict` of a cached model within 2 s of importing torch + timm.
 A registered model for `pull` and `predict` is made here: a tiny random export in a local sqlite store.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,11 @@ def main() -> None:
         base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env = {**base, "PYTHON": PY, "PYTHONPATH": str(REPO), "SWIN_MODEL_CACHE": str(work / "cache")}
         r = args.repeats
-        baselines = {"python": [PY, "-c", "pass"], "import mlflow.tracking": [PY, "-c", "import mlflow.tracking"],
-                     "import torch, timm": [PY, "-c", "import torch, timm"]}
+        baselines = {
+            "python": [PY, "-c", "pass"],
+            "import mlflow.tracking": [PY, "-c", "import mlflow.tracking"],
+            "import torch, timm": [PY, "-c", "import torch, timm"],
+        }
         image = work / "digit.jpg"
         cases = [  # (case, command, ok statuses, baseline, goal: (kind, seconds))
             ("train --help", [PY, "-m", "pipeline.train", "--help"], (0,), "python", ("under", 1.0)),
@@ -91,35 +95,75 @@ def main() -> None:
             ("evaluate --help", [PY, "-m", "pipeline.evaluate", "--help"], (0,), "python", ("under", 1.0)),
             ("pull --help", [PY, "-m", "pipeline.pull", "--help"], (0,), "python", ("under", 1.0)),
             ("launch script --help", ["bash", LAUNCH, "--help"], (0,), "python", ("under", 1.0)),
-            ("config typo (train)", [PY, "-m", "pipeline.train", "--config", TINY, "nosuch.key=1"], (2,), "python",
-             ("under", 2.0)),
-            ("config typo (launch script)", ["bash", LAUNCH, "--config", TINY, "nosuch.key=1"], (2,), "python",
-             ("under", 2.0)),
-            ("missing shard set (launch script)", ["bash", LAUNCH, "--config", TINY, "data.shards=/nonexistent"],
-             (2,), "python", ("under", 2.0)),
-            ("pull (cached)", [PY, "-m", "pipeline.pull", "models:/bench@candidate"], (0,), "import mlflow.tracking",
-             ("within", 1.5)),
-            ("bad alias (pull)", [PY, "-m", "pipeline.pull", "models:/bench@nope"], (2,), "import mlflow.tracking",
-             ("within", 1.5)),
-            ("predict 1 image (cached)", [PY, "-m", "pipeline.predict", "models:/bench@candidate", str(image)], (0,),
-             "import torch, timm", ("within", 2.0)),
+            (
+                "config typo (train)",
+                [PY, "-m", "pipeline.train", "--config", TINY, "nosuch.key=1"],
+                (2,),
+                "python",
+                ("under", 2.0),
+            ),
+            (
+                "config typo (launch script)",
+                ["bash", LAUNCH, "--config", TINY, "nosuch.key=1"],
+                (2,),
+                "python",
+                ("under", 2.0),
+            ),
+            (
+                "missing shard set (launch script)",
+                ["bash", LAUNCH, "--config", TINY, "data.shards=/nonexistent"],
+                (2,),
+                "python",
+                ("under", 2.0),
+            ),
+            (
+                "pull (cached)",
+                [PY, "-m", "pipeline.pull", "models:/bench@candidate"],
+                (0,),
+                "import mlflow.tracking",
+                ("within", 1.5),
+            ),
+            (
+                "bad alias (pull)",
+                [PY, "-m", "pipeline.pull", "models:/bench@nope"],
+                (2,),
+                "import mlflow.tracking",
+                ("within", 1.5),
+            ),
+            (
+                "predict 1 image (cached)",
+                [PY, "-m", "pipeline.predict", "models:/bench@candidate", str(image)],
+                (0,),
+                "import torch, timm",
+                ("within", 2.0),
+            ),
         ]
         cases = [c for c in cases if args.only in c[0]]
         if any("models:/" in " ".join(c[1]) for c in cases):  # a registered model, and the cache predict reads
             env["MLFLOW_TRACKING_URI"], _ = registered_model(work)
-            subprocess.run([PY, "-m", "pipeline.pull", "models:/bench@candidate"], env=env, cwd=work, check=True,
-                           capture_output=True)
+            subprocess.run(
+                [PY, "-m", "pipeline.pull", "models:/bench@candidate"],
+                env=env,
+                cwd=work,
+                check=True,
+                capture_output=True,
+            )
         # only the baselines the chosen cases are measured against
-        base_s = {name: timed(baselines[name], env, work, r, (0,)) for name in baselines
-                  if name == "python" or any(c[3] == name for c in cases)}
+        base_s = {
+            name: timed(baselines[name], env, work, r, (0,))
+            for name in baselines
+            if name == "python" or any(c[3] == name for c in cases)
+        }
         print(f"startup: medians of {r} runs each, this machine ({os.cpu_count()} cores)")
         print("  baselines: " + ", ".join(f"{name} {t:.2f} s" for name, t in base_s.items()))
         print(f"{'case':36s} {'median s':>9s}  {'baseline':22s} {'minus base':>10s}  goal")
         for name, cmd, ok, base_name, (kind, goal) in cases:
             t = timed(cmd, env, work, r, ok)
             met = t < goal if kind == "under" else t - base_s[base_name] < goal
-            print(f"{name:36s} {t:9.2f}  {base_name:22s} {t - base_s[base_name]:+10.2f}  "
-                  f"{kind} {goal:.1f} s: {'met' if met else 'NOT met'}")
+            print(
+                f"{name:36s} {t:9.2f}  {base_name:22s} {t - base_s[base_name]:+10.2f}  "
+                f"{kind} {goal:.1f} s: {'met' if met else 'NOT met'}"
+            )
 
 
 if __name__ == "__main__":

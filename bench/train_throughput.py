@@ -5,7 +5,8 @@ Throughput: the same timm Swin, batch, dtype, AdamW param groups and gradient cl
 pipeline.engine.step.micro_step on the DeepSpeed engine built by pipeline.engine.trainer.build_engine (the code the
 trainer runs), "plain" is forward -> loss -> backward -> clip -> AdamW step -> zero_grad. Both take the same
 in-memory batch (the loader has its own bench), alternate for R rounds in this process, and report the median
-step time. In bf16/fp16 "plain" is PyTorch's AMP (autocast over fp32 weights), which is what ZeRO-0 runs too. On a GPU it also prints Swin images/s and MFU (training FLOPs per image = 3 x 2 x the model's MACs).
+step time. In bf16/fp16 "plain" is PyTorch's AMP (autocast over fp32 weights), which is what ZeRO-0 runs too. On a GPU
+it also prints Swin images/s and MFU (training FLOPs per image = 3 x 2 x the model's MACs).
 
 Memory: per rank, the bytes the optimizer keeps (fp32 master weights + Adam's two moments; what ZeRO 1-3
 partition) after one bf16 step, measured on live tensors in 1, 2 and 4 gloo processes, against the theory for
@@ -16,6 +17,7 @@ The last line is `ratio_vs_plain: X.XX`: our step time / plain step time on one 
 ZeRO-0 (ZeRO-1..3 on a world of one partition nothing; their bucket copies are shown on their own row).
 Target: <= 1.05 on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,23 +30,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.multiprocessing as mp
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.engine.optim import (create_optimizer, deepspeed_skips_nonfinite, plan_steps,  # noqa: E402
-                                   resolve_precision)
-from pipeline.engine.step import loss_fn, micro_step  # noqa: E402
-from pipeline.model import create_model  # noqa: E402
+from pipeline.config import load_config
+from pipeline.engine.optim import create_optimizer, deepspeed_skips_nonfinite, plan_steps, resolve_precision
+from pipeline.engine.step import loss_fn, micro_step
+from pipeline.model import create_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def run_config(arch: str, size: int, window: int, batch: int, world: int, stage: int, precision: str):
-    return load_config(None, [f"model.arch={arch}", f"model.img_size={size}", f"model.window_size={window}",
-                              "model.drop_path=0.1", f"train.global_batch={batch * world}",
-                              f"train.micro_batch={batch}", f"train.zero_stage={stage}",
-                              f"train.precision={precision}", "schedule.warmup_epochs=0"])
+    return load_config(
+        None,
+        [
+            f"model.arch={arch}",
+            f"model.img_size={size}",
+            f"model.window_size={window}",
+            "model.drop_path=0.1",
+            f"train.global_batch={batch * world}",
+            f"train.micro_batch={batch}",
+            f"train.zero_stage={stage}",
+            f"train.precision={precision}",
+            "schedule.warmup_epochs=0",
+        ],
+    )
 
 
 def build(cfg, world, precision: str, num_classes: int):
@@ -81,6 +92,7 @@ def plain_loop(cfg, num_classes: int, device, dtype):
             opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
     return step
 
 
@@ -111,7 +123,8 @@ def throughput(args) -> float:
         engine = build(cfg, world, precision, args.classes)
         guard = not deepspeed_skips_nonfinite(stage, precision)  # as the training loop decides it
         variants[f"ours ZeRO-{stage}"] = lambda x, y, e=engine, c=cfg, g=guard: micro_step(
-            e, x, y, c.data.label_smoothing, guard_on_host=g)
+            e, x, y, c.data.label_smoothing, guard_on_host=g
+        )
     variants["plain"] = plain_loop(cfg, args.classes, device, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to(device, dtype)
@@ -124,12 +137,16 @@ def throughput(args) -> float:
         for name, step in variants.items():
             rounds[name].append(timed(step, x, y, 1, device))
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    print(f"\nthroughput: {args.arch} {args.img_size}px window {args.window}, batch {args.batch}, {precision}, "
-          f"{device.type}, one rank, median of {args.rounds} interleaved steps each")
+    print(
+        f"\nthroughput: {args.arch} {args.img_size}px window {args.window}, batch {args.batch}, {precision}, "
+        f"{device.type}, one rank, median of {args.rounds} interleaved steps each"
+    )
     for name, t in med.items():
         spread = f"{args.batch / max(rounds[name]):.1f}-{args.batch / min(rounds[name]):.1f}"
-        print(f"  {name:12s} {t * 1000:8.1f} ms/step  {args.batch / t:8.1f} img/s  x{t / med['plain']:.2f} of plain  "
-              f"(range {spread} img/s)")
+        print(
+            f"  {name:12s} {t * 1000:8.1f} ms/step  {args.batch / t:8.1f} img/s  x{t / med['plain']:.2f} of plain  "
+            f"(range {spread} img/s)"
+        )
     if device.type == "cuda":
         report_mfu(args, precision, med)
     return med["ours ZeRO-0"] / med["plain"]
@@ -145,8 +162,11 @@ def report_mfu(args, precision: str, med: dict[str, float]) -> None:
     peak = peak_flops(name, precision)
     for variant, t in med.items():
         images_per_s = args.batch / t
-        share = f"MFU {100 * mfu(images_per_s, forward, peak):.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else \
-            f"no peak for {name} in {precision}"
+        share = (
+            f"MFU {100 * mfu(images_per_s, forward, peak):.1f}% of {peak / 1e12:.0f} TFLOP/s"
+            if peak
+            else f"no peak for {name} in {precision}"
+        )
         print(f"mfu: {variant}: {images_per_s:.1f} img/s x {3 * forward / 1e9:.1f} GFLOP/img on {name}, {share}")
 
 
@@ -171,8 +191,9 @@ def optimizer_bytes(engine) -> int:
 
 
 def memory_rank(rank: int, world_size: int, port: int, args, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from pipeline.engine.distributed import init_distributed
 
@@ -207,8 +228,9 @@ def memory(args) -> None:
             rows.append(queue.get(timeout=600))
         for p in procs:
             p.join()
-    print(f"\noptimizer-state bytes per rank ({args.memory_arch}, bf16; fp32 master + Adam moments), "
-          f"measured vs theory")
+    print(
+        f"\noptimizer-state bytes per rank ({args.memory_arch}, bf16; fp32 master + Adam moments), measured vs theory"
+    )
     print(f"  {'ZeRO':>4} {'world':>5} {'B/param measured':>17} {'theory':>7}  {'all model states, theory':>24}")
     theory_total = {0: lambda n: 16, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
     for stage in (0, 1, 2, 3):
@@ -216,8 +238,10 @@ def memory(args) -> None:
             mine = [r for r in rows if r[0] == world_size and r[1] == stage]
             per_param = max(r[3] for r in mine) / mine[0][4]
             theory = 12 if stage == 0 else 12 / world_size
-            print(f"  {stage:>4} {world_size:>5} {per_param:>17.2f} {theory:>7.2f}  "
-                  f"{theory_total[stage](world_size):>24.2f}")
+            print(
+                f"  {stage:>4} {world_size:>5} {per_param:>17.2f} {theory:>7.2f}  "
+                f"{theory_total[stage](world_size):>24.2f}"
+            )
 
 
 def main() -> int:
@@ -231,8 +255,12 @@ def main() -> int:
     p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16")
     p.add_argument("--rounds", type=int, default=21, help="timed steps per variant, interleaved")
     p.add_argument("--memory-arch", default="swin_nano")
-    p.add_argument("--memory-worlds", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 2, 4],
-                   help="world sizes for the memory table ('' to skip)")
+    p.add_argument(
+        "--memory-worlds",
+        type=lambda s: [int(v) for v in s.split(",") if v],
+        default=[1, 2, 4],
+        help="world sizes for the memory table ('' to skip)",
+    )
     args = p.parse_args()
     if args.memory_worlds:
         memory(args)  # first, in child processes, before this process joins a process group

@@ -11,6 +11,7 @@ it writes: tests/test_webdataset_compat.py), measured on the same shards:
 Shards come from real-photo JPEGs (bench/prep_throughput.py's images). Medians of R rounds; the last line is
 `ratio_resume_ours_vs_webdataset: X.X` (how many times faster the project's reader resumes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import webdataset  # noqa: E402
 from prep_throughput import photo_shard_set  # noqa: E402
+from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 from data_prep.shardset.reader import open_shard_set  # noqa: E402
 from pipeline.data.cache import ShardCache  # noqa: E402
 from pipeline.data.reader import ShardReader  # noqa: E402
-from workdir import add_workdir_option, bench_workdir  # noqa: E402
 
 warnings.filterwarnings("ignore", module="webdataset")  # it asks for an explicit shardshuffle
 
@@ -87,8 +88,12 @@ def main() -> int:
                 n += sum(1 for _ in ds.slice(s.samples // 2, min(s.samples, s.samples // 2 + 64)))
             return n
 
-        variants = {"epoch in order, webdataset": wds_epoch, "epoch in order, project reader": ours_epoch,
-                    "resume mid-shard, webdataset": wds_resume, "resume mid-shard, project reader": ours_resume}
+        variants = {
+            "epoch in order, webdataset": wds_epoch,
+            "epoch in order, project reader": ours_epoch,
+            "resume mid-shard, webdataset": wds_resume,
+            "resume mid-shard, project reader": ours_resume,
+        }
         results: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, fn in variants.items():
@@ -99,8 +104,9 @@ def main() -> int:
             counts = {n for _t, n in runs}
             median[name] = counts.pop() / statistics.median(t for t, _n in runs)
             print(f"{name:36s} {median[name]:9.0f}  " + " ".join(f"{t:.3f}" for t, _n in runs))
-        if {n for _t, n in results["resume mid-shard, webdataset"]} != {n for _t, n in
-                                                                      results["resume mid-shard, project reader"]}:
+        if {n for _t, n in results["resume mid-shard, webdataset"]} != {
+            n for _t, n in results["resume mid-shard, project reader"]
+        }:
             raise SystemExit("the two readers resumed to different numbers of samples")
 
         first = local / shard_set.shards[0].name
@@ -110,17 +116,29 @@ def main() -> int:
             with webdataset.TarWriter(str(path)) as sink:
                 for j in range(min(50, shard_set.shards[0].samples)):
                     jpg, cls = reader.read(0, j)
-                    sink.write({"__key__": shard_set.table.key(shard_set.table.row(0, j)), "jpg": jpg, "cls": cls,
-                                "json": json.dumps({"sample": j})})
+                    sink.write(
+                        {
+                            "__key__": shard_set.table.key(shard_set.table.row(0, j)),
+                            "jpg": jpg,
+                            "cls": cls,
+                            "json": json.dumps({"sample": j}),
+                        }
+                    )
             digests.append(hashlib.sha256(path.read_bytes()).hexdigest()[:12])
             time.sleep(1.1)
-        print(f"webdataset.TarWriter, the same samples twice: sha256 {digests[0]} / {digests[1]} "
-              f"({'identical' if digests[0] == digests[1] else 'different: mtime is the time of writing'}); "
-              f"{first.name} is byte-reproducible by the project's writer")
-        print(f"ratio_epoch_ours_vs_webdataset: "
-              f"{median['epoch in order, project reader'] / median['epoch in order, webdataset']:.1f}")
-        print(f"ratio_resume_ours_vs_webdataset: "
-              f"{median['resume mid-shard, project reader'] / median['resume mid-shard, webdataset']:.1f}")
+        print(
+            f"webdataset.TarWriter, the same samples twice: sha256 {digests[0]} / {digests[1]} "
+            f"({'identical' if digests[0] == digests[1] else 'different: mtime is the time of writing'}); "
+            f"{first.name} is byte-reproducible by the project's writer"
+        )
+        print(
+            f"ratio_epoch_ours_vs_webdataset: "
+            f"{median['epoch in order, project reader'] / median['epoch in order, webdataset']:.1f}"
+        )
+        print(
+            f"ratio_resume_ours_vs_webdataset: "
+            f"{median['resume mid-shard, project reader'] / median['resume mid-shard, webdataset']:.1f}"
+        )
         reader.close()
         return 0
 

@@ -1,5 +1,6 @@
 """The benches' scratch folder: `--workdir DIR` keeps what a bench writes there (and lets a rerun reuse the
 inputs it made), otherwise a new folder in the system temp dir, deleted when the bench ends, even on an error."""
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 Expected failures (a missing source or shard set, an unfinalized set, a bad layout or option, S3 errors) end in
 one line, `error: ...`, and exit 2; `--debug` shows their traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,73 +33,130 @@ def parse_bytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n")[0],
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m data_prep",
+        description=__doc__.split("\n")[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = DefaultsHelpFormatter  # argparse's, without empty or doubled defaults
 
-    s = sub.add_parser("shard", formatter_class=fmt, help="write webdataset shards from a source",
-                       description="Reads an ImageFolder tree or a folder of per-synset tars (local or "
-                       "s3://bucket/prefix) and writes train/ and val/ webdataset shards, their DALI index "
-                       "files, synsets.txt and manifest.json. Rerun the same command to resume.")
+    s = sub.add_parser(
+        "shard",
+        formatter_class=fmt,
+        help="write webdataset shards from a source",
+        description="Reads an ImageFolder tree or a folder of per-synset tars (local or "
+        "s3://bucket/prefix) and writes train/ and val/ webdataset shards, their DALI index "
+        "files, synsets.txt and manifest.json. Rerun the same command to resume.",
+    )
     s.add_argument("--source", required=True, help="folder or s3://bucket/prefix to read")
     s.add_argument("--out", required=True, help="folder or s3://bucket/prefix to write")
     s.add_argument("--source-format", default="auto", choices=["auto", "imagefolder", "synset-tars"])
     s.add_argument("--layout", help="label layout file, one synset per line (default: sorted synsets found)")
     s.add_argument("--seed", type=int, default=0, help="seed of the global shuffle and of the hold-out")
-    s.add_argument("--holdout-per-class", type=int, default=0, metavar="N",
-                   help="images per class held out into val/ shards")
+    s.add_argument(
+        "--holdout-per-class", type=int, default=0, metavar="N", help="images per class held out into val/ shards"
+    )
     s.add_argument("--max-samples", type=int, default=1000, help="samples per shard (0: no limit)")
-    s.add_argument("--max-bytes", type=parse_bytes, default=None,
-                   help="source bytes per shard, e.g. 500MB (counted before re-encoding)")
-    s.add_argument("--resize-shorter", type=int, metavar="S",
-                   help="downscale images whose shorter side exceeds S (re-encoded); others keep their bytes")
+    s.add_argument(
+        "--max-bytes",
+        type=parse_bytes,
+        default=None,
+        help="source bytes per shard, e.g. 500MB (counted before re-encoding)",
+    )
+    s.add_argument(
+        "--resize-shorter",
+        type=int,
+        metavar="S",
+        help="downscale images whose shorter side exceeds S (re-encoded); others keep their bytes",
+    )
     s.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs")
-    s.add_argument("--validate", choices=["scaled", "full"], default="scaled",
-                   help="decode each JPEG at 1/8 scale (all entropy-coded data, fast) or at full size")
-    s.add_argument("--min-size", type=int, metavar="PX",
-                   help="leave out images whose shorter side is under PX (listed in the manifest's rejected)")
-    s.add_argument("--exif", choices=["apply", "strip", "keep"], default="apply",
-                   help="apply: re-encode JPEGs whose EXIF orientation rotates them, upright, and cut EXIF/XMP/"
-                   "IPTC from all (every decoder then sees the same pixels); strip: only cut them; keep: as is")
-    s.add_argument("--min-images-per-class", type=int, default=0, metavar="N",
-                   help="set aside classes with fewer than N images (reported in the manifest; left out of "
-                   "the default layout)")
+    s.add_argument(
+        "--validate",
+        choices=["scaled", "full"],
+        default="scaled",
+        help="decode each JPEG at 1/8 scale (all entropy-coded data, fast) or at full size",
+    )
+    s.add_argument(
+        "--min-size",
+        type=int,
+        metavar="PX",
+        help="leave out images whose shorter side is under PX (listed in the manifest's rejected)",
+    )
+    s.add_argument(
+        "--exif",
+        choices=["apply", "strip", "keep"],
+        default="apply",
+        help="apply: re-encode JPEGs whose EXIF orientation rotates them, upright, and cut EXIF/XMP/"
+        "IPTC from all (every decoder then sees the same pixels); strip: only cut them; keep: as is",
+    )
+    s.add_argument(
+        "--min-images-per-class",
+        type=int,
+        default=0,
+        metavar="N",
+        help="set aside classes with fewer than N images (reported in the manifest; left out of the default layout)",
+    )
     s.add_argument("--workers", type=int, default=1, help="worker processes on this machine, one shard each")
-    s.add_argument("--threads", type=int, default=2,
-                   help="threads per worker decoding images while it reads and writes (never changes bytes)")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads per worker decoding images while it reads and writes (never changes bytes)",
+    )
     s.add_argument("--task-index", type=int, help="this task's index (default: from SLURM_ARRAY_TASK_ID)")
     s.add_argument("--num-tasks", type=int, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
-    s.add_argument("--list-only", action="store_true",
-                   help="only list the source into OUT/_prep (what every task then reuses) and exit")
-    s.add_argument("--no-finalize", action="store_true",
-                   help="do not write manifest.json even when this task finishes the set")
+    s.add_argument(
+        "--list-only",
+        action="store_true",
+        help="only list the source into OUT/_prep (what every task then reuses) and exit",
+    )
+    s.add_argument(
+        "--no-finalize", action="store_true", help="do not write manifest.json even when this task finishes the set"
+    )
 
-    f = sub.add_parser("finalize", formatter_class=fmt, help="write manifest.json once all shards exist",
-                       description="Writes manifest.json from the shards' completion records; fails, naming "
-                       "them, while shards are missing. The last shard task does this by itself.")
+    f = sub.add_parser(
+        "finalize",
+        formatter_class=fmt,
+        help="write manifest.json once all shards exist",
+        description="Writes manifest.json from the shards' completion records; fails, naming "
+        "them, while shards are missing. The last shard task does this by itself.",
+    )
     f.add_argument("out", help="shard folder or s3://bucket/prefix")
 
-    v = sub.add_parser("verify", formatter_class=fmt, help="check a shard set against its manifest",
-                       description="Re-reads every shard: sha256, sample counts, index files, labels in "
-                       "range, every jpg decodes. Exit 0 only if everything holds.")
+    v = sub.add_parser(
+        "verify",
+        formatter_class=fmt,
+        help="check a shard set against its manifest",
+        description="Re-reads every shard: sha256, sample counts, index files, labels in "
+        "range, every jpg decodes. Exit 0 only if everything holds.",
+    )
     v.add_argument("out", help="shard folder or s3://bucket/prefix")
     v.add_argument("--workers", type=int, default=1)
     v.add_argument("--no-decode", action="store_true", help="skip decoding the JPEGs")
 
-    m = sub.add_parser("map", formatter_class=fmt, help="map one label layout onto another",
-                       description="For every synset of the target layout, its row in the source layout "
-                       "(-1 when absent): the map that initialises a 1K head from 22K head rows. A layout is "
-                       "a file or a shard folder holding synsets.txt.")
+    m = sub.add_parser(
+        "map",
+        formatter_class=fmt,
+        help="map one label layout onto another",
+        description="For every synset of the target layout, its row in the source layout "
+        "(-1 when absent): the map that initialises a 1K head from 22K head rows. A layout is "
+        "a file or a shard folder holding synsets.txt.",
+    )
     m.add_argument("--from", dest="source", required=True, help="source layout (e.g. the 22K one)")
     m.add_argument("--to", dest="target", required=True, help="target layout (e.g. the 1K one)")
     m.add_argument("--out", required=True, help="JSON file to write")
     m.add_argument("--strict", action="store_true", help="exit 1 when a target synset is missing")
 
-    e = sub.add_parser("embedded", formatter_class=fmt, help="write the embedded digits dataset",
-                       description="Writes scikit-learn's 1,797 handwritten digits as RGB JPEGs, as an "
-                       "ImageFolder tree or as ImageNet-22K-style per-synset tars (synsets n00000000-9).")
+    e = sub.add_parser(
+        "embedded",
+        formatter_class=fmt,
+        help="write the embedded digits dataset",
+        description="Writes scikit-learn's 1,797 handwritten digits as RGB JPEGs, as an "
+        "ImageFolder tree or as ImageNet-22K-style per-synset tars (synsets n00000000-9).",
+    )
     e.add_argument("--out", required=True)
     e.add_argument("--format", choices=["imagefolder", "synset-tars"], default="synset-tars")
     e.add_argument("--size", type=int, default=64, help="side of the upscaled images")
@@ -108,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 @command()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(level=logging.DEBUG if args.verbose else logging.INFO,
-                      format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    configure_logging(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # a log line goes above the progress bar, never into it
@@ -121,19 +182,35 @@ def cmd_shard(args) -> int:
 
     task_index, num_tasks = slurm_task_defaults()
     opts = ShardOptions(
-        source=args.source, out=args.out, source_format=args.source_format, layout=args.layout, seed=args.seed,
-        holdout_per_class=args.holdout_per_class, max_samples=args.max_samples or None,
-        max_bytes=args.max_bytes, resize_shorter=args.resize_shorter, jpeg_quality=args.jpeg_quality,
-        validate=args.validate, min_size=args.min_size, exif=args.exif,
-        min_images_per_class=args.min_images_per_class, workers=args.workers, threads=args.threads,
+        source=args.source,
+        out=args.out,
+        source_format=args.source_format,
+        layout=args.layout,
+        seed=args.seed,
+        holdout_per_class=args.holdout_per_class,
+        max_samples=args.max_samples or None,
+        max_bytes=args.max_bytes,
+        resize_shorter=args.resize_shorter,
+        jpeg_quality=args.jpeg_quality,
+        validate=args.validate,
+        min_size=args.min_size,
+        exif=args.exif,
+        min_images_per_class=args.min_images_per_class,
+        workers=args.workers,
+        threads=args.threads,
         task_index=task_index if args.task_index is None else args.task_index,
-        num_tasks=num_tasks if args.num_tasks is None else args.num_tasks, finalize=not args.no_finalize,
-        list_only=args.list_only)
+        num_tasks=num_tasks if args.num_tasks is None else args.num_tasks,
+        finalize=not args.no_finalize,
+        list_only=args.list_only,
+    )
     summary = run_shard(opts)
     print(json.dumps(summary, indent=1))
     if "manifest" not in summary and not args.list_only:
-        print("manifest.json not written yet: other tasks' shards are missing (or --no-finalize); "
-              "`python -m data_prep finalize OUT` writes it when they are done", file=sys.stderr)
+        print(
+            "manifest.json not written yet: other tasks' shards are missing (or --no-finalize); "
+            "`python -m data_prep finalize OUT` writes it when they are done",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -141,8 +218,16 @@ def cmd_finalize(args) -> int:
     from .shard import finalize
 
     manifest = finalize(args.out)
-    print(json.dumps({"manifest": f"{args.out}/manifest.json", "totals": manifest["totals"],
-                      "rejected": len(manifest["rejected"])}, indent=1))
+    print(
+        json.dumps(
+            {
+                "manifest": f"{args.out}/manifest.json",
+                "totals": manifest["totals"],
+                "rejected": len(manifest["rejected"]),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -161,11 +246,15 @@ def cmd_map(args) -> int:
     source, target = read_layout(args.source), read_layout(args.target)
     doc = write_map(args.out, args.source, args.target, source, target)
     found = len(target) - len(doc["missing"])
-    print(f"{found} of {len(target)} target synsets found in the source layout ({len(source)} synsets); "
-          f"map written to {args.out}")
+    print(
+        f"{found} of {len(target)} target synsets found in the source layout ({len(source)} synsets); "
+        f"map written to {args.out}"
+    )
     if doc["missing"]:
-        print(f"{len(doc['missing'])} target synset(s) absent from the source (index -1, to be initialised "
-              f"fresh): {', '.join(doc['missing'])}")
+        print(
+            f"{len(doc['missing'])} target synset(s) absent from the source (index -1, to be initialised "
+            f"fresh): {', '.join(doc['missing'])}"
+        )
     return 1 if args.strict and doc["missing"] else 0
 
 
@@ -177,5 +266,10 @@ def cmd_embedded(args) -> int:
     return 0
 
 
-COMMANDS = {"shard": cmd_shard, "finalize": cmd_finalize, "verify": cmd_verify, "map": cmd_map,
-            "embedded": cmd_embedded}
+COMMANDS = {
+    "shard": cmd_shard,
+    "finalize": cmd_finalize,
+    "verify": cmd_verify,
+    "map": cmd_map,
+    "embedded": cmd_embedded,
+}

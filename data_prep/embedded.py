@@ -1,6 +1,7 @@
 """The embedded default dataset: scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes),
 upscaled to RGB JPEGs and written the way real sources come: an ImageFolder tree or ImageNet-22K-style
 per-synset tars. Synset ids are made up but well-formed: digit k is n0000000k."""
+
 from __future__ import annotations
 
 import io

@@ -12,6 +12,7 @@ APP13: IPTC) of every JPEG are cut out losslessly, so every decoder sees the sam
 them (pixels as stored); `"keep"` leaves the bytes alone. Colour segments (JFIF, ICC profiles, Adobe) stay.
 Images whose shorter side is under `min_size` are refused (timm's ImageNet-22K w21 set drops those under 32).
 """
+
 from __future__ import annotations
 
 import io
@@ -42,8 +43,14 @@ EXIF_MODES = ("apply", "strip", "keep")
 _ORIENTATION = 0x0112
 
 
-def prepare_image(data: bytes, resize_shorter: int | None = None, quality: int = 90,
-                  validate: str = "scaled", min_size: int | None = None, exif: str = "apply") -> PreparedImage:
+def prepare_image(
+    data: bytes,
+    resize_shorter: int | None = None,
+    quality: int = 90,
+    validate: str = "scaled",
+    min_size: int | None = None,
+    exif: str = "apply",
+) -> PreparedImage:
     """validate='scaled' decodes every entropy-coded block of a JPEG with libjpeg-turbo's DCT scaling (1/8
     size), which is where truncation and corrupt data show up, and raises on libjpeg's recoverable warnings
     as well; 'full' decodes at full size."""
@@ -90,7 +97,7 @@ def metadata_segments(jpeg: bytes) -> list[tuple[int, int]]:
             continue
         if marker == 0xDA:  # start of scan: no metadata after it that a decoder reads
             break
-        length = int.from_bytes(jpeg[i + 2:i + 4], "big")
+        length = int.from_bytes(jpeg[i + 2 : i + 4], "big")
         if marker in (0xE1, 0xED):
             spans.append((i, i + 2 + length))
         i += 2 + length
@@ -109,12 +116,18 @@ def _cut(data: bytes, spans: list[tuple[int, int]]) -> bytes:
 def _orientation(data: bytes) -> int | None:
     try:
         return Image.open(io.BytesIO(data)).getexif().get(_ORIENTATION)
-    except Exception:  # unreadable EXIF: nothing a decoder would apply either; the segment is cut anyway
+    except Exception:  # noqa: BLE001  (unreadable EXIF: nothing a decoder would apply either; the segment is cut anyway)
         return None
 
 
-def _reencode(data: bytes, resize_shorter: int | None, quality: int, reason: str | None,
-              min_size: int | None = None, exif: str = "apply") -> PreparedImage:
+def _reencode(
+    data: bytes,
+    resize_shorter: int | None,
+    quality: int,
+    reason: str | None,
+    min_size: int | None = None,
+    exif: str = "apply",
+) -> PreparedImage:
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format

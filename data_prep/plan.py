@@ -5,6 +5,7 @@ on its own and writes only its share; no coordination, and a rerun or a differen
 gives the same shards. Order comes from a keyed hash of (seed, item) rather than an RNG stream, so one item's
 place never depends on the others.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,7 @@ def ranks(listing: Listing, seed: int, purpose: str) -> np.ndarray:
     prefix = f"{seed}:{purpose}:".encode()
     out = bytearray(8 * len(listing))
     for i in range(len(listing)):
-        out[8 * i:8 * i + 8] = hashlib.blake2b(prefix + listing.path_bytes(i), digest_size=8).digest()
+        out[8 * i : 8 * i + 8] = hashlib.blake2b(prefix + listing.path_bytes(i), digest_size=8).digest()
     return np.frombuffer(out, ">u8")  # a view of the bytearray, not a copy
 
 
@@ -86,10 +87,10 @@ def chunk(rows: np.ndarray, sizes: np.ndarray, max_samples: int | None, max_byte
     gets a shard of its own). Byte limits count source bytes, so the plan is known before any decode."""
     if not max_bytes:
         step = max_samples or max(len(rows), 1)
-        return [rows[i:i + step] for i in range(0, len(rows), step)]
+        return [rows[i : i + step] for i in range(0, len(rows), step)]
     cuts, count, size, i, in_order, block = [], 0, 0, 0, sizes[rows], 1 << 20
     for start in range(0, len(rows), block):  # a block of Python ints at a time, not 14M
-        for item_size in in_order[start:start + block].tolist():
+        for item_size in in_order[start : start + block].tolist():
             if (max_samples and count >= max_samples) or (count and size + item_size > max_bytes):
                 cuts.append(i)
                 count, size = 0, 0
@@ -99,8 +100,9 @@ def chunk(rows: np.ndarray, sizes: np.ndarray, max_samples: int | None, max_byte
     return np.split(rows, cuts) if len(rows) else []
 
 
-def plan_shards(listing: Listing, seed: int, holdout_per_class: int, max_samples: int | None,
-              max_bytes: int | None) -> list[ShardSpec]:
+def plan_shards(
+    listing: Listing, seed: int, holdout_per_class: int, max_samples: int | None, max_bytes: int | None
+) -> list[ShardSpec]:
     train, val = split_holdout(listing, holdout_per_class, seed)
     order_rank = ranks(listing, seed, "order")
     plan = []

@@ -1,5 +1,6 @@
 """Per-shard completion records (`_prep/done/*.json`, one per finished shard) and the manifest built from them
 once every planned shard has one."""
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,21 @@ def missing_records(out, plan: list[ShardSpec]) -> list[ShardSpec]:
     return [spec for spec in plan if spec.record_name not in done]
 
 
-def build_manifest(out, plan: list[ShardSpec], options: dict, synsets: list[str],
-                   listing_rejected: list, set_aside: dict[str, int] | None = None) -> dict:
+def build_manifest(
+    out,
+    plan: list[ShardSpec],
+    options: dict,
+    synsets: list[str],
+    listing_rejected: list,
+    set_aside: dict[str, int] | None = None,
+) -> dict:
     missing = missing_records(out, plan)
     if missing:
         names = ", ".join(s.name for s in missing[:10])
-        raise IncompleteError(f"{len(missing)} of {len(plan)} shards are not finished yet ({names}"
-                              f"{' ...' if len(missing) > 10 else ''}); run the remaining tasks, then finalize")
+        raise IncompleteError(
+            f"{len(missing)} of {len(plan)} shards are not finished yet ({names}"
+            f"{' ...' if len(missing) > 10 else ''}); run the remaining tasks, then finalize"
+        )
     with ThreadPoolExecutor(16) as pool:  # S3: one GET each, overlapped
         records = [json.loads(data) for data in pool.map(out.read, [spec.record_name for spec in plan])]
     totals, per_class = {}, {}
@@ -48,13 +57,26 @@ def build_manifest(out, plan: list[ShardSpec], options: dict, synsets: list[str]
     rejected.sort(key=lambda r: r["source"])
     return {
         "format": FORMAT,
-        "sample": {"__key__": "unique id", "jpg": "RGB JPEG", "cls": "label, ascii int",
-                   "json": "synset, source, width, height"},
+        "sample": {
+            "__key__": "unique id",
+            "jpg": "RGB JPEG",
+            "cls": "label, ascii int",
+            "json": "synset, source, width, height",
+        },
         "options": options,
         "label_layout": {"file": "synsets.txt", "num_classes": len(synsets), "synsets": synsets},
         "totals": totals,
-        "shards": [{"name": r["name"], "index": r["index"], "split": r["split"], "samples": r["samples"],
-                    "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
+        "shards": [
+            {
+                "name": r["name"],
+                "index": r["index"],
+                "split": r["split"],
+                "samples": r["samples"],
+                "bytes": r["bytes"],
+                "sha256": r["sha256"],
+            }
+            for r in records
+        ],
         "class_counts": {split: {s: c[s] for s in synsets if c[s]} for split, c in per_class.items()},
         "rejected": rejected,
         "converted": dict(sorted(converted.items())),

@@ -1,4 +1,5 @@
 """The `shard` job: list the source, plan, write this task's shards with K worker processes, finalize."""
+
 from __future__ import annotations
 
 import gc
@@ -17,13 +18,13 @@ from tqdm import tqdm
 
 from swin_common.errors import UserError
 
-from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
-from .records import build_manifest, missing_records
-from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
 from .plan import PlanError, ShardSpec, plan_shards, task_share
-from .sources import LISTING_NAME, Listing, scan_source
+from .records import build_manifest, missing_records
+from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
+from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
 from .shardset.split_index import write_split_indexes
 from .shardset.store import open_store
+from .sources import LISTING_NAME, Listing, scan_source
 from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
 
 log = logging.getLogger("data_prep")
@@ -68,8 +69,14 @@ def load_or_scan(source, out, source_format: str, workers: int) -> Listing:
     t0 = time.time()
     listing = scan_source(source, source_format, workers)
     listing.save(out, LISTING_NAME)
-    log.info("listed %s: %d images in %d synsets (%s) in %.1fs", source.url, len(listing),
-             len(listing.synsets), listing.kind, time.time() - t0)
+    log.info(
+        "listed %s: %d images in %d synsets (%s) in %.1fs",
+        source.url,
+        len(listing),
+        len(listing.synsets),
+        listing.kind,
+        time.time() - t0,
+    )
     return listing
 
 
@@ -89,8 +96,7 @@ def set_aside_small_classes(listing: Listing, min_images: int) -> Listing:
     small = {s: n for s, n in zip(listing.synsets, counts, strict=True) if n < min_images}
     if not small:
         return listing
-    log.info("%d of %d classes have fewer than %d images: set aside", len(small), len(listing.synsets),
-             min_images)
+    log.info("%d of %d classes have fewer than %d images: set aside", len(small), len(listing.synsets), min_images)
     return listing.without_synsets(set(small), small)
 
 
@@ -100,8 +106,10 @@ def resolve_layout(out, listing: Listing, layout_file: str | None) -> list[str]:
     if out.exists("synsets.txt"):
         existing = parse_layout(out.read("synsets.txt").decode(), f"{out.url}/synsets.txt")
         if existing != synsets:
-            raise PlanError(f"{out.url}/synsets.txt holds another label layout than this run's; use a new "
-                            f"output folder or the same --layout")
+            raise PlanError(
+                f"{out.url}/synsets.txt holds another label layout than this run's; use a new "
+                f"output folder or the same --layout"
+            )
     else:
         out.write_bytes("synsets.txt", format_layout(synsets).encode())
     return synsets
@@ -116,12 +124,21 @@ def normalise_url(url: str) -> str:
 
 def output_options(opts: ShardOptions, kind: str, synsets: list[str]) -> dict:
     """The options that decide the shards' bytes; a rerun into the same output must use the same ones."""
-    return {"source": normalise_url(opts.source), "source_format": kind, "seed": opts.seed,
-            "holdout_per_class": opts.holdout_per_class, "max_samples": opts.max_samples,
-            "max_bytes": opts.max_bytes, "resize_shorter": opts.resize_shorter,
-            "jpeg_quality": opts.jpeg_quality, "validate": opts.validate, "min_size": opts.min_size,
-            "exif": opts.exif, "min_images_per_class": opts.min_images_per_class,
-            "layout_sha256": layout_sha256(synsets)}
+    return {
+        "source": normalise_url(opts.source),
+        "source_format": kind,
+        "seed": opts.seed,
+        "holdout_per_class": opts.holdout_per_class,
+        "max_samples": opts.max_samples,
+        "max_bytes": opts.max_bytes,
+        "resize_shorter": opts.resize_shorter,
+        "jpeg_quality": opts.jpeg_quality,
+        "validate": opts.validate,
+        "min_size": opts.min_size,
+        "exif": opts.exif,
+        "min_images_per_class": opts.min_images_per_class,
+        "layout_sha256": layout_sha256(synsets),
+    }
 
 
 def check_options(out, options: dict) -> None:
@@ -130,16 +147,19 @@ def check_options(out, options: dict) -> None:
         changed = {k: (before.get(k), v) for k, v in options.items() if before.get(k) != v}
         if changed:
             what = "; ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in changed.items())
-            raise PlanError(f"{out.url} holds shards prepared with other options ({what}); use a new output "
-                            f"folder or the same options")
+            raise PlanError(
+                f"{out.url} holds shards prepared with other options ({what}); use a new output "
+                f"folder or the same options"
+            )
     else:
         out.write_bytes(OPTIONS_NAME, json.dumps(options, indent=1).encode())
 
 
 def shard_plan_for(out, opts: ShardOptions):
     source = open_store(opts.source)
-    listing = set_aside_small_classes(load_or_scan(source, out, opts.source_format, opts.workers),
-                                      opts.min_images_per_class)
+    listing = set_aside_small_classes(
+        load_or_scan(source, out, opts.source_format, opts.workers), opts.min_images_per_class
+    )
     synsets = resolve_layout(out, listing, opts.layout)
     options = output_options(opts, listing.kind, synsets)
     check_options(out, options)
@@ -169,20 +189,33 @@ def _die_with_parent() -> None:
 
 def _encode_planned(position: int) -> EncodedShard:
     j = _JOB
-    return encode_shard(j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"],
-                        j["threads"])
+    return encode_shard(
+        j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"], j["threads"]
+    )
 
 
 def run_shard(opts: ShardOptions) -> dict:
     out = open_store(opts.out)
     source, listing, synsets, options, plan = shard_plan_for(out, opts)
     if opts.list_only:
-        return {"images": len(listing), "synsets": len(listing.synsets), "kind": listing.kind,
-                "rejected_while_listing": len(listing.rejected), "shards_planned": len(plan)}
+        return {
+            "images": len(listing),
+            "synsets": len(listing.synsets),
+            "kind": listing.kind,
+            "rejected_while_listing": len(listing.rejected),
+            "shards_planned": len(plan),
+        }
     mine = task_share(plan, opts.task_index, opts.num_tasks)
     todo = missing_records(out, mine)
-    log.info("task %d/%d: %d of %d shards are this task's, %d already done, %d to write",
-             opts.task_index, opts.num_tasks, len(mine), len(plan), len(mine) - len(todo), len(todo))
+    log.info(
+        "task %d/%d: %d of %d shards are this task's, %d already done, %d to write",
+        opts.task_index,
+        opts.num_tasks,
+        len(mine),
+        len(plan),
+        len(mine) - len(todo),
+        len(todo),
+    )
     labels = {s: i for i, s in enumerate(synsets)}
     image_opts = ImageOptions(opts.resize_shorter, opts.jpeg_quality, opts.validate, opts.min_size, opts.exif)
     t0 = time.time()
@@ -190,17 +223,19 @@ def run_shard(opts: ShardOptions) -> dict:
     elapsed = time.time() - t0
     summary = _summarise(records, failures, elapsed, len(mine) - len(todo))
     if failures:
-        raise ShardsFailed(f"{len(failures)} shard(s) failed (rerun the same command to resume): "
-                           + "; ".join(f"{n}: {e}" for n, e in failures))
+        raise ShardsFailed(
+            f"{len(failures)} shard(s) failed (rerun the same command to resume): "
+            + "; ".join(f"{n}: {e}" for n, e in failures)
+        )
     if opts.finalize and not missing_records(out, plan):
-        write_finished_set(out, build_manifest(out, plan, options, synsets, listing.rejected,
-                                               listing.set_aside))
+        write_finished_set(out, build_manifest(out, plan, options, synsets, listing.rejected, listing.set_aside))
         summary["manifest"] = f"{out.url}/{MANIFEST_NAME}"
     return summary
 
 
-def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int,
-               threads: int):
+def _write_all(
+    todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int, threads: int
+):
     records, failures, pending_commits = [], [], []
     position = {(s.split, s.index): i for i, s in enumerate(plan)}
     bar = tqdm(total=sum(len(s) for s in todo), unit="img", desc="sharding", smoothing=0.1)
@@ -208,7 +243,7 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
         for spec in todo:
             try:
                 records.append(write_shard(spec, source, out, labels, image_opts, bar.update, threads))
-            except Exception as e:  # keep the other shards going; the rerun picks this one up
+            except Exception as e:  # noqa: BLE001  (keep the other shards going; the rerun picks this one up)
                 log.error("shard %s failed: %s", spec.name, _why(e))
                 failures.append((spec.name, _why(e)))
         bar.close()
@@ -217,8 +252,10 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
     progress = ctx.Queue()
     _JOB.update(plan=plan, source=source, out=out, labels=labels, image_opts=image_opts, threads=threads)
     # Workers encode (CPU); this process commits (fsync + rename, or the S3 upload) in threads meanwhile.
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool, \
-            ThreadPoolExecutor(workers) as committer:
+    with (
+        ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool,
+        ThreadPoolExecutor(workers) as committer,
+    ):
         pending = {pool.submit(_encode_planned, position[(s.split, s.index)]): s for s in todo}
         while pending:
             done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -233,7 +270,7 @@ def _write_all(todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels
         for spec, fut in pending_commits:
             try:
                 records.append(fut.result())
-            except Exception as e:  # keep the other shards going; the rerun picks this one up
+            except Exception as e:  # noqa: BLE001  (keep the other shards going; the rerun picks this one up)
                 log.error("shard %s failed: %s", spec.name, _why(e))
                 failures.append((spec.name, _why(e)))
     _drain(progress, bar)
@@ -259,12 +296,18 @@ def _summarise(records: list[dict], failures: list, elapsed: float, skipped: int
     images = sum(r["samples"] for r in records)
     seen = sum(r["planned"] for r in records)
     reasons = Counter(reason.split(":")[0] for r in records for _p, reason in r["rejected"])
-    return {"shards_written": len(records), "shards_skipped": skipped, "shards_failed": len(failures),
-            "images_written": images, "images_rejected": sum(reasons.values()),
-            "rejected_by_reason": dict(reasons),
-            "images_converted": sum(len(r["converted"]) for r in records),
-            "bytes_written": sum(r["bytes"] for r in records), "seconds": round(elapsed, 2),
-            "images_per_second": round(seen / elapsed, 1) if elapsed > 0 else None}
+    return {
+        "shards_written": len(records),
+        "shards_skipped": skipped,
+        "shards_failed": len(failures),
+        "images_written": images,
+        "images_rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(reasons),
+        "images_converted": sum(len(r["converted"]) for r in records),
+        "bytes_written": sum(r["bytes"] for r in records),
+        "seconds": round(elapsed, 2),
+        "images_per_second": round(seen / elapsed, 1) if elapsed > 0 else None,
+    }
 
 
 def finalize(out_url: str) -> dict:
@@ -275,17 +318,20 @@ def finalize(out_url: str) -> dict:
         found = describe_folder(root) if root is not None and root.is_dir() else None
         if out.exists(MANIFEST_NAME):
             found = f"{out_url} is a finalized shard set already (its {MANIFEST_NAME} is there): nothing to do"
-        raise FileNotFoundError(found or f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing): "
-                                         f"finalize takes the --out of `python -m data_prep shard`")
+        raise FileNotFoundError(
+            found
+            or f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing): "
+            f"finalize takes the --out of `python -m data_prep shard`"
+        )
     options = json.loads(out.read(OPTIONS_NAME))
     listing = read_listing(out)
     if listing is None:
         raise FileNotFoundError(f"{out_url} holds no source listing ({LISTING_NAME} is missing)")
-    listing = set_aside_small_classes(listing,
-                                      options.get("min_images_per_class", 0))
+    listing = set_aside_small_classes(listing, options.get("min_images_per_class", 0))
     synsets = parse_layout(out.read("synsets.txt").decode(), f"{out_url}/synsets.txt")
-    plan = plan_shards(listing, options["seed"], options["holdout_per_class"], options["max_samples"],
-                     options["max_bytes"])
+    plan = plan_shards(
+        listing, options["seed"], options["holdout_per_class"], options["max_samples"], options["max_bytes"]
+    )
     manifest = build_manifest(out, plan, options, synsets, listing.rejected, listing.set_aside)
     write_finished_set(out, manifest)
     return manifest
@@ -308,6 +354,8 @@ def slurm_task_defaults() -> tuple[int, int]:
     step, count = int(env.get("SLURM_ARRAY_TASK_STEP", "1")), int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
     last = int(env.get("SLURM_ARRAY_TASK_MAX", first + step * (count - 1)))
     if (last - first) // step + 1 != count:
-        raise PlanError(f"the Slurm array must be a range (like 0-63, 0-63%8 or 0-126:2), not a list of ids: "
-                        f"{count} tasks between {first} and {last}; or pass --task-index and --num-tasks")
+        raise PlanError(
+            f"the Slurm array must be a range (like 0-63, 0-63%8 or 0-126:2), not a list of ids: "
+            f"{count} tasks between {first} and {last}; or pass --task-index and --num-tasks"
+        )
     return (task - first) // step, count

@@ -9,15 +9,16 @@ Names from the source never become paths: an item's key keeps only [A-Za-z0-9_-]
 member `../../etc/x.JPEG` gets the key `<synset>_______etc_x`), the member's name is only recorded as the
 sample's "source", and a listed path that would leave the source (`..`, absolute, NUL) is rejected.
 """
+
 from __future__ import annotations
 
 import json
-import tempfile
 import re
 import tarfile
+import tempfile
 from array import array
-from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from typing import NamedTuple
 
 import numpy as np
@@ -50,8 +51,15 @@ class Listing:
     listing_memory.py). Rows are sorted by (synset, name); `item(i)` builds one row's Item when a shard needs it.
     """
 
-    def __init__(self, kind: str, synsets: list[str], containers: list[str], columns: dict[str, np.ndarray],
-                 rejected: list[tuple[str, str]] | None = None, set_aside: dict[str, int] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        synsets: list[str],
+        containers: list[str],
+        columns: dict[str, np.ndarray],
+        rejected: list[tuple[str, str]] | None = None,
+        set_aside: dict[str, int] | None = None,
+    ):
         self.kind, self.synsets, self.containers = kind, synsets, containers  # synsets: found, sorted
         self.syn = columns["syn"]  # int32: index into synsets
         self.cont = columns["cont"]  # int32: index into containers (the per-synset tars), -1 for a plain file
@@ -66,7 +74,7 @@ class Listing:
         return len(self.syn)
 
     def _text(self, blob: np.ndarray, ends: np.ndarray, i: int) -> bytes:
-        return blob[ends[i - 1] if i else 0:ends[i]].tobytes()
+        return blob[ends[i - 1] if i else 0 : ends[i]].tobytes()
 
     def path_bytes(self, i: int) -> bytes:
         """The image's path inside the source: `<tar>/<member>` or the file's relative path."""
@@ -76,41 +84,72 @@ class Listing:
 
     def item(self, i: int) -> Item:
         c = int(self.cont[i])
-        return Item(self._text(self.key_blob, self.key_ends, i).decode(), self.synsets[self.syn[i]],
-                    self.path_bytes(i).decode(), None if c < 0 else self.containers[c], int(self.offset[i]),
-                    int(self.size[i]))
+        return Item(
+            self._text(self.key_blob, self.key_ends, i).decode(),
+            self.synsets[self.syn[i]],
+            self.path_bytes(i).decode(),
+            None if c < 0 else self.containers[c],
+            int(self.offset[i]),
+            int(self.size[i]),
+        )
 
     def images_per_synset(self) -> np.ndarray:
         return np.bincount(self.syn, minlength=len(self.synsets))
 
-    def without_synsets(self, drop: set[str], set_aside: dict[str, int]) -> "Listing":
+    def without_synsets(self, drop: set[str], set_aside: dict[str, int]) -> Listing:
         """The listing less every image of the synsets in `drop` (recorded as set aside)."""
         keep_syn = np.array([s not in drop for s in self.synsets], bool)
         rows = np.flatnonzero(keep_syn[self.syn])
         renumber = np.cumsum(keep_syn) - 1
-        columns = {"syn": renumber[self.syn[rows]].astype(np.int32), "cont": self.cont[rows],
-                   "offset": self.offset[rows], "size": self.size[rows]}
+        columns = {
+            "syn": renumber[self.syn[rows]].astype(np.int32),
+            "cont": self.cont[rows],
+            "offset": self.offset[rows],
+            "size": self.size[rows],
+        }
         for blob, ends in (("name_blob", "name_ends"), ("key_blob", "key_ends")):
             columns[blob], columns[ends] = _take_strings(getattr(self, blob), getattr(self, ends), rows)
-        return Listing(self.kind, [s for s, k in zip(self.synsets, keep_syn, strict=True) if k], self.containers,
-                       columns, self.rejected, {**self.set_aside, **set_aside})
+        return Listing(
+            self.kind,
+            [s for s, k in zip(self.synsets, keep_syn, strict=True) if k],
+            self.containers,
+            columns,
+            self.rejected,
+            {**self.set_aside, **set_aside},
+        )
 
     # -- the cache in the output (_prep/listing.npz): the same columns, loaded without unpickling ------------
     # Written and read through a local file in chunks, never as one bytes object: the columns are the job's
     # biggest allocation and must not be held twice.
     def save(self, out, rel: str) -> None:
-        meta = json.dumps({"version": 1, "kind": self.kind, "synsets": self.synsets, "containers": self.containers,
-                           "rejected": self.rejected}, separators=(",", ":")).encode()
-        arrays = {"meta": np.frombuffer(meta, np.uint8), "syn": self.syn, "cont": self.cont, "offset": self.offset,
-                  "size": self.size, "name_blob": self.name_blob, "name_ends": self.name_ends,
-                  "key_blob": self.key_blob, "key_ends": self.key_ends}
+        meta = json.dumps(
+            {
+                "version": 1,
+                "kind": self.kind,
+                "synsets": self.synsets,
+                "containers": self.containers,
+                "rejected": self.rejected,
+            },
+            separators=(",", ":"),
+        ).encode()
+        arrays = {
+            "meta": np.frombuffer(meta, np.uint8),
+            "syn": self.syn,
+            "cont": self.cont,
+            "offset": self.offset,
+            "size": self.size,
+            "name_blob": self.name_blob,
+            "name_ends": self.name_ends,
+            "key_blob": self.key_blob,
+            "key_ends": self.key_ends,
+        }
         staged = out.staging_path(rel)
         with open(staged, "wb") as f:
             np.savez(f, **arrays)
         out.commit(staged, rel)
 
     @classmethod
-    def load(cls, out, rel: str) -> "Listing":
+    def load(cls, out, rel: str) -> Listing:
         if isinstance(out, LocalStore):
             return cls._load_file(out.local_path(rel))
         with tempfile.TemporaryFile() as f:
@@ -119,12 +158,11 @@ class Listing:
             return cls._load_file(f)
 
     @classmethod
-    def _load_file(cls, path_or_file) -> "Listing":
+    def _load_file(cls, path_or_file) -> Listing:
         with np.load(path_or_file, allow_pickle=False) as z:
             columns = {k: z[k] for k in z.files}
         meta = json.loads(columns.pop("meta").tobytes())
-        return cls(meta["kind"], meta["synsets"], meta["containers"], columns,
-                   [tuple(r) for r in meta["rejected"]])
+        return cls(meta["kind"], meta["synsets"], meta["containers"], columns, [tuple(r) for r in meta["rejected"]])
 
 
 class _Builder:
@@ -160,10 +198,16 @@ class _Builder:
         def arr(a, dtype):
             return np.frombuffer(a, dtype) if len(a) else np.zeros(0, dtype)
 
-        columns = {"syn": arr(self.syn, np.int32), "cont": arr(self.cont, np.int32),
-                   "offset": arr(self.offset, np.int64), "size": arr(self.size, np.int64),
-                   "name_blob": arr(self.names, np.uint8), "name_ends": arr(self.name_ends, np.int64),
-                   "key_blob": arr(self.keys, np.uint8), "key_ends": arr(self.key_ends, np.int64)}
+        columns = {
+            "syn": arr(self.syn, np.int32),
+            "cont": arr(self.cont, np.int32),
+            "offset": arr(self.offset, np.int64),
+            "size": arr(self.size, np.int64),
+            "name_blob": arr(self.names, np.uint8),
+            "name_ends": arr(self.name_ends, np.int64),
+            "key_blob": arr(self.keys, np.uint8),
+            "key_ends": arr(self.key_ends, np.int64),
+        }
         return Listing(kind, self.synsets, self.containers, columns, rejected)
 
 
@@ -181,8 +225,9 @@ def detect_kind(store: LocalStore | S3Store) -> str:
     dirs, files = store.list_dir()
     tars = [f for f in files if f.endswith(".tar")]
     if tars and dirs:
-        raise SourceError(f"{store.url} holds both folders and .tar files: pass --source-format "
-                          f"imagefolder or synset-tars")
+        raise SourceError(
+            f"{store.url} holds both folders and .tar files: pass --source-format imagefolder or synset-tars"
+        )
     if tars:
         return "synset-tars"
     if dirs:
@@ -241,8 +286,9 @@ def _scan_tars(store, workers: int) -> Listing:
     with tqdm(total=len(tars), desc="listing synset tars", unit=" tars", leave=False) as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                for tar_name, (part, bad) in zip(ordered, pool.map(_scan_one_tar, [store] * len(tars), ordered,
-                                                                   chunksize=8), strict=True):
+                for tar_name, (part, bad) in zip(
+                    ordered, pool.map(_scan_one_tar, [store] * len(tars), ordered, chunksize=8), strict=True
+                ):
                     add(tar_name, part, bad)
                     bar.update()
         else:

@@ -1,4 +1,5 @@
 """`verify`: re-reads a finished shard set and checks it against its manifest, sample by sample."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,10 @@ from dataclasses import dataclass, field
 import simplejpeg
 from tqdm import tqdm
 
+from .shardset.index import parse_index
 from .shardset.layout import parse_layout
 from .shardset.manifest import read_manifest
 from .shardset.store import open_store
-from .shardset.index import parse_index
 
 REQUIRED = ("cls", "jpg", "json")
 
@@ -34,7 +35,7 @@ def split_member(name: str) -> tuple[str, str]:
     """webdataset's rule: the key is everything before the first dot of the file name."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
 def check_shard(url: str, entry: dict, synsets: list[str], decode: bool) -> tuple[int, list[str]]:
@@ -43,7 +44,7 @@ def check_shard(url: str, entry: dict, synsets: list[str], decode: bool) -> tupl
     problems = []
     try:
         data = out.read(name)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (verify reports whatever it finds wrong and goes on)
         return 0, [f"{name}: cannot be read: {e}"]
     if len(data) != entry["bytes"]:
         problems.append(f"{name}: {len(data)} bytes, manifest says {entry['bytes']}")
@@ -57,7 +58,7 @@ def check_shard(url: str, entry: dict, synsets: list[str], decode: bool) -> tupl
                 if key not in samples:
                     samples[key] = {}
                     order.append(key)
-                samples[key][ext] = (m, data[m.offset_data:m.offset_data + m.size])
+                samples[key][ext] = (m, data[m.offset_data : m.offset_data + m.size])
     except tarfile.TarError as e:
         return 0, problems + [f"{name}: not a readable tar: {e}"]
     if len(samples) != entry["samples"]:
@@ -86,7 +87,7 @@ def check_shard(url: str, entry: dict, synsets: list[str], decode: bool) -> tupl
         index = parse_index(out.read(entry["index"]).decode())
         if index != expected_index:
             problems.append(f"{entry['index']}: does not match the tar's members")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (verify reports whatever it finds wrong and goes on)
         problems.append(f"{entry['index']}: {e}")
     return len(samples), problems
 
@@ -112,7 +113,7 @@ def verify(url: str, workers: int = 1, decode: bool = True) -> VerifyReport:
     try:
         if parse_layout(out.read("synsets.txt").decode(), "synsets.txt") != synsets:
             report.problems.append("synsets.txt differs from the manifest's label layout")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (verify reports whatever it finds wrong and goes on)
         report.problems.append(f"synsets.txt: {e}")
     listed = {s["name"] for s in manifest["shards"]}
     for split in manifest["totals"]:

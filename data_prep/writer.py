@@ -5,22 +5,23 @@ Split in two so a worker process can go on encoding the next shard while its par
 The record is the shard's 'done' marker: a rerun skips a shard only when its record exists, and rewrites it
 otherwise, with exactly the same bytes (fixed tar metadata, deterministic content).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from json.encoder import encode_basestring_ascii as _json_str
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
+from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .images import BadImage, PreparedImage, prepare_image
 from .plan import ShardSpec
-from .sources import Item, check_item_bytes, item_request
 from .shardset.index import format_index
+from .sources import Item, check_item_bytes, item_request
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,17 @@ def ustar_header(name: str, size: int) -> bytes:
         raise ValueError(f"member name longer than 100 characters: {name}")
     size_field = b"%011o\0" % size
     checksum = _USTAR_FIXED_SUM + sum(encoded) + sum(size_field)
-    return (encoded.ljust(100, b"\0") + _USTAR_FIXED + size_field + _USTAR_MTIME + b"%06o\0 " % checksum
-            + _USTAR_TAIL)
+    return encoded.ljust(100, b"\0") + _USTAR_FIXED + size_field + _USTAR_MTIME + b"%06o\0 " % checksum + _USTAR_TAIL
 
 
 def sample_json(synset: str, source: str, width: int, height: int) -> bytes:
     """The sample's json member: exactly json.dumps(meta, sort_keys=True), without its generic path's cost."""
     return b'{"height": %d, "source": %s, "synset": %s, "width": %d}' % (
-        height, _json_str(source).encode(), _json_str(synset).encode(), width)
+        height,
+        _json_str(source).encode(),
+        _json_str(synset).encode(),
+        width,
+    )
 
 
 def _padding(size: int) -> bytes:
@@ -85,8 +89,7 @@ def _prepare(data: bytes | Exception, opts: ImageOptions) -> PreparedImage | Exc
     if isinstance(data, Exception):
         return data
     try:
-        return prepare_image(data, opts.resize_shorter, opts.jpeg_quality, opts.validate, opts.min_size,
-                             opts.exif)
+        return prepare_image(data, opts.resize_shorter, opts.jpeg_quality, opts.validate, opts.min_size, opts.exif)
     except BadImage as e:
         return e
 
@@ -95,8 +98,9 @@ def _prepare_batch(datas: tuple, opts: ImageOptions) -> list[PreparedImage | Exc
     return [_prepare(data, opts) for data in datas]
 
 
-def _prepare_many(pairs: Iterator[tuple[Item, bytes | Exception]], opts: ImageOptions, threads: int,
-                  batch: int = 16, ahead: int = 4) -> Iterator[tuple[Item, PreparedImage | Exception]]:
+def _prepare_many(
+    pairs: Iterator[tuple[Item, bytes | Exception]], opts: ImageOptions, threads: int, batch: int = 16, ahead: int = 4
+) -> Iterator[tuple[Item, PreparedImage | Exception]]:
     """(item, prepared image or error) in input order. With threads > 1 the checks run on a thread pool
     (libjpeg-turbo and Pillow release the GIL) in batches of `batch` images, `ahead` batches in flight, so the
     caller's reading, hashing and writing overlap the decoding, and a worker alone at the end of the job can
@@ -122,14 +126,22 @@ def _prepare_many(pairs: Iterator[tuple[Item, bytes | Exception]], opts: ImageOp
 @dataclass
 class EncodedShard:
     """A shard written to its staging file, not yet visible under its name."""
+
     spec: ShardSpec
     staged: Path
     index_text: str
     record: dict
 
 
-def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opts: ImageOptions,
-                 progress: Callable[[int], None] = lambda n: None, threads: int = 1) -> EncodedShard:
+def encode_shard(
+    spec: ShardSpec,
+    source,
+    out,
+    labels: dict[str, int],
+    image_opts: ImageOptions,
+    progress: Callable[[int], None] = lambda n: None,
+    threads: int = 1,
+) -> EncodedShard:
     """Reads, checks and packs the shard's images into its staging file (the CPU-bound part), checking images
     on `threads` threads."""
     # a killed run may have left any of the three half-written (the record too: it is staged, then renamed)
@@ -151,8 +163,11 @@ def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opt
                 converted.append([item.path, img.converted])
             label = labels[item.synset]
             chunks, components = [], []
-            for ext, payload in (("cls", str(label).encode()), ("jpg", img.jpg),
-                                 ("json", sample_json(item.synset, item.path, img.width, img.height))):
+            for ext, payload in (
+                ("cls", str(label).encode()),
+                ("jpg", img.jpg),
+                ("json", sample_json(item.synset, item.path, img.width, img.height)),
+            ):
                 name = f"{item.key}.{ext}"
                 components.append((ext, size + BLOCK, len(payload), name))
                 chunks += (ustar_header(name, len(payload)), payload, _padding(len(payload)))
@@ -167,10 +182,18 @@ def encode_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opt
         sha.update(end)
         size += len(end)
     progress(done % 32)
-    record = {"name": spec.name, "index": spec.index_name, "split": spec.split, "planned": len(spec),
-              "samples": len(index), "bytes": size, "sha256": sha.hexdigest(),
-              "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
-              "rejected": rejected, "converted": converted}
+    record = {
+        "name": spec.name,
+        "index": spec.index_name,
+        "split": spec.split,
+        "planned": len(spec),
+        "samples": len(index),
+        "bytes": size,
+        "sha256": sha.hexdigest(),
+        "class_counts": {str(k): v for k, v in sorted(class_counts.items())},
+        "rejected": rejected,
+        "converted": converted,
+    }
     return EncodedShard(spec, staged, format_index(index), record)
 
 
@@ -184,6 +207,13 @@ def commit_shard(out, encoded: EncodedShard) -> dict:
     return encoded.record
 
 
-def write_shard(spec: ShardSpec, source, out, labels: dict[str, int], image_opts: ImageOptions,
-                progress: Callable[[int], None] = lambda n: None, threads: int = 1) -> dict:
+def write_shard(
+    spec: ShardSpec,
+    source,
+    out,
+    labels: dict[str, int],
+    image_opts: ImageOptions,
+    progress: Callable[[int], None] = lambda n: None,
+    threads: int = 1,
+) -> dict:
     return commit_shard(out, encode_shard(spec, source, out, labels, image_opts, progress, threads))

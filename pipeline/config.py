@@ -7,6 +7,7 @@ a fixed set of values is a typing.Literal (`data.backend`, `schedule.decay`, `tr
 `train.zero_stage`, `transfer.bias_tables`, `transfer.head`): a value outside it is refused here, with the rest
 of the config, in a second and before torch is imported; the code that uses the field takes the config's word.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -211,8 +212,10 @@ def _build(cls, tree: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
-                          f"{where or 'top level'} takes: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+            f"{where or 'top level'} takes: {', '.join(sorted(names))}"
+        )
     values = {}
     for name in tree:
         hint, value = hints[name], tree[name]

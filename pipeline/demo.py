@@ -14,6 +14,7 @@ that serves it is printed.
 Expected failures end in one line, `error: ...` (a training stage's own error line among them), with a non-zero
 exit; `--debug` shows their traceback. Every URI it prints is redacted (no password or token).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,21 @@ def prep(*args) -> str:
     failure ends the main job with prep's own error line."""
     args = [str(a) for a in args]
     print(f"  $ python -m data_prep {' '.join(args)}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     for line in proc.stderr.splitlines():
         if not line.startswith("error: "):
             print("  " + line, file=sys.stderr)
     if proc.returncode != 0 and not (args[0] == "verify" and proc.returncode == 1):  # verify: 1 = problems found
-        raise CommandError(f"data_prep {args[0]} failed (exit {proc.returncode}){last_error(proc.stderr)}",
-                           exit_code=proc.returncode if proc.returncode > 0 else 1)
+        raise CommandError(
+            f"data_prep {args[0]} failed (exit {proc.returncode}){last_error(proc.stderr)}",
+            exit_code=proc.returncode if proc.returncode > 0 else 1,
+        )
     return proc.stdout
 
 
@@ -86,21 +94,25 @@ def train(script: str, config: str, overrides: list[str], log_path: Path, store:
     print(f"  $ {' '.join(cmd)}\n  (full log: {log_path})", flush=True)
     env = {k: v for k, v in stage_env(store).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("PYTHON", sys.executable)
-    with open(log_path, "w") as log, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT, text=True) as proc:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+    ):
         for line in proc.stdout:
             log.write(line)
             if "[rank 0] pipeline" in line and ("step=" in line or "resumed" in line or "initialised" in line):
                 print("  " + line.split("] ", 1)[-1].split(" INFO ", 1)[-1].rstrip(), flush=True)
     if proc.returncode != 0:
-        raise CommandError(f"{script} failed (exit {proc.returncode}){last_error(log_path.read_text())}; full log: "
-                           f"{log_path}", exit_code=proc.returncode if proc.returncode > 0 else 1)
+        raise CommandError(
+            f"{script} failed (exit {proc.returncode}){last_error(log_path.read_text())}; full log: {log_path}",
+            exit_code=proc.returncode if proc.returncode > 0 else 1,
+        )
 
 
 def last_error(output: str) -> str:
     """`: <the last error line>` of a command's output (the one line an expected failure prints), or ''."""
     errors = [line.strip() for line in output.splitlines() if line.strip().startswith("error: ")]
-    return f": {errors[-1][len('error: '):]}" if errors else ""
+    return f": {errors[-1][len('error: ') :]}" if errors else ""
 
 
 def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]]:
@@ -122,7 +134,7 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
         with tarfile.open(fileobj=io.BytesIO(store.read(name))) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for meta in sorted(n for n in members if n.endswith(".json")):
-                key = meta[:-len(".json")]
+                key = meta[: -len(".json")]
                 safe = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:100] or "_"  # never a path: no '/', '.', NUL
                 while safe in used:
                     safe += "_"
@@ -139,13 +151,22 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
 
 def predict_held_out(shards: str, out: Path, store: Store, count: int) -> dict:
     images = held_out_images(shards, out, count)
-    cmd = [sys.executable, "-m", "pipeline.predict", f"models:/{MODEL_1K}@champion", "-k", "1",
-           *(str(p) for p, _ in images)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.predict",
+        f"models:/{MODEL_1K}@champion",
+        "-k",
+        "1",
+        *(str(p) for p, _ in images),
+    ]
     print(f"  $ {ENV_VAR}={store.redacted} {' '.join(cmd[:5])} <{len(images)} images>", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=stage_env(store))
     if proc.returncode != 0:
-        raise CommandError(f"predict failed (exit {proc.returncode}){last_error(proc.stderr)}",
-                           exit_code=proc.returncode if proc.returncode > 0 else 1)
+        raise CommandError(
+            f"predict failed (exit {proc.returncode}){last_error(proc.stderr)}",
+            exit_code=proc.returncode if proc.returncode > 0 else 1,
+        )
     lines = proc.stdout.splitlines()
     top1 = [lines[i + 1].split()[1] for i in range(0, len(lines), 2)]  # "path" then "  prob  synset  (class i)"
     for (path, truth), guess in list(zip(images, top1, strict=True))[:5]:
@@ -157,13 +178,27 @@ def predict_held_out(shards: str, out: Path, store: Store, count: int) -> dict:
 def evaluate_and_promote(shards: str, store: Store, workers: int) -> int:
     """`python -m pipeline.evaluate` on the candidate: exit 0 promoted (or nothing to compare), 3 not better (the
     champion stays); both are outcomes, anything else a failure."""
-    cmd = [sys.executable, "-m", "pipeline.evaluate", f"models:/{MODEL_1K}@candidate", "--shards", shards,
-           "--promote", "champion", "--if-better-than", "champion", "--workers", str(workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.evaluate",
+        f"models:/{MODEL_1K}@candidate",
+        "--shards",
+        shards,
+        "--promote",
+        "champion",
+        "--if-better-than",
+        "champion",
+        "--workers",
+        str(workers),
+    ]
     print(f"  $ {ENV_VAR}={store.redacted} {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=stage_env(store))
     if proc.returncode not in (0, 3):
-        raise CommandError(f"evaluate failed (exit {proc.returncode}){last_error(proc.stderr)}",
-                           exit_code=proc.returncode if proc.returncode > 0 else 1)
+        raise CommandError(
+            f"evaluate failed (exit {proc.returncode}){last_error(proc.stderr)}",
+            exit_code=proc.returncode if proc.returncode > 0 else 1,
+        )
     for line in proc.stdout.splitlines():
         print("  " + line, flush=True)
     return proc.returncode
@@ -190,13 +225,20 @@ def stage_env(store: Store) -> dict[str, str]:
 
 @command()
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="runs/demo", help="where the sources, shards and runs go (default: "
-                                                          "runs/demo in the folder it is run from)")
+    p = ArgumentParser(
+        prog="python -m pipeline.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--workdir",
+        default="runs/demo",
+        help="where the sources, shards and runs go (default: runs/demo in the folder it is run from)",
+    )
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards-url", help="where the shard sets go (a folder or s3://bucket/prefix; default "
-                                        "WORKDIR): SHARDS_URL/shards and SHARDS_URL/shards_1k")
+    p.add_argument(
+        "--shards-url",
+        help="where the shard sets go (a folder or s3://bucket/prefix; default "
+        "WORKDIR): SHARDS_URL/shards and SHARDS_URL/shards_1k",
+    )
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     p.add_argument("--prep-only", action="store_true", help="stop after the shard sets (no training)")
     p.add_argument("--pretrain-epochs", type=float, default=15, help="epochs of the tiny pretraining")
@@ -219,16 +261,42 @@ def main(argv: list[str] | None = None) -> int:
     stage(2, "data_prep shard + verify: the 22K-style shard set")
     base = (args.shards_url or str(work)).rstrip("/")
     shards, shards_1k = f"{base}/shards", f"{base}/shards_1k"
-    print(prep("shard", "--source", source, "--out", shards, "--holdout-per-class", 20, "--max-samples", 256,
-               "--workers", args.workers).rstrip())
+    print(
+        prep(
+            "shard",
+            "--source",
+            source,
+            "--out",
+            shards,
+            "--holdout-per-class",
+            20,
+            "--max-samples",
+            256,
+            "--workers",
+            args.workers,
+        ).rstrip()
+    )
     ok = verified(shards, args.workers)
     if not ok:
         return 1
 
     stage(3, f"data_prep shard: the '1K' set (digits {FINETUNE_DIGITS} + unseen {UNSEEN_SYNSET}, declared layout)")
     source_1k, layout_1k = write_1k_source(source, work)
-    prep("shard", "--source", source_1k, "--out", shards_1k, "--layout", layout_1k, "--holdout-per-class", 20,
-         "--max-samples", 256, "--workers", args.workers)
+    prep(
+        "shard",
+        "--source",
+        source_1k,
+        "--out",
+        shards_1k,
+        "--layout",
+        layout_1k,
+        "--holdout-per-class",
+        20,
+        "--max-samples",
+        256,
+        "--workers",
+        args.workers,
+    )
     if not verified(shards_1k, args.workers):
         return 1
     manifest = json.loads(open_store(shards).read("manifest.json"))
@@ -237,16 +305,29 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = work / "runs"
     stage(4, "pretrain: tiny Swin, DeepSpeed ZeRO-2, 2 CPU ranks (launch/pretrain_22k.sh, configs/tiny_22k.yaml)")
-    train("pretrain_22k.sh", "tiny_22k.yaml", [f"out_dir={runs}", f"data.shards={shards}",
-                                               f"schedule.epochs={args.pretrain_epochs}"], work / "pretrain.log",
-          store)
+    train(
+        "pretrain_22k.sh",
+        "tiny_22k.yaml",
+        [f"out_dir={runs}", f"data.shards={shards}", f"schedule.epochs={args.pretrain_epochs}"],
+        work / "pretrain.log",
+        store,
+    )
     pre = runs / "tiny_22k"
 
     stage(5, "fine-tune at 96x96 / window 6 on the '1K' set (launch/finetune_1k_384.sh, configs/tiny_22kto1k.yaml)")
-    train("finetune_1k_384.sh", "tiny_22kto1k.yaml", [f"out_dir={runs}", f"data.shards={shards_1k}",
-                                                      f"init_from={pre / 'model'}", "tracking.aliases=[candidate]",
-                                                      f"schedule.epochs={args.finetune_epochs}"], work / "finetune.log",
-          store)
+    train(
+        "finetune_1k_384.sh",
+        "tiny_22kto1k.yaml",
+        [
+            f"out_dir={runs}",
+            f"data.shards={shards_1k}",
+            f"init_from={pre / 'model'}",
+            "tracking.aliases=[candidate]",
+            f"schedule.epochs={args.finetune_epochs}",
+        ],
+        work / "finetune.log",
+        store,
+    )
     fine = runs / "tiny_22kto1k"
     init = json.loads((fine / "init.json").read_text())
 
@@ -261,26 +342,37 @@ def main(argv: list[str] | None = None) -> int:
     stage(8, "summary")
     pre_eval, fine_evals = evals(pre)[-1], evals(fine)
     print(f"  shards:     {shards} ({totals(manifest)}); '1K' set {shards_1k}")
-    print(f"  pretrain:   {pre} - val top-1 {pre_eval['val_top1']:.1f}% on {pre_eval['val_samples']} held-out "
-          f"images (10 classes, 64x64, window 4); checkpoints in {pre / 'checkpoints'}")
-    print(f"  fine-tune:  {fine} - val top-1 {fine_evals[0]['val_top1']:.1f}% before (step 0, transferred to "
-          f"96x96 / window 6), {fine_evals[-1]['val_top1']:.1f}% after; {init['init_resized_bias_tables']} bias "
-          f"tables resized, {init['init_head_rows_mapped']} head rows mapped, fresh: {init['init_fresh_synsets']}")
+    print(
+        f"  pretrain:   {pre} - val top-1 {pre_eval['val_top1']:.1f}% on {pre_eval['val_samples']} held-out "
+        f"images (10 classes, 64x64, window 4); checkpoints in {pre / 'checkpoints'}"
+    )
+    print(
+        f"  fine-tune:  {fine} - val top-1 {fine_evals[0]['val_top1']:.1f}% before (step 0, transferred to "
+        f"96x96 / window 6), {fine_evals[-1]['val_top1']:.1f}% after; {init['init_resized_bias_tables']} bias "
+        f"tables resized, {init['init_head_rows_mapped']} head rows mapped, fresh: {init['init_fresh_synsets']}"
+    )
     print(f"  models:     {pre / 'model'}, {fine / 'model'} (model.safetensors + model.json)")
     for run_dir in (pre, fine):
         record = run_dir / "mlflow_run.json"
         if record.is_file():
             tracked = json.loads(record.read_text())
             aliases = "candidate, " + ("champion" if promoted else "not champion") if run_dir == fine else "candidate"
-            print(f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name} "
-                  f"({aliases})")
-    experiment = json.loads((pre / "mlflow_run.json").read_text()).get("experiment_id") \
-        if (pre / "mlflow_run.json").is_file() else None
+            print(
+                f"  MLflow:     run {tracked['run_id']} ({run_dir.name}), registered as models:/{run_dir.name} "
+                f"({aliases})"
+            )
+    experiment = (
+        json.loads((pre / "mlflow_run.json").read_text()).get("experiment_id")
+        if (pre / "mlflow_run.json").is_file()
+        else None
+    )
     if experiment or (store.path is not None and store.path.exists()):
         print(f"  MLflow UI:  {ui_address(store, experiment)}")
-    print(f"  serve it:   {ENV_VAR}={store.redacted} mlflow models serve -m models:/{MODEL_1K}@champion "
-          f"--env-manager local -p 5001   (runs the version's code file: for registries you trust; "
-          f"docs/mlflow.md has a curl request)")
+    print(
+        f"  serve it:   {ENV_VAR}={store.redacted} mlflow models serve -m models:/{MODEL_1K}@champion "
+        f"--env-manager local -p 5001   (runs the version's code file: for registries you trust; "
+        f"docs/mlflow.md has a curl request)"
+    )
     return finish(t0, shards, manifest, ok)
 
 

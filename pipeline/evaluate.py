@@ -29,6 +29,7 @@ or another expected failure (one line, `error: ...`; --debug shows its traceback
 Under a launcher every rank exits with the same status (DeepSpeed's launcher passes it on; torchrun turns any
 non-zero status into 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,20 +47,36 @@ NOT_BETTER = 3
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("uri", metavar="MODEL", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--shards", required=True, help="shard set: a folder or s3://bucket/prefix")
     p.add_argument("--split", default="val", help="split of the set to score (default: val)")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch and rank (default: 128)")
-    p.add_argument("--workers", type=int, default=4,
-                   help="DALI threads / DataLoader worker processes per rank (default: 4; 0: none)")
-    p.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto",
-                   help="loader backend, as data.backend: auto is DALI where it imports (default: auto)")
-    p.add_argument("--cache-dir", default="/tmp/swin-shard-cache",
-                   help="where the shards of an S3 set are cached on each node (default: /tmp/swin-shard-cache)")
-    p.add_argument("--promote", metavar="ALIAS", help="move this alias of NAME to the evaluated version when it "
-                                                      "beats the version --if-better-than names (exit 3 when not)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="DALI threads / DataLoader worker processes per rank (default: 4; 0: none)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "dali", "torch"),
+        default="auto",
+        help="loader backend, as data.backend: auto is DALI where it imports (default: auto)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default="/tmp/swin-shard-cache",
+        help="where the shards of an S3 set are cached on each node (default: /tmp/swin-shard-cache)",
+    )
+    p.add_argument(
+        "--promote",
+        metavar="ALIAS",
+        help="move this alias of NAME to the evaluated version when it "
+        "beats the version --if-better-than names (exit 3 when not)",
+    )
     p.add_argument("--if-better-than", metavar="ALIAS2", help="the alias of NAME whose version to beat on top-1")
     p.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launchers
@@ -110,15 +127,17 @@ def open_set(url: str, split: str) -> SetInfo:
 
     store = open_store(url)
     if isinstance(store, LocalStore) and not store.root.is_dir():
-        raise CommandError(f"shard set not found: {url} (no such folder; give a shard set folder or "
-                           f"s3://bucket/prefix)")
+        raise CommandError(
+            f"shard set not found: {url} (no such folder; give a shard set folder or s3://bucket/prefix)"
+        )
     read_manifest(store)  # no manifest ("is the shard set finalized?") or another format: one clear error
     raw = store.read(MANIFEST_NAME)  # the bytes the set's id hashes (the training runs' data.manifest_sha256)
     manifest = json.loads(raw)
     splits = sorted({entry["split"] for entry in manifest["shards"]})
     if split not in splits:
-        raise CommandError(f"{url} has no {split!r} split (its splits: {', '.join(splits) or 'none'}): give "
-                           f"--split one of them")
+        raise CommandError(
+            f"{url} has no {split!r} split (its splits: {', '.join(splits) or 'none'}): give --split one of them"
+        )
     samples = sum(entry["samples"] for entry in manifest["shards"] if entry["split"] == split)
     where = str(store.root.resolve()) if isinstance(store, LocalStore) else url
     return SetInfo(url, where, split, shard_set_id(where, raw), list(manifest["label_layout"]["synsets"]), samples)
@@ -134,15 +153,18 @@ def head_rows(model_synsets: list[str], set_synsets: list[str], model: str, shar
     rows, missing = map_layouts(model_synsets, set_synsets)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CommandError(f"{model} cannot be scored on {shards}: {len(missing)} of the set's {len(set_synsets)} "
-                           f"synsets are not among the model's {len(model_synsets)} classes ({shown}); score it "
-                           f"on a set whose synsets.txt its synsets cover")
+        raise CommandError(
+            f"{model} cannot be scored on {shards}: {len(missing)} of the set's {len(set_synsets)} "
+            f"synsets are not among the model's {len(model_synsets)} classes ({shown}); score it "
+            f"on a set whose synsets.txt its synsets cover"
+        )
     return rows
 
 
 @dataclass
 class Version:
     """One registered version to score: pulled, its metadata read and checked against the set."""
+
     name: str
     version: str
     folder: str
@@ -168,10 +190,13 @@ def prepare_version(name: str, version: str, info: SetInfo, mlflow_store: Store)
         folder = pull_to_folder(uri, store=mlflow_store)
         meta = json.loads((folder / "model.json").read_text())
     pre = meta["preprocessing"]
-    if [round(v, 4) for v in pre["mean"]] != [round(v, 4) for v in MEAN] or \
-            [round(v, 4) for v in pre["std"]] != [round(v, 4) for v in STD]:
-        raise CommandError(f"{uri} normalises with mean {pre['mean']} and std {pre['std']}; the shard loader's "
-                           f"are {list(MEAN)} and {list(STD)}: it cannot score this model")
+    if [round(v, 4) for v in pre["mean"]] != [round(v, 4) for v in MEAN] or [round(v, 4) for v in pre["std"]] != [
+        round(v, 4) for v in STD
+    ]:
+        raise CommandError(
+            f"{uri} normalises with mean {pre['mean']} and std {pre['std']}; the shard loader's "
+            f"are {list(MEAN)} and {list(STD)}: it cannot score this model"
+        )
     rows = head_rows(meta["synsets"], info.synsets, uri, info.shown)
     return Version(name, str(version), str(folder), meta, rows)
 
@@ -179,6 +204,7 @@ def prepare_version(name: str, version: str, info: SetInfo, mlflow_store: Store)
 @dataclass
 class Plan:
     """What every rank scores, as rank 0 resolved it (broadcast: the ranks agree even if an alias moves)."""
+
     name: str
     candidate: str  # version
     champion: str | None = None  # the version --if-better-than names (None: none, or not asked)
@@ -186,8 +212,12 @@ class Plan:
     versions: dict = field(default_factory=dict)  # version -> Version prepared on this rank (not broadcast)
 
     def broadcastable(self) -> dict:
-        return {"name": self.name, "candidate": self.candidate, "champion": self.champion,
-                "champion_scores": self.champion_scores}
+        return {
+            "name": self.name,
+            "candidate": self.candidate,
+            "champion": self.champion,
+            "champion_scores": self.champion_scores,
+        }
 
     @property
     def evaluate_champion(self) -> bool:
@@ -207,8 +237,10 @@ def make_plan(args, info: SetInfo, client, mlflow_store: Store) -> Plan:
         if alias is not None:
             number = alias_version(client, name, alias)
             if number is None:
-                raise CommandError(f"{args.uri}: the registered model {name} has no alias {alias!r} (its aliases: "
-                                   f"{known_aliases(client, name)})")
+                raise CommandError(
+                    f"{args.uri}: the registered model {name} has no alias {alias!r} (its aliases: "
+                    f"{known_aliases(client, name)})"
+                )
         else:
             number = str(int(client.get_model_version(name, number).version))
     plan = Plan(name, number)
@@ -216,10 +248,12 @@ def make_plan(args, info: SetInfo, client, mlflow_store: Store) -> Plan:
         plan.champion = alias_version(client, name, args.if_better_than)
         if plan.champion is None and args.if_better_than != args.promote:
             # only the alias being moved may name nothing yet (its first promotion): a gate a typo cannot open
-            raise CommandError(f"--if-better-than {args.if_better_than}: the registered model {name} has no alias "
-                               f"{args.if_better_than!r} (its aliases: {known_aliases(client, name)}); nothing to "
-                               f"compare against, so {args.promote} is not moved. Only the alias being promoted "
-                               f"may name no version yet (its first promotion: --if-better-than {args.promote})")
+            raise CommandError(
+                f"--if-better-than {args.if_better_than}: the registered model {name} has no alias "
+                f"{args.if_better_than!r} (its aliases: {known_aliases(client, name)}); nothing to "
+                f"compare against, so {args.promote} is not moved. Only the alias being promoted "
+                f"may name no version yet (its first promotion: --if-better-than {args.promote})"
+            )
         if plan.champion is not None and plan.champion != plan.candidate:
             plan.champion_scores = version_scores(client, name, plan.champion, info.set_id, info.split)
     prepare_all(plan, info, mlflow_store)
@@ -264,22 +298,38 @@ def score(version: Version, info: SetInfo, args, world) -> dict:
     import torch
 
     from pipeline.data.loader import LoaderConfig, create_loader
-    from pipeline.engine.validation import evaluate
     from pipeline.engine.model_export import load_exported
+    from pipeline.engine.validation import evaluate
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model, meta = load_exported(version.folder)
     if version.rows is not None:
         model = map_head(model, version.rows)
     model = model.to(device).eval()
-    loader = create_loader(LoaderConfig(
-        shards=info.url, split=info.split, train=False, batch_size=args.batch_size, image_size=meta["img_size"],
-        crop_pct=meta["preprocessing"]["crop_pct"], backend=args.backend, workers=args.workers,
-        cache_dir=args.cache_dir, dtype="float32"), world.rank, world.size)
+    loader = create_loader(
+        LoaderConfig(
+            shards=info.url,
+            split=info.split,
+            train=False,
+            batch_size=args.batch_size,
+            image_size=meta["img_size"],
+            crop_pct=meta["preprocessing"]["crop_pct"],
+            backend=args.backend,
+            workers=args.workers,
+            cache_dir=args.cache_dir,
+            dtype="float32",
+        ),
+        world.rank,
+        world.size,
+    )
     result = evaluate(model, loader, device)
     del model
-    return {"loss": result["val_loss"], "top1": result["val_top1"], "top5": result["val_top5"],
-            "samples": result["val_samples"]}
+    return {
+        "loss": result["val_loss"],
+        "top1": result["val_top1"],
+        "top5": result["val_top5"],
+        "samples": result["val_samples"],
+    }
 
 
 def map_head(model, rows: list[int]):
@@ -299,8 +349,10 @@ def map_head(model, rows: list[int]):
 
 
 def scores_line(uri: str, info: SetInfo, s: dict) -> str:
-    return (f"{uri} on {info.shown} (split {info.split}, {s['samples']} samples): loss {s['loss']:.4f}, "
-            f"top-1 {s['top1']:.2f}%, top-5 {s['top5']:.2f}%")
+    return (
+        f"{uri} on {info.shown} (split {info.split}, {s['samples']} samples): loss {s['loss']:.4f}, "
+        f"top-1 {s['top1']:.2f}%, top-5 {s['top5']:.2f}%"
+    )
 
 
 def is_better(candidate: dict, champion: dict) -> bool:
@@ -319,24 +371,33 @@ def conclude(client, plan: Plan, info: SetInfo, args, candidate: dict, champion:
     if champion is not None:
         champion = record_scores(client, name, plan.champion, info.set_id, info.split, champion, info.where)
     scored = [plan.candidate] + ([plan.champion] if champion is not None else [])
-    print(f"recorded on {', '.join(f'models:/{name}/{v}' for v in scored)}: tags "
-          f"{score_key(info.set_id, info.split, '*')}", file=sys.stderr, flush=True)
+    print(
+        f"recorded on {', '.join(f'models:/{name}/{v}' for v in scored)}: tags "
+        f"{score_key(info.set_id, info.split, '*')}",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.promote is None:
         return 0, []
     alias, alias2 = args.promote, args.if_better_than
     cand = f"models:/{name}/{plan.candidate}"
     if plan.champion is None:
         move_alias(client, name, alias, plan.candidate)
-        return 0, [f"candidate {cand} top-1 {recorded['top1']:.2f}% on {info.shown}; {alias2} names no version "
-                   f"of {name} yet: the first promotion of {alias} (nothing to compare): {alias} -> version "
-                   f"{plan.candidate}"]
+        return 0, [
+            f"candidate {cand} top-1 {recorded['top1']:.2f}% on {info.shown}; {alias2} names no version "
+            f"of {name} yet: the first promotion of {alias} (nothing to compare): {alias} -> version "
+            f"{plan.candidate}"
+        ]
     if plan.champion == plan.candidate:
-        return 0, [f"candidate {cand} is the version {alias2} names already (nothing to compare): {alias} left as "
-                   f"it is"]
+        return 0, [
+            f"candidate {cand} is the version {alias2} names already (nothing to compare): {alias} left as it is"
+        ]
     if champion is None:
         champion = plan.champion_scores
-    versus = (f"candidate {cand} top-1 {recorded['top1']:.2f}% vs {alias2} models:/{name}/{plan.champion} "
-              f"top-1 {champion['top1']:.2f}% on {info.shown} (split {info.split})")
+    versus = (
+        f"candidate {cand} top-1 {recorded['top1']:.2f}% vs {alias2} models:/{name}/{plan.champion} "
+        f"top-1 {champion['top1']:.2f}% on {info.shown} (split {info.split})"
+    )
     if is_better(recorded, champion):
         move_alias(client, name, alias, plan.candidate)
         return 0, [f"{versus}: {alias} -> version {plan.candidate}"]
@@ -350,8 +411,9 @@ def conclude(client, plan: Plan, info: SetInfo, args, candidate: dict, champion:
 @command(ranked=True)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(level=logging.WARNING, stream=sys.stderr,
-                      format=f"[rank {rank()}] %(name)s %(levelname)s %(message)s")
+    configure_logging(
+        level=logging.WARNING, stream=sys.stderr, format=f"[rank {rank()}] %(name)s %(levelname)s %(message)s"
+    )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file and rank otherwise
     from mlflow.tracking import MlflowClient
 
@@ -389,12 +451,18 @@ def run(client, mlflow_store: Store, plan: Plan, info: SetInfo, args, world) -> 
             print(scores_line(f"models:/{plan.name}/{version}", info, scores), flush=True)
         return scores
 
-    candidate = scored(plan.candidate, f"scoring models:/{plan.name}/{plan.candidate} on {info.shown} (split "
-                                       f"{info.split}, {info.samples} samples, {world.size} rank(s)) ...")
+    candidate = scored(
+        plan.candidate,
+        f"scoring models:/{plan.name}/{plan.candidate} on {info.shown} (split "
+        f"{info.split}, {info.samples} samples, {world.size} rank(s)) ...",
+    )
     champion = None
     if plan.evaluate_champion:
-        champion = scored(plan.champion, f"{args.if_better_than} models:/{plan.name}/{plan.champion} has no score on "
-                                         f"{info.shown} (split {info.split}) yet: scoring it too ...")
+        champion = scored(
+            plan.champion,
+            f"{args.if_better_than} models:/{plan.name}/{plan.champion} has no score on "
+            f"{info.shown} (split {info.split}) yet: scoring it too ...",
+        )
     outcome, failure = None, None
     if main_rank:  # MLflow: rank 0 alone; its outcome, or its error's line, then goes to every rank
         try:

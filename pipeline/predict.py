@@ -4,6 +4,7 @@ Top-5 classes per image. MODEL is models:/NAME@ALIAS, models:/NAME/VERSION (MLfl
 else MLFLOW_TRACKING_URI) or an exported model folder. Preprocessing is the eval loader's (timm's eval transform) with
 the model's metadata: resize the shorter side to floor(size / crop_pct) (bicubic), centre crop, normalise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from pipeline.tracking.store import reading_store
 from swin_common.cli import command, exit_process
 
 
-def preprocess(path: str, meta: dict) -> "torch.Tensor":  # noqa: F821  (torch: imported once needed)
+def preprocess(path: str, meta: dict) -> torch.Tensor:  # noqa: F821  (torch: imported once needed)
     """The pixels the model was evaluated on: the eval loader's own transform (timm's), with the model's size,
     crop_pct, mean and std."""
     from PIL import Image
@@ -35,8 +36,10 @@ def predict(model, meta: dict, paths: list[str], k: int = 5) -> list[list[tuple[
     with torch.no_grad():
         probs = model(batch).softmax(dim=1)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [[(meta["synsets"][i], i, p) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]
-            for row_p, row_i in zip(top.values, top.indices, strict=True)]
+    return [
+        [(meta["synsets"][i], i, p) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]
+        for row_p, row_i in zip(top.values, top.indices, strict=True)
+    ]
 
 
 def load(model_ref: str, tracking_uri: str | None = None):
@@ -55,8 +58,9 @@ def load(model_ref: str, tracking_uri: str | None = None):
 def main(argv: list[str] | None = None) -> int:
     from swin_common.cli import ArgumentParser, error_context
 
-    p = ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m pipeline.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported model folder")
     p.add_argument("images", nargs="+")
     p.add_argument("-k", type=int, default=5, help="classes per image (default 5)")
@@ -82,8 +86,10 @@ def check_images(paths: list[str]) -> None:
     for path in paths:
         if os.path.isdir(path):
             inside = sorted(os.listdir(path))
-            raise CommandError(f"{os.path.abspath(path)} is a folder ({len(inside)} entries), not an image: give "
-                               f"image files, e.g. {os.path.join(path, '*.jpg')} (the shell expands it)")
+            raise CommandError(
+                f"{os.path.abspath(path)} is a folder ({len(inside)} entries), not an image: give "
+                f"image files, e.g. {os.path.join(path, '*.jpg')} (the shell expands it)"
+            )
         if not os.path.isfile(path):
             raise CommandError(f"image not found: {os.path.abspath(path)} (check the path)")
         try:

@@ -6,6 +6,7 @@ the aliases at it. Training does this itself at the end; use this when the serve
 register another export. The tracking URI is MLFLOW_TRACKING_URI, else the one the run recorded; a recorded URI
 is stored redacted (no password or token), so for a server that needs credentials set MLFLOW_TRACKING_URI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ from swin_common.redact import REDACTED
 
 @command()
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m pipeline.register", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m pipeline.register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", help="a training run's folder (runs/NAME)")
     p.add_argument("--model", help="export folder to register (default RUN_DIR/model)")
     p.add_argument("--name", help="registered model name (default: the run's tracking.model_name or name)")
@@ -35,17 +37,22 @@ def main(argv: list[str] | None = None) -> int:
         raise CommandError(f"run folder not found: {run_dir} (give a training run's folder, runs/NAME)")
     record_file = run_dir / "mlflow_run.json"
     if not record_file.is_file():
-        raise CommandError(f"{record_file} not found: that run was not tracked in MLflow (start the server and "
-                           f"rerun the training, which continues from its last checkpoint)")
+        raise CommandError(
+            f"{record_file} not found: that run was not tracked in MLflow (start the server and "
+            f"rerun the training, which continues from its last checkpoint)"
+        )
     record = json.loads(record_file.read_text())
     store = reading_store(None, os.environ, Path.cwd(), recorded=record["tracking_uri"])
     if REDACTED in store.uri:
-        raise CommandError(f"{record_file} holds the tracking URI without its credentials ({store.redacted}): set "
-                           f"MLFLOW_TRACKING_URI to the full URI (with the password or token) and rerun")
+        raise CommandError(
+            f"{record_file} holds the tracking URI without its credentials ({store.redacted}): set "
+            f"MLFLOW_TRACKING_URI to the full URI (with the password or token) and rerun"
+        )
     model_dir = Path(args.model) if args.model else run_dir / "model"
     if not (model_dir / "model.json").is_file():
-        raise CommandError(f"{model_dir} holds no exported model: python -m pipeline.export CHECKPOINT --out "
-                           f"{model_dir}")
+        raise CommandError(
+            f"{model_dir} holds no exported model: python -m pipeline.export CHECKPOINT --out {model_dir}"
+        )
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_config

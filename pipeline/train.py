@@ -17,6 +17,7 @@ SIGTERM or SIGUSR1 (scancel, preemption, Slurm's signal before the time limit, t
 rank finishes its optimizer step, the ranks agree to stop, save a checkpoint at that step, and exit 75; the
 same command resumes there (pipeline/engine/stop.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,14 @@ from data_prep.shardset.store import open_store
 from pipeline.config import RunConfig, load_config
 from pipeline.engine.init_source import check_init_source as check_init_path
 from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag, stop_if_agreed
-from pipeline.engine.watchdog import is_collective_failure, lost_rank_error, note_exiting, note_start, start_failure, \
-    start_watch
+from pipeline.engine.watchdog import (
+    is_collective_failure,
+    lost_rank_error,
+    note_exiting,
+    note_start,
+    start_failure,
+    start_watch,
+)
 from pipeline.tracking.params import flatten, manifest_params, package_versions
 from pipeline.tracking.plots import training_curves
 from pipeline.tracking.registry import ModelNotFound, pull_to_folder, register, registration_record, resolve_in_store
@@ -59,15 +66,23 @@ REPO = Path(__file__).resolve().parents[1]  # its configs/ are the recipes a rel
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="python -m pipeline.train", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m pipeline.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=10")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
-    p.add_argument("--launch-dir", help="where the job was launched: a relative out_dir (and --config) is taken "
-                                        "from there (the launch scripts pass it; default: this process's folder)")
-    p.add_argument("--check", action="store_true", help="check the config, the shard set and an init_from path, "
-                                                        "then exit (the launch scripts do it before any rank starts)")
+    p.add_argument(
+        "--launch-dir",
+        help="where the job was launched: a relative out_dir (and --config) is taken "
+        "from there (the launch scripts pass it; default: this process's folder)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the shard set and an init_from path, "
+        "then exit (the launch scripts do it before any rank starts)",
+    )
     return p.parse_args(argv)
 
 
@@ -131,9 +146,16 @@ def completed_run(cfg: RunConfig, trainer: Trainer) -> RunSummary | None:
     record = registration_record(cfg.run_dir) if cfg.tracking.enabled and cfg.tracking.register else {}
     if record is None:
         return None
-    return RunSummary(steps=step, schedule_steps=trainer.plan.total_steps, checkpoint=str(trainer.resume),
-                      run_dir=str(cfg.run_dir), model=str(model), complete=True,
-                      registered=record.get("registered"), aliases=record.get("aliases"))
+    return RunSummary(
+        steps=step,
+        schedule_steps=trainer.plan.total_steps,
+        checkpoint=str(trainer.resume),
+        run_dir=str(cfg.run_dir),
+        model=str(model),
+        complete=True,
+        registered=record.get("registered"),
+        aliases=record.get("aliases"),
+    )
 
 
 def check_before_launch(cfg: RunConfig, store: Store, alone: bool = False) -> None:
@@ -177,9 +199,11 @@ def check_writable(folder: Path, key: str, remove_made: bool) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CommandError(f"{key}={folder}: cannot be {'created' if not folder.is_dir() else 'written'} "
-                           f"({e.strerror or e}): give a folder this job can write (on a file system every node "
-                           f"mounts)") from None
+        raise CommandError(
+            f"{key}={folder}: cannot be {'created' if not folder.is_dir() else 'written'} "
+            f"({e.strerror or e}): give a folder this job can write (on a file system every node "
+            f"mounts)"
+        ) from None
     finally:
         for parent in reversed(made if remove_made else []):
             try:
@@ -192,8 +216,9 @@ def start_tracking(trainer: Trainer, store: Store) -> Tracker:
     """The MLflow run in `store` (rank 0 opens or reopens it; every rank gets its id)."""
     from pipeline.tracking.tracker import Tracker
 
-    return Tracker(trainer.cfg, trainer.world, store, resumed=trainer.resume is not None,
-                   extra_params=run_params(trainer))
+    return Tracker(
+        trainer.cfg, trainer.world, store, resumed=trainer.resume is not None, extra_params=run_params(trainer)
+    )
 
 
 def run_params(trainer: Trainer) -> dict:
@@ -204,8 +229,14 @@ def run_params(trainer: Trainer) -> dict:
     from pipeline.engine.optim import deepspeed_config
 
     ds = deepspeed_config(cfg, plan, world.size, trainer.precision)
-    return {**flatten(ds, "deepspeed."), **manifest_params(cfg.data.shards), **package_versions(),
-            "precision": trainer.precision, "grad_accum": plan.grad_accum, "total_steps": plan.total_steps}
+    return {
+        **flatten(ds, "deepspeed."),
+        **manifest_params(cfg.data.shards),
+        **package_versions(),
+        "precision": trainer.precision,
+        "grad_accum": plan.grad_accum,
+        "total_steps": plan.total_steps,
+    }
 
 
 def export_final(run_dir: Path, checkpoint: Path) -> Path:
@@ -233,25 +264,31 @@ def finish_tracking(cfg: RunConfig, tracker: Tracker, model: Path, version_tags:
     if cfg.tracking.register:
         if tracker.sender is None:
             if cfg.tracking.enabled:
-                log.warning("this run is not tracked (MLflow was unreachable at its start), so its model is not "
-                            "registered: `python -m pipeline.register %s` does it once the server runs", cfg.run_dir)
+                log.warning(
+                    "this run is not tracked (MLflow was unreachable at its start), so its model is not "
+                    "registered: `python -m pipeline.register %s` does it once the server runs",
+                    cfg.run_dir,
+                )
         else:
             tracker.flush(cfg.tracking.final_timeout_s)  # what was queued first goes first
             try:
                 from pipeline.tracking.registry import record_registration
 
                 version = register_final(cfg, tracker, model, version_tags)
-                registered = record_registration(cfg.run_dir, cfg.tracking.model_name or cfg.name, version,
-                                                 cfg.tracking.aliases)  # a rerun: nothing owed
+                registered = record_registration(
+                    cfg.run_dir, cfg.tracking.model_name or cfg.name, version, cfg.tracking.aliases
+                )  # a rerun: nothing owed
             except Exception as e:  # noqa: BLE001  (the run's end is still recorded; the error follows)
                 failure = e
     tracker.finish("FINISHED" if failure is None else "FAILED")
     if failure is not None:
         from pipeline.tracking.sender import short_error
 
-        raise CommandError(f"the model was trained and exported to {model}, but registering it in "
-                           f"MLflow failed ({short_error(failure)}): retry with `python -m pipeline.register "
-                           f"{cfg.run_dir}`") from failure
+        raise CommandError(
+            f"the model was trained and exported to {model}, but registering it in "
+            f"MLflow failed ({short_error(failure)}): retry with `python -m pipeline.register "
+            f"{cfg.run_dir}`"
+        ) from failure
     return registered
 
 
@@ -260,14 +297,14 @@ def version_run_tags(cfg: RunConfig, steps: int, planned: int) -> dict[str, str]
     of its schedule, that it did (a scratch run's model is not a finished one)."""
     tags = {"steps": str(steps), "schedule_steps": str(planned)}
     if steps < planned:
-        tags["stopped_before_schedule_end"] = (f"train.max_steps={cfg.train.max_steps}: {steps} of the schedule's "
-                                               f"{planned} steps")
+        tags["stopped_before_schedule_end"] = (
+            f"train.max_steps={cfg.train.max_steps}: {steps} of the schedule's {planned} steps"
+        )
     return tags
 
 
 def register_final(cfg: RunConfig, tracker: Tracker, model_dir: Path, tags: dict[str, str] | None = None) -> str:
     """Registers the export as a new model version, logging progress while the upload runs."""
-
 
     name = cfg.tracking.model_name or cfg.name
     size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
@@ -280,8 +317,7 @@ def register_final(cfg: RunConfig, tracker: Tracker, model_dir: Path, tags: dict
 
     threading.Thread(target=progress, name="register-progress", daemon=True).start()
     try:
-        version = register(tracker.sender.client, tracker.run_id, model_dir, name, list(cfg.tracking.aliases),
-                           tags)
+        version = register(tracker.sender.client, tracker.run_id, model_dir, name, list(cfg.tracking.aliases), tags)
     finally:
         done.set()
     log.info("registered models:/%s/%s in %.0f s", name, version, time.time() - t0)
@@ -292,6 +328,7 @@ def register_final(cfg: RunConfig, tracker: Tracker, model_dir: Path, tags: dict
 class RunSummary:
     """What rank 0 prints at the end (one JSON object; fields without a value are left out, except mlflow_run
     of a run that trained, null when it was not tracked)."""
+
     steps: int
     schedule_steps: int
     checkpoint: str
@@ -315,6 +352,7 @@ class TrainingJob:
     """What `python -m pipeline.train` does once the world is up: set up, train, then the end-of-run steps. Its
     MLflow run is open (`tracker`) from before the first step until the run's end is recorded, so that the
     command's one failure handler can end it."""
+
     def __init__(self, cfg: RunConfig, world: World, store: Store):
         self.cfg, self.world, self.store = cfg, world, store
         self.tracker = None
@@ -330,24 +368,39 @@ class TrainingJob:
         if trainer.resume is not None and cfg.init_from:
             check_init_source(cfg, self.store)  # not applied, but a typo is still an error
             if world.is_main:
-                log.info("resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
-                         "out_dir starts from it)", trainer.resume, redact_text(cfg.init_from))
+                log.info(
+                    "resuming from %s: init_from=%s is not applied (it initialises a new run; a new name or "
+                    "out_dir starts from it)",
+                    trainer.resume,
+                    redact_text(cfg.init_from),
+                )
         summary = completed_run(cfg, trainer)
         if summary is not None:  # every rank reads the same files: all leave here, or none
             if world.is_main:
-                log.info("run %s is complete at step %d of %d (model %s%s): nothing to do. To train further raise "
-                         "train.max_steps or schedule.epochs; to start over give another name or out_dir",
-                         cfg.run_dir, summary.steps, summary.schedule_steps, summary.model,
-                         f", registered as {summary.registered}" if summary.registered else "")
+                log.info(
+                    "run %s is complete at step %d of %d (model %s%s): nothing to do. To train further raise "
+                    "train.max_steps or schedule.epochs; to start over give another name or out_dir",
+                    cfg.run_dir,
+                    summary.steps,
+                    summary.schedule_steps,
+                    summary.model,
+                    f", registered as {summary.registered}" if summary.registered else "",
+                )
             summary.seconds = self._seconds()
             return summary
         init_path = pull_init_source(trainer.init_from, self.store)
         self.tracker = start_tracking(trainer, self.store)
         result = trainer.train(init_path, self.tracker)
         stop_if_agreed(result.steps, "before the export")
-        summary = RunSummary(steps=result.steps, schedule_steps=result.schedule_steps,
-                             checkpoint=str(result.checkpoint), run_dir=str(cfg.run_dir),
-                             dropped_micro_batches=result.dropped_micro_batches, eval=result.eval, time=result.time)
+        summary = RunSummary(
+            steps=result.steps,
+            schedule_steps=result.schedule_steps,
+            checkpoint=str(result.checkpoint),
+            run_dir=str(cfg.run_dir),
+            dropped_micro_batches=result.dropped_micro_batches,
+            eval=result.eval,
+            time=result.time,
+        )
         failure, stopped = None, None
         if world.is_main:
             summary.model = str(export_final(cfg.run_dir, result.checkpoint))
@@ -356,8 +409,9 @@ class TrainingJob:
             else:
                 tracker, self.tracker = self.tracker, None  # finish_tracking ends the MLflow run, whatever happens
                 try:
-                    record = finish_tracking(cfg, tracker, Path(summary.model),
-                                             version_run_tags(cfg, result.steps, result.schedule_steps))
+                    record = finish_tracking(
+                        cfg, tracker, Path(summary.model), version_run_tags(cfg, result.steps, result.schedule_steps)
+                    )
                     summary.registered, summary.aliases = record.get("registered"), record.get("aliases")
                 except Exception as e:  # noqa: BLE001  (raised once every rank is past the wait)
                     failure = e
@@ -412,12 +466,25 @@ def report_stop(cfg: RunConfig, stop: RunStopped) -> None:
     from pipeline.engine.checkpoint import complete_checkpoints
 
     newest = complete_checkpoints(cfg.run_dir / "checkpoints")
-    print(f"stopped by {stop}: checkpoint {newest[-1] if newest else '(none)'}; run the same command to resume "
-          f"(exit {EXIT_STOPPED})", file=sys.stderr, flush=True)
+    print(
+        f"stopped by {stop}: checkpoint {newest[-1] if newest else '(none)'}; run the same command to resume "
+        f"(exit {EXIT_STOPPED})",
+        file=sys.stderr,
+        flush=True,
+    )
     record = os.environ.get("SWIN_STOP_FILE")
     if record:
-        Path(record).write_text(json.dumps({"signal": stop.signal_name, "step": stop.step, "during": stop.during,
-                                            "checkpoint": str(newest[-1]) if newest else None}) + "\n")
+        Path(record).write_text(
+            json.dumps(
+                {
+                    "signal": stop.signal_name,
+                    "step": stop.step,
+                    "during": stop.during,
+                    "checkpoint": str(newest[-1]) if newest else None,
+                }
+            )
+            + "\n"
+        )
 
 
 def load_run_config(args: argparse.Namespace) -> tuple[RunConfig, Store]:
@@ -425,12 +492,17 @@ def load_run_config(args: argparse.Namespace) -> tuple[RunConfig, Store]:
     repository) with the overrides, every relative path made absolute against the launch folder; and its MLflow
     store, resolved once."""
     config = Path(args.config)
-    looked = [config] if config.is_absolute() else \
-        list(dict.fromkeys(Path(os.path.abspath(base / config)) for base in (Path(args.launch_dir or "."), REPO)))
+    looked = (
+        [config]
+        if config.is_absolute()
+        else list(dict.fromkeys(Path(os.path.abspath(base / config)) for base in (Path(args.launch_dir or "."), REPO)))
+    )
     found = next((path for path in looked if path.is_file()), None)
     if found is None:
-        raise CommandError(f"config file not found: {args.config} (looked for {' and '.join(map(str, looked))}): "
-                           f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml")
+        raise CommandError(
+            f"config file not found: {args.config} (looked for {' and '.join(map(str, looked))}): "
+            f"give a recipe of configs/, e.g. --config configs/tiny_22k.yaml"
+        )
     cfg = load_config(found, args.overrides)
     store = resolve_at_launch(cfg, args.launch_dir)
     return cfg, store
@@ -443,15 +515,19 @@ def join_world(cfg: RunConfig) -> World:
 
     started = note_start(cfg.run_dir, dict(os.environ))  # a rank that never starts is then named
     try:
-        world = init_distributed(cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s,
-                                 str(cfg.run_dir / "nccl_traces"))
-    except Exception as e:  # noqa: BLE001  (start_failure tells a rendezvous timeout from anything else)
+        world = init_distributed(
+            cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s, str(cfg.run_dir / "nccl_traces")
+        )
+    except Exception as e:
         failure = start_failure(e, cfg.run_dir, dict(os.environ), started, cfg.train.collective_timeout_s)
         if failure is e:
             raise
         raise failure from e
-    configure_logging(level=logging.INFO if world.is_main else logging.WARNING, stream=sys.stderr,
-                      format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s")
+    configure_logging(
+        level=logging.INFO if world.is_main else logging.WARNING,
+        stream=sys.stderr,
+        format=f"%(asctime)s [rank {world.rank}] %(name)s %(levelname)s %(message)s",
+    )
     return world
 
 
@@ -517,6 +593,7 @@ def as_lost_rank(e: BaseException, cfg: RunConfig, world: World) -> RankLost | N
 class RankLost(CommandError):
     """Another rank stopped answering or ended: named, exit 4. The process leaves at once after its line
     (os._exit): the transport's threads, whose peer is gone, would abort the interpreter's own exit."""
+
     hard_exit = True
 
     def __init__(self, message: str):

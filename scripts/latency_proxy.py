@@ -8,6 +8,7 @@ a remote store; the tests use it to slow downloads down enough to kill a process
 
 Prints `PORT=N` (and `PID=N`) once it listens; stop it with SIGTERM (or kill by PID).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ async def serve(args) -> None:
             client_w.close()
             return
         try:
-            await asyncio.gather(pump(client_r, server_w, args.delay_ms / 1000, 0),
-                                 pump(server_r, client_w, 0, args.rate))
+            await asyncio.gather(
+                pump(client_r, server_w, args.delay_ms / 1000, 0), pump(server_r, client_w, 0, args.rate)
+            )
         except asyncio.CancelledError:  # stopping: connections still open are simply dropped
             pass
 
@@ -64,12 +66,14 @@ async def serve(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--target", required=True, help="HOST:PORT of the server to forward to")
     p.add_argument("--delay-ms", type=float, default=50.0, help="wait before forwarding each chunk a client sends")
-    p.add_argument("--rate", type=parse_rate, default=0.0, help="answer bytes per second per connection, e.g. "
-                   "2MB (0: unlimited)")
+    p.add_argument(
+        "--rate", type=parse_rate, default=0.0, help="answer bytes per second per connection, e.g. 2MB (0: unlimited)"
+    )
     p.add_argument("--port", type=int, default=0, help="port to listen on (0: any free one)")
     asyncio.run(serve(p.parse_args()))
 

@@ -31,6 +31,7 @@
 - A command's `__main__` ends with `exit_process(main())`: the process leaves without the interpreter's
   finalization, which takes seconds once torch, timm, DeepSpeed and MLflow are loaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,8 +90,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action=_DebugAction,
-                          help="show the traceback of expected errors too (same as SWIN_DEBUG=1)")
+        self.add_argument(
+            "--debug", action=_DebugAction, help="show the traceback of expected errors too (same as SWIN_DEBUG=1)"
+        )
 
     def error(self, message: str):
         self.exit(USER_ERROR, f"error: {redact_text(message)} (see {self.prog} --help)\n")
@@ -153,12 +155,18 @@ def exit_code_of(e: BaseException, expected=(), exit_codes=None) -> int | None:
     return None
 
 
-_OS_HINTS = ((FileNotFoundError, "check the path"), (NotADirectoryError, "part of that path is a file, not a folder"),
-             (IsADirectoryError, "that is a folder: give a file"), (FileExistsError, "it exists already"),
-             (PermissionError, "check its permissions"))
+_OS_HINTS = (
+    (FileNotFoundError, "check the path"),
+    (NotADirectoryError, "part of that path is a file, not a folder"),
+    (IsADirectoryError, "that is a folder: give a file"),
+    (FileExistsError, "it exists already"),
+    (PermissionError, "check its permissions"),
+)
 _API_URL = re.compile(r"API request to (?P<server>\S+?)/(?:ajax-)?api/\S*")
-_REASON = re.compile(r"\[Errno -?\d+\] (?P<errno>[^'\")\]]+)|(?P<other>Read timed out|timed out|Connection refused"
-                     r"|Name or service not known|Connection reset by peer|RemoteDisconnected)")
+_REASON = re.compile(
+    r"\[Errno -?\d+\] (?P<errno>[^'\")\]]+)|(?P<other>Read timed out|timed out|Connection refused"
+    r"|Name or service not known|Connection reset by peer|RemoteDisconnected)"
+)
 
 
 def describe(e: BaseException) -> str:
@@ -179,7 +187,7 @@ def describe(e: BaseException) -> str:
         text = f"{context}: {text}"
     line = " ".join(text.split())
     if len(line) > MAX_LINE:
-        line = line[:MAX_LINE - 3] + "..."
+        line = line[: MAX_LINE - 3] + "..."
     return redact_text(line)
 
 
@@ -187,19 +195,23 @@ def _describe_server_error(e: BaseException, text: str) -> str:
     """MLflow's errors in words: a server that does not answer, a model or alias that does not exist."""
     reason = _REASON.search(text)
     api = _API_URL.search(text)
-    if reason and (api or "Max retries exceeded" in text or "Failed to establish" in text
-                   or "timed out" in text.lower()):
+    if reason and (
+        api or "Max retries exceeded" in text or "Failed to establish" in text or "timed out" in text.lower()
+    ):
         where = api["server"] if api else (os.environ.get("MLFLOW_TRACKING_URI") or "the MLflow server")
         why = (reason["errno"] or reason["other"]).strip()
-        return (f"cannot reach the MLflow server at {where} ({why}): start it, or set MLFLOW_TRACKING_URI to one "
-                f"that runs")
+        return (
+            f"cannot reach the MLflow server at {where} ({why}): start it, or set MLFLOW_TRACKING_URI to one that runs"
+        )
     code = getattr(e, "error_code", "")
     if code == "RESOURCE_DOES_NOT_EXIST" or "RESOURCE_DOES_NOT_EXIST" in text:
         text = text.replace("RESOURCE_DOES_NOT_EXIST: ", "")
         server = os.environ.get("MLFLOW_TRACKING_URI")
         now = f"now {server}" if server else "unset: a local store"
-        return (f"{text.rstrip('.')}: check the name, version or alias, and that MLFLOW_TRACKING_URI ({now}) "
-                f"names the server that holds it")
+        return (
+            f"{text.rstrip('.')}: check the name, version or alias, and that MLFLOW_TRACKING_URI ({now}) "
+            f"names the server that holds it"
+        )
     return text
 
 

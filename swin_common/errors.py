@@ -11,6 +11,7 @@ A domain's error that callers catch as a ValueError or RuntimeError derives from
 
 This module imports nothing, so every layer (data_prep's shard-set contract included) can raise it.
 """
+
 from __future__ import annotations
 
 USER_ERROR = 2

@@ -14,6 +14,7 @@ for V100, A100, H100 and H200 alike; `current_gpu()` reads them from the device 
 - DALI's wheels name their CUDA major (`nvidia-dali-cuda120`, `nvidia-dali-cuda130`); CUDA 13 builds start at
   Turing (sm_75), CUDA 12 builds at sm_50 (DALI's support matrix).
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,7 @@ PEAK_FLOPS: list[tuple[str, float | None, float]] = [
 ]
 INSTALL_HINT = {
     "volta": "on V100 (sm_70) nodes install the CUDA 12.6 build of torch and nvidia-dali-cuda120: "
-             "SWIN_CUDA=cu126 scripts/ensure_venv.sh (docs/clusters.md: GPUs)",
+    "SWIN_CUDA=cu126 scripts/ensure_venv.sh (docs/clusters.md: GPUs)",
     "default": "install a torch build whose arch list covers it (docs/clusters.md: GPUs)",
 }
 
@@ -72,8 +73,10 @@ def precision_for(gpu: Gpu) -> str:
 
 def check_precision(precision: str, gpu: Gpu) -> None:
     if precision == "bf16" and gpu.capability < BF16_MIN_CAPABILITY:
-        raise UnsupportedGPU(f"train.precision=bf16 on {gpu.name} ({gpu.sm}): bf16 needs compute capability 8.0 "
-                             f"(A100, H100) or newer; use train.precision=fp16 or auto")
+        raise UnsupportedGPU(
+            f"train.precision=bf16 on {gpu.name} ({gpu.sm}): bf16 needs compute capability 8.0 "
+            f"(A100, H100) or newer; use train.precision=fp16 or auto"
+        )
 
 
 def _arch_number(arch: str) -> tuple[int, int]:
@@ -91,8 +94,12 @@ def has_kernels(gpu: Gpu, arch_list: list[str]) -> bool:
         if not rest or not rest[:1].isdigit():
             continue
         number = _arch_number(arch)
-        if kind == "sm" and number[0] == major and number[1] <= minor and \
-                (not rest.endswith(("a", "f")) or number[1] == minor):
+        if (
+            kind == "sm"
+            and number[0] == major
+            and number[1] <= minor
+            and (not rest.endswith(("a", "f")) or number[1] == minor)
+        ):
             return True
         if kind == "compute" and number <= (major, minor):
             return True
@@ -111,8 +118,10 @@ def torch_arch_list() -> list[str]:
 def check_torch_kernels(gpu: Gpu, arch_list: list[str], torch_version: str) -> None:
     if arch_list and not has_kernels(gpu, arch_list):
         hint = INSTALL_HINT["volta" if gpu.capability[0] == 7 and gpu.capability < (7, 5) else "default"]
-        raise UnsupportedGPU(f"torch {torch_version} has no kernels for {gpu.name} ({gpu.sm}): its build carries "
-                             f"{' '.join(arch_list)}; {hint}")
+        raise UnsupportedGPU(
+            f"torch {torch_version} has no kernels for {gpu.name} ({gpu.sm}): its build carries "
+            f"{' '.join(arch_list)}; {hint}"
+        )
 
 
 def dali_package() -> tuple[str, str] | None:
@@ -134,9 +143,11 @@ def dali_cuda_major(package: str) -> int:
 def check_dali_kernels(gpu: Gpu, package: str, version: str, torch_cuda: str | None = None) -> None:
     low = DALI_MIN_CAPABILITY.get(dali_cuda_major(package))
     if low is not None and gpu.capability < low:
-        raise UnsupportedGPU(f"{package} {version} has no kernels for {gpu.name} ({gpu.sm}): its CUDA "
-                             f"{dali_cuda_major(package)} build starts at sm_{low[0]}{low[1]}; "
-                             f"{INSTALL_HINT['volta' if gpu.capability[0] == 7 else 'default']}")
+        raise UnsupportedGPU(
+            f"{package} {version} has no kernels for {gpu.name} ({gpu.sm}): its CUDA "
+            f"{dali_cuda_major(package)} build starts at sm_{low[0]}{low[1]}; "
+            f"{INSTALL_HINT['volta' if gpu.capability[0] == 7 else 'default']}"
+        )
 
 
 def peak_flops(gpu_name: str, precision: str) -> float | None:
@@ -159,8 +170,10 @@ def memory_fields(device) -> dict[str, float]:
     import torch
 
     stats = torch.cuda.memory_stats(device)
-    out = {"mem_peak_allocated_gb": stats.get("allocated_bytes.all.peak", 0) / 1e9,
-           "mem_peak_reserved_gb": stats.get("reserved_bytes.all.peak", 0) / 1e9,
-           "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+    out = {
+        "mem_peak_allocated_gb": stats.get("allocated_bytes.all.peak", 0) / 1e9,
+        "mem_peak_reserved_gb": stats.get("reserved_bytes.all.peak", 0) / 1e9,
+        "alloc_retries": int(stats.get("num_alloc_retries", 0)),
+    }
     torch.cuda.reset_peak_memory_stats(device)
     return out

@@ -13,6 +13,7 @@ than [A-Za-z0-9_@%+=:,./-], without escaping: a value with a quote, `$`, a backt
 cannot travel that way and is left out, with a warning naming the variable. Values reach the other nodes on
 pdsh's command line, which their `ps` shows: prefer credential files or instance roles there for secrets.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     found, skipped = lines(dict(os.environ), args)
     for key in skipped:
-        print(f"warning: {key} is not passed to the other nodes: its value holds a quote, $, backtick, backslash "
-              f"or line break, which DeepSpeed's runner cannot pass on; set it on each node instead", file=sys.stderr)
+        print(
+            f"warning: {key} is not passed to the other nodes: its value holds a quote, $, backtick, backslash "
+            f"or line break, which DeepSpeed's runner cannot pass on; set it on each node instead",
+            file=sys.stderr,
+        )
     sys.stdout.write("".join(line + "\n" for line in found))
     return 0
 

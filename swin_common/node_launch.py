@@ -10,6 +10,7 @@ and at its exit on every launch. The launcher itself is DeepSpeed's, unchanged: 
 SIGTERM to every rank's process tree (SIGKILL 30 s later) and exits with a failed rank's status. Multi-node runs,
 GPU counting and every other runner option still go through the runner.
 """
+
 from __future__ import annotations
 
 import base64

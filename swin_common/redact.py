@@ -19,6 +19,7 @@ errors and tracebacks are redacted; the writers of run records, config dumps and
 
 This module imports nothing from the project (data_prep and pipeline both use it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,14 @@ URI_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@?#]*:)(?
 URI_USER_TOKEN = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<secret>[^/\s:@?#]+)@")
 QUERY_SECRET = re.compile(
     r"(?P<head>[?&;](?:[\w.~-]*(?:token|signature|secret|passw|pwd|credential|api[-_]?key|apikey|access[-_]?key"
-    r"|auth)[\w.~-]*|sig|key|code)=)(?P<secret>[^&#\s'\"<>]+)", re.I)
-AUTH_HEADER = re.compile(r"(?P<head>\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)"
-                         r"(?P<secret>[^\s\"',;}]+)|(?P<bhead>\bBearer\s+)(?P<bsecret>[A-Za-z0-9._~+/=-]{8,})", re.I)
+    r"|auth)[\w.~-]*|sig|key|code)=)(?P<secret>[^&#\s'\"<>]+)",
+    re.I,
+)
+AUTH_HEADER = re.compile(
+    r"(?P<head>\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)"
+    r"(?P<secret>[^\s\"',;}]+)|(?P<bhead>\bBearer\s+)(?P<bsecret>[A-Za-z0-9._~+/=-]{8,})",
+    re.I,
+)
 
 _remembered: set[str] = set()
 _lock = threading.Lock()
@@ -84,8 +90,7 @@ def redact_text(text: str, secrets: list[str] | None = None) -> str:
     if not text:
         return text
     text = URI_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
-    text = URI_USER_TOKEN.sub(lambda m: m["head"] + (m["secret"] if m["secret"] == REDACTED else REDACTED) + "@",
-                              text)
+    text = URI_USER_TOKEN.sub(lambda m: m["head"] + (m["secret"] if m["secret"] == REDACTED else REDACTED) + "@", text)
     text = QUERY_SECRET.sub(rf"\g<head>{REDACTED}", text)
     text = AUTH_HEADER.sub(_auth_header, text)
     for secret in secret_values() if secrets is None else secrets:
@@ -163,8 +168,9 @@ class RedactingStream:
 
 def install_log_redaction() -> None:
     """Wraps the formatter of every handler of the root logger and of every logger configured so far."""
-    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
-                                       if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in list(logging.Logger.manager.loggerDict.values()) if isinstance(lg, logging.Logger)
+    ]
     for logger in loggers:
         for handler in list(logger.handlers):
             if not isinstance(handler.formatter, RedactingFormatter):

@@ -1,6 +1,7 @@
 """Weights from outside (an export, a registry version, an init_from file) are safetensors: this checks that a
 file is one by reading its header only, without torch and without unpickling anything. A pickle named
 `model.safetensors` could run code when loaded; it is refused, naming the file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,9 +44,11 @@ def check_safetensors(path: str | Path, origin: str | None = None) -> None:
         what = f"a file of {size} bytes"
     else:
         what = "a file without a safetensors header"
-    raise UnsafeModelFile(f"{where} is not a safetensors file: it is {what}. Refused: models are loaded only "
-                          f"from safetensors weights + model.json (what `python -m pipeline.export` writes), "
-                          f"never unpickled")
+    raise UnsafeModelFile(
+        f"{where} is not a safetensors file: it is {what}. Refused: models are loaded only "
+        f"from safetensors weights + model.json (what `python -m pipeline.export` writes), "
+        f"never unpickled"
+    )
 
 
 def tensor_shapes(path: str | Path) -> dict[str, list[int]]:

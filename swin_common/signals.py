@@ -4,6 +4,7 @@ the data loader's worker processes and the launch scripts (launch/, which read E
 SIGTERM: scancel, a Slurm preemption or time limit, a spot reclaim, Kubernetes, the `deepspeed` launcher passing
 one on. SIGUSR1: Slurm's `--signal=USR1@SECONDS`, sent before the time limit.
 """
+
 from __future__ import annotations
 
 import signal

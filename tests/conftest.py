@@ -1,4 +1,5 @@
 """Shared fixtures: the embedded dataset in both source layouts, real photos and bad inputs, a CLI runner."""
+
 from __future__ import annotations
 
 import io
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import servers
 from data_prep.embedded import write_imagefolder, write_synset_tars, write_tar
 
-import servers
 # session fixtures: one server per run
 from servers import REPO, mlflow_server, s3_server, slurm_cluster, slurm_two_nodes, ssh_nodes  # noqa: F401
 
@@ -51,8 +52,11 @@ def damage_split_index(folder: Path, split: str = "train") -> Path:
 
 def read_tree(root: Path) -> dict[str, bytes]:
     """Every shard-set file that must be reproducible (shards, indexes, layout, manifest) by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.relative_to(root).parts[0].startswith("_")}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.relative_to(root).parts[0].startswith("_")
+    }
 
 
 def read_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
@@ -74,8 +78,14 @@ def photos() -> dict[str, np.ndarray]:
     """Real photographs that scikit-image ships (no download)."""
     import skimage.data as sd
 
-    return {"astronaut": sd.astronaut(), "coffee": sd.coffee(), "chelsea": sd.chelsea(),
-            "rocket": sd.rocket(), "camera": sd.camera(), "logo": sd.logo()}
+    return {
+        "astronaut": sd.astronaut(),
+        "coffee": sd.coffee(),
+        "chelsea": sd.chelsea(),
+        "rocket": sd.rocket(),
+        "camera": sd.camera(),
+        "logo": sd.logo(),
+    }
 
 
 @pytest.fixture(scope="session")

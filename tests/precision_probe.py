@@ -14,6 +14,7 @@ pipeline.engine.step.micro_step; prints one JSON line per case:
 
 usage: python tests/precision_probe.py STAGE:PRECISION [...]   e.g. 0:fp32 2:bf16
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-HOST_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
-              torch.Tensor.__float__, torch.Tensor.numpy}
+HOST_READS = {
+    torch.Tensor.item,
+    torch.Tensor.__bool__,
+    torch.Tensor.tolist,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.numpy,
+}
 
 
 # ops whose output size depends on the data: the host must wait for the GPU to size the result
@@ -94,14 +101,23 @@ def fp32_weights(engine) -> dict[str, torch.Tensor]:
 
 def probe(stage: int, precision: str, world) -> dict:
     from pipeline.config import load_config
-    from pipeline.engine.trainer import build_engine
     from pipeline.engine.optim import StepPlan, deepspeed_skips_nonfinite, loss_scale, skipped_steps
     from pipeline.engine.step import StepTally, micro_step
+    from pipeline.engine.trainer import build_engine
 
-    cfg = load_config(REPO / "configs" / "tiny_22k.yaml",
-                      ["train.global_batch=8", "train.micro_batch=8", f"train.zero_stage={stage}",
-                       f"train.precision={precision}", "model.drop_path=0", "optim.base_lr=1e-3",
-                       "optim.lr_batch_base=8", "optim.grad_clip=0"])
+    cfg = load_config(
+        REPO / "configs" / "tiny_22k.yaml",
+        [
+            "train.global_batch=8",
+            "train.micro_batch=8",
+            f"train.zero_stage={stage}",
+            f"train.precision={precision}",
+            "model.drop_path=0",
+            "optim.base_lr=1e-3",
+            "optim.lr_batch_base=8",
+            "optim.grad_clip=0",
+        ],
+    )
     plan = StepPlan(8, 1, 10, 10, 0)
     engine, _ = build_engine(cfg, world, plan, [f"n{i:08d}" for i in range(10)], precision)
     g = torch.Generator().manual_seed(1)
@@ -121,22 +137,32 @@ def probe(stage: int, precision: str, world) -> dict:
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
     if scaler is not None:  # ZeRO-0 fp16: a loss scale so large that the fp16 gradients overflow -> GradScaler skips
         scale_before = loss_scale(engine)
-        scaler.update(new_scale=2.0 ** 60)
+        scaler.update(new_scale=2.0**60)
         result = micro_step(engine, images, labels, 0.0, StepTally(), guard)
-        overflow = {"scale_before": scale_before, "skipped_steps": skipped_steps(engine),
-                    "weights_unchanged": all(torch.equal(after_nan[k], v) for k, v in fp32_weights(engine).items()),
-                    "scale_after": loss_scale(engine), "stepped": result.stepped}
+        overflow = {
+            "scale_before": scale_before,
+            "skipped_steps": skipped_steps(engine),
+            "weights_unchanged": all(torch.equal(after_nan[k], v) for k, v in fp32_weights(engine).items()),
+            "scale_after": loss_scale(engine),
+            "stepped": result.stepped,
+        }
     head = "head.fc.weight"
     return {
-        "stage": stage, "precision": precision, "module_dtype": str(dtype), "guard_on_host": guard,
+        "stage": stage,
+        "precision": precision,
+        "module_dtype": str(dtype),
+        "guard_on_host": guard,
         "stepped": good.stepped and not good.skipped,
         "update_abs": {k: (after[k] - before[k]).abs().sum().item() for k in before},
         "head_signs": torch.sign(after[head] - before[head]).flatten().tolist(),
         "nan_weights_unchanged": all(torch.equal(after[k], after_nan[k]) for k in after),
-        "nan_dropped": bad.dropped, "nan_skipped": bad.skipped, "skipped_steps": int(engine.skipped_steps),
+        "nan_dropped": bad.dropped,
+        "nan_skipped": bad.skipped,
+        "skipped_steps": int(engine.skipped_steps),
         "host_reads": counter.calls,
         "cuda_syncs": syncs,  # on a GPU: the synchronizing CUDA calls torch reported from the project's code
-        "loss_scale": loss_scale(engine), "overflow": overflow,
+        "loss_scale": loss_scale(engine),
+        "overflow": overflow,
     }
 
 

@@ -3,6 +3,7 @@ job, running a command, and reading a run's records (metrics.jsonl, the summary 
 
 The servers the runs talk to (MLflow, S3, Slurm, sshd) are tests/servers.py's; registry stores tests/stores.py's.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,34 +22,61 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 # The tiny recipe, smaller: 16 images per rank per step (two ranks: a global batch of 32), a two-epoch schedule
 # without warm-up, a record at every step. Untracked unless a test turns MLflow on: MLflow's part of a run is
 # tests/test_tracking.py's, and a local store costs each launch ~2.5 s here.
-SMALL = ("train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=1", "train.log_every=1",
-         "schedule.epochs=2", "schedule.warmup_epochs=0")
+SMALL = (
+    "train.global_batch=32",
+    "train.micro_batch=16",
+    "eval.batch_size=50",
+    "data.workers=1",
+    "train.log_every=1",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0",
+)
 UNTRACKED = ("tracking.enabled=false",)
 
 
-def small(shards: Path, out: Path, name: str, *extra: str, config: str | Path = TINY,
-          tracked: bool = False) -> list[str]:
+def small(
+    shards: Path, out: Path, name: str, *extra: str, config: str | Path = TINY, tracked: bool = False
+) -> list[str]:
     """The arguments of a small run of the tiny recipe (`config`: as a user names it, e.g. a relative path)."""
-    return ["--config", str(config), f"name={name}", f"out_dir={out}", f"data.shards={shards}", *SMALL,
-            *(() if tracked else UNTRACKED), *extra]
+    return [
+        "--config",
+        str(config),
+        f"name={name}",
+        f"out_dir={out}",
+        f"data.shards={shards}",
+        *SMALL,
+        *(() if tracked else UNTRACKED),
+        *extra,
+    ]
 
 
 def job_env(port: bool = True, **extra: str) -> dict[str, str]:
     """This environment as outside any job (no rank, rendezvous, Slurm or accelerate variables), the venv's python
     for the launch scripts, a free rendezvous port (`port`; a launcher given its own leaves it out), plus extra."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-            and not k.startswith(("SLURM_", "ACCELERATE_"))}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        and not k.startswith(("SLURM_", "ACCELERATE_"))
+    }
     return {**base, "PYTHON": sys.executable, **({"MASTER_PORT": str(free_port())} if port else {}), **extra}
 
 
 def run(cmd: list, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """`cmd` run from the repository in a job-free environment (or `env`); with `check`, its output on failure."""
-    proc = subprocess.run(list(map(str, cmd)), cwd=kw.pop("cwd", REPO), capture_output=True, text=True,
-                          timeout=timeout, env=kw.pop("env", None) or job_env(), **kw)
+    proc = subprocess.run(
+        list(map(str, cmd)),
+        cwd=kw.pop("cwd", REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=kw.pop("env", None) or job_env(),
+        **kw,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-5000:]}\n"
-                             f"{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -69,4 +97,4 @@ def run_summary(stdout: str) -> dict:
     lines = stdout.splitlines()
     start = max(i for i, line in enumerate(lines) if line.rstrip() == "{")
     end = next(i for i in range(start, len(lines)) if lines[i].rstrip() == "}")
-    return json.loads("\n".join(lines[start:end + 1]))
+    return json.loads("\n".join(lines[start : end + 1]))

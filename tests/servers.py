@@ -18,6 +18,7 @@ A test module uses them with
 When a tool is missing the fixtures skip with the reason, or fail when the environment variable CI is set, so
 that CI never passes by skipping.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,6 +45,7 @@ SCRIPTS = REPO / "scripts"
 
 # --- processes --------------------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     """A TCP port free on loopback right now (for a rendezvous or a server)."""
     with socket.socket() as s:
@@ -65,8 +67,9 @@ def rank_pid(run_dir: Path, rank: int) -> int:
             parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if all(m in cmd for m in marks) and (b"deepspeed.launcher.launch" in parent
-                                             or b"swin_common.node_launch" in parent):
+        if all(m in cmd for m in marks) and (
+            b"deepspeed.launcher.launch" in parent or b"swin_common.node_launch" in parent
+        ):
             return int(proc.name)
     raise AssertionError(f"no rank {rank} process of {run_dir}")
 
@@ -101,7 +104,7 @@ def _comm(pid: int) -> str | None:
             stat = f.read()
     except OSError:
         return None
-    name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:][:1]
+    name, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :][:1]
     return None if state in ("Z", "X") else name
 
 
@@ -115,16 +118,20 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def run_prep(*args, env: dict | None = None, check: bool = True, timeout: float = 600,
-             cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_prep(
+    *args, env: dict | None = None, check: bool = True, timeout: float = 600, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """`python -m data_prep ARGS` as a user runs it; env replaces the environment when given (see
     S3Server.subprocess_env). Raises AssertionError with its output when check and it fails."""
     cmd = [sys.executable, "-m", "data_prep", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=os.environ.copy() if env is None else env)
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy() if env is None else env
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"data_prep {' '.join(map(str, args))} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"data_prep {' '.join(map(str, args))} exited {proc.returncode}:\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -139,6 +146,7 @@ def _run_script(cmd: list[str], env: dict, timeout: float, what: str) -> str:
 
 
 # --- S3 ---------------------------------------------------------------------------------------------------
+
 
 def weed_binary() -> str | None:
     local = REPO / ".venv" / "bin" / "weed"
@@ -171,10 +179,15 @@ class S3Server:
     def env(self) -> dict[str, str]:
         """The AWS_* variables that point boto3 (and so `python -m data_prep`) at this server, with the
         user's AWS config files kept out."""
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
-                "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": self.region, "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
 
     def subprocess_env(self, **extra: str) -> dict[str, str]:
         """os.environ without any AWS_* variable of the caller's, plus this server's, plus extra."""
@@ -186,11 +199,14 @@ class S3Server:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                            aws_access_key_id=self.access_key if access_key is None else access_key,
-                            aws_secret_access_key=self.secret_key if secret_key is None else secret_key,
-                            config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                                          max_pool_connections=16, **config))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key if access_key is None else access_key,
+            aws_secret_access_key=self.secret_key if secret_key is None else secret_key,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=16, **config),
+        )
 
     def create_bucket(self, prefix: str = "test") -> str:
         """A new bucket with a unique name; returns the name."""
@@ -216,12 +232,14 @@ class S3Server:
         """Downloads every object under s3://bucket/prefix/ into dest; returns {path under prefix: local}."""
         client = self.client()
         prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                                         Prefix=prefix)
-                for obj in page.get("Contents", [])]
+        keys = [
+            obj["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        ]
         out = {}
         for key in keys:
-            rel = key[len(prefix):]
+            rel = key[len(prefix) :]
             target = Path(dest) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(bucket, key, str(target))
@@ -234,8 +252,7 @@ class S3Server:
     def stop(self) -> None:
         """Stops weed by PID and removes the socket files it leaves in /tmp."""
         if self.alive():
-            subprocess.run([str(SCRIPTS / "stop_s3_server.sh"), str(self.info_file)], capture_output=True,
-                           timeout=60)
+            subprocess.run([str(SCRIPTS / "stop_s3_server.sh"), str(self.info_file)], capture_output=True, timeout=60)
         if not stop_pid(self.pid, "weed"):  # the script only signals a process it recognises; make sure
             raise RuntimeError(f"weed {self.pid} survived SIGKILL")
 
@@ -246,13 +263,23 @@ def start_s3_server(base_dir: Path, timeout: float = 120) -> S3Server:
     base_dir.mkdir(parents=True, exist_ok=True)
     info = base_dir / "s3.env"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    _run_script([str(SCRIPTS / "start_s3_server.sh"), str(base_dir / "server"), str(info)], env, timeout,
-                "the S3 server did not start")
+    _run_script(
+        [str(SCRIPTS / "start_s3_server.sh"), str(base_dir / "server"), str(info)],
+        env,
+        timeout,
+        "the S3 server did not start",
+    )
     values = read_env_file(info)
-    server = S3Server(pid=int(values["PID"]), endpoint_url=values["ENDPOINT_URL"],
-                      access_key=values["AWS_ACCESS_KEY_ID"], secret_key=values["AWS_SECRET_ACCESS_KEY"],
-                      region=values["AWS_DEFAULT_REGION"], data_dir=Path(values["DATA_DIR"]),
-                      log=Path(values["LOG"]), info_file=info)
+    server = S3Server(
+        pid=int(values["PID"]),
+        endpoint_url=values["ENDPOINT_URL"],
+        access_key=values["AWS_ACCESS_KEY_ID"],
+        secret_key=values["AWS_SECRET_ACCESS_KEY"],
+        region=values["AWS_DEFAULT_REGION"],
+        data_dir=Path(values["DATA_DIR"]),
+        log=Path(values["LOG"]),
+        info_file=info,
+    )
     atexit.register(server.stop)  # in case the caller never gets to stop it
     return server
 
@@ -262,8 +289,20 @@ def latency_proxy(endpoint_url: str, delay_ms: float = 50, rate: str = "0"):
     """scripts/latency_proxy.py in front of a loopback server: yields its endpoint URL (every request waits
     `delay_ms`, answers are limited to `rate` bytes/s per connection); stopped by PID on exit."""
     target = endpoint_url.split("://", 1)[1].rstrip("/")
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "latency_proxy.py"), "--target", target,
-                             "--delay-ms", str(delay_ms), "--rate", rate], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPTS / "latency_proxy.py"),
+            "--target",
+            target,
+            "--delay-ms",
+            str(delay_ms),
+            "--rate",
+            rate,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         if not line.startswith("PORT="):
@@ -279,6 +318,7 @@ def latency_proxy(endpoint_url: str, delay_ms: float = 50, rate: str = "0"):
 
 
 # --- MLflow -----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class MlflowServer:
@@ -303,29 +343,34 @@ class MlflowServer:
 
     def stop(self) -> None:
         """SIGTERM to the server's process group (scripts/stop_mlflow_server.sh), by PID."""
-        subprocess.run([str(SCRIPTS / "stop_mlflow_server.sh"), str(self.info_file)], capture_output=True,
-                       timeout=60)
+        subprocess.run([str(SCRIPTS / "stop_mlflow_server.sh"), str(self.info_file)], capture_output=True, timeout=60)
         if self.alive():
             raise RuntimeError(f"MLflow server group {self.pid} survived the stop script")
 
-    def restart(self) -> "MlflowServer":
+    def restart(self) -> MlflowServer:
         """The same store on the same port (as after an outage)."""
         return start_mlflow_server(self.state_dir, port=self.port, env=self.env_used)
 
 
-def start_mlflow_server(state_dir: Path, port: int | None = None, env: dict | None = None,
-                        timeout: float = 120) -> MlflowServer:
+def start_mlflow_server(
+    state_dir: Path, port: int | None = None, env: dict | None = None, timeout: float = 120
+) -> MlflowServer:
     """`mlflow server` on loopback with a sqlite store in state_dir (scripts/start_mlflow_server.sh)."""
     state_dir = Path(state_dir)
     info = state_dir.with_name(state_dir.name + ".env")
     run_env = {**os.environ, **(env or {}), "PYTHON": sys.executable}
     if port:
         run_env["MLFLOW_PORT"] = str(port)
-    _run_script([str(SCRIPTS / "start_mlflow_server.sh"), str(state_dir), str(info)], run_env, timeout,
-                "the MLflow server did not start")
+    _run_script(
+        [str(SCRIPTS / "start_mlflow_server.sh"), str(state_dir), str(info)],
+        run_env,
+        timeout,
+        "the MLflow server did not start",
+    )
     values = read_env_file(info)
-    server = MlflowServer(int(values["PID"]), int(values["PORT"]), values["MLFLOW_TRACKING_URI"], state_dir, info,
-                          dict(env or {}))
+    server = MlflowServer(
+        int(values["PID"]), int(values["PORT"]), values["MLFLOW_TRACKING_URI"], state_dir, info, dict(env or {})
+    )
     atexit.register(lambda: server.alive() and server.stop())
     return server
 
@@ -343,8 +388,18 @@ def mlflow_server(tmp_path_factory):
 # --- Slurm ------------------------------------------------------------------------------------------------
 
 SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
 
 
 def slurm_missing() -> str | None:
@@ -360,6 +415,7 @@ def slurm_missing() -> str | None:
 @dataclass
 class JobState:
     """One job, or one task of an array job, as scontrol (or the job completion log) reports it."""
+
     job_id: int  # this job's (or array task's) own id
     array_job_id: int | None
     array_task_id: str | None  # one id once the task is its own record; a range while tasks are pending
@@ -387,10 +443,17 @@ def _field(record: str, key: str) -> str | None:
 def _job_state(record: str) -> JobState:
     exit_code, _, sig = (_field(record, "ExitCode") or "0:0").partition(":")
     array_job = _field(record, "ArrayJobId")
-    return JobState(job_id=int(_field(record, "JobId")), array_job_id=int(array_job) if array_job else None,
-                    array_task_id=_field(record, "ArrayTaskId"), state=_field(record, "JobState") or "?",
-                    exit_code=int(exit_code), signal=int(sig or 0), reason=_field(record, "Reason") or "",
-                    stdout=_field(record, "StdOut") or "", raw=record)
+    return JobState(
+        job_id=int(_field(record, "JobId")),
+        array_job_id=int(array_job) if array_job else None,
+        array_task_id=_field(record, "ArrayTaskId"),
+        state=_field(record, "JobState") or "?",
+        exit_code=int(exit_code),
+        signal=int(sig or 0),
+        reason=_field(record, "Reason") or "",
+        stdout=_field(record, "StdOut") or "",
+        raw=record,
+    )
 
 
 @dataclass
@@ -410,18 +473,31 @@ class SlurmCluster:
         base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         return {**base, **self.env, **extra}
 
-    def run(self, *cmd, env: dict | None = None, check: bool = True, timeout: float = 120,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd, env: dict | None = None, check: bool = True, timeout: float = 120, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess:
         """A command (sbatch, srun, scontrol, a launch script...) against this cluster; env adds variables."""
-        proc = subprocess.run(list(map(str, cmd)), env=self.subprocess_env(**(env or {})), capture_output=True,
-                              text=True, timeout=timeout, cwd=cwd)
+        proc = subprocess.run(
+            list(map(str, cmd)),
+            env=self.subprocess_env(**(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n"
-                                 f"{proc.stderr}")
+            raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def sbatch(self, script: Path | str | None, *args, sbatch_args=(), env: dict | None = None,
-               wrap: str | None = None, cwd: Path | None = None) -> int:
+    def sbatch(
+        self,
+        script: Path | str | None,
+        *args,
+        sbatch_args=(),
+        env: dict | None = None,
+        wrap: str | None = None,
+        cwd: Path | None = None,
+    ) -> int:
         """Submits a batch script (or --wrap a command line); returns the job id."""
         cmd = ["sbatch", "--parsable", *sbatch_args]
         cmd += [f"--wrap={wrap}"] if wrap is not None else [str(script), *args]
@@ -463,9 +539,12 @@ class SlurmCluster:
             if states and all(s.finished and _single_task(s.array_task_id) for s in states):
                 return sorted(states, key=lambda s: (_task_number(s.array_task_id), s.job_id))
             if time.time() > deadline:
-                raise TimeoutError(f"job {job_id} not finished after {timeout}s: "
-                                   + "; ".join(f"{s.job_id}[{s.array_task_id}] {s.state} {s.reason}"
-                                               for s in states) + "\n" + self.log_tails())
+                raise TimeoutError(
+                    f"job {job_id} not finished after {timeout}s: "
+                    + "; ".join(f"{s.job_id}[{s.array_task_id}] {s.state} {s.reason}" for s in states)
+                    + "\n"
+                    + self.log_tails()
+                )
             time.sleep(poll)
 
     def log_tails(self, lines: int = 30) -> str:
@@ -482,8 +561,12 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancels its jobs, then stops slurmd and slurmctld by PID."""
         if _comm(self.ctld_pid) == "slurmctld" or _comm(self.slurmd_pid) == "slurmd":
-            subprocess.run([str(SCRIPTS / "stop_slurm_cluster.sh"), str(self.state_dir)],
-                           env=self.subprocess_env(), capture_output=True, timeout=120)
+            subprocess.run(
+                [str(SCRIPTS / "stop_slurm_cluster.sh"), str(self.state_dir)],
+                env=self.subprocess_env(),
+                capture_output=True,
+                timeout=120,
+            )
         # the script only signals daemons it recognises; make sure here as well
         stop_pid(self.slurmd_pid, "slurmd", grace=15)
         stop_pid(self.ctld_pid, "slurmctld", grace=15)
@@ -501,12 +584,17 @@ def start_slurm_cluster(state_dir: Path, timeout: float = 120) -> SlurmCluster:
     """Starts slurmctld and slurmd with their config and state in state_dir; waits until the node is idle."""
     state_dir = Path(state_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    _run_script([str(SCRIPTS / "start_slurm_cluster.sh"), str(state_dir)], env, timeout,
-                "the Slurm cluster did not start")
+    _run_script(
+        [str(SCRIPTS / "start_slurm_cluster.sh"), str(state_dir)], env, timeout, "the Slurm cluster did not start"
+    )
     values = read_env_file(state_dir / "cluster.env")
-    cluster = SlurmCluster(state_dir=Path(values["STATE_DIR"]), conf=Path(values["SLURM_CONF"]),
-                           ctld_pid=int(values["SLURMCTLD_PID"]), slurmd_pid=int(values["SLURMD_PID"]),
-                           name=values["CLUSTER_NAME"])
+    cluster = SlurmCluster(
+        state_dir=Path(values["STATE_DIR"]),
+        conf=Path(values["SLURM_CONF"]),
+        ctld_pid=int(values["SLURMCTLD_PID"]),
+        slurmd_pid=int(values["SLURMD_PID"]),
+        name=values["CLUSTER_NAME"],
+    )
     atexit.register(cluster.stop)
     return cluster
 
@@ -514,6 +602,7 @@ def start_slurm_cluster(state_dir: Path, timeout: float = 120) -> SlurmCluster:
 @dataclass
 class TwoNodeSlurmCluster(SlurmCluster):
     """slurmctld and two slurmd on this machine, nodes 127.0.0.1 and 127.0.0.2 (see start_slurm_two_nodes)."""
+
     slurmd_pids: tuple[int, ...] = ()
 
     def log_tails(self, lines: int = 30) -> str:
@@ -532,8 +621,9 @@ class TwoNodeSlurmCluster(SlurmCluster):
             if jobs:
                 self.run("scancel", *jobs, check=False, timeout=30)
                 end = time.time() + 10
-                while self.run("squeue", "-h", "-t", "R,CG", "-o", "%A", check=False).stdout.strip() and \
-                        time.time() < end:
+                while (
+                    self.run("squeue", "-h", "-t", "R,CG", "-o", "%A", check=False).stdout.strip() and time.time() < end
+                ):
                     time.sleep(0.2)
         for pid in self.slurmd_pids:
             stop_pid(pid, "slurmd", grace=15)
@@ -554,7 +644,8 @@ def start_slurm_two_nodes(state_dir: Path, timeout: float = 60) -> TwoNodeSlurmC
     mem_mb = int(int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 1024 * 0.45)
     cpus, user, name = os.cpu_count() or 1, pwd.getpwuid(os.geteuid()).pw_name, f"t{uuid.uuid4().hex[:8]}"
     conf = state / "slurm.conf"
-    conf.write_text(f"""# Two-node test cluster written by tests/servers.py::start_slurm_two_nodes
+    conf.write_text(
+        f"""# Two-node test cluster written by tests/servers.py::start_slurm_two_nodes
 ClusterName={name}
 SlurmctldHost=localhost
 SlurmctldPort={ports[0]}
@@ -588,19 +679,30 @@ SlurmctldTimeout=60
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-""" + "".join(f"NodeName={n} NodeHostname={socket.gethostname()} NodeAddr={n} Port={p} CPUs={cpus} Sockets=1 "
-              f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem_mb} State=UNKNOWN\n"
-              for n, p in zip(nodes, ports[1:]))
-        + f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP\n")
+"""
+        + "".join(
+            f"NodeName={n} NodeHostname={socket.gethostname()} NodeAddr={n} Port={p} CPUs={cpus} Sockets=1 "
+            f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem_mb} State=UNKNOWN\n"
+            for n, p in zip(nodes, ports[1:], strict=False)
+        )
+        + f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP\n"
+    )
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_CONF": str(conf)}
 
     def daemon(*cmd: str) -> int:
         with open(state / f"{cmd[0]}{'-' + cmd[-1] if cmd[0] == 'slurmd' else ''}.out", "w") as out:
-            return subprocess.Popen([cmd[0], "-D", *cmd[1:]], env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True).pid
+            return subprocess.Popen(
+                [cmd[0], "-D", *cmd[1:]],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ).pid
 
-    cluster = TwoNodeSlurmCluster(state_dir=state, conf=conf, ctld_pid=daemon("slurmctld", "-i"), slurmd_pid=0,
-                                  name=name)
+    cluster = TwoNodeSlurmCluster(
+        state_dir=state, conf=conf, ctld_pid=daemon("slurmctld", "-i"), slurmd_pid=0, name=name
+    )
     atexit.register(cluster.stop)
 
     def wait(what: str, ready) -> None:
@@ -619,8 +721,13 @@ KillWait=5
         (state / f"spool-{n}").mkdir(exist_ok=True)
     cluster.slurmd_pids = tuple(daemon("slurmd", "-N", n) for n in nodes)
     cluster.slurmd_pid = cluster.slurmd_pids[0]
-    wait("both nodes idle", lambda: cluster.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split()
-         == [nodes[0], "idle", nodes[1], "idle"])
+    wait(
+        "both nodes idle",
+        lambda: (
+            cluster.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split()
+            == [nodes[0], "idle", nodes[1], "idle"]
+        ),
+    )
     return cluster
 
 
@@ -644,6 +751,7 @@ def ssh_missing() -> str | None:
 @dataclass
 class SshNodes:
     """A throwaway sshd listening on 127.0.0.1 and 127.0.0.2 (one port): two "nodes" of one machine."""
+
     pid: int
     port: int
     hosts: tuple[str, ...]
@@ -663,8 +771,12 @@ class SshNodes:
         return Path(path)
 
     def ssh(self, host: str, *cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin_dir / "ssh"), "-p", str(self.port), host, *cmd], capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [str(self.bin_dir / "ssh"), "-p", str(self.port), host, *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def alive(self) -> bool:
         return _comm(self.pid) == "sshd"
@@ -681,17 +793,27 @@ def start_sshd(state_dir: Path, timeout: float = 60, env: dict | None = None) ->
     """Starts scripts/start_sshd.sh with its keys and config in state_dir; waits until a login works. `env`:
     more for the script (SSHD_SETENV: a node that differs)."""
     state_dir = Path(state_dir)
-    _run_script([str(SCRIPTS / "start_sshd.sh"), str(state_dir)], {**os.environ, **(env or {})}, timeout,
-                "the test sshd did not start")
+    _run_script(
+        [str(SCRIPTS / "start_sshd.sh"), str(state_dir)],
+        {**os.environ, **(env or {})},
+        timeout,
+        "the test sshd did not start",
+    )
     values = read_env_file(state_dir / "sshd.env")
-    nodes = SshNodes(pid=int(values["SSHD_PID"]), port=int(values["SSH_PORT"]),
-                     hosts=tuple(values["SSH_HOSTS"].split(",")), state_dir=Path(values["STATE_DIR"]),
-                     bin_dir=Path(values["SSH_BIN_DIR"]), ssh_config=Path(values["SSH_CONFIG"]))
+    nodes = SshNodes(
+        pid=int(values["SSHD_PID"]),
+        port=int(values["SSH_PORT"]),
+        hosts=tuple(values["SSH_HOSTS"].split(",")),
+        state_dir=Path(values["STATE_DIR"]),
+        bin_dir=Path(values["SSH_BIN_DIR"]),
+        ssh_config=Path(values["SSH_CONFIG"]),
+    )
     atexit.register(nodes.stop)
     return nodes
 
 
 # --- pytest fixtures --------------------------------------------------------------------------------------
+
 
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):

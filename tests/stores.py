@@ -1,5 +1,6 @@
 """Local MLflow stores (sqlite + an artifact folder) and exports with known outputs, for the registry tests that need
 several stores or versions without a server or a training run."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,13 @@ def register_export(uri: str, name: str, export: Path, aliases: tuple[str, ...] 
     from pipeline.tracking.registry import register
 
     client = MlflowClient(uri)
-    root = Path(uri[len("sqlite:///"):]).parent
+    root = Path(uri[len("sqlite:///") :]).parent
     experiment = client.get_experiment_by_name("registered")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        "registered", artifact_location=(root / "artifacts").as_uri())
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment("registered", artifact_location=(root / "artifacts").as_uri())
+    )
     run_id = client.create_run(experiment_id).info.run_id
     version = register(client, run_id, export, name, list(aliases))
     client.set_terminated(run_id)

@@ -1,5 +1,6 @@
 """The benchmark scripts, tiny: they measure what they claim (every variant did the same work), report consistent
 ratios and leave no scratch behind; their figures themselves are for the bench, not asserted here."""
+
 import os
 import re
 import subprocess
@@ -16,8 +17,14 @@ def run_bench_in_scratch_cwd(tmp_path, *args, timeout):
     cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
     cwd.mkdir()
     tmp.mkdir()
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / args[0]), *args[1:]], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "TMPDIR": str(tmp)})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / args[0]), *args[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(cwd.iterdir()) == [], "the bench wrote into the working folder"
     assert [p.name for p in tmp.iterdir() if "bench" in p.name] == [], "the bench left its scratch folder"
@@ -35,8 +42,9 @@ def rates(lines, names):
 
 
 def test_prep_throughput_bench_shards_every_image_and_leaves_no_scratch(tmp_path):
-    lines = run_bench_in_scratch_cwd(tmp_path, "prep_throughput.py", "--images", "120", "--rounds", "1",
-                                     "--max-samples", "40", timeout=300)
+    lines = run_bench_in_scratch_cwd(
+        tmp_path, "prep_throughput.py", "--images", "120", "--rounds", "1", "--max-samples", "40", timeout=300
+    )
     main = "shard, 2 workers x 2 threads"
     table = rates(lines, ["tar", main])
     ratio = float(re.fullmatch(r"ratio_vs_tar: (\d+\.\d\d)", lines[-1]).group(1))
@@ -45,8 +53,9 @@ def test_prep_throughput_bench_shards_every_image_and_leaves_no_scratch(tmp_path
 
 
 def test_loader_throughput_bench_every_variant_decodes_the_same_images(tmp_path):
-    lines = run_bench_in_scratch_cwd(tmp_path, "loader_throughput.py", "--images", "300", "--rounds", "1",
-                                     "--batch-size", "32", timeout=600)
+    lines = run_bench_in_scratch_cwd(
+        tmp_path, "loader_throughput.py", "--images", "300", "--rounds", "1", "--batch-size", "32", timeout=600
+    )
     # 300 images in one epoch of batches of 32, less the first batch (not timed): 8 x 32
     assert "images timed per epoch, every variant: 256" in lines
     table = rates(lines, ["torch", "dali"])
@@ -55,9 +64,28 @@ def test_loader_throughput_bench_every_variant_decodes_the_same_images(tmp_path)
 
 
 def test_train_throughput_bench_runs_and_zero_partitions_as_the_theory_says():
-    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--arch", "swin_nano", "--img-size", "64",
-                           "--window", "4", "--batch", "8", "--rounds", "2", "--memory-worlds", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/train_throughput.py",
+            "--arch",
+            "swin_nano",
+            "--img-size",
+            "64",
+            "--window",
+            "4",
+            "--batch",
+            "8",
+            "--rounds",
+            "2",
+            "--memory-worlds",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio_vs_plain: \d+\.\d\d", lines[-1])
@@ -72,8 +100,13 @@ def test_bicubic_tables_keep_a_source_that_leans_on_them_closer_than_zero_tables
     """bench/bias_table_transfer.py, short: a source whose tables carry a locality pattern (zeroing them at its
     own size changes its answers), moved from 64/w4 to 96/w6, agrees better with itself with bicubic tables than
     with zero ones, in top-1 and in KL (30 epochs, 3 seeds: 71-80% against 34-51%; 5 epochs: ~32% against ~21%)."""
-    proc = subprocess.run([sys.executable, "bench/bias_table_transfer.py", "--epochs", "5", "--sources",
-                           "locality-prior"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "bench/bias_table_transfer.py", "--epochs", "5", "--sources", "locality-prior"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"agreement_gain_bicubic_vs_zeros: -?\d+\.\d{3}", lines[-1])
@@ -88,32 +121,66 @@ def test_bicubic_tables_keep_a_source_that_leans_on_them_closer_than_zero_tables
 def test_gpu_check_dry_run_and_its_cpu_parts(tmp_path):
     """bench/gpu_check.sh --dry-run passes on a machine without a GPU (every command it would call starts; the GPU
     tier is collected), and the DALI comparison's code runs on CPU (DALI CPU against itself: no difference)."""
-    dry = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    dry = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dry.returncode == 0, dry.stderr[-3000:]
     planned = [line.split("]")[0].split("[")[1] for line in dry.stdout.splitlines() if line.startswith("would run [")]
-    assert planned == ["facts", "data", "steps", "dali_mixed_vs_cpu", "swin_b_bf16_engine_vs_plain",
-                       "tiny_fp16_zero2", "tiny_fp16_zero2_figures", "tiny_fp16_zero0", "tiny_fp16_zero0_figures",
-                       "pytest_gpu"]
-    caps = sum(int(re.search(r"\(at most (\d+)s\)", line).group(1)) for line in dry.stdout.splitlines()
-               if line.startswith("would run ["))
+    assert planned == [
+        "facts",
+        "data",
+        "steps",
+        "dali_mixed_vs_cpu",
+        "swin_b_bf16_engine_vs_plain",
+        "tiny_fp16_zero2",
+        "tiny_fp16_zero2_figures",
+        "tiny_fp16_zero0",
+        "tiny_fp16_zero0_figures",
+        "pytest_gpu",
+    ]
+    caps = sum(
+        int(re.search(r"\(at most (\d+)s\)", line).group(1))
+        for line in dry.stdout.splitlines()
+        if line.startswith("would run [")
+    )
     assert caps <= 360  # the whole check fits 6 minutes of one GPU
     found = re.search(r"dry run: OK, (\d+) GPU-tier tests collected, steps capped at (\d+)s", dry.stdout)
     assert int(found.group(1)) >= 4 and int(found.group(2)) == caps
     check = [sys.executable, str(REPO / "bench" / "gpu_check.py")]
-    made = subprocess.run([*check, "data", str(tmp_path), "--images", "40"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    made = subprocess.run(
+        [*check, "data", str(tmp_path), "--images", "40"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert made.returncode == 0, made.stderr[-3000:]
-    dali = subprocess.run([*check, "dali", str(tmp_path / "photos"), "--device", "cpu", "--batch-size", "8",
-                           "--compare-batches", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    dali = subprocess.run(
+        [*check, "dali", str(tmp_path / "photos"), "--device", "cpu", "--batch-size", "8", "--compare-batches", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dali.returncode == 0, dali.stderr[-3000:]
     assert "dali_mixed_vs_cpu_mean_abs_diff: 0.000 (0-255 scale, 2 batches of 8" in dali.stdout
 
 
 @pytest.mark.s3
-def test_s3_read_ahead_bench_reads_the_same_images_from_s3_and_locally(tmp_path, s3_server):  # noqa: ARG001
-    lines = run_bench_in_scratch_cwd(tmp_path, "s3_read_ahead.py", "--images", "200", "--rounds", "1",
-                                     "--image-size", "32", "--delay-ms", "5", timeout=600)
+def test_s3_read_ahead_bench_reads_the_same_images_from_s3_and_locally(tmp_path, s3_server):
+    lines = run_bench_in_scratch_cwd(
+        tmp_path,
+        "s3_read_ahead.py",
+        "--images",
+        "200",
+        "--rounds",
+        "1",
+        "--image-size",
+        "32",
+        "--delay-ms",
+        "5",
+        timeout=600,
+    )
     assert "images per epoch, every variant: 192" in lines[0]  # 200 images, whole batches of 64
     table = {line[:44].strip(): float(line[44:].split()[0]) for line in lines[2:5]}  # epoch img/s
     local, ahead = table["local, warm"], table["s3 +5 ms, cold, read-ahead 4"]
@@ -122,9 +189,10 @@ def test_s3_read_ahead_bench_reads_the_same_images_from_s3_and_locally(tmp_path,
 
 
 @pytest.mark.s3
-def test_shardset_scale_bench_opens_every_variant_to_the_same_set(tmp_path, s3_server):  # noqa: ARG001
-    lines = run_bench_in_scratch_cwd(tmp_path, "shardset_scale.py", "--shards", "30", "--rounds", "1",
-                                     "--delay-ms", "5", timeout=600)
+def test_shardset_scale_bench_opens_every_variant_to_the_same_set(tmp_path, s3_server):
+    lines = run_bench_in_scratch_cwd(
+        tmp_path, "shardset_scale.py", "--shards", "30", "--rounds", "1", "--delay-ms", "5", timeout=600
+    )
     assert lines[0].startswith("30 train shards of 10 images, 300 samples")
     per_sample = float(re.fullmatch(r"held_bytes_per_sample_at_1000_per_shard: (\d+\.\d)", lines[-3]).group(1))
     assert 0 < per_sample <= 64
@@ -132,16 +200,16 @@ def test_shardset_scale_bench_opens_every_variant_to_the_same_set(tmp_path, s3_s
 
 
 def test_webdataset_compare_bench_both_readers_read_every_sample(tmp_path):
-    lines = run_bench_in_scratch_cwd(tmp_path, "webdataset_compare.py", "--images", "200", "--shard-images", "100",
-                                     "--rounds", "1", timeout=300)
+    lines = run_bench_in_scratch_cwd(
+        tmp_path, "webdataset_compare.py", "--images", "200", "--shard-images", "100", "--rounds", "1", timeout=300
+    )
     assert lines[0].startswith("2 shards, 200 samples")  # both readers read all of them (the bench checks)
     assert any("TarWriter" in line for line in lines)
     assert float(re.fullmatch(r"ratio_resume_ours_vs_webdataset: (\d+\.\d)", lines[-1]).group(1)) > 0
 
 
 def test_listing_memory_bench_reports_a_slope_per_listed_image(tmp_path):
-    lines = run_bench_in_scratch_cwd(tmp_path, "listing_memory.py", "--synsets", "200", "--rounds", "1",
-                                     timeout=300)
+    lines = run_bench_in_scratch_cwd(tmp_path, "listing_memory.py", "--synsets", "200", "--rounds", "1", timeout=300)
     assert lines[0].startswith("data_prep shard --list-only over 200 synset tars")
     assert int(re.fullmatch(r"bytes_per_image: (-?\d+)", lines[-1]).group(1)) < 2000
 
@@ -149,6 +217,7 @@ def test_listing_memory_bench_reports_a_slope_per_listed_image(tmp_path):
 def test_startup_bench_times_every_help_against_the_bare_interpreter(tmp_path):
     lines = run_bench_in_scratch_cwd(tmp_path, "startup.py", "--repeats", "1", "--only", "help", timeout=600)
     rows = [line for line in lines if "--help" in line]
-    assert len(rows) == 5 and all(re.search(r"\d+\.\d\d\s+python\s+[+-]\d+\.\d\d\s+under 1\.0 s: (met|NOT met)$", r)
-                                  for r in rows), lines
+    assert len(rows) == 5 and all(
+        re.search(r"\d+\.\d\d\s+python\s+[+-]\d+\.\d\d\s+under 1\.0 s: (met|NOT met)$", r) for r in rows
+    ), lines
     assert lines[1].startswith("  baselines: python ")

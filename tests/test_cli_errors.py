@@ -4,6 +4,7 @@ launch/pretrain_22k.sh and launch/slurm/pretrain_22k.sbatch) ends a missing or u
 model or alias, an unreachable server, a bad path or option, an unreadable image or a bad config key in ONE line
 on stderr, `error: ...`, naming the thing, and a non-zero exit (2); under a launcher the line appears once, not
 once per rank. Tracebacks are for bugs and for --debug. Each case runs the real command in a fresh process."""
+
 from __future__ import annotations
 
 import atexit
@@ -28,10 +29,19 @@ FAST_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIME
 
 
 def run(*cmd, env: dict | None = None, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID",
-                                                              "MLFLOW_TRACKING_URI")}
-    return subprocess.run([*map(str, cmd)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**base, **FAST_MLFLOW, **(env or {})})
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "MLFLOW_TRACKING_URI")
+    }
+    return subprocess.run(
+        [*map(str, cmd)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**base, **FAST_MLFLOW, **(env or {})},
+    )
 
 
 def py(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -62,15 +72,24 @@ def image(tmp_path) -> Path:
 
 # -- data_prep ---------------------------------------------------------------------------------------------
 def test_data_prep_missing_and_unfinalized_shard_sets(tmp_path, digits_tars, digits_folder):
-    one_line(py("data_prep", "verify", "/nonexistent/shards"), "shard set not found: /nonexistent/shards does not "
-             "exist")
-    for source, kind in ((digits_tars, "a source of 10 per-synset tars"),
-                         (digits_folder, "a source (an ImageFolder tree of 10 class folders)")):
-        one_line(py("data_prep", "verify", source), f"{source} is {kind}, not a shard set",
-                 f"python -m data_prep shard --source {source} --out SHARDS")
+    one_line(
+        py("data_prep", "verify", "/nonexistent/shards"), "shard set not found: /nonexistent/shards does not exist"
+    )
+    for source, kind in (
+        (digits_tars, "a source of 10 per-synset tars"),
+        (digits_folder, "a source (an ImageFolder tree of 10 class folders)"),
+    ):
+        one_line(
+            py("data_prep", "verify", source),
+            f"{source} is {kind}, not a shard set",
+            f"python -m data_prep shard --source {source} --out SHARDS",
+        )
     (tmp_path / "set").mkdir()
-    one_line(py("data_prep", "verify", tmp_path / "set"), f"no manifest.json in {tmp_path / 'set'}",
-             f"python -m data_prep finalize {tmp_path / 'set'}")
+    one_line(
+        py("data_prep", "verify", tmp_path / "set"),
+        f"no manifest.json in {tmp_path / 'set'}",
+        f"python -m data_prep finalize {tmp_path / 'set'}",
+    )
     one_line(py("data_prep", "finalize", tmp_path / "set"), str(tmp_path / "set"), "no prepared shards")
 
 
@@ -82,25 +101,53 @@ def test_near_misses_name_what_they_found_and_the_command_that_fits(tmp_path, sm
     photos.mkdir()
     for i in range(3):
         (photos / f"IMG_{i}.JPG").write_bytes(image.read_bytes())
-    one_line(py("pipeline.train", "--check", "--config", TINY, "data.shards=shards/train", cwd=tmp_path),
-             f"{tmp_path / 'shards' / 'train'} is the 'train' split folder of the shard set {tmp_path / 'shards'}",
-             f"give {tmp_path / 'shards'} (the folder holding manifest.json)")
-    for cmd in (("pipeline.train", "--check", "--config", TINY, "data.shards=photos"), ("data_prep", "verify",
-                                                                                       "photos"),
-                ("data_prep", "finalize", "photos")):
-        one_line(py(*cmd, cwd=tmp_path), "photos is a folder of 3 loose images, not a shard set",
-                 "a sub-folder per synset", "python -m data_prep shard --source")
-    one_line(py("pipeline.predict", "models:/tiny@current", "photos", cwd=tmp_path),
-             f"{photos} is a folder (3 entries), not an image", "e.g. photos/*.jpg")
+    one_line(
+        py("pipeline.train", "--check", "--config", TINY, "data.shards=shards/train", cwd=tmp_path),
+        f"{tmp_path / 'shards' / 'train'} is the 'train' split folder of the shard set {tmp_path / 'shards'}",
+        f"give {tmp_path / 'shards'} (the folder holding manifest.json)",
+    )
+    for cmd in (
+        ("pipeline.train", "--check", "--config", TINY, "data.shards=photos"),
+        ("data_prep", "verify", "photos"),
+        ("data_prep", "finalize", "photos"),
+    ):
+        one_line(
+            py(*cmd, cwd=tmp_path),
+            "photos is a folder of 3 loose images, not a shard set",
+            "a sub-folder per synset",
+            "python -m data_prep shard --source",
+        )
+    one_line(
+        py("pipeline.predict", "models:/tiny@current", "photos", cwd=tmp_path),
+        f"{photos} is a folder (3 entries), not an image",
+        "e.g. photos/*.jpg",
+    )
 
 
 def test_data_prep_bad_source_layout_and_option(tmp_path):
-    one_line(py("data_prep", "shard", "--source", "/nonexistent/src", "--out", tmp_path / "out"),
-             "source folder does not exist: /nonexistent/src")
-    one_line(py("data_prep", "map", "--from", tmp_path / "nope.txt", "--to", tmp_path / "nope2.txt", "--out",
-                tmp_path / "map.json"), f"layout file not found: {tmp_path / 'nope.txt'}")
-    one_line(py("data_prep", "shard", "--source", tmp_path, "--out", tmp_path / "o", "--workers", "many"),
-             "--workers", "'many'", "--help")
+    one_line(
+        py("data_prep", "shard", "--source", "/nonexistent/src", "--out", tmp_path / "out"),
+        "source folder does not exist: /nonexistent/src",
+    )
+    one_line(
+        py(
+            "data_prep",
+            "map",
+            "--from",
+            tmp_path / "nope.txt",
+            "--to",
+            tmp_path / "nope2.txt",
+            "--out",
+            tmp_path / "map.json",
+        ),
+        f"layout file not found: {tmp_path / 'nope.txt'}",
+    )
+    one_line(
+        py("data_prep", "shard", "--source", tmp_path, "--out", tmp_path / "o", "--workers", "many"),
+        "--workers",
+        "'many'",
+        "--help",
+    )
     one_line(py("data_prep", "shard", "--source", tmp_path, "--out", tmp_path / "o", "--bogus"), "--bogus")
     one_line(py("data_prep"), "COMMAND")
 
@@ -108,8 +155,11 @@ def test_data_prep_bad_source_layout_and_option(tmp_path):
 def test_debug_shows_the_traceback_of_an_expected_error():
     proc = py("data_prep", "verify", "/nonexistent/shards", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: shard set not found: /nonexistent/shards does "
-                                                            "not exist")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: shard set not found: /nonexistent/shards does not exist")
+    )
     debug_env = py("pipeline.train", "--config", TINY, "nosuch.key=1", env={"SWIN_DEBUG": "1"})
     assert debug_env.returncode == 2 and "Traceback" in debug_env.stderr and "ConfigError" in debug_env.stderr
 
@@ -131,9 +181,11 @@ def test_the_launch_script_answers_help_and_user_errors_before_any_rank_starts(t
     helped = run("bash", launch, "--help", cwd=tmp_path, env=env)
     assert helped.returncode == 0 and helped.stdout.count("usage: python -m pipeline.train") == 1, helped.stderr
     assert "Training on a cluster" in helped.stdout and "--check" in helped.stdout
-    cases = (((f"--config={TINY}", "nosuch.key=1"), ("unknown key(s) nosuch",)),
-             (("--config", "nope.yaml"), ("config file not found: nope.yaml", str(tmp_path / "nope.yaml"))),
-             (("--config", TINY, "data.shards=/nonexistent"), ("shard set not found: /nonexistent",)))
+    cases = (
+        ((f"--config={TINY}", "nosuch.key=1"), ("unknown key(s) nosuch",)),
+        (("--config", "nope.yaml"), ("config file not found: nope.yaml", str(tmp_path / "nope.yaml"))),
+        (("--config", TINY, "data.shards=/nonexistent"), ("shard set not found: /nonexistent",)),
+    )
     for args, names in cases:
         proc = run("bash", launch, *args, cwd=tmp_path, env=env)
         one_line(proc, *names)
@@ -155,12 +207,14 @@ def test_the_launch_check_refuses_what_ranks_would_meet_in_one_line(tmp_path, sm
     launch = REPO / "launch" / "pretrain_22k.sh"
     env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MLFLOW_TRACKING_URI": uri}
     common = ("--config", TINY, f"data.shards={small_set}", "out_dir=runs")
-    cases = {"init_from=models:/nope@candidate": ("init_from", "models:/nope@candidate", "not found",
-                                                  "in the MLflow store"),
-             "init_from=models:/tiny@nope": ("models:/tiny@nope", "alias", "not found"),
-             "init_from=swin_base_patch4_window7_224_22k.pth":
-                 (f"init_from={tmp_path / 'swin_base_patch4_window7_224_22k.pth'} is a PyTorch pickle (.pth)",),
-             "out_dir=/proc/swin_runs": ("out_dir=/proc/swin_runs: cannot be created",)}
+    cases = {
+        "init_from=models:/nope@candidate": ("init_from", "models:/nope@candidate", "not found", "in the MLflow store"),
+        "init_from=models:/tiny@nope": ("models:/tiny@nope", "alias", "not found"),
+        "init_from=swin_base_patch4_window7_224_22k.pth": (
+            f"init_from={tmp_path / 'swin_base_patch4_window7_224_22k.pth'} is a PyTorch pickle (.pth)",
+        ),
+        "out_dir=/proc/swin_runs": ("out_dir=/proc/swin_runs: cannot be created",),
+    }
     for arg, names in cases.items():
         proc = run("bash", launch, *common, arg, cwd=tmp_path, env=env)
         one_line(proc, *names)
@@ -168,13 +222,26 @@ def test_the_launch_check_refuses_what_ranks_would_meet_in_one_line(tmp_path, sm
     assert not (tmp_path / "runs").exists()
     from mlflow.tracking import MlflowClient
 
-    assert not MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()
-                                              if e.name != "registered"])
+    assert not MlflowClient(uri).search_runs(
+        [e.experiment_id for e in MlflowClient(uri).search_experiments() if e.name != "registered"]
+    )
 
 
-HELPED = (("pipeline.train",), ("pipeline.pull",), ("pipeline.predict",), ("pipeline.evaluate",),
-          ("pipeline.register",), ("pipeline.export",), ("pipeline.demo",), ("data_prep",), ("data_prep", "shard"),
-          ("data_prep", "verify"), ("data_prep", "map"), ("data_prep", "finalize"), ("data_prep", "embedded"))
+HELPED = (
+    ("pipeline.train",),
+    ("pipeline.pull",),
+    ("pipeline.predict",),
+    ("pipeline.evaluate",),
+    ("pipeline.register",),
+    ("pipeline.export",),
+    ("pipeline.demo",),
+    ("data_prep",),
+    ("data_prep", "shard"),
+    ("data_prep", "verify"),
+    ("data_prep", "map"),
+    ("data_prep", "finalize"),
+    ("data_prep", "embedded"),
+)
 
 
 def test_help_texts_show_no_empty_or_doubled_defaults():
@@ -190,19 +257,30 @@ def test_help_texts_show_no_empty_or_doubled_defaults():
 
 
 def test_train_missing_and_unfinalized_shard_set(tmp_path):
-    one_line(py("pipeline.train", "--config", TINY, "data.shards=/nonexistent", f"out_dir={tmp_path}"),
-             "shard set not found: /nonexistent does not exist")
+    one_line(
+        py("pipeline.train", "--config", TINY, "data.shards=/nonexistent", f"out_dir={tmp_path}"),
+        "shard set not found: /nonexistent does not exist",
+    )
     (tmp_path / "unfinished" / "train").mkdir(parents=True)  # shards being written: no manifest.json yet
-    one_line(py("pipeline.train", "--config", TINY, f"data.shards={tmp_path / 'unfinished'}", f"out_dir={tmp_path}"),
-             f"no manifest.json in {tmp_path / 'unfinished'}")
+    one_line(
+        py("pipeline.train", "--config", TINY, f"data.shards={tmp_path / 'unfinished'}", f"out_dir={tmp_path}"),
+        f"no manifest.json in {tmp_path / 'unfinished'}",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unfinished"]  # no half-made run folder
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, small_set):
     """The ranks meet the error after the run folder, its config dump and the MLflow run were made: the folder
     goes (the local MLflow store in out_dir keeps the failed run, as MLflow does)."""
-    proc = py("pipeline.train", "--config", TINY, f"data.shards={small_set}", "model.arch=swin_huge",
-              f"out_dir={tmp_path}", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    proc = py(
+        "pipeline.train",
+        "--config",
+        TINY,
+        f"data.shards={small_set}",
+        "model.arch=swin_huge",
+        f"out_dir={tmp_path}",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == NO_ARCH, proc.stderr[-3000:]
     assert not (tmp_path / "tiny_22k").exists(), sorted(map(str, tmp_path.rglob("*")))
 
@@ -264,19 +342,35 @@ def test_ranks_agree_on_what_to_print_whatever_the_timing(how, busy_machine):
     rank 1 alone (rank 0 waits for it in a collective) shows with its rank."""
     port = str(free_port())
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    procs = [subprocess.Popen([sys.executable, "-c", RANKED, how], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**base, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SWIN_RANK_GRACE_S": "6"})
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANKED, how],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **base,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "SWIN_RANK_GRACE_S": "6",
+            },
+        )
+        for r in range(2)
+    ]
     if how == "alone":
         procs[1].wait(timeout=120)
         procs[0].kill()  # what a launcher does once rank 1 has exited
     errs = [p.communicate(timeout=120)[1] for p in procs]
     lines = [[line for line in err.splitlines() if line.startswith("error: ")] for err in errs]
-    expected = {"same": [["error: the shard set is gone"], []],
-                "differ": [["error: trouble on rank 0"], ["error: rank 1: trouble on rank 1"]],
-                "alone": [[], ["error: rank 1: the shard set is gone"]]}[how]
+    expected = {
+        "same": [["error: the shard set is gone"], []],
+        "differ": [["error: trouble on rank 0"], ["error: rank 1: trouble on rank 1"]],
+        "alone": [[], ["error: rank 1: the shard set is gone"]],
+    }[how]
     assert lines == expected, errs
     assert procs[1].returncode == 2
 
@@ -287,9 +381,18 @@ def test_launcher_prints_the_error_once(tmp_path, busy_machine, small_set):
     may show, the error line once, no traceback. The shard set is named relative to the user's folder: the check
     and the ranks (which run in the repository) read it there, or the line would be another."""
     (tmp_path / "set").symlink_to(small_set)
-    proc = run("bash", REPO / "launch" / "pretrain_22k.sh", "--config", TINY, "data.shards=set",
-               "model.arch=swin_huge", f"out_dir={tmp_path}", timeout=300, cwd=tmp_path,
-               env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())})
+    proc = run(
+        "bash",
+        REPO / "launch" / "pretrain_22k.sh",
+        "--config",
+        TINY,
+        "data.shards=set",
+        "model.arch=swin_huge",
+        f"out_dir={tmp_path}",
+        timeout=300,
+        cwd=tmp_path,
+        env={"PYTHON": sys.executable, "MASTER_PORT": str(free_port())},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "WORLD INFO" in out, out[-4000:]  # the ranks started, and met the error
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
@@ -306,11 +409,23 @@ def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machin
     once (srun stops the other task once one exits non-zero: "once" must not depend on which is first). The shard
     set is named relative to the folder sbatch was called from, which the check and the tasks read it from."""
     (tmp_path / "set").symlink_to(small_set)
-    job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch", "--config", TINY,
-                               "data.shards=set", "model.arch=swin_huge", f"out_dir={tmp_path}",
-                               sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-                                            "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out"],
-                               env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+        "--config",
+        TINY,
+        "data.shards=set",
+        "model.arch=swin_huge",
+        f"out_dir={tmp_path}",
+        sbatch_args=[
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            f"--output={tmp_path}/job-%j.out",
+        ],
+        env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)},
+        cwd=tmp_path,
+    )
     [state] = slurm_cluster.wait(job, timeout=300)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert not state.ok and state.exit_code != 0, log
@@ -322,8 +437,9 @@ def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machin
 # -- pull, predict: the registry ---------------------------------------------------------------------------
 def test_unknown_model_or_alias(mlflow_server, image):
     env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
-    line = one_line(py("pipeline.predict", "models:/nope@current", image, env=env), "models:/nope@current",
-                    "MLFLOW_TRACKING_URI")
+    line = one_line(
+        py("pipeline.predict", "models:/nope@current", image, env=env), "models:/nope@current", "MLFLOW_TRACKING_URI"
+    )
     assert "not found" in line
     one_line(py("pipeline.pull", "models:/nope/3", env=env), "models:/nope/3", "nope", "not found")
 
@@ -334,23 +450,35 @@ def test_a_read_of_the_registry_never_creates_a_store(mlflow_server, tmp_path, i
     the store it looked in."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    for cmd in (("pipeline.pull", "models:/tiny@current"), ("pipeline.predict", "models:/tiny@current", image),
-                ("pipeline.evaluate", "models:/tiny@current", "--shards", tmp_path)):
+    for cmd in (
+        ("pipeline.pull", "models:/tiny@current"),
+        ("pipeline.predict", "models:/tiny@current", image),
+        ("pipeline.evaluate", "models:/tiny@current", "--shards", tmp_path),
+    ):
         one_line(py(*cmd, cwd=empty), "no MLflow store given", "MLFLOW_TRACKING_URI", "--tracking-uri")
         missing = tmp_path / "nowhere" / "mlflow.db"
         one_line(py(*cmd, "--tracking-uri", f"sqlite:///{missing}", cwd=empty), f"no MLflow store at {missing}")
         assert not list(empty.iterdir()) and not missing.parent.exists(), cmd
-    line = one_line(py("pipeline.predict", "models:/nope@current", image, "--tracking-uri", mlflow_server.uri,
-                       cwd=empty), "models:/nope@current", f"in the MLflow store {mlflow_server.uri}")
+    line = one_line(
+        py("pipeline.predict", "models:/nope@current", image, "--tracking-uri", mlflow_server.uri, cwd=empty),
+        "models:/nope@current",
+        f"in the MLflow store {mlflow_server.uri}",
+    )
     assert "not found" in line and not list(empty.iterdir())
 
 
 def test_unreachable_server(image):
     uri = unreachable_uri()
-    one_line(py("pipeline.pull", "models:/tiny@current", env={"MLFLOW_TRACKING_URI": uri}),
-             f"cannot reach the MLflow server at {uri}", "MLFLOW_TRACKING_URI")
-    one_line(py("pipeline.predict", "models:/tiny@current", image, env={"MLFLOW_TRACKING_URI": uri}),
-             "models:/tiny@current", f"cannot reach the MLflow server at {uri}")
+    one_line(
+        py("pipeline.pull", "models:/tiny@current", env={"MLFLOW_TRACKING_URI": uri}),
+        f"cannot reach the MLflow server at {uri}",
+        "MLFLOW_TRACKING_URI",
+    )
+    one_line(
+        py("pipeline.predict", "models:/tiny@current", image, env={"MLFLOW_TRACKING_URI": uri}),
+        "models:/tiny@current",
+        f"cannot reach the MLflow server at {uri}",
+    )
 
 
 def test_bad_model_reference_or_path(tmp_path, image):
@@ -360,8 +488,10 @@ def test_bad_model_reference_or_path(tmp_path, image):
 
 
 def test_missing_or_unreadable_image(tmp_path, image):
-    one_line(py("pipeline.predict", "models:/tiny@current", tmp_path / "nope.jpg", cwd=tmp_path),
-             f"image not found: {tmp_path / 'nope.jpg'}")
+    one_line(
+        py("pipeline.predict", "models:/tiny@current", tmp_path / "nope.jpg", cwd=tmp_path),
+        f"image not found: {tmp_path / 'nope.jpg'}",
+    )
     text = tmp_path / "notes.jpg"
     text.write_text("not an image\n")
     one_line(py("pipeline.predict", "models:/tiny@current", image, text), f"{text}: not an image")
@@ -377,25 +507,31 @@ def test_register_errors(tmp_path):
     # the record keeps a redacted URI: registering needs the real one from MLFLOW_TRACKING_URI
     record = run_dir / "mlflow_run.json"
     record.write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": "http://trainer:***@mlflow.example:5000"}))
-    one_line(py("pipeline.register", run_dir), "http://trainer:***@mlflow.example:5000",
-             "set MLFLOW_TRACKING_URI")
+    one_line(py("pipeline.register", run_dir), "http://trainer:***@mlflow.example:5000", "set MLFLOW_TRACKING_URI")
     uri = unreachable_uri()
-    one_line(py("pipeline.register", run_dir, env={"MLFLOW_TRACKING_URI": uri}), f"{run_dir / 'model'}",
-             "no exported model", "pipeline.export")
+    one_line(
+        py("pipeline.register", run_dir, env={"MLFLOW_TRACKING_URI": uri}),
+        f"{run_dir / 'model'}",
+        "no exported model",
+        "pipeline.export",
+    )
     (run_dir / "model").mkdir()
     (run_dir / "model" / "model.json").write_text(json.dumps({"step": 1}))
     header = b'{"__metadata__": {}}'  # an (empty) safetensors file: the export's own check passes
     (run_dir / "model" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     (run_dir / "config.yaml").write_text("name: run\n")
-    one_line(py("pipeline.register", run_dir, env={"MLFLOW_TRACKING_URI": uri}),
-             f"cannot reach the MLflow server at {uri}")
+    one_line(
+        py("pipeline.register", run_dir, env={"MLFLOW_TRACKING_URI": uri}), f"cannot reach the MLflow server at {uri}"
+    )
 
 
 def test_export_errors(tmp_path):
     one_line(py("pipeline.export", tmp_path / "nope", "--out", tmp_path / "m"), str(tmp_path / "nope"), "not found")
     (tmp_path / "step_00000010").mkdir()
-    one_line(py("pipeline.export", tmp_path / "step_00000010", "--out", tmp_path / "m"),
-             f"{tmp_path / 'step_00000010'} is not a complete checkpoint")
+    one_line(
+        py("pipeline.export", tmp_path / "step_00000010", "--out", tmp_path / "m"),
+        f"{tmp_path / 'step_00000010'} is not a complete checkpoint",
+    )
     one_line(py("pipeline.export", tmp_path / "step_00000010"), "--out")
 
 
@@ -432,8 +568,10 @@ def test_a_bug_in_project_code_shows_its_traceback(tmp_path):
     assert "Traceback (most recent call last)" in bug.stderr and 'data_prep/shardset/layout.py", line' in bug.stderr
     assert bug.stderr.strip().splitlines()[-1] == "ValueError: not enough values to unpack (expected 2, got 1)"
     assert not any(line.startswith("error: ") for line in bug.stderr.splitlines()), bug.stderr[-3000:]
-    one_line(run(sys.executable, "-c", BUGGY_MAP, "map", "--from", twice, "--to", good, "--out", tmp_path / "m.json"),
-             f"{twice}: synset n1 is listed twice (lines 1 and 3)")
+    one_line(
+        run(sys.executable, "-c", BUGGY_MAP, "map", "--from", twice, "--to", good, "--out", tmp_path / "m.json"),
+        f"{twice}: synset n1 is listed twice (lines 1 and 3)",
+    )
 
 
 def test_expected_failures_and_bugs_are_told_apart():

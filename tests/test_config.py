@@ -1,4 +1,5 @@
 """The typed run config: recipes load, overrides apply with types checked, typos are errors, dumps round-trip."""
+
 from __future__ import annotations
 
 import subprocess
@@ -21,8 +22,17 @@ def test_every_recipe_loads_and_round_trips(path, tmp_path):
 
 
 def test_overrides_are_typed_and_dotted():
-    cfg = load_config(None, ["train.zero_stage=3", "optim.base_lr=5e-4", "data.rand_augment=null",
-                             "optim.betas=[0.9, 0.95]", "schedule.epochs=30", "name=x"])
+    cfg = load_config(
+        None,
+        [
+            "train.zero_stage=3",
+            "optim.base_lr=5e-4",
+            "data.rand_augment=null",
+            "optim.betas=[0.9, 0.95]",
+            "schedule.epochs=30",
+            "name=x",
+        ],
+    )
     assert cfg.train.zero_stage == 3 and cfg.optim.base_lr == 5e-4 and cfg.data.rand_augment is None
     assert cfg.optim.betas == (0.9, 0.95) and isinstance(cfg.schedule.epochs, float) and cfg.name == "x"
     assert cfg.run_dir == Path("runs/x")
@@ -33,40 +43,61 @@ def test_an_empty_override_is_an_empty_string_and_null_is_none():
     assert cfg.data.val_split == "" and cfg.data.rand_augment is None
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.zero_stag=3", r"unknown key\(s\) train.zero_stag"),
-    ("trian.zero_stage=3", r"unknown key\(s\) trian"),
-    ("train.zero_stage=two", r"train.zero_stage: expected int, got 'two'"),
-    ("train.zero_stage=1.5", r"train.zero_stage: expected int"),
-    ("model.fused_attn=maybe", r"model.fused_attn: expected bool"),
-    ("optim.betas=0.9", r"optim.betas: expected a list of 2 values"),
-    ("train=3", r"train: expected a section"),
-    ("novalue", r"is not key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.zero_stag=3", r"unknown key\(s\) train.zero_stag"),
+        ("trian.zero_stage=3", r"unknown key\(s\) trian"),
+        ("train.zero_stage=two", r"train.zero_stage: expected int, got 'two'"),
+        ("train.zero_stage=1.5", r"train.zero_stage: expected int"),
+        ("model.fused_attn=maybe", r"model.fused_attn: expected bool"),
+        ("optim.betas=0.9", r"optim.betas: expected a list of 2 values"),
+        ("train=3", r"train: expected a section"),
+        ("novalue", r"is not key=value"),
+    ],
+)
 def test_mistakes_are_errors_that_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("data.backend=dal", r"data.backend: expected one of auto, dali, torch, got 'dal'"),
-    ("schedule.decay=step", r"schedule.decay: expected one of cosine, linear, constant, got 'step'"),
-    ("train.precision=fp8", r"train.precision: expected one of auto, bf16, fp16, fp32, got 'fp8'"),
-    ("train.zero_stage=4", r"train.zero_stage: expected one of 0, 1, 2, 3, got 4"),
-    ("train.zero_stage=true", r"train.zero_stage: expected int, got True"),
-    ("transfer.head=new", r"transfer.head: expected one of map, fresh, got 'new'"),
-    ("transfer.bias_tables=null", r"transfer.bias_tables: expected one of bicubic, zeros, got None"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.backend=dal", r"data.backend: expected one of auto, dali, torch, got 'dal'"),
+        ("schedule.decay=step", r"schedule.decay: expected one of cosine, linear, constant, got 'step'"),
+        ("train.precision=fp8", r"train.precision: expected one of auto, bf16, fp16, fp32, got 'fp8'"),
+        ("train.zero_stage=4", r"train.zero_stage: expected one of 0, 1, 2, 3, got 4"),
+        ("train.zero_stage=true", r"train.zero_stage: expected int, got True"),
+        ("transfer.head=new", r"transfer.head: expected one of map, fresh, got 'new'"),
+        ("transfer.bias_tables=null", r"transfer.bias_tables: expected one of bicubic, zeros, got None"),
+    ],
+)
 def test_choice_fields_take_only_their_choices(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
 def test_every_choice_of_a_choice_field_loads():
-    cfg = load_config(None, ["data.backend=torch", "schedule.decay=constant", "train.precision=bf16",
-                             "train.zero_stage=0", "transfer.head=fresh", "transfer.bias_tables=zeros"])
-    assert (cfg.data.backend, cfg.schedule.decay, cfg.train.precision, cfg.train.zero_stage, cfg.transfer.head,
-            cfg.transfer.bias_tables) == ("torch", "constant", "bf16", 0, "fresh", "zeros")
+    cfg = load_config(
+        None,
+        [
+            "data.backend=torch",
+            "schedule.decay=constant",
+            "train.precision=bf16",
+            "train.zero_stage=0",
+            "transfer.head=fresh",
+            "transfer.bias_tables=zeros",
+        ],
+    )
+    assert (
+        cfg.data.backend,
+        cfg.schedule.decay,
+        cfg.train.precision,
+        cfg.train.zero_stage,
+        cfg.transfer.head,
+        cfg.transfer.bias_tables,
+    ) == ("torch", "constant", "bf16", 0, "fresh", "zeros")
 
 
 CHECK_BACKEND = """
@@ -105,8 +136,13 @@ def test_22k_recipes_hold_the_official_facts_and_the_paper_is_one_override_away(
     assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs, cfg.schedule.decay) == (90, 5, "cosine")
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.grad_clip == 5.0
     d = cfg.data
-    assert (d.rand_augment, d.mixup, d.cutmix, d.label_smoothing, d.random_erasing) == \
-        ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25)
+    assert (d.rand_augment, d.mixup, d.cutmix, d.label_smoothing, d.random_erasing) == (
+        "rand-m9-mstd0.5-inc1",
+        0.8,
+        1.0,
+        0.1,
+        0.25,
+    )
     paper = load_config(path, ["schedule.epochs=60", "schedule.decay=linear", "optim.weight_decay=0.01"])
     assert (paper.schedule.epochs, paper.schedule.decay, paper.optim.weight_decay) == (60, "linear", 0.01)
 
@@ -118,9 +154,15 @@ def test_every_relative_path_is_the_launch_folders(tmp_path, monkeypatch):
     from pipeline.train import resolve_at_launch
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny_22kto1k.yaml",
-                      ["data.cache_dir=cache", "checkpoint.resume=../other/runs/x/checkpoints/step_00000004",
-                       "tracking.uri=sqlite:///mlflow.db", "tracking.artifact_location=art"])
+    cfg = load_config(
+        Path(__file__).parents[1] / "configs" / "tiny_22kto1k.yaml",
+        [
+            "data.cache_dir=cache",
+            "checkpoint.resume=../other/runs/x/checkpoints/step_00000004",
+            "tracking.uri=sqlite:///mlflow.db",
+            "tracking.artifact_location=art",
+        ],
+    )
     resolve_at_launch(cfg, str(tmp_path))
     assert cfg.out_dir == str(tmp_path / "runs") and cfg.init_from == str(tmp_path / "runs" / "tiny_22k" / "model")
     assert cfg.data.shards == str(tmp_path / "runs" / "demo" / "shards_1k")  # the recipe's own default
@@ -128,8 +170,18 @@ def test_every_relative_path_is_the_launch_folders(tmp_path, monkeypatch):
     assert cfg.checkpoint.resume == str(tmp_path.parent / "other" / "runs" / "x" / "checkpoints" / "step_00000004")
     assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cfg.tracking.artifact_location == str(tmp_path / "art")
-    kept = load_config(overrides=["data.shards=s3://bucket/set", "init_from=models:/m@champion", "out_dir=/abs",
-                                  "checkpoint.resume=auto"])
+    kept = load_config(
+        overrides=[
+            "data.shards=s3://bucket/set",
+            "init_from=models:/m@champion",
+            "out_dir=/abs",
+            "checkpoint.resume=auto",
+        ]
+    )
     resolve_at_launch(kept, str(tmp_path))
-    assert (kept.data.shards, kept.init_from, kept.out_dir, kept.checkpoint.resume) == \
-        ("s3://bucket/set", "models:/m@champion", "/abs", "auto")
+    assert (kept.data.shards, kept.init_from, kept.out_dir, kept.checkpoint.resume) == (
+        "s3://bucket/set",
+        "models:/m@champion",
+        "/abs",
+        "auto",
+    )

@@ -1,6 +1,7 @@
 """Cluster-correct by construction, checked on CPU: the process-group backend a GPU machine gets, the GPU each
 rank drives under every launcher, per-rank random streams that batch seeding never replaces, and evaluation
 that counts every val sample exactly once whatever the world size (real gloo ranks)."""
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,53 @@ def test_a_gpu_machine_gets_nccl_for_cuda_tensors_and_gloo_for_cpu_ones():
 
 LAUNCHERS = {
     # what each launcher puts in a rank's environment (the second rank of the second node, 4 ranks per node)
-    "deepspeed": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "MASTER_ADDR": "n1",
-                  "MASTER_PORT": "29500", "CROSS_RANK": "1", "CROSS_SIZE": "2"},
-    "torchrun": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
-                 "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"},
-    "accelerate": {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
-                   "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "ACCELERATE_USE_DEEPSPEED": "false"},
-    "srun": {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-             "SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "n1,n2", "MASTER_ADDR": "n1", "SLURM_CPUS_PER_TASK": "8"},
-    "openmpi": {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-                "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"},
+    "deepspeed": {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_SIZE": "4",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+        "CROSS_RANK": "1",
+        "CROSS_SIZE": "2",
+    },
+    "torchrun": {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "none",
+    },
+    "accelerate": {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+        "ACCELERATE_USE_DEEPSPEED": "false",
+    },
+    "srun": {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_NODELIST": "n1,n2",
+        "MASTER_ADDR": "n1",
+        "SLURM_CPUS_PER_TASK": "8",
+    },
+    "openmpi": {
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+    },
 }
 
 
@@ -88,9 +126,21 @@ print("ok")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_process_group_carries_cuda_and_cpu_tensors():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-c", MIXED], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**env, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    proc = subprocess.run(
+        [sys.executable, "-c", MIXED],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **env,
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        },
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
@@ -102,8 +152,12 @@ def test_batch_seeding_restores_the_generators_it_seeds_and_touches_no_other():
     draws = []
     for _ in range(2):
         with seeded(np.random.default_rng([0, 1, 2]), [torch.default_generator, mine]):
-            draws.append((torch.rand(3), torch.rand(3, generator=mine), np.random.rand(), __import__("random").random()))
-    assert all(torch.equal(a, b) for a, b in zip(draws[0][:2], draws[1][:2], strict=True)) and draws[0][2:] == draws[1][2:]
+            draws.append(
+                (torch.rand(3), torch.rand(3, generator=mine), np.random.rand(), __import__("random").random())
+            )
+    assert (
+        all(torch.equal(a, b) for a, b in zip(draws[0][:2], draws[1][:2], strict=True)) and draws[0][2:] == draws[1][2:]
+    )
     assert torch.equal(drop_path.get_state(), before[0])  # not named: never reseeded (torch.manual_seed would)
     assert torch.equal(mine.get_state(), before[1]) and torch.equal(torch.random.get_rng_state(), before[2])
     assert torch_generators("cpu") == [torch.default_generator]
@@ -138,12 +192,15 @@ def odd_val_set(digits_folder, tmp_path_factory):
 def test_val_loaders_give_every_sample_to_exactly_one_rank(odd_val_set, world):
     from pipeline.data.loader import LoaderConfig, create_loader
 
-    cfg = LoaderConfig(shards=str(odd_val_set), split="val", train=False, batch_size=4, image_size=64,
-                       backend="torch", workers=0)
+    cfg = LoaderConfig(
+        shards=str(odd_val_set), split="val", train=False, batch_size=4, image_size=64, backend="torch", workers=0
+    )
     whole = [(x, y) for images, labels in create_loader(cfg) for x, y in zip(images, labels, strict=True)]
     assert len(whole) == 33 and all(y >= 0 for _, y in whole)
-    parts = [[(x, y) for images, labels in create_loader(cfg, r, world) for x, y in zip(images, labels, strict=True)]
-             for r in range(world)]
+    parts = [
+        [(x, y) for images, labels in create_loader(cfg, r, world) for x, y in zip(images, labels, strict=True)]
+        for r in range(world)
+    ]
     assert len({len(p) for p in parts}) == 1  # the same number of batches and entries on every rank
     real = [(x, y) for p in parts for x, y in p if y >= 0]
     assert len(real) == 33 and all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(whole, real, strict=True))
@@ -170,10 +227,24 @@ shutdown()
 def evaluate_on(world: int, shards) -> dict:
     port = str(free_port())
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    procs = [subprocess.Popen([sys.executable, "-c", EVAL, str(shards)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**base, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", EVAL, str(shards)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **base,
+                "RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for r in range(world)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -199,12 +270,34 @@ def test_ranks_that_do_not_see_the_run_folder_fail_at_once_naming_it(odd_val_set
     for r in range(2):
         node = tmp_path / f"node{r}"
         node.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train", "--config", str(REPO / "configs" / "tiny_22k.yaml"),
-             "out_dir=runs", f"data.shards={odd_val_set}", "tracking.enabled=false"], cwd=node, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**base, "PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SWIN_RANK_GRACE_S": "0"}))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline.train",
+                    "--config",
+                    str(REPO / "configs" / "tiny_22k.yaml"),
+                    "out_dir=runs",
+                    f"data.shards={odd_val_set}",
+                    "tracking.enabled=false",
+                ],
+                cwd=node,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={
+                    **base,
+                    "PYTHONPATH": str(REPO),
+                    "RANK": str(r),
+                    "WORLD_SIZE": "2",
+                    "LOCAL_RANK": str(r),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port,
+                    "SWIN_RANK_GRACE_S": "0",
+                },
+            )
+        )
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outs]
     rank0 = outs[0][1]
@@ -216,15 +309,39 @@ def test_ranks_that_do_not_see_the_run_folder_fail_at_once_naming_it(odd_val_set
 @pytest.mark.slow
 def test_a_multi_node_job_without_a_tracking_server_refuses_naming_the_script(odd_val_set, tmp_path):
     port = str(free_port())
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MLFLOW_TRACKING_URI")}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train", "--config", str(REPO / "configs" / "tiny_22k.yaml"),
-         f"out_dir={tmp_path}", f"data.shards={odd_val_set}"], cwd=REPO, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={**base, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
-                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SWIN_RANK_GRACE_S": "0",
-                                     "SWIN_NODE_NAME": f"node{r}"})  # one rank on each of two "nodes"
-        for r in range(2)]
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MLFLOW_TRACKING_URI")
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.train",
+                "--config",
+                str(REPO / "configs" / "tiny_22k.yaml"),
+                f"out_dir={tmp_path}",
+                f"data.shards={odd_val_set}",
+            ],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={
+                **base,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "SWIN_RANK_GRACE_S": "0",
+                "SWIN_NODE_NAME": f"node{r}",
+            },
+        )  # one rank on each of two "nodes"
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outs]
     errors = [line for line in outs[0][1].splitlines() if line.startswith("error: ")]
@@ -253,10 +370,24 @@ finally:
 def run_ranks(code: str, *args: str, world: int = 2, timeout: float = 120) -> list[tuple[int, str, str]]:
     port = str(free_port())
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**base, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **base,
+                "RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for r in range(world)
+    ]
     outs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
 
@@ -278,7 +409,10 @@ def test_nccl_gets_async_error_handling_and_a_flight_recorder_dumping_into_the_r
     from pipeline.engine.distributed import nccl_environment
 
     env = nccl_environment(str(tmp_path / "run" / "nccl_traces"))
-    assert env == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",
-                   "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-                   "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(tmp_path / "run" / "nccl_traces" / "rank_")}
+    assert env == {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": str(tmp_path / "run" / "nccl_traces" / "rank_"),
+    }
     assert "TORCH_NCCL_DUMP_ON_TIMEOUT" not in nccl_environment(None)  # no folder, no dump

@@ -18,6 +18,7 @@ For every page (README.md and each docs/*.md, one test case each, so a failure n
 And: every docs/*.md page is linked from README.md, the README stays short, and the checks find enough names
 that they cannot pass by finding nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,13 +72,27 @@ _MODULE = rf"{_IDENT}(?:\.{_IDENT})*(?:\|{_IDENT})*"
 PY_MODULE = re.compile(rf"(?<![\w-])(?:python3?|\$PYTHON|\$\{{PYTHON\}})(?:\s+-[A-Za-z]+)*\s+-m\s+({_MODULE})")
 # accelerate launch [options, over continued lines] -m X
 ACCELERATE_MODULE = re.compile(rf"\baccelerate launch\b(?:[^\n`]|\\\n)*?\s-m\s+({_MODULE})")
-REPO_ROOTS = ("launch", "scripts", "configs", "bench", "tests", "pipeline", "data_prep", "swin_common", "docs",
-              r"\.ci")
+REPO_ROOTS = ("launch", "scripts", "configs", "bench", "tests", "pipeline", "data_prep", "swin_common", "docs", r"\.ci")
 REPO_PATH = re.compile(rf"(?<![\w./~$-])((?:{'|'.join(REPO_ROOTS)})/[\w./*<>-]*)")
 CONFIG_KEY = re.compile(rf"(?<![\w./$-])((?:{'|'.join(TOP_SECTIONS)})(?:\.{_IDENT})+)(=?)")
 # `model.safetensors`, `data.json`: file names, not keys
-FILE_SUFFIXES = {"json", "jsonl", "safetensors", "yaml", "yml", "txt", "npz", "pt", "png", "py", "sh", "tar",
-                 "idx", "md", "db"}
+FILE_SUFFIXES = {
+    "json",
+    "jsonl",
+    "safetensors",
+    "yaml",
+    "yml",
+    "txt",
+    "npz",
+    "pt",
+    "png",
+    "py",
+    "sh",
+    "tar",
+    "idx",
+    "md",
+    "db",
+}
 LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_CODE = re.compile(r"`([^`]+)`")
@@ -102,7 +117,7 @@ def _command_tail(text: str, offset: int) -> str:
         line = text[offset:] if end < 0 else text[offset:end]
         cut = re.search(r"`|\s#|\)|;|&&", line)
         if cut:
-            return "".join(out) + line[:cut.start()]
+            return "".join(out) + line[: cut.start()]
         if line.rstrip().endswith("\\") and end >= 0:
             out.append(line.rstrip()[:-1] + " ")
             offset = end + 1
@@ -245,7 +260,7 @@ def option_problem(value: str) -> str | None:
 
 def subcommand_problem(value: str) -> str | None:
     module, sub = value.split(" ")
-    if f'add_parser("{sub}"' in _parser_strings(module):
+    if re.search(rf'add_parser\(\s*"{re.escape(sub)}"', _parser_strings(module)):
         return None
     return f"`python -m {module}`: no subcommand {sub}"
 
@@ -301,8 +316,13 @@ def problems(page: Path, text: str | None = None) -> list[str]:
     text = page.read_text() if text is None else text
     found = []
     for name in extract(text):
-        check = {"module": module_problem, "path": path_problem, "key": key_problem, "option": option_problem,
-                 "subcommand": subcommand_problem}.get(name.kind)
+        check = {
+            "module": module_problem,
+            "path": path_problem,
+            "key": key_problem,
+            "option": option_problem,
+            "subcommand": subcommand_problem,
+        }.get(name.kind)
         problem = link_problem(page, name.value, text) if name.kind == "link" else check(name.value)
         if problem:
             found.append(f"{page.relative_to(REPO)}:{name.line}: {problem}")
@@ -320,8 +340,7 @@ def test_page_names_only_what_exists(page):
 
 def test_checks_find_enough_names():
     """Guards against a parser that finds nothing (and so passes): the pages name dozens of each kind."""
-    counts: dict[str, set[str]] = {kind: set() for kind in ("module", "path", "key", "link", "option",
-                                                             "subcommand")}
+    counts: dict[str, set[str]] = {kind: set() for kind in ("module", "path", "key", "link", "option", "subcommand")}
     for page in PAGES:
         for name in extract(page.read_text()):
             counts[name.kind].add(name.value)
@@ -329,33 +348,56 @@ def test_checks_find_enough_names():
     for kind, least in minimum.items():
         assert len(counts[kind]) >= least, f"only {len(counts[kind])} distinct {kind}s found: {sorted(counts[kind])}"
     # the forms the pages use, each found at least once
-    for module in ("pipeline.train", "pipeline.pull", "pipeline.predict", "pipeline.register", "pipeline.export",
-                   "pipeline.demo", "data_prep", "deepspeed.launcher.launch"):
+    for module in (
+        "pipeline.train",
+        "pipeline.pull",
+        "pipeline.predict",
+        "pipeline.register",
+        "pipeline.export",
+        "pipeline.demo",
+        "data_prep",
+        "deepspeed.launcher.launch",
+    ):
         assert module in counts["module"], module
-    for key in ("train.zero_stage", "optim.base_lr", "checkpoint.resume", "tracking.enabled", "model.fused_attn",
-                "data.shards", "schedule.decay", "eval.every_steps", "transfer.bias_tables"):
+    for key in (
+        "train.zero_stage",
+        "optim.base_lr",
+        "checkpoint.resume",
+        "tracking.enabled",
+        "model.fused_attn",
+        "data.shards",
+        "schedule.decay",
+        "eval.every_steps",
+        "transfer.bias_tables",
+    ):
         assert key in counts["key"], key
-    for path in ("launch/pretrain_22k.sh", "launch/slurm/pretrain_22k.sbatch", "configs/swin_base_22k.yaml",
-                 "scripts/ensure_venv.sh"):
+    for path in (
+        "launch/pretrain_22k.sh",
+        "launch/slurm/pretrain_22k.sbatch",
+        "configs/swin_base_22k.yaml",
+        "scripts/ensure_venv.sh",
+    ):
         assert path in counts["path"], path
 
 
 def test_checker_reports_what_does_not_exist():
     """The checks fail where they should: each kind of wrong name is reported with its line."""
-    text = "\n".join([
-        "Run `python -m pipeline.no_such_command` or",
-        "```bash",
-        "python -u -m pipeline.train|nonesuch --config configs/no_such_recipe.yaml train.no_such_key=3",
-        "accelerate launch --multi_gpu \\",
-        "    -m pipeline.nope",
-        "```",
-        "Set `optim.nonsense` and `data.shards`; see [here](no_such_page.md) and [there](#no-such-heading),",
-        "`model.safetensors` is a file, `swin_common.redact` a module, `bash launch/missing.sh` a script.",
-        "## A heading",
-        "[fine](#a-heading) and `python -m data_prep`, `python -m pipeline.data.loader`.",
-        "python -m data_prep shard --source S --out O --no-such-flag 3 --workers 2  # --not-this-one",
-        "`python -m data_prep unshard X` and `python -m pipeline.export CKPT --out DIR --debug --help`",
-    ])
+    text = "\n".join(
+        [
+            "Run `python -m pipeline.no_such_command` or",
+            "```bash",
+            "python -u -m pipeline.train|nonesuch --config configs/no_such_recipe.yaml train.no_such_key=3",
+            "accelerate launch --multi_gpu \\",
+            "    -m pipeline.nope",
+            "```",
+            "Set `optim.nonsense` and `data.shards`; see [here](no_such_page.md) and [there](#no-such-heading),",
+            "`model.safetensors` is a file, `swin_common.redact` a module, `bash launch/missing.sh` a script.",
+            "## A heading",
+            "[fine](#a-heading) and `python -m data_prep`, `python -m pipeline.data.loader`.",
+            "python -m data_prep shard --source S --out O --no-such-flag 3 --workers 2  # --not-this-one",
+            "`python -m data_prep unshard X` and `python -m pipeline.export CKPT --out DIR --debug --help`",
+        ]
+    )
     found = problems(README, text)
     expected = [
         "README.md:1: `python -m pipeline.no_such_command`: no module pipeline.no_such_command",
@@ -394,5 +436,6 @@ def test_every_docs_page_is_linked_from_the_readme():
 
 def test_readme_stays_short():
     lines = len(README.read_text().splitlines())
-    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines (at most {README_MAX_LINES}): "
-                                       "move the details into a docs/ page and link it")
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move the details into a docs/ page and link it"
+    )

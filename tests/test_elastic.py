@@ -9,6 +9,7 @@ batches are keyed by their slot, not their rank). Drop path is off here: its dra
 which by design are derived anew, not mapped, on another world. Measured on this recipe over the 4 steps after
 the resume: ZeRO-0 and ZeRO-1 follow the uninterrupted run bit for bit, ZeRO-3 within 0.05% (its partitioned
 sums round differently); asserted: 0.5%. (With drop path 0.1 they differ by up to 0.9%.)"""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO
 from runs import LAUNCH, job_env, metrics, run, small
+from servers import REPO
 
 pytestmark = pytest.mark.slow
 LOSS_TOLERANCE = 0.005
@@ -38,8 +39,8 @@ def resumes(run_dir: Path) -> list[dict]:
 
 
 def fingerprint_of(checkpoint: Path) -> dict[str, list[float]]:
-    from pipeline.engine.run_files import tensor_fingerprint
     from pipeline.engine.model_export import consolidated_state_dict
+    from pipeline.engine.run_files import tensor_fingerprint
 
     return {k: tensor_fingerprint(v) for k, v in consolidated_state_dict(checkpoint).items()}
 
@@ -67,8 +68,10 @@ def test_a_run_continues_on_another_number_of_ranks(stage, worlds, shards, tmp_p
     launch(before, shards, tmp_path, "uninterrupted", zero, "train.max_steps=8", "checkpoint.every_steps=4")
     stopped_copy(tmp_path / "uninterrupted", 4, tmp_path / "elastic")  # stopped at step 4 on `before` ranks
     second = launch(after, shards, tmp_path, "elastic", zero, "train.max_steps=8", "checkpoint.every_steps=4")
-    assert f"resumed from {tmp_path / 'elastic' / 'checkpoints' / 'step_00000004'} at step 4 (elastic: " \
-           f"{before} -> {after} ranks)" in second.stderr
+    assert (
+        f"resumed from {tmp_path / 'elastic' / 'checkpoints' / 'step_00000004'} at step 4 (elastic: "
+        f"{before} -> {after} ranks)" in second.stderr
+    )
     [done] = resumes(tmp_path / "elastic")
     assert (done["step"], done["from_world"], done["to_world"]) == (4, before, after)
     assert (done["universal"] is None) == (stage == 0)  # ZeRO-0 holds the whole optimizer state: a plain load
@@ -90,10 +93,15 @@ def test_two_one_two_through_the_launcher_and_a_kill_during_the_conversion(shard
     6, 2 ranks again to step 8: one run, every resume elastic, the converted copies kept beside their
     checkpoints, nothing half-converted ever taken for complete."""
     launch(2, shards, tmp_path, "chain", "train.max_steps=4", "checkpoint.every_steps=2")
-    args = small(shards, tmp_path, "chain", "data.val_split=", "train.max_steps=6",
-                 "checkpoint.every_steps=2")
-    proc = subprocess.Popen(["bash", str(LAUNCH), *map(str, args)], cwd=REPO, env=job_env(NUM_GPUS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = small(shards, tmp_path, "chain", "data.val_split=", "train.max_steps=6", "checkpoint.every_steps=2")
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH), *map(str, args)],
+        cwd=REPO,
+        env=job_env(NUM_GPUS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoints = tmp_path / "chain" / "checkpoints"
     deadline = time.time() + 300
     while not list(checkpoints.glob(".tmp-universal-*/*")) and proc.poll() is None and time.time() < deadline:
@@ -109,7 +117,9 @@ def test_two_one_two_through_the_launcher_and_a_kill_during_the_conversion(shard
     universal = sorted(p.name for p in checkpoints.glob("*.universal"))
     assert "step_00000006.universal" in universal  # kept beside its checkpoint; pruned with it (step 4 is gone)
     for name in universal:
-        assert (checkpoints / name / "UNIVERSAL_COMPLETE").is_file() and (checkpoints / name[:-10] / "COMPLETE").is_file()
+        assert (checkpoints / name / "UNIVERSAL_COMPLETE").is_file() and (
+            checkpoints / name[:-10] / "COMPLETE"
+        ).is_file()
     rows, _ = metrics(tmp_path / "chain")
     assert [r["world_size"] for r in rows if r["step"] in (4, 5, 6, 7, 8)][-5:] == [2, 1, 1, 2, 2]
     assert rows[-1]["step"] == 8
@@ -118,13 +128,21 @@ def test_two_one_two_through_the_launcher_and_a_kill_during_the_conversion(shard
 @pytest.mark.slurm
 def test_a_slurm_job_resubmitted_with_fewer_tasks_resumes(slurm_cluster, shards, tmp_path):
     """sbatch with 2 tasks to step 4, then the same job resubmitted with 1 task: it resumes at step 4."""
+
     def sbatch(tasks: int, steps: int):
-        job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
-                                   *small(shards, tmp_path, "slurm", "data.val_split=",
-                                          f"train.max_steps={steps}"),
-                                   sbatch_args=["--nodes=1", f"--ntasks-per-node={tasks}", "--cpus-per-task=1",
-                                                "--gpus-per-node=0", f"--output={tmp_path}/job-{tasks}-%j.out"],
-                                   env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+        job = slurm_cluster.sbatch(
+            REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+            *small(shards, tmp_path, "slurm", "data.val_split=", f"train.max_steps={steps}"),
+            sbatch_args=[
+                "--nodes=1",
+                f"--ntasks-per-node={tasks}",
+                "--cpus-per-task=1",
+                "--gpus-per-node=0",
+                f"--output={tmp_path}/job-{tasks}-%j.out",
+            ],
+            env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)},
+            cwd=tmp_path,
+        )
         [state] = slurm_cluster.wait(job, timeout=600)
         log = next(tmp_path.glob(f"job-{tasks}-*.out")).read_text()
         assert state.ok, f"{state}\n{log[-5000:]}"

@@ -3,6 +3,7 @@ shard set's val split, the same figures as an independent computation (each val 
 and run through the model here) at a world of one and on 2 ranks under the project's launcher; the scores as
 tags of the model version; --promote moving an alias only for a better top-1 (exit 3 when not); one-line errors
 for what does not exist."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,10 @@ from servers import REPO, free_port, run_prep
 pytestmark = pytest.mark.slow
 NAME = "evaluated"
 BATCH = 16  # 90 val samples: no multiple of 2 ranks x 16
-LINE = re.compile(r"^models:/(?P<name>[^/]+)/(?P<version>\d+) on (?P<set>.+) \(split (?P<split>\w+), (?P<samples>\d+) "
-                  r"samples\): loss (?P<loss>[\d.]+), top-1 (?P<top1>[\d.]+)%, top-5 (?P<top5>[\d.]+)%$")
+LINE = re.compile(
+    r"^models:/(?P<name>[^/]+)/(?P<version>\d+) on (?P<set>.+) \(split (?P<split>\w+), (?P<samples>\d+) "
+    r"samples\): loss (?P<loss>[\d.]+), top-1 (?P<top1>[\d.]+)%, top-5 (?P<top5>[\d.]+)%$"
+)
 
 
 # -- fixtures: a shard set, two registered versions (random weights, and the same with a fitted classifier) ------
@@ -62,8 +65,9 @@ def linear_probe(model: torch.nn.Module, shards: Path, samples: int = 320) -> to
     network)."""
     from pipeline.data.loader import LoaderConfig, create_loader
 
-    cfg = LoaderConfig(shards=str(shards), split="train", train=False, batch_size=samples, image_size=64,
-                       backend="torch", workers=0)
+    cfg = LoaderConfig(
+        shards=str(shards), split="train", train=False, batch_size=samples, image_size=64, backend="torch", workers=0
+    )
     images, labels = next(iter(create_loader(cfg)))
     assert (labels >= 0).all()
     model.eval()
@@ -94,8 +98,9 @@ def registry(mlflow_server, shards, tmp_path_factory):
     torch.manual_seed(0)
     weak = export(root / "weak", create_model("swin_nano", 64, 4, len(synsets)).eval(), synsets, step=0)
     torch.manual_seed(1)
-    strong = export(root / "strong", linear_probe(create_model("swin_nano", 64, 4, len(synsets)), shards), synsets,
-                    step=1)
+    strong = export(
+        root / "strong", linear_probe(create_model("swin_nano", 64, 4, len(synsets)), shards), synsets, step=1
+    )
     client = MlflowClient(mlflow_server.uri)
     run_id = client.create_run(client.create_experiment("evaluate")).info.run_id
     assert register(client, run_id, weak, NAME, []) == "1"
@@ -132,9 +137,12 @@ def expected_scores(folder: Path, shards: Path) -> dict:
     labels_t = torch.tensor(labels)
     top5 = logits.topk(5, dim=1).indices
     n = len(labels)
-    return {"samples": n, "loss": torch.nn.functional.cross_entropy(logits, labels_t, reduction="sum").item() / n,
-            "top1": 100 * (top5[:, 0] == labels_t).sum().item() / n,
-            "top5": 100 * (top5 == labels_t[:, None]).any(dim=1).sum().item() / n}
+    return {
+        "samples": n,
+        "loss": torch.nn.functional.cross_entropy(logits, labels_t, reduction="sum").item() / n,
+        "top1": 100 * (top5[:, 0] == labels_t).sum().item() / n,
+        "top5": 100 * (top5 == labels_t[:, None]).any(dim=1).sum().item() / n,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +155,11 @@ def expected(registry, shards) -> dict[str, dict]:
 
 # -- running the command ----------------------------------------------------------------------------------------
 def env(uri: str, cache: Path, **extra) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT") and not k.startswith("SLURM_")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT") and not k.startswith("SLURM_")
+    }
     return {**base, "MLFLOW_TRACKING_URI": uri, "SWIN_MODEL_CACHE": str(cache), "SWIN_RANK_GRACE_S": "2", **extra}
 
 
@@ -157,10 +168,23 @@ def evaluate(uri: str, cache: Path, *args, ranks: int = 1) -> subprocess.Complet
     if ranks == 1:
         cmd = [sys.executable, "-m", "pipeline.evaluate", *args, *common]
     else:  # the project's one-machine launcher: DeepSpeed's per-node launcher (launch/pretrain_22k.sh uses it)
-        cmd = [sys.executable, "-u", "-m", "swin_common.node_launch", "--procs", ranks, "--master_port", free_port(),
-               "--module", "pipeline.evaluate", *args, *common]
-    return subprocess.run(list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=env(uri, cache))
+        cmd = [
+            sys.executable,
+            "-u",
+            "-m",
+            "swin_common.node_launch",
+            "--procs",
+            ranks,
+            "--master_port",
+            free_port(),
+            "--module",
+            "pipeline.evaluate",
+            *args,
+            *common,
+        ]
+    return subprocess.run(
+        list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=300, env=env(uri, cache)
+    )
 
 
 def scored(stdout: str) -> dict[str, dict]:
@@ -169,8 +193,14 @@ def scored(stdout: str) -> dict[str, dict]:
     for line in stdout.splitlines():
         m = LINE.match(line)
         if m:
-            out[m["version"]] = {"samples": int(m["samples"]), "loss": float(m["loss"]), "top1": float(m["top1"]),
-                                 "top5": float(m["top5"]), "set": m["set"], "split": m["split"]}
+            out[m["version"]] = {
+                "samples": int(m["samples"]),
+                "loss": float(m["loss"]),
+                "top1": float(m["top1"]),
+                "top5": float(m["top5"]),
+                "set": m["set"],
+                "split": m["split"],
+            }
     return out
 
 
@@ -186,8 +216,11 @@ def set_id(shards: Path) -> str:
 
 def tags(uri: str, version: str, shards: Path) -> dict[str, str]:
     prefix = f"eval.{set_id(shards)}.val."
-    return {k[len(prefix):]: v for k, v in MlflowClient(uri).get_model_version(NAME, version).tags.items()
-            if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v
+        for k, v in MlflowClient(uri).get_model_version(NAME, version).tags.items()
+        if k.startswith(prefix)
+    }
 
 
 # -- the tests --------------------------------------------------------------------------------------------------
@@ -197,8 +230,9 @@ def test_scores_promotion_and_two_ranks(registry, expected, shards, tmp_path):
     cache = tmp_path / "cache"
 
     # 1. a world of one, no champion yet: the random version is scored, its scores tagged, and promoted
-    one = evaluate(uri, cache, f"models:/{NAME}/1", "--shards", shards, "--promote", "champion",
-                   "--if-better-than", "champion")
+    one = evaluate(
+        uri, cache, f"models:/{NAME}/1", "--shards", shards, "--promote", "champion", "--if-better-than", "champion"
+    )
     assert one.returncode == 0, one.stderr[-4000:]
     assert "90 samples, 1 rank(s)" in one.stderr
     figures = scored(one.stdout)
@@ -218,32 +252,56 @@ def test_scores_promotion_and_two_ranks(registry, expected, shards, tmp_path):
     # score on this set now), with the world of one's figures; better, so the alias moves
     for key in tags(uri, "1", shards):
         client.delete_model_version_tag(NAME, "1", f"eval.{set_id(shards)}.val.{key}")
-    two = evaluate(uri, cache, f"models:/{NAME}@latest_fit", "--shards", shards, "--promote", "champion",
-                   "--if-better-than", "champion", ranks=2)
+    two = evaluate(
+        uri,
+        cache,
+        f"models:/{NAME}@latest_fit",
+        "--shards",
+        shards,
+        "--promote",
+        "champion",
+        "--if-better-than",
+        "champion",
+        ranks=2,
+    )
     assert two.returncode == 0, two.stderr[-4000:]
     assert "90 samples, 2 rank(s)" in two.stderr and "has no score on" in two.stderr, two.stderr[-4000:]
     figures2 = scored(two.stdout)
     assert set(figures2) == {"1", "2"}, two.stdout
     assert_figures(figures2["2"], expected["2"])
-    assert {k: figures2["1"][k] for k in ("samples", "top1", "top5")} == \
-        {k: figures["1"][k] for k in ("samples", "top1", "top5")}
+    assert {k: figures2["1"][k] for k in ("samples", "top1", "top5")} == {
+        k: figures["1"][k] for k in ("samples", "top1", "top5")
+    }
     assert figures2["1"]["loss"] == pytest.approx(figures["1"]["loss"], abs=1e-4)
     assert two.stdout.count(f"on {shards} (split val, 90 samples)") == 2  # rank 0 alone prints
     versus = [line for line in two.stdout.splitlines() if line.startswith("candidate ")]
-    assert versus == [f"candidate models:/{NAME}/2 top-1 {figures2['2']['top1']:.2f}% vs champion models:/{NAME}/1 "
-                      f"top-1 {figures['1']['top1']:.2f}% on {shards} (split val): champion -> version 2"], two.stdout
+    assert versus == [
+        f"candidate models:/{NAME}/2 top-1 {figures2['2']['top1']:.2f}% vs champion models:/{NAME}/1 "
+        f"top-1 {figures['1']['top1']:.2f}% on {shards} (split val): champion -> version 2"
+    ], two.stdout
     assert client.get_model_version_by_alias(NAME, "champion").version == "2"
     assert tags(uri, "2", shards)["samples"] == "90" and tags(uri, "1", shards)["top1"] == recorded["top1"]
 
     # 3. the weaker version again, on 2 ranks: the champion's recorded score is compared (nothing rescored), not
     # better: exit 3 on every rank, passed on by the launcher, and the alias stays
-    again = evaluate(uri, cache, f"models:/{NAME}/1", "--shards", shards, "--promote", "champion",
-                     "--if-better-than", "champion", ranks=2)
+    again = evaluate(
+        uri,
+        cache,
+        f"models:/{NAME}/1",
+        "--shards",
+        shards,
+        "--promote",
+        "champion",
+        "--if-better-than",
+        "champion",
+        ranks=2,
+    )
     assert again.returncode == 3, again.stderr[-4000:]
     assert set(scored(again.stdout)) == {"1"}, again.stdout
-    assert [line for line in again.stdout.splitlines() if line.startswith("candidate ")] == \
-        [f"candidate models:/{NAME}/1 top-1 {figures['1']['top1']:.2f}% vs champion models:/{NAME}/2 top-1 "
-         f"{figures2['2']['top1']:.2f}% on {shards} (split val): not better: champion stays at version 2"]
+    assert [line for line in again.stdout.splitlines() if line.startswith("candidate ")] == [
+        f"candidate models:/{NAME}/1 top-1 {figures['1']['top1']:.2f}% vs champion models:/{NAME}/2 top-1 "
+        f"{figures2['2']['top1']:.2f}% on {shards} (split val): not better: champion stays at version 2"
+    ]
     assert client.get_model_version_by_alias(NAME, "champion").version == "2"
 
 
@@ -258,18 +316,29 @@ def one_error_line(proc: subprocess.CompletedProcess, *names: str) -> str:
 def test_what_does_not_exist_is_one_line_naming_it(registry, shards, tmp_path):
     uri, _folders = registry
     cache = tmp_path / "cache"
-    one_error_line(evaluate(uri, cache, f"models:/{NAME}@nope", "--shards", shards), f"models:/{NAME}@nope",
-                   f"the registered model {NAME} has no alias 'nope' (its aliases: ")
-    one_error_line(evaluate(uri, cache, f"models:/{NAME}/1", "--shards", tmp_path / "no_set"),
-                   f"shard set not found: {tmp_path / 'no_set'}")
-    one_error_line(evaluate(uri, cache, f"models:/{NAME}/1", "--shards", shards, "--split", "test"),
-                   str(shards), "no 'test' split", "train, val")
+    one_error_line(
+        evaluate(uri, cache, f"models:/{NAME}@nope", "--shards", shards),
+        f"models:/{NAME}@nope",
+        f"the registered model {NAME} has no alias 'nope' (its aliases: ",
+    )
+    one_error_line(
+        evaluate(uri, cache, f"models:/{NAME}/1", "--shards", tmp_path / "no_set"),
+        f"shard set not found: {tmp_path / 'no_set'}",
+    )
+    one_error_line(
+        evaluate(uri, cache, f"models:/{NAME}/1", "--shards", shards, "--split", "test"),
+        str(shards),
+        "no 'test' split",
+        "train, val",
+    )
     # a gate a typo cannot open: an alias to beat that names no version is an error unless it is the alias being
     # promoted (its first promotion); nothing is scored and nothing moves
-    typo = evaluate(uri, cache, f"models:/{NAME}/1", "--shards", shards, "--promote", "prod", "--if-better-than",
-                    "prdo")
-    one_error_line(typo, "--if-better-than prdo", f"the registered model {NAME} has no alias 'prdo'",
-                   "prod is not moved")
+    typo = evaluate(
+        uri, cache, f"models:/{NAME}/1", "--shards", shards, "--promote", "prod", "--if-better-than", "prdo"
+    )
+    one_error_line(
+        typo, "--if-better-than prdo", f"the registered model {NAME} has no alias 'prdo'", "prod is not moved"
+    )
     assert "scoring" not in typo.stderr and "prod" not in (MlflowClient(uri).get_registered_model(NAME).aliases or {})
 
 
@@ -285,6 +354,9 @@ def test_a_model_is_scored_on_a_set_whose_synsets_it_covers(shards):
     assert [wider[r] for r in rows] == synsets
     logits = torch.arange(len(wider), dtype=torch.float32)[None, :]
     assert map_head(lambda x: logits, rows)(None).tolist() == [[float(r) for r in rows]]
-    with pytest.raises(CommandError, match=r"models:/m/1 cannot be scored on SET: 1 of the set's 10 synsets are "
-                                           r"not among the model's 9 classes \(n00000009\)"):
+    with pytest.raises(
+        CommandError,
+        match=r"models:/m/1 cannot be scored on SET: 1 of the set's 10 synsets are "
+        r"not among the model's 9 classes \(n00000009\)",
+    ):
         head_rows(synsets[:9], synsets, "models:/m/1", "SET")

@@ -1,4 +1,5 @@
 """prepare_image: what becomes a shard sample, what is converted, what is rejected and why."""
+
 import io
 
 import pytest

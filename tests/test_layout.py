@@ -1,6 +1,7 @@
 """The layout shows the architecture (shared/DESIGN.md): layers import only from the layers below them, the
 shard-set contract is the only part of data_prep that training uses, the loader backends sit behind one
 interface without import cycles, and every collective goes through pipeline/engine/distributed.py."""
+
 from __future__ import annotations
 
 import ast
@@ -33,7 +34,7 @@ def imports_of(name: str, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -48,8 +49,16 @@ GRAPH = {name: imports_of(name, path) for name, path in modules().items()}
 
 # the layers of shared/DESIGN.md, lowest first, by module prefix (the first that matches wins); anything else is
 # a command (layer 8): pipeline/{train,export,pull,predict,register,demo}.py, data_prep's cli
-LAYERS = (("swin_common", 0), ("data_prep.shardset", 1), ("data_prep", 2), ("pipeline.config", 3),
-          ("pipeline.data", 4), ("pipeline.model", 5), ("pipeline.engine", 6), ("pipeline.tracking", 7))
+LAYERS = (
+    ("swin_common", 0),
+    ("data_prep.shardset", 1),
+    ("data_prep", 2),
+    ("pipeline.config", 3),
+    ("pipeline.data", 4),
+    ("pipeline.model", 5),
+    ("pipeline.engine", 6),
+    ("pipeline.tracking", 7),
+)
 
 
 def layer(module: str) -> int:
@@ -84,7 +93,7 @@ def cycles() -> list[list[str]]:
 
     def visit(node):
         if node in stack:
-            found.append(stack[stack.index(node):] + [node])
+            found.append(stack[stack.index(node) :] + [node])
             return
         if node in seen:
             return
@@ -102,7 +111,7 @@ def cycles() -> list[list[str]]:
 
 def test_no_import_cycles():
     # a package's __init__ re-exporting its own modules is not a cycle between modules
-    real = [c for c in cycles() if not any(GRAPH.get(a) and a + "." in b for a, b in zip(c, c[1:]))]
+    real = [c for c in cycles() if not any(GRAPH.get(a) and a + "." in b for a, b in zip(c, c[1:], strict=False))]
     assert not real, real
 
 
@@ -112,9 +121,24 @@ def test_the_loader_backends_do_not_import_the_loader():
     assert "pipeline.data.torch_backend" not in GRAPH["pipeline.data.loader"]  # chosen by backend.create_backend
 
 
-COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
-               "reduce", "reduce_scatter", "all_to_all", "gather", "scatter", "send", "recv",
-               "destroy_process_group", "init_process_group", "monitored_barrier"}
+COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "reduce",
+    "reduce_scatter",
+    "all_to_all",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "destroy_process_group",
+    "init_process_group",
+    "monitored_barrier",
+}
 
 
 def test_every_collective_goes_through_the_distributed_helper():
@@ -123,12 +147,27 @@ def test_every_collective_goes_through_the_distributed_helper():
         if name == "pipeline.engine.distributed":
             continue
         tree = ast.parse(path.read_text())
-        aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
-                   if a.name == "torch.distributed"}
-        aliases |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                    and n.module == "torch" for a in n.names if a.name == "distributed"}
-        direct = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                  and n.module == "torch.distributed" for a in n.names if a.name in COLLECTIVES}
+        aliases = {
+            a.asname or a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import)
+            for a in n.names
+            if a.name == "torch.distributed"
+        }
+        aliases |= {
+            a.asname or a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module == "torch"
+            for a in n.names
+            if a.name == "distributed"
+        }
+        direct = {
+            a.asname or a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module == "torch.distributed"
+            for a in n.names
+            if a.name in COLLECTIVES
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES:
                 base = ast.unparse(node.value)

@@ -1,5 +1,6 @@
 """data_prep's columnar listing and plan: the same items and the same shards as the object-per-image version,
 and its cache round trip."""
+
 import hashlib
 
 import pytest
@@ -20,6 +21,7 @@ def items(listing: Listing) -> list:
 
 def reference_plan(all_items, seed, per_class, max_samples, max_bytes):
     """The plan as the object-per-image version computed it (sorted() with a keyed hash per item)."""
+
     def rank(purpose, item):
         return hashlib.blake2b(f"{seed}:{purpose}:{item.path}".encode(), digest_size=8).digest()
 
@@ -38,8 +40,9 @@ def reference_plan(all_items, seed, per_class, max_samples, max_bytes):
     for split, part in (("train", train), ("val", val)):
         shards, current, size = [], [], 0
         for item in sorted(part, key=lambda it: rank("order", it)):
-            if (max_samples and len(current) >= max_samples) or (max_bytes and current
-                                                                 and size + item.size > max_bytes):
+            if (max_samples and len(current) >= max_samples) or (
+                max_bytes and current and size + item.size > max_bytes
+            ):
                 shards.append(current)
                 current, size = [], 0
             current.append(item)
@@ -57,8 +60,10 @@ def test_items_are_sorted_by_synset_and_path_with_unique_keys(listing):
     assert len({r.key for r in rows}) == len(rows)
 
 
-@pytest.mark.parametrize("seed, per_class, max_samples, max_bytes",
-                         [(0, 0, 200, None), (1, 5, 150, None), (7, 3, 0, 60_000), (2, 10, 90, 40_000)])
+@pytest.mark.parametrize(
+    "seed, per_class, max_samples, max_bytes",
+    [(0, 0, 200, None), (1, 5, 150, None), (7, 3, 0, 60_000), (2, 10, 90, 40_000)],
+)
 def test_the_plan_is_the_one_the_object_version_made(listing, seed, per_class, max_samples, max_bytes):
     plan = plan_shards(listing, seed, per_class, max_samples or None, max_bytes)
     got = [(s.split, s.index, s.items) for s in plan]

@@ -1,4 +1,5 @@
 """pipeline.data.loader on CPU: both backends, the batch contract, ranks, epochs, exact resume, bad samples."""
+
 import json
 import shutil
 from collections import Counter
@@ -12,7 +13,7 @@ from pipeline.data.loader import DataError, LoaderConfig, create_loader
 
 
 def config(shards, **kw) -> LoaderConfig:
-    base = dict(shards=str(shards), batch_size=32, image_size=64, workers=2)
+    base = {"shards": str(shards), "batch_size": 32, "image_size": 64, "workers": 2}
     return LoaderConfig(**{**base, **kw})
 
 
@@ -47,8 +48,9 @@ def test_both_backends_read_the_same_samples_with_the_same_crops(shards):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_gets_the_same_number_of_batches(shards, world):
-    counts = [len(take(create_loader(config(shards, backend="torch", workers=0), rank=r, world=world)))
-              for r in range(world)]
+    counts = [
+        len(take(create_loader(config(shards, backend="torch", workers=0), rank=r, world=world))) for r in range(world)
+    ]
     assert counts == [(1697 // world) // 32] * world
 
 
@@ -61,11 +63,14 @@ def test_each_epoch_is_shuffled_afresh(shards):
     assert sum((Counter(first.tolist()) - Counter(second.tolist())).values()) <= 1697 % 32
 
 
-@pytest.mark.parametrize("backend,extra", [
-    ("torch", dict(rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, random_erasing=0.25)),
-    ("dali", dict(mixup=0.8, cutmix=1.0, random_erasing=0.25)),
-    ("dali", dict(rand_augment="rand-m9-mstd0.5-inc1")),  # DALI's RNG state rides in the loader state
-])
+@pytest.mark.parametrize(
+    "backend,extra",
+    [
+        ("torch", {"rand_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25}),
+        ("dali", {"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25}),
+        ("dali", {"rand_augment": "rand-m9-mstd0.5-inc1"}),  # DALI's RNG state rides in the loader state
+    ],
+)
 def test_resume_mid_epoch_yields_exactly_the_same_batches(shards, backend, extra):
     cfg = config(shards, backend=backend, seed=3, **extra)
     whole = take(create_loader(cfg))
@@ -83,8 +88,15 @@ def test_resume_mid_epoch_yields_exactly_the_same_batches(shards, backend, extra
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_resume_on_cuda_yields_exactly_the_same_batches(shards):
     """DALI's mixed decode (nvJPEG) and RandAugment on the GPU, batches on the GPU: the same exact resume."""
-    cfg = config(shards, backend="dali", device="cuda", seed=3, rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8,
-                 random_erasing=0.25)
+    cfg = config(
+        shards,
+        backend="dali",
+        device="cuda",
+        seed=3,
+        rand_augment="rand-m9-mstd0.5-inc1",
+        mixup=0.8,
+        random_erasing=0.25,
+    )
     whole = take(create_loader(cfg))
     assert whole[0][0].is_cuda
     loader = create_loader(cfg)
@@ -130,10 +142,13 @@ def test_dali_reads_the_shards_in_its_feeder_thread_not_the_training_thread(shar
     assert not [t for t in threading.enumerate() if t.name == "dali-feeder"]  # stopped with the iteration
 
 
-@pytest.mark.parametrize("backend,extra", [
-    ("torch", dict(rand_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, random_erasing=0.25)),
-    ("dali", dict(mixup=0.8, random_erasing=0.25)),
-])
+@pytest.mark.parametrize(
+    "backend,extra",
+    [
+        ("torch", {"rand_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25}),
+        ("dali", {"mixup": 0.8, "random_erasing": 0.25}),
+    ],
+)
 def test_a_micro_batch_is_the_same_on_any_number_of_ranks_and_resumes_on_another(shards, backend, extra):
     """Rank r of 2 reads the micro batches in slots r, r+2, ... of the epoch's sequence, with the draws of those
     slots: exactly what a world of one reads in those slots. A world of one resumes where two ranks stopped."""
@@ -177,7 +192,7 @@ def one_bad_jpeg(shards, tmp_path) -> tuple[Path, str]:
     offset, size, name = parts["jpg"]
     tar = out / "train/shard-000001.tar"
     data = bytearray(tar.read_bytes())
-    data[offset:offset + size] = b"\0" * size
+    data[offset : offset + size] = b"\0" * size
     tar.write_bytes(bytes(data))
     return out, name.rsplit(".", 1)[0]
 
@@ -207,12 +222,18 @@ def test_dali_rand_augment_changes_the_images(shards):
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("backend,device", [
-    ("torch", "cpu"),
-    ("dali", "cpu"),
-    pytest.param("dali", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                             reason="needs a CUDA device")]),
-])
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        ("torch", "cpu"),
+        ("dali", "cpu"),
+        pytest.param(
+            "dali",
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
 def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, tmp_path, backend, device, caplog):
     """Through the node's cache and read-ahead (DALI: its feeder thread reads the pinned copies, batches ahead of
     the loader, and the read-ahead lets go of what the feeder has passed)."""
@@ -223,12 +244,21 @@ def test_an_s3_shard_set_gives_the_batches_of_the_local_one(s3_in_env, shards, t
     # a shuffle window of one shard: at most three shards are read at once (a batch across two windows); the
     # budget holds them and the read-ahead, but not the set, so evictions happen
     local = config(shards, backend=backend, device=device, workers=0, shuffle_window=250)
-    remote = config(shards, backend=backend, device=device, workers=0, cache_dir=str(tmp_path / "cache"),
-                    cache_bytes=4 * biggest, shuffle_window=250)
+    remote = config(
+        shards,
+        backend=backend,
+        device=device,
+        workers=0,
+        cache_dir=str(tmp_path / "cache"),
+        cache_bytes=4 * biggest,
+        shuffle_window=250,
+    )
     remote.shards = f"s3://{bucket}/set"
     a = take(create_loader(remote))
     b = take(create_loader(local))
-    assert len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True))
+    assert len(a) == len(b) and all(
+        torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b, strict=True)
+    )
     cached = [p.stat().st_size for p in (tmp_path / "cache").rglob("*.tar")]
     assert cached and sum(cached) <= 4 * biggest and len(cached) < 7
     assert "over its budget" not in caplog.text  # never over it, not even while it ran
@@ -262,8 +292,9 @@ def test_a_torch_loader_after_a_dali_one_in_the_same_process(shards):
     from conftest import REPO
 
     try:
-        proc = subprocess.run([sys.executable, "-c", SAME_PROCESS, str(shards)], cwd=REPO, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", SAME_PROCESS, str(shards)], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the torch loader hung: a forked worker finalised the inherited DALI pipeline")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -288,8 +319,10 @@ def test_predict_sees_the_pixels_the_eval_loader_gives(tmp_path):
     run_prep("shard", "--source", source, "--out", out, "--holdout-per-class", 2)
     loader = create_loader(config(out, split="val", train=False, batch_size=1, backend="torch", workers=0))
     order = epoch_order(loader.reader.sizes, 0, 0, 0, 1, shuffle=False)
-    meta = {"img_size": 64, "preprocessing": {"crop_pct": 0.875, "mean": [0.485, 0.456, 0.406],
-                                              "std": [0.229, 0.224, 0.225]}}
+    meta = {
+        "img_size": 64,
+        "preprocessing": {"crop_pct": 0.875, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    }
     sizes = set()
     for n, (images, _labels) in enumerate(loader):
         jpg, _ = loader.reader.read(int(order.shard[n]), int(order.sample[n]))

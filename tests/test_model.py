@@ -1,5 +1,6 @@
 """The timm Swin factory against the paper's Table 1 (../shared/SWIN_FACTS.md), the fused attention switch,
 gradient checkpointing, and the CPU twin."""
+
 from __future__ import annotations
 
 import pytest

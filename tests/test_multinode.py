@@ -5,6 +5,7 @@ launch/pretrain_22k.sh`) train the tiny recipe at world 2 into a shared run fold
 killed with -9 mid-run, the same command is run again, and it resumes from the newest complete checkpoint
 and finishes. Also Slurm across two nodes (one slurmd per address, tests/servers.py::slurm_two_nodes) and
 `accelerate launch`, one node and two, as more launchers of the same entry point."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from runs import ACCELERATE, DEEPSPEED, LAUNCH, job_env, metrics, small as small_run
+from runs import ACCELERATE, DEEPSPEED, LAUNCH, job_env, metrics
+from runs import small as small_run
 from servers import REPO, free_port, start_sshd
 
 pytestmark = pytest.mark.slow
@@ -30,6 +32,7 @@ def small(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
 
 
 # --- processes of one run, found by /proc ----------------------------------------------------------------
+
 
 def _environ(pid: int) -> dict[str, str]:
     try:
@@ -51,24 +54,30 @@ def _alive(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
 
 
 def run_processes(marker: str) -> list[int]:
     """Live processes whose command line names `marker` (the run's own folder): the launchers and the ranks
     on every node, whatever started them (the ranks on the ssh nodes are children of sshd, not of the test)."""
     me = os.getpid()
-    return [int(p.name) for p in Path("/proc").iterdir()
-            if p.name.isdigit() and int(p.name) != me and any(marker in a for a in _cmdline(int(p.name)))
-            and _alive(int(p.name))]
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and int(p.name) != me
+        and any(marker in a for a in _cmdline(int(p.name)))
+        and _alive(int(p.name))
+    ]
 
 
 def rank_process(marker: str, rank: int) -> int | None:
     """The training process of global rank `rank` (the one whose environment has RANK=rank)."""
     for pid in run_processes(marker):
         cmd = " ".join(_cmdline(pid))
-        if ("-m pipeline.train" in cmd or "pretrain_22k.sh --local_rank" in cmd) and \
-                _environ(pid).get("RANK") == str(rank):
+        if ("-m pipeline.train" in cmd or "pretrain_22k.sh --local_rank" in cmd) and _environ(pid).get("RANK") == str(
+            rank
+        ):
             return pid
     return None
 
@@ -93,8 +102,12 @@ def wait_gone(marker: str, timeout: float) -> list[int]:
 
 # --- ssh "nodes" -----------------------------------------------------------------------------------------
 # settings the project reads, which the deepspeed runner alone would not pass to the other nodes
-FORWARDED = {"SWIN_FORWARD_CHECK": "a b,c", "AWS_DEFAULT_REGION": "eu-west-3", "TORCH_CPP_LOG_LEVEL": "ERROR",
-             "DEEPSPEED_TIMEOUT": "12"}
+FORWARDED = {
+    "SWIN_FORWARD_CHECK": "a b,c",
+    "AWS_DEFAULT_REGION": "eu-west-3",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "DEEPSPEED_TIMEOUT": "12",
+}
 
 
 STEPS = 16  # killed after the step-4 checkpoint (at most step 8 is saved by then), resumed to the end
@@ -107,30 +120,48 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
     hostfile = ssh_nodes.hostfile(tmp_path / "hostfile")
     user_dir = tmp_path / "user"  # where the user types the command (relative paths are the user's)
     user_dir.mkdir()
-    args = small(shards, run_dir.parent, "mn", f"train.max_steps={STEPS}", "checkpoint.every_steps=4",
-                 "checkpoint.keep_last=3")
+    args = small(
+        shards, run_dir.parent, "mn", f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep_last=3"
+    )
     port = free_port()
     if form == "bash_hostfile":  # HOSTFILE=... bash launch/pretrain_22k.sh, from the user's own folder
         cmd = ["bash", LAUNCH, *args]
-        env = job_env(port=False, **ssh_nodes.env, HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                        **FORWARDED)
+        env = job_env(
+            port=False,
+            **ssh_nodes.env,
+            HOSTFILE=str(hostfile),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **FORWARDED,
+        )
         cwd = user_dir
     else:  # as the team types it, in the repository: the script's path and --config are relative
-        cmd = [DEEPSPEED, "--hostfile", hostfile, "--ssh_port", ssh_nodes.port, "--master_addr", "127.0.0.1",
-               "--master_port", port, "launch/pretrain_22k.sh", *args]
+        cmd = [
+            DEEPSPEED,
+            "--hostfile",
+            hostfile,
+            "--ssh_port",
+            ssh_nodes.port,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "launch/pretrain_22k.sh",
+            *args,
+        ]
         env = job_env(port=False, PATH=ssh_nodes.env["PATH"])
         cwd = REPO
     cmd = list(map(str, cmd))
     log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
     try:
         with open(log1, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         ckpt = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
         end = time.time() + 240
         while not ckpt.exists():
-            assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {ckpt}:\n" \
-                                        f"{log1.read_text()[-6000:]}"
+            assert proc.poll() is None, (
+                f"the run ended (exit {proc.returncode}) before {ckpt}:\n{log1.read_text()[-6000:]}"
+            )
             assert time.time() < end, f"no {ckpt} after 240 s:\n{log1.read_text()[-6000:]}"
             time.sleep(0.01)
         victim = rank_process(marker, 1)
@@ -152,8 +183,12 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
         first = log1.read_text()
         assert rc != 0, first[-4000:]
         # rank 0 names the rank it lost, and where it ran (pipeline/engine/watchdog.py)
-        assert re.search(r"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid \d+, last at step \d+: its "
-                         r"process ended", first, re.M), first[-4000:]
+        assert re.search(
+            r"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid \d+, last at step \d+: its "
+            r"process ended",
+            first,
+            re.M,
+        ), first[-4000:]
         left = wait_gone(marker, 60)  # pdsh is gone; the ranks' own launchers on each node end them
         assert not left, f"processes left after the killed run: {[(p, _cmdline(p)) for p in left]}"
         assert "127.0.0.1: " in first and "127.0.0.2: " in first, first[-3000:]  # pdsh's per-node prefixes
@@ -174,7 +209,7 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
     assert not left, f"processes of the run were still alive at the end: {left}"
     steps = metrics(run_dir)[0]
     assert steps[-1]["step"] == STEPS
-    assert [m["step"] for m in steps[step - STEPS:]] == list(range(step + 1, STEPS + 1))  # the second run's records
+    assert [m["step"] for m in steps[step - STEPS :]] == list(range(step + 1, STEPS + 1))  # the second run's records
     final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     complete = json.loads((final / "COMPLETE").read_text())
     assert complete["world_size"] == 2 and complete["step"] == STEPS
@@ -189,16 +224,28 @@ def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, sha
     run_dir = tmp_path / "shared" / "hang"
     marker = str(run_dir.parent)
     timeout_s = 10
-    args = small(shards, run_dir.parent, "hang", "train.max_steps=16", "checkpoint.every_steps=4",
-                 f"train.collective_timeout_s={timeout_s}")
-    env = job_env(port=False, **ssh_nodes.env, HOSTFILE=str(ssh_nodes.hostfile(tmp_path / "hostfile")),
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    args = small(
+        shards,
+        run_dir.parent,
+        "hang",
+        "train.max_steps=16",
+        "checkpoint.every_steps=4",
+        f"train.collective_timeout_s={timeout_s}",
+    )
+    env = job_env(
+        port=False,
+        **ssh_nodes.env,
+        HOSTFILE=str(ssh_nodes.hostfile(tmp_path / "hostfile")),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     cmd = list(map(str, ["bash", LAUNCH, *args]))
     log1 = tmp_path / "first.log"
     try:
         with open(log1, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         ckpt = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
         end = time.time() + 240
         while not ckpt.exists():
@@ -215,8 +262,12 @@ def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, sha
         took = time.monotonic() - t0
         first = log1.read_text()
         assert rc != 0, first[-4000:]
-        assert re.search(rf"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid {victim}, last at step "
-                         r"\d+: stopped answering", first, re.M), first[-4000:]
+        assert re.search(
+            rf"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid {victim}, last at step "
+            r"\d+: stopped answering",
+            first,
+            re.M,
+        ), first[-4000:]
         left = wait_gone(marker, 30)
         assert not left, f"processes left after the hung run: {[(p, _cmdline(p)) for p in left]}"
         newest = max(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
@@ -240,11 +291,17 @@ def test_a_rank_that_cannot_start_on_one_node_is_named_at_start(ssh_nodes, shard
     try:
         run_dir = tmp_path / "shared" / "nostart"
         args = small(shards, run_dir.parent, "nostart", "train.max_steps=4", "train.collective_timeout_s=10")
-        env = job_env(port=False, **nodes.env, HOSTFILE=str(nodes.hostfile(tmp_path / "hostfile")),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env = job_env(
+            port=False,
+            **nodes.env,
+            HOSTFILE=str(nodes.hostfile(tmp_path / "hostfile")),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
         t0 = time.monotonic()
-        proc = subprocess.run(list(map(str, ["bash", LAUNCH, *args])), cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=240)
+        proc = subprocess.run(
+            list(map(str, ["bash", LAUNCH, *args])), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+        )
         took = time.monotonic() - t0
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0, out[-4000:]
@@ -261,16 +318,25 @@ def test_a_rank_that_cannot_start_on_one_node_is_named_at_start(ssh_nodes, shard
 
 # --- Slurm across two nodes ------------------------------------------------------------------------------
 
+
 @pytest.mark.slurm
 def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
     """sbatch --nodes=2 launch/slurm/pretrain_22k.sbatch: srun starts one task on each node's slurmd, the
     ranks meet at the job's first node (MASTER_ADDR from the node list) and train into the shared run folder."""
     run_dir = tmp_path / "shared"
-    job = slurm_two_nodes.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
-                                 *small(shards, run_dir, "slurm2", "train.max_steps=3"),
-                                 sbatch_args=["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
-                                              "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out"],
-                                 env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+    job = slurm_two_nodes.sbatch(
+        REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+        *small(shards, run_dir, "slurm2", "train.max_steps=3"),
+        sbatch_args=[
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            f"--output={tmp_path}/job-%j.out",
+        ],
+        env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)},
+        cwd=tmp_path,
+    )
     try:
         [state] = slurm_two_nodes.wait(job, timeout=400)
     finally:
@@ -280,8 +346,9 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
     assert "2 ranks on 2 node(s) [127.0.0.[1-2]]" in log, log[-3000:]
     assert "global batch 32 = 16 micro x 2 ranks" in log
     for node in ("127.0.0.1", "127.0.0.2"):  # each node's slurmd launched one task of the step
-        assert re.search(rf"launch task StepId={job}\.0 ", (slurm_two_nodes.state_dir / f"slurmd-{node}.log")
-                         .read_text()), slurm_two_nodes.log_tails()
+        assert re.search(
+            rf"launch task StepId={job}\.0 ", (slurm_two_nodes.state_dir / f"slurmd-{node}.log").read_text()
+        ), slurm_two_nodes.log_tails()
     assert [m["step"] for m in metrics(run_dir / "slurm2")[0]] == [1, 2, 3]
     ckpt = run_dir / "slurm2" / "checkpoints" / "step_00000003"
     assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
@@ -290,19 +357,38 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
 
 # --- accelerate launch -----------------------------------------------------------------------------------
 
+
 def accelerate_args(num_machines: int, port: int) -> list[str]:
     """`accelerate launch` options that start world-2 torch.distributed ranks of `python -m pipeline.train`.
     --multi_gpu is accelerate's torchrun path (it works on CPUs too: gloo); --cpu would take its "simple"
     launcher, which starts one process (several only through mpirun with --mpirun_hostfile)."""
-    return ["launch", "--multi_gpu", "--num_machines", str(num_machines), "--num_processes", "2",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    return [
+        "launch",
+        "--multi_gpu",
+        "--num_machines",
+        str(num_machines),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
 
 
 def test_accelerate_launch_on_one_node_starts_two_ranks(shards, tmp_path):
-    cmd = [ACCELERATE, *accelerate_args(1, free_port()), "-m", "pipeline.train",
-           *small(shards, tmp_path, "acc1", "train.max_steps=3")]
-    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=job_env(port=False), capture_output=True, text=True,
-                          timeout=400)
+    cmd = [
+        ACCELERATE,
+        *accelerate_args(1, free_port()),
+        "-m",
+        "pipeline.train",
+        *small(shards, tmp_path, "acc1", "train.max_steps=3"),
+    ]
+    proc = subprocess.run(
+        list(map(str, cmd)), cwd=REPO, env=job_env(port=False), capture_output=True, text=True, timeout=400
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "global batch 32 = 16 micro x 2 ranks" in out, out[-4000:]
@@ -316,13 +402,28 @@ def test_accelerate_launch_on_two_nodes_through_pdsh(ssh_nodes, shards, tmp_path
     """The multi-node form: the same `accelerate launch` on every node, each with its --machine_rank (pdsh's
     %n), the first node's address as --main_process_ip; one rank per node here."""
     run_dir = tmp_path / "shared"
-    args = [*accelerate_args(2, free_port()), "--machine_rank", "%n", "--main_process_ip", "127.0.0.1",
-            "-m", "pipeline.train", *small(shards, run_dir, "acc2", "train.max_steps=3")]
+    args = [
+        *accelerate_args(2, free_port()),
+        "--machine_rank",
+        "%n",
+        "--main_process_ip",
+        "127.0.0.1",
+        "-m",
+        "pipeline.train",
+        *small(shards, run_dir, "acc2", "train.max_steps=3"),
+    ]
     remote = f"cd {REPO} && {ACCELERATE} " + " ".join(args)
-    env = job_env(port=False, PATH=ssh_nodes.env["PATH"], PDSH_RCMD_TYPE="ssh", PDSH_SSH_ARGS_APPEND=f"-p {ssh_nodes.port}")
+    env = job_env(
+        port=False, PATH=ssh_nodes.env["PATH"], PDSH_RCMD_TYPE="ssh", PDSH_SSH_ARGS_APPEND=f"-p {ssh_nodes.port}"
+    )
     try:
-        proc = subprocess.run(["pdsh", "-S", "-w", ",".join(ssh_nodes.hosts), remote], env=env,
-                              capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(
+            ["pdsh", "-S", "-w", ",".join(ssh_nodes.hosts), remote],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     finally:
         left = kill_all(str(run_dir))
     out = proc.stdout + proc.stderr

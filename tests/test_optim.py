@@ -1,12 +1,19 @@
 """Optimizer groups, LR scaling and schedule, step plan and DeepSpeed config, from the run config."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.engine.optim import (create_optimizer, create_schedule, deepspeed_config, plan_steps,
-                                   resolve_precision, scaled_lr)
+from pipeline.engine.optim import (
+    create_optimizer,
+    create_schedule,
+    deepspeed_config,
+    plan_steps,
+    resolve_precision,
+    scaled_lr,
+)
 from pipeline.model import create_model
 
 
@@ -34,8 +41,16 @@ def test_lr_scales_with_the_global_batch_like_the_official_recipe():
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
 def test_per_step_warmup_then_decay(decay):
-    cfg = cfg_with("train.global_batch=512", "train.micro_batch=64", "optim.base_lr=1e-3", f"schedule.decay={decay}",
-                   "schedule.epochs=10", "schedule.warmup_epochs=2", "schedule.warmup_lr=0", "schedule.min_lr=0")
+    cfg = cfg_with(
+        "train.global_batch=512",
+        "train.micro_batch=64",
+        "optim.base_lr=1e-3",
+        f"schedule.decay={decay}",
+        "schedule.epochs=10",
+        "schedule.warmup_epochs=2",
+        "schedule.warmup_lr=0",
+        "schedule.min_lr=0",
+    )
     plan = plan_steps(cfg, world=8, micro_batches_per_epoch=100)  # accumulation 1: 100 steps per epoch
     assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (1, 100, 1000, 200)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
@@ -50,7 +65,9 @@ def test_per_step_warmup_then_decay(decay):
     if decay == "constant":
         assert after == pytest.approx([1e-3] * len(after))
     else:
-        assert all(a >= b for a, b in zip(after[:-1], after[1:], strict=True)) and after[-1] == pytest.approx(0, abs=1e-9)
+        assert all(a >= b for a, b in zip(after[:-1], after[1:], strict=True)) and after[-1] == pytest.approx(
+            0, abs=1e-9
+        )
         mid = after[len(after) // 2]
         assert mid == pytest.approx(0.5e-3, rel=0.02)  # cosine and linear both halve at mid-decay
 

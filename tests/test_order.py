@@ -1,5 +1,6 @@
 """pipeline.data.order: disjoint, equal, reshuffled each epoch, a pure function of its arguments, and one sequence
 for every world size (elastic resume), with padded evaluation slices that count every sample once."""
+
 import numpy as np
 import pytest
 
@@ -35,7 +36,7 @@ def test_rank_r_reads_slots_r_r_plus_w_and_so_on_of_one_sequence(world):
         order = epoch_order(SIZES, 5, 2, r, world, window=100, batch=m)
         for b in range(len(order) // m):
             slot = order.slot(b)
-            assert slot == b * world + r and pairs(order)[b * m:(b + 1) * m] == g[slot * m:(slot + 1) * m]
+            assert slot == b * world + r and pairs(order)[b * m : (b + 1) * m] == g[slot * m : (slot + 1) * m]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -63,7 +64,7 @@ def test_over_epochs_every_sample_is_read():
 def test_windows_keep_reads_local_but_mixed():
     shard, _ = epoch_sequence(SIZES, 3, 0, window=600)
     for start in range(0, len(shard), 600):
-        assert len(set(shard[start:start + 600].tolist())) <= 4  # 600 samples touch at most 4 shards here
+        assert len(set(shard[start : start + 600].tolist())) <= 4  # 600 samples touch at most 4 shards here
     assert len(set(shard[:50].tolist())) >= 2  # and mixes them
     # every rank reads the same stretch at a time: the first 150 samples of 2 ranks x 3 micro batches of 25 ...
     ranks = [epoch_order(SIZES, 3, 0, r, 2, window=600, batch=25) for r in range(2)]

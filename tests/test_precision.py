@@ -6,6 +6,7 @@ binding; and, on real DeepSpeed engines (tests/precision_probe.py, its own proce
 step of ZeRO 0-3 in fp32 and bf16 against fp32's, a non-finite loss that never reaches the weights and is
 counted, and the host reads the project's code makes in a micro step.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ import torch
 from pipeline.engine.distributed import cuda_device_index
 from pipeline.engine.optim import deepspeed_config, plan_steps, resolve_precision
 from servers import REPO
-from swin_common.gpu import (Gpu, UnsupportedGPU, check_dali_kernels, check_torch_kernels, has_kernels, mfu,
-                             peak_flops, precision_for)
+from swin_common.gpu import (
+    Gpu,
+    UnsupportedGPU,
+    check_dali_kernels,
+    check_torch_kernels,
+    has_kernels,
+    mfu,
+    peak_flops,
+    precision_for,
+)
 
 V100 = Gpu("Tesla V100-SXM2-32GB", (7, 0))
 V100_PCIE = Gpu("Tesla V100-PCIE-16GB", (7, 0))
@@ -45,14 +54,22 @@ def test_bf16_asked_on_a_v100_is_refused_with_what_to_use():
     assert resolve_precision("auto", None) == "fp32"
 
 
-@pytest.mark.parametrize("gpu, arch_list, ok", [
-    (V100, CU130, False), (V100, CU126, True), (A100, CU130, True), (H100, CU130, True), (H200, CU130, True),
-    (Gpu("NVIDIA A10", (8, 6)), ["sm_80"], True),  # a cubin runs on a later minor of its major
-    (Gpu("NVIDIA A100", (8, 0)), ["sm_86"], False),  # ... never on an earlier one
-    (H100, ["sm_80", "compute_80"], True),  # PTX of a lower capability is compiled by the driver
-    (H100, ["sm_80"], False), (Gpu("GH200", (9, 0)), ["sm_90a"], True),
-    (Gpu("future", (9, 1)), ["sm_90a"], False),  # an arch-specific build runs on that arch only
-])
+@pytest.mark.parametrize(
+    "gpu, arch_list, ok",
+    [
+        (V100, CU130, False),
+        (V100, CU126, True),
+        (A100, CU130, True),
+        (H100, CU130, True),
+        (H200, CU130, True),
+        (Gpu("NVIDIA A10", (8, 6)), ["sm_80"], True),  # a cubin runs on a later minor of its major
+        (Gpu("NVIDIA A100", (8, 0)), ["sm_86"], False),  # ... never on an earlier one
+        (H100, ["sm_80", "compute_80"], True),  # PTX of a lower capability is compiled by the driver
+        (H100, ["sm_80"], False),
+        (Gpu("GH200", (9, 0)), ["sm_90a"], True),
+        (Gpu("future", (9, 1)), ["sm_90a"], False),  # an arch-specific build runs on that arch only
+    ],
+)
 def test_the_kernel_check_follows_cuda_binary_compatibility(gpu, arch_list, ok):
     assert has_kernels(gpu, arch_list) is ok
 
@@ -62,8 +79,13 @@ def test_a_v100_with_the_cuda13_torch_stops_with_one_line_naming_gpu_arch_and_in
         check_torch_kernels(V100, CU130, "2.14.1+cu130")
     message = str(e.value)
     assert "\n" not in message
-    for part in ("Tesla V100-SXM2-32GB", "sm_70", "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120", "2.14.1+cu130",
-                 "SWIN_CUDA=cu126"):
+    for part in (
+        "Tesla V100-SXM2-32GB",
+        "sm_70",
+        "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120",
+        "2.14.1+cu130",
+        "SWIN_CUDA=cu126",
+    ):
         assert part in message, (part, message)
     check_torch_kernels(V100, CU126, "2.14.1+cu126")
     check_torch_kernels(H200, CU130, "2.14.1+cu130")
@@ -86,11 +108,20 @@ def test_the_installed_dali_is_named_as_found():
     assert package_versions()[f"version.{found[0]}"] == found[1]
 
 
-@pytest.mark.parametrize("gpu, precision, peak", [(V100, "fp16", 125e12), (V100_PCIE, "fp16", 112e12),
-                                                  (Gpu("Tesla V100S-PCIE-32GB", (7, 0)), "fp16", 130e12),
-                                                  (V100, "bf16", None), (A100, "bf16", 312e12),
-                                                  (H100, "bf16", 989e12), (H100_PCIE, "bf16", 756e12),
-                                                  (H200, "bf16", 989e12), (H200, "fp32", None)])
+@pytest.mark.parametrize(
+    "gpu, precision, peak",
+    [
+        (V100, "fp16", 125e12),
+        (V100_PCIE, "fp16", 112e12),
+        (Gpu("Tesla V100S-PCIE-32GB", (7, 0)), "fp16", 130e12),
+        (V100, "bf16", None),
+        (A100, "bf16", 312e12),
+        (H100, "bf16", 989e12),
+        (H100_PCIE, "bf16", 756e12),
+        (H200, "bf16", 989e12),
+        (H200, "fp32", None),
+    ],
+)
 def test_peak_flops_per_gpu_kind(gpu, precision, peak):
     assert peak_flops(gpu.name, precision) == peak
 
@@ -107,19 +138,25 @@ def test_model_flops_match_timms_published_figures_and_give_mfu():
     assert mfu(1000, base, 989e12) == pytest.approx(3 * base * 1000 / 989e12)
 
 
-@pytest.mark.parametrize("env, count, device", [
-    ({"LOCAL_RANK": "5"}, 8, 5),  # unbound: every task sees the node's 8 GPUs
-    ({"LOCAL_RANK": "5", "SLURM_LOCALID": "5"}, 1, 0),  # srun --gpus-per-task=1 / --gpu-bind=single:1
-    ({"LOCAL_RANK": "0"}, 1, 0),
-    ({"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, 4, 3),  # restricted: index among the visible ones
-])
+@pytest.mark.parametrize(
+    "env, count, device",
+    [
+        ({"LOCAL_RANK": "5"}, 8, 5),  # unbound: every task sees the node's 8 GPUs
+        ({"LOCAL_RANK": "5", "SLURM_LOCALID": "5"}, 1, 0),  # srun --gpus-per-task=1 / --gpu-bind=single:1
+        ({"LOCAL_RANK": "0"}, 1, 0),
+        ({"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, 4, 3),  # restricted: index among the visible ones
+    ],
+)
 def test_the_gpu_a_rank_drives_under_every_binding(env, count, device):
     assert cuda_device_index(env, count) == device
 
 
 def test_more_ranks_than_visible_gpus_is_an_error_naming_both():
-    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=5 but this node has 4 visible GPU\(s\) "
-                                           r"\(CUDA_VISIBLE_DEVICES=4,5,6,7\).*--gpus-per-task=1"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"LOCAL_RANK=5 but this node has 4 visible GPU\(s\) "
+        r"\(CUDA_VISIBLE_DEVICES=4,5,6,7\).*--gpus-per-task=1",
+    ):
         cuda_device_index({"LOCAL_RANK": "5", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, 4)
 
 
@@ -150,10 +187,14 @@ CASES = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", 
 def probes() -> dict[tuple[int, str], dict]:
     # fp16 at ZeRO-0 is torch autocast + GradScaler, which runs on CPU too; ZeRO 1-3 fp16 need a GPU (gpu_check)
     cases = [f"{stage}:{precision}" for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16")] + ["0:fp16"]
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "precision_probe.py"), *cases], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
-                          env={k: v for k, v in os.environ.items()
-                               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "precision_probe.py"), *cases],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == len(cases)
@@ -199,9 +240,9 @@ def test_a_micro_step_reads_nothing_on_the_host_where_deepspeed_guards_the_weigh
 
 def test_evaluation_sums_a_batch_without_reading_the_host():
     import torch.nn.functional as F
+    from precision_probe import SyncCounter
 
     from pipeline.engine.validation import batch_sums
-    from precision_probe import SyncCounter
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(10, 7, generator=g)
@@ -213,8 +254,12 @@ def test_evaluation_sums_a_batch_without_reading_the_host():
     real = labels >= 0
     kept_logits, kept = logits[real], labels[real]
     top = kept_logits.topk(5, dim=1).indices
-    expected = [F.cross_entropy(kept_logits, kept, reduction="sum").item(), (top[:, 0] == kept).sum().item(),
-                (top == kept[:, None]).any(1).sum().item(), 8]
+    expected = [
+        F.cross_entropy(kept_logits, kept, reduction="sum").item(),
+        (top[:, 0] == kept).sum().item(),
+        (top == kept[:, None]).any(1).sum().item(),
+        8,
+    ]
     assert sums.tolist() == pytest.approx(expected)
 
 
@@ -238,8 +283,11 @@ def test_a_zero0_checkpoint_with_16_bit_weights_is_refused_with_what_to_do(tmp_p
     from pipeline.engine.checkpoint import check_zero0_weights_dtype
 
     torch.save({"module": {"w": torch.zeros(2, dtype=torch.bfloat16)}}, tmp_path / "mp_rank_00_model_states.pt")
-    with pytest.raises(RuntimeError, match=rf"{tmp_path} holds ZeRO-0 weights in bfloat16.*init_from={tmp_path} "
-                                           r"checkpoint.resume=none"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"{tmp_path} holds ZeRO-0 weights in bfloat16.*init_from={tmp_path} "
+        r"checkpoint.resume=none",
+    ):
         check_zero0_weights_dtype(tmp_path, torch.float32)
     torch.save({"module": {"w": torch.zeros(2)}}, tmp_path / "mp_rank_00_model_states.pt")
     check_zero0_weights_dtype(tmp_path, torch.float32)
@@ -249,8 +297,8 @@ def test_zero0_fp16_logs_its_loss_scale_and_counts_the_steps_its_grad_scaler_ski
     """DeepSpeed's ZeRO-0 fp16 optimizer had `cur_scale` nowhere (the log said None); autocast's GradScaler has a
     scale, and the steps it skips on overflow are counted from AdamW's own step count."""
     row = probes[(0, "fp16")]
-    assert row["loss_scale"] is not None and row["overflow"]["scale_before"] == 2.0 ** 16  # GradScaler's start
+    assert row["loss_scale"] is not None and row["overflow"]["scale_before"] == 2.0**16  # GradScaler's start
     overflow = row["overflow"]
     assert overflow["stepped"] and overflow["weights_unchanged"] and overflow["skipped_steps"] == 1
-    assert overflow["scale_after"] == 2.0 ** 59  # halved after the overflow
+    assert overflow["scale_after"] == 2.0**59  # halved after the overflow
     assert probes[(2, "bf16")]["loss_scale"] is None and probes[(2, "bf16")]["overflow"] is None

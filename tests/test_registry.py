@@ -2,6 +2,7 @@
 on the S3 server: MLflow's `pyfunc.load_model` in a fresh process that cannot import this project, `mlflow models
 serve` answering a real HTTP client, timm's `local-dir:` loader and eval transform; and this project's pull takes
 only the export from a version, refusing crafted ones file by file before anything is downloaded."""
+
 from __future__ import annotations
 
 import base64
@@ -45,9 +46,14 @@ sys.meta_path.insert(0, NoProject())
 def registry(s3_server, tmp_path_factory):
     """An MLflow server (sqlite store) whose artifacts are proxied to the S3 server."""
     bucket = s3_server.create_bucket("registry")
-    server = start_mlflow_server(tmp_path_factory.mktemp("registry") / "mlflow", env={
-        **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts"})
+    server = start_mlflow_server(
+        tmp_path_factory.mktemp("registry") / "mlflow",
+        env={
+            **s3_server.env,
+            "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts",
+        },
+    )
     try:
         yield SimpleNamespace(uri=server.uri, s3=s3_server, bucket=bucket)
     finally:
@@ -68,11 +74,31 @@ def trained(registry, digits_tars, tmp_path_factory):
     shards = tmp / "shards"
     run_prep("shard", "--source", digits_tars, "--out", shards, "--max-samples", 200, "--holdout-per-class", 4)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.train", "--config", TINY, "name=tiny", f"out_dir={tmp}",
-         f"data.shards={shards}", "train.global_batch=32", "train.micro_batch=32", "eval.batch_size=40",
-         "data.workers=0", "schedule.epochs=3", "schedule.warmup_epochs=0", "train.log_every=10",
-         "tracking.system_metrics=false", "tracking.aliases=[candidate]"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env=env(registry.uri, MASTER_PORT=str(free_port())))
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "--config",
+            TINY,
+            "name=tiny",
+            f"out_dir={tmp}",
+            f"data.shards={shards}",
+            "train.global_batch=32",
+            "train.micro_batch=32",
+            "eval.batch_size=40",
+            "data.workers=0",
+            "schedule.epochs=3",
+            "schedule.warmup_epochs=0",
+            "train.log_every=10",
+            "tracking.system_metrics=false",
+            "tracking.aliases=[candidate]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env(registry.uri, MASTER_PORT=str(free_port())),
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "registered tiny version 1" in proc.stderr, proc.stderr[-5000:]
     return tmp / "tiny"
@@ -94,8 +120,14 @@ def images(digits_tars, tmp_path_factory) -> list[Path]:
 
 def predict_top1(model: str, images: list[Path], uri: str, **extra) -> list[str]:
     """The top-1 synset per image as `python -m pipeline.predict` prints it."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline.predict", model, *map(str, images)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=env(uri, **extra))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", model, *map(str, images)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(uri, **extra),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     return [lines[i + 1].split()[1] for i, line in enumerate(lines) if not line.startswith(" ")]
@@ -110,7 +142,9 @@ def version_files(client, name: str, version: str) -> list[str]:
     return list_files(get_artifact_repository(source, tracking_uri=client.tracking_uri))
 
 
-PYFUNC = NO_PROJECT + """
+PYFUNC = (
+    NO_PROJECT
+    + """
 import json, sys
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
@@ -120,26 +154,42 @@ print(json.dumps({"labels": list(out["label"]), "top": [list(t) for t in out["to
                   "probs": [list(p) for p in out["top_probabilities"]],
                   "inputs": str(model.metadata.get_input_schema()), "params": str(model.metadata.get_params_schema())}))
 """
+)
 
 
 def test_a_version_is_an_mlflow_model_that_loads_without_this_project(registry, trained, images, tmp_path):
     client = MlflowClient(registry.uri)
     version = client.get_model_version_by_alias("tiny", "candidate")
     files = version_files(client, "tiny", version.version)
-    assert sorted(files) == ["MLmodel", "artifacts/model/config.json", "artifacts/model/model.json",
-                             "artifacts/model/model.safetensors", "conda.yaml", "input_example.json",
-                             "python_env.yaml", "requirements.txt", "serving_input_example.json", "swin_pyfunc.py"]
+    assert sorted(files) == [
+        "MLmodel",
+        "artifacts/model/config.json",
+        "artifacts/model/model.json",
+        "artifacts/model/model.safetensors",
+        "conda.yaml",
+        "input_example.json",
+        "python_env.yaml",
+        "requirements.txt",
+        "serving_input_example.json",
+        "swin_pyfunc.py",
+    ]
     keys = [o["Key"] for o in registry_objects(registry)]
     assert any(k.endswith("artifacts/model/model.safetensors") for k in keys), keys  # on S3
 
     import mlflow
 
-    root = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=client.get_model_version_download_uri("tiny", version.version), dst_path=str(tmp_path),
-        tracking_uri=registry.uri))
+    root = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri("tiny", version.version),
+            dst_path=str(tmp_path),
+            tracking_uri=registry.uri,
+        )
+    )
     mlmodel = yaml.safe_load((root / "MLmodel").read_text())
     pyfunc = mlmodel["flavors"]["python_function"]
-    assert pyfunc["model_code_path"] == "swin_pyfunc.py" and pyfunc["artifacts"] == {"model": {"path": "artifacts/model"}}
+    assert pyfunc["model_code_path"] == "swin_pyfunc.py" and pyfunc["artifacts"] == {
+        "model": {"path": "artifacts/model"}
+    }
     assert (root / "swin_pyfunc.py").read_text() == (REPO / "pipeline" / "tracking" / "swin_pyfunc.py").read_text()
     # no path of the training host (the repository, a temporary folder, the run folder, home) in any text file
     for path in [root / "MLmodel", *root.glob("*.yaml"), *root.glob("*.txt"), *root.glob("*.json")]:
@@ -147,24 +197,50 @@ def test_a_version_is_an_mlflow_model_that_loads_without_this_project(registry, 
         for host_path in (str(REPO), "/tmp/", str(trained), str(Path.home())):
             assert host_path not in text, f"{path.name} names {host_path}"
     requirements = (root / "requirements.txt").read_text().split()
-    assert requirements == [f"{p}=={metadata.version(p).split('+')[0]}" for p in
-                            ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "pandas")]
+    assert requirements == [
+        f"{p}=={metadata.version(p).split('+')[0]}"
+        for p in ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "pandas")
+    ]
     # the code file imports only what a serving host has
-    imports = {line.split()[1].split(".")[0] for line in (root / "swin_pyfunc.py").read_text().splitlines()
-               if line.startswith(("import ", "from "))}
-    assert imports <= {"__future__", "base64", "binascii", "hashlib", "io", "os", "re", "warnings", "mlflow", "pandas",
-                       "timm", "torch", "PIL"}, imports
+    imports = {
+        line.split()[1].split(".")[0]
+        for line in (root / "swin_pyfunc.py").read_text().splitlines()
+        if line.startswith(("import ", "from "))
+    }
+    assert imports <= {
+        "__future__",
+        "base64",
+        "binascii",
+        "hashlib",
+        "io",
+        "os",
+        "re",
+        "warnings",
+        "mlflow",
+        "pandas",
+        "timm",
+        "torch",
+        "PIL",
+    }, imports
 
     # MLflow's own loader, fresh process, pickles refused, this project not importable: the same top-1 as predict
-    proc = subprocess.run([sys.executable, "-c", PYFUNC, "models:/tiny@candidate", *map(str, images)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env(registry.uri))
+    proc = subprocess.run(
+        [sys.executable, "-c", PYFUNC, "models:/tiny@candidate", *map(str, images)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(registry.uri),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     assert "'image': binary" in out["inputs"] and "'top_k': long (default: 5)" in out["params"], out
     ours = predict_top1("models:/tiny@candidate", images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "cache"))
     assert out["labels"] == ours, (out["labels"], ours)
-    assert sum(label == f"n{int(p.name[5]):08d}" for label, p in zip(ours, images)) >= 12  # it learned the digits
-    assert all(len(t) == 3 and t[0] == label for t, label in zip(out["top"], out["labels"]))
+    assert (
+        sum(label == f"n{int(p.name[5]):08d}" for label, p in zip(ours, images, strict=True)) >= 12
+    )  # it learned the digits
+    assert all(len(t) == 3 and t[0] == label for t, label in zip(out["top"], out["labels"], strict=True))
     assert all(p[0] >= p[1] >= p[2] for p in out["probs"])
 
 
@@ -205,12 +281,20 @@ sys.exit(main(sys.argv[1:]))
 def test_pull_needs_neither_torch_nor_timm(registry, trained, tmp_path):
     """`python -m pipeline.pull` answers in about the time MLflow's client takes to import: it reads the
     export's json and the safetensors header, and never imports torch, timm or DeepSpeed."""
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, "models:/tiny@candidate", "--dst", str(tmp_path / "p")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env(registry.uri))
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, "models:/tiny@candidate", "--dst", str(tmp_path / "p")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(registry.uri),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, folder = proc.stdout.splitlines()
-    assert first.startswith("models:/tiny@candidate: swin_nano_patch4_window4_64, 10 classes, ") and \
-        "M parameters" in first, first
+    assert (
+        first.startswith("models:/tiny@candidate: swin_nano_patch4_window4_64, 10 classes, ")
+        and "M parameters" in first
+    ), first
     assert Path(folder) == tmp_path / "p" and (tmp_path / "p" / "config.json").is_file()
 
 
@@ -222,11 +306,11 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
 
     import torch
 
+    from pipeline.engine.model_export import UnsafeModelFile
     from pipeline.tracking import mlflow_model
     from pipeline.tracking.mlflow_model import UnexpectedVersionFile
     from pipeline.tracking.registry import pull_to_folder
     from pipeline.tracking.store import store_at
-    from pipeline.engine.model_export import UnsafeModelFile
 
     client = MlflowClient(registry.uri)
     run_id = client.create_run(client.create_experiment("crafted")).info.run_id
@@ -246,6 +330,7 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
         def edit(folder: Path):
             (folder / relative).parent.mkdir(parents=True, exist_ok=True)
             (folder / relative).write_bytes(data.encode() if isinstance(data, str) else data)
+
         return edit
 
     refused = {
@@ -267,8 +352,12 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
             kept = [p.name for p in (cache / f"crafted_{label}").iterdir()]
             assert len(kept) == 1 and kept[0].startswith(".1-") and kept[0].endswith(".lock"), (label, kept)
         # a pickle named model.safetensors inside the export: the export's own check, after a download
-        uri = craft(client, run_id, "crafted_named", variant("named", write("artifacts/model/model.safetensors",
-                                                                            pickle.getvalue())))
+        uri = craft(
+            client,
+            run_id,
+            "crafted_named",
+            variant("named", write("artifacts/model/model.safetensors", pickle.getvalue())),
+        )
         with pytest.raises(UnsafeModelFile, match="is not a safetensors file"):
             pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
         kept = [p.name for p in (cache / "crafted_named").iterdir()]
@@ -284,11 +373,14 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
 
     # a version registered before this layout: the export folder itself
     old = craft(client, run_id, "old_layout", variant("old", lambda f: None) / "artifacts" / "model")
-    assert predict_top1(old, images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "old-cache")) == \
-        predict_top1(str(trained / "model"), images, registry.uri)
+    assert predict_top1(old, images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "old-cache")) == predict_top1(
+        str(trained / "model"), images, registry.uri
+    )
 
 
-TIMM = NO_PROJECT + """
+TIMM = (
+    NO_PROJECT
+    + """
 import json, sys
 import timm, torch
 from PIL import Image
@@ -301,6 +393,7 @@ with torch.no_grad():
 labels = model.pretrained_cfg["label_names"]
 print(json.dumps({"labels": [labels[i] for i in top1], "config": {k: v for k, v in config.items()}}))
 """
+)
 
 
 @pytest.mark.parametrize("size,window", [(224, 7), (384, 12)])
@@ -337,9 +430,13 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "swin_tiny_patch4_window7_224" and config["num_classes"] == 10
     assert config["label_names"] == synsets
-    assert {k: config["model_args"][k] for k in ("img_size", "window_size", "embed_dim", "depths", "num_heads")} == \
-        {"img_size": [size, size], "window_size": window, "embed_dim": 32, "depths": [2, 2, 2, 2],
-         "num_heads": [1, 2, 4, 8]}
+    assert {k: config["model_args"][k] for k in ("img_size", "window_size", "embed_dim", "depths", "num_heads")} == {
+        "img_size": [size, size],
+        "window_size": window,
+        "embed_dim": 32,
+        "depths": [2, 2, 2, 2],
+        "num_heads": [1, 2, 4, 8],
+    }
     pre = config["pretrained_cfg"]
     assert pre["input_size"] == [3, size, size] and pre["crop_pct"] == cfg.data.crop_pct
     assert pre["interpolation"] == "bicubic" and pre["mean"] == list(meta["preprocessing"]["mean"])
@@ -348,8 +445,14 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
     assert not inherited & (set(pre) | set(config)), sorted(inherited & (set(pre) | set(config)))
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pth"))  # never timm's pickle default
 
-    proc = subprocess.run([sys.executable, "-c", TIMM, str(folder), *map(str, images)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=env(registry.uri))
+    proc = subprocess.run(
+        [sys.executable, "-c", TIMM, str(folder), *map(str, images)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(registry.uri),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["config"]["input_size"] == [3, size, size] and out["config"]["crop_pct"] == cfg.data.crop_pct
@@ -358,8 +461,9 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
 
 def post(port: int, payload, timeout: float = 120) -> tuple[int, dict]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -379,10 +483,26 @@ def test_mlflow_serves_a_version(registry, trained, images, tmp_path):
     log = tmp_path / "serve.log"
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     with open(log, "w") as out:
-        server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/tiny@candidate", "--env-manager",
-                                   "local", "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True,
-                                  env=env(registry.uri, PATH=f"{mlflow_cli.parent}:{os.environ['PATH']}"))
+        server = subprocess.Popen(
+            [
+                str(mlflow_cli),
+                "models",
+                "serve",
+                "-m",
+                "models:/tiny@candidate",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env(registry.uri, PATH=f"{mlflow_cli.parent}:{os.environ['PATH']}"),
+        )
     try:
         deadline = time.time() + 240
         while True:
@@ -396,8 +516,9 @@ def test_mlflow_serves_a_version(registry, trained, images, tmp_path):
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(1)
         encoded = [b64(p.read_bytes()) for p in images]
-        expected = predict_top1("models:/tiny@candidate", images, registry.uri,
-                                SWIN_MODEL_CACHE=str(tmp_path / "cache"))
+        expected = predict_top1(
+            "models:/tiny@candidate", images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "cache")
+        )
         requests = {
             "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
             "dataframe_records": {"dataframe_records": [{"image": e} for e in encoded]},

@@ -4,6 +4,7 @@ predict, evaluate; init_from in tests/test_tracking.py), gets its own store's we
 own tools (`mlflow models serve`, `mlflow.pyfunc.load_model`) have written their bookkeeping into the version's
 folder; a cached file changed on disk, and weights the store hands out under another's checksum, are errors
 naming the version and the file."""
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,9 @@ def twins(tmp_path_factory):
 def run(cwd: Path, uri: str, cache: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(MLFLOW_TRACKING_URI=uri, SWIN_MODEL_CACHE=str(cache), SWIN_RANK_GRACE_S="2")
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -101,18 +103,39 @@ def serve_once(cwd: Path, uri: str, image: Path) -> str:
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{mlflow_cli.parent}:{os.environ['PATH']}"}
     with open(cwd / "serve.log", "w") as log:
-        server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}@candidate",
-                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], cwd=cwd,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        server = subprocess.Popen(
+            [
+                str(mlflow_cli),
+                "models",
+                "serve",
+                "-m",
+                f"models:/{NAME}@candidate",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     try:
         deadline = time.time() + 240
-        body = json.dumps({"dataframe_split": {"columns": ["image"],
-                                               "data": [[base64.b64encode(image.read_bytes()).decode()]]}})
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
+        )
         while True:
             assert server.poll() is None, (cwd / "serve.log").read_text()[-3000:]
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                                 headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=body.encode(),
+                    headers={"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(request, timeout=60) as response:
                     return json.loads(response.read())["predictions"][0]["label"]
             except OSError:
@@ -140,8 +163,9 @@ def test_one_cache_serves_two_stores_each_its_own_weights(twins, image, shards, 
 
     # MLflow's own tools first, on store a: they write `registered_model_meta` into the version's folder
     served = serve_once(user, uris["a"], image)
-    loaded = json.loads(ok(run(user, uris["a"], cache, "-c", LOAD_MODEL, f"models:/{NAME}@candidate",
-                               image)).stdout.splitlines()[-1])
+    loaded = json.loads(
+        ok(run(user, uris["a"], cache, "-c", LOAD_MODEL, f"models:/{NAME}@candidate", image)).stdout.splitlines()[-1]
+    )
     assert served == loaded["label"] == expected_top1("a")[0]
     assert (version_folder(uris["a"]) / "registered_model_meta").is_file()  # the trap is live
 
@@ -156,11 +180,28 @@ def test_one_cache_serves_two_stores_each_its_own_weights(twins, image, shards, 
 
     # predict and evaluate, in turn through the one cache: each store's model answers and scores as its own
     for store in ("a", "b"):
-        assert top1(run(user, uris[store], cache, "-m", "pipeline.predict", f"models:/{NAME}@candidate", "-k", "1",
-                        image)) == expected_top1(store), store
+        assert top1(
+            run(user, uris[store], cache, "-m", "pipeline.predict", f"models:/{NAME}@candidate", "-k", "1", image)
+        ) == expected_top1(store), store
     for store in ("b", "a"):
-        proc = ok(run(user, uris[store], cache, "-m", "pipeline.evaluate", f"models:/{NAME}@candidate", "--shards",
-                      shards, "--batch-size", 50, "--workers", 0, "--backend", "torch"))
+        proc = ok(
+            run(
+                user,
+                uris[store],
+                cache,
+                "-m",
+                "pipeline.evaluate",
+                f"models:/{NAME}@candidate",
+                "--shards",
+                shards,
+                "--batch-size",
+                50,
+                "--workers",
+                0,
+                "--backend",
+                "torch",
+            )
+        )
         line = next(line for line in proc.stdout.splitlines() if line.startswith(f"models:/{NAME}/1 on "))
         assert "(split val, 100 samples)" in line, line
         want = constant_scores(*MODELS[store], [y for y in range(10) for _ in range(10)], len(SYNSETS))
@@ -176,8 +217,12 @@ def test_one_cache_serves_two_stores_each_its_own_weights(twins, image, shards, 
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit in a tensor: the header still parses
     weights.write_bytes(bytes(data))
-    one_error(run(user, uris["a"], cache, "-m", "pipeline.pull", f"models:/{NAME}/1"), f"models:/{NAME}/1",
-              str(weights), "was changed after it was pulled")
+    one_error(
+        run(user, uris["a"], cache, "-m", "pipeline.pull", f"models:/{NAME}/1"),
+        f"models:/{NAME}/1",
+        str(weights),
+        "was changed after it was pulled",
+    )
 
     # the store made again (`--fresh`): the same store, and its new twin/1 is another model (another run)
     client = MlflowClient(uris["a"])
@@ -204,9 +249,17 @@ def test_a_version_without_a_recorded_checksum_gets_one_and_store_swapped_weight
     # the store's own copy replaced by other weights after registration
     stored = version_folder(uris["b"]) / "artifacts" / "model" / "model.safetensors"
     shutil.copyfile(exports["a"] / "model.safetensors", stored)
-    one_error(run(tmp_path, uris["b"], tmp_path / "new-cache", "-m", "pipeline.pull", f"models:/{NAME}/1"),
-              f"models:/{NAME}/1", "model.safetensors has sha256", "handed out other weights")
+    one_error(
+        run(tmp_path, uris["b"], tmp_path / "new-cache", "-m", "pipeline.pull", f"models:/{NAME}/1"),
+        f"models:/{NAME}/1",
+        "model.safetensors has sha256",
+        "handed out other weights",
+    )
     assert not [p for p in (tmp_path / "new-cache" / NAME).iterdir() if not p.name.startswith(".")]  # nothing kept
     loaded = run(tmp_path, uris["b"], cache, "-c", LOAD_MODEL, f"models:/{NAME}/1", image)
-    assert loaded.returncode != 0 and f"models:/{NAME}/1: " in loaded.stderr and "model.safetensors has sha256" in \
-        loaded.stderr and "the version recorded" in loaded.stderr, loaded.stderr[-3000:]
+    assert (
+        loaded.returncode != 0
+        and f"models:/{NAME}/1: " in loaded.stderr
+        and "model.safetensors has sha256" in loaded.stderr
+        and "the version recorded" in loaded.stderr
+    ), loaded.stderr[-3000:]

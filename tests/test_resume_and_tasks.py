@@ -1,4 +1,5 @@
 """Crash safety and parallelism: kill -9 then rerun, and N independent tasks, both equal one clean run."""
+
 import json
 import os
 import signal
@@ -29,9 +30,14 @@ def reference(big_digits, tmp_path_factory) -> dict[str, bytes]:
 
 
 def start_prep(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "data_prep", *map(str, args)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -83,8 +89,15 @@ def test_kill_9_then_rerun_gives_the_same_bytes(big_digits, reference, tmp_path)
 @pytest.mark.slow
 def test_array_tasks_as_separate_processes_equal_one_task(big_digits, reference, tmp_path):
     out = tmp_path / "set"
-    env = lambda i: {"SLURM_ARRAY_TASK_ID": str(10 + i), "SLURM_ARRAY_TASK_MIN": "10",
-                     "SLURM_ARRAY_TASK_MAX": "12", "SLURM_ARRAY_TASK_COUNT": "3"}
+
+    def env(i: int) -> dict[str, str]:
+        return {
+            "SLURM_ARRAY_TASK_ID": str(10 + i),
+            "SLURM_ARRAY_TASK_MIN": "10",
+            "SLURM_ARRAY_TASK_MAX": "12",
+            "SLURM_ARRAY_TASK_COUNT": "3",
+        }
+
     procs = [start_prep("shard", "--source", big_digits, "--out", out, *ARGS, env=env(i)) for i in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -116,8 +129,13 @@ def test_list_only_caches_the_listing_that_tasks_reuse(digits_tars, tmp_path):
     src, out = Path(shutil.copytree(digits_tars, tmp_path / "src")), tmp_path / "set"
     proc = run_prep("shard", "--source", src, "--out", out, "--list-only", "--max-samples", 100)
     summary = json.loads(proc.stdout)
-    assert summary == {"images": 1797, "synsets": 10, "kind": "synset-tars", "rejected_while_listing": 0,
-                       "shards_planned": 18}
+    assert summary == {
+        "images": 1797,
+        "synsets": 10,
+        "kind": "synset-tars",
+        "rejected_while_listing": 0,
+        "shards_planned": 18,
+    }
     assert (out / "_prep/listing.npz").exists() and not (out / "train").exists()
     shutil.copy(src / "n00000001.tar", src / "n00000042.tar")  # arrives after the listing: not seen
     run_prep("shard", "--source", src, "--out", out, "--max-samples", 100)
@@ -125,13 +143,31 @@ def test_list_only_caches_the_listing_that_tasks_reuse(digits_tars, tmp_path):
     assert manifest["label_layout"]["num_classes"] == 10 and manifest["totals"]["train"]["samples"] == 1797
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({}, (0, 1)),
-    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8",
-      "SLURM_ARRAY_TASK_COUNT": "8"}, (4, 8)),
-    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "4",
-      "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "3"}, (2, 3)),
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, (0, 1)),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "5",
+                "SLURM_ARRAY_TASK_MIN": "1",
+                "SLURM_ARRAY_TASK_MAX": "8",
+                "SLURM_ARRAY_TASK_COUNT": "8",
+            },
+            (4, 8),
+        ),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "4",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_ARRAY_TASK_MAX": "4",
+                "SLURM_ARRAY_TASK_STEP": "2",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+            },
+            (2, 3),
+        ),
+    ],
+)
 def test_task_position_in_a_slurm_array(monkeypatch, env, expected):
     from data_prep.shard import slurm_task_defaults
 
@@ -144,8 +180,12 @@ def test_task_position_in_a_slurm_array(monkeypatch, env, expected):
 
 
 def test_a_slurm_array_of_listed_ids_is_refused(digits_tars, tmp_path):
-    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
-           "SLURM_ARRAY_TASK_COUNT": "3"}
+    env = {
+        "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_ARRAY_TASK_MIN": "1",
+        "SLURM_ARRAY_TASK_MAX": "7",
+        "SLURM_ARRAY_TASK_COUNT": "3",
+    }
     proc = run_prep("shard", "--source", digits_tars, "--out", tmp_path / "o", env=env, check=False)
     assert proc.returncode == 2 and "must be a range" in proc.stderr
 
@@ -162,8 +202,11 @@ def test_a_rerun_removes_what_a_killed_run_left_half_written(digits_tars, tmp_pa
     ref, out = tmp_path / "ref", tmp_path / "set"
     run_prep("shard", "--source", digits_tars, "--out", ref, "--max-samples", 100)
     # what a kill -9 leaves when it lands while shard 0's tar, index and done-record are being written
-    leftovers = [out / "train/.shard-000000.tar.tmp-4242", out / "train/.shard-000000.idx.tmp-4242",
-                 out / "_prep/done/.train-000000.json.tmp-4242"]
+    leftovers = [
+        out / "train/.shard-000000.tar.tmp-4242",
+        out / "train/.shard-000000.idx.tmp-4242",
+        out / "_prep/done/.train-000000.json.tmp-4242",
+    ]
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")

@@ -1,5 +1,6 @@
 """data_prep against a real S3 server (SeaweedFS, started on a free loopback port, signatures enforced): S3
 sources in both layouts, S3 outputs, multipart shards, verify finding a corrupted object, signed requests."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,12 @@ def tars(tmp_path_factory) -> Path:
 
 def shard_files(root: Path) -> dict[str, bytes]:
     """Every train/ and val/ .tar and .idx file under root, by relative path."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for split in ("train", "val")
-            for p in sorted((root / split).glob("*")) if p.suffix in (".tar", ".idx")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for split in ("train", "val")
+        for p in sorted((root / split).glob("*"))
+        if p.suffix in (".tar", ".idx")
+    }
 
 
 def assert_same_shard_set(from_s3: Path, local: Path, s3_source: str, local_source: str) -> None:
@@ -74,8 +79,20 @@ def test_an_imagefolder_on_s3_shards_and_verifies(s3_server, tmp_path):
     assert s3_server.upload_dir(folder, bucket, "imagefolder") == 1797
     source, out = f"s3://{bucket}/imagefolder", f"s3://{bucket}/shards"
     env = s3_server.subprocess_env()
-    run_prep("shard", "--source", source, "--out", out, "--max-samples", 300, "--holdout-per-class", 3,
-             "--workers", 2, env=env)
+    run_prep(
+        "shard",
+        "--source",
+        source,
+        "--out",
+        out,
+        "--max-samples",
+        300,
+        "--holdout-per-class",
+        3,
+        "--workers",
+        2,
+        env=env,
+    )
     proc = run_prep("verify", out, env=env, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1797 samples: OK" in proc.stdout
@@ -142,8 +159,11 @@ def test_requests_are_really_signed(s3_server, tmp_path):
     assert s3_server.client().get_object(Bucket=bucket, Key="a/object")["Body"].read() == b"payload"
 
     wrong = s3_server.client(secret_key="not-" + s3_server.secret_key)
-    for call in (wrong.list_buckets, lambda: wrong.get_object(Bucket=bucket, Key="a/object"),
-                 lambda: wrong.put_object(Bucket=bucket, Key="a/other", Body=b"x")):
+    for call in (
+        wrong.list_buckets,
+        lambda: wrong.get_object(Bucket=bucket, Key="a/object"),
+        lambda: wrong.put_object(Bucket=bucket, Key="a/other", Body=b"x"),
+    ):
         with pytest.raises(ClientError) as err:
             call()
         assert err.value.response["Error"]["Code"] == "SignatureDoesNotMatch"

@@ -1,4 +1,5 @@
 """`data_prep shard` on local sources: format, labels, shuffle, hold-out, limits, bad input, determinism."""
+
 import json
 import tarfile
 from collections import Counter
@@ -29,8 +30,11 @@ def all_samples(root: Path, split: str) -> dict[str, dict[str, bytes]]:
 
 
 def test_layout_of_the_shard_set(tars_set):
-    names = sorted(str(p.relative_to(tars_set)) for p in tars_set.rglob("*") if p.is_file()
-                   and not str(p.relative_to(tars_set)).startswith("_"))
+    names = sorted(
+        str(p.relative_to(tars_set))
+        for p in tars_set.rglob("*")
+        if p.is_file() and not str(p.relative_to(tars_set)).startswith("_")
+    )
     train = [n for n in names if n.startswith("train/")]
     assert names[:1] == ["manifest.json"] and "synsets.txt" in names
     assert "train/shard-000000.tar" in train and "train/shard-000000.idx" in train
@@ -71,7 +75,7 @@ def test_shards_mix_classes(tars_set):
 
 def test_holdout_is_per_class_and_disjoint(tars_set):
     train, val = all_samples(tars_set, "train"), all_samples(tars_set, "val")
-    assert Counter(int(s["cls"]) for s in val.values()) == {k: 7 for k in range(10)}
+    assert Counter(int(s["cls"]) for s in val.values()) == dict.fromkeys(range(10), 7)
     assert not set(train) & set(val)
     sources = [json.loads(s["json"])["source"] for s in [*train.values(), *val.values()]]
     assert len(sources) == len(set(sources)) == 1797
@@ -109,8 +113,13 @@ def test_dali_reads_the_shards_with_their_index_files(tars_set):
 
     @pipeline_def(batch_size=128, num_threads=1, device_id=None)  # DALI's CPU-only mode
     def pipe():
-        jpg, cls = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                                         ext=["jpg", "cls"], missing_component_behavior="error", name="shards")
+        jpg, cls = fn.readers.webdataset(
+            paths=tars,
+            index_paths=[t[:-4] + ".idx" for t in tars],
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            name="shards",
+        )
         return fn.decoders.image(jpg, device="cpu"), cls
 
     p = pipe()
@@ -124,8 +133,10 @@ def test_dali_reads_the_shards_with_their_index_files(tars_set):
 def test_imagefolder_and_synset_tars_give_the_same_samples(tars_set, digits_folder, tmp_path):
     out = tmp_path / "from_folder"
     run_prep("shard", "--source", digits_folder, "--out", out, "--max-samples", 200, "--holdout-per-class", 7)
+
     def content(root):
         return sorted((s["cls"], s["jpg"]) for split in ("train", "val") for s in all_samples(root, split).values())
+
     assert content(out) == content(tars_set)
     meta = json.loads(next(iter(all_samples(out, "train").values()))["json"])
     assert meta["source"].count("/") == 1 and meta["source"].endswith(".JPEG")
@@ -155,9 +166,13 @@ def test_synset_missing_from_the_layout_is_an_error_naming_it(digits_tars, tmp_p
 
 def test_same_seed_same_bytes_other_seed_other_order(digits_tars, tmp_path):
     def shard(name, seed):
-        run_shard(ShardOptions(source=str(digits_tars), out=str(tmp_path / name), seed=seed, max_samples=300,
-                               holdout_per_class=3))
+        run_shard(
+            ShardOptions(
+                source=str(digits_tars), out=str(tmp_path / name), seed=seed, max_samples=300, holdout_per_class=3
+            )
+        )
         return read_tree(tmp_path / name)
+
     a, b, c = shard("a", 1), shard("b", 1), shard("c", 2)
     assert a == b
     assert a["train/shard-000000.tar"] != c["train/shard-000000.tar"]
@@ -252,8 +267,7 @@ def test_rerun_with_other_options_is_refused(digits_tars, tmp_path):
 
 def test_rerun_of_a_finished_set_writes_nothing(tars_set, digits_tars):
     before = {p: p.stat().st_mtime_ns for p in tars_set.rglob("*.tar")}
-    proc = run_prep("shard", "--source", digits_tars, "--out", tars_set, "--max-samples", 200,
-                    "--holdout-per-class", 7)
+    proc = run_prep("shard", "--source", digits_tars, "--out", tars_set, "--max-samples", 200, "--holdout-per-class", 7)
     summary = json.loads(proc.stdout)
     assert summary["shards_written"] == 0 and summary["shards_skipped"] == 10
     assert before == {p: p.stat().st_mtime_ns for p in tars_set.rglob("*.tar")}
@@ -274,8 +288,9 @@ def test_member_headers_are_the_ones_tarfile_writes(name, size):
     assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT)
 
 
-@pytest.mark.parametrize("synset,source", [("n00000001", "n00000001/a_1.JPEG"),
-                                           ("n\u00e9", 'we"ird\\path/\u00f1\u2603 x.jpg')])
+@pytest.mark.parametrize(
+    "synset,source", [("n00000001", "n00000001/a_1.JPEG"), ("n\u00e9", 'we"ird\\path/\u00f1\u2603 x.jpg')]
+)
 def test_sample_json_is_what_json_dumps_writes(synset, source):
     from data_prep.writer import sample_json
 

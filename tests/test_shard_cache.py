@@ -1,5 +1,6 @@
 """pipeline.data.cache and .readahead against the real S3 server: one budget per node shared by ranks and their
 DataLoader workers, pins that keep a shard in use, a kill -9 in the middle of a download, read-ahead."""
+
 import logging
 import os
 import re
@@ -96,9 +97,14 @@ print("RESULT", remote[0], remote == digest(LoaderConfig(shards=local, workers=0
 
 
 def start_rank(url, local, cache_dir, budget, rank, world, workers, env):
-    return subprocess.Popen([sys.executable, "-c", RANK, url, str(local), str(cache_dir), str(budget), str(rank),
-                             str(world), str(workers)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RANK, url, str(local), str(cache_dir), str(budget), str(rank), str(world), str(workers)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc, timeout=300) -> tuple[str, str]:
@@ -117,8 +123,9 @@ def test_three_ranks_with_two_workers_each_share_a_budget_of_two_shards(on_s3, s
     for out, err in results:
         assert re.search(r"RESULT \d+ True", out), out + err[-2000:]  # every batch equals the local set's
         assert "FileNotFoundError" not in err and "Traceback" not in err
-    warnings = Counter(line.split()[0] for _out, err in results for line in err.splitlines()
-                       if "over its budget" in line)
+    warnings = Counter(
+        line.split()[0] for _out, err in results for line in err.splitlines() if "over its budget" in line
+    )
     assert warnings and max(warnings.values()) == 1  # the ranks' shards in use overshoot: one warning a process
     assert not list(cache_dir.rglob(".*.part"))
 
@@ -202,8 +209,10 @@ def test_a_set_without_split_indexes_on_s3_is_refused_naming_finalize(set18, s3_
     url = f"s3://{bucket}/set"
     with pytest.raises(ShardSetError) as err:
         open_shard_set(url, "train")
-    assert str(err.value) == (f"{url} has no split index for its 'train' shards (no `split_indexes` entry in its "
-                              f"manifest.json): `python -m data_prep finalize {url}` writes it")
+    assert str(err.value) == (
+        f"{url} has no split index for its 'train' shards (no `split_indexes` entry in its "
+        f"manifest.json): `python -m data_prep finalize {url}` writes it"
+    )
     run_prep("finalize", url, env=s3_in_env.subprocess_env())
     assert open_shard_set(url, "train").num_samples == open_shard_set(str(set18), "train").num_samples
 

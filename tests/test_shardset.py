@@ -1,5 +1,6 @@
 """data_prep.shardset.reader: the cheap checks before a pipeline starts, the split index, the shards' own index
 files when it is damaged, and the refusal of a set without one."""
+
 import hashlib
 import json
 import logging
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import damage_split_index, run_prep, without_split_indexes
-from servers import REPO
 from data_prep.shardset.reader import ShardSetError, open_shard_set
+from servers import REPO
 
 LOGGER = "data_prep.shardset.reader"
 
@@ -77,16 +78,23 @@ def test_an_index_pointing_past_the_end_is_caught(damaged_copy):
     lines[5] = " ".join(fields)
     idx.write_text("\n".join(lines) + "\n")
     train = open_shard_set(str(copy), "train", max_bad_shards=3)
-    assert train.skipped == [("train/shard-000001.tar",
-                              f"index entry {fields[3]} ends at byte {10**9 + int(fields[2])}, past the tar's "
-                              f"{(copy / 'train/shard-000001.tar').stat().st_size} bytes")]
+    assert train.skipped == [
+        (
+            "train/shard-000001.tar",
+            f"index entry {fields[3]} ends at byte {10**9 + int(fields[2])}, past the tar's "
+            f"{(copy / 'train/shard-000001.tar').stat().st_size} bytes",
+        )
+    ]
 
 
-@pytest.mark.parametrize("damage,reason", [
-    (lambda idx: idx.unlink(), "its index file is missing"),
-    (lambda idx: idx.write_text("\n".join(idx.read_text().splitlines()[:-1]) + "\n"), "index file unreadable"),
-    (lambda idx: idx.write_text(idx.read_text().replace(" jpg ", " png ")), "lacks ['jpg']"),
-])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (lambda idx: idx.unlink(), "its index file is missing"),
+        (lambda idx: idx.write_text("\n".join(idx.read_text().splitlines()[:-1]) + "\n"), "index file unreadable"),
+        (lambda idx: idx.write_text(idx.read_text().replace(" jpg ", " png ")), "lacks ['jpg']"),
+    ],
+)
 def test_bad_index_files_are_caught(damaged_copy, damage, reason):
     damage(damaged_copy / "train/shard-000003.idx")
     train = open_shard_set(str(damaged_copy), "train", max_bad_shards=1)
@@ -120,12 +128,27 @@ def test_a_set_without_split_indexes_is_refused_until_finalize_writes_them(shard
     reads = count_reads(monkeypatch)
     with pytest.raises(ShardSetError) as err:
         open_shard_set(str(bare), "val")
-    assert str(err.value) == (f"{bare} has no split index for its 'val' shards (no `split_indexes` entry in its "
-                              f"manifest.json): `python -m data_prep finalize {bare}` writes it")
+    assert str(err.value) == (
+        f"{bare} has no split index for its 'val' shards (no `split_indexes` entry in its "
+        f"manifest.json): `python -m data_prep finalize {bare}` writes it"
+    )
     assert reads == ["manifest.json"]  # refused before any index file is read
-    checked = subprocess.run([sys.executable, "-m", "pipeline.train", "--check", "--config", str(REPO / "configs" / "tiny_22k.yaml"),
-                              f"data.shards={bare}", f"out_dir={bare.parent / 'runs'}"], capture_output=True,
-                             text=True, cwd=REPO, timeout=120)  # refused before any rank starts, too
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "--check",
+            "--config",
+            str(REPO / "configs" / "tiny_22k.yaml"),
+            f"data.shards={bare}",
+            f"out_dir={bare.parent / 'runs'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )  # refused before any rank starts, too
     assert checked.returncode == 2 and checked.stderr.strip() == f"error: {err.value}".replace("'val'", "'train'")
     run_prep("finalize", bare)
     reads.clear()
@@ -168,8 +191,13 @@ def test_a_split_index_pointing_past_the_end_is_caught(copy):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     train = open_shard_set(str(copy), "train", max_bad_shards=1)
     end = 10**9 + int(table.jpg_size[row])
-    assert train.skipped == [("train/shard-000001.tar", f"the split index points to byte {end}, past the tar's "
-                              f"{(copy / 'train/shard-000001.tar').stat().st_size} bytes")]
+    assert train.skipped == [
+        (
+            "train/shard-000001.tar",
+            f"the split index points to byte {end}, past the tar's "
+            f"{(copy / 'train/shard-000001.tar').stat().st_size} bytes",
+        )
+    ]
     assert np.array_equal(train.table.shard_sizes, [s.samples for s in train.shards])
 
 
@@ -198,8 +226,9 @@ def test_dali_reads_what_the_checks_leave(copy):
 
     @pipeline_def(batch_size=100, num_threads=1, device_id=None)
     def pipe():
-        jpg, cls = fn.readers.webdataset(paths=tars, index_paths=[str(copy / s.index_name) for s in train.shards],
-                                         ext=["jpg", "cls"], name="r")
+        jpg, cls = fn.readers.webdataset(
+            paths=tars, index_paths=[str(copy / s.index_name) for s in train.shards], ext=["jpg", "cls"], name="r"
+        )
         return fn.decoders.image(jpg, device="cpu"), cls
 
     p = pipe()

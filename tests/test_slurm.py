@@ -1,5 +1,6 @@
 """The Slurm launch scripts on a real one-node cluster: launch/slurm/submit_prep.sh queues the
 prep_shards.sbatch array and the finalize job; the array's shards equal a one-task run's, byte for byte."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,11 @@ def tars(tmp_path_factory) -> Path:
 
 def shard_set(root: Path) -> dict[str, bytes]:
     """Every file of the shard set a reader uses (shards, indexes, synsets.txt, manifest.json)."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.relative_to(root).parts[0].startswith("_")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.relative_to(root).parts[0].startswith("_")
+    }
 
 
 def printed_json(log: str) -> dict:
@@ -45,8 +49,9 @@ def submit(cluster, *args, cwd: Path) -> tuple[int, int]:
 
 def test_array_job_writes_the_one_task_shard_set(slurm_cluster, tars, tmp_path):
     out, logs = tmp_path / "slurm_out", tmp_path / "logs"
-    array_id, finalize_id = submit(slurm_cluster, "--array", "0-2", "--cpus-per-task", "1", "--log-dir", logs,
-                                   tars, out, *ARGS, cwd=tmp_path)
+    array_id, finalize_id = submit(
+        slurm_cluster, "--array", "0-2", "--cpus-per-task", "1", "--log-dir", logs, tars, out, *ARGS, cwd=tmp_path
+    )
     tasks = slurm_cluster.wait(array_id, timeout=600)
     finalize = slurm_cluster.wait(finalize_id, timeout=120)
 
@@ -81,8 +86,18 @@ def test_array_job_writes_the_one_task_shard_set(slurm_cluster, tars, tmp_path):
 
 def test_a_failing_array_cancels_finalize(slurm_cluster, tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
-    array_id, finalize_id = submit(slurm_cluster, "--array", "1-2", "--cpus-per-task", "1", "--log-dir", logs,
-                                   tmp_path / "no_such_source", out, cwd=tmp_path)
+    array_id, finalize_id = submit(
+        slurm_cluster,
+        "--array",
+        "1-2",
+        "--cpus-per-task",
+        "1",
+        "--log-dir",
+        logs,
+        tmp_path / "no_such_source",
+        out,
+        cwd=tmp_path,
+    )
     tasks = slurm_cluster.wait(array_id, timeout=300)
     assert [t.array_task_id for t in tasks] == ["1", "2"]
     assert all(t.state == "FAILED" and t.exit_code == 2 for t in tasks), tasks
@@ -96,8 +111,20 @@ def test_a_failing_array_cancels_finalize(slurm_cluster, tmp_path):
 def test_a_stepped_array_covers_every_shard(slurm_cluster, tars, tmp_path):
     """--array=0-4:2 gives ids 0, 2, 4: data_prep maps them onto task indexes 0, 1, 2 of 3."""
     out, logs = tmp_path / "out", tmp_path / "logs"
-    array_id, finalize_id = submit(slurm_cluster, "--array", "0-4:2", "--cpus-per-task", "1", "--log-dir", logs,
-                                   tars, out, "--max-samples", "300", cwd=tmp_path)
+    array_id, finalize_id = submit(
+        slurm_cluster,
+        "--array",
+        "0-4:2",
+        "--cpus-per-task",
+        "1",
+        "--log-dir",
+        logs,
+        tars,
+        out,
+        "--max-samples",
+        "300",
+        cwd=tmp_path,
+    )
     tasks = slurm_cluster.wait(array_id, timeout=600)
     assert [t.array_task_id for t in tasks] == ["0", "2", "4"] and all(t.ok for t in tasks), tasks
     assert slurm_cluster.wait(finalize_id, timeout=120)[0].ok
@@ -107,8 +134,13 @@ def test_a_stepped_array_covers_every_shard(slurm_cluster, tars, tmp_path):
 
 
 def test_a_list_of_array_ids_is_refused(slurm_cluster, tars, tmp_path):
-    job = slurm_cluster.sbatch(SBATCH, tars, tmp_path / "out", cwd=tmp_path,
-                               sbatch_args=["--array=1,5", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"])
+    job = slurm_cluster.sbatch(
+        SBATCH,
+        tars,
+        tmp_path / "out",
+        cwd=tmp_path,
+        sbatch_args=["--array=1,5", "--cpus-per-task=1", f"--output={tmp_path}/%A_%a.out"],
+    )
     tasks = slurm_cluster.wait(job, timeout=300)
     assert [(t.state, t.exit_code) for t in tasks] == [("FAILED", 2), ("FAILED", 2)]
     assert "must be a range" in Path(tasks[0].stdout).read_text()
@@ -117,9 +149,12 @@ def test_a_list_of_array_ids_is_refused(slurm_cluster, tars, tmp_path):
 
 def test_the_sbatch_script_takes_its_arguments_from_the_environment(slurm_cluster, tars, tmp_path):
     """sbatch prep_shards.sbatch directly, one task, SOURCE/OUT/options from PREP_* (submit dir: tmp_path)."""
-    job = slurm_cluster.sbatch(SBATCH, sbatch_args=["--array=5-5", "--cpus-per-task=2", "--job-name=envprep"],
-                               env={"PREP_SOURCE": str(tars), "PREP_OUT": "rel_out",
-                                    "PREP_ARGS": "--max-samples 1000 --holdout-per-class 2"}, cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        SBATCH,
+        sbatch_args=["--array=5-5", "--cpus-per-task=2", "--job-name=envprep"],
+        env={"PREP_SOURCE": str(tars), "PREP_OUT": "rel_out", "PREP_ARGS": "--max-samples 1000 --holdout-per-class 2"},
+        cwd=tmp_path,
+    )
     [task] = slurm_cluster.wait(job, timeout=600)
     log = tmp_path / f"envprep-{job}_5.out"  # the script's default --output, in the submit directory
     assert task.ok, log.read_text()[-3000:] if log.exists() else task

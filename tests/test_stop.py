@@ -3,6 +3,7 @@ Kubernetes or an sbatch script sends it) mid-epoch, then SIGUSR1 to one rank onl
 every rank finishes its step, the ranks agree, save a checkpoint at the step reached (checkpoint.every_steps far
 away), exit 75 within the launcher's grace, and MLflow records why; the same command resumes there, and the loss
 curve of the three jobs equals an uninterrupted run's, step for step."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,27 @@ GRACE_S = 30  # the deepspeed launcher's SIGTERM -> SIGKILL (launch.py, terminat
 def command(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
     """The small run with a long schedule cut by max_steps, an evaluation every 5 steps in 50 small batches per
     rank (so that a signal can land in one), checkpoints only far away."""
-    return list(map(str, ["bash", LAUNCH, *small(shards, out, name, "eval.batch_size=2", "eval.every_steps=5",
-                                                 "schedule.epochs=20", "train.max_steps=40",
-                                                 "checkpoint.every_steps=1000", *extra, tracked=True)]))
+    return list(
+        map(
+            str,
+            [
+                "bash",
+                LAUNCH,
+                *small(
+                    shards,
+                    out,
+                    name,
+                    "eval.batch_size=2",
+                    "eval.every_steps=5",
+                    "schedule.epochs=20",
+                    "train.max_steps=40",
+                    "checkpoint.every_steps=1000",
+                    *extra,
+                    tracked=True,
+                ),
+            ],
+        )
+    )
 
 
 def wait_for_record(run_dir: Path, proc: subprocess.Popen, log: Path, want, timeout: float = 300) -> dict:
@@ -64,7 +83,10 @@ def newest_checkpoint(run_dir: Path) -> tuple[int, dict]:
 def test_the_stop_flag_is_installed_before_the_slow_imports():
     """The train command installs its stop handler first; importing pipeline.engine.stop must not load torch (or
     anything slow), else a Slurm signal in a job's first seconds kills the task instead of stopping it."""
-    probe = "import sys, pipeline.train, pipeline.engine.stop; print(sorted({'torch', 'deepspeed', 'timm'} & set(sys.modules)))"
+    probe = (
+        "import sys, pipeline.train, pipeline.engine.stop; "
+        "print(sorted({'torch', 'deepspeed', 'timm'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 
@@ -76,8 +98,12 @@ def test_a_stop_reaches_the_other_ranks_intact():
     from pipeline.engine.stop import RunStopped
 
     back = pickle.loads(pickle.dumps(RunStopped("SIGUSR1", 312, "after the export")))
-    assert (back.signal_name, back.step, back.during, str(back)) == \
-        ("SIGUSR1", 312, "after the export", "SIGUSR1 at step 312 (after the export)")
+    assert (back.signal_name, back.step, back.during, str(back)) == (
+        "SIGUSR1",
+        312,
+        "after the export",
+        "SIGUSR1 at step 312 (after the export)",
+    )
 
 
 @pytest.fixture
@@ -98,12 +124,19 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     # 0. an uninterrupted run, sent SIGUSR1 over and over once it is complete: it still exits 0
     log0 = tmp_path / "straight.log"
     with open(log0, "w") as out:
-        proc = subprocess.Popen(command(shards, tmp_path, "straight", "tracking.enabled=false"), cwd=REPO,
-                                env=job_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command(shards, tmp_path, "straight", "tracking.enabled=false"),
+            cwd=REPO,
+            env=job_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         started.append(proc)
     signals = signal_after_the_end(tmp_path / "straight", proc, log0)
-    assert proc.returncode == 0 and signals > 0, f"exit {proc.returncode} ({signals} signals):\n" \
-                                                  f"{log0.read_text()[-5000:]}"
+    assert proc.returncode == 0 and signals > 0, (
+        f"exit {proc.returncode} ({signals} signals):\n{log0.read_text()[-5000:]}"
+    )
     straight = {r["step"]: r["loss"] for r in records(tmp_path / "straight") if "loss" in r}
     assert sorted(straight) == list(range(1, 41))
 
@@ -115,8 +148,9 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     # 1. SIGTERM to the launch script mid-epoch (50 steps per epoch here), between checkpoints
     log1 = tmp_path / "first.log"
     with open(log1, "w") as out:  # run from the user's folder, not the repository: the script is all it needs
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         started.append(proc)
     wait_for_record(run_dir, proc, log1, lambda r: r.get("step", 0) >= 12 and "loss" in r)
     proc.send_signal(signal.SIGTERM)
@@ -139,8 +173,9 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     # 2. the same command resumes there; SIGUSR1 to rank 1 alone, while it evaluates: both ranks stop together
     log2 = tmp_path / "second.log"
     with open(log2, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         started.append(proc)
     eval_step = (step1 // 5 + 2) * 5
     wait_for_record(run_dir, proc, log2, lambda r: r.get("step") == eval_step and "loss" in r)
@@ -157,8 +192,9 @@ def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, ml
     # 3. the same command goes on, with the evaluation owed first, to the end; SIGTERM during rank 0's export
     log3 = tmp_path / "third.log"
     with open(log3, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         started.append(proc)
     signal_during_the_export(run_dir, proc, log3)
     stop_and_wait(proc, log3)
@@ -244,8 +280,9 @@ def test_a_signal_during_warm_up_or_a_periodic_checkpoint_stops_at_the_next_boun
     cmd = command(shards, tmp_path, "edges", "tracking.enabled=false", "checkpoint.every_steps=4", "eval.every_steps=0")
     log1 = tmp_path / "warmup.log"
     with open(log1, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=job_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         started.append(proc)
     end = time.time() + 300
     while not (run_dir / "ranks" / "rank_00001.json").is_file():  # set up, before the loaders and the engine
@@ -259,8 +296,9 @@ def test_a_signal_during_warm_up_or_a_periodic_checkpoint_stops_at_the_next_boun
 
     log2 = tmp_path / "periodic.log"
     with open(log2, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=job_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         started.append(proc)
     step = signal_during_a_checkpoint(run_dir, proc, log2, steps=range(8, 40, 4))
     stop_and_wait(proc, log2)
@@ -300,14 +338,30 @@ def signal_during_a_checkpoint(run_dir: Path, proc: subprocess.Popen, log: Path,
 SBATCH = REPO / "launch" / "slurm" / "pretrain_22k.sbatch"
 
 
-def submit(cluster, shards: Path, tmp_path: Path, *sbatch_args: str, steps: int | None = None, config: Path = TINY,
-           python: Path | str = sys.executable) -> int:
+def submit(
+    cluster,
+    shards: Path,
+    tmp_path: Path,
+    *sbatch_args: str,
+    steps: int | None = None,
+    config: Path = TINY,
+    python: Path | str = sys.executable,
+) -> int:
     limit = [f"train.max_steps={steps}"] if steps is not None else []
-    return cluster.sbatch(SBATCH, *small(shards, tmp_path, "sl", "schedule.epochs=20", "checkpoint.every_steps=1000",
-                                         *limit, config=config),
-                          sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-                                       f"--output={tmp_path}/job-%j.out", *sbatch_args],
-                          env={"PYTHON": str(python), "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+    return cluster.sbatch(
+        SBATCH,
+        *small(shards, tmp_path, "sl", "schedule.epochs=20", "checkpoint.every_steps=1000", *limit, config=config),
+        sbatch_args=[
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            f"--output={tmp_path}/job-%j.out",
+            *sbatch_args,
+        ],
+        env={"PYTHON": str(python), "SWIN_REPO": str(REPO)},
+        cwd=tmp_path,
+    )
 
 
 STOPPED_AND_REQUEUED = "stopped at a checkpoint before the time limit; requeued to resume from it"
@@ -333,7 +387,8 @@ def test_slurm_time_limit_checkpoints_requeues_and_finishes_over_several_jobs(sl
     slow_start = tmp_path / "slow_start_python"
     slow_start.write_text(  # the tasks start slowly; the batch script's check of the config does not
         f'#!/bin/bash\ncase " $* " in *" --check "*) ;; *) [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ] && sleep 300 ;; esac\n'
-        f'exec {sys.executable} "$@"\n')
+        f'exec {sys.executable} "$@"\n'
+    )
     slow_start.chmod(0o755)
     job = submit(slurm_cluster, shards, tmp_path, "--time=1", "--signal=B:USR1@40", config=config, python=slow_start)
     run_dir, log = tmp_path / "sl", tmp_path / f"job-{job}.out"

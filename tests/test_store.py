@@ -1,6 +1,7 @@
 """The MLflow store as one value (pipeline/tracking/store.py): the training resolver's precedence, relative local
 stores taken against the launch folder, what a read-only command accepts, redaction and identity. Pure functions:
 no MLflow, no server."""
+
 from __future__ import annotations
 
 import os
@@ -8,44 +9,64 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking.store import (LOCAL, SERVER, StoreNotFound, TrackingError, absolute_location, check_nodes,
-                                     reading_store, resolve_store, store_at, ui_address)
+from pipeline.tracking.store import (
+    LOCAL,
+    SERVER,
+    StoreNotFound,
+    TrackingError,
+    absolute_location,
+    check_nodes,
+    reading_store,
+    resolve_store,
+    store_at,
+    ui_address,
+)
 
 SERVER_URI = "http://trainer:s3cret-pw@mlflow.example:5000/"
 
 
 def test_precedence_env_then_config_then_the_local_store_in_out_dir(tmp_path):
     env = {"MLFLOW_TRACKING_URI": "http://env.example:5000"}
-    assert resolve_store("http://config.example:5000", tmp_path / "runs", tmp_path, env).uri == \
-        "http://env.example:5000"
-    assert resolve_store("http://config.example:5000", tmp_path / "runs", tmp_path, {}).uri == \
-        "http://config.example:5000"
-    assert resolve_store("http://config.example:5000", "runs", tmp_path, {"MLFLOW_TRACKING_URI": ""}).uri == \
-        "http://config.example:5000"  # set but empty: unset
+    assert (
+        resolve_store("http://config.example:5000", tmp_path / "runs", tmp_path, env).uri == "http://env.example:5000"
+    )
+    assert (
+        resolve_store("http://config.example:5000", tmp_path / "runs", tmp_path, {}).uri == "http://config.example:5000"
+    )
+    assert (
+        resolve_store("http://config.example:5000", "runs", tmp_path, {"MLFLOW_TRACKING_URI": ""}).uri
+        == "http://config.example:5000"
+    )  # set but empty: unset
     default = resolve_store("", "runs", tmp_path, {})
     assert default.uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
     assert (default.kind, default.path) == (LOCAL, tmp_path / "runs" / "mlflow" / "mlflow.db")
     assert default.artifacts == (tmp_path / "runs" / "mlflow" / "artifacts").as_uri()
 
 
-@pytest.mark.parametrize("written, uri, path", [
-    ("sqlite:///mlflow.db", "sqlite:///{base}/mlflow.db", "{base}/mlflow.db"),
-    ("sqlite:///./db/../mlflow.db", "sqlite:///{base}/mlflow.db", "{base}/mlflow.db"),
-    ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db", "/abs/mlflow.db"),
-    ("sqlite:///mlflow.db?timeout=30", "sqlite:///{base}/mlflow.db?timeout=30", "{base}/mlflow.db"),
-    ("file:mlruns", "file://{base}/mlruns", "{base}/mlruns"),
-    ("file:///abs/mlruns", "file:///abs/mlruns", "/abs/mlruns"),
-    ("file:/abs/mlruns", "file:/abs/mlruns", "/abs/mlruns"),
-    ("mlruns", "{base}/mlruns", "{base}/mlruns"),
-    ("../mlruns", "{parent}/mlruns", "{parent}/mlruns"),
-    ("/abs/mlruns", "/abs/mlruns", "/abs/mlruns"),
-])
+@pytest.mark.parametrize(
+    "written, uri, path",
+    [
+        ("sqlite:///mlflow.db", "sqlite:///{base}/mlflow.db", "{base}/mlflow.db"),
+        ("sqlite:///./db/../mlflow.db", "sqlite:///{base}/mlflow.db", "{base}/mlflow.db"),
+        ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db", "/abs/mlflow.db"),
+        ("sqlite:///mlflow.db?timeout=30", "sqlite:///{base}/mlflow.db?timeout=30", "{base}/mlflow.db"),
+        ("file:mlruns", "file://{base}/mlruns", "{base}/mlruns"),
+        ("file:///abs/mlruns", "file:///abs/mlruns", "/abs/mlruns"),
+        ("file:/abs/mlruns", "file:/abs/mlruns", "/abs/mlruns"),
+        ("mlruns", "{base}/mlruns", "{base}/mlruns"),
+        ("../mlruns", "{parent}/mlruns", "{parent}/mlruns"),
+        ("/abs/mlruns", "/abs/mlruns", "/abs/mlruns"),
+    ],
+)
 def test_a_relative_local_store_is_the_launch_folders(tmp_path, written, uri, path):
     base = tmp_path / "launched"
     base.mkdir()
     names = {"base": base, "parent": tmp_path}
-    for store in (store_at(written, base), resolve_store("", "runs", base, {"MLFLOW_TRACKING_URI": written}),
-                  resolve_store(written, "runs", base, {})):
+    for store in (
+        store_at(written, base),
+        resolve_store("", "runs", base, {"MLFLOW_TRACKING_URI": written}),
+        resolve_store(written, "runs", base, {}),
+    ):
         assert store.kind == LOCAL and store.uri == uri.format(**names), store
         assert store.path == Path(path.format(**names)) and store.path.is_absolute()
         assert store.artifacts in (None, (base / "runs" / "mlflow" / "artifacts").as_uri())
@@ -67,17 +88,30 @@ def test_two_spellings_of_one_local_store_have_one_identity(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     other = tmp_path / "elsewhere"
     other.mkdir()
-    sqlite = {store_at(uri, base).identity for uri, base in [
-        ("sqlite:///mlflow.db", tmp_path / "real"), (f"sqlite:///{tmp_path / 'real' / 'mlflow.db'}", other),
-        ("sqlite:///../real/./mlflow.db", other), (f"sqlite:///{tmp_path / 'link' / 'mlflow.db'}", other)]}
+    sqlite = {
+        store_at(uri, base).identity
+        for uri, base in [
+            ("sqlite:///mlflow.db", tmp_path / "real"),
+            (f"sqlite:///{tmp_path / 'real' / 'mlflow.db'}", other),
+            ("sqlite:///../real/./mlflow.db", other),
+            (f"sqlite:///{tmp_path / 'link' / 'mlflow.db'}", other),
+        ]
+    }
     assert sqlite == {f"sqlite:///{tmp_path / 'real' / 'mlflow.db'}"}
-    folders = {store_at(uri, base).identity for uri, base in [
-        ("mlruns", tmp_path / "real"), ("file:mlruns", tmp_path / "real"), ((tmp_path / "real" / "mlruns").as_uri(),
-                                                                            other),
-        (str(tmp_path / "link" / "mlruns"), other)]}
+    folders = {
+        store_at(uri, base).identity
+        for uri, base in [
+            ("mlruns", tmp_path / "real"),
+            ("file:mlruns", tmp_path / "real"),
+            ((tmp_path / "real" / "mlruns").as_uri(), other),
+            (str(tmp_path / "link" / "mlruns"), other),
+        ]
+    }
     assert folders == {(tmp_path / "real" / "mlruns").as_uri()}
-    assert store_at("http://Host.example:5000/", tmp_path).identity == \
-        store_at("http://user:pw@host.example:5000", tmp_path).identity
+    assert (
+        store_at("http://Host.example:5000/", tmp_path).identity
+        == store_at("http://user:pw@host.example:5000", tmp_path).identity
+    )
 
 
 def test_artifact_location_configured_default_and_server(tmp_path):
@@ -126,7 +160,9 @@ def test_one_node_only_for_a_local_store_and_where_to_look(tmp_path):
     check_nodes(server, ["a", "b"])
     with pytest.raises(TrackingError, match="runs on 2 nodes"):
         check_nodes(local, ["a", "b"])
-    assert ui_address(local, "3") == f"mlflow ui --backend-store-uri {tmp_path / 'mlruns'}, then " \
-                                     f"http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    assert (
+        ui_address(local, "3") == f"mlflow ui --backend-store-uri {tmp_path / 'mlruns'}, then "
+        f"http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    )
     assert ui_address(server, "3") == f"{server.redacted.rstrip('/')}/#/experiments/3?workflowType=machine_learning"
     assert "s3cret-pw" not in ui_address(server, None)

@@ -2,6 +2,7 @@
 named as the slowest by its own time, not by the wait every rank then shares; a shard set behind a slow S3
 shows a data wait above a local set's; the run ends with its time split into compute, data, checkpoints and
 evaluation."""
+
 from __future__ import annotations
 
 import os
@@ -58,9 +59,14 @@ def test_a_rank_stopped_for_3_s_is_named_the_slowest_with_its_own_stall(shards, 
     stalls again (up to 5 times, a few steps apart) until one lands in the forward or backward."""
     run_dir, log = tmp_path / "stall", tmp_path / "stall.log"
     with open(log, "w") as out:  # a file, not a pipe that nobody reads while the run goes on
-        proc = subprocess.Popen(["bash", LAUNCH, *args(shards, tmp_path, "stall", "train.max_steps=60")],
-                                cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=out,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", LAUNCH, *args(shards, tmp_path, "stall", "train.max_steps=60")],
+            cwd=REPO,
+            env=job_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            start_new_session=True,
+        )
     stalled, tries = [], []
     try:
         end = time.time() + 300
@@ -101,17 +107,39 @@ def test_a_shard_set_behind_a_slow_s3_shows_a_longer_data_wait(shards, s3_server
     s3_server.upload_dir(shards, bucket, "digits")
 
     def run(name: str, shard_url, run_env: dict, *extra: str) -> list[dict]:
-        subprocess.run([sys.executable, "-m", "pipeline.train",
-                        *args(shard_url, tmp_path, name, "train.max_steps=12", "data.workers=0",
-                              f"data.cache_dir={tmp_path / name / 'cache'}", "data.val_split=", *extra)],
-                       cwd=REPO, env=run_env, check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.train",
+                *args(
+                    shard_url,
+                    tmp_path,
+                    name,
+                    "train.max_steps=12",
+                    "data.workers=0",
+                    f"data.cache_dir={tmp_path / name / 'cache'}",
+                    "data.val_split=",
+                    *extra,
+                ),
+            ],
+            cwd=REPO,
+            env=run_env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         return step_records(tmp_path / name)
 
     local = run("local", shards, job_env(), "data.read_ahead=0")
     assert "cache_hits" not in local[-1]  # a local set is read in place: no cache fields
     with latency_proxy(s3_server.endpoint_url, delay_ms=300) as slow:
-        s3_env = s3_server.subprocess_env(AWS_ENDPOINT_URL=slow, AWS_ENDPOINT_URL_S3=slow, PYTHON=sys.executable,
-                                          **{k: v for k, v in job_env().items() if k == "MASTER_PORT"})
+        s3_env = s3_server.subprocess_env(
+            AWS_ENDPOINT_URL=slow,
+            AWS_ENDPOINT_URL_S3=slow,
+            PYTHON=sys.executable,
+            **{k: v for k, v in job_env().items() if k == "MASTER_PORT"},
+        )
         remote = run("s3", f"s3://{bucket}/digits", s3_env, "data.read_ahead=0")
         ahead = run("s3ahead", f"s3://{bucket}/digits", s3_env, "data.read_ahead=2")
     local_wait, remote_wait = [r["data_wait_s"] for r in local], [r["data_wait_s"] for r in remote]

@@ -2,6 +2,7 @@
 local disk and on the S3 server): a 2-rank training run's params, metrics, system metrics, plots and
 registered model; a resumed job continuing its run; pull and predict in fresh processes; init_from=models:/;
 a server stopped and restarted mid-run. Secrets kept out: tests/test_redaction.py."""
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,31 @@ def env(uri: str, **extra) -> dict[str, str]:
 
 
 def train(shards, out, name, uri, *extra, ranks=2, check=True, **env_extra) -> subprocess.CompletedProcess:
-    args = ["--config", TINY, f"name={name}", f"out_dir={out}", f"data.shards={shards}", "train.global_batch=32",
-            "train.micro_batch=16", "eval.batch_size=50", "data.workers=1", "train.log_every=1",
-            "schedule.epochs=2", "schedule.warmup_epochs=0", "tracking.system_metrics_s=1", *extra]
+    args = [
+        "--config",
+        TINY,
+        f"name={name}",
+        f"out_dir={out}",
+        f"data.shards={shards}",
+        "train.global_batch=32",
+        "train.micro_batch=16",
+        "eval.batch_size=50",
+        "data.workers=1",
+        "train.log_every=1",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0",
+        "tracking.system_metrics_s=1",
+        *extra,
+    ]
     cmd = ["bash", LAUNCH] if ranks == 2 else [sys.executable, "-m", "pipeline.train"]
-    proc = subprocess.run([*map(str, cmd), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=env(uri, MASTER_PORT=str(free_port()), **env_extra))
+    proc = subprocess.run(
+        [*map(str, cmd), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env(uri, MASTER_PORT=str(free_port()), **env_extra),
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
@@ -48,7 +68,7 @@ def run_summary(stdout: str) -> dict:
     lines = stdout.splitlines()
     start = max(i for i, line in enumerate(lines) if line.rstrip() == "{")
     end = next(i for i in range(start, len(lines)) if lines[i].rstrip() == "}")
-    return json.loads("\n".join(lines[start:end + 1]))
+    return json.loads("\n".join(lines[start : end + 1]))
 
 
 def steps_of(client, run_id, key) -> list[int]:
@@ -86,7 +106,9 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert steps_of(client, run_id, "lr") == [1, 2, 3, 4] and steps_of(client, run_id, "val_top1") == [4]
     node = socket.gethostname()  # system metrics carry the node id (one node here)
     assert any(k.startswith(f"system/{node}/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
-    artifacts = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "plots")}
+    artifacts = {f.path for f in client.list_artifacts(run_id)} | {
+        f.path for f in client.list_artifacts(run_id, "plots")
+    }
     assert {"config.yaml", "metrics.jsonl", "plots/training_curves.png", "model"} <= artifacts, artifacts
     version = client.get_model_version_by_alias("tracked", "champion")
     assert version.run_id == run_id and version.tags["timm_name"] == "swin_nano_patch4_window4_64"
@@ -98,8 +120,9 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert summary["mlflow_ui"] == f"{uri}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning"
     assert summary["seconds"] == round(summary["seconds"], 1)
     # cut short by train.max_steps: the version says so
-    assert version.tags["stopped_before_schedule_end"].startswith("train.max_steps=4: 4 of the schedule's "), \
+    assert version.tags["stopped_before_schedule_end"].startswith("train.max_steps=4: 4 of the schedule's "), (
         version.tags
+    )
     assert client.get_model_version_by_alias("tracked", "current").version == version.version
 
     # a resumed job (more steps) continues the same run
@@ -111,37 +134,62 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
 
     # the same command once more: the run is complete (steps, export, registration), so it says so and does nothing
     metrics_before = (run_dir / "metrics.jsonl").read_bytes()
-    done = train(shards, tmp_path, "tracked", uri, "train.max_steps=6", "tracking.aliases=[current, champion]",
-                 ranks=1)  # one rank: nothing is loaded, so nothing to convert either
-    assert "is complete at step 6 of " in done.stderr and f"registered as models:/tracked/{newest.version}" in \
-        done.stderr, done.stderr[-3000:]
+    done = train(
+        shards, tmp_path, "tracked", uri, "train.max_steps=6", "tracking.aliases=[current, champion]", ranks=1
+    )  # one rank: nothing is loaded, so nothing to convert either
+    assert (
+        "is complete at step 6 of " in done.stderr and f"registered as models:/tracked/{newest.version}" in done.stderr
+    ), done.stderr[-3000:]
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before
     assert len(client.search_model_versions("name='tracked'")) == 2  # versions 1 (step 4) and 2 (step 6) only
     assert client.get_model_version_by_alias("tracked", "current").version == newest.version
     assert run_summary(done.stdout)["complete"] is True
 
     # registering by hand (e.g. after an outage at the end) adds nothing new for the same export ...
-    by_hand = subprocess.run([sys.executable, "-m", "pipeline.register", run_dir, "--alias", "manual"], cwd=REPO,
-                             capture_output=True, text=True, env=env(uri), timeout=300)
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "pipeline.register", run_dir, "--alias", "manual"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env(uri),
+        timeout=300,
+    )
     assert by_hand.returncode == 0, by_hand.stderr[-3000:]
     assert by_hand.stdout.split()[0] == f"models:/tracked/{newest.version}"
     assert client.get_model_version_by_alias("tracked", "manual").version == newest.version
-    missing = subprocess.run([sys.executable, "-m", "pipeline.register", tmp_path], cwd=REPO, capture_output=True,
-                             text=True, env=env(uri), timeout=300)
+    missing = subprocess.run(
+        [sys.executable, "-m", "pipeline.register", tmp_path],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env(uri),
+        timeout=300,
+    )
     assert missing.returncode == 2 and "was not tracked in MLflow" in missing.stderr
 
     # pull and predict, each in a fresh process
     cache = {"SWIN_MODEL_CACHE": str(tmp_path / "cache")}
-    pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/tracked@current"], cwd=REPO,
-                            capture_output=True, text=True, env=env(uri, **cache), timeout=300)
+    pulled = subprocess.run(
+        [sys.executable, "-m", "pipeline.pull", "models:/tracked@current"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env(uri, **cache),
+        timeout=300,
+    )
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert "swin_nano_patch4_window4_64, 10 classes" in pulled.stdout
     folder = Path(pulled.stdout.strip().splitlines()[-1])
     assert (folder / "model.safetensors").is_file() and folder.parent.name == "tracked"
     images = [a_digit_jpeg(digits_tars, tmp_path, d) for d in (3, 7)]
-    predicted = subprocess.run([sys.executable, "-m", "pipeline.predict", f"models:/tracked/{newest.version}",
-                                *map(str, images)], cwd=REPO, capture_output=True, text=True,
-                               env=env(uri, **cache), timeout=300)
+    predicted = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", f"models:/tracked/{newest.version}", *map(str, images)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env(uri, **cache),
+        timeout=300,
+    )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     lines = predicted.stdout.splitlines()
     assert lines[0].endswith("digit3.jpg") and len(lines) == 2 * 6
@@ -161,25 +209,55 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     monkeypatch.setenv("SWIN_MODEL_CACHE", str(tmp_path / "fresh-cache"))
     pull_to_folder(f"models:/tracked/{champion.version}", store=store_at(other_store, tmp_path))
     monkeypatch.delenv("SWIN_MODEL_CACHE")
-    fine = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@champion", "train.max_steps=1",
-                 "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=2,
-                 SWIN_MODEL_CACHE=str(tmp_path / "fresh-cache"))  # 2 ranks pull it at once into one cache
+    fine = train(
+        shards,
+        tmp_path,
+        "from_registry",
+        uri,
+        "init_from=models:/tracked@champion",
+        "train.max_steps=1",
+        "model.img_size=96",
+        "model.window_size=6",
+        "tracking.register=false",
+        ranks=2,
+        SWIN_MODEL_CACHE=str(tmp_path / "fresh-cache"),
+    )  # 2 ranks pull it at once into one cache
     init = json.loads((tmp_path / "from_registry" / "init.json").read_text())
     assert init["init_head_rows_mapped"] == 10 and init["init_resized_bias_tables"] == 8, fine.stderr[-2000:]
     assert init["weights_sha256"] == champion.tags["weights_sha256"] != file_sha256(other / "model.safetensors")
     # the same command again resumes (init_from is not applied then), but an init_from that does not resolve is
     # still an error, naming the alias and the store
-    again = train(shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@nope", "train.max_steps=1",
-                  "model.img_size=96", "model.window_size=6", "tracking.register=false", ranks=2, check=False)
-    assert again.returncode == 2 and "alias nope" in again.stderr and f"in the MLflow store {uri}" in again.stderr, \
+    again = train(
+        shards,
+        tmp_path,
+        "from_registry",
+        uri,
+        "init_from=models:/tracked@nope",
+        "train.max_steps=1",
+        "model.img_size=96",
+        "model.window_size=6",
+        "tracking.register=false",
+        ranks=2,
+        check=False,
+    )
+    assert again.returncode == 2 and "alias nope" in again.stderr and f"in the MLflow store {uri}" in again.stderr, (
         again.stderr[-3000:]
+    )
     versions = [p for p in (tmp_path / "fresh-cache" / "tracked").iterdir() if not p.name.startswith(".")]
     assert len(versions) == 2 and all((v / "model.json").is_file() for v in versions), versions  # no partial leftovers
 
     # several processes of one node pull the same version at once: one downloads, the others wait and reuse it
-    pulls = [subprocess.Popen([sys.executable, "-c", PULL, "models:/tracked@champion"], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=env(uri, SWIN_MODEL_CACHE=str(tmp_path / "shared-cache"))) for _ in range(3)]
+    pulls = [
+        subprocess.Popen(
+            [sys.executable, "-c", PULL, "models:/tracked@champion"],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env(uri, SWIN_MODEL_CACHE=str(tmp_path / "shared-cache")),
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in pulls]
     assert all(p.returncode == 0 for p in pulls), [err[-2000:] for _, err in outs]
     assert sum("downloaded models:/tracked@champion" in err for _, err in outs) == 1, [err for _, err in outs]
@@ -208,12 +286,30 @@ def test_a_relative_local_store_and_its_artifacts_stay_where_the_user_launched(s
     weights = constant_export(here / "weights", [f"n{d:08d}" for d in range(10)], 4, 3.0)
     before = sorted(p.name for p in REPO.iterdir())
     proc = subprocess.run(
-        ["bash", str(LAUNCH), "--config", str(TINY), "name=here", "out_dir=runs", "init_from=weights",
-         "train.global_batch=32", "train.micro_batch=16", "eval.batch_size=50", "data.workers=0",
-         "train.max_steps=2", "schedule.epochs=1", "schedule.warmup_epochs=0", "tracking.system_metrics=false",
-         "tracking.experiment=launched_here"],
-        cwd=here, capture_output=True, text=True, timeout=900,
-        env=env("sqlite:///mlflow.db", MASTER_PORT=str(free_port())))
+        [
+            "bash",
+            str(LAUNCH),
+            "--config",
+            str(TINY),
+            "name=here",
+            "out_dir=runs",
+            "init_from=weights",
+            "train.global_batch=32",
+            "train.micro_batch=16",
+            "eval.batch_size=50",
+            "data.workers=0",
+            "train.max_steps=2",
+            "schedule.epochs=1",
+            "schedule.warmup_epochs=0",
+            "tracking.system_metrics=false",
+            "tracking.experiment=launched_here",
+        ],
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env("sqlite:///mlflow.db", MASTER_PORT=str(free_port())),
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert (here / "mlflow.db").is_file() and (here / "runs" / "here" / "model").is_dir()
     client = MlflowClient(f"sqlite:///{here / 'mlflow.db'}")
@@ -223,7 +319,8 @@ def test_a_relative_local_store_and_its_artifacts_stay_where_the_user_launched(s
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     version = client.get_model_version_by_alias("here", "candidate")
     assert version.source.startswith(artifacts) or client.get_run(version.run_id).info.artifact_uri.startswith(
-        artifacts), version.source
+        artifacts
+    ), version.source
     assert sorted(p.name for p in REPO.iterdir()) == before  # no mlruns/, no mlflow.db in the checkout
     init = json.loads((here / "runs" / "here" / "init.json").read_text())
     assert init["weights_sha256"] == file_sha256(weights / "model.safetensors") and init["init_head_rows_mapped"] == 10
@@ -236,18 +333,37 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
     later: training never stops, and every step's metrics reach the run once the server is back."""
     server = start_mlflow_server(tmp_path / "server")
     run_dir = tmp_path / "outage"
-    args = ["--config", TINY, "name=outage", f"out_dir={tmp_path}", f"data.shards={shards}", "train.global_batch=16",
-            "train.micro_batch=16", "data.workers=1", "train.log_every=1", "schedule.epochs=1",
-            "train.max_steps=30", 'data.val_split=""', "tracking.system_metrics=false"]
+    args = [
+        "--config",
+        TINY,
+        "name=outage",
+        f"out_dir={tmp_path}",
+        f"data.shards={shards}",
+        "train.global_batch=16",
+        "train.micro_batch=16",
+        "data.workers=1",
+        "train.log_every=1",
+        "schedule.epochs=1",
+        "train.max_steps=30",
+        'data.val_split=""',
+        "tracking.system_metrics=false",
+    ]
     log_file = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe until the end, and a full one blocks
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env(server.uri),
-                                stderr=log, stdout=log, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train", *args],
+            cwd=REPO,
+            env=env(server.uri),
+            stderr=log,
+            stdout=log,
+            text=True,
+        )
     try:
         client = MlflowClient(server.uri)
         deadline = time.time() + 300
-        while not (run_dir / "mlflow_run.json").is_file() or \
-                not client.get_metric_history(json.loads((run_dir / "mlflow_run.json").read_text())["run_id"], "loss"):
+        while not (run_dir / "mlflow_run.json").is_file() or not client.get_metric_history(
+            json.loads((run_dir / "mlflow_run.json").read_text())["run_id"], "loss"
+        ):
             assert proc.poll() is None and time.time() < deadline, "the run ended or never logged"
             time.sleep(0.2)
         run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
@@ -283,16 +399,26 @@ def test_training_survives_the_server_going_away(shards, tmp_path):
 def test_artifacts_and_registry_on_s3(s3_server, shards, tmp_path):
     """A server whose artifacts live on the S3 server: the model version's files are there, and pull works."""
     bucket = s3_server.create_bucket("mlflow")
-    server = start_mlflow_server(tmp_path / "s3mlflow", env={
-        **s3_server.env, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts"})
+    server = start_mlflow_server(
+        tmp_path / "s3mlflow",
+        env={
+            **s3_server.env,
+            "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts",
+        },
+    )
     try:
         train(shards, tmp_path, "on_s3", server.uri, "train.max_steps=2", "tracking.system_metrics=false", ranks=1)
         keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert any(k.endswith("model/step_00000002/artifacts/model/model.safetensors") for k in keys), keys
-        pulled = subprocess.run([sys.executable, "-m", "pipeline.pull", "models:/on_s3@candidate", "--dst",
-                                 str(tmp_path / "pulled")], cwd=REPO, capture_output=True, text=True, timeout=300,
-                                env=env(server.uri))
+        pulled = subprocess.run(
+            [sys.executable, "-m", "pipeline.pull", "models:/on_s3@candidate", "--dst", str(tmp_path / "pulled")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env(server.uri),
+        )
         assert pulled.returncode == 0, pulled.stderr[-3000:]
         assert (tmp_path / "pulled" / "model.safetensors").stat().st_size > 1_000_000
 
@@ -327,8 +453,9 @@ def register_at_the_end(tmp_path: Path, name: str, uri: str, model: Path):
     from pipeline.tracking.tracker import Tracker
     from pipeline.train import finish_tracking
 
-    cfg = load_config(TINY, [f"name={name}", f"out_dir={tmp_path}", "tracking.final_timeout_s=1",
-                             "tracking.system_metrics=false"])
+    cfg = load_config(
+        TINY, [f"name={name}", f"out_dir={tmp_path}", "tracking.final_timeout_s=1", "tracking.system_metrics=false"]
+    )
     cfg.run_dir.mkdir(parents=True)
     dump_config(cfg, cfg.run_dir / "config.yaml")
     tracker = Tracker(cfg, World(0, 1, 0), store_at(uri, tmp_path), resumed=False)

@@ -1,6 +1,7 @@
 """Training for real on CPU (gloo, 2 ranks): ZeRO 1/2/3 through launch/pretrain_22k.sh, the `deepspeed`
 launcher calling the script both ways, exact resume after `kill -9` (also mid-checkpoint), export that
 reproduces the engine's evaluation, and a diverging run that stops with a checkpoint from before it."""
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,20 @@ def zero_runs(shards, tmp_path_factory):
     def get(stage: int):
         if stage not in done:
             out = tmp_path_factory.mktemp(f"zero{stage}")
-            args = small(shards, out, f"zero{stage}", f"train.zero_stage={stage}", "train.max_steps=24",
-                         "optim.base_lr=1e-2", "checkpoint.every_steps=12")
-            launcher = {"bash": ["bash"], "deepspeed": [DEEPSPEED, "--num_gpus", 2, "--master_port", free_port()],
-                        "deepspeed_no_python": [DEEPSPEED, "--num_gpus", 2, "--master_port", free_port(),
-                                                "--no_python"]}[FORMS[stage]]
+            args = small(
+                shards,
+                out,
+                f"zero{stage}",
+                f"train.zero_stage={stage}",
+                "train.max_steps=24",
+                "optim.base_lr=1e-2",
+                "checkpoint.every_steps=12",
+            )
+            launcher = {
+                "bash": ["bash"],
+                "deepspeed": [DEEPSPEED, "--num_gpus", 2, "--master_port", free_port()],
+                "deepspeed_no_python": [DEEPSPEED, "--num_gpus", 2, "--master_port", free_port(), "--no_python"],
+            }[FORMS[stage]]
             done[stage] = out / f"zero{stage}", run([*launcher, LAUNCH, *args])
         return done[stage]
 
@@ -80,15 +90,27 @@ def test_one_machine_launch_gives_the_launcher_the_runners_world_info(procs):
     from swin_common.node_launch import launcher_argv
 
     argv = launcher_argv(["--procs", str(procs), "--master_port", "29511", "--module", "pipeline.train", "a=1"])
-    assert argv == [f"--world_info={encode_world_info({'localhost': list(range(procs))})}", "--master_port",
-                    "29511", "--module", "pipeline.train", "a=1"]
+    assert argv == [
+        f"--world_info={encode_world_info({'localhost': list(range(procs))})}",
+        "--master_port",
+        "29511",
+        "--module",
+        "pipeline.train",
+        "a=1",
+    ]
     with pytest.raises(SystemExit, match="give --procs N first"):
         launcher_argv(["--module", "pipeline.train"])
 
 
 def start_in_session(cmd: list) -> subprocess.Popen:
-    return subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=job_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        list(map(str, cmd)),
+        cwd=REPO,
+        env=job_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> Path:
@@ -107,9 +129,17 @@ def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
     weights equal an uninterrupted run's bit for bit (CPU, same world size). Mixup/CutMix, random erasing
     and drop path all draw random numbers, so the RNG and loader states must come back exactly; gradients
     are accumulated over 2 micro batches, so checkpoints must fall on step boundaries."""
-    args = ["train.global_batch=64", "train.max_steps=9", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-            "model.drop_path=0.2",  # 64 = 16 per rank x 2 ranks x 2 accumulated micro batches
-            "data.mixup=0.8", "data.cutmix=1.0", "data.random_erasing=0.25", "schedule.warmup_epochs=0.1"]
+    args = [
+        "train.global_batch=64",
+        "train.max_steps=9",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+        "model.drop_path=0.2",  # 64 = 16 per rank x 2 ranks x 2 accumulated micro batches
+        "data.mixup=0.8",
+        "data.cutmix=1.0",
+        "data.random_erasing=0.25",
+        "schedule.warmup_epochs=0.1",
+    ]
     run(["bash", LAUNCH, *small(shards, tmp_path, "straight", *args)])
 
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -135,15 +165,28 @@ def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
     differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     # the last record's training values alike; its clock readings (time, throughput, where the time went) are not
-    clocks = ("time", "images_per_s", "images_per_s_per_rank", "step_s", "own_s_median", "own_s_max",
-              "slowest_rank", "data_wait_s", "data_wait_pct", "checkpoint_s", "eval_s")
+    clocks = (
+        "time",
+        "images_per_s",
+        "images_per_s_per_rank",
+        "step_s",
+        "own_s_median",
+        "own_s_max",
+        "slowest_rank",
+        "data_wait_s",
+        "data_wait_pct",
+        "checkpoint_s",
+        "eval_s",
+    )
 
     def trained(record: dict) -> dict:
         return {k: v for k, v in record.items() if k not in clocks}
 
     assert trained(metrics(tmp_path / "straight")[0][-1]) == pytest.approx(trained(metrics(tmp_path / "killed")[0][-1]))
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == \
-        ["step_00000008", "step_00000009"]  # keep_last=2, no temporaries left
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == [
+        "step_00000008",
+        "step_00000009",
+    ]  # keep_last=2, no temporaries left
 
 
 def test_export_reproduces_the_engine_evaluation(zero_runs, shards, tmp_path):
@@ -153,8 +196,11 @@ def test_export_reproduces_the_engine_evaluation(zero_runs, shards, tmp_path):
     engine_eval = metrics(run_dir)[1][-1]
     model, meta = load_exported(run_dir / "model")
     assert meta["timm_name"] == "swin_nano_patch4_window4_64" and len(meta["synsets"]) == 10
-    loader = create_loader(LoaderConfig(shards=str(shards), split="val", train=False, batch_size=50, image_size=64,
-                                        crop_pct=1.0, workers=1))
+    loader = create_loader(
+        LoaderConfig(
+            shards=str(shards), split="val", train=False, batch_size=50, image_size=64, crop_pct=1.0, workers=1
+        )
+    )
     loss, hits, n = 0.0, 0, 0
     with torch.no_grad():
         for images, labels in loader:
@@ -167,8 +213,16 @@ def test_export_reproduces_the_engine_evaluation(zero_runs, shards, tmp_path):
     assert loss / n == pytest.approx(engine_eval["val_loss"], rel=1e-5)
 
     # the same export by hand, from the checkpoint folder
-    run([sys.executable, "-m", "pipeline.export", run_dir / "checkpoints" / "step_00000024",
-         "--out", tmp_path / "by_hand"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.export",
+            run_dir / "checkpoints" / "step_00000024",
+            "--out",
+            tmp_path / "by_hand",
+        ]
+    )
     by_hand = load_file(tmp_path / "by_hand" / "model.safetensors")
     assert all(torch.equal(by_hand[k], v) for k, v in model.state_dict().items())
     bad = run([sys.executable, "-m", "pipeline.export", tmp_path, "--out", tmp_path / "x"], check=False)
@@ -190,8 +244,21 @@ def evaluate_like_the_engine(model, shards: Path, stage: int, device: str = "cpu
     model = model.to(device) if stage == 0 else model.to(device, torch.bfloat16)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for rank in range(world):
-        loader = create_loader(LoaderConfig(shards=str(shards), split="val", train=False, batch_size=50, image_size=64,
-                                            crop_pct=1.0, workers=1, dtype="bfloat16", device=device), rank, world)
+        loader = create_loader(
+            LoaderConfig(
+                shards=str(shards),
+                split="val",
+                train=False,
+                batch_size=50,
+                image_size=64,
+                crop_pct=1.0,
+                workers=1,
+                dtype="bfloat16",
+                device=device,
+            ),
+            rank,
+            world,
+        )
         linear = mock.patch("torch.nn.functional.linear", zero3_linear_wrap) if stage == 3 else contextlib.nullcontext()
         with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=stage == 0), linear:
             for images, labels in loader:
@@ -206,8 +273,20 @@ def test_bf16_trains_resumes_and_exports_its_fp32_masters_at_every_zero_stage(st
     The export holds the fp32 master weights (low mantissa bits set; ZeRO-0 used to export its bf16 module), and
     evaluated as the engine evaluated (evaluate_like_the_engine) it gives the engine's own top-1 exactly and its
     loss to rounding of the sums, a comparison that cannot flake."""
-    cmd = ["bash", LAUNCH, *small(shards, tmp_path, "bf16", f"train.zero_stage={stage}", "train.precision=bf16",
-                                  "train.max_steps=4", "checkpoint.every_steps=2", "optim.base_lr=1e-2")]
+    cmd = [
+        "bash",
+        LAUNCH,
+        *small(
+            shards,
+            tmp_path,
+            "bf16",
+            f"train.zero_stage={stage}",
+            "train.precision=bf16",
+            "train.max_steps=4",
+            "checkpoint.every_steps=2",
+            "optim.base_lr=1e-2",
+        ),
+    ]
     proc = start_in_session(cmd)
     wait_for(tmp_path / "bf16" / "checkpoints", "step_00000002/COMPLETE", proc)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -224,8 +303,11 @@ def test_bf16_trains_resumes_and_exports_its_fp32_masters_at_every_zero_stage(st
     rounded = sum(torch.equal(v, v.bfloat16().float()) for v in weights.values() if v.numel() > 16)
     assert rounded <= 1, f"{rounded} exported tensors hold bf16 values only: the export read rounded weights"
     if stage in (1, 2):  # the engine's bf16 module is the fp32 master, rounded
-        module = torch.load(tmp_path / "bf16" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
-                            map_location="cpu", weights_only=False)["module"]
+        module = torch.load(
+            tmp_path / "bf16" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )["module"]
         assert all(torch.equal(module[k], v.bfloat16()) for k, v in weights.items())
     ours = evaluate_like_the_engine(model, shards, stage)
     assert ours["val_samples"] == 100 and ours["val_top1"] == evals[-1]["val_top1"]
@@ -237,9 +319,14 @@ def test_bf16_trains_resumes_and_exports_its_fp32_masters_at_every_zero_stage(st
 def test_bf16_on_a_gpu_trains_exports_and_evaluates_alike(shards, tmp_path):
     """One GPU rank (process group cpu:gloo,cuda:nccl, DALI mixed decode, bf16, ZeRO-2): the loss is finite, and
     the export evaluated on the GPU as the engine evaluated gives the engine's top-1 exactly."""
-    run([sys.executable, "-m", "pipeline.train", *small(shards, tmp_path, "bf16", "train.precision=bf16",
-                                                         "train.max_steps=6",
-                                                         "train.global_batch=16")])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            *small(shards, tmp_path, "bf16", "train.precision=bf16", "train.max_steps=6", "train.global_batch=16"),
+        ]
+    )
     train_rows, evals = metrics(tmp_path / "bf16")
     assert all(r["loss"] == r["loss"] for r in train_rows) and evals[-1]["val_samples"] == 100
     assert all("mfu" not in r or 0 < r["mfu"] < 1 for r in train_rows) and "mem_peak_allocated_gb" in train_rows[-1]
@@ -254,8 +341,7 @@ def test_bf16_on_a_gpu_trains_exports_and_evaluates_alike(shards, tmp_path):
 def test_fp16_at_zero0_keeps_its_loss_scale_across_a_resume(shards, tmp_path):
     """ZeRO-0 fp16 runs as autocast with torch's GradScaler, whose state DeepSpeed does not save: the rank file
     holds it, the logged loss scale is the scaler's, and the resumed run continues from it."""
-    args = ["train.precision=fp16", "train.zero_stage=0", "train.global_batch=16",
-            "checkpoint.every_steps=2"]
+    args = ["train.precision=fp16", "train.zero_stage=0", "train.global_batch=16", "checkpoint.every_steps=2"]
     run([sys.executable, "-m", "pipeline.train", *small(shards, tmp_path, "fp16z0", *args, "train.max_steps=2")])
     own = torch.load(tmp_path / "fp16z0" / "checkpoints" / "step_00000002" / "rank_00000.pt", weights_only=True)
     steps, _ = metrics(tmp_path / "fp16z0")
@@ -269,9 +355,24 @@ def test_fp16_at_zero0_keeps_its_loss_scale_across_a_resume(shards, tmp_path):
 def test_a_diverging_run_stops_with_a_checkpoint_from_before(shards, tmp_path):
     """An absurd LR overflows the weights: non-finite losses are dropped and counted, then the run stops with
     an error naming the checkpoint written before the first one (world of one, `python -m pipeline.train`)."""
-    proc = run([sys.executable, "-m", "pipeline.train",
-                *small(shards, tmp_path, "nan", "optim.base_lr=1e33", "optim.grad_clip=0", "train.max_bad_steps=3",
-                       "checkpoint.every_steps=1000", "train.global_batch=16")], check=False)
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            *small(
+                shards,
+                tmp_path,
+                "nan",
+                "optim.base_lr=1e33",
+                "optim.grad_clip=0",
+                "train.max_bad_steps=3",
+                "checkpoint.every_steps=1000",
+                "train.global_batch=16",
+            ),
+        ],
+        check=False,
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "the loss was not finite for 4 micro batches in a row since step" in proc.stderr
     first_bad = int(proc.stderr.split("in a row since step ")[1].split()[0])
@@ -285,11 +386,19 @@ def test_a_diverging_run_stops_with_a_checkpoint_from_before(shards, tmp_path):
 def test_slurm_sbatch_trains_with_srun_ranks(slurm_cluster, shards, tmp_path):
     """launch/slurm/pretrain_22k.sbatch on the one-node cluster: srun starts 2 tasks, each maps Slurm's
     variables to its rank (no launcher, no ssh), and the run trains and checkpoints."""
-    job = slurm_cluster.sbatch(REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
-                               *small(shards, tmp_path, "slurm", "train.max_steps=3"),
-                               sbatch_args=["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-                                            "--gpus-per-node=0", f"--output={tmp_path}/job-%j.out"],
-                               env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)}, cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+        *small(shards, tmp_path, "slurm", "train.max_steps=3"),
+        sbatch_args=[
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            "--gpus-per-node=0",
+            f"--output={tmp_path}/job-%j.out",
+        ],
+        env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)},
+        cwd=tmp_path,
+    )
     [state] = slurm_cluster.wait(job, timeout=600)
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert state.ok, f"{state}\n{log[-5000:]}"
@@ -302,11 +411,25 @@ def test_slurm_sbatch_trains_with_srun_ranks(slurm_cluster, shards, tmp_path):
 def test_slurm_variables_become_the_torch_ones():
     from pipeline.engine.distributed import environment_from_slurm
 
-    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-            "SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu07,gpu08"}
-    assert environment_from_slurm(srun) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                            "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 1234)}
-    assert environment_from_slurm({**srun, "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == \
-        {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    srun = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "1234",
+        "SLURM_STEP_NODELIST": "gpu07,gpu08",
+    }
+    assert environment_from_slurm(srun) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(20000 + 1234),
+    }
+    assert environment_from_slurm({**srun, "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+    }
     assert environment_from_slurm({**srun, "RANK": "0"}) == {}  # a launcher already set it
     assert environment_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == {}  # a batch script, not srun

@@ -1,5 +1,6 @@
 """Initialising a model from one trained at another size/window/label layout (pipeline/model/transfer.py), and the
 22K -> 1K fine-tuning run built on it."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import create_model
 from pipeline.engine.model_export import load_source
+from pipeline.model import create_model
 from pipeline.model.transfer import SourceModel, TransferError, initialise, resize_bias_table, transfer_state
 from servers import REPO, free_port, run_prep
 
@@ -44,7 +45,9 @@ def test_13_to_23_is_bicubic_on_each_heads_grid():
     out = resize_bias_table(table, 23)
     assert out.shape == (23 * 23, 4)
     half = resize_bias_table(table.bfloat16(), 23)  # computed in fp32, returned in the table's dtype
-    assert half.dtype == torch.bfloat16 and torch.equal(half, resize_bias_table(table.bfloat16().float(), 23).bfloat16())
+    assert half.dtype == torch.bfloat16 and torch.equal(
+        half, resize_bias_table(table.bfloat16().float(), 23).bfloat16()
+    )
     for h in range(4):
         grid = table[:, h].reshape(1, 1, 13, 13)
         expected = F.interpolate(grid, size=(23, 23), mode="bicubic", align_corners=False).flatten()
@@ -83,14 +86,21 @@ def test_head_rows_follow_the_synsets_and_missing_ones_start_fresh():
     assert report.fresh_synsets == ["n09999999"] and report.head_rows_mapped == 3
 
 
-@pytest.mark.parametrize("break_it,message", [
-    (lambda s: s.__setitem__("layers.1.blocks.0.attn.relative_position_bias_table",
-                             torch.zeros(49, 3)), r"relative_position_bias_table: 3 heads in the source, 2 in"),
-    (lambda s: s.__setitem__("layers.0.blocks.0.mlp.fc1.weight", torch.zeros(64, 32)),
-     r"layers.0.blocks.0.mlp.fc1.weight: shape \(64, 32\) in the source, \(128, 32\)"),
-    (lambda s: s.pop("norm.weight"), r"missing norm.weight"),
-    (lambda s: s.__setitem__("layers.9.extra", torch.zeros(1)), r"unexpected layers.9.extra"),
-])
+@pytest.mark.parametrize(
+    "break_it,message",
+    [
+        (
+            lambda s: s.__setitem__("layers.1.blocks.0.attn.relative_position_bias_table", torch.zeros(49, 3)),
+            r"relative_position_bias_table: 3 heads in the source, 2 in",
+        ),
+        (
+            lambda s: s.__setitem__("layers.0.blocks.0.mlp.fc1.weight", torch.zeros(64, 32)),
+            r"layers.0.blocks.0.mlp.fc1.weight: shape \(64, 32\) in the source, \(128, 32\)",
+        ),
+        (lambda s: s.pop("norm.weight"), r"missing norm.weight"),
+        (lambda s: s.__setitem__("layers.9.extra", torch.zeros(1)), r"unexpected layers.9.extra"),
+    ],
+)
 def test_mismatches_are_errors_naming_the_key(break_it, message):
     source = trained_like()
     break_it(source.state)
@@ -163,6 +173,7 @@ def test_what_is_not_a_source_is_one_error_naming_it(tmp_path):
 
 # --- the fine-tuning run ------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_finetune_22k_to_1k_at_a_larger_window(digits_tars, shards, tmp_path):
     """Pretrain the tiny model briefly at 64/window 4 on all 10 classes, then fine-tune at 96/window 6 with
@@ -176,22 +187,64 @@ def test_finetune_22k_to_1k_at_a_larger_window(digits_tars, shards, tmp_path):
     layout = tmp_path / "layout_1k.txt"
     layout.write_text("".join(f"n{d:08d}\n" for d in (1, 3, 5, 7, 9)) + "n09999999\n")
     shards_1k = tmp_path / "shards_1k"
-    run_prep("shard", "--source", odd, "--out", shards_1k, "--layout", layout, "--max-samples", 200,
-             "--holdout-per-class", 10)
+    run_prep(
+        "shard",
+        "--source",
+        odd,
+        "--out",
+        shards_1k,
+        "--layout",
+        layout,
+        "--max-samples",
+        200,
+        "--holdout-per-class",
+        10,
+    )
 
     import subprocess
 
     common = [f"out_dir={tmp_path}", "data.workers=1", "train.log_every=1"]
-    pre = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", REPO / "configs/tiny_22k.yaml",
-                          "name=pre", f"data.shards={shards}", "train.max_steps=20", "schedule.epochs=1",
-                          "eval.batch_size=50", *common], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=900)
+    pre = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.train",
+            "--config",
+            REPO / "configs/tiny_22k.yaml",
+            "name=pre",
+            f"data.shards={shards}",
+            "train.max_steps=20",
+            "schedule.epochs=1",
+            "eval.batch_size=50",
+            *common,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert pre.returncode == 0, pre.stderr[-4000:]
-    fine = subprocess.run(["bash", REPO / "launch/finetune_1k_384.sh", "--config", REPO / "configs/tiny_22kto1k.yaml",
-                           "name=fine", f"init_from={tmp_path / 'pre' / 'model'}", f"data.shards={shards_1k}",
-                           "train.max_steps=16", "train.global_batch=32", "train.micro_batch=16", *common],
-                          cwd=REPO, env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
-                          timeout=900)
+    fine = subprocess.run(
+        [
+            "bash",
+            REPO / "launch/finetune_1k_384.sh",
+            "--config",
+            REPO / "configs/tiny_22kto1k.yaml",
+            "name=fine",
+            f"init_from={tmp_path / 'pre' / 'model'}",
+            f"data.shards={shards_1k}",
+            "train.max_steps=16",
+            "train.global_batch=32",
+            "train.micro_batch=16",
+            *common,
+        ],
+        cwd=REPO,
+        env={**env, "MASTER_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert fine.returncode == 0, fine.stderr[-6000:]
     run = tmp_path / "fine"
     init = json.loads((run / "init.json").read_text())

@@ -1,4 +1,5 @@
 """`verify` finds what is wrong with a shard set; `map` maps one label layout onto another."""
+
 import io
 import json
 import shutil
@@ -113,8 +114,9 @@ def test_map_22k_to_1k_rows_and_missing(tmp_path):
     assert doc["source_index"] == [2, 0, -1] and doc["missing"] == ["n04399382"]
     assert doc["source_layout"]["num_classes"] == 4 and doc["target_layout"]["num_classes"] == 3
     assert "2 of 3 target synsets found" in proc.stdout and "n04399382" in proc.stdout
-    strict = run_prep("map", "--from", tmp_path / "22k.txt", "--to", tmp_path / "1k.txt", "--out", out,
-                      "--strict", check=False)
+    strict = run_prep(
+        "map", "--from", tmp_path / "22k.txt", "--to", tmp_path / "1k.txt", "--out", out, "--strict", check=False
+    )
     assert strict.returncode == 1
 
 
@@ -127,6 +129,7 @@ def test_map_reads_a_shard_folder_as_a_layout(good_set, tmp_path):
 
 def test_a_layout_listing_a_synset_twice_is_refused(tmp_path):
     (tmp_path / "dup.txt").write_text("n1\nn2\nn1\n")
-    proc = run_prep("map", "--from", tmp_path / "dup.txt", "--to", tmp_path / "dup.txt", "--out",
-                    tmp_path / "m.json", check=False)
+    proc = run_prep(
+        "map", "--from", tmp_path / "dup.txt", "--to", tmp_path / "dup.txt", "--out", tmp_path / "m.json", check=False
+    )
     assert proc.returncode == 2 and "n1 is listed twice (lines 1 and 3)" in proc.stderr

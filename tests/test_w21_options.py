@@ -1,4 +1,5 @@
 """timm's ImageNet-22K (w21) data choices as prep options: --min-size, EXIF handling, --min-images-per-class."""
+
 import io
 import json
 from pathlib import Path
@@ -65,8 +66,9 @@ def test_exif_strip_and_keep():
     stripped = prepare_image(rotated, exif="strip")
     assert (stripped.width, stripped.height) == (100, 60) and not metadata_segments(stripped.jpg)
     assert stripped.converted == "non-colour metadata stripped"
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stripped.jpg))),
-                          np.asarray(Image.open(io.BytesIO(rotated))))  # lossless: the same pixels
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(stripped.jpg))), np.asarray(Image.open(io.BytesIO(rotated)))
+    )  # lossless: the same pixels
     assert prepare_image(rotated, exif="keep").jpg == rotated
     upright_with_exif = jpeg(picture(100, 60), 1)
     out = prepare_image(upright_with_exif)  # nothing to rotate: the metadata is cut, the pixels stay
@@ -89,8 +91,14 @@ def rotated_folder(tmp_path_factory) -> Path:
 
 
 def eval_batches(shards: Path, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = LoaderConfig(shards=str(shards), train=False, batch_size=8, image_size=48, backend=backend,
-                       workers=1 if backend == "dali" else 0)
+    cfg = LoaderConfig(
+        shards=str(shards),
+        train=False,
+        batch_size=8,
+        image_size=48,
+        backend=backend,
+        workers=1 if backend == "dali" else 0,
+    )
     xs, ys = zip(*create_loader(cfg), strict=True)
     return torch.cat(xs), torch.cat(ys)
 

@@ -1,4 +1,5 @@
 """The shard sets are webdataset's format: a user's own loader reads them with the `webdataset` package itself."""
+
 import json
 import warnings
 from pathlib import Path

@@ -3,6 +3,7 @@
 First line 'v1.2 <samples>'; then one line per sample with, for each of its files in tar order,
 '<ext> <data offset> <size> <member name>'. With them fn.readers.webdataset needs no scan of the shards.
 """
+
 from __future__ import annotations
 
 from swin_common.errors import UserError
@@ -32,8 +33,9 @@ def parse_index(text: str) -> list[list[tuple[str, int, int, str]]]:
     for line in lines[1:]:
         fields = line.split(" ")
         try:  # a field short of a whole (ext, offset, size, name) group, or a number that is none
-            sample = [(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                      for i in range(0, len(fields), 4)]
+            sample = [
+                (fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)
+            ]
         except (IndexError, ValueError):
             raise IndexFileError(f"malformed index line: {line[:100]!r}") from None
         samples.append(sample)

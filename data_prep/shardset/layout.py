@@ -1,4 +1,5 @@
 """Label layouts: the ordered list of synsets that defines label i, and maps between two layouts."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """manifest.json: the shard set's table of contents (shards with sizes and sha256, totals, per-class counts, label
 layout, rejected inputs, prep options). Written by `data_prep shard`/`finalize` (data_prep.records builds it),
 read by `data_prep verify` and by training."""
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,18 @@ def missing_manifest(out) -> str:
     loose images, or a set whose prep has not been finalized."""
     root = getattr(out, "root", None)  # a local folder (LocalStore); S3 prefixes are never "missing" as such
     if root is not None and not root.exists():
-        return (f"shard set not found: {out.url} does not exist (give the folder `python -m data_prep shard --out` "
-                f"wrote, or s3://bucket/prefix)")
+        return (
+            f"shard set not found: {out.url} does not exist (give the folder `python -m data_prep shard --out` "
+            f"wrote, or s3://bucket/prefix)"
+        )
     if root is not None and root.is_dir():
         found = describe_folder(root)
         if found:
             return found
-    return (f"no {MANIFEST_NAME} in {out.url}: is the shard set finalized? (a set whose shards are all written "
-            f"is finalized by `python -m data_prep finalize {out.url}`)")
+    return (
+        f"no {MANIFEST_NAME} in {out.url}: is the shard set finalized? (a set whose shards are all written "
+        f"is finalized by `python -m data_prep finalize {out.url}`)"
+    )
 
 
 def describe_folder(root) -> str | None:
@@ -53,23 +58,31 @@ def describe_folder(root) -> str | None:
     set under way (or holds nothing this can tell)."""
     names = {p.name for p in root.iterdir()}
     if (root.parent / MANIFEST_NAME).is_file() and any(n.endswith(".idx") for n in names):
-        return (f"{root} is the '{root.name}' split folder of the shard set {root.parent}, not a set: give "
-                f"{root.parent} (the folder holding {MANIFEST_NAME}), and the split with data.train_split / "
-                f"data.val_split or --split")
+        return (
+            f"{root} is the '{root.name}' split folder of the shard set {root.parent}, not a set: give "
+            f"{root.parent} (the folder holding {MANIFEST_NAME}), and the split with data.train_split / "
+            f"data.val_split or --split"
+        )
     if set(PREP_RECORDS) & names:
         return None  # a set being written: its manifest comes last
     tars = [n for n in names if n.endswith(".tar")]
     folders = [n for n in names if (root / n).is_dir()]
     images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
     if tars:
-        return (f"{root} is a source of {len(tars)} per-synset tars, not a shard set: shard it first, "
-                f"`python -m data_prep shard --source {root} --out SHARDS`, and give SHARDS")
+        return (
+            f"{root} is a source of {len(tars)} per-synset tars, not a shard set: shard it first, "
+            f"`python -m data_prep shard --source {root} --out SHARDS`, and give SHARDS"
+        )
     if folders and not images:
-        return (f"{root} is a source (an ImageFolder tree of {len(folders)} class folders), not a shard set: shard "
-                f"it first, `python -m data_prep shard --source {root} --out SHARDS`, and give SHARDS")
+        return (
+            f"{root} is a source (an ImageFolder tree of {len(folders)} class folders), not a shard set: shard "
+            f"it first, `python -m data_prep shard --source {root} --out SHARDS`, and give SHARDS"
+        )
     if images:
-        return (f"{root} is a folder of {len(images)} loose images, not a shard set: `python -m data_prep shard` "
-                f"reads an ImageFolder tree (a sub-folder per synset, e.g. {root}/n01440764/*.JPEG) or per-synset "
-                f"tars; move the images into class folders, then `python -m data_prep shard --source {root} --out "
-                f"SHARDS`")
+        return (
+            f"{root} is a folder of {len(images)} loose images, not a shard set: `python -m data_prep shard` "
+            f"reads an ImageFolder tree (a sub-folder per synset, e.g. {root}/n01440764/*.JPEG) or per-synset "
+            f"tars; move the images into class folders, then `python -m data_prep shard --source {root} --out "
+            f"SHARDS`"
+        )
     return None

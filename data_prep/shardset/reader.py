@@ -13,6 +13,7 @@ entries with the manifest's sample count that give every sample its jpg and cls 
 error names the shards and the `data_prep verify` command to run. The result holds the sample table the readers
 use (numpy arrays, not Python objects: `bench/shardset_scale.py` measures its bytes per sample).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,6 +47,7 @@ class Shard:
 @dataclass
 class ShardSet:
     """The usable shards of one split and where their samples lie (`table`), read through one store client."""
+
     url: str
     split: str
     synsets: list[str]
@@ -89,8 +91,10 @@ def split_entries(manifest: dict, url: str, split: str) -> tuple[list[dict], dic
         raise ShardSetError(f"{url} has no {split!r} shards (splits: {sorted(manifest['totals'])})")
     entry = manifest.get("split_indexes", {}).get(split)
     if entry is None:
-        raise ShardSetError(f"{url} has no split index for its {split!r} shards (no `split_indexes` entry in its "
-                            f"manifest.json): `python -m data_prep finalize {url}` writes it")
+        raise ShardSetError(
+            f"{url} has no split index for its {split!r} shards (no `split_indexes` entry in its "
+            f"manifest.json): `python -m data_prep finalize {url}` writes it"
+        )
     return entries, entry
 
 
@@ -135,11 +139,18 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
         raise ShardSetError(
             f"{len(bad)} of {len(shards)} {split} shards in {url} are bad (budget: {max_bad_shards}):\n{listing}\n"
             f"run `python -m data_prep verify {url}` for a full check, then re-run `data_prep shard` to rewrite "
-            f"them (delete their _prep/done records first)")
+            f"them (delete their _prep/done records first)"
+        )
     kept = [shards[i] for i in good]
     if bad:
-        log.warning("%d of %d %s shards left out (budget %d); %d samples remain", len(bad), len(shards), split,
-                    max_bad_shards, sum(s.samples for s in kept))
+        log.warning(
+            "%d of %d %s shards left out (budget %d); %d samples remain",
+            len(bad),
+            len(shards),
+            split,
+            max_bad_shards,
+            sum(s.samples for s in kept),
+        )
     return ShardSet(url, split, synsets, kept, bad, table.select(good), store)
 
 
@@ -160,6 +171,7 @@ def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> lis
 
 def _table_from_shard_indexes(store, shards: list[Shard], sizes: dict, problems: list):
     """In place of a damaged split index: every shard's index file, read and checked (a request each)."""
+
     def read(i: int) -> tuple[str | None, str | None]:
         shard = shards[i]
         if problems[i]:
@@ -168,7 +180,7 @@ def _table_from_shard_indexes(store, shards: list[Shard], sizes: dict, problems:
             return "its index file is missing", None
         try:
             text = store.read(shard.index_name).decode()
-        except Exception as e:  # an unreadable index is this shard's problem, not the job's
+        except Exception as e:  # noqa: BLE001  (an unreadable index is this shard's problem, not the job's)
             return f"index file unreadable: {e}", None
         return check_index(text, shard, sizes[shard.name]), text
 

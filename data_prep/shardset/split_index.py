@@ -7,6 +7,7 @@ it in manifest.json with its sha256 (`write_split_indexes`); a reader fetches it
 per shard its name and first row; per sample the jpg's and cls's byte ranges inside the tar and its key (one
 bytes blob with offsets). An npz of plain arrays loads with allow_pickle=False: nothing in it is executed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +31,7 @@ def split_index_name(split: str) -> str:
 @dataclass(frozen=True)
 class SampleTable:
     """Samples of a list of shards, shard after shard in the order of `names`."""
+
     names: list[str]  # shard file names ("train/shard-000000.tar")
     starts: np.ndarray  # int64 (shards + 1): row of each shard's first sample; the last is the sample count
     jpg_offset: np.ndarray  # int64 per sample: data offset of its jpg member in the tar
@@ -50,7 +52,7 @@ class SampleTable:
         return int(self.starts[shard]) + sample
 
     def key(self, row: int) -> str:
-        return self.key_blob[self.key_starts[row]:self.key_starts[row + 1]].tobytes().decode("ascii")
+        return self.key_blob[self.key_starts[row] : self.key_starts[row + 1]].tobytes().decode("ascii")
 
     def ends(self) -> np.ndarray:
         """Per shard, the byte where its last member's data ends (checked against the tar's size)."""
@@ -61,11 +63,22 @@ class SampleTable:
         return out
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.starts, self.jpg_offset, self.jpg_size, self.cls_offset, self.cls_size,
-                                      self.key_blob, self.key_starts))
+        return sum(
+            a.nbytes
+            for a in (
+                self.starts,
+                self.jpg_offset,
+                self.jpg_size,
+                self.cls_offset,
+                self.cls_size,
+                self.key_blob,
+                self.key_starts,
+            )
+        )
 
-    def select(self, shards: list[int]) -> "SampleTable":
+    def select(self, shards: list[int]) -> SampleTable:
         """The table of these shards only (the usable ones), in this order."""
+
         def cat(ranges):
             pieces = [np.arange(lo, hi) for lo, hi in ranges]
             return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
@@ -73,32 +86,57 @@ class SampleTable:
         rows = cat((self.starts[s], self.starts[s + 1]) for s in shards)
         key_bytes = cat((self.key_starts[self.starts[s]], self.key_starts[self.starts[s + 1]]) for s in shards)
         sizes = self.shard_sizes[shards] if shards else np.zeros(0, np.int64)
-        return SampleTable([self.names[s] for s in shards], _cumulative(sizes), self.jpg_offset[rows],
-                           self.jpg_size[rows], self.cls_offset[rows], self.cls_size[rows], self.key_blob[key_bytes],
-                           _cumulative(np.diff(self.key_starts)[rows]))
+        return SampleTable(
+            [self.names[s] for s in shards],
+            _cumulative(sizes),
+            self.jpg_offset[rows],
+            self.jpg_size[rows],
+            self.cls_offset[rows],
+            self.cls_size[rows],
+            self.key_blob[key_bytes],
+            _cumulative(np.diff(self.key_starts)[rows]),
+        )
 
     @classmethod
-    def from_index_texts(cls, names: list[str], texts: list[str]) -> "SampleTable":
+    def from_index_texts(cls, names: list[str], texts: list[str]) -> SampleTable:
         """From the shards' DALI index files (parsed; a malformed one raises ValueError naming its shard)."""
         parts = [_columns(name, text) for name, text in zip(names, texts, strict=True)]
         return cls.concat(names, parts)
 
     @classmethod
-    def concat(cls, names: list[str], parts: list[tuple]) -> "SampleTable":
+    def concat(cls, names: list[str], parts: list[tuple]) -> SampleTable:
         sizes = [len(p[0]) for p in parts]
-        cat = (lambda i, dtype: np.concatenate([p[i] for p in parts]).astype(dtype, copy=False)
-               if parts else np.zeros(0, dtype))
+
+        def cat(i, dtype):
+            return np.concatenate([p[i] for p in parts]).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
         blob = b"".join(p[4] for p in parts)
         lengths = cat(5, np.int64)
-        return cls(list(names), _cumulative(np.asarray(sizes, np.int64)), cat(0, np.int64), cat(1, np.uint32),
-                   cat(2, np.int64), cat(3, np.uint16), np.frombuffer(blob, np.uint8).copy(), _cumulative(lengths))
+        return cls(
+            list(names),
+            _cumulative(np.asarray(sizes, np.int64)),
+            cat(0, np.int64),
+            cat(1, np.uint32),
+            cat(2, np.int64),
+            cat(3, np.uint16),
+            np.frombuffer(blob, np.uint8).copy(),
+            _cumulative(lengths),
+        )
 
     def to_bytes(self) -> bytes:
         """An npz that np.load reads, with fixed zip timestamps: the same shards give the same bytes (numpy's
         savez stamps the current time, which would change the manifest's sha256 on every finalize)."""
-        arrays = {"version": np.int64(VERSION), "names": np.array(self.names, dtype=str), "starts": self.starts,
-                  "jpg_offset": self.jpg_offset, "jpg_size": self.jpg_size, "cls_offset": self.cls_offset,
-                  "cls_size": self.cls_size, "key_blob": self.key_blob, "key_starts": self.key_starts}
+        arrays = {
+            "version": np.int64(VERSION),
+            "names": np.array(self.names, dtype=str),
+            "starts": self.starts,
+            "jpg_offset": self.jpg_offset,
+            "jpg_size": self.jpg_size,
+            "cls_offset": self.cls_offset,
+            "cls_size": self.cls_size,
+            "key_blob": self.key_blob,
+            "key_starts": self.key_starts,
+        }
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
             for name, array in arrays.items():
@@ -109,18 +147,29 @@ class SampleTable:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "SampleTable":
+    def from_bytes(cls, data: bytes, where: str) -> SampleTable:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 if int(z["version"]) != VERSION:
                     raise ValueError(f"version {int(z['version'])}, expected {VERSION}")
-                table = cls([str(n) for n in z["names"]], z["starts"], z["jpg_offset"], z["jpg_size"],
-                            z["cls_offset"], z["cls_size"], z["key_blob"], z["key_starts"])
+                table = cls(
+                    [str(n) for n in z["names"]],
+                    z["starts"],
+                    z["jpg_offset"],
+                    z["jpg_size"],
+                    z["cls_offset"],
+                    z["cls_size"],
+                    z["key_blob"],
+                    z["key_starts"],
+                )
         except (ValueError, KeyError, OSError) as e:
             raise IndexFileError(f"{where}: not a readable split index ({e})") from None
         n = len(table)
-        if not all(len(a) == n for a in (table.jpg_offset, table.jpg_size, table.cls_offset, table.cls_size)) \
-                or len(table.key_starts) != n + 1 or len(table.starts) != len(table.names) + 1:
+        if (
+            not all(len(a) == n for a in (table.jpg_offset, table.jpg_size, table.cls_offset, table.cls_size))
+            or len(table.key_starts) != n + 1
+            or len(table.starts) != len(table.names) + 1
+        ):
             raise IndexFileError(f"{where}: split index columns of different lengths")
         return table
 
@@ -142,15 +191,20 @@ def _columns(name: str, text: str) -> tuple:
     for components in samples:
         parts = {ext: (offset, size, member) for ext, offset, size, member in components}
         if "jpg" not in parts or "cls" not in parts:
-            raise IndexFileError(f"{name}: a sample without jpg and cls "
-                                 f"({components[0][3] if components else '?'})")
+            raise IndexFileError(f"{name}: a sample without jpg and cls ({components[0][3] if components else '?'})")
         jpg.append(parts["jpg"][:2])
         cls_.append(parts["cls"][:2])
         keys.append(parts["jpg"][2].rsplit(".", 1)[0].encode("ascii"))
     jpg = np.asarray(jpg, np.int64).reshape(-1, 2)
     cls_ = np.asarray(cls_, np.int64).reshape(-1, 2)
-    return jpg[:, 0], jpg[:, 1], cls_[:, 0], cls_[:, 1], b"".join(keys), np.fromiter(map(len, keys), np.int64,
-                                                                                         len(keys))
+    return (
+        jpg[:, 0],
+        jpg[:, 1],
+        cls_[:, 0],
+        cls_[:, 1],
+        b"".join(keys),
+        np.fromiter(map(len, keys), np.int64, len(keys)),
+    )
 
 
 def read_split_index(store, entry: dict, cache=None) -> SampleTable:
@@ -180,6 +234,10 @@ def write_split_indexes(out, shards: list[dict], threads: int = 16) -> dict:
         data = table.to_bytes()
         name = split_index_name(split)
         out.write_bytes(name, data)
-        entries[split] = {"name": name, "samples": len(table), "bytes": len(data),
-                          "sha256": hashlib.sha256(data).hexdigest()}
+        entries[split] = {
+            "name": name,
+            "samples": len(table),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
     return entries

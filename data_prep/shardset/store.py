@@ -5,16 +5,18 @@ path, a `..` segment or a NUL (a name from a crafted manifest, listing or S3 key
 Writes are atomic: a file is staged locally and only appears under its final name when complete (os.replace
 locally, one whole upload on S3), so a reader or a resumed job never sees half a shard.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 from swin_common.errors import UserError
 
@@ -33,14 +35,15 @@ class StoreURLError(UserError, ValueError):
 def inside(rel: str, where: str) -> str:
     """`rel` when it is a relative path that stays inside the store `where`; else UnsafePath naming both."""
     if "\0" in rel or rel[:1] == "/" or (".." in rel and ".." in rel.split("/")):  # cheap for 14M listed files
-        raise UnsafePath(f"{rel!r} is not a path inside {where}: absolute paths, '..' segments and NUL "
-                         f"characters are refused")
+        raise UnsafePath(
+            f"{rel!r} is not a path inside {where}: absolute paths, '..' segments and NUL characters are refused"
+        )
     return rel
 
 
-def open_store(url: str) -> "LocalStore | S3Store":
+def open_store(url: str) -> LocalStore | S3Store:
     if url.startswith("s3://"):
-        bucket, _, prefix = url[len("s3://"):].partition("/")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
         if not bucket:
             raise StoreURLError(f"S3 URL needs a bucket: {url!r}")
         return S3Store(bucket, prefix.strip("/"))
@@ -244,8 +247,9 @@ class S3Store:
 
         def one(group: str) -> list[tuple[str, int]]:
             out = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                                Prefix=self._key(group)):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(group)
+            ):
                 out += [(o["Key"][cut:], o["Size"]) for o in page.get("Contents", [])]
             return out
 
@@ -257,9 +261,10 @@ class S3Store:
         prefix = f"{self.prefix}/" if self.prefix else ""
         dirs, files = [], []
         for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-            dirs += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-            files += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+        ):
+            dirs += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            files += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
         if not dirs and not files:
             raise FileNotFoundError(f"nothing found under {self.url}")
         return sorted(dirs), sorted(files)
@@ -291,8 +296,9 @@ class S3Store:
     def open_read(self, rel: str) -> BinaryIO:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
 
-    def read_many(self, requests: Iterable[ReadRequest], threads: int = 16,
-                  ahead: int | None = None) -> Iterator[bytes | Exception]:
+    def read_many(
+        self, requests: Iterable[ReadRequest], threads: int = 16, ahead: int | None = None
+    ) -> Iterator[bytes | Exception]:
         """Reads in order with `threads` GETs in flight, hiding each request's round trip; at most `ahead`
         (default 2 x threads) requests are taken from `requests` before the caller has their answers, so memory
         stays bounded however big the shard. A failed read (missing object, denied, ...) yields its exception."""

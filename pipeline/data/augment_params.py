@@ -1,6 +1,7 @@
 """Per-sample random augmentation parameters drawn on the host from a per-batch seed, so that both backends
 crop and flip the same way and a resumed run (on any number of ranks) draws exactly what the uninterrupted one
 drew."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,14 @@ def batch_rng(seed: int, epoch: int, slot: int, stream: int) -> np.random.Genera
     return np.random.default_rng([seed, epoch, slot, stream])
 
 
-def random_resized_crop(widths: np.ndarray, heights: np.ndarray, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> np.ndarray:
+def random_resized_crop(
+    widths: np.ndarray,
+    heights: np.ndarray,
+    rng: np.random.Generator,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> np.ndarray:
     """(n, 4) boxes x, y, w, h with torchvision's RandomResizedCrop semantics: up to 10 tries of an area in
     `scale` and a log-uniform aspect ratio, else the centred crop of the clamped ratio."""
     n = len(widths)
@@ -65,8 +72,9 @@ def torch_generators(device: str | torch.device = "cpu") -> list[torch.Generator
     device = torch.device(device)
     generators = [torch.default_generator]
     if device.type == "cuda":
-        generators.append(torch.cuda.default_generators[device.index if device.index is not None
-                                                        else torch.cuda.current_device()])
+        generators.append(
+            torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        )
     return generators
 
 

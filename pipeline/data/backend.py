@@ -4,10 +4,12 @@ A backend turns batches [start, end) of an epoch order into (batch index, images
 loader's device; it reads samples only through a BatchSource. Whatever state it needs to resume exactly
 mid-epoch (DALI's RNG checkpoint when its own operators draw) it keeps itself and hands over in state_dict().
 """
+
 from __future__ import annotations
 
 import typing
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -18,8 +20,9 @@ class Backend(Protocol):
     name: str
     reads_ahead_here: bool  # reads batches ahead of those it hands out, in the loader's process (a feeder thread)
 
-    def batches(self, source, order, epoch: int, start: int, end: int
-                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]: ...
+    def batches(
+        self, source, order, epoch: int, start: int, end: int
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]: ...
 
     def state_dict(self, position: int) -> dict: ...  # extra resume state at this position of the epoch
 
@@ -31,6 +34,7 @@ class Backend(Protocol):
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
+
         return True
     except ImportError:
         return False

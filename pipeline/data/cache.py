@@ -17,6 +17,7 @@ process rather than fail. Local shard sets are read in place.
 downloaded itself (misses), counted in shared memory made with it, so the DataLoader workers forked from its
 process count into the same numbers (the training log shows them per window).
 """
+
 from __future__ import annotations
 
 import errno
@@ -57,7 +58,7 @@ class Pin:
             self.fd = -1
 
 
-_live_pins: "weakref.WeakSet[Pin]" = weakref.WeakSet()
+_live_pins: weakref.WeakSet[Pin] = weakref.WeakSet()
 
 
 def _forget_inherited_pins() -> None:
@@ -89,8 +90,9 @@ class ShardCache:
         if isinstance(store, LocalStore):
             return Pin(os.open(store.local_path(rel), os.O_RDONLY), store.local_path(rel))
         if size > self.max_bytes:
-            raise CacheFullError(f"{store.url}/{rel} ({size} bytes) does not fit a {self.max_bytes}-byte cache "
-                                 f"(data.cache_bytes)")
+            raise CacheFullError(
+                f"{store.url}/{rel} ({size} bytes) does not fit a {self.max_bytes}-byte cache (data.cache_bytes)"
+            )
         final = self.root / hashlib.sha256(store.url.encode()).hexdigest()[:16] / rel
         part = final.with_name(f".{final.name}.part")
         while True:
@@ -163,8 +165,7 @@ class ShardCache:
                 f.flush()
                 os.fsync(f.fileno())  # on disk before it has its name
             if os.fstat(fd).st_size != size:
-                raise OSError(f"{store.url}/{rel}: downloaded {os.fstat(fd).st_size} bytes, the manifest says "
-                              f"{size}")
+                raise OSError(f"{store.url}/{rel}: downloaded {os.fstat(fd).st_size} bytes, the manifest says {size}")
         except BaseException:
             with self._node_lock():
                 part.unlink(missing_ok=True)
@@ -224,9 +225,14 @@ class ShardCache:
             return False
         if not self._warned:
             self._warned = True
-            log.warning("shard cache %s: the shards in use need %d bytes beside this one (%d), over its budget "
-                        "of %d (data.cache_bytes); going over it rather than failing (warned once)", self.root,
-                        used, needed, self.max_bytes)
+            log.warning(
+                "shard cache %s: the shards in use need %d bytes beside this one (%d), over its budget "
+                "of %d (data.cache_bytes); going over it rather than failing (warned once)",
+                self.root,
+                used,
+                needed,
+                self.max_bytes,
+            )
         return True
 
 

@@ -5,6 +5,7 @@ flips and normalises.
 DALI cannot skip a sample it fails to decode: the loader then stops with an error naming the shard and sample
 (found by decoding that batch's samples on the host) and the `data_prep verify` command to run.
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,6 +29,7 @@ class DaliBackend:
     epoch, rank, first batch), which exact resume on any world size relies on, and DALI cannot reseed a built
     pipeline. The build is cheap next to an epoch: build + first batch 19 ms (eval) and 29 ms (train) against
     6-7 ms per later batch, DALI CPU, 32 images of 64 px, medians of 3 (bench/gpu_check.sh prints the GPU's)."""
+
     name = "dali"
     reads_ahead_here = True  # its feeder thread reads batches ahead of the ones handed out
 
@@ -102,37 +104,68 @@ def _build(cfg, device: str, seed_key: tuple[int, ...], source, train: bool, che
     seed = int(np.random.default_rng([cfg.seed, *seed_key]).integers(0, 2**31))
 
     # workers=0 (the DataLoader's 'in this process') is one DALI thread: DALI needs at least one to run
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
-                  device_id=torch.cuda.current_device() if gpu else None, seed=seed,
-                  prefetch_queue_depth=2, enable_conditionals=bool(augment),
-                  enable_checkpointing=bool(augment), checkpoint=checkpoint)
+    @pipeline_def(
+        batch_size=cfg.batch_size,
+        num_threads=max(1, cfg.workers),
+        device_id=torch.cuda.current_device() if gpu else None,
+        seed=seed,
+        prefetch_queue_depth=2,
+        enable_conditionals=bool(augment),
+        enable_checkpointing=bool(augment),
+        checkpoint=checkpoint,
+    )
     def pipe():
         decoder = "mixed" if gpu else "cpu"
         if train:
             jpegs, labels, anchors, shapes, mirror = fn.external_source(
-                source=source, num_outputs=5, batch=True, batch_info=True,
-                dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
-            images = fn.decoders.image_slice(jpegs, anchors, shapes, device=decoder, output_type=types.RGB,
-                                             normalized_anchor=False, normalized_shape=False)
+                source=source,
+                num_outputs=5,
+                batch=True,
+                batch_info=True,
+                dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
+            )
+            images = fn.decoders.image_slice(
+                jpegs,
+                anchors,
+                shapes,
+                device=decoder,
+                output_type=types.RGB,
+                normalized_anchor=False,
+                normalized_shape=False,
+            )
             # antialiased linear (DALI's default filter): 25% less CPU than antialiased cubic, which is what PIL's
             # bicubic in the torch backend does; the crops and flips themselves are the same
-            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
-                               antialias=True)
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
             if augment:
                 n, m = rand_augment_args(cfg.rand_augment)
                 # DALI's policy, not timm's: see docs/loading.md "RandAugment on DALI" for the differences
-                images = rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11,
-                                                   max_translate_abs=int(0.45 * size), fill_value=128)
-            images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                              mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
+                images = rand_augment.rand_augment(
+                    images, n=n, m=m, num_magnitude_bins=11, max_translate_abs=int(0.45 * size), fill_value=128
+                )
+            images = fn.crop_mirror_normalize(
+                images,
+                mirror=mirror,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[255 * m for m in MEAN],
+                std=[255 * s for s in STD],
+            )
         else:
-            jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                               dtype=[types.UINT8, types.INT64])
+            jpegs, labels = fn.external_source(
+                source=source, num_outputs=2, batch=True, batch_info=True, dtype=[types.UINT8, types.INT64]
+            )
             images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=eval_resize(size, cfg.crop_pct),
-                               interp_type=types.INTERP_CUBIC, antialias=True)
-            images = fn.crop_mirror_normalize(images, crop=(size, size), dtype=types.FLOAT, output_layout="CHW",
-                                              mean=[255 * m for m in MEAN], std=[255 * s for s in STD])
+            images = fn.resize(
+                images, resize_shorter=eval_resize(size, cfg.crop_pct), interp_type=types.INTERP_CUBIC, antialias=True
+            )
+            images = fn.crop_mirror_normalize(
+                images,
+                crop=(size, size),
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[255 * m for m in MEAN],
+                std=[255 * s for s in STD],
+            )
         return images, labels.gpu() if gpu else labels
 
     p = pipe()
@@ -178,8 +211,13 @@ class _Source:
         if not source.cfg.train:
             return refs, (jpegs, labels)
         boxes, flip = source.crops(self.epoch, self.order.slot(b), data)
-        return refs, (jpegs, labels, [box[:2].astype(np.float32) for box in boxes],
-                      [box[2:].astype(np.float32) for box in boxes], [np.array(f, np.int32) for f in flip])
+        return refs, (
+            jpegs,
+            labels,
+            [box[:2].astype(np.float32) for box in boxes],
+            [box[2:].astype(np.float32) for box in boxes],
+            [np.array(f, np.int32) for f in flip],
+        )
 
     def __call__(self, info):
         b = self.next  # our own count: a pipeline restored from a checkpoint counts its iterations on
@@ -210,8 +248,9 @@ def _dali_batches(backend: DaliBackend, batch_source, order, epoch: int, start: 
     source = _Source(batch_source, order, epoch, start, end)
     checkpoint = backend.take_checkpoint(start)
     try:
-        pipe = _build(backend.cfg, backend.device, (epoch, batch_source.rank, start), source, backend.cfg.train,
-                      checkpoint)
+        pipe = _build(
+            backend.cfg, backend.device, (epoch, batch_source.rank, start), source, backend.cfg.train, checkpoint
+        )
     except BaseException:
         source.close()
         raise
@@ -257,8 +296,13 @@ def _name_the_bad_sample(source, refs, error: Exception) -> DataError:
             simplejpeg.decode_jpeg(jpg, strict=True)
         except ValueError as e:
             culprits.append(f"{source.name(shard, sample)}: {e}")
-    where = "; ".join(culprits) or f"one of the batch's samples ({len(refs)} from shards " \
+    where = (
+        "; ".join(culprits)
+        or f"one of the batch's samples ({len(refs)} from shards "
         f"{sorted({source.reader.shard_name(s) for s, _ in refs})})"
-    return DataError(f"DALI could not decode {where}. DALI cannot skip a sample: run "
-                     f"`python -m data_prep verify {source.url}` and re-shard what it reports. "
-                     f"(DALI said: {str(error).splitlines()[0] if str(error) else error!r})")
+    )
+    return DataError(
+        f"DALI could not decode {where}. DALI cannot skip a sample: run "
+        f"`python -m data_prep verify {source.url}` and re-shard what it reports. "
+        f"(DALI said: {str(error).splitlines()[0] if str(error) else error!r})"
+    )

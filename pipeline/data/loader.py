@@ -11,11 +11,12 @@ Batch contract: images float NCHW (normalised with ImageNet mean/std) in `dtype`
 (N, classes) soft targets when Mixup/CutMix is on. An evaluation loader (train=False) gives every rank the same
 number of batches and every sample to exactly one rank: its padding entries have label -1 (leave them out).
 """
+
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Generator
+from dataclasses import dataclass
 
 import torch
 from timm.data import Mixup
@@ -80,8 +81,12 @@ class ShardLoader:
             self.load_state_dict(state)
         self._mixup = None
         if cfg.train and (cfg.mixup > 0 or cfg.cutmix > 0):
-            self._mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                                num_classes=self.shard_set.num_classes)
+            self._mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                label_smoothing=cfg.label_smoothing,
+                num_classes=self.shard_set.num_classes,
+            )
         self._erase = None
         if cfg.train and cfg.random_erasing > 0:
             self._erase = RandomErasing(cfg.random_erasing, mode="pixel", device=self.device)
@@ -95,9 +100,16 @@ class ShardLoader:
     def state_dict(self) -> dict:
         """(epoch, position), and `consumed`: the samples of the epoch's sequence every rank together has read,
         which a loader on another number of ranks resumes from."""
-        return {"epoch": self.epoch, "position": self.position, "consumed": self.consumed(), "seed": self.cfg.seed,
-                "world": self.world, "rank": self.rank, "batch_size": self.cfg.batch_size,
-                **self.backend.state_dict(self.position)}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "consumed": self.consumed(),
+            "seed": self.cfg.seed,
+            "world": self.world,
+            "rank": self.rank,
+            "batch_size": self.cfg.batch_size,
+            **self.backend.state_dict(self.position),
+        }
 
     def s3_stats(self) -> dict[str, int]:
         """For a set on S3: the node cache's hits and misses so far (this rank and its workers) and the shards
@@ -124,9 +136,11 @@ class ShardLoader:
         consumed = state.get("consumed", state["position"] * state["world"] * state["batch_size"])
         per_step = self.world * self.cfg.batch_size
         if consumed % per_step:
-            raise ConfigError(f"loader state: {consumed} samples of epoch {self.epoch} consumed, not a whole number "
-                              f"of {self.world} ranks x {self.cfg.batch_size} micro batch: resume from a checkpoint "
-                              f"taken at an optimizer step")
+            raise ConfigError(
+                f"loader state: {consumed} samples of epoch {self.epoch} consumed, not a whole number "
+                f"of {self.world} ranks x {self.cfg.batch_size} micro batch: resume from a checkpoint "
+                f"taken at an optimizer step"
+            )
         self.position = consumed // per_step
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,9 +150,17 @@ class ShardLoader:
     # -- batches -------------------------------------------------------------------------------------------
     def __iter__(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
-        order = epoch_order(self.reader.sizes, self.cfg.seed, self.epoch, self.rank, self.world,
-                            self.cfg.shuffle_window, shuffle=self.cfg.train, pad=not self.cfg.train,
-                            batch=self.cfg.batch_size if self.cfg.train else 1)
+        order = epoch_order(
+            self.reader.sizes,
+            self.cfg.seed,
+            self.epoch,
+            self.rank,
+            self.world,
+            self.cfg.shuffle_window,
+            shuffle=self.cfg.train,
+            pad=not self.cfg.train,
+            batch=self.cfg.batch_size if self.cfg.train else 1,
+        )
         ahead = None
         if self.cfg.read_ahead > 0 and not isinstance(self.reader.store, LocalStore):
             ahead = ReadAhead(self.reader, order, self.cfg.batch_size, self.cfg.read_ahead, self.position)
@@ -146,8 +168,9 @@ class ShardLoader:
                 self.source.after_read = ahead.advance
         self._ahead = ahead
         try:
-            for b, images, labels, skipped in self.backend.batches(self.source, order, self.epoch, self.position,
-                                                                    len(self)):
+            for b, images, labels, skipped in self.backend.batches(
+                self.source, order, self.epoch, self.position, len(self)
+            ):
                 self.skipped += skipped
                 images, labels = self._batch_augment(order.slot(b), images.to(self.dtype), labels)
                 self.position = b + 1
@@ -181,4 +204,3 @@ class ShardLoader:
 def create_loader(cfg: LoaderConfig, rank: int = 0, world: int = 1, state: dict | None = None) -> ShardLoader:
     """The loader factory (timm style): one config, this rank's place in the world, an optional resume state."""
     return ShardLoader(cfg, rank, world, state)
-

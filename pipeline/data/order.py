@@ -15,6 +15,7 @@ Evaluation (`pad=True`, no shuffle) counts every sample exactly once instead: ra
 contiguous slices of ceil(N / W) samples, the last ones padded with repeats marked invalid (`EpochOrder.valid`),
 which the loader labels -1 and evaluation leaves out.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,9 @@ def samples_per_rank(shard_sizes: list[int], world: int, pad: bool = False) -> i
     return -(-sum(shard_sizes) // world) if pad else sum(shard_sizes) // world
 
 
-def epoch_sequence(shard_sizes: list[int], seed: int, epoch: int, window: int = 8192,
-                   shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def epoch_sequence(
+    shard_sizes: list[int], seed: int, epoch: int, window: int = 8192, shuffle: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """G: (shard, sample) of every sample of the set, in this epoch's order; the same for every world size."""
     sizes = np.asarray(shard_sizes, dtype=np.int64)
     perm = np.random.default_rng([seed, epoch]).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
@@ -57,8 +59,17 @@ def epoch_sequence(shard_sizes: list[int], seed: int, epoch: int, window: int = 
     return shard, sample
 
 
-def epoch_order(shard_sizes: list[int], seed: int, epoch: int, rank: int, world: int,
-                window: int = 8192, shuffle: bool = True, pad: bool = False, batch: int = 1) -> EpochOrder:
+def epoch_order(
+    shard_sizes: list[int],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    window: int = 8192,
+    shuffle: bool = True,
+    pad: bool = False,
+    batch: int = 1,
+) -> EpochOrder:
     """This rank's entries of the epoch, in reading order. Training (`pad=False`): its micro batches of `batch`
     samples, slot j*world + rank of G for its j-th; evaluation (`pad=True`): its padded contiguous slice."""
     if not 0 <= rank < world:
@@ -71,8 +82,11 @@ def epoch_order(shard_sizes: list[int], seed: int, epoch: int, rank: int, world:
         lo, hi = min(rank * n, len(shard)), min((rank + 1) * n, len(shard))
         fill = n - (hi - lo)  # padding: repeats of the set's first sample, marked invalid
         valid = np.concatenate([np.ones(hi - lo, bool), np.zeros(fill, bool)])
-        return EpochOrder(np.concatenate([shard[lo:hi], np.full(fill, shard[0], np.int32)]),
-                          np.concatenate([sample[lo:hi], np.full(fill, sample[0], np.int32)]), valid)
+        return EpochOrder(
+            np.concatenate([shard[lo:hi], np.full(fill, shard[0], np.int32)]),
+            np.concatenate([sample[lo:hi], np.full(fill, sample[0], np.int32)]),
+            valid,
+        )
     batches = len(shard) // (world * batch)
     # slot s holds G[s*batch:(s+1)*batch]; this rank's slots are rank, rank + world, ...
     starts = (np.arange(batches, dtype=np.int64) * world + rank) * batch
@@ -83,6 +97,7 @@ def epoch_order(shard_sizes: list[int], seed: int, epoch: int, rank: int, world:
 @dataclass(frozen=True)
 class _Slots:
     """b -> b*world + rank (a picklable callable: DataLoader workers receive the order)."""
+
     world: int
     rank: int
 

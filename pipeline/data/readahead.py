@@ -4,12 +4,14 @@ readers need them, so the training thread waits for S3 only at the start of an e
 The rank's order is known in advance (pipeline.data.order), so is the sequence of shards it will read. The
 thread keeps pinned the shards the loader's batch reads now (a shuffle window spans several) and the next
 `ahead` ones after them, letting go of each once the reads have passed its last batch (DALI's feeder reads
-batches ahead of the loader, and says how far); it never evicts a copy in use nor goes over the node's budget to do it (the cache's `overshoot=False`: it waits for room instead).
+batches ahead of the loader, and says how far); it never evicts a copy in use nor goes over the node's budget to do it
+(the cache's `overshoot=False`: it waits for room instead).
 Downloads go in rounds of `parallel`, nearest first. A fork (DataLoader workers start when the epoch does) waits
 for the round in progress, so that a child never inherits a lock or a boto3 connection held mid-download, and no
 round starts until it is done: the workers start after the first shards arrive, which they need first anyway,
 not after every shard of the first step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +25,7 @@ import numpy as np
 from .reader import last_batch_of_shards
 
 log = logging.getLogger("pipeline.data")
-_running: "weakref.WeakSet[ReadAhead]" = weakref.WeakSet()
+_running: weakref.WeakSet[ReadAhead] = weakref.WeakSet()
 
 
 class ReadAhead:
@@ -32,7 +34,9 @@ class ReadAhead:
         shards, first = np.unique(order.shard, return_index=True)
         by_first_use = np.argsort(first, kind="stable")
         self.sequence = shards[by_first_use].tolist()  # in the order this rank first reads them
-        self.first = dict(zip(shards.tolist(), (first // batch_size).tolist()))  # batch of each one's first use
+        self.first = dict(
+            zip(shards.tolist(), (first // batch_size).tolist(), strict=True)
+        )  # batch of each one's first use
         self.last = last_batch_of_shards(order, batch_size, len(reader.sizes)).tolist()
         self.position = start_batch
         self.pins: dict[int, object] = {}
@@ -84,7 +88,7 @@ class ReadAhead:
                 with self._wake:
                     if not self._stop and self.position == position:
                         self._wake.wait(0.2 if waiting else None)
-        except BaseException as e:  # the reader fetches what it needs itself; say why read-ahead stopped
+        except BaseException as e:  # noqa: BLE001  (the reader fetches what it needs itself; say why read-ahead stopped)
             self.error = e
             log.warning("shard read-ahead stopped (the loader reads on without it): %s", e)
 
@@ -109,7 +113,7 @@ class ReadAhead:
             if not self._begin_round():
                 break
             try:
-                group = wanted[start:start + self.parallel]
+                group = wanted[start : start + self.parallel]
                 with ThreadPoolExecutor(len(group)) as pool:  # its threads end with the round
                     pins = list(pool.map(self._acquire, group))
             finally:

@@ -5,6 +5,7 @@ S3 shards are read from the node's shared cache: the reader pins each shard it r
 preads from) and lets go of it once this rank's order has no further sample in it (`release_finished`), so the
 node's budget holds what its ranks read now and what the read-ahead fetched for next.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,12 +1,13 @@
 """What both loader backends read: a batch's JPEG bytes and labels from the shard set, its planned crops and flips,
 and the names of its samples for error messages."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import numpy as np
 import simplejpeg
-from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN  # noqa: F401  (re-exported)
 
 from swin_common.errors import UserError
 
@@ -50,7 +51,7 @@ class BatchSource:
         labels = np.asarray(labels, np.int64)
         if order.valid is not None:
             lo = b * self.cfg.batch_size
-            labels[~order.valid[lo:lo + len(labels)]] = -1
+            labels[~order.valid[lo : lo + len(labels)]] = -1
         return refs, data, labels
 
     def _last_batches(self, order) -> np.ndarray:

@@ -4,6 +4,7 @@ Workers take whole batches (worker k of K makes batches start+k, start+k+K, ...)
 out in batch order, so the stream is the same for any number of workers. An undecodable sample is skipped and
 counted (the batch comes out one short), never replaced.
 """
+
 from __future__ import annotations
 
 import gc
@@ -12,8 +13,8 @@ import logging
 
 import numpy as np
 import torch
-from timm.data.auto_augment import rand_augment_transform
 from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
@@ -31,6 +32,7 @@ _STD = torch.tensor(STD).view(3, 1, 1)
 
 class TorchBackend:
     """No state of its own: every draw is a function of (seed, epoch, rank, batch)."""
+
     name = "torch"
     reads_ahead_here = False  # in its workers (forked processes) or, without workers, as batches are handed out
 
@@ -57,8 +59,9 @@ class _Batches(IterableDataset):
         cfg = source.cfg
         if cfg.train and cfg.rand_augment:
             self.rand_augment = rand_augment_transform(
-                cfg.rand_augment, {"translate_const": int(cfg.image_size * 0.45),
-                                   "img_mean": tuple(round(255 * m) for m in MEAN)})
+                cfg.rand_augment,
+                {"translate_const": int(cfg.image_size * 0.45), "img_mean": tuple(round(255 * m) for m in MEAN)},
+            )
         self.eval_transform = None if cfg.train else eval_transform(cfg.image_size, cfg.crop_pct)
 
     def __iter__(self):
@@ -85,8 +88,9 @@ class _Batches(IterableDataset):
                 continue
             if cfg.train:
                 x, y, bw, bh = boxes[i].tolist()
-                img = F.resized_crop(img, y, x, bh, bw, [cfg.image_size, cfg.image_size],
-                                     interpolation=InterpolationMode.BICUBIC)
+                img = F.resized_crop(
+                    img, y, x, bh, bw, [cfg.image_size, cfg.image_size], interpolation=InterpolationMode.BICUBIC
+                )
                 if flip[i]:
                     img = F.hflip(img)
                 if self.rand_augment is not None:  # timm's RandAugment draws from `random` and numpy's global RNG
@@ -109,8 +113,15 @@ def _torch_batches(backend: TorchBackend, source, order, epoch: int, start: int,
                 images, labels = images.pin_memory().cuda(non_blocking=True), labels.cuda(non_blocking=True)
             yield b, images, labels, skipped
         return
-    dl = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=backend.device == "cuda",
-                    multiprocessing_context="fork", persistent_workers=False, worker_init_fn=ignore_stop_signals)
+    dl = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=backend.device == "cuda",
+        multiprocessing_context="fork",
+        persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
+    )
     # The workers are forked: objects they inherit must never be finalised there (a DALI pipeline left over from
     # another loader hangs in its __del__ without its threads), so freeze the heap for the fork.
     gc.collect()

@@ -8,6 +8,7 @@ written last. Everything is written under `.tmp-step_...` and renamed by rank 0 
 job killed mid-write leaves only a temporary folder, which `resume: auto` never picks and the next save removes.
 Checkpoints must be on storage every rank sees (shared file system).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,8 @@ def check_shared_run_dir(run_dir: Path, rank: int) -> None:
         raise SharedStorageError(
             f"rank(s) {', '.join(map(str, blind))} do not see {token_file}, which rank 0 wrote: every rank writes "
             f"checkpoints into {run_dir}, so out_dir must be on storage every node sees (a shared file system), "
-            f"given as the same absolute path on every node")
+            f"given as the same absolute path on every node"
+        )
 
 
 def tag_for(step: int) -> str:
@@ -102,11 +104,17 @@ def rng_state() -> dict:
     tuple or a uint32 array, which only a full unpickler would rebuild."""
     version, words, gauss_next = random.getstate()
     algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64),
-                        "gauss_next": gauss_next},
-             "numpy": {"algorithm": str(algorithm), "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "torch": torch.random.get_rng_state()}
+    state = {
+        "python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.random.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -115,15 +123,24 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
-    np.random.set_state((npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, loader_state: dict,
-                    synsets: list[str], meta: dict | None = None) -> Path:
+def save_checkpoint(
+    engine,
+    cfg: RunConfig,
+    step: int,
+    rank: int,
+    world: int,
+    loader_state: dict,
+    synsets: list[str],
+    meta: dict | None = None,
+) -> Path:
     """`meta`: more for the COMPLETE marker (a stop's signal; an evaluation the resumed run owes)."""
     root = cfg.run_dir / "checkpoints"
     tag = tag_for(step)
@@ -133,8 +150,12 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to convert it for another world size
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False,
-                           client_state={"step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+    engine.save_checkpoint(
+        str(root),
+        tag=tmp.name,
+        save_latest=False,
+        client_state={"step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}},
+    )
     rank_state = {"rng": rng_state(), "loader": loader_state}
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
     if scaler is not None:  # ZeRO-0 fp16's loss scale (autocast's GradScaler), which DeepSpeed does not save
@@ -144,9 +165,22 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, rank: int, world: int, lo
     if rank == 0:
         dump_config(cfg, tmp / "config.yaml")
         (tmp / "synsets.txt").write_text("\n".join(synsets) + "\n")  # the label layout, for export
-        _write_durable(tmp / MARKER, lambda f: f.write(json.dumps(
-            {"step": step, "world_size": world, "zero_stage": cfg.train.zero_stage, "time": time.time(),
-             "global_batch": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch, **(meta or {})}).encode()))
+        _write_durable(
+            tmp / MARKER,
+            lambda f: f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "world_size": world,
+                        "zero_stage": cfg.train.zero_stage,
+                        "time": time.time(),
+                        "global_batch": cfg.train.global_batch,
+                        "micro_batch": cfg.train.micro_batch,
+                        **(meta or {}),
+                    }
+                ).encode()
+            ),
+        )
         final = root / tag
         if final.exists():  # the same step saved again (a resumed run that stopped at the same step)
             shutil.rmtree(final)
@@ -183,18 +217,37 @@ def universal_copy(path: Path, rank: int) -> Path:
         log.info("converting %s for another world size (DeepSpeed's ds_to_universal) ...", path)
         t0 = time.time()
         # --inject_missing_state: checkpoints saved before universal_checkpoint_info was in their client state
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(path), "--output_folder", str(tmp), "--num_extract_workers", "2",
-                               "--num_merge_workers", "2", "--inject_missing_state"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(path),
+                "--output_folder",
+                str(tmp),
+                "--num_extract_workers",
+                "2",
+                "--num_merge_workers",
+                "2",
+                "--inject_missing_state",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tail = " | ".join(line.strip() for line in proc.stderr.strip().splitlines()[-3:])
-            raise CheckpointError(f"converting {path} to a universal checkpoint failed (exit {proc.returncode}): "
-                                  f"{tail}")
+            raise CheckpointError(
+                f"converting {path} to a universal checkpoint failed (exit {proc.returncode}): {tail}"
+            )
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-        _write_durable(tmp / UNIVERSAL_MARKER, lambda f: f.write(json.dumps(
-            {"source": path.name, "seconds": round(time.time() - t0, 2), "bytes": size}).encode()))
+        _write_durable(
+            tmp / UNIVERSAL_MARKER,
+            lambda f: f.write(
+                json.dumps({"source": path.name, "seconds": round(time.time() - t0, 2), "bytes": size}).encode()
+            ),
+        )
         os.replace(tmp, out)
         _fsync_dir(path.parent)
         log.info("converted %s in %.1f s (%.0f MB) into %s", path.name, time.time() - t0, size / 1e6, out)
@@ -219,8 +272,9 @@ def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) ->
         check_zero0_weights_dtype(path, next(engine.module.parameters()).dtype)
     load_from = universal_copy(path, rank) if needs_universal(path, world) else path
     groups = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in engine.optimizer.param_groups]
-    loaded, client = engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
+    loaded, client = engine.load_checkpoint(
+        str(load_from.parent), tag=load_from.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {load_from}")
     step = int(client["step"])
@@ -236,9 +290,15 @@ def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) ->
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
     if scaler is not None and "grad_scaler" in rank_state:
         scaler.load_state_dict(rank_state["grad_scaler"])
-    resumed = {"checkpoint": str(path), "step": step, "from_world": meta["world_size"], "to_world": world,
-            "elastic": elastic, "universal": str(load_from) if load_from != path else None,
-            "weight_decay": [g.get("weight_decay") for g in engine.optimizer.param_groups]}
+    resumed = {
+        "checkpoint": str(path),
+        "step": step,
+        "from_world": meta["world_size"],
+        "to_world": world,
+        "elastic": elastic,
+        "universal": str(load_from) if load_from != path else None,
+        "weight_decay": [g.get("weight_decay") for g in engine.optimizer.param_groups],
+    }
     return step, rank_state["loader"], resumed
 
 
@@ -249,15 +309,26 @@ def check_zero0_weights_dtype(path: Path, engine_dtype: torch.dtype) -> None:
     states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
     dtype = next((v.dtype for v in states["module"].values() if v.is_floating_point()), engine_dtype)
     if dtype in (torch.bfloat16, torch.float16) and engine_dtype == torch.float32:
-        raise CheckpointError(f"{path} holds ZeRO-0 weights in {str(dtype).replace('torch.', '')}: it was written by "
-                              f"DeepSpeed's own ZeRO-0 16-bit optimizer, which this version replaces by autocast over "
-                              f"fp32 weights, and its optimizer state does not load here. Start from its weights with "
-                              f"init_from={path} checkpoint.resume=none (the optimizer starts afresh), or resume it "
-                              f"with the version that wrote it")
+        raise CheckpointError(
+            f"{path} holds ZeRO-0 weights in {str(dtype).replace('torch.', '')}: it was written by "
+            f"DeepSpeed's own ZeRO-0 16-bit optimizer, which this version replaces by autocast over "
+            f"fp32 weights, and its optimizer state does not load here. Start from its weights with "
+            f"init_from={path} checkpoint.resume=none (the optimizer starts afresh), or resume it "
+            f"with the version that wrote it"
+        )
 
 
-GROUP_SETTINGS = ("weight_decay", "betas", "eps", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
-                  "fused")  # what create_optimizer decides per group; the LR comes from the schedule
+GROUP_SETTINGS = (
+    "weight_decay",
+    "betas",
+    "eps",
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+)  # what create_optimizer decides per group; the LR comes from the schedule
 
 
 def _optimizers(engine):
@@ -273,9 +344,11 @@ def check_no_persistent_buffers(module) -> None:
     buffers = {name for name, _ in module.named_buffers()}
     persistent = sorted(k for k in module.state_dict() if k in buffers)
     if persistent:
-        raise CheckpointError(f"the model has persistent buffers ({', '.join(persistent[:5])}), which an elastic "
-                              f"resume through a universal checkpoint does not restore: resume on the original world "
-                              f"size")
+        raise CheckpointError(
+            f"the model has persistent buffers ({', '.join(persistent[:5])}), which an elastic "
+            f"resume through a universal checkpoint does not restore: resume on the original world "
+            f"size"
+        )
 
 
 def seed_streams(seed: int, step: int, rank: int) -> None:
@@ -294,8 +367,10 @@ def read_rank_file(own_file: Path) -> dict:
     except pickle.UnpicklingError as e:
         why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
         why = why.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "") or str(e)[:200]
-        raise CheckpointError(f"{own_file} holds more than tensors and plain values ({why}), so it is not loaded: "
-                              f"not a rank file this project wrote, which holds only those") from None
+        raise CheckpointError(
+            f"{own_file} holds more than tensors and plain values ({why}), so it is not loaded: "
+            f"not a rank file this project wrote, which holds only those"
+        ) from None
 
 
 def _prune(root: Path, keep: int) -> None:

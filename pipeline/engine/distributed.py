@@ -25,9 +25,11 @@ its timeout). On GPUs, NCCL's async error handling and flight recorder are on (`
 going to the run folder.
 
 Every collective the project runs goes through the helpers at the end of this module (all_reduce_sum,
-all_true, barrier, broadcast_object, all_gather_object, shutdown), so the rules of the process group's backends live in one place;
+all_true, barrier, broadcast_object, all_gather_object, shutdown), so the rules of the process group's backends live in
+one place;
 each is a no-op in a world of one or without a process group.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,9 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
-
 from swin_common.errors import UserError
+from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
 
 log = logging.getLogger("pipeline.train")
 _long_group = None  # the gloo group wait_for_main waits on (long timeout)
@@ -70,8 +71,11 @@ def environment_from_slurm(env: dict[str, str]) -> dict[str, str]:
     """The torch.distributed variables a Slurm task lacks, from Slurm's own (empty when not under srun)."""
     if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
         return {}
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
-           "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+    }
     if "MASTER_ADDR" not in env:
         out["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
     if "MASTER_PORT" not in env:
@@ -83,8 +87,11 @@ def environment_from_mpi(env: dict[str, str]) -> dict[str, str]:
     """The torch.distributed variables of an OpenMPI rank (mpirun, `deepspeed --launcher openmpi`)."""
     if "RANK" in env or "OMPI_COMM_WORLD_RANK" not in env:
         return {}
-    return {"RANK": env["OMPI_COMM_WORLD_RANK"], "WORLD_SIZE": env.get("OMPI_COMM_WORLD_SIZE", "1"),
-            "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")}
+    return {
+        "RANK": env["OMPI_COMM_WORLD_RANK"],
+        "WORLD_SIZE": env.get("OMPI_COMM_WORLD_SIZE", "1"),
+        "LOCAL_RANK": env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+    }
 
 
 def rank_environment(env: dict[str, str]) -> dict[str, str]:
@@ -104,10 +111,12 @@ def cuda_device_index(env: dict[str, str], device_count: int) -> int:
     if device_count == 1:
         return 0
     if not 0 <= local < device_count:
-        raise LaunchError(f"LOCAL_RANK={local} but this node has {device_count} visible GPU(s) "
-                          f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
-                          f"{device_count} rank(s) per node, one per GPU, or bind one GPU per task "
-                          f"(srun --gpus-per-task=1)")
+        raise LaunchError(
+            f"LOCAL_RANK={local} but this node has {device_count} visible GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+            f"{device_count} rank(s) per node, one per GPU, or bind one GPU per task "
+            f"(srun --gpus-per-task=1)"
+        )
     return local
 
 
@@ -129,7 +138,8 @@ def cpu_threads(env: dict[str, str], cores: int) -> int | None:
     """Intra-op threads for a rank whose user set none (OMP_NUM_THREADS, which torch reads itself): the cores it
     may run on, shared among its node's ranks (LOCAL_WORLD_SIZE from torchrun and accelerate, LOCAL_SIZE from
     DeepSpeed's launcher, OMPI_COMM_WORLD_LOCAL_SIZE from mpirun; under srun the task's --cpus-per-task), as
-    torchrun and DeepSpeed's --bind_cores_to_rank do. torch's default is every core in every rank: N ranks on a node then run N x cores OpenMP threads, which wait
+    torchrun and DeepSpeed's --bind_cores_to_rank do. torch's default is every core in every rank: N ranks on a node
+    then run N x cores OpenMP threads, which wait
     on each other at every parallel op. None: leave torch's default (one rank, or nothing known)."""
     if env.get("OMP_NUM_THREADS"):
         return None
@@ -158,13 +168,15 @@ def nccl_environment(trace_dir: str | None, trace_entries: int = 20000) -> dict[
     dumped on a timeout to `<trace_dir>/rank_N`. Read when the process group starts; a value the user set wins."""
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": str(trace_entries)}
     if trace_dir and trace_entries > 0:
-        env.update({"TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-                    "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(trace_dir, "rank_")})
+        env.update(
+            {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(trace_dir, "rank_")}
+        )
     return env
 
 
-def init_distributed(timeout_s: float | None = None, long_timeout_s: float | None = None,
-                     trace_dir: str | None = None) -> World:
+def init_distributed(
+    timeout_s: float | None = None, long_timeout_s: float | None = None, trace_dir: str | None = None
+) -> World:
     """Starts the process group (process_group_backend) through DeepSpeed and returns this rank's place.
     `timeout_s`: every collective's timeout (None: DeepSpeed's, 10 minutes or DEEPSPEED_TIMEOUT); `long_timeout_s`:
     wait_for_main's; `trace_dir`: where NCCL's flight recorder dumps on a timeout (GPU runs)."""
@@ -257,8 +269,9 @@ def wait_for_main(what: str, progress_s: float = 60.0) -> None:
 
     def progress():
         while not done.wait(progress_s):
-            log.warning("rank %d: still waiting for rank 0 to finish %s (%.0f s)", dist.get_rank(), what,
-                        time.monotonic() - t0)
+            log.warning(
+                "rank %d: still waiting for rank 0 to finish %s (%.0f s)", dist.get_rank(), what, time.monotonic() - t0
+            )
 
     if dist.get_rank() != 0:
         threading.Thread(target=progress, name="wait-for-main", daemon=True).start()

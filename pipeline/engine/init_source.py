@@ -8,6 +8,7 @@ An export's weights must be Swin weights: the safetensors header (read as JSON; 
 `patch_embed.proj.weight` and at least one `relative_position_bias_table`. Whether they fit the run's architecture
 is the ranks' check (transfer.transfer_state), which needs the model built.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ from pathlib import Path
 from swin_common.errors import UserError
 from swin_common.safe_weights import tensor_shapes
 
-ACCEPTED = ("a complete checkpoint folder (runs/NAME/checkpoints/step_N), an exported model folder (runs/NAME/model: "
-            "model.safetensors + model.json) or its model.safetensors, or models:/NAME@ALIAS")
+ACCEPTED = (
+    "a complete checkpoint folder (runs/NAME/checkpoints/step_N), an exported model folder (runs/NAME/model: "
+    "model.safetensors + model.json) or its model.safetensors, or models:/NAME@ALIAS"
+)
 SWIN_KEYS = ("patch_embed.proj.weight",)
 SWIN_SUFFIX = "relative_position_bias_table"
 
@@ -39,16 +42,24 @@ def init_source_kind(path: str | Path) -> tuple[str, Path]:
         if (path / "model.json").is_file():
             return "export", path / "model.safetensors"
         found = sorted(p.name for p in path.iterdir())[:5]
-        hint = (": it is a run folder, start from its model/ or a checkpoint under checkpoints/"
-                if (path / "checkpoints").is_dir() else "")
-        raise InitSourceError(f"{where} is a folder without COMPLETE or model.json (it holds "
-                              f"{', '.join(found) or 'nothing'}){hint}; give {ACCEPTED}")
+        hint = (
+            ": it is a run folder, start from its model/ or a checkpoint under checkpoints/"
+            if (path / "checkpoints").is_dir()
+            else ""
+        )
+        raise InitSourceError(
+            f"{where} is a folder without COMPLETE or model.json (it holds "
+            f"{', '.join(found) or 'nothing'}){hint}; give {ACCEPTED}"
+        )
     if path.suffix == ".safetensors":
         return "export", path
-    kind = {".pth": "a PyTorch pickle (.pth)", ".pt": "a PyTorch pickle (.pt)", ".bin": "a pickle (.bin)",
-            ".ckpt": "a checkpoint pickle (.ckpt)"}.get(path.suffix.lower(), f"a {path.suffix or 'file'} file")
-    raise InitSourceError(f"{where} is {kind}, not weights this run can start from (never unpickled); give "
-                          f"{ACCEPTED}")
+    kind = {
+        ".pth": "a PyTorch pickle (.pth)",
+        ".pt": "a PyTorch pickle (.pt)",
+        ".bin": "a pickle (.bin)",
+        ".ckpt": "a checkpoint pickle (.ckpt)",
+    }.get(path.suffix.lower(), f"a {path.suffix or 'file'} file")
+    raise InitSourceError(f"{where} is {kind}, not weights this run can start from (never unpickled); give {ACCEPTED}")
 
 
 def check_init_source(path: str | Path) -> str:
@@ -72,6 +83,8 @@ def check_init_source(path: str | Path) -> str:
     names = set(tensor_shapes(found))  # refuses a file that is not safetensors (a pickle under that name)
     if not all(k in names for k in SWIN_KEYS) or not any(k.endswith(SWIN_SUFFIX) for k in names):
         sample = ", ".join(sorted(names)[:3]) or "no tensors"
-        raise InitSourceError(f"{where} holds no Swin weights (no patch_embed.proj.weight and relative position "
-                              f"bias tables; it holds {len(names)} tensors: {sample} ...)")
+        raise InitSourceError(
+            f"{where} holds no Swin weights (no patch_embed.proj.weight and relative position "
+            f"bias tables; it holds {len(names)} tensors: {sample} ...)"
+        )
     return f"exported model {found.parent} ({len(synsets)} classes)"

@@ -7,6 +7,7 @@ feed the model: timm architecture and kwargs, image size, window, label layout (
 `timm.create_model("local-dir:<out>", pretrained=True)` loads the folder without this project.
 Loading needs no unpickling: `load_exported(dir)` returns a ready timm model.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,14 +46,22 @@ def model_metadata(cfg: RunConfig, synsets: list[str]) -> dict:
         "format": FORMAT,
         "arch": m.arch,
         "timm_name": timm_name(m.arch, m.img_size, m.window_size),
-        "timm_kwargs": {k: v for k, v in timm_kwargs(m.arch, m.img_size, m.window_size, len(synsets)).items()
-                        if k != "drop_path_rate"},
+        "timm_kwargs": {
+            k: v
+            for k, v in timm_kwargs(m.arch, m.img_size, m.window_size, len(synsets)).items()
+            if k != "drop_path_rate"
+        },
         "img_size": m.img_size,
         "window_size": m.window_size,
         "num_classes": len(synsets),
         "synsets": synsets,
-        "preprocessing": {"mean": list(MEAN), "std": list(STD), "crop_pct": cfg.data.crop_pct,
-                          "interpolation": "bicubic", "input_size": [3, m.img_size, m.img_size]},
+        "preprocessing": {
+            "mean": list(MEAN),
+            "std": list(STD),
+            "crop_pct": cfg.data.crop_pct,
+            "interpolation": "bicubic",
+            "input_size": [3, m.img_size, m.img_size],
+        },
     }
 
 
@@ -80,8 +89,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
 # what the base architecture's pretrained_cfg says of timm's released weights (their tag, licence, paper, source):
 # untrue of weights this project trained, so never copied into an export's config.json
-RELEASED_WEIGHTS_KEYS = ("tag", "license", "description", "notes", "origin_url", "paper_ids", "paper_name",
-                         "url", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "file", "source")
+RELEASED_WEIGHTS_KEYS = (
+    "tag",
+    "license",
+    "description",
+    "notes",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "url",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "hf_hub_revision",
+    "file",
+    "source",
+)
 
 
 def write_timm_config(model: torch.nn.Module, folder: Path, meta: dict) -> Path:
@@ -94,10 +116,19 @@ def write_timm_config(model: torch.nn.Module, folder: Path, meta: dict) -> Path:
     pre = meta["preprocessing"]
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in RELEASED_WEIGHTS_KEYS}
     path = Path(folder) / "config.json"
-    save_config_for_hf(model, str(path), model_config={"label_names": list(meta["synsets"])},
-                       data_config={"input_size": tuple(pre["input_size"]), "crop_pct": pre["crop_pct"],
-                                    "interpolation": pre["interpolation"], "mean": tuple(pre["mean"]),
-                                    "std": tuple(pre["std"]), "crop_mode": "center"})
+    save_config_for_hf(
+        model,
+        str(path),
+        model_config={"label_names": list(meta["synsets"])},
+        data_config={
+            "input_size": tuple(pre["input_size"]),
+            "crop_pct": pre["crop_pct"],
+            "interpolation": pre["interpolation"],
+            "mean": tuple(pre["mean"]),
+            "std": tuple(pre["std"]),
+            "crop_mode": "center",
+        },
+    )
     return path
 
 
@@ -105,8 +136,10 @@ def exported_from(out: Path, checkpoint: Path) -> bool:
     """Whether <out> is a complete export of this checkpoint folder, made after it was saved."""
     try:
         source = json.loads((out / "model.json").read_text())["source_checkpoint"]
-        return (Path(source) == checkpoint.resolve()
-                and (out / "model.json").stat().st_mtime >= (checkpoint / "COMPLETE").stat().st_mtime)
+        return (
+            Path(source) == checkpoint.resolve()
+            and (out / "model.json").stat().st_mtime >= (checkpoint / "COMPLETE").stat().st_mtime
+        )
     except (OSError, ValueError, KeyError):
         return False
 
@@ -135,8 +168,9 @@ def load_source(path: str | Path) -> SourceModel:
 
     kind, path = init_source_kind(path)
     if kind == "checkpoint":
-        return SourceModel(consolidated_state_dict(path), (path / "synsets.txt").read_text().split(),
-                           f"checkpoint {path}")
+        return SourceModel(
+            consolidated_state_dict(path), (path / "synsets.txt").read_text().split(), f"checkpoint {path}"
+        )
     check_init_source(path)  # model.json beside it, safetensors (a pickle so named is refused), Swin names
     meta = json.loads(path.with_name("model.json").read_text())
     return SourceModel(load_file(str(path)), meta["synsets"], f"exported model {path.parent}", meta, file_sha256(path))

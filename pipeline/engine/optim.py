@@ -7,6 +7,7 @@
 - Per-optimizer-step linear warm-up, then cosine / linear / constant (timm's schedulers, warm-up as a prefix).
   The schedule is a pure function of the step: resuming needs only the step, which DeepSpeed's checkpoint holds.
 """
+
 from __future__ import annotations
 
 import typing
@@ -23,6 +24,7 @@ from swin_common.gpu import Gpu, check_precision, current_gpu, precision_for
 @dataclass(frozen=True)
 class StepPlan:
     """How the global batch is made and how many optimizer steps the run takes."""
+
     micro_batch: int
     grad_accum: int
     steps_per_epoch: int
@@ -38,15 +40,19 @@ def plan_steps(cfg: RunConfig, world: int, micro_batches_per_epoch: int) -> Step
     t = cfg.train
     if t.global_batch % (t.micro_batch * world):
         fits = [w for w in range(1, t.global_batch // t.micro_batch + 1) if t.global_batch % (t.micro_batch * w) == 0]
-        raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
-                          f"{t.micro_batch} x world size {world}: with micro batch {t.micro_batch} the world sizes "
-                          f"that keep the global batch are {', '.join(map(str, fits[:12]))}"
-                          f"{' ...' if len(fits) > 12 else ''}; or change train.micro_batch")
+        raise ConfigError(
+            f"train.global_batch {t.global_batch} is not a multiple of train.micro_batch "
+            f"{t.micro_batch} x world size {world}: with micro batch {t.micro_batch} the world sizes "
+            f"that keep the global batch are {', '.join(map(str, fits[:12]))}"
+            f"{' ...' if len(fits) > 12 else ''}; or change train.micro_batch"
+        )
     accum = t.global_batch // (t.micro_batch * world)
     steps_per_epoch = micro_batches_per_epoch // accum
     if steps_per_epoch < 1:
-        raise ConfigError(f"an epoch holds {micro_batches_per_epoch} micro batches per rank, fewer than one "
-                          f"optimizer step ({accum} micro batches): lower train.global_batch")
+        raise ConfigError(
+            f"an epoch holds {micro_batches_per_epoch} micro batches per rank, fewer than one "
+            f"optimizer step ({accum} micro batches): lower train.global_batch"
+        )
     total = max(1, round(cfg.schedule.epochs * steps_per_epoch))
     warmup = min(total - 1, round(cfg.schedule.warmup_epochs * steps_per_epoch))
     return StepPlan(t.micro_batch, accum, steps_per_epoch, total, warmup)
@@ -58,15 +64,26 @@ def scaled_lr(cfg: RunConfig, lr: float) -> float:
 
 def create_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     o = cfg.optim
-    return create_optimizer_v2(model, "adamw", lr=scaled_lr(cfg, o.base_lr), weight_decay=o.weight_decay,
-                               betas=o.betas, eps=o.eps, filter_bias_and_bn=True)
+    return create_optimizer_v2(
+        model,
+        "adamw",
+        lr=scaled_lr(cfg, o.base_lr),
+        weight_decay=o.weight_decay,
+        betas=o.betas,
+        eps=o.eps,
+        filter_bias_and_bn=True,
+    )
 
 
 def create_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: StepPlan):
     """A timm scheduler stepped per optimizer step with `step_update(step)`."""
     s = cfg.schedule
-    common = dict(warmup_t=plan.warmup_steps, warmup_lr_init=scaled_lr(cfg, s.warmup_lr), warmup_prefix=True,
-                  t_in_epochs=False)
+    common = {
+        "warmup_t": plan.warmup_steps,
+        "warmup_lr_init": scaled_lr(cfg, s.warmup_lr),
+        "warmup_prefix": True,
+        "t_in_epochs": False,
+    }
     decay_steps = max(1, plan.total_steps - plan.warmup_steps)
     if s.decay == "cosine":
         return CosineLRScheduler(optimizer, t_initial=decay_steps, lr_min=scaled_lr(cfg, s.min_lr), **common)
@@ -87,8 +104,9 @@ def resolve_precision(precision: str, gpu: Gpu | None | str = "detect") -> str:
     if precision not in typing.get_args(Precision):
         raise ValueError(f"train.precision must be one of {', '.join(typing.get_args(Precision))}, not {precision!r}")
     if precision == "fp16" and gpu is None:
-        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 or "
-                          "bf16")
+        raise ConfigError(
+            "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); use fp32 or bf16"
+        )
     if gpu is not None:
         check_precision(precision, gpu)
     return precision
@@ -120,12 +138,17 @@ def deepspeed_config(cfg: RunConfig, plan: StepPlan, world: int, precision: str)
     """
     t = cfg.train
     if t.zero_stage not in typing.get_args(ZeroStage):
-        raise ValueError(f"train.zero_stage must be one of {', '.join(map(str, typing.get_args(ZeroStage)))}, not "
-                         f"{t.zero_stage!r}")
+        raise ValueError(
+            f"train.zero_stage must be one of {', '.join(map(str, typing.get_args(ZeroStage)))}, not {t.zero_stage!r}"
+        )
     zero: dict = {"stage": t.zero_stage}
     if t.zero_stage in (1, 2):
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=BUCKET_ELEMENTS,
-                    allgather_bucket_size=BUCKET_ELEMENTS)
+        zero.update(
+            overlap_comm=True,
+            contiguous_gradients=True,
+            reduce_bucket_size=BUCKET_ELEMENTS,
+            allgather_bucket_size=BUCKET_ELEMENTS,
+        )
     config = {
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -139,16 +162,25 @@ def deepspeed_config(cfg: RunConfig, plan: StepPlan, world: int, precision: str)
     }
     if precision in LOW_PRECISION and autocast_stage(t.zero_stage):
         # an empty module list: no parameter is marked for 16-bit communication, so gradients reduce in fp32
-        config["torch_autocast"] = {"enabled": True, "dtype": LOW_PRECISION[precision],
-                                    "lower_precision_safe_modules": []}
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": LOW_PRECISION[precision],
+            "lower_precision_safe_modules": [],
+        }
     elif precision == "bf16":
         config["bf16"] = {"enabled": True}
         if t.zero_stage in (2, 3):
             config["data_types"] = {"grad_accum_dtype": "fp32"}
     elif precision == "fp16":
         # V100: dynamic loss scaling; DeepSpeed skips (and counts) the steps whose gradients overflow
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                          "hysteresis": 2, "min_loss_scale": 1}
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return config
 
 

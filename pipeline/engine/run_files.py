@@ -2,6 +2,7 @@
 `metrics.jsonl` (one JSON line per log, evaluation or stop event), `resumes.jsonl` (what each elastic resume
 did), and the files a run's start writes, which a run that fails before its first step takes away again.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         log.info(" ".join(f"{k}={_short(v)}" for k, v in record.items() if k != "time"))
         if self.tracker is not None:
-            self.tracker.log_metrics(record["step"], {k: v for k, v in record.items()
-                                                      if k not in ("step", "time", "epoch")})
+            self.tracker.log_metrics(
+                record["step"], {k: v for k, v in record.items() if k not in ("step", "time", "epoch")}
+            )
 
     def evaluation_at(self, step: int) -> dict:
         """The evaluation recorded at `step` (a job stopped after it, e.g. during the export), else {}."""
@@ -61,8 +63,14 @@ def record_elastic_resume(engine, run_dir: Path, world: World, resumed: dict, lo
     master weights (per parameter: sum and sum of squares), to compare with the checkpoint it came from."""
     fingerprint = fp32_fingerprint(engine)  # a collective under ZeRO-3: every rank takes part
     if world.is_main:
-        record = {**resumed, "lr": engine.get_lr()[0], "loader_epoch": loader.epoch, "consumed": loader.consumed(),
-                  "fp32_fingerprint": fingerprint, "time": time.time()}
+        record = {
+            **resumed,
+            "lr": engine.get_lr()[0],
+            "loader_epoch": loader.epoch,
+            "consumed": loader.consumed(),
+            "fp32_fingerprint": fingerprint,
+            "time": time.time(),
+        }
         with open(run_dir / RESUMES_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -93,8 +101,11 @@ def discard_unstarted_run(run_dir: Path, world_size: int, also: tuple[str, ...] 
     ranks/ stays: the watchdogs of the other ranks still write there on their way out (which rank ended), and an
     error line may point to it. Returns whether the folder was removed."""
     metrics = run_dir / METRICS_FILE
-    if not run_dir.is_dir() or complete_checkpoints(run_dir / "checkpoints") or \
-            (metrics.is_file() and metrics.stat().st_size):
+    if (
+        not run_dir.is_dir()
+        or complete_checkpoints(run_dir / "checkpoints")
+        or (metrics.is_file() and metrics.stat().st_size)
+    ):
         return False
     for name in (CONFIG_FILE, *SHARED_RUN_DIR_FILES, *INIT_FILES, METRICS_FILE, *also):
         (run_dir / name).unlink(missing_ok=True)

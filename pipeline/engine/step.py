@@ -12,6 +12,7 @@ log step reads the sums once per log line. A non-finite loss never reaches the w
   small all-reduce and a host read per micro batch, on the loss's device) and a non-finite micro batch is dropped
   on every rank.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,7 @@ class StepTally:
 
     def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
         loss = loss.detach().double()
-        values = torch.stack([torch.where(finite, loss, torch.zeros_like(loss)), finite.double(),
-                              (~finite).double()])
+        values = torch.stack([torch.where(finite, loss, torch.zeros_like(loss)), finite.double(), (~finite).double()])
         self.sums = values if self.sums is None else self.sums + values
         self.images += images
 
@@ -62,8 +62,14 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) 
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
-def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
-               tally: StepTally | None = None, guard_on_host: bool = True) -> MicroResult:
+def micro_step(
+    engine,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float,
+    tally: StepTally | None = None,
+    guard_on_host: bool = True,
+) -> MicroResult:
     """`guard_on_host`: DeepSpeed would apply non-finite gradients at this stage and precision
     (not optim.deepspeed_skips_nonfinite), so the finite check runs before the backward (the module's notes)."""
     tally = StepTally() if tally is None else tally
@@ -81,5 +87,6 @@ def micro_step(engine, images: torch.Tensor, labels: torch.Tensor, label_smoothi
     skipped_before = engine.skipped_steps
     engine.backward(loss)
     engine.step()
-    return MicroResult(dropped=False, stepped=boundary, skipped=boundary and engine.skipped_steps > skipped_before,
-                       guard_s=guard_s)
+    return MicroResult(
+        dropped=False, stepped=boundary, skipped=boundary and engine.skipped_steps > skipped_before, guard_s=guard_s
+    )

@@ -12,6 +12,7 @@ The same check runs between evaluation batches and before the end-of-run export,
 as promptly (the checkpoint then says that the resumed run owes that evaluation). DataLoader workers ignore both signals
 (swin_common.signals.ignore_stop_signals).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,7 +52,7 @@ class StopFlag:
         self.received_at: float | None = None  # time.monotonic() of the first signal
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -72,14 +73,16 @@ class StopFlag:
             signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
         if self.signum:
-            log.info("%s came after the last step boundary: the run is complete, nothing to stop",
-                     self.signal_name)
+            log.info("%s came after the last step boundary: the run is complete, nothing to stop", self.signal_name)
 
     def _handle(self, signum, frame) -> None:  # runs in the main thread between bytecodes: only record
         if not self.signum:
             self.signum, self.received_at = signum, time.monotonic()
-            os.write(2, f"[rank {os.environ.get('RANK', '0')}] {signal.Signals(signum).name} received: stopping at "
-                        f"the next step boundary, after saving a checkpoint\n".encode())
+            os.write(
+                2,
+                f"[rank {os.environ.get('RANK', '0')}] {signal.Signals(signum).name} received: stopping at "
+                f"the next step boundary, after saving a checkpoint\n".encode(),
+            )
 
     @property
     def requested(self) -> bool:

@@ -11,6 +11,7 @@ optimizer's step comes after the collectives and so shows as every rank's wait, 
 clock is the host's: no GPU synchronisation in the hot loop; on GPUs, whose kernels run ahead of the host, a
 slow GPU shows only where the host waits for it (DataLoader pinning, the loss check's host read).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -21,13 +22,14 @@ from dataclasses import dataclass, field
 @dataclass
 class Times:
     """Seconds of one rank, summed (a log window's, or the whole run's)."""
+
     own: float = 0.0  # data wait + forward + backward compute, up to the step's collectives
     data: float = 0.0  # waiting for the loader's next batch (part of `own`)
     checkpoint: float = 0.0
     eval: float = 0.0
     steps: int = 0
 
-    def add(self, other: "Times") -> None:
+    def add(self, other: Times) -> None:
         self.own += other.own
         self.data += other.data
         self.checkpoint += other.checkpoint
@@ -38,6 +40,7 @@ class Times:
 @dataclass
 class RunClock:
     """The log window's times and the run's, and the backward-end mark."""
+
     window: Times = field(default_factory=Times)
     total: Times = field(default_factory=Times)
     started: float = field(default_factory=time.perf_counter)  # the training loop's start (the run summary)
@@ -55,8 +58,11 @@ class RunClock:
     def micro(self, started: float, batch_ready: float, excluded: float = 0.0) -> None:
         """One micro batch: asked for at `started`, received at `batch_ready`; `excluded`: seconds of it spent in
         a collective before the backward (the finite-loss check)."""
-        end = self.backward_end if self.backward_end is not None and self.backward_end > batch_ready \
+        end = (
+            self.backward_end
+            if self.backward_end is not None and self.backward_end > batch_ready
             else time.perf_counter()
+        )
         self.backward_end = None
         self.window.own += end - started - excluded
         self.window.data += batch_ready - started
@@ -76,19 +82,25 @@ def window_fields(per_rank: list[tuple[float, float]], steps: int, elapsed: floa
     data = max(d for _, d in per_rank)
     slowest = max(range(len(own)), key=own.__getitem__)
     per = max(steps, 1)
-    return {"step_s": elapsed / per, "own_s_median": statistics.median(own) / per, "own_s_max": own[slowest] / per,
-            "slowest_rank": slowest, "data_wait_s": data / per,
-            "data_wait_pct": 100.0 * data / elapsed if elapsed > 0 else None}
+    return {
+        "step_s": elapsed / per,
+        "own_s_median": statistics.median(own) / per,
+        "own_s_max": own[slowest] / per,
+        "slowest_rank": slowest,
+        "data_wait_s": data / per,
+        "data_wait_pct": 100.0 * data / elapsed if elapsed > 0 else None,
+    }
 
 
 def s3_fields(now: list[dict], before: list[dict] | None) -> dict:
     """For a set on S3, from every rank's loader.s3_stats() now and at the last record: the window's node-cache
     hits and misses (summed over the ranks) and the read-ahead depth of the rank with the fewest shards ahead."""
     before = before or [{} for _ in now]
-    return {"cache_hits": sum(n["cache_hits"] - b.get("cache_hits", 0) for n, b in zip(now, before, strict=True)),
-            "cache_misses": sum(n["cache_misses"] - b.get("cache_misses", 0)
-                                for n, b in zip(now, before, strict=True)),
-            "read_ahead_depth": min(n["read_ahead_depth"] for n in now)}
+    return {
+        "cache_hits": sum(n["cache_hits"] - b.get("cache_hits", 0) for n, b in zip(now, before, strict=True)),
+        "cache_misses": sum(n["cache_misses"] - b.get("cache_misses", 0) for n, b in zip(now, before, strict=True)),
+        "read_ahead_depth": min(n["read_ahead_depth"] for n in now),
+    }
 
 
 def run_summary(clock: RunClock) -> dict:
@@ -98,13 +110,24 @@ def run_summary(clock: RunClock) -> dict:
     t.add(clock.window)  # what the last log line did not close
     clock.window = Times()
     compute = max(total - t.data - t.checkpoint - t.eval, 0.0)
-    return {"total_s": round(total, 1), "compute_s": round(compute, 1), "data_wait_s": round(t.data, 1),
-            "checkpoint_s": round(t.checkpoint, 1), "eval_s": round(t.eval, 1)}
+    return {
+        "total_s": round(total, 1),
+        "compute_s": round(compute, 1),
+        "data_wait_s": round(t.data, 1),
+        "checkpoint_s": round(t.checkpoint, 1),
+        "eval_s": round(t.eval, 1),
+    }
 
 
 def summary_line(s: dict) -> str:
     total = max(s["total_s"], 1e-9)
-    parts = [f"{name} {s[key]:.0f} s ({100 * s[key] / total:.0f}%)" for name, key in
-             (("compute", "compute_s"), ("data wait", "data_wait_s"), ("checkpoints", "checkpoint_s"),
-              ("evaluation", "eval_s"))]
+    parts = [
+        f"{name} {s[key]:.0f} s ({100 * s[key] / total:.0f}%)"
+        for name, key in (
+            ("compute", "compute_s"),
+            ("data wait", "data_wait_s"),
+            ("checkpoints", "checkpoint_s"),
+            ("evaluation", "eval_s"),
+        )
+    ]
     return f"time: {s['total_s']:.0f} s training = " + ", ".join(parts)

@@ -10,6 +10,7 @@ leaves a final checkpoint. Exporting, curves, registration and the MLflow run's 
 A stop signal (pipeline/engine/stop.py) is agreed on after every optimizer step and between evaluation batches;
 the run then saves a checkpoint at the step it reached (unless one is there already) and raises RunStopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,28 @@ from timm.scheduler.scheduler import Scheduler
 from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
 from pipeline.data.loader import LoaderConfig, create_loader
-from pipeline.engine.checkpoint import (check_shared_run_dir, checkpoint_meta, complete_checkpoints, find_resume,
-                                       load_checkpoint, needs_universal, save_checkpoint)
+from pipeline.engine.checkpoint import (
+    check_shared_run_dir,
+    checkpoint_meta,
+    complete_checkpoints,
+    find_resume,
+    load_checkpoint,
+    needs_universal,
+    save_checkpoint,
+)
 from pipeline.engine.distributed import World, all_gather_object, all_reduce_sum, all_true, broadcast_object
 from pipeline.engine.model_export import load_source
-from pipeline.engine.optim import (StepPlan, create_optimizer, create_schedule, deepspeed_config,
-                                   deepspeed_skips_nonfinite, loss_scale, plan_steps, resolve_precision,
-                                   skipped_steps)
+from pipeline.engine.optim import (
+    StepPlan,
+    create_optimizer,
+    create_schedule,
+    deepspeed_config,
+    deepspeed_skips_nonfinite,
+    loss_scale,
+    plan_steps,
+    resolve_precision,
+    skipped_steps,
+)
 from pipeline.engine.run_files import CONFIG_FILE, INIT_FILES, MetricsLog, record_elastic_resume
 from pipeline.engine.step import StepTally, micro_step
 from pipeline.engine.stop import RunStopped, stop_flag, stop_if_agreed
@@ -57,6 +73,7 @@ class TrainingDiverged(UserError, RuntimeError):
 @dataclass
 class TrainResult:
     """What a finished `Trainer.train()` reached."""
+
     steps: int
     schedule_steps: int
     checkpoint: Path  # the final checkpoint
@@ -68,6 +85,7 @@ class TrainResult:
 @dataclass
 class RunState:
     """What changes as the run trains (every rank keeps its own)."""
+
     step: int = 0
     dropped_total: int = 0  # micro batches dropped for a non-finite loss
     bad_streak: int = 0
@@ -84,6 +102,7 @@ class RunState:
 @dataclass
 class StepContext:
     """What the hot loop needs besides the engine, decided once per run."""
+
     guard_on_host: bool  # check the loss before the backward (DeepSpeed would apply non-finite gradients)
     fp16: bool  # a skipped step can be an fp16 overflow (normal) rather than a non-finite loss
     forward_flops: float | None = None  # per image, for MFU (GPU runs only)
@@ -123,8 +142,14 @@ class Trainer:
         caller); `tracker`: where the metrics also go (anything with log_metrics)."""
         cfg, state = self.cfg, self.state
         self.engine, self.schedule = build_engine(
-            cfg, self.world, self.plan, self.synsets, self.precision, init_from=init_path if self.init_from else "",
-            load_universal=self.resume is not None and needs_universal(self.resume, self.world.size))
+            cfg,
+            self.world,
+            self.plan,
+            self.synsets,
+            self.precision,
+            init_from=init_path if self.init_from else "",
+            load_universal=self.resume is not None and needs_universal(self.resume, self.world.size),
+        )
         self.metrics = MetricsLog(self.run_dir, self.world.is_main, tracker)
         self.ctx = step_context(cfg, self.precision, self.engine.device, len(self.synsets))
         if self.resume is not None:
@@ -151,19 +176,30 @@ class Trainer:
         timing = run_summary(state.clock)
         if self.world.is_main:
             log.info(summary_line(timing))
-        return TrainResult(state.step, self.plan.total_steps, complete_checkpoints(self.run_dir / "checkpoints")[-1],
-                           state.dropped_total, state.last_eval, timing)
+        return TrainResult(
+            state.step,
+            self.plan.total_steps,
+            complete_checkpoints(self.run_dir / "checkpoints")[-1],
+            state.dropped_total,
+            state.last_eval,
+            timing,
+        )
 
     def _resume(self, checkpoint: Path) -> None:
         state, world = self.state, self.world
-        state.step, loader_state, resumed = load_checkpoint(self.engine, checkpoint, world.rank, world.size,
-                                                            self.cfg.train.seed)
+        state.step, loader_state, resumed = load_checkpoint(
+            self.engine, checkpoint, world.rank, world.size, self.cfg.train.seed
+        )
         self.train_loader.load_state_dict(loader_state)
         state.last_checkpoint_step = state.step
         # rank 0 keeps the log; every rank must know whether the evaluation at this step is owed (a collective)
         state.last_eval = broadcast_object(self.metrics.evaluation_at(state.step) if world.is_main else None)
-        log.info("resumed from %s at step %d%s", checkpoint, state.step,
-                 f" (elastic: {resumed['from_world']} -> {resumed['to_world']} ranks)" if resumed["elastic"] else "")
+        log.info(
+            "resumed from %s at step %d%s",
+            checkpoint,
+            state.step,
+            f" (elastic: {resumed['from_world']} -> {resumed['to_world']} ranks)" if resumed["elastic"] else "",
+        )
         if resumed["elastic"]:
             self.schedule.step_update(state.step)
             record_elastic_resume(self.engine, self.run_dir, world, resumed, self.train_loader)
@@ -172,17 +208,29 @@ class Trainer:
         if not self.world.is_main:
             return
         cfg, plan = self.cfg, self.plan
-        log.info("run %s: %d steps (%d per epoch), global batch %d = %d micro x %d ranks x %d accumulation, %s, "
-                 "ZeRO-%d, loader %s, %d CPU threads per rank", self.run_dir, self.end, plan.steps_per_epoch,
-                 cfg.train.global_batch, plan.micro_batch, self.world.size, plan.grad_accum, self.precision,
-                 cfg.train.zero_stage, self.train_loader.backend.name, torch.get_num_threads())
+        log.info(
+            "run %s: %d steps (%d per epoch), global batch %d = %d micro x %d ranks x %d accumulation, %s, "
+            "ZeRO-%d, loader %s, %d CPU threads per rank",
+            self.run_dir,
+            self.end,
+            plan.steps_per_epoch,
+            cfg.train.global_batch,
+            plan.micro_batch,
+            self.world.size,
+            plan.grad_accum,
+            self.precision,
+            cfg.train.zero_stage,
+            self.train_loader.backend.name,
+            torch.get_num_threads(),
+        )
 
     def _evaluation_owed_at_start(self) -> bool:
         """Step 0 of a run initialised from other weights, or the evaluation a stop interrupted."""
         if self.val_loader is None:
             return False
-        return bool(self.init_from) or (self.resume is not None and
-                                        bool(checkpoint_meta(self.resume).get("pending_eval")))
+        return bool(self.init_from) or (
+            self.resume is not None and bool(checkpoint_meta(self.resume).get("pending_eval"))
+        )
 
     def run_epoch(self) -> None:
         """Micro batches until the epoch's last whole optimizer step, or until the run's end step."""
@@ -206,9 +254,14 @@ class Trainer:
         an optimizer step was taken (a non-finite loss's micro batch or step is dropped instead)."""
         state, engine = self.state, self.engine
         # non_blocking: a pinned CPU batch (torch backend) is copied while the GPU works; DALI's are there
-        result = micro_step(engine, images.to(engine.device, non_blocking=True),
-                            labels.to(engine.device, non_blocking=True), self.cfg.data.label_smoothing, state.tally,
-                            self.ctx.guard_on_host)
+        result = micro_step(
+            engine,
+            images.to(engine.device, non_blocking=True),
+            labels.to(engine.device, non_blocking=True),
+            self.cfg.data.label_smoothing,
+            state.tally,
+            self.ctx.guard_on_host,
+        )
         state.clock.micro(asked, ready, result.guard_s)
         if result.dropped or (result.skipped and self._bad_step_skipped()):
             self._on_bad_loss()
@@ -240,8 +293,9 @@ class Trainer:
         state, engine, world = self.state, self.engine, self.world.size
         tally = state.tally
         sums = tally.sums if tally.sums is not None else torch.zeros(3, dtype=torch.float64, device=engine.device)
-        totals = all_reduce_sum(torch.cat([sums, torch.tensor([float(tally.images)], dtype=torch.float64,
-                                                              device=sums.device)])).tolist()
+        totals = all_reduce_sum(
+            torch.cat([sums, torch.tensor([float(tally.images)], dtype=torch.float64, device=sums.device)])
+        ).tolist()
         loss_sum, finite, nonfinite, images = totals
         window = state.clock.close_window()
         # the window's training time: its evaluations and checkpoints have their own fields
@@ -255,7 +309,9 @@ class Trainer:
             state.s3_before = now
         grad_norm = engine.get_global_grad_norm()
         record = {
-            "step": state.step, "epoch": epoch, "loss": loss_sum / finite if finite else float("nan"),
+            "step": state.step,
+            "epoch": epoch,
+            "loss": loss_sum / finite if finite else float("nan"),
             "lr": engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "loss_scale": loss_scale(engine),
@@ -287,8 +343,12 @@ class Trainer:
         state = self.state
         t0 = time.perf_counter()
         try:
-            result = evaluate(self.engine, self.val_loader, self.engine.device,
-                              between_batches=lambda: stop_if_agreed(state.step, "evaluation"))
+            result = evaluate(
+                self.engine,
+                self.val_loader,
+                self.engine.device,
+                between_batches=lambda: stop_if_agreed(state.step, "evaluation"),
+            )
         finally:
             seconds = time.perf_counter() - t0
             state.clock.window.eval += seconds
@@ -299,8 +359,16 @@ class Trainer:
         """A complete checkpoint at this step (every rank writes its part)."""
         state, world = self.state, self.world
         t0 = time.perf_counter()
-        save_checkpoint(self.engine, self.cfg, state.step, world.rank, world.size, self.train_loader.state_dict(),
-                        self.synsets, meta)
+        save_checkpoint(
+            self.engine,
+            self.cfg,
+            state.step,
+            world.rank,
+            world.size,
+            self.train_loader.state_dict(),
+            self.synsets,
+            meta,
+        )
         state.last_checkpoint_step = state.step
         state.clock.window.checkpoint += time.perf_counter() - t0
 
@@ -313,15 +381,24 @@ class Trainer:
             self.checkpoint({"stopped": stop.signal_name, "pending_eval": stop.during == "evaluation"})
         seconds = time.monotonic() - t0
         since = flag.seconds_since()
-        record = {"step": state.step, "stopped": stop.signal_name, "during": stop.during,
-                  "checkpoint_s": round(seconds, 3) if saved else 0.0, "time": time.time()}
+        record = {
+            "step": state.step,
+            "stopped": stop.signal_name,
+            "during": stop.during,
+            "checkpoint_s": round(seconds, 3) if saved else 0.0,
+            "time": time.time(),
+        }
         if since is not None:
             record["signal_to_saved_s"] = round(since, 3)  # this rank's signal; another rank may have had it
         self.metrics.write(record)
         if self.world.is_main:
-            log.info("stopped by %s at step %d (%s): %s; run the same command to resume", stop.signal_name,
-                     state.step, stop.during,
-                     f"checkpoint saved in {seconds:.1f} s" if saved else "its checkpoint was saved already")
+            log.info(
+                "stopped by %s at step %d (%s): %s; run the same command to resume",
+                stop.signal_name,
+                state.step,
+                stop.during,
+                f"checkpoint saved in {seconds:.1f} s" if saved else "its checkpoint was saved already",
+            )
 
     # -- non-finite losses ---------------------------------------------------------------------------------------
     def _bad_step_skipped(self) -> bool:
@@ -343,11 +420,12 @@ class Trainer:
         state.bad_streak += 1
         if state.bad_streak == 1:
             state.first_bad_step = state.step
-            log.warning("non-finite loss at step %d: micro batch dropped (%d so far)", state.step,
-                        state.dropped_total)
+            log.warning("non-finite loss at step %d: micro batch dropped (%d so far)", state.step, state.dropped_total)
             # keep the weights from before it; only at a step boundary, where no gradients are half accumulated
-            if state.last_checkpoint_step != state.step and \
-                    engine.micro_steps % engine.gradient_accumulation_steps() == 0:
+            if (
+                state.last_checkpoint_step != state.step
+                and engine.micro_steps % engine.gradient_accumulation_steps() == 0
+            ):
                 self.checkpoint()
         if state.bad_streak > cfg.train.max_bad_steps:
             newest = complete_checkpoints(self.run_dir / "checkpoints")
@@ -355,30 +433,57 @@ class Trainer:
                 f"the loss was not finite for {state.bad_streak} micro batches in a row since step "
                 f"{state.first_bad_step} (train.max_bad_steps={cfg.train.max_bad_steps}); newest checkpoint from "
                 f"before it: {newest[-1] if newest else 'none'}. Lower the LR, check the data "
-                f"(`python -m data_prep verify`), or use bf16/fp32 instead of fp16.")
+                f"(`python -m data_prep verify`), or use bf16/fp32 instead of fp16."
+            )
 
 
 def loader_configs(cfg: RunConfig, precision: str) -> tuple[LoaderConfig, LoaderConfig | None]:
     """The train loader's config and, with a validation split, the evaluation loader's."""
     d, m = cfg.data, cfg.model
-    common = LoaderConfig(shards=d.shards, image_size=m.img_size, backend=d.backend, workers=d.workers, seed=d.seed,
-                          max_bad_shards=d.max_bad_shards, dtype=DTYPES[precision], cache_dir=d.cache_dir,
-                          cache_bytes=d.cache_bytes, read_ahead=d.read_ahead, crop_pct=d.crop_pct)
-    train = replace(common, split=d.train_split, train=True, batch_size=cfg.train.micro_batch,
-                    rand_augment=d.rand_augment, mixup=d.mixup, cutmix=d.cutmix, label_smoothing=d.label_smoothing,
-                    random_erasing=d.random_erasing)
+    common = LoaderConfig(
+        shards=d.shards,
+        image_size=m.img_size,
+        backend=d.backend,
+        workers=d.workers,
+        seed=d.seed,
+        max_bad_shards=d.max_bad_shards,
+        dtype=DTYPES[precision],
+        cache_dir=d.cache_dir,
+        cache_bytes=d.cache_bytes,
+        read_ahead=d.read_ahead,
+        crop_pct=d.crop_pct,
+    )
+    train = replace(
+        common,
+        split=d.train_split,
+        train=True,
+        batch_size=cfg.train.micro_batch,
+        rand_augment=d.rand_augment,
+        mixup=d.mixup,
+        cutmix=d.cutmix,
+        label_smoothing=d.label_smoothing,
+        random_erasing=d.random_erasing,
+    )
     val = replace(common, split=d.val_split, train=False, batch_size=cfg.eval.batch_size) if d.val_split else None
     return train, val
 
 
-def build_engine(cfg: RunConfig, world: World, plan: StepPlan, synsets: list[str], precision: str,
-                 init_from: str = "", load_universal: bool = False) -> tuple[deepspeed.DeepSpeedEngine, Scheduler]:
+def build_engine(
+    cfg: RunConfig,
+    world: World,
+    plan: StepPlan,
+    synsets: list[str],
+    precision: str,
+    init_from: str = "",
+    load_universal: bool = False,
+) -> tuple[deepspeed.DeepSpeedEngine, Scheduler]:
     """The DeepSpeed engine and LR schedule; the model starts from the weights at `init_from` (a local path)
     when given; `load_universal`: the engine will load a universal checkpoint (an elastic resume)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     m = cfg.model
-    model = create_model(m.arch, m.img_size, m.window_size, len(synsets), m.drop_path, m.grad_checkpointing,
-                         m.fused_attn)
+    model = create_model(
+        m.arch, m.img_size, m.window_size, len(synsets), m.drop_path, m.grad_checkpointing, m.fused_attn
+    )
     if init_from:
         initialise_from(cfg, init_from, model, synsets, world)
     optimizer = create_optimizer(model, cfg)
@@ -398,10 +503,19 @@ def initialise_from(cfg: RunConfig, path: str, model: torch.nn.Module, synsets: 
     if world.is_main:
         init_record, head_map = INIT_FILES
         write_map(cfg.run_dir / head_map, source.description, "this run's shard set", source.synsets, synsets)
-        (cfg.run_dir / init_record).write_text(json.dumps(
-            {"init_from": redact_text(cfg.init_from), "source": source.description,
-             "weights_sha256": source.weights_sha256 or None, **report.as_params(),
-             "resized_tables": report.resized_tables, "fresh_synsets": report.fresh_synsets}, indent=1))
+        (cfg.run_dir / init_record).write_text(
+            json.dumps(
+                {
+                    "init_from": redact_text(cfg.init_from),
+                    "source": source.description,
+                    "weights_sha256": source.weights_sha256 or None,
+                    **report.as_params(),
+                    "resized_tables": report.resized_tables,
+                    "fresh_synsets": report.fresh_synsets,
+                },
+                indent=1,
+            )
+        )
 
 
 def step_context(cfg: RunConfig, precision: str, device: torch.device, num_classes: int) -> StepContext:

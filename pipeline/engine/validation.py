@@ -4,6 +4,7 @@ The val loader gives every rank the same number of batches (ZeRO-3 needs every r
 sample to exactly one rank; its padding entries carry label -1 and are left out here. The sums stay on the
 batch's device until one all-reduce at the end (NCCL on GPUs), so no batch waits for a GPU -> CPU copy.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,12 @@ def evaluate(engine, loader, device: torch.device, between_batches=None) -> dict
     all_reduce_sum(sums)
     total = sums.tolist()
     n = max(total[3], 1)
-    return {"val_loss": total[0] / n, "val_top1": 100 * total[1] / n, "val_top5": 100 * total[2] / n,
-            "val_samples": int(total[3])}
+    return {
+        "val_loss": total[0] / n,
+        "val_top1": 100 * total[1] / n,
+        "val_top5": 100 * total[2] / n,
+        "val_samples": int(total[3]),
+    }
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,5 +54,11 @@ def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     safe = labels.clamp(min=0)
     loss = F.cross_entropy(logits, safe, reduction="none")
     hits = (logits.topk(min(5, logits.shape[1]), dim=1).indices == safe[:, None]) & real[:, None]
-    return torch.stack([torch.where(real, loss, torch.zeros_like(loss)).sum().double(), hits[:, 0].sum().double(),
-                        hits.any(dim=1).sum().double(), real.sum().double()])
+    return torch.stack(
+        [
+            torch.where(real, loss, torch.zeros_like(loss)).sum().double(),
+            hits[:, 0].sum().double(),
+            hits.any(dim=1).sum().double(),
+            real.sum().double(),
+        ]
+    )

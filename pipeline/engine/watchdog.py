@@ -19,6 +19,7 @@ Before the process group forms, each rank writes a start record (`ranks/start/ra
 rendezvous times out, `start_failure` names the ranks that never started (their node's launcher failed).
 Files on the run folder, which every rank sees anyway (the checkpoints need it).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,11 +64,20 @@ class RankWatch:
         self._thread.start()
         self._child = subprocess.Popen(
             [sys.executable, "-m", "pipeline.engine.watchdog", str(os.getpid()), str(rank), str(self.dir)],
-            stdin=subprocess.PIPE, cwd=str(Path(__file__).resolve().parents[2]), start_new_session=True)
+            stdin=subprocess.PIPE,
+            cwd=str(Path(__file__).resolve().parents[2]),
+            start_new_session=True,
+        )
 
     def _beat(self) -> None:
-        record = {"rank": self.rank, "host": socket.gethostname(), "address": node_address(), "pid": os.getpid(),
-                  "step": self.step, "time": time.time()}
+        record = {
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "address": node_address(),
+            "pid": os.getpid(),
+            "step": self.step,
+            "time": time.time(),
+        }
         path = self.dir / f"rank_{self.rank:05d}.json"
         staged = path.with_name(path.name + ".tmp")
         staged.write_text(json.dumps(record))
@@ -105,9 +115,17 @@ def note_start(run_dir: Path, env: dict[str, str]) -> float:
         folder = ranks_dir(run_dir) / "start"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"rank_{int(ranks['RANK']):05d}.json").write_text(json.dumps(
-                {"rank": int(ranks["RANK"]), "host": socket.gethostname(), "address": node_address(),
-                 "pid": os.getpid(), "time": now}))
+            (folder / f"rank_{int(ranks['RANK']):05d}.json").write_text(
+                json.dumps(
+                    {
+                        "rank": int(ranks["RANK"]),
+                        "host": socket.gethostname(),
+                        "address": node_address(),
+                        "pid": os.getpid(),
+                        "time": now,
+                    }
+                )
+            )
         except OSError:
             pass  # an unwritable run folder is reported by the run itself, naming it
     return now
@@ -132,14 +150,18 @@ def start_failure(e: BaseException, run_dir: Path, env: dict[str, str], since: f
             started.add(record["rank"])
     missing = [r for r in range(world) if r not in started]
     if not missing:
-        return CommandError(f"every rank started but the process group did not form within "
-                            f"train.collective_timeout_s={timeout_s:g} s: can every node reach "
-                            f"MASTER_ADDR:MASTER_PORT ({env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')})?")
+        return CommandError(
+            f"every rank started but the process group did not form within "
+            f"train.collective_timeout_s={timeout_s:g} s: can every node reach "
+            f"MASTER_ADDR:MASTER_PORT ({env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')})?"
+        )
     some = ", ".join(map(str, missing[:16])) + (" ..." if len(missing) > 16 else "")
-    return CommandError(f"rank(s) {some} of {world} never started (no start record from this job in "
-                        f"{ranks_dir(run_dir) / 'start'}; rank 0 waited train.collective_timeout_s={timeout_s:g} s "
-                        f"for them): their node's launcher could not start them; see that node's lines above (a "
-                        f"path, interpreter or virtualenv missing on that node?)")
+    return CommandError(
+        f"rank(s) {some} of {world} never started (no start record from this job in "
+        f"{ranks_dir(run_dir) / 'start'}; rank 0 waited train.collective_timeout_s={timeout_s:g} s "
+        f"for them): their node's launcher could not start them; see that node's lines above (a "
+        f"path, interpreter or virtualenv missing on that node?)"
+    )
 
 
 def start_watch(run_dir: Path, rank: int) -> RankWatch:
@@ -193,11 +215,13 @@ def is_collective_failure(e: BaseException) -> bool:
     names = {c.__name__ for c in type(e).__mro__}
     text = str(e)
     return bool(names & {"DistBackendError", "DistNetworkError", "DistStoreError"}) or (
-        isinstance(e, RuntimeError) and ("/gloo/" in text or "NCCL" in text or "Connection closed by peer" in text))
+        isinstance(e, RuntimeError) and ("/gloo/" in text or "NCCL" in text or "Connection closed by peer" in text)
+    )
 
 
-def lost_rank_error(run_dir: Path, me: int, world: int, timeout_s: float, cause: BaseException | None = None,
-                    settle_s: float = 3.0) -> str:
+def lost_rank_error(
+    run_dir: Path, me: int, world: int, timeout_s: float, cause: BaseException | None = None, settle_s: float = 3.0
+) -> str:
     """The line that names the rank that stopped answering (see the module's docstring); `cause`: the
     collective's own error, whose first line ends it."""
     deadline = time.time() + settle_s  # a dead rank's watchdog writes its marker within a second or so
@@ -236,9 +260,11 @@ def lost_rank_error(run_dir: Path, me: int, world: int, timeout_s: float, cause:
     if cause is not None:
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         why = f" (rank {me}'s collective: {first.split('] ', 1)[-1][:160]})"  # without gloo's source path
-    return (f"{what}; the other ranks waited for it past train.collective_timeout_s={timeout_s:g} s or lost their "
-            f"connection to it, and the job ends (every rank is stopped; rank heartbeats in {ranks_dir(run_dir)}). "
-            f"Run the same command to resume from the newest checkpoint{why}")
+    return (
+        f"{what}; the other ranks waited for it past train.collective_timeout_s={timeout_s:g} s or lost their "
+        f"connection to it, and the job ends (every rank is stopped; rank heartbeats in {ranks_dir(run_dir)}). "
+        f"Run the same command to resume from the newest checkpoint{why}"
+    )
 
 
 # -- the watchdog process ------------------------------------------------------------------------------------
@@ -265,8 +291,9 @@ def watch(parent: int, rank: int, folder: Path) -> int:
         if not reader.is_alive():
             if b"done" in said[0]:
                 return 0
-            (folder / f"rank_{rank:05d}.lost").write_text(json.dumps({"rank": rank, "pid": parent,
-                                                                      "time": time.time()}))
+            (folder / f"rank_{rank:05d}.lost").write_text(
+                json.dumps({"rank": rank, "pid": parent, "time": time.time()})
+            )
             (folder / ABORT).write_text(f"rank {rank} ended\n")
             return 0
         if (folder / ABORT).exists():

@@ -7,6 +7,7 @@ model's model.json records arch, size, window and `timm_kwargs`, from which `cre
 `timm_name` is timm's name of the architecture at that size (swin_base_patch4_window12_384), for people and
 the registry's tags; swin_nano has none registered in timm.
 """
+
 from __future__ import annotations
 
 import timm
@@ -17,7 +18,7 @@ from swin_common.errors import UserError
 
 # name -> (timm base architecture, overrides of that architecture)
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "swin_nano": ("swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))),
+    "swin_nano": ("swin_tiny_patch4_window7_224", {"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8)}),
     "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
     "swin_small": ("swin_small_patch4_window7_224", {}),
     "swin_base": ("swin_base_patch4_window7_224", {}),
@@ -32,21 +33,37 @@ class ArchError(UserError, ValueError):
 def timm_name(arch: str, img_size: int, window_size: int) -> str:
     """timm's naming of the architecture at this size, e.g. swin_base_patch4_window12_384."""
     base = _variant(arch)[0]
-    return base.replace("window7_224", f"window{window_size}_{img_size}") if arch != "swin_nano" else \
-        f"swin_nano_patch4_window{window_size}_{img_size}"
+    return (
+        base.replace("window7_224", f"window{window_size}_{img_size}")
+        if arch != "swin_nano"
+        else f"swin_nano_patch4_window{window_size}_{img_size}"
+    )
 
 
 def timm_kwargs(arch: str, img_size: int, window_size: int, num_classes: int, drop_path: float = 0.0) -> dict:
-    return dict(img_size=img_size, window_size=window_size, num_classes=num_classes, drop_path_rate=drop_path,
-                **_variant(arch)[1])
+    return dict(
+        img_size=img_size,
+        window_size=window_size,
+        num_classes=num_classes,
+        drop_path_rate=drop_path,
+        **_variant(arch)[1],
+    )
 
 
-def create_model(arch: str, img_size: int = 224, window_size: int = 7, num_classes: int = 1000,
-                 drop_path: float = 0.0, grad_checkpointing: bool = False, fused_attn: bool = True) -> torch.nn.Module:
+def create_model(
+    arch: str,
+    img_size: int = 224,
+    window_size: int = 7,
+    num_classes: int = 1000,
+    drop_path: float = 0.0,
+    grad_checkpointing: bool = False,
+    fused_attn: bool = True,
+) -> torch.nn.Module:
     if img_size % 32:
         raise ArchError(f"img_size {img_size} is not a multiple of 32 (patch 4 x three 2x merges)")
-    model = timm.create_model(_variant(arch)[0], pretrained=False,
-                              **timm_kwargs(arch, img_size, window_size, num_classes, drop_path))
+    model = timm.create_model(
+        _variant(arch)[0], pretrained=False, **timm_kwargs(arch, img_size, window_size, num_classes, drop_path)
+    )
     set_fused_attn(model, fused_attn)
     model.set_grad_checkpointing(grad_checkpointing)
     return model

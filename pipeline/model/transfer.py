@@ -13,6 +13,7 @@
 - Any other difference is an error naming the key: a head count that changed, a missing or extra weight,
   another shape.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,6 +39,7 @@ class TransferError(UserError, ValueError):
 @dataclass
 class SourceModel:
     """Weights and label layout of the model to start from."""
+
     state: dict[str, torch.Tensor]
     synsets: list[str]
     description: str  # where it came from, for logs and run params
@@ -52,8 +54,11 @@ class TransferReport:
     fresh_synsets: list[str]  # target synsets absent from the source layout: freshly initialised rows
 
     def as_params(self) -> dict:
-        return {"init_resized_bias_tables": len(self.resized_tables), "init_head_rows_mapped": self.head_rows_mapped,
-                "init_fresh_synsets": ",".join(self.fresh_synsets) or "none"}
+        return {
+            "init_resized_bias_tables": len(self.resized_tables),
+            "init_head_rows_mapped": self.head_rows_mapped,
+            "init_fresh_synsets": ",".join(self.fresh_synsets) or "none",
+        }
 
 
 def resize_bias_table(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -62,7 +67,7 @@ def resize_bias_table(table: torch.Tensor, size: int) -> torch.Tensor:
     as a new tensor in the table's dtype."""
 
     rows, heads = table.shape
-    side = round(rows ** 0.5)
+    side = round(rows**0.5)
     if side * side != rows:
         raise TransferError(f"a bias table of {rows} rows is not a square grid")
     if size % 2 == 0:
@@ -71,13 +76,18 @@ def resize_bias_table(table: torch.Tensor, size: int) -> torch.Tensor:
     return resized.to(table.dtype).clone().contiguous()
 
 
-def transfer_state(model: torch.nn.Module, source: SourceModel, target_synsets: list[str],
-                   bias_tables: BiasTables = "bicubic", head: Head = "map"
-                   ) -> tuple[dict[str, torch.Tensor], TransferReport]:
+def transfer_state(
+    model: torch.nn.Module,
+    source: SourceModel,
+    target_synsets: list[str],
+    bias_tables: BiasTables = "bicubic",
+    head: Head = "map",
+) -> tuple[dict[str, torch.Tensor], TransferReport]:
     """The state dict to load into `model` (built at the target size/window/classes) from the source."""
     if bias_tables not in typing.get_args(BiasTables):
-        raise ValueError(f"transfer.bias_tables must be one of {', '.join(typing.get_args(BiasTables))}, not "
-                         f"{bias_tables!r}")
+        raise ValueError(
+            f"transfer.bias_tables must be one of {', '.join(typing.get_args(BiasTables))}, not {bias_tables!r}"
+        )
     if head not in typing.get_args(Head):
         raise ValueError(f"transfer.head must be one of {', '.join(typing.get_args(Head))}, not {head!r}")
     target = model.state_dict()
@@ -85,9 +95,11 @@ def transfer_state(model: torch.nn.Module, source: SourceModel, target_synsets: 
     extra = sorted(set(src) - set(target))
     missing = sorted(set(target) - set(src))
     if extra or missing:
-        raise TransferError(f"{source.description} does not fit this architecture: "
-                            + (f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; " if missing else "")
-                            + (f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else ""))
+        raise TransferError(
+            f"{source.description} does not fit this architecture: "
+            + (f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}" if extra else "")
+        )
     out, resized = {}, []
     for key, want in target.items():
         have = src[key]
@@ -117,8 +129,9 @@ def map_head(target: dict, src: dict, source_synsets: list[str], target_synsets:
         return dict(zip(HEAD_KEYS, (weight, bias), strict=True)), 0, list(target_synsets)
     src_weight, src_bias = (src[k] for k in HEAD_KEYS)
     if src_weight.shape[0] != len(source_synsets):
-        raise TransferError(f"head.fc.weight has {src_weight.shape[0]} rows but the source layout "
-                            f"{len(source_synsets)} synsets")
+        raise TransferError(
+            f"head.fc.weight has {src_weight.shape[0]} rows but the source layout {len(source_synsets)} synsets"
+        )
     if weight.shape[0] != len(target_synsets):
         raise TransferError(f"this model has {weight.shape[0]} classes but the target layout {len(target_synsets)}")
     if src_weight.shape[1] != weight.shape[1]:
@@ -131,13 +144,24 @@ def map_head(target: dict, src: dict, source_synsets: list[str], target_synsets:
     return {HEAD_KEYS[0]: weight, HEAD_KEYS[1]: bias}, int(have.sum()), fresh
 
 
-def initialise(model: torch.nn.Module, source: SourceModel, target_synsets: list[str],
-               bias_tables: BiasTables = "bicubic", head: Head = "map") -> TransferReport:
+def initialise(
+    model: torch.nn.Module,
+    source: SourceModel,
+    target_synsets: list[str],
+    bias_tables: BiasTables = "bicubic",
+    head: Head = "map",
+) -> TransferReport:
     state, report = transfer_state(model, source, target_synsets, bias_tables, head)
     model.load_state_dict(state, strict=True)
-    log.info("initialised from %s: %d bias tables %s, %d head rows mapped by synset, %d fresh%s",
-             source.description, len(report.resized_tables), "resized (bicubic)" if bias_tables == "bicubic"
-             else "zeroed", report.head_rows_mapped, len(report.fresh_synsets),
-             f" ({', '.join(report.fresh_synsets[:20])}{' ...' if len(report.fresh_synsets) > 20 else ''})"
-             if report.fresh_synsets else "")
+    log.info(
+        "initialised from %s: %d bias tables %s, %d head rows mapped by synset, %d fresh%s",
+        source.description,
+        len(report.resized_tables),
+        "resized (bicubic)" if bias_tables == "bicubic" else "zeroed",
+        report.head_rows_mapped,
+        len(report.fresh_synsets),
+        f" ({', '.join(report.fresh_synsets[:20])}{' ...' if len(report.fresh_synsets) > 20 else ''})"
+        if report.fresh_synsets
+        else "",
+    )
     return report

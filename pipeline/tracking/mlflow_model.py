@@ -11,6 +11,7 @@ records of the training host); `check_version_files` is the allow-list this proj
 file listing before it downloads anything, and `EXPORT_PATH` is all it downloads. Versions registered before this
 layout (the export folder itself: model.safetensors + model.json at the root) still pull.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,9 +56,16 @@ def signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability"),
-                        ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_probabilities")]),
-        params=ParamSchema([ParamSpec("top_k", "long", 5)]))
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("double", "probability"),
+                ColSpec(Array("string"), "top_labels"),
+                ColSpec(Array("double"), "top_probabilities"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("top_k", "long", 5)]),
+    )
 
 
 def input_example():
@@ -89,10 +97,15 @@ def build(export_dir: str | Path, dst: str | Path) -> Path:
 
             model, meta = load_exported(staged)
             write_timm_config(model, staged, meta)
-        mlflow.pyfunc.save_model(str(dst), python_model=str(CODE_FILE), artifacts={"model": str(staged)},
-                                 signature=signature(), input_example=input_example(),
-                                 pip_requirements=pinned_requirements(),
-                                 model_config={WEIGHTS_CHECKSUM: file_sha256(staged / WEIGHTS_FILE)})
+        mlflow.pyfunc.save_model(
+            str(dst),
+            python_model=str(CODE_FILE),
+            artifacts={"model": str(staged)},
+            signature=signature(),
+            input_example=input_example(),
+            pip_requirements=pinned_requirements(),
+            model_config={WEIGHTS_CHECKSUM: file_sha256(staged / WEIGHTS_FILE)},
+        )
     strip_host_paths(dst / "MLmodel")
     return dst
 
@@ -125,8 +138,10 @@ def code_file_of(mlmodel_text: str, uri: str) -> str:
         doc = yaml.safe_load(mlmodel_text)
         name = doc["flavors"]["python_function"]["model_code_path"]
     except (yaml.YAMLError, KeyError, TypeError) as e:
-        raise UnexpectedVersionFile(f"{uri}: its MLmodel names no code file (flavors.python_function."
-                                    f"model_code_path): not a swin-pipeline model ({e})") from None
+        raise UnexpectedVersionFile(
+            f"{uri}: its MLmodel names no code file (flavors.python_function."
+            f"model_code_path): not a swin-pipeline model ({e})"
+        ) from None
     name = PurePosixPath(str(name)).name
     if not name.endswith(".py"):
         raise UnexpectedVersionFile(f"{uri}: its MLmodel names {name!r} as the code file: not a .py file")
@@ -140,21 +155,26 @@ def check_version_files(files: list[str], uri: str, code_file: str | None) -> st
     EXPORT_PATH/** (or, for an old version, the export's own files at the root), and MLflow's own bookkeeping
     (MLFLOW_BOOKKEEPING, data that is never downloaded); an export holds only safetensors weights and json/text
     metadata."""
+
     def refuse(unexpected: list[str], rule: str):
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise UnexpectedVersionFile(f"{uri} holds {unexpected[0]}{more}: refused, {rule} (a pickle or code could "
-                                    f"run when loaded); nothing was downloaded")
+        raise UnexpectedVersionFile(
+            f"{uri} holds {unexpected[0]}{more}: refused, {rule} (a pickle or code could "
+            f"run when loaded); nothing was downloaded"
+        )
 
     mlflow_layout = "MLmodel" in files
     export = EXPORT_PATH if mlflow_layout else ""
     in_export = [f for f in files if not mlflow_layout or f.startswith(EXPORT_PATH + "/")]
     if mlflow_layout:
-        allowed = {"MLmodel", *ENV_FILES, *EXAMPLE_FILES, *MLFLOW_BOOKKEEPING} | \
-            ({code_file} if code_file else set())
+        allowed = {"MLmodel", *ENV_FILES, *EXAMPLE_FILES, *MLFLOW_BOOKKEEPING} | ({code_file} if code_file else set())
         unexpected = sorted(set(files) - set(in_export) - allowed)
         if unexpected:
-            refuse(unexpected, f"a version may hold only MLmodel, its code file {code_file}, "
-                               f"{', '.join(ENV_FILES + EXAMPLE_FILES)} and {EXPORT_PATH}/")
+            refuse(
+                unexpected,
+                f"a version may hold only MLmodel, its code file {code_file}, "
+                f"{', '.join(ENV_FILES + EXAMPLE_FILES)} and {EXPORT_PATH}/",
+            )
         if not in_export:
             raise FileNotFoundError(f"{uri} holds no {EXPORT_PATH}/: not a swin-pipeline model")
     unsafe = sorted(f for f in in_export if not f.lower().endswith(EXPORT_SUFFIXES))

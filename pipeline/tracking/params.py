@@ -5,6 +5,7 @@ Secrets never reach MLflow: params whose key looks like a key/token/secret/passw
 goes through the project's one redaction function (swin_common.redact.redact_text: URI passwords, query-string
 tokens, secret environment values).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,10 @@ def redact(params: dict[str, object], env: dict[str, str] | None = None) -> dict
     """String values safe to send to MLflow: secret-looking keys blanked, every value through redact_text
     (URI passwords, query-string tokens, secret environment values of `env`, default this process's)."""
     secrets = secret_values(env)
-    return {k: REDACTED if SECRET_NAME.search(k.rsplit(".", 1)[-1]) else redact_text(str(v), secrets)
-            for k, v in params.items()}
+    return {
+        k: REDACTED if SECRET_NAME.search(k.rsplit(".", 1)[-1]) else redact_text(str(v), secrets)
+        for k, v in params.items()
+    }
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -50,8 +53,10 @@ def config_params(config: dict, world_size: int, extra: dict) -> dict[str, objec
 
 def git_state(repo: Path) -> dict[str, str]:
     """The repository's commit and whether tracked files changed, as tags; {} outside a git checkout."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+
     try:
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
@@ -84,8 +89,10 @@ def manifest_params(shards: str) -> dict[str, object]:
     except Exception as e:  # noqa: BLE001  (recorded, never fatal)
         return {"data.manifest_error": str(e)[:200]}
     manifest = json.loads(raw)
-    out = {"data.manifest_sha256": hashlib.sha256(raw).hexdigest(),
-           "data.num_classes": len(manifest.get("synsets", manifest.get("layout", {}).get("synsets", [])))}
+    out = {
+        "data.manifest_sha256": hashlib.sha256(raw).hexdigest(),
+        "data.num_classes": len(manifest.get("synsets", manifest.get("layout", {}).get("synsets", []))),
+    }
     for split, totals in manifest.get("totals", {}).items():
         out[f"data.{split}_samples"] = totals.get("samples")
         out[f"data.{split}_shards"] = totals.get("shards")

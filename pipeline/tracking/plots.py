@@ -1,4 +1,5 @@
 """Training curves people look at, drawn from a run's metrics.jsonl: loss, LR, val accuracy (PNG)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,11 @@ def training_curves(metrics_file: Path, out: Path) -> Path | None:
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_top1" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [(axes[0], train, ["loss"], "train loss"), (axes[1], train, ["lr"], "learning rate"),
-              (axes[2], evals, ["val_top1", "val_top5"], "val accuracy (%)")]
+    panels = [
+        (axes[0], train, ["loss"], "train loss"),
+        (axes[1], train, ["lr"], "learning rate"),
+        (axes[2], evals, ["val_top1", "val_top5"], "val accuracy (%)"),
+    ]
     for ax, data, keys, title in panels:
         for key in keys:
             points = [(r["step"], r[key]) for r in data if r.get(key) is not None]

@@ -9,6 +9,7 @@ as version tags, so it shows in the UI. This project's own pull lists a version'
 outside the layout's allow-list, and downloads only `artifacts/model/`: it never imports, runs or unpickles
 anything from the registry.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,15 +36,23 @@ MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ver
 
 def version_tags(meta: dict) -> dict[str, str]:
     pre = meta["preprocessing"]
-    return {"timm_name": meta["timm_name"], "arch": meta["arch"], "img_size": str(meta["img_size"]),
-            "window_size": str(meta["window_size"]), "num_classes": str(meta["num_classes"]),
-            "mean": ",".join(map(str, pre["mean"])), "std": ",".join(map(str, pre["std"])),
-            "crop_pct": str(pre["crop_pct"]), "interpolation": pre["interpolation"],
-            "synsets_head": ",".join(meta["synsets"][:5]) + (" ..." if len(meta["synsets"]) > 5 else "")}
+    return {
+        "timm_name": meta["timm_name"],
+        "arch": meta["arch"],
+        "img_size": str(meta["img_size"]),
+        "window_size": str(meta["window_size"]),
+        "num_classes": str(meta["num_classes"]),
+        "mean": ",".join(map(str, pre["mean"])),
+        "std": ",".join(map(str, pre["std"])),
+        "crop_pct": str(pre["crop_pct"]),
+        "interpolation": pre["interpolation"],
+        "synsets_head": ",".join(meta["synsets"][:5]) + (" ..." if len(meta["synsets"]) > 5 else ""),
+    }
 
 
-def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str],
-             tags: dict[str, str] | None = None) -> str:
+def register(
+    client, run_id: str, model_dir: Path, name: str, aliases: list[str], tags: dict[str, str] | None = None
+) -> str:
     """Logs model_dir as the run's `model/step_N/` artifacts and registers it with the version tags of its
     metadata plus `tags`; returns the version (the existing one when the same export was registered already,
     e.g. a call retried after an outage)."""
@@ -63,13 +72,22 @@ def register(client, run_id: str, model_dir: Path, name: str, aliases: list[str]
         client.create_registered_model(name, description="Swin Transformer trained by swin-pipeline")
     # a retried call (after an outage) must not register the same weights twice
     same = [v for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if v.source == source]
-    version = same[0] if same else client.create_model_version(
-        name, source, run_id=run_id, tags={**version_tags(meta), **checksum, **(tags or {})},
-        description=f"{meta['timm_name']}, {meta['num_classes']} classes")
+    version = (
+        same[0]
+        if same
+        else client.create_model_version(
+            name,
+            source,
+            run_id=run_id,
+            tags={**version_tags(meta), **checksum, **(tags or {})},
+            description=f"{meta['timm_name']}, {meta['num_classes']} classes",
+        )
+    )
     for alias in aliases:
         client.set_registered_model_alias(name, alias, version.version)
-    log.info("registered %s version %s (aliases: %s) from run %s", name, version.version, ", ".join(aliases) or "-",
-             run_id)
+    log.info(
+        "registered %s version %s (aliases: %s) from run %s", name, version.version, ", ".join(aliases) or "-", run_id
+    )
     return str(version.version)
 
 
@@ -120,14 +138,20 @@ def check_model_folder(folder: Path, uri: str) -> None:
 
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{uri} holds no {' or '.join(missing)}: not a swin-pipeline export "
-                                f"(model.safetensors + model.json)")
-    others = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                    if p.is_symlink() or (p.is_file() and not p.name.lower().endswith(mlflow_model.EXPORT_SUFFIXES)))
+        raise FileNotFoundError(
+            f"{uri} holds no {' or '.join(missing)}: not a swin-pipeline export (model.safetensors + model.json)"
+        )
+    others = sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_symlink() or (p.is_file() and not p.name.lower().endswith(mlflow_model.EXPORT_SUFFIXES))
+    )
     if others:
-        raise UnsafeModelFile(f"{uri} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}: refused, "
-                              f"a model version must hold only safetensors weights and json/text metadata "
-                              f"(a pickle or code could run when loaded)")
+        raise UnsafeModelFile(
+            f"{uri} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}: refused, "
+            f"a model version must hold only safetensors weights and json/text metadata "
+            f"(a pickle or code could run when loaded)"
+        )
     for weights in sorted(folder.rglob("*.safetensors")):
         check_safetensors(weights, origin=uri)
 
@@ -154,14 +178,16 @@ def resolve_in_store(uri: str, store: Store):
     client = MlflowClient(existing(store).uri)
     try:
         return client, resolve_version(client, uri)
-    except Exception as e:  # noqa: BLE001  (an MlflowException saying "not found": say where it looked)
+    except Exception as e:
         message = str(getattr(e, "message", e))
         # a local store answers RESOURCE_DOES_NOT_EXIST, a server INVALID_PARAMETER_VALUE for a missing alias
         if getattr(e, "error_code", None) not in NOT_FOUND_CODES or "not found" not in message.lower():
             raise
         found = re.sub(r"^[A-Z_]+: ", "", message).rstrip(".")
-        raise ModelNotFound(f"{uri}: {found} in the MLflow store {store.redacted}: check the name, version or alias, "
-                            f"and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that holds it") from None
+        raise ModelNotFound(
+            f"{uri}: {found} in the MLflow store {store.redacted}: check the name, version or alias, "
+            f"and that MLFLOW_TRACKING_URI (or --tracking-uri) names the store that holds it"
+        ) from None
 
 
 class WeightsMismatch(UserError, ValueError):
@@ -173,8 +199,13 @@ def binding(store: Store, version) -> dict[str, str]:
     """What a pulled folder is bound to: the store, the model, the version and where its files are. A folder is
     reused only for the same binding (the same name and version in another store, or in a store made again, is
     another model)."""
-    return {"store": store.identity, "name": version.name, "version": str(int(version.version)),
-            "run_id": version.run_id or "", "source": version.source or ""}
+    return {
+        "store": store.identity,
+        "name": version.name,
+        "version": str(int(version.version)),
+        "run_id": version.run_id or "",
+        "source": version.source or "",
+    }
 
 
 def cache_folder(bound: dict[str, str], uri: str) -> Path:
@@ -209,13 +240,19 @@ def pull_to_folder(uri: str, dst: str | Path | None = None, store: Store | None 
         if record and record.get("binding") == bound and (folder / "model.json").is_file():
             check_model_folder(folder, uri)
             expected = (version.tags or {}).get(mlflow_model.WEIGHTS_CHECKSUM) or record.get("sha256")
-            _check_weights(folder, expected, f"{uri} ({name} in {store.redacted})",
-                           "was changed after it was pulled: delete the folder to pull the version again")
+            _check_weights(
+                folder,
+                expected,
+                f"{uri} ({name} in {store.redacted})",
+                "was changed after it was pulled: delete the folder to pull the version again",
+            )
             log.info("%s -> %s, pulled before into %s", uri, name, folder)
             return folder
         if record is None and folder.is_dir() and any(folder.iterdir()) and not (folder / "model.json").is_file():
-            raise FileExistsError(f"{folder} holds files but no model (no model.json): not replaced by the pull of "
-                                  f"{uri}; give an empty or new folder")
+            raise FileExistsError(
+                f"{folder} holds files but no model (no model.json): not replaced by the pull of "
+                f"{uri}; give an empty or new folder"
+            )
         record_path.unlink(missing_ok=True)  # the folder is replaced next: no record may vouch for it meanwhile
         _download(client, version, uri, folder, store)
         sha = _record_checksum(client, version, folder, uri, store)
@@ -236,8 +273,9 @@ def _check_weights(folder: Path, expected: str | None, what: str, why: str) -> s
     weights = folder / mlflow_model.WEIGHTS_FILE
     sha = file_sha256(weights)
     if expected and sha != expected:
-        raise WeightsMismatch(f"{what}: {weights} has sha256 {sha}, the version recorded {expected} when it was "
-                              f"registered: {why}")
+        raise WeightsMismatch(
+            f"{what}: {weights} has sha256 {sha}, the version recorded {expected} when it was registered: {why}"
+        )
     return sha
 
 
@@ -247,8 +285,12 @@ def _record_checksum(client, version, folder: Path, uri: str, store: Store) -> s
     expected = (version.tags or {}).get(mlflow_model.WEIGHTS_CHECKSUM)
     name = f"models:/{version.name}/{int(version.version)}"
     try:
-        sha = _check_weights(folder, expected, f"{uri} ({name} in {store.redacted})",
-                             "the store handed out other weights than it registered; nothing was kept")
+        sha = _check_weights(
+            folder,
+            expected,
+            f"{uri} ({name} in {store.redacted})",
+            "the store handed out other weights than it registered; nothing was kept",
+        )
     except WeightsMismatch:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -287,8 +329,7 @@ def _download(client, version, uri: str, folder: Path, store: Store) -> None:
     try:
         code_file = None
         if "MLmodel" in files:  # read as YAML data, for the name of its code file; never run
-            code_file = mlflow_model.code_file_of(Path(repo.download_artifacts("MLmodel", str(tmp))).read_text(),
-                                                  uri)
+            code_file = mlflow_model.code_file_of(Path(repo.download_artifacts("MLmodel", str(tmp))).read_text(), uri)
         export = mlflow_model.check_version_files(files, uri, code_file)
         inner, downloads = tmp / "export", tmp / "download"
         inner.mkdir()
@@ -296,12 +337,14 @@ def _download(client, version, uri: str, folder: Path, store: Store) -> None:
         wanted = [f for f in files if export == "" or f.startswith(export + "/")]
         # one bar for the whole pull (on a terminal only; MLflow's per-file bars are off: swin_common.cli)
         for f in tqdm(wanted, desc=f"pulling {uri}", unit="file", disable=None, leave=False):
-            target = inner / f[len(export) + 1 if export else 0:]  # file by file: a folder is never taken whole
+            target = inner / f[len(export) + 1 if export else 0 :]  # file by file: a folder is never taken whole
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(repo.download_artifacts(f, str(downloads)), target)
         if not (inner / "model.json").is_file():
-            raise FileNotFoundError(f"{uri} (version {version.version}) holds no model.json in "
-                                    f"{export or 'its root'}: not a swin-pipeline model")
+            raise FileNotFoundError(
+                f"{uri} (version {version.version}) holds no model.json in "
+                f"{export or 'its root'}: not a swin-pipeline model"
+            )
         check_model_folder(inner, uri)  # before it enters the cache
         if folder.exists():  # another version's files, or a broken leftover: the caller holds the folder's lock
             os.replace(folder, tmp / "replaced")

@@ -14,6 +14,7 @@ node's disk) keeps its id, a re-sharded or re-finalized set gets a new one.
 Scores are written with 6 decimals (one sample in 100 million still shows) and compared as written: a
 comparison between a fresh score and one read back from tags never turns on digits the tags do not hold.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,12 @@ def score_key(set_id: str, split: str, what: str) -> str:
 
 def as_recorded(scores: dict) -> dict:
     """The scores as tags hold them (rounded to DIGITS decimals; samples an int)."""
-    return {"loss": round(float(scores["loss"]), DIGITS), "top1": round(float(scores["top1"]), DIGITS),
-            "top5": round(float(scores["top5"]), DIGITS), "samples": int(scores["samples"])}
+    return {
+        "loss": round(float(scores["loss"]), DIGITS),
+        "top1": round(float(scores["top1"]), DIGITS),
+        "top5": round(float(scores["top5"]), DIGITS),
+        "samples": int(scores["samples"]),
+    }
 
 
 def version_scores(client, name: str, version: str | int, set_id: str, split: str) -> dict | None:
@@ -57,14 +62,17 @@ def version_scores(client, name: str, version: str | int, set_id: str, split: st
     return {**scores, "shards": tags.get(score_key(set_id, split, "shards"), "")}
 
 
-def record_scores(client, name: str, version: str | int, set_id: str, split: str, scores: dict,
-                  shards: str) -> dict:
+def record_scores(client, name: str, version: str | int, set_id: str, split: str, scores: dict, shards: str) -> dict:
     """Sets the version's tags for this set and split; returns the scores as recorded. `scores`: loss, top1,
     top5, samples; `shards`: where the set was read (redacted here)."""
     recorded = as_recorded(scores)
-    values = {"loss": f"{recorded['loss']:.{DIGITS}f}", "top1": f"{recorded['top1']:.{DIGITS}f}",
-              "top5": f"{recorded['top5']:.{DIGITS}f}", "samples": str(recorded["samples"]),
-              "shards": redact_text(shards)}
+    values = {
+        "loss": f"{recorded['loss']:.{DIGITS}f}",
+        "top1": f"{recorded['top1']:.{DIGITS}f}",
+        "top5": f"{recorded['top5']:.{DIGITS}f}",
+        "samples": str(recorded["samples"]),
+        "shards": redact_text(shards),
+    }
     for what, value in values.items():
         client.set_model_version_tag(name, str(version), score_key(set_id, split, what), value)
     return {**recorded, "shards": values["shards"]}

@@ -1,6 +1,7 @@
 """Every MLflow call of a run, made in order on one background thread that never blocks training: a call that
 fails because the server is away is retried (backoff up to 30 s) until it succeeds, so an outage delays the run's
 records but loses none; a call the server refuses (4xx) is dropped with a warning."""
+
 from __future__ import annotations
 
 import logging
@@ -60,11 +61,14 @@ class Sender:
                 if batch:
                     self.client.log_batch(self.run_id, metrics=batch)
                     with self.lock:
-                        del self.metrics[:len(batch)]
+                        del self.metrics[: len(batch)]
                     self.sent_metrics += len(batch)
                 if self.failing_since is not None:
-                    log.warning("MLflow is reachable again after %.0f s; sending the %d records kept meanwhile",
-                                time.time() - self.failing_since, self.pending())
+                    log.warning(
+                        "MLflow is reachable again after %.0f s; sending the %d records kept meanwhile",
+                        time.time() - self.failing_since,
+                        self.pending(),
+                    )
                     self.failing_since = None
                 delay = 1.0
                 if current is None and self.ops.empty() and not self.metrics:
@@ -77,12 +81,16 @@ class Sender:
                     else:  # drop the batch it answered, not the records queued after it
                         log.warning("MLflow refused a batch of %d metrics, skipped: %s", len(batch), short_error(e))
                         with self.lock:
-                            del self.metrics[:len(batch)]
+                            del self.metrics[: len(batch)]
                     continue
                 if self.failing_since is None:
                     self.failing_since = time.time()
-                    log.warning("MLflow unreachable (%s); training goes on, %d records kept to send later "
-                                "(they are in metrics.jsonl too)", short_error(e), self.pending())
+                    log.warning(
+                        "MLflow unreachable (%s); training goes on, %d records kept to send later "
+                        "(they are in metrics.jsonl too)",
+                        short_error(e),
+                        self.pending(),
+                    )
                 time.sleep(delay)  # not stop.wait: once closing, stop is set and would make this spin
                 delay = min(delay * 2, 30.0)
 

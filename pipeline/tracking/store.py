@@ -15,6 +15,7 @@ one place that starts it (pipeline/demo.py: stage_env).
 
 This module imports no MLflow (a command's --help stays fast).
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,7 +53,9 @@ class TrackingError(UserError, RuntimeError):
 class Store:
     """One MLflow store: what MLflow's client gets, how to name it in logs and errors, and what it is."""
 
-    kind: Literal["local", "server"]  # LOCAL (a sqlite file or a folder on this machine) | SERVER (http(s), a database server, ...)
+    kind: Literal[
+        "local", "server"
+    ]  # LOCAL (a sqlite file or a folder on this machine) | SERVER (http(s), a database server, ...)
     uri: str  # what MLflow's client gets: a local store's absolute URI, a server's as given (credentials too)
     path: Path | None  # a local store's sqlite file or folder, absolute; None for a server (and in-memory sqlite)
     redacted: str  # the URI without credentials: for logs, errors and run records (swin_common.redact)
@@ -73,7 +76,7 @@ def store_at(uri: str, base: Path) -> Store:
     if uri.startswith("sqlite:"):
         if not uri.startswith("sqlite:///"):  # sqlite:// (in memory) and other forms: nothing on disk to name
             return Store(LOCAL, uri, None, redact_text(uri), uri)
-        rest, query = uri[len("sqlite:///"):], ""
+        rest, query = uri[len("sqlite:///") :], ""
         if "?" in rest:
             rest, query = rest.split("?", 1)
             query = "?" + query
@@ -106,8 +109,9 @@ def absolute_location(location: str, base: Path) -> str:
     return str((base / location).resolve()) if location and "://" not in location else location
 
 
-def resolve_store(configured: str, out_dir: str | Path, base: Path, env: Mapping[str, str],
-                  artifact_location: str = "") -> Store:
+def resolve_store(
+    configured: str, out_dir: str | Path, base: Path, env: Mapping[str, str], artifact_location: str = ""
+) -> Store:
     """A training run's store: env's MLFLOW_TRACKING_URI, else `configured` (tracking.uri), else the local store
     `<out_dir>/mlflow/mlflow.db`; relative local stores, out_dir and artifact_location are taken against `base`
     (the launch folder). Its artifacts: `artifact_location` (tracking.artifact_location) when set, else for a
@@ -129,8 +133,10 @@ def reading_store(given: str | None, env: Mapping[str, str], base: Path, recorde
     StoreNotFound when none is named or a local one is not there."""
     uri = given or env.get(ENV_VAR) or recorded
     if not uri:
-        raise StoreNotFound(f"no MLflow store given: set {ENV_VAR} (http://HOST:PORT, or sqlite:////path/to/mlflow.db "
-                            f"for a local store) or pass --tracking-uri")
+        raise StoreNotFound(
+            f"no MLflow store given: set {ENV_VAR} (http://HOST:PORT, or sqlite:////path/to/mlflow.db "
+            f"for a local store) or pass --tracking-uri"
+        )
     return existing(store_at(uri, base))
 
 
@@ -138,8 +144,10 @@ def existing(store: Store) -> Store:
     """`store`, when it can be read without creating it: a server, or a local store that is there. Raises
     StoreNotFound for a local one that is not."""
     if store.path is not None and not store.path.exists():
-        raise StoreNotFound(f"no MLflow store at {store.path} ({store.redacted}): give the store the training wrote "
-                            f"(its runs/mlflow/mlflow.db, or the server's http://HOST:PORT)")
+        raise StoreNotFound(
+            f"no MLflow store at {store.path} ({store.redacted}): give the store the training wrote "
+            f"(its runs/mlflow/mlflow.db, or the server's http://HOST:PORT)"
+        )
     return store
 
 
@@ -150,7 +158,8 @@ def check_nodes(store: Store, nodes: list[str]) -> None:
             f"this job runs on {len(nodes)} nodes ({', '.join(nodes[:4])}{' ...' if len(nodes) > 4 else ''}) and "
             f"MLflow would write to a file store on each ({store.redacted}), which is for one machine: start a "
             f"tracking server (scripts/start_mlflow_server.sh, or any MLflow server) and set "
-            f"{ENV_VAR}=http://HOST:PORT for every rank, or set tracking.enabled=false")
+            f"{ENV_VAR}=http://HOST:PORT for every rank, or set tracking.enabled=false"
+        )
 
 
 def ui_link(base: str, experiment_id: str | None) -> str:

@@ -17,6 +17,7 @@ Output, a row per image: `label` (the top synset), `probability`, `top_labels` a
 A bad request (no image, not an image, a truncated file, too many pixels) raises MlflowException with
 INVALID_PARAMETER_VALUE, which the scoring server answers with a 400 naming the problem and the row.
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,8 +56,9 @@ def image_bytes(value, row: int) -> bytes:
     if isinstance(value, str):
         value = value.encode("ascii", errors="replace")
     if not isinstance(value, bytes):
-        raise bad_request(f"image {row}: {type(value).__name__} given; send the encoded file's bytes "
-                          f"(base64 over REST)")
+        raise bad_request(
+            f"image {row}: {type(value).__name__} given; send the encoded file's bytes (base64 over REST)"
+        )
     if value and BASE64_TEXT.fullmatch(value):
         try:
             return base64.b64decode(value)
@@ -75,8 +77,10 @@ def decode(data: bytes, row: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise bad_request(f"image {row}: too many pixels, {width}x{height} is over the limit of "
-                                  f"{MAX_PIXELS:,} (a decompression bomb, or a photo to downscale first)")
+                raise bad_request(
+                    f"image {row}: too many pixels, {width}x{height} is over the limit of "
+                    f"{MAX_PIXELS:,} (a decompression bomb, or a photo to downscale first)"
+                )
             image.load()  # decodes now: a truncated file fails here, not inside the transform
             return image.convert("RGB")
     except MlflowException:
@@ -84,8 +88,9 @@ def decode(data: bytes, row: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bad_request(f"image {row}: too many pixels ({e})") from None
     except UnidentifiedImageError:
-        raise bad_request(f"image {row}: not an image ({len(data)} bytes that PIL cannot identify; "
-                          f"send JPEG, PNG, WebP, ...)") from None
+        raise bad_request(
+            f"image {row}: not an image ({len(data)} bytes that PIL cannot identify; send JPEG, PNG, WebP, ...)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise bad_request(f"image {row}: cannot be decoded ({e}): a truncated or corrupt file") from None
 
@@ -101,9 +106,11 @@ def check_weights(folder: str, expected: str | None) -> None:
         while block := f.read(1 << 22):
             digest.update(block)
     if digest.hexdigest() != expected:
-        raise MlflowException(f"{version_name(folder)}: {path} has sha256 {digest.hexdigest()}, but the version "
-                              f"recorded {expected} when it was registered: not the weights of this version "
-                              f"(changed or mixed up after registration); pull the version again")
+        raise MlflowException(
+            f"{version_name(folder)}: {path} has sha256 {digest.hexdigest()}, but the version "
+            f"recorded {expected} when it was registered: not the weights of this version "
+            f"(changed or mixed up after registration); pull the version again"
+        )
 
 
 def version_name(folder: str) -> str:
@@ -147,13 +154,19 @@ class SwinClassifier(PythonModel):
         probs = []
         with torch.inference_mode():
             for start in range(0, len(pixels), BATCH):
-                batch = pixels[start:start + BATCH].to(self.device)
+                batch = pixels[start : start + BATCH].to(self.device)
                 probs.append(self.model(batch).float().softmax(dim=1).cpu())
         top = torch.cat(probs).topk(min(top_k, len(self.labels) or probs[0].shape[1]), dim=1)
         names = [[self.label(i) for i in row] for row in top.indices.tolist()]
         values = top.values.tolist()
-        return pd.DataFrame({"label": [n[0] for n in names], "probability": [v[0] for v in values],
-                             "top_labels": names, "top_probabilities": values})
+        return pd.DataFrame(
+            {
+                "label": [n[0] for n in names],
+                "probability": [v[0] for v in values],
+                "top_labels": names,
+                "top_probabilities": values,
+            }
+        )
 
     def label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else str(index)

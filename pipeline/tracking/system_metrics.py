@@ -1,5 +1,6 @@
 """MLflow system metrics of a run (CPU, GPU, memory, network), logged by every node's local rank 0 with its node
 name as node id; when no GPU metrics can be taken, it says why once."""
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,9 @@ def start_system_metrics(run_id: str, store: Store, interval_s: float):
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, node_id=node_name(),
-                                       tracking_uri=store.uri, resume_logging=True)
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=interval_s, node_id=node_name(), tracking_uri=store.uri, resume_logging=True
+        )
         monitor.start()
     except Exception as e:  # noqa: BLE001
         log.warning("MLflow system metrics not started: %s", short_error(e))

@@ -15,6 +15,7 @@ metrics and artifacts, and ended FINISHED, FAILED or KILLED.
   redacted forms.
 - The store is the one the job resolved at launch (store.py: a Store, passed in).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,11 @@ from swin_common.redact import redact_text, remember_secrets, secret_values
 log = logging.getLogger("pipeline.tracking.tracker")
 STOP_FLUSH_S = 10.0  # how long a stopped run waits for MLflow before exiting (see Tracker.stopped)
 # Fail fast per request (the sender thread retries on its own schedule); users can set their own values.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 # MLflow 3's UI: an experiment without this tag opens as a GenAI one (traces, no runs)
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
@@ -96,19 +100,28 @@ class Tracker:
                 break
             except Exception as e:  # noqa: BLE001
                 if time.time() > deadline:
-                    log.warning("MLflow at %s unreachable (%s): this run is not tracked (metrics.jsonl has "
-                                "everything)", self.store.redacted, short_error(e))
+                    log.warning(
+                        "MLflow at %s unreachable (%s): this run is not tracked (metrics.jsonl has everything)",
+                        self.store.redacted,
+                        short_error(e),
+                    )
                     return None
                 time.sleep(2)
         staged = record.with_name(record.name + ".tmp")  # renamed, so a reader never sees it half written
-        staged.write_text(json.dumps({"run_id": run_id, "tracking_uri": self.store.redacted,
-                                      "experiment_id": self.experiment_id}) + "\n")
+        staged.write_text(
+            json.dumps({"run_id": run_id, "tracking_uri": self.store.redacted, "experiment_id": self.experiment_id})
+            + "\n"
+        )
         os.replace(staged, record)
         self.run_id, self.sender = run_id, Sender(client, run_id)
         if new:
             self.log_params(config_params(config_to_dict(self.cfg), self.world.size, extra_params))
-            self.sender.call(client.log_text, run_id, redact_text((self.cfg.run_dir / "config.yaml").read_text(),
-                                                                   self.secrets), "config.yaml")
+            self.sender.call(
+                client.log_text,
+                run_id,
+                redact_text((self.cfg.run_dir / "config.yaml").read_text(), self.secrets),
+                "config.yaml",
+            )
         return run_id
 
     def _create_run(self, client) -> str:
@@ -116,14 +129,16 @@ class Tracker:
         name = self.cfg.tracking.experiment
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
-            experiment_id = client.create_experiment(name, artifact_location=self.store.artifacts,
-                                                     tags=EXPERIMENT_TAGS)
+            experiment_id = client.create_experiment(name, artifact_location=self.store.artifacts, tags=EXPERIMENT_TAGS)
         else:
             experiment_id = experiment.experiment_id
             if not (experiment.tags or {}).get(EXPERIMENT_KIND):  # made by another tool, or before the tag
                 client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
-        tags = {"mlflow.runName": self.cfg.name, **git_state(Path(__file__).resolve().parents[2]),
-                "run_dir": str(self.cfg.run_dir.resolve())}
+        tags = {
+            "mlflow.runName": self.cfg.name,
+            **git_state(Path(__file__).resolve().parents[2]),
+            "run_dir": str(self.cfg.run_dir.resolve()),
+        }
         run = client.create_run(experiment_id, run_name=self.cfg.name, tags=redact(tags))
         self.experiment_id = str(experiment_id)
         log.info("MLflow: run %s (experiment %s) at %s", run.info.run_id, name, self.store.redacted)
@@ -136,7 +151,7 @@ class Tracker:
         safe = redact(params)
         items = [Param(k, v[:6000]) for k, v in safe.items()]
         for i in range(0, len(items), 100):
-            self.sender.call(self.sender.client.log_batch, self.run_id, params=items[i:i + 100])
+            self.sender.call(self.sender.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, step: int, values: dict) -> None:
         if self.sender is None:
@@ -157,8 +172,12 @@ class Tracker:
         reached = threading.Event()
         self.sender.call(reached.set)
         if not reached.wait(timeout):
-            log.warning("MLflow: %d records still queued after %.0f s; they are sent later, and are in %s",
-                        self.sender.pending(), timeout, self.cfg.run_dir / "metrics.jsonl")
+            log.warning(
+                "MLflow: %d records still queued after %.0f s; they are sent later, and are in %s",
+                self.sender.pending(),
+                timeout,
+                self.cfg.run_dir / "metrics.jsonl",
+            )
             return False
         return True
 
@@ -177,8 +196,13 @@ class Tracker:
         job continues the same MLflow run (RUNNING again). The wait for the server is short (STOP_FLUSH_S): the
         launcher's SIGKILL follows its SIGTERM (30 s for `deepspeed`, Slurm's KillWait); what is not sent is in
         metrics.jsonl."""
-        self.set_tags({"swin.stopped": f"{stop.signal_name} at step {stop.step} ({stop.during})",
-                       "swin.stopped_step": str(stop.step), "swin.stopped_signal": stop.signal_name})
+        self.set_tags(
+            {
+                "swin.stopped": f"{stop.signal_name} at step {stop.step} ({stop.during})",
+                "swin.stopped_step": str(stop.step),
+                "swin.stopped_signal": stop.signal_name,
+            }
+        )
         self.finish("KILLED", timeout=min(STOP_FLUSH_S, self.cfg.tracking.final_timeout_s))
 
     def failed(self, e: BaseException) -> None:
@@ -203,6 +227,10 @@ class Tracker:
         timeout = self.cfg.tracking.final_timeout_s if timeout is None else timeout
         done = self.sender.close(timeout)
         if not done:
-            log.warning("MLflow: %d records could not be sent within %d s; they are in %s",
-                        self.sender.pending(), timeout, self.cfg.run_dir / "metrics.jsonl")
+            log.warning(
+                "MLflow: %d records could not be sent within %d s; they are in %s",
+                self.sender.pending(),
+                timeout,
+                self.cfg.run_dir / "metrics.jsonl",
+            )
         return done
