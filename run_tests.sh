@@ -7,4 +7,8 @@ cd "$(dirname "$0")"
 scripts/ensure_venv.sh test
 scripts/ensure_slurm.sh
 scripts/ensure_ssh.sh
+# the linter, the formatter and the type checker first (seconds; configured in pyproject.toml): a finding fails
+# the run as a failing test would
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
 exec .venv/bin/python -m pytest "$@"
