@@ -111,6 +111,10 @@ def started():
     """Launches of the test, each in its own session: whatever is left of them is killed at the end."""
     procs: list[subprocess.Popen] = []
     yield procs
+    kill_sessions(procs)
+
+
+def kill_sessions(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -118,105 +122,140 @@ def started():
             pass
 
 
-def test_stop_signals_save_the_step_reached_and_the_run_resumes_there(shards, mlflow_server, tmp_path, started):
+class Phase:
+    """What one job of the scenario left: its exit status and time from the signal to the exit, the run's records
+    and newest checkpoint, and its MLflow run, as they were when the job ended."""
+
+    def __init__(self, run_dir: Path, rc: int, seconds: float | None, client, run_id: str | None):
+        self.rc, self.seconds = rc, seconds
+        self.records = records(run_dir)
+        self.steps = [r for r in self.records if "loss" in r]
+        self.evals = [r for r in self.records if "val_top1" in r]
+        self.stops = [r for r in self.records if "stopped" in r]
+        self.checkpoint = newest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+        model = run_dir / "model" / "model.json"
+        self.model = (model.read_text(), model.stat().st_mtime_ns) if model.is_file() else None
+        run = client.get_run(run_id) if run_id else None
+        self.status = run.info.status if run else None
+        self.tags = dict(run.data.tags) if run else {}
+        self.versions = len(client.search_model_versions(f"name='{run_dir.name}'")) if run else 0
+
+
+@pytest.fixture(scope="module")
+def scenario(shards, mlflow_server, tmp_path_factory):
+    """An uninterrupted run, then one run stopped three times and finished by the same command:
+    0. the uninterrupted run, sent SIGUSR1 over and over once it is complete;
+    1. SIGTERM to the launch script mid-epoch (50 steps per epoch here), between checkpoints;
+    2. the same command; SIGUSR1 to rank 1 alone while it evaluates;
+    3. the same command; SIGTERM while rank 0 writes the export;
+    4. the same command, to its end (it registers what the export holds)."""
     from mlflow.tracking import MlflowClient
 
-    # 0. an uninterrupted run, sent SIGUSR1 over and over once it is complete: it still exits 0
-    log0 = tmp_path / "straight.log"
-    with open(log0, "w") as out:
-        proc = subprocess.Popen(
-            command(shards, tmp_path, "straight", "tracking.enabled=false"),
-            cwd=REPO,
-            env=job_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        started.append(proc)
-    signals = signal_after_the_end(tmp_path / "straight", proc, log0)
-    assert proc.returncode == 0 and signals > 0, (
-        f"exit {proc.returncode} ({signals} signals):\n{log0.read_text()[-5000:]}"
-    )
-    straight = {r["step"]: r["loss"] for r in records(tmp_path / "straight") if "loss" in r}
-    assert sorted(straight) == list(range(1, 41))
+    tmp_path = tmp_path_factory.mktemp("stops")
+    client, procs, out = MlflowClient(mlflow_server.uri), [], {}
+    try:
+        log0 = tmp_path / "straight.log"
+        with open(log0, "w") as log:
+            proc = subprocess.Popen(
+                command(shards, tmp_path, "straight", "tracking.enabled=false"),
+                cwd=REPO,
+                env=job_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            procs.append(proc)
+        out["signals_after_the_end"] = signal_after_the_end(tmp_path / "straight", proc, log0)
+        out[0] = Phase(tmp_path / "straight", proc.returncode, None, client, None)
 
-    run_dir = tmp_path / "stopped"
-    cmd = command(shards, tmp_path, "stopped", "tracking.system_metrics=false")
-    run_env = job_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
-    client = MlflowClient(mlflow_server.uri)
+        run_dir = tmp_path / "stopped"
+        cmd = command(shards, tmp_path, "stopped", "tracking.system_metrics=false")
+        run_env = job_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
 
-    # 1. SIGTERM to the launch script mid-epoch (50 steps per epoch here), between checkpoints
-    log1 = tmp_path / "first.log"
-    with open(log1, "w") as out:  # run from the user's folder, not the repository: the script is all it needs
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        started.append(proc)
-    wait_for_record(run_dir, proc, log1, lambda r: r.get("step", 0) >= 12 and "loss" in r)
-    proc.send_signal(signal.SIGTERM)
-    seconds = stop_and_wait(proc, log1)
-    first = log1.read_text()
-    step1, meta1 = newest_checkpoint(run_dir)
-    stop1 = [r for r in records(run_dir) if "stopped" in r]
-    assert [(r["step"], r["stopped"]) for r in stop1] == [(step1, "SIGTERM")], stop1
+        def launch(name: str) -> tuple[subprocess.Popen, Path]:
+            path = tmp_path / f"{name}.log"
+            with open(path, "w") as log:  # from the user's folder, not the repository: the script is all it needs
+                proc = subprocess.Popen(
+                    cmd, cwd=tmp_path, env=run_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            procs.append(proc)
+            return proc, path
+
+        def run_id() -> str:
+            return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+        proc, log1 = launch("first")
+        wait_for_record(run_dir, proc, log1, lambda r: r.get("step", 0) >= 12 and "loss" in r)
+        proc.send_signal(signal.SIGTERM)
+        seconds = stop_and_wait(proc, log1)
+        out[1] = Phase(run_dir, proc.returncode, seconds, client, run_id())
+
+        proc, log2 = launch("second")
+        out["eval_step"] = eval_step = (out[1].checkpoint[0] // 5 + 2) * 5
+        wait_for_record(run_dir, proc, log2, lambda r: r.get("step") == eval_step and "loss" in r)
+        os.kill(rank_pid(run_dir, 1), signal.SIGUSR1)  # logged, then evaluated: the evaluation is under way
+        seconds = stop_and_wait(proc, log2)
+        out[2] = Phase(run_dir, proc.returncode, seconds, client, run_id())
+
+        proc, log3 = launch("third")
+        signal_during_the_export(run_dir, proc, log3)
+        seconds = stop_and_wait(proc, log3)
+        out[3] = Phase(run_dir, proc.returncode, seconds, client, run_id())
+
+        done = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-5000:]
+        out[4] = Phase(run_dir, done.returncode, None, client, run_id())
+        out["run_id"], out["client"] = run_id(), client
+    finally:
+        kill_sessions(procs)
+    return out
+
+
+def test_a_finished_run_exits_0_whatever_signals_come_as_it_shuts_down(scenario):
+    straight = scenario[0]
+    assert straight.rc == 0 and scenario["signals_after_the_end"] > 0
+    assert [r["step"] for r in straight.steps] == list(range(1, 41)) and not straight.stops
+
+
+def test_sigterm_mid_epoch_saves_the_step_reached_within_the_grace(scenario):
+    first = scenario[1]
+    step1, meta1 = first.checkpoint
+    assert [(r["step"], r["stopped"]) for r in first.stops] == [(step1, "SIGTERM")], first.stops
     assert 12 <= step1 < 40 and meta1["stopped"] == "SIGTERM", meta1
-    assert max(r["step"] for r in records(run_dir) if "loss" in r) == step1  # no step after the one saved
-    assert f"stopped by SIGTERM at step {step1}" in first, first[-3000:]
-    assert seconds < GRACE_S, f"{seconds:.1f} s from SIGTERM to exit"
-    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    run = client.get_run(run_id)
-    assert run.info.status == "KILLED"
-    during = stop1[0]["during"]  # "evaluation" when the step reached was one of every 5th
-    assert during == ("evaluation" if step1 % 5 == 0 else "training"), stop1
-    assert run.data.tags["swin.stopped"] == f"SIGTERM at step {step1} ({during})"
+    assert max(r["step"] for r in first.steps) == step1  # no step after the one saved
+    assert first.rc == EXIT_STOPPED and first.seconds < GRACE_S, f"{first.seconds:.1f} s from SIGTERM to exit"
+    during = first.stops[0]["during"]  # "evaluation" when the step reached was one of every 5th
+    assert during == ("evaluation" if step1 % 5 == 0 else "training"), first.stops
+    assert first.status == "KILLED" and first.tags["swin.stopped"] == f"SIGTERM at step {step1} ({during})"
 
-    # 2. the same command resumes there; SIGUSR1 to rank 1 alone, while it evaluates: both ranks stop together
-    log2 = tmp_path / "second.log"
-    with open(log2, "w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        started.append(proc)
-    eval_step = (step1 // 5 + 2) * 5
-    wait_for_record(run_dir, proc, log2, lambda r: r.get("step") == eval_step and "loss" in r)
-    os.kill(rank_pid(run_dir, 1), signal.SIGUSR1)  # logged, then evaluated: the evaluation is under way
-    stop_and_wait(proc, log2)
-    second = log2.read_text()
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{step1:08d}'} at step {step1}" in second
-    step2, meta2 = newest_checkpoint(run_dir)
-    assert step2 == eval_step and meta2["pending_eval"] is True, meta2
-    assert [r for r in records(run_dir) if "stopped" in r][-1]["during"] == "evaluation"
-    assert not any("val_top1" in r and r["step"] == eval_step for r in records(run_dir))
-    assert client.get_run(run_id).data.tags["swin.stopped"] == f"SIGUSR1 at step {eval_step} (evaluation)"
 
-    # 3. the same command goes on, with the evaluation owed first, to the end; SIGTERM during rank 0's export
-    log3 = tmp_path / "third.log"
-    with open(log3, "w") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=tmp_path, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        started.append(proc)
-    signal_during_the_export(run_dir, proc, log3)
-    stop_and_wait(proc, log3)
-    third = log3.read_text()
-    assert "stopped by SIGTERM at step 40 (after the export)" in third, third[-3000:]
-    assert json.loads((run_dir / "model" / "model.json").read_text())["step"] == 40  # the export is kept
-    assert client.get_run(run_id).data.tags["swin.stopped"] == "SIGTERM at step 40 (after the export)"
-    assert client.get_run(run_id).info.status == "KILLED"
-    assert not client.search_model_versions("name='stopped'")  # registering is the resumed job's
+def test_a_signal_to_one_rank_during_an_evaluation_stops_both_and_owes_it(scenario):
+    first, second, eval_step = scenario[1], scenario[2], scenario["eval_step"]
+    resumed = [r for r in second.steps if r["step"] > first.checkpoint[0]]
+    assert resumed[0]["step"] == first.checkpoint[0] + 1  # resumed where the first job saved
+    step2, meta2 = second.checkpoint
+    assert second.rc == EXIT_STOPPED and step2 == eval_step and meta2["pending_eval"] is True, meta2
+    assert second.stops[-1]["during"] == "evaluation" and second.stops[-1]["stopped"] == "SIGUSR1"
+    assert not any(r["step"] == eval_step for r in second.evals)
+    assert second.tags["swin.stopped"] == f"SIGUSR1 at step {eval_step} (evaluation)"
 
-    # 4. the same command registers what the export holds: no step, evaluation or export is done again
-    done = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-5000:]
-    assert "the export of" in done.stderr and "is there already" in done.stderr, done.stderr[-3000:]
-    steps = [r for r in records(run_dir) if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 41)), "a step was lost or done twice"
-    assert {r["step"]: r["loss"] for r in steps} == straight  # the curve continues exactly (CPU, same world)
-    evals = [r["step"] for r in records(run_dir) if "val_top1" in r]
-    assert evals == list(range(5, 41, 5)), evals
-    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
-    final = client.get_run(run_id)
-    assert final.info.status == "FINISHED"
+
+def test_a_signal_during_the_export_keeps_the_export_and_leaves_registering(scenario):
+    third = scenario[3]
+    assert third.rc == EXIT_STOPPED and third.checkpoint[0] == 40
+    assert json.loads(third.model[0])["step"] == 40  # the export is kept
+    assert third.status == "KILLED" and third.tags["swin.stopped"] == "SIGTERM at step 40 (after the export)"
+    assert any(r["step"] == scenario["eval_step"] for r in third.evals)  # the owed evaluation came first
+    assert scenario[4].model[1] == third.model[1]  # the finishing job did not export again
+    assert third.versions == 0  # registering is the resumed job's
+
+
+def test_the_same_command_finishes_like_an_uninterrupted_run_and_registers_it(scenario):
+    final, straight, client, run_id = scenario[4], scenario[0], scenario["client"], scenario["run_id"]
+    assert [r["step"] for r in final.steps] == list(range(1, 41)), "a step was lost or done twice"
+    assert {r["step"]: r["loss"] for r in final.steps} == {r["step"]: r["loss"] for r in straight.steps}
+    assert [r["step"] for r in final.evals] == list(range(5, 41, 5))
+    assert final.status == "FINISHED" and final.rc == 0
     history = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(set(history)) == list(range(1, 41))
     [version] = client.search_model_versions("name='stopped'")  # (a search's versions carry no aliases)

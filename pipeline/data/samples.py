@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import simplejpeg
 from timm.data import IMAGENET_DEFAULT_MEAN as MEAN  # noqa: F401  (re-exported)
+from timm.data import IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
 
 from swin_common.errors import UserError
 
