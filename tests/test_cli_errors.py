@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import inspect
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -20,20 +19,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from runs import TINY, job_env
 from servers import REPO, free_port
 from swin_common.cli import CommandError, exit_code_of
 
-TINY = REPO / "configs" / "tiny_22k.yaml"
 NO_ARCH = "error: unknown arch 'swin_huge'; choose one of swin_nano, swin_tiny, swin_small, swin_base, swin_large"
 FAST_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
 
 
 def run(*cmd, env: dict | None = None, timeout: float = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "MLFLOW_TRACKING_URI")
-    }
+    base = {k: v for k, v in job_env(port=False).items() if k not in ("MLFLOW_TRACKING_URI", "PYTHON")}
     return subprocess.run(
         [*map(str, cmd)],
         cwd=cwd,
@@ -341,7 +336,7 @@ def test_ranks_agree_on_what_to_print_whatever_the_timing(how, busy_machine):
     same error from both shows once; different errors each once, the other rank's with its rank; an error of
     rank 1 alone (rank 0 waits for it in a collective) shows with its rank."""
     port = str(free_port())
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    base = job_env(port=False)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANKED, how],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from runs import job_env
 from servers import REPO, free_port, run_prep
 
 pytestmark = pytest.mark.slow
@@ -155,12 +155,7 @@ def expected(registry, shards) -> dict[str, dict]:
 
 # -- running the command ----------------------------------------------------------------------------------------
 def env(uri: str, cache: Path, **extra) -> dict[str, str]:
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT") and not k.startswith("SLURM_")
-    }
-    return {**base, "MLFLOW_TRACKING_URI": uri, "SWIN_MODEL_CACHE": str(cache), "SWIN_RANK_GRACE_S": "2", **extra}
+    return job_env(port=False, MLFLOW_TRACKING_URI=uri, SWIN_MODEL_CACHE=str(cache), SWIN_RANK_GRACE_S="2", **extra)
 
 
 def evaluate(uri: str, cache: Path, *args, ranks: int = 1) -> subprocess.CompletedProcess:

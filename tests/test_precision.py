@@ -10,7 +10,6 @@ counted, and the host reads the project's code makes in a micro step.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import torch
 
 from pipeline.engine.distributed import cuda_device_index
 from pipeline.engine.optim import deepspeed_config, plan_steps, resolve_precision
+from runs import job_env
 from servers import REPO
 from swin_common.gpu import (
     Gpu,
@@ -193,7 +193,7 @@ def probes() -> dict[tuple[int, str], dict]:
         capture_output=True,
         text=True,
         timeout=600,
-        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
+        env=job_env(port=False),
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -17,10 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import dump_config, load_config
 from pipeline.tracking.params import redact
+from runs import TINY, job_env, small
 from servers import REPO, free_port
 from swin_common.redact import REDACTED, redact_text, redact_tree, secret_values
-
-TINY = REPO / "configs" / "tiny_22k.yaml"
 
 
 # -- the rules ---------------------------------------------------------------------------------------------
@@ -165,30 +164,14 @@ sys.exit(main(sys.argv[1:]))
 # -- real runs ---------------------------------------------------------------------------------------------
 def train(shards, out, name, *extra, **env) -> subprocess.CompletedProcess:
     """One rank, a couple of steps of the tiny recipe."""
-    args = [
-        "--config",
-        TINY,
-        f"name={name}",
-        f"out_dir={out}",
-        f"data.shards={shards}",
-        "train.global_batch=32",
-        "train.micro_batch=16",
-        "eval.batch_size=50",
-        "data.workers=1",
-        "train.log_every=1",
-        "schedule.epochs=2",
-        "schedule.warmup_epochs=0",
-        "tracking.system_metrics_s=1",
-        *extra,
-    ]
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    args = small(shards, out, name, "tracking.system_metrics_s=1", *extra, tracked=True)
     return subprocess.run(
         [sys.executable, "-m", "pipeline.train", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**base, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", **env},
+        env=job_env(port=False, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", **env),
     )
 
 

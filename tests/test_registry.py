@@ -25,10 +25,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from runs import TINY, job_env
 from servers import REPO, free_port, run_prep, start_mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
-TINY = REPO / "configs" / "tiny_22k.yaml"
 PROJECT = ("pipeline", "data_prep", "swin_common")
 
 # a fresh interpreter in which this project cannot be imported (the venv has it installed, editable)
@@ -61,8 +61,7 @@ def registry(s3_server, tmp_path_factory):
 
 
 def env(uri: str, **extra) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    return {**base, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", **extra}
+    return job_env(port=False, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", **extra)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from runs import job_env
 from servers import free_port
 from stores import constant_export, constant_scores, local_store, register_export
 
@@ -44,8 +45,7 @@ def twins(tmp_path_factory):
 
 
 def run(cwd: Path, uri: str, cache: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(MLFLOW_TRACKING_URI=uri, SWIN_MODEL_CACHE=str(cache), SWIN_RANK_GRACE_S="2")
+    env = job_env(port=False, MLFLOW_TRACKING_URI=uri, SWIN_MODEL_CACHE=str(cache), SWIN_RANK_GRACE_S="2")
     return subprocess.run(
         [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )

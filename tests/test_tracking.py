@@ -19,36 +19,19 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from runs import LAUNCH, TINY, job_env, run_summary, small
 from servers import REPO, free_port, start_mlflow_server
 from stores import constant_export, local_store, register_export
 
 pytestmark = pytest.mark.slow
-LAUNCH = REPO / "launch" / "pretrain_22k.sh"
-TINY = REPO / "configs" / "tiny_22k.yaml"
 
 
 def env(uri: str, **extra) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    return {**base, "PYTHON": sys.executable, "MLFLOW_TRACKING_URI": uri, **extra}
+    return job_env(port=False, MLFLOW_TRACKING_URI=uri, **extra)
 
 
 def train(shards, out, name, uri, *extra, ranks=2, check=True, **env_extra) -> subprocess.CompletedProcess:
-    args = [
-        "--config",
-        TINY,
-        f"name={name}",
-        f"out_dir={out}",
-        f"data.shards={shards}",
-        "train.global_batch=32",
-        "train.micro_batch=16",
-        "eval.batch_size=50",
-        "data.workers=1",
-        "train.log_every=1",
-        "schedule.epochs=2",
-        "schedule.warmup_epochs=0",
-        "tracking.system_metrics_s=1",
-        *extra,
-    ]
+    args = small(shards, out, name, "tracking.system_metrics_s=1", *extra, tracked=True)
     cmd = ["bash", LAUNCH] if ranks == 2 else [sys.executable, "-m", "pipeline.train"]
     proc = subprocess.run(
         [*map(str, cmd), *map(str, args)],
@@ -61,14 +44,6 @@ def train(shards, out, name, uri, *extra, ranks=2, check=True, **env_extra) -> s
     if check:
         assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
-
-
-def run_summary(stdout: str) -> dict:
-    """The train command's closing JSON (rank 0's stdout; the launcher's own lines around it)."""
-    lines = stdout.splitlines()
-    start = max(i for i, line in enumerate(lines) if line.rstrip() == "{")
-    end = next(i for i in range(start, len(lines)) if lines[i].rstrip() == "}")
-    return json.loads("\n".join(lines[start : end + 1]))
 
 
 def steps_of(client, run_id, key) -> list[int]:

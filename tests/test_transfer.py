@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from pipeline.engine.model_export import load_source
 from pipeline.model import create_model
 from pipeline.model.transfer import SourceModel, TransferError, initialise, resize_bias_table, transfer_state
+from runs import job_env
 from servers import REPO, free_port, run_prep
 
 SYNSETS = [f"n{i:08d}" for i in range(10)]
@@ -179,7 +179,7 @@ def test_finetune_22k_to_1k_at_a_larger_window(digits_tars, shards, tmp_path):
     """Pretrain the tiny model briefly at 64/window 4 on all 10 classes, then fine-tune at 96/window 6 with
     launch/finetune_1k_384.sh (2 ranks) on a "1K" set of 5 classes plus a synset the pretraining never saw:
     the tables are resized, 5 head rows mapped, 1 fresh, the accuracy before (step 0) and after is recorded."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = job_env(port=False)
     odd = tmp_path / "src_1k"
     odd.mkdir()
     for d in (1, 3, 5, 7, 9):
