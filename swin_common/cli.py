@@ -338,16 +338,17 @@ def exit_process(code: int):
     (threading's exit hooks, e.g. concurrent.futures', then the non-daemon threads are joined), the atexit
     handlers run (MLflow's, logging's, multiprocessing's, which ends DataLoader workers) and the standard
     streams are flushed. What is skipped is the finalization after that: the garbage collection of every
-    loaded module and torch's operator deregistration (C++ static destructors), which take 2-4 s per process
-    with torch, timm, DeepSpeed and MLflow loaded on 2 cores, and a launch has several processes. A stop signal
-    that lands in that teardown also no longer meets Python's reset, default handlers (pipeline.engine.stop).
+    loaded module and torch's operator deregistration (C++ static destructors), which take seconds per process
+    with torch, timm, DeepSpeed and MLflow loaded (docs/performance.md), and a launch has several processes. A
+    stop signal that lands in that teardown also no longer meets Python's reset, default handlers
+    (pipeline.engine.stop).
     threading._shutdown and atexit._run_exitfuncs are CPython's own steps of its exit, with no public equivalent:
     tests/test_cli_errors.py checks them in the pinned CPython."""
     shutdown_threads = getattr(threading, "_shutdown", None)  # CPython's own step of the exit; absent: skipped
     if shutdown_threads is not None:
         shutdown_threads()
     # DALI's atexit handler is a full gc.collect(), there to free its pipelines before the interpreter's teardown,
-    # which os._exit skips: ~0.5 s per process with torch loaded. Frozen, the heap is not walked again.
+    # which os._exit skips (its cost: docs/performance.md). Frozen, the heap is not walked again.
     gc.freeze()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -208,8 +208,8 @@ class S3Store:
     def client(self):
         # boto3 clients must not cross a fork: make one per process, from its own session (the default session
         # may be in use by another thread, e.g. the loader's read-ahead, at the moment of the fork).
-        # Made once under a lock: threads asking at once (read-ahead's downloads) would each make one, ~0.4 s
-        # of CPU apiece.
+        # Made once under a lock: threads asking at once (read-ahead's downloads) would each make one, at a
+        # cost in CPU (docs/performance.md).
         if self._client is None or self._client_pid != os.getpid():
             with _client_lock:
                 if self._client is None or self._client_pid != os.getpid():

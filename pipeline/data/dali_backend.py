@@ -27,8 +27,7 @@ class DaliBackend:
 
     A pipeline is built per epoch (and per evaluation) on purpose: its operators' seed is a function of (seed,
     epoch, rank, first batch), which exact resume on any world size relies on, and DALI cannot reseed a built
-    pipeline. The build is cheap next to an epoch: build + first batch 19 ms (eval) and 29 ms (train) against
-    6-7 ms per later batch, DALI CPU, 32 images of 64 px, medians of 3 (bench/gpu_check.sh prints the GPU's)."""
+    pipeline. The build is cheap next to an epoch (docs/performance.md, "Figures behind the code")."""
 
     name = "dali"
     reads_ahead_here = True  # its feeder thread reads batches ahead of the ones handed out

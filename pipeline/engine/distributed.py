@@ -193,7 +193,7 @@ def init_distributed(
         if trace_dir:
             os.makedirs(trace_dir, exist_ok=True)
     else:
-        # DeepSpeed's CPU backend would compile its shared-memory all-reduce op (35-100 s per machine) on first
+        # DeepSpeed's CPU backend would compile its shared-memory all-reduce op (docs/performance.md) on first
         # use; it serves only DeepSpeed's inference all-reduce, training goes through gloo. DeepSpeed keeps the
         # probed op table in one dict so that such edits hold.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
