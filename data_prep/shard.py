@@ -27,7 +27,7 @@ from .shardset.store import open_store
 from .sources import LISTING_NAME, Listing, scan_source
 from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
 
-log = logging.getLogger("data_prep")
+log = logging.getLogger(__name__)
 OPTIONS_NAME = "_prep/options.json"
 
 

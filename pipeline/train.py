@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # they import torch
     from pipeline.engine.trainer import Trainer
     from pipeline.tracking.tracker import Tracker
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger("pipeline.train")  # its __name__ is __main__ when run as a command
 REPO = Path(__file__).resolve().parents[1]  # its configs/ are the recipes a relative --config may name
 
 

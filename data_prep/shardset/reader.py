@@ -27,7 +27,7 @@ from .manifest import read_manifest
 from .split_index import SampleTable, read_split_index
 from .store import LocalStore, S3Store, open_store
 
-log = logging.getLogger("data_prep.shardset.reader")
+log = logging.getLogger(__name__)
 REQUIRED = ("jpg", "cls")
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from data_prep.shardset.store import LocalStore
 from swin_common.errors import UserError
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger(__name__)
 
 
 class CacheFullError(UserError, RuntimeError):

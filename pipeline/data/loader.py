@@ -34,7 +34,7 @@ from .readahead import ReadAhead
 from .reader import ShardReader
 from .samples import BatchSource, DataError  # noqa: F401  (DataError: what the loader raises)
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import numpy as np
 
 from .reader import last_batch_of_shards
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger(__name__)
 _running: weakref.WeakSet[ReadAhead] = weakref.WeakSet()
 
 

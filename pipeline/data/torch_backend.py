@@ -25,7 +25,7 @@ from .augment_params import batch_rng, seeded
 from .eval_transform import eval_transform
 from .samples import MEAN, STD
 
-log = logging.getLogger("pipeline.data")
+log = logging.getLogger(__name__)
 _MEAN = torch.tensor(MEAN).view(3, 1, 1)
 _STD = torch.tensor(STD).view(3, 1, 1)
 

@@ -30,7 +30,7 @@ from pipeline.config import RunConfig, dump_config
 from pipeline.engine.distributed import all_gather_object, barrier, broadcast_object, wait_for_main
 from swin_common.errors import UserError
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 UNIVERSAL_MARKER = "UNIVERSAL_COMPLETE"
 TAG = re.compile(r"^step_(\d{8})$")

@@ -48,7 +48,7 @@ import torch.distributed.distributed_c10d as c10d
 from swin_common.errors import UserError
 from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger(__name__)
 _long_group = None  # the gloo group wait_for_main waits on (long timeout)
 
 

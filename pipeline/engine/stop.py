@@ -22,7 +22,7 @@ import time
 
 from swin_common.signals import EXIT_STOPPED, STOP_SIGNALS  # noqa: F401  (EXIT_STOPPED: for the train command)
 
-log = logging.getLogger("pipeline.train")
+log = logging.getLogger(__name__)
 
 
 class RunStopped(Exception):

@@ -27,7 +27,7 @@ from data_prep.shardset.layout import map_layouts
 from pipeline.config import BiasTables, Head
 from swin_common.errors import UserError
 
-log = logging.getLogger("pipeline.model.transfer")
+log = logging.getLogger(__name__)
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 REBUILT_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 

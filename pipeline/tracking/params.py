@@ -19,7 +19,7 @@ from data_prep.shardset.store import open_store
 from swin_common.gpu import dali_package
 from swin_common.redact import REDACTED, SECRET_NAME, redact_text, secret_values
 
-log = logging.getLogger("pipeline.tracking.params")
+log = logging.getLogger(__name__)
 PACKAGES = ("torch", "timm", "deepspeed", "mlflow", "numpy")
 
 

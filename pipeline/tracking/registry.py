@@ -30,7 +30,7 @@ from pipeline.tracking.store import Store, existing, reading_store
 from swin_common.errors import UserError
 from swin_common.safe_weights import file_sha256
 
-log = logging.getLogger("pipeline.tracking.registry")
+log = logging.getLogger(__name__)
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 

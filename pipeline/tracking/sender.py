@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from swin_common.redact import redact_text
 
-log = logging.getLogger("pipeline.tracking.sender")
+log = logging.getLogger(__name__)
 BATCH = 500  # metrics per log_batch call (MLflow's limit is 1000)
 
 

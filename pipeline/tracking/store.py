@@ -29,7 +29,7 @@ from urllib.request import url2pathname
 from swin_common.errors import UserError
 from swin_common.redact import redact_text
 
-log = logging.getLogger("pipeline.tracking.store")
+log = logging.getLogger(__name__)
 ENV_VAR = "MLFLOW_TRACKING_URI"
 LOCAL, SERVER = "local", "server"
 LOCAL_DIR = "mlflow"  # <out_dir>/mlflow: the local store of a run that names none

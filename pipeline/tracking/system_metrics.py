@@ -10,7 +10,7 @@ import socket
 from pipeline.tracking.sender import short_error
 from pipeline.tracking.store import Store
 
-log = logging.getLogger("pipeline.tracking.system_metrics")
+log = logging.getLogger(__name__)
 
 
 def node_name() -> str:

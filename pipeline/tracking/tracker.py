@@ -36,7 +36,7 @@ from pipeline.tracking.store import Store, check_nodes
 from pipeline.tracking.system_metrics import node_name, start_system_metrics
 from swin_common.redact import redact_text, remember_secrets, secret_values
 
-log = logging.getLogger("pipeline.tracking.tracker")
+log = logging.getLogger(__name__)
 STOP_FLUSH_S = 10.0  # how long a stopped run waits for MLflow before exiting (see Tracker.stopped)
 # Fail fast per request (the sender thread retries on its own schedule); users can set their own values.
 HTTP_DEFAULTS = {
