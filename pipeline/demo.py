@@ -43,10 +43,10 @@ def stage(n: int, text: str) -> None:
     print(f"\n[{n}/{STAGES}] {text}", flush=True)
 
 
-def prep(*args) -> str:
+def prep(*given: object) -> str:
     """Runs `python -m data_prep ARGS` as a user would; returns its stdout. Its log is shown once it ends; a
     failure ends the main job with prep's own error line."""
-    args = [str(a) for a in args]
+    args = [str(a) for a in given]
     print(f"  $ python -m data_prep {' '.join(args)}", flush=True)
     proc = subprocess.run(
         [sys.executable, "-m", "data_prep", *args],
@@ -98,6 +98,7 @@ def train(script: str, config: str, overrides: list[str], log_path: Path, store:
         open(log_path, "w") as log,
         subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
     ):
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             log.write(line)
             if "[rank 0] pipeline" in line and ("step=" in line or "resumed" in line or "initialised" in line):
@@ -126,6 +127,12 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
 
     from data_prep.shardset.store import open_store
 
+    def member_bytes(tar: tarfile.TarFile, name: str, member: tarfile.TarInfo) -> bytes:
+        file = tar.extractfile(member)
+        if file is None:  # a directory or a link under a sample's name (a crafted or foreign shard)
+            raise CommandError(f"{name}: {member.name} is not a regular file")
+        return file.read()
+
     store = open_store(shards)
     out.mkdir(parents=True, exist_ok=True)
     by_class: dict[str, list[Path]] = {}
@@ -142,8 +149,8 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
                 if safe != key:
                     print(f"  sample key {key!r} in {name} is not [A-Za-z0-9_-]: written as {safe}.jpg", flush=True)
                 path = out / f"{safe}.jpg"
-                path.write_bytes(tar.extractfile(members[f"{key}.jpg"]).read())
-                by_class.setdefault(json.loads(tar.extractfile(members[meta]).read())["synset"], []).append(path)
+                path.write_bytes(member_bytes(tar, name, members[f"{key}.jpg"]))
+                by_class.setdefault(json.loads(member_bytes(tar, name, members[meta]))["synset"], []).append(path)
     in_turn = itertools.chain.from_iterable(itertools.zip_longest(*by_class.values()))
     synset_of_path = {p: s for s, paths in by_class.items() for p in paths}
     return [(p, synset_of_path[p]) for p in in_turn if p is not None][:count]

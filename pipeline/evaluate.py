@@ -41,7 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.tracking.store import Store, reading_store
-from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process, rank
+from swin_common.cli import (
+    ArgumentParser,
+    CommandError,
+    command,
+    configure_logging,
+    error_context,
+    exit_process,
+    rank,
+)
 
 NOT_BETTER = 3
 
@@ -94,9 +102,10 @@ def naming(what: str):
     try:
         yield
     except Exception as e:
-        if what not in str(e) and getattr(e, "_swin_context", None) is None:
-            e._swin_context = what
-        raise
+        if what in str(e):
+            raise
+        with error_context(what):  # names it, unless something inside named it already
+            raise
 
 
 # -- what to score -----------------------------------------------------------------------------------------
@@ -220,8 +229,11 @@ class Plan:
         }
 
     @property
-    def evaluate_champion(self) -> bool:
-        return self.champion is not None and self.champion != self.candidate and self.champion_scores is None
+    def champion_to_score(self) -> str | None:
+        """The champion's version when it is scored here too (no recorded scores on this set and split yet)."""
+        if self.champion is not None and self.champion != self.candidate and self.champion_scores is None:
+            return self.champion
+        return None
 
 
 def make_plan(args, info: SetInfo, client, mlflow_store: Store) -> Plan:
@@ -266,7 +278,7 @@ def known_aliases(client, name: str) -> str:
 
 
 def prepare_all(plan: Plan, info: SetInfo, mlflow_store: Store) -> None:
-    wanted = [plan.candidate] + ([plan.champion] if plan.evaluate_champion else [])
+    wanted = [plan.candidate] + ([plan.champion_to_score] if plan.champion_to_score is not None else [])
     for version in wanted:
         if version not in plan.versions:
             plan.versions[version] = prepare_version(plan.name, version, info, mlflow_store)
@@ -369,6 +381,7 @@ def conclude(client, plan: Plan, info: SetInfo, args, candidate: dict, champion:
     name = plan.name
     recorded = record_scores(client, name, plan.candidate, info.set_id, info.split, candidate, info.where)
     if champion is not None:
+        assert plan.champion is not None  # scored here: Plan.champion_to_score
         champion = record_scores(client, name, plan.champion, info.set_id, info.split, champion, info.where)
     scored = [plan.candidate] + ([plan.champion] if champion is not None else [])
     print(
@@ -394,6 +407,7 @@ def conclude(client, plan: Plan, info: SetInfo, args, candidate: dict, champion:
         ]
     if champion is None:
         champion = plan.champion_scores
+        assert champion is not None  # not scored here because its scores were recorded: Plan.champion_to_score
     versus = (
         f"candidate {cand} top-1 {recorded['top1']:.2f}% vs {alias2} models:/{name}/{plan.champion} "
         f"top-1 {champion['top1']:.2f}% on {info.shown} (split {info.split})"
@@ -457,9 +471,9 @@ def run(client, mlflow_store: Store, plan: Plan, info: SetInfo, args, world) -> 
         f"{info.split}, {info.samples} samples, {world.size} rank(s)) ...",
     )
     champion = None
-    if plan.evaluate_champion:
+    if plan.champion_to_score is not None:
         champion = scored(
-            plan.champion,
+            plan.champion_to_score,
             f"{args.if_better_than} models:/{plan.name}/{plan.champion} has no score on "
             f"{info.shown} (split {info.split}) yet: scoring it too ...",
         )

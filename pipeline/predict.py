@@ -11,12 +11,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.tracking.store import reading_store
 from swin_common.cli import command, exit_process
 
+if TYPE_CHECKING:
+    import torch  # at run time imported once needed: `--help` and argument errors answer without it
 
-def preprocess(path: str, meta: dict) -> torch.Tensor:  # noqa: F821  (torch: imported once needed)
+
+def preprocess(path: str, meta: dict) -> torch.Tensor:
     """The pixels the model was evaluated on: the eval loader's own transform (timm's), with the model's size,
     crop_pct, mean and std."""
     from PIL import Image

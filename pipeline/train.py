@@ -305,7 +305,9 @@ def version_run_tags(cfg: RunConfig, steps: int, planned: int) -> dict[str, str]
 
 def register_final(cfg: RunConfig, tracker: Tracker, model_dir: Path, tags: dict[str, str] | None = None) -> str:
     """Registers the export as a new model version, logging progress while the upload runs."""
-
+    sender, run_id = tracker.sender, tracker.run_id
+    if sender is None or run_id is None:  # finish_tracking registers a tracked run's model only
+        raise ValueError(f"{cfg.run_dir}: this run is not tracked in MLflow, so there is no run to register from")
     name = cfg.tracking.model_name or cfg.name
     size = sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
     log.info("registering %s (%.0f MB) as a version of %s ...", model_dir, size / 1e6, name)
@@ -317,7 +319,7 @@ def register_final(cfg: RunConfig, tracker: Tracker, model_dir: Path, tags: dict
 
     threading.Thread(target=progress, name="register-progress", daemon=True).start()
     try:
-        version = register(tracker.sender.client, tracker.run_id, model_dir, name, list(cfg.tracking.aliases), tags)
+        version = register(sender.client, run_id, model_dir, name, list(cfg.tracking.aliases), tags)
     finally:
         done.set()
     log.info("registered models:/%s/%s in %.0f s", name, version, time.time() - t0)
@@ -355,7 +357,7 @@ class TrainingJob:
 
     def __init__(self, cfg: RunConfig, world: World, store: Store):
         self.cfg, self.world, self.store = cfg, world, store
-        self.tracker = None
+        self.tracker: Tracker | None = None
         self.started = time.time()
 
     def run(self) -> RunSummary:
@@ -389,8 +391,9 @@ class TrainingJob:
             summary.seconds = self._seconds()
             return summary
         init_path = pull_init_source(trainer.init_from, self.store)
-        self.tracker = start_tracking(trainer, self.store)
-        result = trainer.train(init_path, self.tracker)
+        # the summary names the run's MLflow run, which rank 0 ends below (self.tracker: while it is open)
+        tracker = self.tracker = start_tracking(trainer, self.store)
+        result = trainer.train(init_path, tracker)
         stop_if_agreed(result.steps, "before the export")
         summary = RunSummary(
             steps=result.steps,
@@ -404,10 +407,11 @@ class TrainingJob:
         failure, stopped = None, None
         if world.is_main:
             summary.model = str(export_final(cfg.run_dir, result.checkpoint))
-            if stop_flag().requested:  # the export is kept; registering it is left to the resumed job
-                stopped = RunStopped(stop_flag().signal_name, result.steps, "after the export")
+            signal_name = stop_flag().signal_name  # None until a stop signal is received
+            if signal_name is not None:  # the export is kept; registering it is left to the resumed job
+                stopped = RunStopped(signal_name, result.steps, "after the export")
             else:
-                tracker, self.tracker = self.tracker, None  # finish_tracking ends the MLflow run, whatever happens
+                self.tracker = None  # finish_tracking ends the MLflow run, whatever happens
                 try:
                     record = finish_tracking(
                         cfg, tracker, Path(summary.model), version_run_tags(cfg, result.steps, result.schedule_steps)
@@ -421,11 +425,9 @@ class TrainingJob:
             raise stopped
         if failure is not None:
             raise failure
-        tracker = self.tracker
         self.tracker = None
-        run_id = tracker.run_id if tracker is not None else None
-        summary.mlflow_run, summary.seconds = run_id, self._seconds()
-        if run_id:
+        summary.mlflow_run, summary.seconds = tracker.run_id, self._seconds()
+        if tracker.run_id:
             summary.mlflow_ui = ui_command(self.store, tracker.experiment_id)
         return summary
 

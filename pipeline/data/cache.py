@@ -30,6 +30,7 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal, overload
 
 from data_prep.shardset.store import LocalStore
 from swin_common.errors import UserError
@@ -84,6 +85,10 @@ class ShardCache:
         self._counts[which] += 1  # one writer per slot at a time is not guaranteed: a rare lost count is fine
 
     # -- use ------------------------------------------------------------------------------------------------
+    @overload
+    def acquire(self, store, rel: str, size: int, overshoot: Literal[True] = True) -> Pin: ...
+    @overload
+    def acquire(self, store, rel: str, size: int, overshoot: bool) -> Pin | None: ...
     def acquire(self, store, rel: str, size: int, overshoot: bool = True) -> Pin | None:
         """A pinned local copy of `rel` (`size` bytes), downloaded when no process of the node has it. Without
         `overshoot` (read-ahead), None when it would not fit the budget beside the copies in use."""
@@ -194,7 +199,7 @@ class ShardCache:
         return None
 
     def _files(self) -> list[tuple[Path, int, float]]:
-        out = []
+        out: list[tuple[Path, int, float]] = []
         if not self.root.exists():
             return out
         for folder, _dirs, names in os.walk(self.root):

@@ -106,7 +106,8 @@ def _build(cfg, device: str, seed_key: tuple[int, ...], source, train: bool, che
     @pipeline_def(
         batch_size=cfg.batch_size,
         num_threads=max(1, cfg.workers),
-        device_id=torch.cuda.current_device() if gpu else None,
+        # None: no GPU (DALI's Pipeline takes device_id=None; pipeline_def's overload stub says int only)
+        device_id=torch.cuda.current_device() if gpu else None,  # type: ignore[arg-type]
         seed=seed,
         prefetch_queue_depth=2,
         enable_conditionals=bool(augment),

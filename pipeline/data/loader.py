@@ -24,7 +24,7 @@ from timm.data.random_erasing import RandomErasing
 
 from data_prep.shardset.reader import open_shard_set
 from data_prep.shardset.store import LocalStore
-from pipeline.config import ConfigError
+from pipeline.config import Backend, ConfigError
 
 from .augment_params import batch_rng, seeded, torch_generators
 from .backend import create_backend
@@ -45,7 +45,7 @@ class LoaderConfig:
     batch_size: int = 64
     image_size: int = 224
     crop_pct: float = 0.875  # eval: resize the shorter side to size / crop_pct, then centre crop
-    backend: str = "auto"  # auto (dali where it imports) | dali | torch
+    backend: Backend = "auto"  # auto (dali where it imports) | dali | torch
     device: str = "auto"  # auto | cpu | cuda: where DALI decodes (mixed) and where batches land
     workers: int = 2  # DALI threads (at least one) / DataLoader worker processes (0: in the loader's process)
     seed: int = 0

@@ -18,6 +18,7 @@ which the loader labels -1 and evaluation leaves out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,8 @@ class EpochOrder:
     shard: np.ndarray  # int32, the shard of each sample this rank reads, in order
     sample: np.ndarray  # int32, the sample's position inside its shard
     valid: np.ndarray | None = None  # bool, False for padding (pad=True only); None: every entry is real
-    slot_of_batch: object = None  # b -> the global slot of this rank's b-th batch (training); None: b itself
+    # b -> the global slot of this rank's b-th batch (training); None: b itself
+    slot_of_batch: Callable[[int], int] | None = None
 
     def __len__(self) -> int:
         return len(self.shard)

@@ -22,14 +22,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .reader import last_batch_of_shards
+from .cache import Pin
+from .order import EpochOrder
+from .reader import ShardReader, last_batch_of_shards
 
 log = logging.getLogger(__name__)
 _running: weakref.WeakSet[ReadAhead] = weakref.WeakSet()
 
 
 class ReadAhead:
-    def __init__(self, reader, order, batch_size: int, ahead: int, start_batch: int = 0, parallel: int = 4):
+    def __init__(
+        self,
+        reader: ShardReader,
+        order: EpochOrder,
+        batch_size: int,
+        ahead: int,
+        start_batch: int = 0,
+        parallel: int = 4,
+    ):
         self.reader, self.ahead, self.parallel = reader, ahead, parallel
         shards, first = np.unique(order.shard, return_index=True)
         by_first_use = np.argsort(first, kind="stable")
@@ -39,7 +49,7 @@ class ReadAhead:
         )  # batch of each one's first use
         self.last = last_batch_of_shards(order, batch_size, len(reader.sizes)).tolist()
         self.position = start_batch
-        self.pins: dict[int, object] = {}
+        self.pins: dict[int, Pin] = {}
         self.error: BaseException | None = None
         self._wake = threading.Condition()  # guards position, pins, _stop, _busy and _forking
         self._busy = False  # a round of downloads is in progress; a fork waits for it to end
@@ -148,7 +158,7 @@ class ReadAhead:
             self._busy = False
             self._wake.notify_all()
 
-    def _acquire(self, shard: int):
+    def _acquire(self, shard: int) -> Pin | None:
         with self._wake:
             if self._stop:
                 return None

@@ -14,6 +14,7 @@ from collections import OrderedDict
 import numpy as np
 
 from data_prep.shardset.reader import ShardSet
+from data_prep.shardset.split_index import SampleTable
 from data_prep.shardset.store import open_store
 
 from .cache import Pin, ShardCache
@@ -23,8 +24,10 @@ class ShardReader:
     max_open = 64  # pinned shards at most; the least recently read is let go first
 
     def __init__(self, shard_set: ShardSet, cache: ShardCache):
+        if shard_set.table is None:  # open_shard_set always gives one
+            raise ValueError(f"{shard_set.url} ({shard_set.split}): a shard set without its sample table")
         self.shard_set = shard_set
-        self.table = shard_set.table
+        self.table: SampleTable = shard_set.table
         self.store = shard_set.store or open_store(shard_set.url)
         self.cache = cache
         self._pins: OrderedDict[int, Pin] = OrderedDict()

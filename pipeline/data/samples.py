@@ -13,6 +13,7 @@ from timm.data import IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
 from swin_common.errors import UserError
 
 from .augment_params import batch_rng, flips, random_resized_crop
+from .order import EpochOrder
 from .reader import ShardReader, last_batch_of_shards
 
 
@@ -25,38 +26,40 @@ class BatchSource:
 
     def __init__(self, cfg, reader: ShardReader, rank: int):
         self.cfg, self.reader, self.rank = cfg, reader, rank
-        self._last_for, self._last = None, None  # the order whose last batch per shard `_last` holds
+        self._last_for: EpochOrder | None = None  # the order whose last batch per shard `_last` holds
+        self._last: np.ndarray | None = None
         self.after_read: Callable[[int], None] | None = None  # with b + 1 once batch b is read (the read-ahead)
 
     @property
     def url(self) -> str:
         return self.reader.shard_set.url
 
-    def batch_refs(self, order, b: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch_refs(self, order: EpochOrder, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch b's (shard, sample) pairs."""
         lo, hi = b * self.cfg.batch_size, min((b + 1) * self.cfg.batch_size, len(order))
         return order.shard[lo:hi], order.sample[lo:hi]
 
-    def read_batch(self, order, b: int) -> tuple[list[tuple[int, int]], list[bytes], np.ndarray]:
+    def read_batch(self, order: EpochOrder, b: int) -> tuple[list[tuple[int, int]], list[bytes], np.ndarray]:
         """Batch b's refs, JPEG bytes and labels; padding entries of an evaluation order are labelled -1."""
         shards, samples = self.batch_refs(order, b)
         refs = list(zip(shards.tolist(), samples.tolist(), strict=True))
-        data, labels = [], []
+        data: list[bytes] = []
+        read_labels: list[int] = []
         for shard, sample in refs:
             jpg, label = self.reader.read(shard, sample)
             data.append(jpg)
-            labels.append(label)
+            read_labels.append(label)
         self.reader.release_finished(self._last_batches(order), b)
         if self.after_read is not None:
             self.after_read(b + 1)
-        labels = np.asarray(labels, np.int64)
+        labels = np.asarray(read_labels, np.int64)
         if order.valid is not None:
             lo = b * self.cfg.batch_size
             labels[~order.valid[lo : lo + len(labels)]] = -1
         return refs, data, labels
 
-    def _last_batches(self, order) -> np.ndarray:
-        if self._last_for is not order:
+    def _last_batches(self, order: EpochOrder) -> np.ndarray:
+        if self._last is None or self._last_for is not order:
             self._last = last_batch_of_shards(order, self.cfg.batch_size, len(self.reader.sizes))
             self._last_for = order
         return self._last

@@ -80,7 +80,7 @@ class _Batches(IterableDataset):
         images, keep, skipped = [], [], 0
         for i, jpg in enumerate(data):
             try:
-                img = Image.open(io.BytesIO(jpg))
+                img: Image.Image = Image.open(io.BytesIO(jpg))
                 img = img.convert("RGB")
             except (OSError, ValueError, SyntaxError) as e:
                 skipped += 1
@@ -99,6 +99,7 @@ class _Batches(IterableDataset):
                 tensor = F.pil_to_tensor(img).float().div_(255)
                 images.append(tensor.sub_(_MEAN).div_(_STD))
             else:
+                assert self.eval_transform is not None  # built in __init__ for an evaluation (cfg.train false)
                 images.append(self.eval_transform(img))
             keep.append(i)
         return b, torch.stack(images), torch.from_numpy(labels[keep]), skipped

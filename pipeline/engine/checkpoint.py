@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -80,8 +81,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if TAG.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(TAG.match(p.name).group(1)))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := TAG.match(p.name)) and (p / MARKER).is_file()]
+    return [p for _step, p in sorted(found, key=lambda f: f[0])]
 
 
 def find_resume(cfg: RunConfig) -> Path | None:
@@ -103,7 +104,10 @@ def rng_state() -> dict:
     loads with torch.load(weights_only=True): python's and numpy's own states are tuples holding a 625-word
     tuple or a uint32 array, which only a full unpickler would rebuild."""
     version, words, gauss_next = random.getstate()
-    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # the legacy global RandomState (MT19937) gives its tuple; numpy's stubs type a bare call as the dict form
+    algorithm, keys, pos, has_gauss, cached_gaussian = cast(
+        tuple[str, np.ndarray, int, int, float], np.random.get_state()
+    )
     state = {
         "python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next},
         "numpy": {

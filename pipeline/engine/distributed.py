@@ -49,7 +49,7 @@ from swin_common.errors import UserError
 from swin_common.gpu import check_torch_kernels, current_gpu, torch_arch_list
 
 log = logging.getLogger(__name__)
-_long_group = None  # the gloo group wait_for_main waits on (long timeout)
+_long_group: dist.ProcessGroup | None = None  # the gloo group wait_for_main waits on (long timeout)
 
 
 class LaunchError(UserError, RuntimeError):
@@ -206,7 +206,10 @@ def init_distributed(
     deepspeed.init_distributed(dist_backend=process_group_backend(cuda), **timeout)
     if _distributed():
         long_wait = timedelta(seconds=long_timeout_s) if long_timeout_s else None
-        _long_group = dist.new_group(backend="gloo", timeout=long_wait)
+        group = dist.new_group(backend="gloo", timeout=long_wait)
+        if not isinstance(group, dist.ProcessGroup):  # a group of every rank has this one: never a non-member
+            raise RuntimeError(f"rank {dist.get_rank()} is not in the long-wait group of all ranks: {group!r}")
+        _long_group = group
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 

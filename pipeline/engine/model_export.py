@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -114,7 +115,10 @@ def write_timm_config(model: torch.nn.Module, folder: Path, meta: dict) -> Path:
     from timm.models._hub import save_config_for_hf  # save_for_hf minus the weights, which are written already
 
     pre = meta["preprocessing"]
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in RELEASED_WEIGHTS_KEYS}
+    # timm sets pretrained_cfg (a dict) on every model it builds; torch's Module.__getattr__ stub says Tensor | Module
+    released = cast(dict[str, Any], model.pretrained_cfg)
+    # torch's Module.__setattr__ stub takes Tensor | Module only; any other value is a plain attribute at runtime
+    model.pretrained_cfg = {k: v for k, v in released.items() if k not in RELEASED_WEIGHTS_KEYS}  # type: ignore[assignment]
     path = Path(folder) / "config.json"
     save_config_for_hf(
         model,

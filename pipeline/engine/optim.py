@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
+from typing import Literal, TypedDict
 
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 
 from pipeline.config import ConfigError, Decay, Precision, RunConfig, ZeroStage
 from swin_common.gpu import Gpu, check_precision, current_gpu, precision_for
@@ -75,10 +77,19 @@ def create_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Opti
     )
 
 
-def create_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: StepPlan):
+class _Warmup(TypedDict):
+    """The arguments every timm scheduler of create_schedule gets."""
+
+    warmup_t: int
+    warmup_lr_init: float
+    warmup_prefix: bool
+    t_in_epochs: bool
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: StepPlan) -> Scheduler:
     """A timm scheduler stepped per optimizer step with `step_update(step)`."""
     s = cfg.schedule
-    common = {
+    common: _Warmup = {
         "warmup_t": plan.warmup_steps,
         "warmup_lr_init": scaled_lr(cfg, s.warmup_lr),
         "warmup_prefix": True,
@@ -94,7 +105,7 @@ def create_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: Step
     raise ValueError(f"schedule.decay must be one of {', '.join(typing.get_args(Decay))}, not {s.decay!r}")
 
 
-def resolve_precision(precision: str, gpu: Gpu | None | str = "detect") -> str:
+def resolve_precision(precision: str, gpu: Gpu | None | Literal["detect"] = "detect") -> str:
     """The precision a run trains in: `auto` is bf16 from compute capability 8.0 on (A100, H100, H200), fp16 with
     dynamic loss scaling below (V100), fp32 without a GPU. `gpu`: the device's facts (default: this rank's)."""
     if gpu == "detect":

@@ -36,7 +36,7 @@ class StepTally:
     """A log window's losses, summed on the device (finite loss sum, finite count, non-finite count); the image
     count is the host's, which knows every batch's length."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sums: torch.Tensor | None = None
         self.images = 0
 

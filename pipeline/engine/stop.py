@@ -19,10 +19,15 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from swin_common.signals import EXIT_STOPPED, STOP_SIGNALS  # noqa: F401  (EXIT_STOPPED: for the train command)
 
 log = logging.getLogger(__name__)
+# what signal.signal() takes and returns: a handler, SIG_DFL/SIG_IGN, or None (a handler not set from Python)
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class RunStopped(Exception):
@@ -47,10 +52,10 @@ def stop_if_agreed(step: int, during: str) -> None:
 class StopFlag:
     """Where a stop signal lands. `install()` in the main thread; `agreed()` at step boundaries, on every rank."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int = 0
         self.received_at: float | None = None  # time.monotonic() of the first signal
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:

@@ -93,9 +93,11 @@ class RankWatch:
     def done(self) -> None:
         """A clean end (finished, stopped at a checkpoint): the watchdog leaves without a word."""
         self._stop.set()
+        stdin = self._child.stdin
+        assert stdin is not None  # Popen(stdin=PIPE)
         try:
-            self._child.stdin.write(b"done\n")
-            self._child.stdin.close()
+            stdin.write(b"done\n")
+            stdin.close()
             self._child.wait(5)
         except (OSError, subprocess.TimeoutExpired):
             pass

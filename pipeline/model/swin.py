@@ -10,8 +10,11 @@ the registry's tags; swin_nano has none registered in timm.
 
 from __future__ import annotations
 
+from typing import cast
+
 import timm
 import torch
+from timm.models.swin_transformer import SwinTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from swin_common.errors import UserError
@@ -61,8 +64,12 @@ def create_model(
 ) -> torch.nn.Module:
     if img_size % 32:
         raise ArchError(f"img_size {img_size} is not a multiple of 32 (patch 4 x three 2x merges)")
-    model = timm.create_model(
-        _variant(arch)[0], pretrained=False, **timm_kwargs(arch, img_size, window_size, num_classes, drop_path)
+    # every variant is timm's SwinTransformer; timm.create_model is typed as returning an nn.Module
+    model = cast(
+        SwinTransformer,
+        timm.create_model(
+            _variant(arch)[0], pretrained=False, **timm_kwargs(arch, img_size, window_size, num_classes, drop_path)
+        ),
     )
     set_fused_attn(model, fused_attn)
     model.set_grad_checkpointing(grad_checkpointing)
@@ -73,7 +80,8 @@ def set_fused_attn(model: torch.nn.Module, enabled: bool) -> None:
     """timm reads TIMM_FUSED_ATTN once per module at construction; this switches a built model."""
     for module in model.modules():
         if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
+            # torch's Module.__setattr__ stub takes Tensor | Module only; a bool is a plain attribute at runtime
+            module.fused_attn = enabled  # type: ignore[assignment]
 
 
 def _variant(arch: str) -> tuple[str, dict]:

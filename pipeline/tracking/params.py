@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import subprocess
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 PACKAGES = ("torch", "timm", "deepspeed", "mlflow", "numpy")
 
 
-def redact(params: dict[str, object], env: dict[str, str] | None = None) -> dict[str, str]:
+def redact(params: Mapping[str, object], env: dict[str, str] | None = None) -> dict[str, str]:
     """String values safe to send to MLflow: secret-looking keys blanked, every value through redact_text
     (URI passwords, query-string tokens, secret environment values of `env`, default this process's)."""
     secrets = secret_values(env)

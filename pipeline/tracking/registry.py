@@ -355,7 +355,7 @@ def _download(client, version, uri: str, folder: Path, store: Store) -> None:
 
 def list_files(repo, path: str | None = None) -> list[str]:
     """Every file under an artifact repository's root, as relative paths."""
-    files = []
+    files: list[str] = []
     for info in repo.list_artifacts(path):
         files.extend(list_files(repo, info.path) if info.is_dir else [info.path])
     return files

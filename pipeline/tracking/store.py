@@ -22,7 +22,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -31,7 +31,9 @@ from swin_common.redact import redact_text
 
 log = logging.getLogger(__name__)
 ENV_VAR = "MLFLOW_TRACKING_URI"
-LOCAL, SERVER = "local", "server"
+StoreKind = Literal["local", "server"]
+LOCAL: Final = "local"  # a sqlite file or a folder on this machine
+SERVER: Final = "server"  # http(s), a database server, ...
 LOCAL_DIR = "mlflow"  # <out_dir>/mlflow: the local store of a run that names none
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
@@ -53,9 +55,7 @@ class TrackingError(UserError, RuntimeError):
 class Store:
     """One MLflow store: what MLflow's client gets, how to name it in logs and errors, and what it is."""
 
-    kind: Literal[
-        "local", "server"
-    ]  # LOCAL (a sqlite file or a folder on this machine) | SERVER (http(s), a database server, ...)
+    kind: StoreKind  # LOCAL (a sqlite file or a folder on this machine) | SERVER (http(s), a database server, ...)
     uri: str  # what MLflow's client gets: a local store's absolute URI, a server's as given (credentials too)
     path: Path | None  # a local store's sqlite file or folder, absolute; None for a server (and in-memory sqlite)
     redacted: str  # the URI without credentials: for logs, errors and run records (swin_common.redact)
@@ -120,6 +120,7 @@ def resolve_store(
     uri = env.get(ENV_VAR) or configured or f"sqlite:///{out / DB_FILE}"
     store = store_at(uri, base)
     location = absolute_location(artifact_location, base)
+    artifacts: str | None
     if location:
         artifacts = location if "://" in location else Path(location).resolve().as_uri()
     else:
