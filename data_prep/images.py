@@ -129,7 +129,7 @@ def _reencode(
     exif: str = "apply",
 ) -> PreparedImage:
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile; exif_transpose below gives a plain Image
         fmt = img.format
         if resize_shorter is not None and fmt == "JPEG":
             img.draft("RGB", _scaled((img.width, img.height), resize_shorter))  # decode at a reduced scale

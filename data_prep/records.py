@@ -41,9 +41,10 @@ def build_manifest(
         )
     with ThreadPoolExecutor(16) as pool:  # S3: one GET each, overlapped
         records = [json.loads(data) for data in pool.map(out.read, [spec.record_name for spec in plan])]
-    totals, per_class = {}, {}
+    totals: dict[str, dict[str, int]] = {}  # split -> shards, samples, bytes
+    per_class: dict[str, Counter[str]] = {}  # split -> synset -> samples
     rejected = [{"source": p, "reason": r} for p, r in listing_rejected]
-    converted = Counter()
+    converted: Counter[str] = Counter()  # reason -> images
     for rec in records:
         t = totals.setdefault(rec["split"], {"shards": 0, "samples": 0, "bytes": 0})
         t["shards"] += 1

@@ -11,7 +11,7 @@ import queue
 import signal
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -236,7 +236,9 @@ def run_shard(opts: ShardOptions) -> dict:
 def _write_all(
     todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int, threads: int
 ):
-    records, failures, pending_commits = [], [], []
+    records: list[dict] = []
+    failures: list[tuple[str, str]] = []  # (shard name, why)
+    pending_commits: list[tuple[ShardSpec, Future[dict]]] = []
     position = {(s.split, s.index): i for i, s in enumerate(plan)}
     bar = tqdm(total=sum(len(s) for s in todo), unit="img", desc="sharding", smoothing=0.1)
     if workers <= 1 or len(todo) <= 1:
@@ -262,14 +264,15 @@ def _write_all(
             _drain(progress, bar)
             for fut in done:
                 spec = pending.pop(fut)
-                if fut.exception() is None:
+                error = fut.exception()
+                if error is None:
                     pending_commits.append((spec, committer.submit(commit_shard, out, fut.result())))
                     continue
-                log.error("shard %s failed: %s", spec.name, _why(fut.exception()))
-                failures.append((spec.name, _why(fut.exception())))
-        for spec, fut in pending_commits:
+                log.error("shard %s failed: %s", spec.name, _why(error))
+                failures.append((spec.name, _why(error)))
+        for spec, commit in pending_commits:
             try:
-                records.append(fut.result())
+                records.append(commit.result())
             except Exception as e:  # noqa: BLE001  (keep the other shards going; the rerun picks this one up)
                 log.error("shard %s failed: %s", spec.name, _why(e))
                 failures.append((spec.name, _why(e)))

@@ -19,7 +19,7 @@ import tempfile
 from array import array
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -132,20 +132,20 @@ class Listing:
             },
             separators=(",", ":"),
         ).encode()
-        arrays = {
-            "meta": np.frombuffer(meta, np.uint8),
-            "syn": self.syn,
-            "cont": self.cont,
-            "offset": self.offset,
-            "size": self.size,
-            "name_blob": self.name_blob,
-            "name_ends": self.name_ends,
-            "key_blob": self.key_blob,
-            "key_ends": self.key_ends,
-        }
         staged = out.staging_path(rel)
         with open(staged, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(
+                f,
+                meta=np.frombuffer(meta, np.uint8),
+                syn=self.syn,
+                cont=self.cont,
+                offset=self.offset,
+                size=self.size,
+                name_blob=self.name_blob,
+                name_ends=self.name_ends,
+                key_blob=self.key_blob,
+                key_ends=self.key_ends,
+            )
         out.commit(staged, rel)
 
     @classmethod
@@ -301,10 +301,11 @@ def _scan_tars(store, workers: int) -> Listing:
 def _scan_one_tar(store, tar_name: str) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, str]]]:
     """Members of one per-synset tar: headers only on a local disk (seeks), one streamed read on S3."""
     synset = tar_name[: -len(".tar")]
-    members, rejected = [], []
+    members: list[tuple[str, int, int]] = []
+    rejected: list[tuple[str, str]] = []
     try:
         with closing(store.open_read(tar_name)) as fileobj:
-            mode = "r:" if store.seekable else "r|"
+            mode: Literal["r:", "r|"] = "r:" if store.seekable else "r|"
             with tarfile.open(fileobj=fileobj, mode=mode) as tf:
                 for m in tf:
                     if m.isdir():

@@ -41,7 +41,7 @@ def split_member(name: str) -> tuple[str, str]:
 def check_shard(url: str, entry: dict, synsets: list[str], decode: bool) -> tuple[int, list[str]]:
     out = open_store(url)
     name = entry["name"]
-    problems = []
+    problems: list[str] = []
     try:
         data = out.read(name)
     except Exception as e:  # noqa: BLE001  (verify reports whatever it finds wrong and goes on)
@@ -50,7 +50,8 @@ def check_shard(url: str, entry: dict, synsets: list[str], decode: bool) -> tupl
         problems.append(f"{name}: {len(data)} bytes, manifest says {entry['bytes']}")
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
-    samples, order = {}, []
+    samples: dict[str, dict[str, tuple[tarfile.TarInfo, bytes]]] = {}  # key -> ext -> (member, its bytes)
+    order: list[str] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for m in tar:
@@ -63,7 +64,7 @@ def check_shard(url: str, entry: dict, synsets: list[str], decode: bool) -> tupl
         return 0, problems + [f"{name}: not a readable tar: {e}"]
     if len(samples) != entry["samples"]:
         problems.append(f"{name}: {len(samples)} samples, manifest says {entry['samples']}")
-    expected_index = []
+    expected_index: list[list[tuple[str, int, int, str]]] = []
     for key in order:
         parts = samples[key]
         expected_index.append([(ext, m.offset_data, m.size, m.name) for ext, (m, _b) in parts.items()])
@@ -128,15 +129,15 @@ def verify(url: str, workers: int = 1, decode: bool = True) -> VerifyReport:
     with tqdm(total=len(entries), desc="verifying", unit=" shards") as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                futures = [pool.submit(check_shard, url, e, synsets, decode) for e in entries]
-                results = []
+                futures = [pool.submit(check_shard, url, entry, synsets, decode) for entry in entries]
+                results: list[tuple[int, list[str]]] = []
                 for f in futures:
                     results.append(f.result())
                     bar.update()
         else:
             results = []
-            for e in entries:
-                results.append(check_shard(url, e, synsets, decode))
+            for entry in entries:
+                results.append(check_shard(url, entry, synsets, decode))
                 bar.update()
     for samples, problems in results:
         report.shards += 1

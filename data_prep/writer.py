@@ -148,7 +148,10 @@ def encode_shard(
     for name in (spec.name, spec.index_name, spec.record_name):
         out.remove_stale_staging(name)
     staged = out.staging_path(spec.name)
-    index, rejected, converted, class_counts = [], [], [], Counter()
+    index: list[list[tuple[str, int, int, str]]] = []  # per sample: (ext, data offset, size, member name)
+    rejected: list[list[str]] = []  # [source path, reason]
+    converted: list[list[str]] = []  # [source path, why re-encoded]
+    class_counts: Counter[int] = Counter()  # label -> samples
     done = 0
     with open(staged, "wb") as raw:
         sha, size = hashlib.sha256(), 0
@@ -162,7 +165,8 @@ def encode_shard(
             if img.converted:
                 converted.append([item.path, img.converted])
             label = labels[item.synset]
-            chunks, components = [], []
+            chunks: list[bytes] = []
+            components: list[tuple[str, int, int, str]] = []
             for ext, payload in (
                 ("cls", str(label).encode()),
                 ("jpg", img.jpg),

@@ -119,14 +119,18 @@ def main_rank() -> bool:
 
 
 # -- failures ----------------------------------------------------------------------------------------------
+# the attribute error_context sets on an exception of any type (pipeline/evaluate.py sets it too)
+_CONTEXT_ATTR = "_swin_context"
+
+
 @contextlib.contextmanager
 def error_context(what: str):
     """Names the thing an expected failure inside the block is about: `error: WHAT: message`."""
     try:
         yield
     except Exception as e:
-        if getattr(e, "_swin_context", None) is None:
-            e._swin_context = what
+        if getattr(e, _CONTEXT_ATTR, None) is None:
+            setattr(e, _CONTEXT_ATTR, what)
         raise
 
 
@@ -182,7 +186,7 @@ def describe(e: BaseException) -> str:
         text = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
         hint = next((h for kind, h in _OS_HINTS if isinstance(e, kind)), None)
         text += f" ({hint})" if hint else ""
-    context = getattr(e, "_swin_context", None)
+    context = getattr(e, _CONTEXT_ATTR, None)
     if context and not text.startswith(context):
         text = f"{context}: {text}"
     line = " ".join(text.split())

@@ -63,7 +63,8 @@ def current_gpu(index: int | None = None) -> Gpu:
     import torch
 
     index = torch.cuda.current_device() if index is None else index
-    return Gpu(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+    major, minor = torch.cuda.get_device_capability(index)
+    return Gpu(torch.cuda.get_device_name(index), (major, minor))
 
 
 def precision_for(gpu: Gpu) -> str:
@@ -137,7 +138,10 @@ def dali_package() -> tuple[str, str] | None:
 
 def dali_cuda_major(package: str) -> int:
     """12 for nvidia-dali-cuda120, 13 for nvidia-dali-cuda130."""
-    return int(re.fullmatch(r"nvidia-dali-cuda(\d+)", package).group(1)) // 10
+    match = re.fullmatch(r"nvidia-dali-cuda(\d+)", package)
+    if match is None:  # a bug: callers pass what dali_package() found
+        raise ValueError(f"not a DALI wheel name: {package!r}")
+    return int(match.group(1)) // 10
 
 
 def check_dali_kernels(gpu: Gpu, package: str, version: str, torch_cuda: str | None = None) -> None:

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Mapping
 
 REDACTED = "***"
 SECRET_NAME = re.compile(r"key|token|secret|passw|credential|auth|private", re.I)
@@ -69,12 +70,12 @@ def remember_secrets(*values: str) -> None:
                 _remembered.update(s for s in found if len(s) >= MIN_SECRET_LEN)
 
 
-def secret_values(env: dict[str, str] | None = None) -> list[str]:
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """Values to cut wherever they appear, longest first: secret-looking environment variables, credentials in
     URIs held by any environment variable, and remembered values."""
-    env = os.environ if env is None else env
-    found = set()
-    for key, value in env.items():
+    environ: Mapping[str, str] = os.environ if env is None else env
+    found: set[str] = set()
+    for key, value in environ.items():
         if SECRET_NAME.search(key):
             found.add(value)
         if "://" in value or "=" in value:
@@ -179,7 +180,8 @@ def install_log_redaction() -> None:
 
 def _is_terminal(handler: logging.Handler) -> bool:
     try:
-        return bool(handler.stream.isatty())  # a StreamHandler's stream (a FileHandler's file: False)
+        stream = getattr(handler, "stream", None)  # a StreamHandler's stream (a FileHandler's file: False)
+        return stream is not None and bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
 

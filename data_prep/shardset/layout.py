@@ -16,7 +16,8 @@ class LayoutError(UserError, ValueError):
 def parse_layout(text: str, origin: str = "layout") -> list[str]:
     """One synset per line (first whitespace-separated token, so 'n01440764 tench' works); blank lines and
     '#' comments are ignored; a synset listed twice is an error."""
-    synsets, seen = [], {}
+    synsets: list[str] = []
+    seen: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:

@@ -187,5 +187,6 @@ def _table_from_shard_indexes(store, shards: list[Shard], sizes: dict, problems:
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(read, range(len(shards))))
     problems = [p for p, _text in results]
-    texts = [text if not p else format_index([]) for p, text in results]  # bad shards: empty, left out anyway
+    # bad shards (those with a problem, the only ones without a text): empty, left out anyway
+    texts = [format_index([]) if p or text is None else text for p, text in results]
     return SampleTable.from_index_texts([s.name for s in shards], texts), problems

@@ -23,6 +23,9 @@ from .store import LocalStore
 
 VERSION = 1
 
+# one shard's columns: (jpg offsets, jpg sizes, cls offsets, cls sizes, key bytes, key lengths)
+ShardColumns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bytes, np.ndarray]
+
 
 def split_index_name(split: str) -> str:
     return f"{split}/index.npz"
@@ -104,7 +107,7 @@ class SampleTable:
         return cls.concat(names, parts)
 
     @classmethod
-    def concat(cls, names: list[str], parts: list[tuple]) -> SampleTable:
+    def concat(cls, names: list[str], parts: list[ShardColumns]) -> SampleTable:
         sizes = [len(p[0]) for p in parts]
 
         def cat(i, dtype):
@@ -181,22 +184,24 @@ def _cumulative(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def _columns(name: str, text: str) -> tuple:
+def _columns(name: str, text: str) -> ShardColumns:
     """(jpg offsets, jpg sizes, cls offsets, cls sizes, key bytes, key lengths) of one shard's index file."""
     try:
         samples = parse_index(text)
     except IndexFileError as e:
         raise IndexFileError(f"{name}: {e}") from None
-    jpg, cls_, keys = [], [], []
+    jpg_pairs: list[tuple[int, int]] = []  # (offset, size)
+    cls_pairs: list[tuple[int, int]] = []
+    keys: list[bytes] = []
     for components in samples:
         parts = {ext: (offset, size, member) for ext, offset, size, member in components}
         if "jpg" not in parts or "cls" not in parts:
             raise IndexFileError(f"{name}: a sample without jpg and cls ({components[0][3] if components else '?'})")
-        jpg.append(parts["jpg"][:2])
-        cls_.append(parts["cls"][:2])
+        jpg_pairs.append(parts["jpg"][:2])
+        cls_pairs.append(parts["cls"][:2])
         keys.append(parts["jpg"][2].rsplit(".", 1)[0].encode("ascii"))
-    jpg = np.asarray(jpg, np.int64).reshape(-1, 2)
-    cls_ = np.asarray(cls_, np.int64).reshape(-1, 2)
+    jpg = np.asarray(jpg_pairs, np.int64).reshape(-1, 2)
+    cls_ = np.asarray(cls_pairs, np.int64).reshape(-1, 2)
     return (
         jpg[:, 0],
         jpg[:, 1],

@@ -8,6 +8,7 @@ locally, one whole upload on S3), so a reader or a resumed job never sees half a
 
 from __future__ import annotations
 
+import builtins  # the stores have a method named `list`: annotations inside them say builtins.list
 import os
 import tempfile
 import threading
@@ -85,11 +86,12 @@ class LocalStore:
                     continue  # renamed or removed since the directory was read
                 yield rel + entry.name, size
 
-    def list_dir(self) -> tuple[list[str], list[str]]:
+    def list_dir(self) -> tuple[builtins.list[str], builtins.list[str]]:
         """Top-level (subfolders, files) of the store, sorted."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"source folder does not exist: {self.root}")
-        dirs, files = [], []
+        dirs: builtins.list[str] = []
+        files: builtins.list[str] = []
         for entry in os.scandir(self.root):
             (dirs if entry.is_dir() else files).append(entry.name)
         return sorted(dirs), sorted(files)
@@ -237,7 +239,7 @@ class S3Store:
             for obj in page.get("Contents", []):
                 yield obj["Key"][cut:], obj["Size"]
 
-    def list_names(self, names: list[str], threads: int = 16) -> Iterator[tuple[str, int]]:
+    def list_names(self, names: builtins.list[str], threads: int = 16) -> Iterator[tuple[str, int]]:
         """(relative path, size) of the objects whose keys start like `names` (and perhaps a few more): one
         listing per group of about 100 names sharing all but their last two characters before the extension,
         `threads` at a time. For 14,200 shards this is ~140 small LISTs in parallel instead of 29 pages in a row
@@ -257,9 +259,10 @@ class S3Store:
             for part in pool.map(one, groups):
                 yield from part
 
-    def list_dir(self) -> tuple[list[str], list[str]]:
+    def list_dir(self) -> tuple[builtins.list[str], builtins.list[str]]:
         prefix = f"{self.prefix}/" if self.prefix else ""
-        dirs, files = [], []
+        dirs: builtins.list[str] = []
+        files: builtins.list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=prefix, Delimiter="/"
         ):
