@@ -11,4 +11,5 @@ scripts/ensure_ssh.sh
 # the run as a failing test would
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"
