@@ -34,22 +34,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# what --help, the argument checks and the scoring records need: none of it imports torch or MLflow; the
+# evaluation itself (torch, the loader, the process group) and MLflow's client are imported where they start
+from data_prep.shardset.layout import map_layouts
+from data_prep.shardset.manifest import MANIFEST_NAME, read_manifest
+from data_prep.shardset.store import LocalStore, open_store
+from pipeline.tracking.registry import parse_models_uri, pull_to_folder
+from pipeline.tracking.scores import (
+    alias_version,
+    as_recorded,
+    move_alias,
+    record_scores,
+    score_key,
+    shard_set_id,
+    version_scores,
+)
 from pipeline.tracking.store import Store, reading_store
 from swin_common.cli import (
     ArgumentParser,
     CommandError,
     command,
     configure_logging,
+    describe,
     error_context,
+    exit_code_of,
     exit_process,
     rank,
 )
+from swin_common.redact import redact_text
 
 NOT_BETTER = 3
 
@@ -120,19 +139,12 @@ class SetInfo:
 
     @property
     def shown(self) -> str:
-        from swin_common.redact import redact_text
-
         return redact_text(self.url)
 
 
 def open_set(url: str, split: str) -> SetInfo:
     """The set's identity, label layout and split size, from its manifest; one clear error when the set or the
     split does not exist."""
-    import json
-
-    from data_prep.shardset.manifest import MANIFEST_NAME, read_manifest
-    from data_prep.shardset.store import LocalStore, open_store
-    from pipeline.tracking.scores import shard_set_id
 
     store = open_store(url)
     if isinstance(store, LocalStore) and not store.root.is_dir():
@@ -157,7 +169,6 @@ def head_rows(model_synsets: list[str], set_synsets: list[str], model: str, shar
     model's classifier row of the same synset. A set synset the model does not know: an error naming both."""
     if list(model_synsets) == list(set_synsets):
         return None
-    from data_prep.shardset.layout import map_layouts
 
     rows, missing = map_layouts(model_synsets, set_synsets)
     if missing:
@@ -188,11 +199,7 @@ class Version:
 def prepare_version(name: str, version: str, info: SetInfo, mlflow_store: Store) -> Version:
     """Pulls the version (the node's model cache: every rank may call it at once) and checks its preprocessing and
     label layout against the set, before any weights are loaded."""
-    import json
-
     from pipeline.data.samples import MEAN, STD
-    from pipeline.tracking.registry import pull_to_folder
-    from swin_common.cli import error_context
 
     uri = f"models:/{name}/{version}"
     with error_context(uri):
@@ -240,10 +247,6 @@ def make_plan(args, info: SetInfo, client, mlflow_store: Store) -> Plan:
     """Resolves the model and the alias to beat, reads the recorded scores, pulls what will be scored: every
     failure a user can fix (an unknown model, version or alias, a set that does not fit) happens here, on every
     rank alike, before any process group."""
-    from pipeline.tracking.registry import parse_models_uri
-    from pipeline.tracking.scores import alias_version, version_scores
-    from swin_common.cli import error_context
-
     name, alias, number = parse_models_uri(args.uri)  # its error names it
     with error_context(args.uri):
         if alias is not None:
@@ -369,15 +372,11 @@ def scores_line(uri: str, info: SetInfo, s: dict) -> str:
 
 def is_better(candidate: dict, champion: dict) -> bool:
     """Top-1 as recorded (pipeline.tracking.scores.as_recorded) on both sides; a tie is not better."""
-    from pipeline.tracking.scores import as_recorded
-
     return as_recorded(candidate)["top1"] > as_recorded(champion)["top1"]
 
 
 def conclude(client, plan: Plan, info: SetInfo, args, candidate: dict, champion: dict | None) -> tuple[int, list]:
     """Rank 0: records the scores, decides and moves the alias. Returns (exit status, lines to print)."""
-    from pipeline.tracking.scores import move_alias, record_scores, score_key
-
     name = plan.name
     recorded = record_scores(client, name, plan.candidate, info.set_id, info.split, candidate, info.where)
     if champion is not None:
@@ -415,7 +414,6 @@ def conclude(client, plan: Plan, info: SetInfo, args, candidate: dict, champion:
     if is_better(recorded, champion):
         move_alias(client, name, alias, plan.candidate)
         return 0, [f"{versus}: {alias} -> version {plan.candidate}"]
-    from pipeline.tracking.scores import alias_version
 
     now = alias_version(client, name, alias)
     stays = f"{alias} stays at version {now}" if now is not None else f"{alias} left unset"
@@ -449,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
 def run(client, mlflow_store: Store, plan: Plan, info: SetInfo, args, world) -> int:
     """Every rank: the scoring; rank 0: the lines, the tags and the alias. Every rank returns rank 0's status."""
     from pipeline.engine.distributed import broadcast_object
-    from swin_common.cli import describe, exit_code_of
 
     agreed = broadcast_object(plan.broadcastable())
     if agreed != plan.broadcastable():  # an alias moved while the ranks started: rank 0's view holds
