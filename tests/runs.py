@@ -50,6 +50,26 @@ def small(
     ]
 
 
+SBATCH = REPO / "launch" / "slurm" / "pretrain_22k.sbatch"
+
+
+def one_node_two_tasks(log_dir: Path, *extra: str) -> list[str]:
+    """sbatch options of a small CPU job on the test cluster: one node, two ranks, its log in log_dir."""
+    return [
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        f"--output={log_dir}/job-%j.out",
+        *extra,
+    ]
+
+
+def sbatch_env(python: str | Path = sys.executable) -> dict[str, str]:
+    """What the sbatch script is told: the python to run and the repository."""
+    return {"PYTHON": str(python), "SWIN_REPO": str(REPO)}
+
+
 def job_env(port: bool = True, **extra: str) -> dict[str, str]:
     """This environment as outside any job (no rank, rendezvous, Slurm or accelerate variables), the venv's python
     for the launch scripts, a free rendezvous port (`port`; a launcher given its own leaves it out), plus extra."""

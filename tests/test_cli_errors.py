@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runs import TINY, job_env
+from runs import SBATCH, TINY, job_env, one_node_two_tasks, sbatch_env
 from servers import REPO, free_port
 from swin_common.cli import CommandError, exit_code_of
 
@@ -405,20 +405,14 @@ def test_slurm_sbatch_prints_the_error_once(slurm_cluster, tmp_path, busy_machin
     set is named relative to the folder sbatch was called from, which the check and the tasks read it from."""
     (tmp_path / "set").symlink_to(small_set)
     job = slurm_cluster.sbatch(
-        REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+        SBATCH,
         "--config",
         TINY,
         "data.shards=set",
         "model.arch=swin_huge",
         f"out_dir={tmp_path}",
-        sbatch_args=[
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--cpus-per-task=1",
-            "--gpus-per-node=0",
-            f"--output={tmp_path}/job-%j.out",
-        ],
-        env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)},
+        sbatch_args=one_node_two_tasks(tmp_path),
+        env=sbatch_env(),
         cwd=tmp_path,
     )
     [state] = slurm_cluster.wait(job, timeout=300)

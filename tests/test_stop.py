@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import LAUNCH, TINY, job_env, records, small
+from runs import LAUNCH, SBATCH, TINY, job_env, one_node_two_tasks, records, sbatch_env, small
 from servers import REPO, rank_pid
 
 pytestmark = pytest.mark.slow
@@ -374,8 +374,6 @@ def signal_during_a_checkpoint(run_dir: Path, proc: subprocess.Popen, log: Path,
 
 # --- Slurm: the time limit requeues, scancel does not ------------------------------------------------------
 
-SBATCH = REPO / "launch" / "slurm" / "pretrain_22k.sbatch"
-
 
 def submit(
     cluster,
@@ -390,15 +388,8 @@ def submit(
     return cluster.sbatch(
         SBATCH,
         *small(shards, tmp_path, "sl", "schedule.epochs=20", "checkpoint.every_steps=1000", *limit, config=config),
-        sbatch_args=[
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--cpus-per-task=1",
-            "--gpus-per-node=0",
-            f"--output={tmp_path}/job-%j.out",
-            *sbatch_args,
-        ],
-        env={"PYTHON": str(python), "SWIN_REPO": str(REPO)},
+        sbatch_args=one_node_two_tasks(tmp_path, *sbatch_args),
+        env=sbatch_env(python),
         cwd=tmp_path,
     )
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.model_export import load_exported
-from runs import DEEPSPEED, LAUNCH, job_env, metrics, run, small
+from runs import DEEPSPEED, LAUNCH, SBATCH, job_env, metrics, one_node_two_tasks, run, sbatch_env, small
 from servers import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -387,16 +387,10 @@ def test_slurm_sbatch_trains_with_srun_ranks(slurm_cluster, shards, tmp_path):
     """launch/slurm/pretrain_22k.sbatch on the one-node cluster: srun starts 2 tasks, each maps Slurm's
     variables to its rank (no launcher, no ssh), and the run trains and checkpoints."""
     job = slurm_cluster.sbatch(
-        REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+        SBATCH,
         *small(shards, tmp_path, "slurm", "train.max_steps=3"),
-        sbatch_args=[
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--cpus-per-task=1",
-            "--gpus-per-node=0",
-            f"--output={tmp_path}/job-%j.out",
-        ],
-        env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)},
+        sbatch_args=one_node_two_tasks(tmp_path),
+        env=sbatch_env(),
         cwd=tmp_path,
     )
     [state] = slurm_cluster.wait(job, timeout=600)
