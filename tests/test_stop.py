@@ -83,9 +83,10 @@ def newest_checkpoint(run_dir: Path) -> tuple[int, dict]:
 def test_the_stop_flag_is_installed_before_the_slow_imports():
     """The train command installs its stop handler first; importing pipeline.engine.stop must not load torch (or
     anything slow), else a Slurm signal in a job's first seconds kills the task instead of stopping it."""
+    # nor tqdm: it reads TQDM_DISABLE when imported, which the command sets for a job's log after its imports
     probe = (
         "import sys, pipeline.train, pipeline.engine.stop; "
-        "print(sorted({'torch', 'deepspeed', 'timm'} & set(sys.modules)))"
+        "print(sorted({'torch', 'deepspeed', 'timm', 'tqdm'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

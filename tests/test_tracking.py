@@ -59,15 +59,35 @@ def a_digit_jpeg(digits_tars: Path, tmp_path: Path, digit: int) -> Path:
     return out
 
 
-def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, digits_tars, tmp_path, monkeypatch):
-    uri = mlflow_server.uri
-    proc = train(shards, tmp_path, "tracked", uri, "train.max_steps=4", "tracking.aliases=[current, champion]")
-    # no GPU here: said once, with the reason (NVML finds no driver), not silently left out
-    gpu_off = [line for line in proc.stderr.splitlines() if "no GPU metrics on" in line]
-    assert len(gpu_off) == 1 and "NVML" in gpu_off[0], gpu_off
+@pytest.fixture(scope="module")
+def tracked(mlflow_server, shards, tmp_path_factory):
+    """One tracked run in three jobs, and what each left: 4 steps (registered, aliases current and champion), the
+    same command with more steps (resumed), and once more (complete: nothing to do, on one rank)."""
+    uri, tmp_path = mlflow_server.uri, tmp_path_factory.mktemp("tracked")
+    aliases = "tracking.aliases=[current, champion]"
+    first = train(shards, tmp_path, "tracked", uri, "train.max_steps=4", aliases)
+    client = MlflowClient(uri)
     run_dir = tmp_path / "tracked"
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    client = MlflowClient(uri)
+    out = {"uri": uri, "tmp_path": tmp_path, "run_dir": run_dir, "run_id": run_id, "client": client, "first": first}
+    out["version"] = client.get_model_version_by_alias("tracked", "champion")
+    out["first_current"] = client.get_model_version_by_alias("tracked", "current").version
+    out["first_steps"] = {key: steps_of(client, run_id, key) for key in ("loss", "lr", "val_top1")}
+    out["resumed"] = train(shards, tmp_path, "tracked", uri, "train.max_steps=6", aliases)
+    out["resumed_run_id"] = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    out["resumed_loss_steps"] = steps_of(client, run_id, "loss")
+    out["newest"] = client.get_model_version_by_alias("tracked", "current")
+    out["metrics_before"] = (run_dir / "metrics.jsonl").read_bytes()
+    # one rank: nothing is loaded, so nothing to convert either
+    out["complete"] = train(shards, tmp_path, "tracked", uri, "train.max_steps=6", aliases, ranks=1)
+    return out
+
+
+def test_a_tracked_run_records_its_params_metrics_artifacts_and_version(tracked):
+    client, run_id, run_dir, uri, version = (tracked[k] for k in ("client", "run_id", "run_dir", "uri", "version"))
+    # no GPU here: said once, with the reason (NVML finds no driver), not silently left out
+    gpu_off = [line for line in tracked["first"].stderr.splitlines() if "no GPU metrics on" in line]
+    assert len(gpu_off) == 1 and "NVML" in gpu_off[0], gpu_off
     run = client.get_run(run_id)
     params, tags = run.data.params, run.data.tags
     assert params["model.arch"] == "swin_nano" and params["world_size"] == "2"
@@ -77,50 +97,45 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert params["version.nvidia-dali-cuda130"] == metadata.version("nvidia-dali-cuda130")  # the DALI it found
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
     assert run.info.status == "FINISHED"
-    assert steps_of(client, run_id, "loss") == [1, 2, 3, 4]
-    assert steps_of(client, run_id, "lr") == [1, 2, 3, 4] and steps_of(client, run_id, "val_top1") == [4]
+    assert tracked["first_steps"] == {"loss": [1, 2, 3, 4], "lr": [1, 2, 3, 4], "val_top1": [4]}
     node = socket.gethostname()  # system metrics carry the node id (one node here)
     assert any(k.startswith(f"system/{node}/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     artifacts = {f.path for f in client.list_artifacts(run_id)} | {
         f.path for f in client.list_artifacts(run_id, "plots")
     }
     assert {"config.yaml", "metrics.jsonl", "plots/training_curves.png", "model"} <= artifacts, artifacts
-    version = client.get_model_version_by_alias("tracked", "champion")
     assert version.run_id == run_id and version.tags["timm_name"] == "swin_nano_patch4_window4_64"
     # the run's summary names the version, its aliases, the run folder and where to look at it; times rounded
-    summary = run_summary(proc.stdout)
-    assert summary["registered"] == f"models:/tracked/{version.version}"
+    summary = run_summary(tracked["first"].stdout)
+    assert summary["registered"] == f"models:/tracked/{version.version}" and summary["mlflow_run"] == run_id
     assert summary["aliases"] == ["current", "champion"] and summary["run_dir"] == str(run_dir)
     # the experiment's page in the UI's model-training view (MLflow 3 opens the GenAI one by default)
     assert summary["mlflow_ui"] == f"{uri}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning"
     assert summary["seconds"] == round(summary["seconds"], 1)
     # cut short by train.max_steps: the version says so
-    assert version.tags["stopped_before_schedule_end"].startswith("train.max_steps=4: 4 of the schedule's "), (
-        version.tags
-    )
-    assert client.get_model_version_by_alias("tracked", "current").version == version.version
+    assert version.tags["stopped_before_schedule_end"].startswith("train.max_steps=4: 4 of the schedule's ")
+    assert tracked["first_current"] == version.version
 
-    # a resumed job (more steps) continues the same run
-    train(shards, tmp_path, "tracked", uri, "train.max_steps=6", "tracking.aliases=[current, champion]")
-    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
-    assert steps_of(client, run_id, "loss") == [1, 2, 3, 4, 5, 6]
-    newest = client.get_model_version_by_alias("tracked", "current")
-    assert int(newest.version) == int(version.version) + 1 and newest.run_id == run_id
 
-    # the same command once more: the run is complete (steps, export, registration), so it says so and does nothing
-    metrics_before = (run_dir / "metrics.jsonl").read_bytes()
-    done = train(
-        shards, tmp_path, "tracked", uri, "train.max_steps=6", "tracking.aliases=[current, champion]", ranks=1
-    )  # one rank: nothing is loaded, so nothing to convert either
-    assert (
-        "is complete at step 6 of " in done.stderr and f"registered as models:/tracked/{newest.version}" in done.stderr
-    ), done.stderr[-3000:]
-    assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before
+def test_a_resumed_job_continues_the_same_run_and_registers_a_new_version(tracked):
+    assert tracked["resumed_run_id"] == tracked["run_id"]
+    assert tracked["resumed_loss_steps"] == [1, 2, 3, 4, 5, 6]
+    newest, version = tracked["newest"], tracked["version"]
+    assert int(newest.version) == int(version.version) + 1 and newest.run_id == tracked["run_id"]
+
+
+def test_a_complete_run_does_nothing_and_says_so_in_its_summary(tracked):
+    client, run_dir, newest, done = tracked["client"], tracked["run_dir"], tracked["newest"], tracked["complete"]
+    summary = run_summary(done.stdout)
+    assert summary["complete"] is True and summary["steps"] == 6, summary
+    assert summary["registered"] == f"models:/tracked/{newest.version}"
+    assert (run_dir / "metrics.jsonl").read_bytes() == tracked["metrics_before"]
     assert len(client.search_model_versions("name='tracked'")) == 2  # versions 1 (step 4) and 2 (step 6) only
     assert client.get_model_version_by_alias("tracked", "current").version == newest.version
-    assert run_summary(done.stdout)["complete"] is True
 
-    # registering by hand (e.g. after an outage at the end) adds nothing new for the same export ...
+
+def test_registering_by_hand_adds_nothing_new_for_the_same_export(tracked):
+    client, run_dir, newest, uri = tracked["client"], tracked["run_dir"], tracked["newest"], tracked["uri"]
     by_hand = subprocess.run(
         [sys.executable, "-m", "pipeline.register", run_dir, "--alias", "manual"],
         cwd=REPO,
@@ -133,16 +148,18 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert by_hand.stdout.split()[0] == f"models:/tracked/{newest.version}"
     assert client.get_model_version_by_alias("tracked", "manual").version == newest.version
     missing = subprocess.run(
-        [sys.executable, "-m", "pipeline.register", tmp_path],
+        [sys.executable, "-m", "pipeline.register", tracked["tmp_path"]],
         cwd=REPO,
         capture_output=True,
         text=True,
         env=env(uri),
         timeout=300,
     )
-    assert missing.returncode == 2 and "was not tracked in MLflow" in missing.stderr
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ")
 
-    # pull and predict, each in a fresh process
+
+def test_a_version_is_pulled_and_predicts_in_fresh_processes(tracked, digits_tars, tmp_path):
+    uri, newest = tracked["uri"], tracked["newest"]
     cache = {"SWIN_MODEL_CACHE": str(tmp_path / "cache")}
     pulled = subprocess.run(
         [sys.executable, "-m", "pipeline.pull", "models:/tracked@current"],
@@ -153,9 +170,9 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
         timeout=300,
     )
     assert pulled.returncode == 0, pulled.stderr[-3000:]
-    assert "swin_nano_patch4_window4_64, 10 classes" in pulled.stdout
     folder = Path(pulled.stdout.strip().splitlines()[-1])
     assert (folder / "model.safetensors").is_file() and folder.parent.name == "tracked"
+    assert json.loads((folder / "model.json").read_text())["num_classes"] == 10
     images = [a_digit_jpeg(digits_tars, tmp_path, d) for d in (3, 7)]
     predicted = subprocess.run(
         [sys.executable, "-m", "pipeline.predict", f"models:/tracked/{newest.version}", *map(str, images)],
@@ -170,30 +187,31 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     assert lines[0].endswith("digit3.jpg") and len(lines) == 2 * 6
     assert all(" n0000000" in line and "(class " in line for line in lines[1:6])
 
-    # fine-tuning starts from the registry, through a cache that already holds another store's models:/tracked/N
-    # (a dev store, or one made again): the run starts from this store's weights all the same
+
+def test_fine_tuning_starts_from_the_registry_of_its_own_store(tracked, shards, tmp_path, monkeypatch):
+    """Through a cache that already holds another store's models:/tracked/N (a dev store, or one made again): the
+    run starts from this store's weights all the same."""
+    from pipeline.tracking.registry import pull_to_folder
+    from pipeline.tracking.store import store_at
+    from swin_common.safe_weights import file_sha256
+
+    client, uri = tracked["client"], tracked["uri"]
     champion = client.get_model_version_by_alias("tracked", "champion")
     other_store = local_store(tmp_path / "other_store")
     other = constant_export(tmp_path / "other_export", [f"n{d:08d}" for d in range(10)], 0, 5.0)
     for _ in range(int(champion.version)):
         register_export(other_store, "tracked", other)
-    from pipeline.tracking.registry import pull_to_folder
-    from pipeline.tracking.store import store_at
-    from swin_common.safe_weights import file_sha256
-
     monkeypatch.setenv("SWIN_MODEL_CACHE", str(tmp_path / "fresh-cache"))
     pull_to_folder(f"models:/tracked/{champion.version}", store=store_at(other_store, tmp_path))
     monkeypatch.delenv("SWIN_MODEL_CACHE")
+    common = ("train.max_steps=1", "model.img_size=96", "model.window_size=6", "tracking.register=false")
     fine = train(
         shards,
         tmp_path,
         "from_registry",
         uri,
         "init_from=models:/tracked@champion",
-        "train.max_steps=1",
-        "model.img_size=96",
-        "model.window_size=6",
-        "tracking.register=false",
+        *common,
         ranks=2,
         SWIN_MODEL_CACHE=str(tmp_path / "fresh-cache"),
     )  # 2 ranks pull it at once into one cache
@@ -203,17 +221,7 @@ def test_a_run_is_tracked_registered_resumed_and_pulled(mlflow_server, shards, d
     # the same command again resumes (init_from is not applied then), but an init_from that does not resolve is
     # still an error, naming the alias and the store
     again = train(
-        shards,
-        tmp_path,
-        "from_registry",
-        uri,
-        "init_from=models:/tracked@nope",
-        "train.max_steps=1",
-        "model.img_size=96",
-        "model.window_size=6",
-        "tracking.register=false",
-        ranks=2,
-        check=False,
+        shards, tmp_path, "from_registry", uri, "init_from=models:/tracked@nope", *common, ranks=2, check=False
     )
     assert again.returncode == 2 and "alias nope" in again.stderr and f"in the MLflow store {uri}" in again.stderr, (
         again.stderr[-3000:]

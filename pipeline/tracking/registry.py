@@ -23,8 +23,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pipeline.tracking import mlflow_model
 from pipeline.tracking.store import Store, existing, reading_store
 from swin_common.errors import UserError
@@ -336,6 +334,10 @@ def _download(client, version, uri: str, folder: Path, store: Store) -> None:
         downloads.mkdir()
         wanted = [f for f in files if export == "" or f.startswith(export + "/")]
         # one bar for the whole pull (on a terminal only; MLflow's per-file bars are off: swin_common.cli)
+        # tqdm reads its TQDM_* settings when imported: imported here, after the train command has set
+        # TQDM_DISABLE for a job's log, so that DeepSpeed's bars (the export's) obey it too
+        from tqdm import tqdm
+
         for f in tqdm(wanted, desc=f"pulling {uri}", unit="file", disable=None, leave=False):
             target = inner / f[len(export) + 1 if export else 0 :]  # file by file: a folder is never taken whole
             target.parent.mkdir(parents=True, exist_ok=True)
