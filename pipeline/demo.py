@@ -18,12 +18,16 @@ exit; `--debug` shows their traceback. Every URI it prints is redacted (no passw
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -120,12 +124,6 @@ def held_out_images(shards: str, out: Path, count: int) -> list[tuple[Path, str]
     """JPEG files of `count` val samples of a shard set (folder or S3), taken in turn from each class, with
     their synsets. A file is named after its sample's key; a key that is not [A-Za-z0-9_-] (from a crafted or
     foreign shard: `../x`, `a/b`, a NUL) is written under a sanitised name inside `out`, and said so."""
-    import io
-    import itertools
-    import re
-    import tarfile
-
-    from data_prep.shardset.store import open_store
 
     def member_bytes(tar: tarfile.TarFile, name: str, member: tarfile.TarInfo) -> bytes:
         file = tar.extractfile(member)
