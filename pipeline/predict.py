@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     for path, top in zip(args.images, predict(model, meta, args.images, args.k), strict=True):
         print(path)
         for synset, index, prob in top:
-            print(f"  {prob:7.2%}  {synset}  (class {index})")
+            name = (meta.get("label_descriptions") or [""] * (index + 1))[index]
+            print(f"  {prob:7.2%}  {synset}  (class {index}){'  ' + name if name else ''}")
     sys.stdout.flush()
     return 0
 

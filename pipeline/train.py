@@ -39,6 +39,7 @@ from data_prep.shardset.manifest import read_manifest
 from data_prep.shardset.reader import split_entries
 from data_prep.shardset.store import open_store
 from pipeline.config import RunConfig, load_config
+from pipeline.engine.init_source import NAMED_PREFIXES
 from pipeline.engine.init_source import check_init_source as check_init_path
 from pipeline.engine.stop import EXIT_STOPPED, RunStopped, stop_flag, stop_if_agreed
 from pipeline.engine.watchdog import (
@@ -87,8 +88,8 @@ def parse_args(argv):
 
 
 def local_path(value: str) -> bool:
-    """Whether a config value names a local path (not empty, a URL such as s3://... or a models:/ URI)."""
-    return bool(value) and "://" not in value and not value.startswith("models:/")
+    """Whether a config value names a local path (not empty, a URL such as s3://..., a models:/ URI or timm:NAME)."""
+    return bool(value) and "://" not in value and not value.startswith(NAMED_PREFIXES)
 
 
 def resolve_at_launch(cfg: RunConfig, launch_dir: str | None) -> Store:

@@ -5,7 +5,10 @@ file is one by reading its header only, without torch and without unpickling any
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import pickletools
+import zipfile
 from pathlib import Path
 
 from .errors import UserError
@@ -66,3 +69,35 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def pickled_strings(path: str | Path, limit: int = 64 << 20) -> set[str] | None:
+    """The text strings of a torch.save file's pickles (its state-dict keys among them), read with pickletools'
+    opcode walk: nothing is unpickled, imported or run. Reads the zip format's data.pkl, or the legacy format's
+    leading pickles (magic number, protocol, system info, the object). None when the pickle cannot be walked (a
+    damaged file: loading it says what is wrong)."""
+    strings: set[str] = set()
+
+    def walk(stream) -> None:
+        for opcode, arg, _ in pickletools.genops(stream):
+            if "UNICODE" in opcode.name and isinstance(arg, str):
+                strings.add(arg)
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+            if len(pickles) != 1 or pickles[0].file_size > limit:
+                return None
+            walk(io.BytesIO(archive.read(pickles[0])))
+            return strings
+    except zipfile.BadZipFile:
+        pass
+    try:
+        with open(path, "rb") as f:
+            for _ in range(4):  # the legacy format's four pickles; a plain pickle.dump file has one
+                if not f.peek(1)[:1]:
+                    break
+                walk(f)
+    except ValueError:
+        return strings or None
+    return strings

@@ -206,7 +206,7 @@ def test_the_launch_check_refuses_what_ranks_would_meet_in_one_line(tmp_path, sm
         "init_from=models:/nope@candidate": ("init_from", "models:/nope@candidate", "not found", "in the MLflow store"),
         "init_from=models:/tiny@nope": ("models:/tiny@nope", "alias", "not found"),
         "init_from=swin_base_patch4_window7_224_22k.pth": (
-            f"init_from={tmp_path / 'swin_base_patch4_window7_224_22k.pth'} is a PyTorch pickle (.pth)",
+            f"init_from={tmp_path / 'swin_base_patch4_window7_224_22k.pth'} holds no Swin weights",
         ),
         "out_dir=/proc/swin_runs": ("out_dir=/proc/swin_runs: cannot be created",),
     }

@@ -141,9 +141,9 @@ def what_is_not_a_source(tmp_path):
     save_file(trained_like().state, str(alone / "model.safetensors"))
     return {
         tmp_path / "missing": "no such file or folder",
-        tmp_path / "empty": "a folder without COMPLETE or model.json (it holds nothing)",
+        tmp_path / "empty": "a folder without COMPLETE, model.json or config.json (it holds nothing)",
         run: "it is a run folder, start from its model/ or a checkpoint",
-        tmp_path / "swin_base_patch4_window7_224_22k.pth": "is a PyTorch pickle (.pth), not weights this run can",
+        tmp_path / "swin_base_patch4_window7_224_22k.pth": "holds no Swin weights (no patch_embed.proj.weight",
         resnet: "holds no Swin weights",
         pickled / "model.safetensors": "is not a safetensors file: it is a zip archive",
         alone / "model.safetensors": "no model.json beside it",

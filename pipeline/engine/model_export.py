@@ -11,6 +11,7 @@ Loading needs no unpickling: `load_exported(dir)` returns a ready timm model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,12 +22,15 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunConfig, load_config
 from pipeline.data.samples import MEAN, STD
-from pipeline.engine.init_source import check_init_source, init_source_kind
+from pipeline.engine.init_source import RELEASED_KINDS, check_init_source, init_source_kind
 from pipeline.model import create_model, timm_kwargs, timm_name
+from pipeline.model.head_layouts import HeadLayout, head_layout, readable_names
+from pipeline.model.released import ReleasedModel, read_released
 from pipeline.model.transfer import SourceModel
 from swin_common.errors import UserError
 from swin_common.safe_weights import UnsafeModelFile, check_safetensors, file_sha256  # noqa: F401  (re-exported)
 
+log = logging.getLogger(__name__)
 FORMAT = "swin-pipeline-model/1"
 
 
@@ -42,42 +46,56 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def model_metadata(cfg: RunConfig, synsets: list[str]) -> dict:
+    """model.json of a model trained with `cfg` on the label layout `synsets`."""
     m = cfg.model
+    return export_metadata(m.arch, m.img_size, m.window_size, synsets, cfg.data.crop_pct)
+
+
+def export_metadata(arch: str, img_size: int, window_size: int, synsets: list[str], crop_pct: float) -> dict:
+    """model.json: how to rebuild the model (timm architecture and kwargs, size, window), its label layout and the
+    preprocessing it was evaluated with; `label_descriptions` holds WordNet's words for each synset it knows."""
     return {
         "format": FORMAT,
-        "arch": m.arch,
-        "timm_name": timm_name(m.arch, m.img_size, m.window_size),
+        "arch": arch,
+        "timm_name": timm_name(arch, img_size, window_size),
         "timm_kwargs": {
-            k: v
-            for k, v in timm_kwargs(m.arch, m.img_size, m.window_size, len(synsets)).items()
-            if k != "drop_path_rate"
+            k: v for k, v in timm_kwargs(arch, img_size, window_size, len(synsets)).items() if k != "drop_path_rate"
         },
-        "img_size": m.img_size,
-        "window_size": m.window_size,
+        "img_size": img_size,
+        "window_size": window_size,
         "num_classes": len(synsets),
         "synsets": synsets,
+        "label_descriptions": readable_names(synsets),
         "preprocessing": {
             "mean": list(MEAN),
             "std": list(STD),
-            "crop_pct": cfg.data.crop_pct,
+            "crop_pct": crop_pct,
             "interpolation": "bicubic",
-            "input_size": [3, m.img_size, m.img_size],
+            "input_size": [3, img_size, img_size],
         },
     }
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """<out> (replaced whole, at the end) from the checkpoint folder; <out>.tmp while it is under way."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(checkpoint)
     cfg = load_config(checkpoint / "config.yaml")
     synsets = (checkpoint / "synsets.txt").read_text().split()
-    state = consolidated_state_dict(checkpoint)
     meta = model_metadata(cfg, synsets)
     meta["source_checkpoint"] = str(checkpoint.resolve())
     meta["step"] = json.loads((checkpoint / "COMPLETE").read_text())["step"]
-    model = create_model(cfg.model.arch, cfg.model.img_size, cfg.model.window_size, len(synsets))
+    return write_export(consolidated_state_dict(checkpoint), meta, out)
+
+
+def write_export(state: dict[str, torch.Tensor], meta: dict, out: str | Path) -> Path:
+    """The export folder <out> (model.safetensors, model.json, timm's config.json), replaced whole at the end;
+    <out>.tmp while it is under way. The weights must load strictly into the model `meta` describes."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # what an interrupted export left
+    tmp.mkdir(parents=True)
+    model = create_model(meta["arch"], meta["img_size"], meta["window_size"], meta["num_classes"])
     model.load_state_dict(state)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
     (tmp / "model.json").write_text(json.dumps(meta, indent=1))
@@ -123,7 +141,13 @@ def write_timm_config(model: torch.nn.Module, folder: Path, meta: dict) -> Path:
     save_config_for_hf(
         model,
         str(path),
-        model_config={"label_names": list(meta["synsets"])},
+        model_config={
+            "label_names": list(meta["synsets"]),
+            # timm's form: synset -> words, for the synsets WordNet names
+            "label_descriptions": {
+                s: d for s, d in zip(meta["synsets"], meta.get("label_descriptions") or [], strict=False) if d
+            },
+        },
         data_config={
             "input_size": tuple(pre["input_size"]),
             "crop_pct": pre["crop_pct"],
@@ -167,14 +191,61 @@ def load_exported(folder: str | Path) -> tuple[torch.nn.Module, dict]:
 
 def load_source(path: str | Path) -> SourceModel:
     """The weights and label layout to initialise from (`init_from`): a complete checkpoint folder, an exported
-    model folder, or its model.safetensors beside model.json (told apart by init_source, as the pre-launch check
-    does). (A models:/ URI is pulled to a folder first, by `python -m pipeline.train`.)"""
+    model folder or its model.safetensors beside model.json, or a released Swin (told apart by init_source, as the
+    pre-launch check does). (A models:/ URI is pulled to a folder first, by `python -m pipeline.train`.)"""
 
-    kind, path = init_source_kind(path)
+    check_init_source(path)  # the same refusals as the pre-launch check, from the headers, before any load
+    kind, found = init_source_kind(path)
     if kind == "checkpoint":
         return SourceModel(
-            consolidated_state_dict(path), (path / "synsets.txt").read_text().split(), f"checkpoint {path}"
+            consolidated_state_dict(found), (found / "synsets.txt").read_text().split(), f"checkpoint {found}"
         )
-    check_init_source(path)  # model.json beside it, safetensors (a pickle so named is refused), Swin names
-    meta = json.loads(path.with_name("model.json").read_text())
-    return SourceModel(load_file(str(path)), meta["synsets"], f"exported model {path.parent}", meta, file_sha256(path))
+    if kind in RELEASED_KINDS:
+        released, layout = read_released_with_layout(str(path))
+        return SourceModel(
+            released.state,
+            layout.synsets,
+            released.description,
+            {"source_format": released.source_format, "head_layout": layout.name, "head_layout_why": layout.why},
+            file_sha256(path) if Path(path).is_file() else "",
+        )
+    meta = json.loads(found.with_name("model.json").read_text())
+    return SourceModel(
+        load_file(str(found)), meta["synsets"], f"exported model {found.parent}", meta, file_sha256(found)
+    )
+
+
+def read_released_with_layout(
+    source: str, labels_file: str | Path | None = None, file: str | Path | None = None
+) -> tuple[ReleasedModel, HeadLayout]:
+    """A released Swin in timm's layout and the synset of each of its head rows (head_layouts decides, once)."""
+    released = read_released(source, file=file)
+    layout = head_layout(
+        released.num_classes, declared=released.label_names, labels_file=labels_file, origin=released.description
+    )
+    log.info("%s: head of %d rows read as %s (%s)", released.description, released.num_classes, layout.name, layout.why)
+    return released, layout
+
+
+# eval crop of a released model: the official protocol (resize to 256, centre 224) at 224; the whole image at 384
+RELEASED_CROP_PCT = {224: 0.875, 384: 1.0}
+
+
+def import_released(
+    source: str, out: str | Path, labels_file: str | Path | None = None, file: str | Path | None = None
+) -> Path:
+    """The export folder <out> of a released Swin (pipeline.import_model): its weights in timm's layout, model.json
+    with the synsets of its head rows and where they came from."""
+    released, layout = read_released_with_layout(source, labels_file, file)
+    crop_pct = RELEASED_CROP_PCT.get(released.img_size, 1.0)
+    meta = export_metadata(released.arch, released.img_size, released.window_size, layout.synsets, crop_pct)
+    weights = Path(file or source)
+    meta["source"] = {
+        "format": released.source_format,
+        "description": released.description,
+        "name": released.name_hint,
+        "weights_sha256": file_sha256(weights) if weights.is_file() else None,
+        "head_layout": layout.name,
+        "head_layout_why": layout.why,
+    }
+    return write_export(released.state, meta, out)

@@ -509,6 +509,9 @@ def initialise_from(cfg: RunConfig, path: str, model: torch.nn.Module, synsets: 
                     "init_from": redact_text(cfg.init_from),
                     "source": source.description,
                     "weights_sha256": source.weights_sha256 or None,
+                    # a released model's head: which layout its rows were read in, and why (model/head_layouts.py)
+                    "source_head_layout": source.meta.get("head_layout"),
+                    "source_head_layout_why": source.meta.get("head_layout_why"),
                     **report.as_params(),
                     "resized_tables": report.resized_tables,
                     "fresh_synsets": report.fresh_synsets,

@@ -59,6 +59,7 @@ def signature():
         outputs=Schema(
             [
                 ColSpec("string", "label"),
+                ColSpec("string", "name"),
                 ColSpec("double", "probability"),
                 ColSpec(Array("string"), "top_labels"),
                 ColSpec(Array("double"), "top_probabilities"),

@@ -13,7 +13,8 @@ The weights are checked against the sha256 recorded when the version was built (
 
 Input: a DataFrame column `image` of encoded image bytes (JPEG, PNG, ...; base64 strings in a REST request, which
 MLflow decodes as the signature's binary type says); parameter `top_k` (default 5).
-Output, a row per image: `label` (the top synset), `probability`, `top_labels` and `top_probabilities` (top_k).
+Output, a row per image: `label` (the top synset), `name` (WordNet's words for it, "" if none), `probability`,
+`top_labels` and `top_probabilities` (top_k).
 A bad request (no image, not an image, a truncated file, too many pixels) raises MlflowException with
 INVALID_PARAMETER_VALUE, which the scoring server answers with a 400 naming the problem and the row.
 """
@@ -133,6 +134,7 @@ class SwinClassifier(PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval().to(self.device)
         self.labels = list(self.model.pretrained_cfg.get("label_names") or [])
+        self.descriptions = dict(self.model.pretrained_cfg.get("label_descriptions") or {})
         data_config = timm.data.resolve_data_config({}, model=self.model)
         self.transform = timm.data.create_transform(**data_config, is_training=False)
 
@@ -162,6 +164,7 @@ class SwinClassifier(PythonModel):
         return pd.DataFrame(
             {
                 "label": [n[0] for n in names],
+                "name": [self.descriptions.get(n[0], "") for n in names],
                 "probability": [v[0] for v in values],
                 "top_labels": names,
                 "top_probabilities": values,

@@ -1,0 +1,191 @@
+"""python -m pipeline.import_model, init_from of a released file and the released model as the bar to beat, run as
+a user runs them, from a folder outside the checkout: Microsoft's layout is made from a timm model by
+tests/released_files.py (the documented renames), the heads are Microsoft's 21,841 rows and the 1K order."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from conftest import run_prep
+from pipeline.model import create_model
+from pipeline.model.head_layouts import imagenet_1k, microsoft_22k
+from released_files import microsoft_release, perturbed
+from runs import job_env, run
+from servers import REPO, free_port
+from stores import local_store
+
+IMPORT = (sys.executable, "-m", "pipeline.import_model")
+# a "1K" set of real synsets: three that Microsoft's map puts at rows 359, 5676 and 21817 of its 22K head, and the
+# 1K class that 22K lacks (teddy bear), which must start fresh
+SYNSETS = {"n01440764": 359, "n03042490": 5676, "n15075141": 21817, "n04399382": -1}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """Microsoft-layout release files of swin_nano: its 22K head at the tiny recipe's pretraining size (64, window
+    4), and a 1K head at the fine-tune's (96, window 6); with the timm models they were made from."""
+    root = tmp_path_factory.mktemp("released")
+    torch.manual_seed(0)
+    in22k = perturbed(create_model("swin_nano", 64, 4, len(microsoft_22k())))
+    in1k = perturbed(create_model("swin_nano", 96, 6, len(imagenet_1k())), seed=1)
+    return {
+        "22k": (microsoft_release(in22k, root / "swin_nano_patch4_window4_64_22k.pth"), in22k),
+        "1k": (microsoft_release(in1k, root / "swin_nano_patch4_window6_96_22kto1k.pth"), in1k),
+    }
+
+
+def test_an_imported_release_is_an_export_with_microsofts_synsets(tmp_path, released):
+    """The export of Microsoft's 22K file: its head rows named in Microsoft's order with WordNet's words; timm's
+    local-dir: loads the folder to the source's logits; predict names the class in words."""
+    pth, source = released["22k"]
+    out = run([*IMPORT, pth, "--out", "imported"], cwd=tmp_path, env=job_env(port=False))
+    folder = tmp_path / "imported"
+    assert str(folder) in out.stdout
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["synsets"] == list(microsoft_22k())
+    assert (meta["arch"], meta["img_size"], meta["window_size"]) == ("swin_nano", 64, 4)
+    assert meta["source"]["format"] == "microsoft" and meta["source"]["head_layout"] == "microsoft-22k"
+    assert meta["label_descriptions"][359] == "tench, Tinca tinca"
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=1e-5, atol=1e-5)
+    Image.new("RGB", (80, 70), (90, 120, 30)).save(tmp_path / "photo.jpg")
+    top = run([sys.executable, "-m", "pipeline.predict", "imported", "photo.jpg", "-k", "21841"], cwd=tmp_path)
+    tench = next(line for line in top.stdout.splitlines() if " n01440764 " in line)
+    assert tench.endswith("(class 359)  tench, Tinca tinca"), tench
+
+
+def test_import_errors_are_one_line_naming_the_file(tmp_path, released):
+    """A head that --labels does not fit, a pickle that needs more than tensors, a file of no Swin: exit 2, one
+    line, the absolute path named."""
+    (tmp_path / "two.txt").write_text("n01440764\nn03042490\n")
+    (tmp_path / "code.pth").write_bytes(b"")
+    torch.save({"model": {"w": torch.zeros(1)}, "config": Image.new("RGB", (1, 1))}, tmp_path / "code.pth")
+    torch.save({"model": {"conv1.weight": torch.zeros(1)}}, tmp_path / "resnet.pth")
+    cases = {
+        (str(released["22k"][0]), "--labels", "two.txt"): f"--labels {tmp_path / 'two.txt'} lists 2 synsets",
+        ("code.pth",): "needs more than tensors",
+        ("resnet.pth",): f"{tmp_path / 'resnet.pth'} holds no Swin weights",
+    }
+    for args, says in cases.items():
+        proc = run([*IMPORT, *args, "--out", "out"], cwd=tmp_path, check=False, env=job_env(port=False))
+        assert proc.returncode == 2, (args, proc.stderr[-3000:])
+        error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and says in error[0], (args, proc.stderr[-3000:])
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def set_1k(digits_tars, tmp_path_factory):
+    """A shard set whose synsets are real 1K synsets (digit images under their names)."""
+    root = tmp_path_factory.mktemp("set_1k")
+    (root / "src").mkdir()
+    for digit, synset in enumerate(SYNSETS):
+        (root / "src" / f"{synset}.tar").symlink_to(digits_tars / f"n{digit:08d}.tar")
+    run_prep(
+        "shard", "--source", root / "src", "--out", root / "shards", "--max-samples", 120, "--holdout-per-class", 10
+    )
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def bar_to_beat(released, set_1k, tmp_path_factory):
+    """The paper's 22K -> 1K fine-tune straight from Microsoft's 22K file, where the released 1K model, imported and
+    registered as champion, is the bar: fine-tune (registered as candidate), evaluate --promote champion
+    --if-better-than champion. Every command from the user's folder; the phases are the tests below."""
+    user = tmp_path_factory.mktemp("user")
+    store = local_store(user / "store")
+    env = job_env(port=False, MLFLOW_TRACKING_URI=store)
+    run([*IMPORT, released["1k"][0], "--out", "ms_1k"], cwd=user, env=env)
+    champion = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.register",
+            "--model",
+            "ms_1k",
+            "--name",
+            "tiny_22kto1k",
+            "--alias",
+            "champion",
+        ],
+        cwd=user,
+        env=env,
+    )
+    fine = run(
+        [
+            "bash",
+            REPO / "launch/finetune_1k_384.sh",
+            "--config",
+            "configs/tiny_22kto1k.yaml",
+            "name=fine",
+            "out_dir=runs",
+            "tracking.model_name=tiny_22kto1k",
+            f"init_from={released['22k'][0]}",
+            f"data.shards={set_1k}",
+            "train.max_steps=8",
+            "train.global_batch=32",
+            "train.micro_batch=16",
+            "data.workers=1",
+        ],
+        cwd=user,
+        env={**env, "MASTER_PORT": str(free_port())},
+    )
+    gate = run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "models:/tiny_22kto1k@candidate",
+            "--shards",
+            set_1k,
+            "--promote",
+            "champion",
+            "--if-better-than",
+            "champion",
+        ],
+        cwd=user,
+        env=env,
+        check=False,
+    )
+    return {"user": user, "store": store, "champion": champion, "fine": fine, "gate": gate}
+
+
+class TestBarToBeat:
+    def test_the_import_registers_without_a_run_of_its_own(self, bar_to_beat):
+        assert bar_to_beat["champion"].stdout.split()[:2] == ["models:/tiny_22kto1k/1", "models:/tiny_22kto1k@champion"]
+
+    def test_the_fine_tune_maps_microsofts_rows_by_synset(self, bar_to_beat):
+        """init.json and head_map.json: each 1K class from its row of Microsoft's head, teddy bear fresh, every
+        bias table resized (window 4 -> 6), the head read as Microsoft's layout."""
+        run_dir = bar_to_beat["user"] / "runs" / "fine"
+        init = json.loads((run_dir / "init.json").read_text())
+        assert init["source_head_layout"] == "microsoft-22k"
+        assert init["fresh_synsets"] == ["n04399382"] and init["init_head_rows_mapped"] == 3
+        assert len(init["resized_tables"]) == 8
+        head_map = json.loads((run_dir / "head_map.json").read_text())
+        assert head_map["source_index"] == [SYNSETS[s] for s in sorted(SYNSETS)]
+
+    def test_the_fine_tune_is_scored_against_the_released_model(self, bar_to_beat):
+        """Both versions are scored on the set and the alias follows the better top-1 (exit 0 moved, 3 stayed)."""
+        from mlflow.tracking import MlflowClient
+
+        gate = bar_to_beat["gate"]
+        assert gate.returncode in (0, 3), gate.stderr[-4000:]
+        client = MlflowClient(bar_to_beat["store"])
+        tops = {
+            v: next(
+                float(x) for k, x in client.get_model_version("tiny_22kto1k", v).tags.items() if k.endswith(".top1")
+            )
+            for v in ("1", "2")
+        }
+        winner = "2" if tops["2"] > tops["1"] else "1"
+        assert client.get_model_version_by_alias("tiny_22kto1k", "champion").version == winner
+        assert gate.returncode == (0 if winner == "2" else 3)
