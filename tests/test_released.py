@@ -231,9 +231,14 @@ def test_both_name_generations_and_the_bin_file_read(tmp_path, form):
     if form == "current names":
         source.save_pretrained(tmp_path, save_original_format=False)  # the model's own 5.x names
         assert "swin.encoder.layers.0.blocks.0.attention.q_proj.weight" in load_file(tmp_path / "model.safetensors")
-    else:  # what transformers 4 wrote (5 writes safetensors only): the same tensors torch.save'd as a state dict
-        source.save_pretrained(tmp_path)
-        torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    else:  # what transformers 4 wrote (5 writes safetensors only): the same tensors torch.save'd as a state dict,
+        source.save_pretrained(tmp_path)  # with the relative_position_index buffers 4 kept persistent
+        state = load_file(tmp_path / "model.safetensors")
+        for name, buffer in source.named_buffers():
+            if name.endswith("relative_position_index"):
+                state[name.replace("attention.relative_position_bias.", "attention.self.")] = buffer
+        assert "swin.encoder.layers.0.blocks.0.attention.self.relative_position_index" in state
+        torch.save(state, tmp_path / "pytorch_model.bin")
         (tmp_path / "model.safetensors").unlink()
     # transformers itself reads the folder back to the same model
     same = SwinForImageClassification.from_pretrained(tmp_path).eval()
