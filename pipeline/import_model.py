@@ -23,8 +23,9 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.engine.init_source import TIMM_PREFIX, check_init_source
+from pipeline.engine.init_source import check_init_source
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, error_context, exit_process
+from swin_common.released_kind import TIMM_PREFIX
 
 
 @command()
@@ -46,15 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         raise CommandError(f"--file {Path(args.file).absolute()}: no such file")
     if args.labels and not Path(args.labels).is_file():
         raise CommandError(f"--labels {Path(args.labels).absolute()}: no such file (a synset per line)")
-    with error_context(args.source):
-        check_init_source(args.source)  # from the headers, before torch is imported: a wrong path fails at once
+    with error_context("import"):
+        check_init_source(
+            args.source, key="source"
+        )  # from the headers, before torch is imported: a wrong path fails at once
         from pipeline.engine.model_export import import_released
 
         out = import_released(args.source, args.out, args.labels, args.file)
     meta = json.loads((out / "model.json").read_text())
     print(
-        f"{out}: {meta['arch']} at {meta['img_size']}/window {meta['window_size']}, {meta['num_classes']} classes "
-        f"({meta['source']['head_layout']}), from {meta['source']['description']}"
+        f"{out.absolute()}: {meta['num_classes']} classes ({meta['source']['head_layout']}), from "
+        f"{meta['source']['description']}"
     )
     return 0
 

@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.tracking.store import reading_store
+from pipeline.tracking.store import ENV_VAR, reading_store, store_at
 from swin_common.cli import ArgumentParser, CommandError, command, configure_logging, exit_process
 from swin_common.redact import REDACTED
 
@@ -90,7 +90,10 @@ def register_without_run(args) -> int:
             f"{model_dir.absolute()} holds no exported model (no model.json): python -m pipeline.import_model "
             f"SOURCE --out {model_dir}"
         )
-    store = reading_store(args.tracking_uri, os.environ, Path.cwd())
+    uri = args.tracking_uri or os.environ.get(ENV_VAR)
+    if not uri:
+        raise CommandError(f"no MLflow store given: set {ENV_VAR} or pass --tracking-uri (a local store is made there)")
+    store = store_at(uri, Path.cwd())  # registering writes: a local store that is not there yet is made
     meta = json.loads((model_dir / "model.json").read_text())
     source = meta.get("source") or {}
     from mlflow.tracking import MlflowClient

@@ -22,6 +22,7 @@ from transformers import SwinConfig, SwinForImageClassification
 
 from pipeline.model import create_model
 from pipeline.model.released import ReleasedModel, ReleasedWeightsError, read_released, released_kind
+from released_files import microsoft_state, perturbed
 from servers import REPO
 
 SIZES = [(224, 7), (384, 12)]
@@ -38,32 +39,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """The model in eval mode with every weight moved off its initialisation (zero tables, unit norms...)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def nano(size: int, window: int, classes: int = len(LABELS)) -> torch.nn.Module:
     return perturbed(create_model("swin_nano", size, window, classes))
-
-
-def microsoft_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The official layout by its documented renames: each stage's patch merging at the end of the stage before,
-    `head.fc.` -> `head.`, plus the persistent buffers the official model saves (relative_position_index in every
-    block, attn_mask in the shifted ones), which timm's modules hold as non-persistent buffers."""
-    state = {}
-    for key, value in model.state_dict().items():
-        key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", key)
-        state[key.replace("head.fc.", "head.")] = value.clone()
-    for name, module in model.named_modules():
-        for buffer in ("relative_position_index", "attn_mask"):
-            if isinstance(getattr(module, buffer, None), torch.Tensor):
-                state[f"{name}.{buffer}"] = getattr(module, buffer).clone()
-    return state
 
 
 def same_logits(released: ReleasedModel, reference, size: int) -> None:
@@ -325,7 +302,7 @@ def test_released_kind_tells_the_sources_apart(tmp_path):
         read_released(tmp_path / "export")
     # the pre-launch check calls it before torch is imported
     code = (
-        "import sys; from pipeline.engine.released_kind import released_kind; "
+        "import sys; from swin_common.released_kind import released_kind; "
         f"assert released_kind({str(ms)!r}) == 'microsoft'; print('torch' in sys.modules)"
     )
     out = subprocess.run(

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from swin_common.errors import UserError
+from swin_common.released_kind import TIMM_PREFIX, TIMM_WEIGHTS, folder_config, released_kind, timm_weights_file
 from swin_common.safe_weights import pickled_strings, tensor_shapes
 
 ACCEPTED = (
@@ -26,11 +27,7 @@ ACCEPTED = (
 )
 SWIN_KEYS = ("patch_embed.proj.weight",)
 SWIN_SUFFIX = "relative_position_bias_table"
-TIMM_PREFIX = "timm:"  # init_from=timm:swin_base_patch4_window7_224.ms_in22k, from the Hugging Face cache
-NAMED_PREFIXES = ("models:/", TIMM_PREFIX)  # values that name a model rather than a path
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".tar")  # torch.save files: read with torch.load(weights_only=True)
-# the names that tell each released folder's weights apart (transformers keeps its own prefixes)
-RELEASED_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+NAMED_PREFIXES = ("models:/", TIMM_PREFIX)  # values that name a model rather than a path (timm:NAME: HF cache)
 TRANSFORMERS_SWIN_KEY = "swin.embeddings.patch_embeddings.projection.weight"
 RELEASED_KINDS = ("microsoft", "timm", "transformers")
 
@@ -39,7 +36,7 @@ class InitSourceError(UserError, ValueError):
     """An init_from that names nothing the run can start from: the path and what was found there."""
 
 
-def init_source_kind(value: str | Path) -> tuple[str, Path]:
+def init_source_kind(value: str | Path, key: str = "init_from") -> tuple[str, Path]:
     """(kind, path) of an init_from value: "checkpoint" (its folder), "export" (its model.safetensors),
     "microsoft" (a release .pth), "timm" (a timm folder; a `timm:NAME` is Path(NAME)) or "transformers" (its
     folder); else InitSourceError naming the absolute path and what it holds."""
@@ -47,11 +44,11 @@ def init_source_kind(value: str | Path) -> tuple[str, Path]:
         name = str(value).removeprefix(TIMM_PREFIX)
         if not name.startswith("swin"):
             raise InitSourceError(
-                f"init_from={value}: not a timm Swin (give e.g. timm:swin_base_patch4_window7_224.ms_in22k)"
+                f"{key}={value}: not a timm Swin (give e.g. timm:swin_base_patch4_window7_224.ms_in22k)"
             )
         return "timm", Path(name)
     path = Path(value)
-    where = f"init_from={path.absolute()}"
+    where = f"{key}={path.absolute()}"
     if not path.exists():
         raise InitSourceError(f"{where}: no such file or folder (give {ACCEPTED})")
     if path.is_dir():
@@ -60,7 +57,7 @@ def init_source_kind(value: str | Path) -> tuple[str, Path]:
         if (path / "model.json").is_file():
             return "export", path / "model.safetensors"
         if (path / "config.json").is_file():
-            return released_folder_kind(path), path
+            return released_folder_kind(path, key), path
         found = sorted(p.name for p in path.iterdir())[:5]
         hint = (
             ": it is a run folder, start from its model/ or a checkpoint under checkpoints/"
@@ -73,41 +70,31 @@ def init_source_kind(value: str | Path) -> tuple[str, Path]:
         )
     if path.suffix == ".safetensors":
         return "export", path
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if released_kind(path) == "microsoft":
         return "microsoft", path
     raise InitSourceError(
         f"{where} is a {path.suffix or 'file'} file, not weights this run can start from; give {ACCEPTED}"
     )
 
 
-def released_folder_kind(folder: Path) -> str:
-    """ "transformers" (config.json of model_type swin) or "timm" (timm's config.json: an architecture) for a
-    folder of released weights; InitSourceError naming its config.json otherwise."""
+def released_folder_kind(folder: Path, key: str = "init_from") -> str:
+    """ "transformers" or "timm" for a folder of released weights (swin_common/released_kind.py tells them apart);
+    InitSourceError naming its config.json or the weights it lacks otherwise."""
+    kind = released_kind(folder)
+    if kind is not None:
+        return kind
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise InitSourceError(f"init_from: {config_path.absolute()} is not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        config = {}
-    if config.get("model_type") == "swin":
-        return "transformers"
+    config = folder_config(folder)
+    if config is None:
+        raise InitSourceError(f"{key}: {config_path.absolute()} is not a JSON object")
     if str(config.get("architecture", "")).startswith("swin"):
-        return "timm"
+        raise InitSourceError(
+            f"{key}={folder.absolute()}: no weights beside config.json (looked for {', '.join(TIMM_WEIGHTS)})"
+        )
     said = config.get("model_type") or config.get("architecture") or "neither model_type nor architecture"
     raise InitSourceError(
-        f"init_from: {config_path.absolute()} is not a Swin's config (it says {said}); a transformers folder says "
+        f"{key}: {config_path.absolute()} is not a Swin's config (it says {said}); a transformers folder says "
         f"model_type swin, a timm folder architecture swin_..."
-    )
-
-
-def released_weights_file(folder: Path) -> Path:
-    """The weights file of a released folder (timm's and transformers' own order of preference)."""
-    for name in RELEASED_WEIGHTS:
-        if (folder / name).is_file():
-            return folder / name
-    raise InitSourceError(
-        f"init_from={folder.absolute()}: no weights beside config.json (looked for {', '.join(RELEASED_WEIGHTS)})"
     )
 
 
@@ -119,36 +106,40 @@ def weight_names(path: Path) -> set[str] | None:
     return pickled_strings(path)
 
 
-def check_swin_names(path: Path, names: set[str] | None, key: str) -> None:
+def check_swin_names(path: Path, names: set[str] | None, swin_key: str, key: str = "init_from") -> None:
     """InitSourceError unless the names hold `key` and a relative position bias table (None: loading decides)."""
-    if names is None or (key in names and any(k.endswith(SWIN_SUFFIX) for k in names)):
+    if names is None or (swin_key in names and any(k.endswith(SWIN_SUFFIX) for k in names)):
         return
     sample = ", ".join(sorted(n for n in names if "." in n)[:3]) or "no tensor names"
     raise InitSourceError(
-        f"init_from={path.absolute()} holds no Swin weights (no {key} and relative position bias tables; "
+        f"{key}={path.absolute()} holds no Swin weights (no {swin_key} and relative position bias tables; "
         f"it holds {sample} ...)"
     )
 
 
-def check_init_source(value: str | Path) -> str:
+def check_init_source(value: str | Path, key: str = "init_from") -> str:
     """Checks an init_from value from its headers (init_source_kind, then an export's model.json, the Swin names of
     the weights); returns what it is, for the log. Raises InitSourceError naming the file."""
-    kind, found = init_source_kind(value)
+    kind, found = init_source_kind(value, key)
     if kind == "checkpoint":
         if not (found / "synsets.txt").is_file():
-            raise InitSourceError(f"init_from={found.absolute()}: a checkpoint without synsets.txt (its label layout)")
+            raise InitSourceError(f"{key}={found.absolute()}: a checkpoint without synsets.txt (its label layout)")
         return f"checkpoint {found}"
-    if kind == "timm":
+    if kind == "timm" and str(value).startswith(TIMM_PREFIX):
         return f"timm {found} (from the Hugging Face cache)"
     if kind == "microsoft":
-        check_swin_names(found, weight_names(found), SWIN_KEYS[0])
+        check_swin_names(found, weight_names(found), SWIN_KEYS[0], key)
         return f"released weights {found}"
     if kind in ("transformers", "timm"):
-        weights = released_weights_file(found)
-        key = TRANSFORMERS_SWIN_KEY if kind == "transformers" else SWIN_KEYS[0]
-        check_swin_names(weights, weight_names(weights), key)
+        weights = timm_weights_file(found)
+        if weights is None:
+            raise InitSourceError(
+                f"{key}={found.absolute()}: no weights beside config.json (looked for {', '.join(TIMM_WEIGHTS)})"
+            )
+        swin_key = TRANSFORMERS_SWIN_KEY if kind == "transformers" else SWIN_KEYS[0]
+        check_swin_names(weights, weight_names(weights), swin_key, key)
         return f"{kind} folder {found}"
-    where = f"init_from={found.absolute()}"
+    where = f"{key}={found.absolute()}"
     meta_path = found.with_name("model.json")
     if not found.is_file():
         raise InitSourceError(f"{where}: no such file (an export holds model.safetensors beside model.json)")
@@ -157,6 +148,6 @@ def check_init_source(value: str | Path) -> str:
     try:
         synsets = json.loads(meta_path.read_text())["synsets"]
     except (ValueError, KeyError, TypeError) as e:
-        raise InitSourceError(f"init_from: {meta_path.absolute()} is not an export's model.json ({e})") from None
-    check_swin_names(found, set(tensor_shapes(found)), SWIN_KEYS[0])  # refuses a pickle named .safetensors
+        raise InitSourceError(f"{key}: {meta_path.absolute()} is not an export's model.json ({e})") from None
+    check_swin_names(found, set(tensor_shapes(found)), SWIN_KEYS[0], key)  # refuses a pickle named .safetensors
     return f"exported model {found.parent} ({len(synsets)} classes)"

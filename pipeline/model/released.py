@@ -40,10 +40,10 @@ import torch
 from safetensors.torch import load_file
 from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
-from pipeline.engine.released_kind import TIMM_PREFIX, folder_config, released_kind, timm_weights_file
 from pipeline.model.swin import VARIANTS, ArchError, create_model
 from pipeline.model.transfer import REBUILT_BUFFERS
 from swin_common.errors import UserError
+from swin_common.released_kind import TIMM_PREFIX, folder_config, released_kind, timm_weights_file
 from swin_common.safe_weights import check_safetensors
 
 __all__ = ["ReleasedModel", "ReleasedWeightsError", "read_released", "released_kind"]
