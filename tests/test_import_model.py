@@ -160,7 +160,13 @@ def bar_to_beat(released, set_1k, tmp_path_factory):
 
 class TestBarToBeat:
     def test_the_import_registers_without_a_run_of_its_own(self, bar_to_beat):
+        """Its own MLflow run, the version tagged with its first classes in words."""
+        from mlflow.tracking import MlflowClient
+
         assert bar_to_beat["champion"].stdout.split()[:2] == ["models:/tiny_22kto1k/1", "models:/tiny_22kto1k@champion"]
+        version = MlflowClient(bar_to_beat["store"]).get_model_version("tiny_22kto1k", "1")
+        assert version.tags["labels_head"].startswith("n01440764 tench, n01443537 goldfish")
+        assert MlflowClient(bar_to_beat["store"]).get_run(version.run_id).data.params["head_layout"] == "imagenet-1k"
 
     def test_the_fine_tune_maps_microsofts_rows_by_synset(self, bar_to_beat):
         """init.json and head_map.json: each 1K class from its row of Microsoft's head, teddy bear fresh, every

@@ -309,3 +309,24 @@ def test_released_kind_tells_the_sources_apart(tmp_path):
         [sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True
     )
     assert out.stdout.decode().strip() == "False", out.stderr.decode()
+
+
+def test_init_from_takes_every_released_kind(tmp_path):
+    """The pre-launch check and the ranks' load_source take a timm folder and a transformers folder (their declared
+    labels) and a Microsoft file; a head of a size no released Swin has, with no labels, is refused naming the file."""
+    from pipeline.engine.init_source import check_init_source
+    from pipeline.engine.model_export import load_source
+    from pipeline.model.head_layouts import HeadLayoutError
+
+    model = nano(224, 7)
+    save_for_hf(model, tmp_path / "timm", safe_serialization=True, model_config={"label_names": LABELS})
+    transformers_model(224, 7).save_pretrained(tmp_path / "hf")
+    torch.save({"model": microsoft_state(model)}, tmp_path / "swin.pth")
+    for kind in ("timm", "hf"):
+        assert check_init_source(tmp_path / kind).endswith(f"folder {tmp_path / kind}")
+        source = load_source(tmp_path / kind)
+        assert source.synsets == LABELS and source.meta["head_layout"] == "declared by the source"
+        create_model("swin_nano", 224, 7, len(LABELS)).load_state_dict(source.state, strict=True)
+    assert check_init_source(tmp_path / "swin.pth") == f"released weights {tmp_path / 'swin.pth'}"
+    with pytest.raises(HeadLayoutError, match=f"{tmp_path / 'swin.pth'}.* a head of 10 rows .*--labels"):
+        load_source(tmp_path / "swin.pth")

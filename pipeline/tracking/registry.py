@@ -45,6 +45,12 @@ def version_tags(meta: dict) -> dict[str, str]:
         "crop_pct": str(pre["crop_pct"]),
         "interpolation": pre["interpolation"],
         "synsets_head": ",".join(meta["synsets"][:5]) + (" ..." if len(meta["synsets"]) > 5 else ""),
+        # the first classes in words, beside their synsets (WordNet's first lemma; exports list them all)
+        "labels_head": ", ".join(
+            f"{s} {d.split(',')[0]}" if d else s
+            for s, d in zip(meta["synsets"][:5], meta.get("label_descriptions") or [""] * 5, strict=False)
+        )
+        + (" ..." if len(meta["synsets"]) > 5 else ""),
     }
 
 
