@@ -92,7 +92,7 @@ def manifest_params(shards: str) -> dict[str, object]:
     manifest = json.loads(raw)
     out = {
         "data.manifest_sha256": hashlib.sha256(raw).hexdigest(),
-        "data.num_classes": len(manifest.get("synsets", manifest.get("layout", {}).get("synsets", []))),
+        "data.num_classes": manifest.get("label_layout", {}).get("num_classes", 0),
     }
     for split, totals in manifest.get("totals", {}).items():
         out[f"data.{split}_samples"] = totals.get("samples")
