@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.engine.init_source import ACCEPTED
 from runs import SBATCH, TINY, job_env, one_node_two_tasks, sbatch_env
 from servers import REPO, free_port
 from swin_common.cli import CommandError, exit_code_of
@@ -190,27 +191,44 @@ def test_the_launch_script_answers_help_and_user_errors_before_any_rank_starts(t
 
 
 def test_the_launch_check_refuses_what_ranks_would_meet_in_one_line(tmp_path, small_set):
-    """Through launch/pretrain_22k.sh from the user's folder, before any rank starts, exit 2 in one line: an
-    init_from whose registered model or alias the store lacks, a file that holds no Swin weights (named by its
-    absolute path: relative paths are the launch folder's), an out_dir that cannot be created; nothing is left
-    behind (no run folder, no MLflow run)."""
+    """Through both launch scripts from the user's folder, before any rank starts, exit 2 in one line: an
+    init_from whose registered model or alias the store lacks, a file or an export that holds no Swin weights
+    (named by its absolute path: relative paths are the launch folder's), an out_dir that cannot be created or
+    written, a shard set that is not there (named absolute); nothing is left behind (no run folder, no MLflow
+    run)."""
+    import torch
+    from safetensors.torch import save_file
+
     from stores import constant_export, local_store, register_export
 
     uri = local_store(tmp_path / "store")
     register_export(uri, "tiny", constant_export(tmp_path / "export", [f"n{d:08d}" for d in range(10)], 0, 1.0))
     (tmp_path / "swin_base_patch4_window7_224_22k.pth").write_bytes(b"\x80\x02}q\x00.")  # a pickle
-    launch = REPO / "launch" / "pretrain_22k.sh"
+    resnet = tmp_path / "resnet"  # an export's layout, other weights
+    resnet.mkdir()
+    save_file({"conv1.weight": torch.zeros(2, 3, 1, 1)}, str(resnet / "model.safetensors"))
+    (resnet / "model.json").write_text(json.dumps({"synsets": [f"n{d:08d}" for d in range(10)]}))
+    pretrain, finetune = REPO / "launch" / "pretrain_22k.sh", REPO / "launch" / "finetune_1k_384.sh"
     env = {"PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "MLFLOW_TRACKING_URI": uri}
     common = ("--config", TINY, f"data.shards={small_set}", "out_dir=runs")
-    cases = {
-        "init_from=models:/nope@candidate": ("init_from", "models:/nope@candidate", "not found", "in the MLflow store"),
-        "init_from=models:/tiny@nope": ("models:/tiny@nope", "alias", "not found"),
-        "init_from=swin_base_patch4_window7_224_22k.pth": (
-            f"init_from={tmp_path / 'swin_base_patch4_window7_224_22k.pth'} holds no Swin weights",
+    cases = (
+        (
+            pretrain,
+            "init_from=models:/nope@candidate",
+            ("init_from=models:/nope@candidate", "not found", "in the MLflow store"),
         ),
-        "out_dir=/proc/swin_runs": ("out_dir=/proc/swin_runs: cannot be created",),
-    }
-    for arg, names in cases.items():
+        (pretrain, "init_from=models:/tiny@nope", ("init_from=models:/tiny@nope", "alias", "not found")),
+        (
+            pretrain,
+            "init_from=swin_base_patch4_window7_224_22k.pth",
+            (f"init_from={tmp_path / 'swin_base_patch4_window7_224_22k.pth'} holds no Swin weights",),
+        ),
+        (finetune, "init_from=resnet", (f"init_from={resnet / 'model.safetensors'} holds no Swin weights",)),
+        (pretrain, "out_dir=/proc/swin_runs", ("out_dir=/proc/swin_runs: cannot be created",)),
+        (finetune, "out_dir=/proc", ("out_dir=/proc: cannot be written",)),  # a folder, not writable even by root
+        (finetune, "data.shards=no_set", (f"shard set not found: {tmp_path / 'no_set'} does not exist",)),
+    )
+    for launch, arg, names in cases:
         proc = run("bash", launch, *common, arg, cwd=tmp_path, env=env)
         one_line(proc, *names)
         assert "WORLD INFO" not in proc.stdout + proc.stderr, arg  # no rank was started
@@ -220,6 +238,35 @@ def test_the_launch_check_refuses_what_ranks_would_meet_in_one_line(tmp_path, sm
     assert not MlflowClient(uri).search_runs(
         [e.experiment_id for e in MlflowClient(uri).search_experiments() if e.name != "registered"]
     )
+
+
+@pytest.mark.slow
+def test_accelerate_ranks_take_relative_paths_from_the_launch_folder(tmp_path, small_set):
+    """`accelerate launch -m pipeline.train` from the user's folder: its rank reads a relative data.shards there
+    (else the error would be the shard set's) and names a relative init_from by its absolute path there."""
+    from runs import ACCELERATE
+
+    (tmp_path / "set").symlink_to(small_set)
+    (tmp_path / "weights.pth").write_bytes(b"\x80\x02}q\x00.")
+    launch = ("launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    proc = run(
+        ACCELERATE,
+        *launch,
+        "-m",
+        "pipeline.train",
+        "--config",
+        TINY,
+        "data.shards=set",
+        "init_from=weights.pth",
+        "out_dir=runs",
+        cwd=tmp_path,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors == [
+        f"error: init_from={tmp_path / 'weights.pth'} is a PyTorch pickle (.pth), not weights this run can start "
+        f"from (never unpickled); give {ACCEPTED}"
+    ], proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
 
 
 HELPED = (

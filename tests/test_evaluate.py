@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from runs import job_env
-from servers import REPO, free_port, run_prep
+from servers import free_port, run_prep
 
 pytestmark = pytest.mark.slow
 NAME = "evaluated"
@@ -177,8 +177,9 @@ def evaluate(uri: str, cache: Path, *args, ranks: int = 1) -> subprocess.Complet
             *args,
             *common,
         ]
+    # from the user's own folder (the test's, which holds the cache), outside the checkout
     return subprocess.run(
-        list(map(str, cmd)), cwd=REPO, capture_output=True, text=True, timeout=300, env=env(uri, cache)
+        list(map(str, cmd)), cwd=cache.parent, capture_output=True, text=True, timeout=300, env=env(uri, cache)
     )
 
 
@@ -335,6 +336,13 @@ def test_what_does_not_exist_is_one_line_naming_it(registry, shards, tmp_path):
         typo, "--if-better-than prdo", f"the registered model {NAME} has no alias 'prdo'", "prod is not moved"
     )
     assert "scoring" not in typo.stderr and "prod" not in (MlflowClient(uri).get_registered_model(NAME).aliases or {})
+    # the same typo where the alias being moved names a version already: an error, and the alias stays
+    moved = evaluate(
+        uri, cache, f"models:/{NAME}/1", "--shards", shards, "--promote", "latest_fit", "--if-better-than", "latset_fit"
+    )
+    one_error_line(moved, "--if-better-than latset_fit", f"the registered model {NAME} has no alias 'latset_fit'")
+    assert "scoring" not in moved.stderr
+    assert MlflowClient(uri).get_model_version_by_alias(NAME, "latest_fit").version == "2"
 
 
 def test_a_model_is_scored_on_a_set_whose_synsets_it_covers(shards):

@@ -1,9 +1,10 @@
 """A pulled model is the version it claims to be: two local MLflow stores each hold `twin` version 1 with other
 weights, and one model cache serves both. Every consumer, run as a user runs it from a folder of their own (pull,
-predict, evaluate; init_from in tests/test_tracking.py), gets its own store's weights and scores, after MLflow's
-own tools (`mlflow models serve`, `mlflow.pyfunc.load_model`) have written their bookkeeping into the version's
-folder; a cached file changed on disk, and weights the store hands out under another's checksum, are errors
-naming the version and the file."""
+predict, evaluate, a fine-tuning run's init_from), gets its own store's weights and scores, after MLflow's own
+tools (`mlflow models serve`, `mlflow.pyfunc.load_model`) have written their bookkeeping into the version's
+folder; the same order on an MLflow server whose artifacts are on S3; a cached file changed on disk (each
+consumer), and weights the store hands out under another's checksum, are errors naming the version and the
+file."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from runs import job_env
-from servers import free_port
+from runs import TINY, job_env
+from servers import free_port, start_mlflow_server
 from stores import constant_export, constant_scores, local_store, register_export
 
 pytestmark = pytest.mark.slow
@@ -74,6 +75,60 @@ def expected_top1(store: str) -> tuple[str, float]:
 
     label, logit = MODELS[store]
     return SYNSETS[label], round(100 * math.exp(logit) / (math.exp(logit) + len(SYNSETS) - 1), 2)
+
+
+def evaluate(cwd: Path, uri: str, cache: Path, model: str, shards: Path) -> subprocess.CompletedProcess:
+    return run(
+        cwd,
+        uri,
+        cache,
+        "-m",
+        "pipeline.evaluate",
+        model,
+        "--shards",
+        shards,
+        "--batch-size",
+        50,
+        "--workers",
+        0,
+        "--backend",
+        "torch",
+    )
+
+
+def assert_scores(proc: subprocess.CompletedProcess, store: str) -> float:
+    """The figures line of `python -m pipeline.evaluate` are those of `store`'s constant model; returns the loss."""
+    line = next(line for line in ok(proc).stdout.splitlines() if line.startswith(f"models:/{NAME}/1 on "))
+    assert "(split val, 100 samples)" in line, line
+    want = constant_scores(*MODELS[store], [y for y in range(10) for _ in range(10)], len(SYNSETS))
+    loss = float(line.split("loss ")[1].split(",")[0])
+    assert loss == pytest.approx(want["loss"], abs=2e-4) and f"top-1 {want['top1']:.2f}%" in line, (store, line)
+    return want["loss"]
+
+
+def fine_tune(cwd: Path, uri: str, cache: Path, shards: Path, name: str, init_from: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline.train` (one rank, one step, untracked) starting from `init_from`, in cwd/runs/NAME."""
+    return run(
+        cwd,
+        uri,
+        cache,
+        "-m",
+        "pipeline.train",
+        "--config",
+        TINY,
+        f"name={name}",
+        "out_dir=runs",
+        f"data.shards={shards}",
+        f"init_from={init_from}",
+        "train.max_steps=1",
+        "train.global_batch=16",
+        "train.micro_batch=16",
+        "data.workers=0",
+        "data.val_split=",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "tracking.enabled=false",
+    )
 
 
 def sha256(path: Path) -> str:
@@ -184,45 +239,34 @@ def test_one_cache_serves_two_stores_each_its_own_weights(twins, image, shards, 
             run(user, uris[store], cache, "-m", "pipeline.predict", f"models:/{NAME}@candidate", "-k", "1", image)
         ) == expected_top1(store), store
     for store in ("b", "a"):
-        proc = ok(
-            run(
-                user,
-                uris[store],
-                cache,
-                "-m",
-                "pipeline.evaluate",
-                f"models:/{NAME}@candidate",
-                "--shards",
-                shards,
-                "--batch-size",
-                50,
-                "--workers",
-                0,
-                "--backend",
-                "torch",
-            )
-        )
-        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"models:/{NAME}/1 on "))
-        assert "(split val, 100 samples)" in line, line
-        want = constant_scores(*MODELS[store], [y for y in range(10) for _ in range(10)], len(SYNSETS))
-        loss = float(line.split("loss ")[1].split(",")[0])
-        assert loss == pytest.approx(want["loss"], abs=2e-4) and f"top-1 {want['top1']:.2f}%" in line, (store, line)
+        want_loss = assert_scores(evaluate(user, uris[store], cache, f"models:/{NAME}@candidate", shards), store)
         tags = MlflowClient(uris[store]).get_model_version(NAME, "1").tags
         recorded = [float(v) for k, v in tags.items() if k.endswith(".val.loss")]
-        assert recorded == [pytest.approx(want["loss"], abs=2e-4)], (store, tags)  # on its own store's version
+        assert recorded == [pytest.approx(want_loss, abs=2e-4)], (store, tags)  # on its own store's version
 
-    # a cached file changed on disk: refused, naming the version and the file (every consumer pulls through the
-    # same check: predict, evaluate, init_from)
+    # a fine-tuning run from the user's folder starts from store a's weights, store b's twin/1 in the same cache
+    ok(fine_tune(user, uris["a"], cache, shards, "from_a", f"models:/{NAME}@candidate"))
+    init = json.loads((user / "runs" / "from_a" / "init.json").read_text())
+    assert (
+        init["weights_sha256"]
+        == sha256(exports["a"] / "model.safetensors")
+        != sha256(exports["b"] / "model.safetensors")
+    )
+    assert Path(init["source"].split()[-1]) == folders["a"]
+
+    # a cached file changed on disk: refused by every consumer, naming the version and the file
     weights = folders["a"] / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit in a tensor: the header still parses
     weights.write_bytes(bytes(data))
-    one_error(
+    for proc in (
         run(user, uris["a"], cache, "-m", "pipeline.pull", f"models:/{NAME}/1"),
-        f"models:/{NAME}/1",
-        str(weights),
-        "was changed after it was pulled",
-    )
+        run(user, uris["a"], cache, "-m", "pipeline.predict", f"models:/{NAME}/1", image),
+        evaluate(user, uris["a"], cache, f"models:/{NAME}/1", shards),
+        fine_tune(user, uris["a"], cache, shards, "from_changed", f"models:/{NAME}/1"),
+    ):
+        one_error(proc, f"models:/{NAME}/1", str(weights), "was changed after it was pulled")
+    assert not (user / "runs" / "from_changed").exists()
 
     # the store made again (`--fresh`): the same store, and its new twin/1 is another model (another run)
     client = MlflowClient(uris["a"])
@@ -263,3 +307,92 @@ def test_a_version_without_a_recorded_checksum_gets_one_and_store_swapped_weight
         and "model.safetensors has sha256" in loaded.stderr
         and "the version recorded" in loaded.stderr
     ), loaded.stderr[-3000:]
+
+
+@pytest.mark.s3
+def test_mlflow_tools_then_every_consumer_on_the_s3_backed_server(s3_server, image, shards, tmp_path):
+    """On an MLflow server whose artifacts are on S3: `mlflow models serve` and `mlflow.pyfunc.load_model` first,
+    then pull, predict, evaluate and a fine-tuning run's init_from, from the user's folder through one cache: each
+    answers with the version's own weights."""
+    from pipeline.tracking.registry import register
+
+    bucket = s3_server.create_bucket("twins")
+    server = start_mlflow_server(
+        tmp_path / "mlflow",
+        env={
+            **s3_server.env,
+            "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/artifacts",
+        },
+    )
+    try:
+        uri, user, cache = server.uri, tmp_path / "user", tmp_path / "cache"
+        user.mkdir()
+        export = constant_export(tmp_path / "export", SYNSETS, *MODELS["a"], seed=MODELS["a"][0])
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("registered")).info.run_id
+        assert register(client, run_id, export, NAME, ["candidate"]) == "1"
+        client.set_terminated(run_id)
+        keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+        assert any(k.endswith("artifacts/model/model.safetensors") for k in keys), keys  # on S3
+
+        assert serve_once(user, uri, image) == expected_top1("a")[0]
+        loaded = run(user, uri, cache, "-c", LOAD_MODEL, f"models:/{NAME}@candidate", image)
+        assert json.loads(ok(loaded).stdout.splitlines()[-1])["label"] == expected_top1("a")[0]
+
+        pulled = ok(run(user, uri, cache, "-m", "pipeline.pull", f"models:/{NAME}@candidate")).stdout
+        folder = Path(pulled.splitlines()[-1])
+        assert folder.parent == cache / NAME
+        assert sha256(folder / "model.safetensors") == sha256(export / "model.safetensors")
+        predicted = run(user, uri, cache, "-m", "pipeline.predict", f"models:/{NAME}@candidate", "-k", "1", image)
+        assert top1(predicted) == expected_top1("a")
+        assert_scores(evaluate(user, uri, cache, f"models:/{NAME}@candidate", shards), "a")
+        ok(fine_tune(user, uri, cache, shards, "from_s3", f"models:/{NAME}@candidate"))
+        init = json.loads((user / "runs" / "from_s3" / "init.json").read_text())
+        assert init["weights_sha256"] == sha256(export / "model.safetensors")
+    finally:
+        server.stop()
+
+
+def on_a_terminal(cwd: Path, uri: str, cache: Path, *args, timeout: float = 120) -> tuple[int, str]:
+    """`python ARGS` with a terminal (a pty) as its stdin, stdout and stderr: its exit status and all it wrote."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 0 columns: bars print nothing
+    env = job_env(port=False, MLFLOW_TRACKING_URI=uri, SWIN_MODEL_CACHE=str(cache))
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args)], cwd=cwd, stdin=terminal, stdout=terminal, stderr=terminal, env=env
+    )
+    os.close(terminal)
+    out, deadline = b"", time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every end of the terminal's other side is closed
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(timeout=60), out.decode(errors="replace")
+
+
+def test_a_pull_on_a_terminal_shows_one_progress_bar(twins, tmp_path):
+    """On a terminal a pull shows its own bar, one for the download, not MLflow's bar per file."""
+    uris, _exports = twins
+    # store a: the earlier test left store b handing out other weights than it registered
+    code, out = on_a_terminal(tmp_path, uris["a"], tmp_path / "cache", "-m", "pipeline.pull", f"models:/{NAME}/1")
+    assert code == 0, out[-3000:]
+    assert f"pulling models:/{NAME}/1" in out and "Downloading artifacts" not in out, out[-3000:]
