@@ -47,6 +47,9 @@ done
 # what a user can get wrong (the config, the shard set, an init_from path), said in a second and as the last
 # line, before any rank starts; run from the repository, where the ranks run
 (cd "$repo" && "$python" -m pipeline.train --check --launch-dir "$launch_dir" "$@") || exit $?
+for arg in "$@"; do  # --check given by the user: the check is all they asked for
+  [ "$arg" = --check ] && exit 0
+done
 
 # ranks on this machine, when known without asking torch: NUM_GPUS, or 2 on a machine without an NVIDIA driver
 local_procs="${NUM_GPUS:-}"

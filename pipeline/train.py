@@ -200,10 +200,10 @@ def check_writable(folder: Path, key: str, remove_made: bool) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        what = "created" if not folder.is_dir() else "written (making a file in it failed"
         raise CommandError(
-            f"{key}={folder}: cannot be {'created' if not folder.is_dir() else 'written'} "
-            f"({e.strerror or e}): give a folder this job can write (on a file system every node "
-            f"mounts)"
+            f"{key}={folder}: cannot be {what}{': ' if folder.is_dir() else ' ('}{e.strerror or e}): give a folder "
+            f"this job can write (on a file system every node mounts)"
         ) from None
     finally:
         for parent in reversed(made if remove_made else []):

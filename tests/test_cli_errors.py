@@ -232,6 +232,8 @@ def test_the_launch_check_refuses_what_ranks_would_meet_in_one_line(tmp_path, sm
         proc = run("bash", launch, *common, arg, cwd=tmp_path, env=env)
         one_line(proc, *names)
         assert "WORLD INFO" not in proc.stdout + proc.stderr, arg  # no rank was started
+    checked = run("bash", pretrain, *common, "--check", cwd=tmp_path, env=env)  # the check alone: no rank
+    assert checked.returncode == 0 and "WORLD INFO" not in checked.stdout + checked.stderr, checked.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
     from mlflow.tracking import MlflowClient
 
