@@ -4,10 +4,14 @@ tests/released_files.py (the documented renames), the heads are Microsoft's 21,8
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import sys
+import threading
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from PIL import Image
@@ -195,3 +199,66 @@ class TestBarToBeat:
         winner = "2" if tops["2"] > tops["1"] else "1"
         assert str(client.get_model_version_by_alias("tiny_22kto1k", "champion").version) == winner
         assert gate.returncode == (0 if winner == "2" else 3)
+
+
+class LoopbackHub(http.server.ThreadingHTTPServer):
+    """A Hugging Face Hub on loopback that serves `files` ({"REPO/FILENAME": bytes}, revision main) the way the Hub
+    answers huggingface_hub's HEAD and GET, so that huggingface_hub itself writes the user's cache."""
+
+    def __init__(self, files: dict[str, bytes]):
+        files_by_path = {
+            f"/{name.split('/', 2)[0]}/{name.split('/', 2)[1]}/resolve/main/{name.split('/', 2)[2]}": data
+            for name, data in files.items()
+        }
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.answer(body=False)
+
+            def do_GET(self):
+                self.answer(body=True)
+
+            def answer(self, body: bool):
+                data = files_by_path.get(self.path.split("?")[0])
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def test_a_timm_name_comes_from_the_hugging_face_cache_offline(tmp_path):
+    """timm:NAME is timm's own pretrained loading: fetched once into the user's Hugging Face cache (huggingface_hub
+    writes it, from a Hub on loopback), then imported with HF_HUB_OFFLINE=1 and the Hub gone, to the same weights."""
+    source = timm.create_model("swin_tiny_patch4_window7_224", num_classes=1000).eval()
+    name = "swin_tiny_patch4_window7_224.ms_in1k"
+    hub = LoopbackHub({f"timm/{name}/model.safetensors": safetensors.torch.save(source.state_dict())})
+    env = job_env(port=False, HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=hub.url)
+    try:
+        run([*IMPORT, f"timm:{name}", "--out", "online"], cwd=tmp_path, env=env)
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    assert list((tmp_path / "hf" / "hub").glob(f"models--timm--{name}/snapshots/*/model.safetensors"))
+    out = run([*IMPORT, f"timm:{name}", "--out", "offline"], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert "1000 classes (imagenet-1k)" in out.stdout
+    weights = safetensors.torch.load_file(tmp_path / "offline" / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in source.state_dict().items())
