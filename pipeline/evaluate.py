@@ -2,7 +2,11 @@
 
 Scores a registered model (MODEL: models:/NAME@ALIAS or models:/NAME/VERSION, from the MLflow registry at
 MLFLOW_TRACKING_URI) on one split of a shard set (a folder or s3://bucket/prefix): loss, top-1 and top-5 over
-every sample of the split exactly once. Start it alone (a world of one) or once per rank with a launcher
+every sample of the split exactly once. MODEL may also be a model no registry holds, scored and printed only (no
+tags, no --promote): an export folder, or a released Swin as `python -m pipeline.import_model` takes it
+(Microsoft's .pth, timm:NAME, a timm or transformers folder), so the released model is the bar to beat.
+
+Start it alone (a world of one) or once per rank with a launcher
 (`python -m swin_common.node_launch --procs N --module pipeline.evaluate ...`, the `deepspeed` launcher, torchrun,
 srun): each rank reads its part of the split and one all-reduce adds the parts up. Rank 0 prints
 
@@ -38,6 +42,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +51,7 @@ from pathlib import Path
 from data_prep.shardset.layout import map_layouts
 from data_prep.shardset.manifest import MANIFEST_NAME, read_manifest
 from data_prep.shardset.store import LocalStore, open_store
+from pipeline.engine.init_source import check_init_source, init_source_kind
 from pipeline.tracking.registry import parse_models_uri, pull_to_folder
 from pipeline.tracking.scores import (
     alias_version,
@@ -77,7 +83,12 @@ def parse_args(argv):
     p = ArgumentParser(
         prog="python -m pipeline.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("uri", metavar="MODEL", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument(
+        "uri",
+        metavar="MODEL",
+        help="models:/NAME@ALIAS or models:/NAME/VERSION; or, scored without tags, an export folder or a released "
+        "Swin (Microsoft's .pth, timm:NAME, a timm or transformers folder)",
+    )
     p.add_argument("--shards", required=True, help="shard set: a folder or s3://bucket/prefix")
     p.add_argument("--split", default="val", help="split of the set to score (default: val)")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch and rank (default: 128)")
@@ -426,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(
         level=logging.WARNING, stream=sys.stderr, format=f"[rank {rank()}] %(name)s %(levelname)s %(message)s"
     )
+    if not args.uri.startswith("models:/"):
+        return score_unregistered(args)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file and rank otherwise
     from mlflow.tracking import MlflowClient
 
@@ -442,6 +455,46 @@ def main(argv: list[str] | None = None) -> int:
 
         shutdown()
     return code
+
+
+def score_unregistered(args) -> int:
+    """Scores an export folder, or a released Swin imported into a temporary folder by each rank, and prints the
+    line; nothing is recorded (no version to tag) and nothing is promoted."""
+    if args.promote is not None:
+        raise CommandError(
+            f"--promote moves an alias of a registered model; {args.uri} is not one: register it first "
+            f"(python -m pipeline.register --model DIR --name NAME, after python -m pipeline.import_model)"
+        )
+    with naming(args.shards):
+        info = open_set(args.shards, args.split)
+    with error_context(args.uri), tempfile.TemporaryDirectory(prefix="swin-evaluate-") as tmp:
+        check_init_source(args.uri, key="MODEL")
+        kind, found = init_source_kind(args.uri, key="MODEL")
+        if kind == "checkpoint":
+            raise CommandError(f"{args.uri} is a training checkpoint: python -m pipeline.export {args.uri} --out DIR")
+        if kind == "export":
+            folder = found.parent
+        else:
+            from pipeline.engine.model_export import import_released
+
+            folder = import_released(args.uri, Path(tmp) / "model")
+        meta = json.loads((folder / "model.json").read_text())
+        version = Version(
+            args.uri, "", str(folder), meta, head_rows(meta["synsets"], info.synsets, args.uri, info.shown)
+        )
+        world, grouped = start_world()
+        if world.is_main:
+            print(
+                f"scoring {args.uri} on {info.shown} (split {info.split}, {info.samples} samples) ...", file=sys.stderr
+            )
+        scores = score(version, info, args, world)
+    if world.is_main:
+        print(scores_line(args.uri, info, scores), flush=True)
+    if grouped:
+        from pipeline.engine.distributed import shutdown
+
+        shutdown()
+    return 0
 
 
 def run(client, mlflow_store: Store, plan: Plan, info: SetInfo, args, world) -> int:

@@ -159,7 +159,20 @@ def bar_to_beat(released, set_1k, tmp_path_factory):
         env=env,
         check=False,
     )
-    return {"user": user, "store": store, "champion": champion, "fine": fine, "gate": gate}
+    released_1k = run(
+        [sys.executable, "-m", "pipeline.evaluate", released["1k"][0], "--shards", set_1k, "--workers", "1"],
+        cwd=user,
+        env=env,
+    )
+    return {
+        "user": user,
+        "store": store,
+        "champion": champion,
+        "fine": fine,
+        "gate": gate,
+        "released": released_1k,
+        "released_file": str(released["1k"][0]),
+    }
 
 
 class TestBarToBeat:
@@ -199,6 +212,15 @@ class TestBarToBeat:
         winner = "2" if tops["2"] > tops["1"] else "1"
         assert str(client.get_model_version_by_alias("tiny_22kto1k", "champion").version) == winner
         assert gate.returncode == (0 if winner == "2" else 3)
+
+    def test_the_release_file_itself_scores_as_its_registered_import(self, bar_to_beat):
+        """evaluate of the .pth (imported on the fly, nothing recorded) gives the registered import's top-1."""
+        from mlflow.tracking import MlflowClient
+
+        line = bar_to_beat["released"].stdout.strip().splitlines()[-1]
+        tags = MlflowClient(bar_to_beat["store"]).get_model_version("tiny_22kto1k", "1").tags
+        top1 = next(float(v) for k, v in tags.items() if k.endswith(".top1"))
+        assert f"top-1 {top1:.2f}%" in line and line.startswith(bar_to_beat["released_file"]), line
 
 
 class LoopbackHub(http.server.ThreadingHTTPServer):
