@@ -185,3 +185,6 @@ def test_every_relative_path_is_the_launch_folders(tmp_path, monkeypatch):
         "/abs",
         "auto",
     )
+    timm_name = load_config(overrides=["init_from=timm:swin_base_patch4_window7_224.ms_in22k"])
+    resolve_at_launch(timm_name, str(tmp_path))
+    assert timm_name.init_from == "timm:swin_base_patch4_window7_224.ms_in22k"  # a name, not a relative path
