@@ -1,4 +1,6 @@
-"""The embedded default dataset: scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes),
+"""The embedded default dataset: real handwritten digits, as an ImageFolder tree or per-synset tars.
+
+The embedded default dataset: scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes),
 upscaled to RGB JPEGs and written the way real sources come: an ImageFolder tree or ImageNet-22K-style
 per-synset tars. Synset ids are made up but well-formed: digit k is n0000000k."""
 

@@ -51,7 +51,9 @@ def prepare_image(
     min_size: int | None = None,
     exif: str = "apply",
 ) -> PreparedImage:
-    """validate='scaled' decodes every entropy-coded block of a JPEG with libjpeg-turbo's DCT scaling (1/8
+    """The image checked and as the shard stores it (oriented, stripped, resized); BadImage when it is unusable.
+
+    validate='scaled' decodes every entropy-coded block of a JPEG with libjpeg-turbo's DCT scaling (1/8
     size), which is where truncation and corrupt data show up, and raises on libjpeg's recoverable warnings
     as well; 'full' decodes at full size."""
     if not data:

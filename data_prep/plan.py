@@ -22,7 +22,9 @@ RECORDS_DIR = "_prep/done"  # one completion record per finished shard
 
 
 class PlanError(UserError, ValueError):
-    """A prep job that cannot go as asked: its task share, or options that differ from those its output folder was
+    """Raised when a prep job cannot go as asked.
+
+    A prep job that cannot go as asked: its task share, or options that differ from those its output folder was
     begun with."""
 
 
@@ -55,7 +57,9 @@ class ShardSpec:
 
 
 def ranks(listing: Listing, seed: int, purpose: str) -> np.ndarray:
-    """Per row, the keyed hash of (seed, purpose, path) as an unsigned int: sorting by it is sorting by the
+    """Each row's keyed hash of (seed, purpose, path): the plan's stable order for `purpose`.
+
+    Per row, the keyed hash of (seed, purpose, path) as an unsigned int: sorting by it is sorting by the
     8-byte digest, as the plan always has (the plan of a source does not change with this version)."""
     prefix = f"{seed}:{purpose}:".encode()
     out = bytearray(8 * len(listing))
@@ -65,7 +69,9 @@ def ranks(listing: Listing, seed: int, purpose: str) -> np.ndarray:
 
 
 def split_holdout(listing: Listing, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows for train and for val: per class, the `per_class` rows ranked first by the hash go to val; a class
+    """Rows for train and for val: a per-class holdout, chosen by hash.
+
+    Rows for train and for val: per class, the `per_class` rows ranked first by the hash go to val; a class
     always keeps at least one training image. Both in (synset, rank) order."""
     if per_class <= 0:
         return np.arange(len(listing)), np.zeros(0, np.int64)
@@ -83,7 +89,9 @@ def shuffle(rows: np.ndarray, order_rank: np.ndarray) -> np.ndarray:
 
 
 def chunk(rows: np.ndarray, sizes: np.ndarray, max_samples: int | None, max_bytes: int | None) -> list[np.ndarray]:
-    """Consecutive runs of at most max_samples rows and at most max_bytes source bytes (a single bigger item
+    """The rows cut into shards, each under the sample and the byte limit.
+
+    Consecutive runs of at most max_samples rows and at most max_bytes source bytes (a single bigger item
     gets a shard of its own). Byte limits count source bytes, so the plan is known before any decode."""
     if not max_bytes:
         step = max_samples or max(len(rows), 1)

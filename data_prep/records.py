@@ -1,4 +1,6 @@
-"""Per-shard completion records (`_prep/done/*.json`, one per finished shard) and the manifest built from them
+"""Per-shard completion records, and the manifest built from them once every shard has one.
+
+Per-shard completion records (`_prep/done/*.json`, one per finished shard) and the manifest built from them
 once every planned shard has one."""
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ class IncompleteError(UserError, RuntimeError):
 
 
 def missing_records(out, plan: list[ShardSpec]) -> list[ShardSpec]:
-    """Planned shards without a completion record: one listing of _prep/done (a few paginated LISTs on S3 for
+    """Planned shards without a completion record, from one listing.
+
+    Planned shards without a completion record: one listing of _prep/done (a few paginated LISTs on S3 for
     14,000 shards) rather than a request per shard."""
     done = {rel for rel, _size in out.list(RECORDS_DIR)}
     return [spec for spec in plan if spec.record_name not in done]

@@ -88,7 +88,9 @@ def read_listing(out) -> Listing | None:
 
 
 def set_aside_small_classes(listing: Listing, min_images: int) -> Listing:
-    """ImageNet-21K-P style: classes with fewer than `min_images` listed images are left out of the plan (and of
+    """The listing without the classes too small to keep, which the manifest reports.
+
+    ImageNet-21K-P style: classes with fewer than `min_images` listed images are left out of the plan (and of
     the default layout) and reported in the manifest's `set_aside_classes`."""
     if min_images <= 0:
         return listing
@@ -341,14 +343,18 @@ def finalize(out_url: str) -> dict:
 
 
 def write_finished_set(out, manifest: dict) -> None:
-    """The per-split indexes, then manifest.json (listing them with their sha256): written last, since a set
+    """Finishes a set: its split indexes, then the manifest that marks it finished.
+
+    The per-split indexes, then manifest.json (listing them with their sha256): written last, since a set
     without a manifest is unfinished for every reader."""
     manifest["split_indexes"] = write_split_indexes(out, manifest["shards"])
     write_manifest(out, manifest)
 
 
 def slurm_task_defaults() -> tuple[int, int]:
-    """(task index, task count) of a Slurm array task: its position in the array's range, which need not start
+    """(task index, task count) of this Slurm array task; (0, 1) outside an array.
+
+    (task index, task count) of a Slurm array task: its position in the array's range, which need not start
     at 0 nor step by 1 (--array=1-8, --array=0-126:2). A list of ids (--array=1,3,7) has no position."""
     env = os.environ
     if "SLURM_ARRAY_TASK_ID" not in env:

@@ -46,7 +46,9 @@ class Item(NamedTuple):
 
 
 class Listing:
-    """The source's images as columns (numpy arrays and byte blobs), not one Python object each: ImageNet-22K
+    """The source's images as columns, sorted by (synset, name), each row's Item built on demand.
+
+    The source's images as columns (numpy arrays and byte blobs), not one Python object each: ImageNet-22K
     lists 14.2M images, which as objects cost ~600 bytes apiece in every array task; here ~80 (bench/
     listing_memory.py). Rows are sorted by (synset, name); `item(i)` builds one row's Item when a shard needs it.
     """
@@ -321,7 +323,9 @@ def _scan_one_tar(store, tar_name: str) -> tuple[list[tuple[str, str, int, int]]
 
 
 class _KeyMaker:
-    """Webdataset keys from file names: '<synset>_<stem>' (or '<stem>' when it already starts with the
+    """Webdataset keys made from file names: prefixed with the synset, free of dots.
+
+    Webdataset keys from file names: '<synset>_<stem>' (or '<stem>' when it already starts with the
     synset), with anything but [A-Za-z0-9_-] replaced, since a dot would split key from extension."""
 
     _unsafe = re.compile(r"[^A-Za-z0-9_-]")

@@ -50,7 +50,9 @@ _USTAR_FIXED_SUM = sum(_USTAR_FIXED) + sum(_USTAR_MTIME) + sum(_USTAR_TAIL) + 8 
 
 
 def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte ustar header tarfile writes for a regular file with fixed metadata (mode 0444, uid/gid 0,
+    """The 512-byte ustar header of a regular file with fixed metadata, as tarfile writes it.
+
+    The 512-byte ustar header tarfile writes for a regular file with fixed metadata (mode 0444, uid/gid 0,
     mtime 0, no owner names); built directly since tarfile's generic path costs more than the JPEG check."""
     encoded = name.encode("ascii")
     if len(encoded) > 100:
@@ -101,7 +103,9 @@ def _prepare_batch(datas: tuple, opts: ImageOptions) -> list[PreparedImage | Exc
 def _prepare_many(
     pairs: Iterator[tuple[Item, bytes | Exception]], opts: ImageOptions, threads: int, batch: int = 16, ahead: int = 4
 ) -> Iterator[tuple[Item, PreparedImage | Exception]]:
-    """(item, prepared image or error) in input order. With threads > 1 the checks run on a thread pool
+    """Each item with its prepared image or its error, in input order.
+
+    (item, prepared image or error) in input order. With threads > 1 the checks run on a thread pool
     (libjpeg-turbo and Pillow release the GIL) in batches of `batch` images, `ahead` batches in flight, so the
     caller's reading, hashing and writing overlap the decoding, and a worker alone at the end of the job can
     still use idle cores."""
@@ -142,7 +146,9 @@ def encode_shard(
     progress: Callable[[int], None] = lambda n: None,
     threads: int = 1,
 ) -> EncodedShard:
-    """Reads, checks and packs the shard's images into its staging file (the CPU-bound part), checking images
+    """The shard's images read, checked and packed into its staging file.
+
+    Reads, checks and packs the shard's images into its staging file (the CPU-bound part), checking images
     on `threads` threads."""
     # a killed run may have left any of the three half-written (the record too: it is staged, then renamed)
     for name in (spec.name, spec.index_name, spec.record_name):

@@ -75,7 +75,9 @@ class _DebugAction(argparse.Action):
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)" after an option's help, except where it says nothing (a default of None or
+    """An argparse help formatter that shows an option's default where it tells the user something.
+
+    argparse's "(default: X)" after an option's help, except where it says nothing (a default of None or
     False, a required option) or the help text already tells its default in words."""
 
     def _get_help_string(self, action):
@@ -294,7 +296,9 @@ def _report_through_store(store, line: str) -> None:
 
 
 def command(expected=(), exit_codes=None, ranked: bool = False):
-    """Decorates a command's `main(argv=None) -> int`: redaction from the start, expected failures in one line
+    """Makes `main` a command: output redacted, expected failures in one line, its exit status returned.
+
+    Decorates a command's `main(argv=None) -> int`: redaction from the start, expected failures in one line
     (see the module's docstring). The decorated main returns the exit status (SystemExit passes through)."""
 
     def wrap(main_fn):
@@ -327,7 +331,9 @@ KNOWN_NOISE = (
 
 
 def quiet_known_noise() -> None:
-    """Silences KNOWN_NOISE and MLflow's per-file artifact progress bars (this project says what it downloads:
+    """Silences the warnings and progress bars that tell the user nothing.
+
+    Silences KNOWN_NOISE and MLflow's per-file artifact progress bars (this project says what it downloads:
     pipeline/tracking/registry.py); a user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins."""
     import warnings
 
@@ -337,7 +343,9 @@ def quiet_known_noise() -> None:
 
 
 def exit_process(code: int):
-    """Ends a command's process with `code` (its `__main__`; never call it from a library function): what
+    """Ends a command's process with `code`, after what Python's own exit does that matters.
+
+    Ends a command's process with `code` (its `__main__`; never call it from a library function): what
     Python's own exit does that matters, then os._exit. The threads are shut down as the interpreter does it
     (threading's exit hooks, e.g. concurrent.futures', then the non-daemon threads are joined), the atexit
     handlers run (MLflow's, logging's, multiprocessing's, which ends DataLoader workers) and the standard

@@ -1,4 +1,6 @@
-"""What each GPU generation supports, in one place below the loader, the engine and tracking, which all ask:
+"""What each GPU generation supports: the precision, kernels in the installed builds, peak FLOP/s.
+
+What each GPU generation supports, in one place below the loader, the engine and tracking, which all ask:
 the precision a run gets, whether the installed torch and DALI builds have kernels for the GPU, and the peak
 FLOP/s that MFU is measured against.
 
@@ -86,7 +88,9 @@ def _arch_number(arch: str) -> tuple[int, int]:
 
 
 def has_kernels(gpu: Gpu, arch_list: list[str]) -> bool:
-    """Whether a build with these arch flags (torch._C._cuda_getArchFlags(): sm_80, sm_90a, compute_120, ...)
+    """Whether a torch build with these CUDA arch flags has kernels that run on `gpu`.
+
+    Whether a build with these arch flags (torch._C._cuda_getArchFlags(): sm_80, sm_90a, compute_120, ...)
     runs on the GPU: a cubin of the same major and a lower or equal minor (not an arch-specific `a` build of
     another minor), or PTX of a lower or equal capability."""
     major, minor = gpu.capability
@@ -168,7 +172,9 @@ def mfu(images_per_s_per_gpu: float, forward_flops_per_image: float, peak: float
 
 
 def memory_fields(device) -> dict[str, float]:
-    """This rank's peak memory allocated and reserved since the last call (GB) and the allocator's retries so far
+    """This rank's peak GPU memory since the last call and the allocator's retries, with no GPU wait.
+
+    This rank's peak memory allocated and reserved since the last call (GB) and the allocator's retries so far
     (cudaMalloc failures it answered by freeing its cache: a sign of fragmentation or a batch at the limit).
     Host-side allocator counters: reading them does not wait for the GPU."""
     import torch

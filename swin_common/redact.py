@@ -61,7 +61,9 @@ def uri_secrets(text: str) -> list[str]:
 
 
 def remember_secrets(*values: str) -> None:
-    """Values to cut from all text from now on, wherever they appear (e.g. the password of a configured URI).
+    """Adds values to cut from all text this process writes from now on.
+
+    Values to cut from all text from now on, wherever they appear (e.g. the password of a configured URI).
     A value that holds URIs or query strings adds the credentials in them; any other value adds itself."""
     with _lock:
         for value in values:
@@ -71,7 +73,9 @@ def remember_secrets(*values: str) -> None:
 
 
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
-    """Values to cut wherever they appear, longest first: secret-looking environment variables, credentials in
+    """Every value to cut from text, longest first.
+
+    Values to cut wherever they appear, longest first: secret-looking environment variables, credentials in
     URIs held by any environment variable, and remembered values."""
     environ: Mapping[str, str] = os.environ if env is None else env
     found: set[str] = set()
@@ -86,7 +90,9 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def redact_text(text: str, secrets: list[str] | None = None) -> str:
-    """`text` with every credential cut (see the module's docstring). `secrets`: the values to cut wherever they
+    """`text` with every credential cut (see the module's docstring).
+
+    `secrets`: the values to cut wherever they
     appear (default: secret_values() of this process's environment)."""
     if not text:
         return text
@@ -123,7 +129,9 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours and cursor moves (
 
 
 class RedactingFormatter(logging.Formatter):
-    """Formats with the handler's own formatter, then redacts the whole line (message, arguments, traceback);
+    """A logging formatter whose lines have every credential cut.
+
+    Formats with the handler's own formatter, then redacts the whole line (message, arguments, traceback);
     `plain`: terminal escape codes dropped too (a handler that writes to a file or a pipe)."""
 
     def __init__(self, inner: logging.Formatter | None = None, plain: bool = False):
@@ -137,7 +145,9 @@ class RedactingFormatter(logging.Formatter):
 
 
 class RedactingStream:
-    """A text stream that redacts every write before passing it on (sys.stdout / sys.stderr); when the stream
+    """A text stream whose writes have every credential cut.
+
+    A text stream that redacts every write before passing it on (sys.stdout / sys.stderr); when the stream
     is not a terminal (a log file, a pipe) it also drops terminal escape codes, so a log stays text that grep
     reads."""
 
@@ -187,7 +197,9 @@ def _is_terminal(handler: logging.Handler) -> bool:
 
 
 def install_redaction() -> None:
-    """Redacts everything this process writes through Python: logging handlers and sys.stdout/sys.stderr
+    """Redacts everything this process writes through Python; safe to call again.
+
+    Redacts everything this process writes through Python: logging handlers and sys.stdout/sys.stderr
     (print, warnings, tracebacks, libraries' own handlers such as MLflow's). Safe to call again."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)

@@ -1,4 +1,6 @@
-"""Weights from outside (an export, a registry version, an init_from file) are safetensors: this checks that a
+"""Whether a weights file from outside is safetensors, checked without torch and unpickling nothing.
+
+Weights from outside (an export, a registry version, an init_from file) are safetensors: this checks that a
 file is one by reading its header only, without torch and without unpickling anything. A pickle named
 `model.safetensors` could run code when loaded; it is refused, naming the file."""
 
@@ -22,7 +24,9 @@ SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
 
 def check_safetensors(path: str | Path, origin: str | None = None) -> None:
-    """Raises UnsafeModelFile, naming the file (and `origin`, e.g. a models:/ URI), unless `path` starts as a
+    """Refuses, naming it, a file that is not safetensors (its header alone is read).
+
+    Raises UnsafeModelFile, naming the file (and `origin`, e.g. a models:/ URI), unless `path` starts as a
     safetensors file does: an 8-byte little-endian header length, then that many bytes of one JSON object.
     Reads the header only and unpickles nothing: a model from outside (an export, a registry version, an
     init_from file) is weights + JSON, and a pickle named `model.safetensors` could run code when loaded."""

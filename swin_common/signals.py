@@ -1,4 +1,6 @@
-"""The stop signals and the exit status of a stopped run, shared by the training loop (pipeline/engine/stop.py),
+"""The stop signals and the exit status of a stopped run, shared by every process of a run.
+
+The stop signals and the exit status of a stopped run, shared by the training loop (pipeline/engine/stop.py),
 the data loader's worker processes and the launch scripts (launch/, which read EXIT_STOPPED as "resume me").
 
 SIGTERM: scancel, a Slurm preemption or time limit, a spot reclaim, Kubernetes, the `deepspeed` launcher passing
@@ -14,7 +16,9 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped at a checkpoint; the same command resu
 
 
 def ignore_stop_signals(_worker_id: int | None = None) -> None:
-    """For processes a rank starts to serve it (DataLoader workers: their worker_init_fn). A launcher signals the
+    """Makes this process ignore the stop signals, which the rank it serves handles.
+
+    For processes a rank starts to serve it (DataLoader workers: their worker_init_fn). A launcher signals the
     rank's whole process tree; a worker that died of it would end the rank with torch's SIGCHLD error in the
     middle of the rank's save. The rank shuts its workers down itself once saved."""
     for sig in STOP_SIGNALS:

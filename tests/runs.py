@@ -1,5 +1,6 @@
 """What the tests of training runs share: the tiny recipe made smaller, the environment of a launch outside any
-job, running a command, and reading a run's records (metrics.jsonl, the summary a run prints).
+job, running a command, and reading a run's records (metrics.jsonl, the summary a run prints, its checkpoints'
+COMPLETE markers, the ranks' heartbeats).
 
 The servers the runs talk to (MLflow, S3, Slurm, sshd) are tests/servers.py's; registry stores tests/stores.py's.
 """
@@ -118,3 +119,24 @@ def run_summary(stdout: str) -> dict:
     start = max(i for i, line in enumerate(lines) if line.rstrip() == "{")
     end = next(i for i in range(start, len(lines)) if lines[i].rstrip() == "}")
     return json.loads("\n".join(lines[start : end + 1]))
+
+
+def checkpoint_record(checkpoint: Path) -> dict:
+    """What a checkpoint's COMPLETE marker records (step, world_size, zero_stage, global_batch, micro_batch, ...)."""
+    return json.loads((checkpoint / "COMPLETE").read_text())
+
+
+def newest_complete(run_dir: Path) -> Path:
+    """The run's newest complete checkpoint."""
+    return max(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
+
+
+def rank_records(run_dir: Path, kind: str = "json") -> dict[int, dict]:
+    """The run's records of one kind per rank, as pipeline/engine/watchdog.py writes them in <run>/ranks: `json`,
+    the heartbeats (host, address: the node as its launcher reached it, pid, step), or `lost`, a rank whose process
+    ended without a clean end (its watchdog's record). A job's start clears those of the job before."""
+    found = {}
+    for path in (run_dir / "ranks").glob(f"rank_*.{kind}"):
+        record = json.loads(path.read_text())
+        found[record["rank"]] = record
+    return found

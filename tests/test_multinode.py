@@ -8,18 +8,28 @@ and finishes. Also Slurm across two nodes (one slurmd per address, tests/servers
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from runs import ACCELERATE, DEEPSPEED, LAUNCH, job_env, metrics
+from runs import (
+    ACCELERATE,
+    DEEPSPEED,
+    LAUNCH,
+    SBATCH,
+    checkpoint_record,
+    job_env,
+    metrics,
+    newest_complete,
+    rank_records,
+    sbatch_env,
+)
 from runs import small as small_run
 from servers import REPO, free_port, start_sshd
 
@@ -113,18 +123,28 @@ FORWARDED = {
 STEPS = 16  # killed after the step-4 checkpoint (at most step 8 is saved by then), resumed to the end
 
 
-@pytest.mark.parametrize("form", ["bash_hostfile", "deepspeed_hostfile"])
-def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_nodes, shards, tmp_path):
+def world_and_batch(checkpoint: Path) -> tuple[int, int, int]:
+    """The world size a checkpoint was saved at, and its global and micro batch (a rank's share of a step)."""
+    meta = checkpoint_record(checkpoint)
+    return meta["world_size"], meta["global_batch"], meta["micro_batch"]
+
+
+@pytest.fixture(scope="module", params=["bash_hostfile", "deepspeed_hostfile"])
+def killed_and_resumed(request, ssh_nodes, shards, tmp_path_factory):
+    """One two-node run (rank 0 on 127.0.0.1, rank 1 on 127.0.0.2, a shared run folder), launched in one of two
+    habits: `HOSTFILE=... bash launch/pretrain_22k.sh` from the user's own folder, or `deepspeed --hostfile ...
+    launch/pretrain_22k.sh` in the repository as the team types it. Once its step-4 checkpoint is complete, the
+    process of rank 1 is killed with -9; when the launch has ended, the same command is run again to the end.
+    What each phase left, as it was when the phase ended."""
+    form, tmp_path = request.param, tmp_path_factory.mktemp(request.param)
     run_dir = tmp_path / "shared" / "mn"  # the shared run folder: an absolute out_dir every node sees
     marker = str(run_dir.parent)
     hostfile = ssh_nodes.hostfile(tmp_path / "hostfile")
-    user_dir = tmp_path / "user"  # where the user types the command (relative paths are the user's)
-    user_dir.mkdir()
     args = small(
         shards, run_dir.parent, "mn", f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep_last=3"
     )
     port = free_port()
-    if form == "bash_hostfile":  # HOSTFILE=... bash launch/pretrain_22k.sh, from the user's own folder
+    if form == "bash_hostfile":  # relative paths are the user's: run from a folder of the user's
         cmd = ["bash", LAUNCH, *args]
         env = job_env(
             port=False,
@@ -134,8 +154,9 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
             MASTER_PORT=str(port),
             **FORWARDED,
         )
-        cwd = user_dir
-    else:  # as the team types it, in the repository: the script's path and --config are relative
+        cwd = tmp_path / "user"
+        cwd.mkdir()
+    else:  # the script's path and --config relative to the repository
         cmd = [
             DEEPSPEED,
             "--hostfile",
@@ -153,9 +174,10 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
         cwd = REPO
     cmd = list(map(str, cmd))
     log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
+    out = SimpleNamespace(form=form, run_dir=run_dir)
     try:
-        with open(log1, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log1, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         ckpt = run_dir / "checkpoints" / "step_00000004" / "COMPLETE"
         end = time.time() + 240
         while not ckpt.exists():
@@ -166,55 +188,108 @@ def test_two_nodes_train_and_resume_after_kill_9_of_the_remote_rank(form, ssh_no
             time.sleep(0.01)
         victim = rank_process(marker, 1)
         assert victim is not None, f"no process with RANK=1 among {run_processes(marker)}"
-        victim_env = _environ(victim)
+        out.victim, out.victim_env = victim, _environ(victim)
         os.kill(victim, signal.SIGKILL)
-        # it was started over ssh on the second node, by the launcher there, one rank per node
-        assert victim_env["SSH_CONNECTION"].split()[2] == "127.0.0.2", victim_env.get("SSH_CONNECTION")
-        assert (victim_env["WORLD_SIZE"], victim_env["LOCAL_RANK"]) == ("2", "0")
-        if form == "bash_hostfile":  # the project's settings reached the other node (DeepSpeed's runner alone
-            # passes on only NCCL*, PYTHON*, MLFLOW*, ...): swin_common/launch_env.py's DS_ENV_FILE
-            assert {k: victim_env.get(k) for k in FORWARDED} == FORWARDED
         rank0 = rank_process(marker, 0)
-        assert rank0 is not None and _environ(rank0)["SSH_CONNECTION"].split()[2] == "127.0.0.1"
+        out.rank0_env = _environ(rank0) if rank0 is not None else {}
         try:
-            rc = proc.wait(timeout=120)
+            out.first_rc = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the launcher did not end within 120 s of the kill:\n{log1.read_text()[-6000:]}")
-        first = log1.read_text()
-        assert rc != 0, first[-4000:]
-        # rank 0 names the rank it lost, and where it ran (pipeline/engine/watchdog.py)
-        assert re.search(
-            r"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid \d+, last at step \d+: its "
-            r"process ended",
-            first,
-            re.M,
-        ), first[-4000:]
-        left = wait_gone(marker, 60)  # pdsh is gone; the ranks' own launchers on each node end them
-        assert not left, f"processes left after the killed run: {[(p, _cmdline(p)) for p in left]}"
-        assert "127.0.0.1: " in first and "127.0.0.2: " in first, first[-3000:]  # pdsh's per-node prefixes
-        assert "global batch 32 = 16 micro x 2 ranks" in first, first[-3000:]
-        done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
-        newest = done[-1]
-        step = json.loads((newest / "COMPLETE").read_text())["step"]
-        assert step < STEPS, f"the run finished before the kill took effect ({newest})"
+        out.first_log = log1.read_text()
+        out.left_after_kill = [(p, _cmdline(p)) for p in wait_gone(marker, 60)]
+        out.lost, out.first_heartbeats = rank_records(run_dir, "lost"), rank_records(run_dir, "json")
+        out.newest = newest_complete(run_dir)
+        out.newest_meta = checkpoint_record(out.newest)
+        out.first_steps = len(metrics(run_dir)[0])
 
-        with open(log2, "w") as out:
-            again = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400)
-        second = log2.read_text()
-        assert again.returncode == 0, second[-6000:]
-        assert f"resumed from {newest} at step {step}" in second, second[-6000:]
-        assert "127.0.0.2: " in second
+        with open(log2, "w") as log:
+            out.second_rc = subprocess.run(
+                cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400
+            ).returncode
+        out.second_log = log2.read_text()
+        out.heartbeats = rank_records(run_dir, "json")
     finally:
-        left = kill_all(marker)
-    assert not left, f"processes of the run were still alive at the end: {left}"
-    steps = metrics(run_dir)[0]
-    assert steps[-1]["step"] == STEPS
-    assert [m["step"] for m in steps[step - STEPS :]] == list(range(step + 1, STEPS + 1))  # the second run's records
+        out.left_at_end = kill_all(marker)
+    out.steps = metrics(run_dir)[0]
+    return out
+
+
+def test_two_nodes_start_one_rank_each_over_ssh(killed_and_resumed):
+    """Rank 1 was started over ssh on the second node by the launcher there, one rank per node; rank 0 on the
+    first, and their heartbeats say where they ran."""
+    run = killed_and_resumed
+    assert run.victim_env["SSH_CONNECTION"].split()[2] == "127.0.0.2", run.victim_env.get("SSH_CONNECTION")
+    assert (run.victim_env["WORLD_SIZE"], run.victim_env["LOCAL_RANK"]) == ("2", "0")
+    assert run.rank0_env["SSH_CONNECTION"].split()[2] == "127.0.0.1", run.rank0_env.get("SSH_CONNECTION")
+    assert {r: b["address"] for r, b in run.first_heartbeats.items()} == {0: "127.0.0.1", 1: "127.0.0.2"}
+
+
+def test_the_project_settings_reach_the_other_node(killed_and_resumed):
+    """DeepSpeed's runner alone passes on only NCCL*, PYTHON*, MLFLOW*, ...: the launch script's DS_ENV_FILE
+    (swin_common/launch_env.py) passes on the settings the project reads."""
+    if killed_and_resumed.form != "bash_hostfile":
+        pytest.skip("only the launch script is given the settings")
+    victim_env = killed_and_resumed.victim_env
+    assert {k: victim_env.get(k) for k in FORWARDED} == FORWARDED
+
+
+def test_the_kill_9_of_the_remote_rank_fails_the_launch_and_is_recorded(killed_and_resumed):
+    run = killed_and_resumed
+    assert run.first_rc != 0, run.first_log[-4000:]
+    assert run.lost[1]["pid"] == run.victim, run.lost  # its watchdog's record: rank 1's process ended
+
+
+def test_rank_0_names_the_lost_rank_and_its_node(killed_and_resumed):
+    """The error line a user reads (pipeline/engine/watchdog.py), from rank 0's node."""
+    assert re.search(
+        r"^127\.0\.0\.1: error: rank 1 on \S+ \(127\.0\.0\.2\), pid \d+, last at step \d+: its process ended",
+        killed_and_resumed.first_log,
+        re.M,
+    ), killed_and_resumed.first_log[-4000:]
+
+
+def test_the_output_of_both_nodes_reaches_the_launch(killed_and_resumed):
+    """pdsh prefixes each node's lines with its address."""
+    for run_log in (killed_and_resumed.first_log, killed_and_resumed.second_log):
+        assert "127.0.0.1: " in run_log and "127.0.0.2: " in run_log, run_log[-3000:]
+
+
+def test_no_process_of_the_killed_run_is_left_on_either_node(killed_and_resumed):
+    """pdsh is gone; the ranks' own launchers on each node end them."""
+    assert not killed_and_resumed.left_after_kill
+
+
+def test_the_killed_run_had_checkpoints_but_not_its_end(killed_and_resumed):
+    meta = killed_and_resumed.newest_meta
+    assert 4 <= meta["step"] < STEPS, f"the run finished before the kill took effect ({killed_and_resumed.newest})"
+
+
+def test_the_global_batch_is_16_micro_on_each_of_2_ranks(killed_and_resumed):
+    meta = killed_and_resumed.newest_meta  # of the killed run's newest checkpoint (pruned by the end)
+    assert (meta["world_size"], meta["global_batch"], meta["micro_batch"]) == (2, 32, 16), meta
+
+
+def test_the_same_command_resumes_from_the_newest_checkpoint(killed_and_resumed):
+    """The second launch's records go on from the newest complete checkpoint's step, to the end."""
+    run = killed_and_resumed
+    assert run.second_rc == 0, run.second_log[-6000:]
+    step = run.newest_meta["step"]
+    assert [m["step"] for m in run.steps[run.first_steps :]] == list(range(step + 1, STEPS + 1))
+
+
+def test_the_final_checkpoint_and_export_are_both_ranks(killed_and_resumed):
+    run_dir = killed_and_resumed.run_dir
     final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
-    complete = json.loads((final / "COMPLETE").read_text())
+    complete = checkpoint_record(final)
     assert complete["world_size"] == 2 and complete["step"] == STEPS
     assert sorted(p.name for p in final.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert killed_and_resumed.heartbeats[1]["address"] == "127.0.0.2"  # the resumed run on both nodes too
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_no_process_of_the_run_is_left_at_the_end(killed_and_resumed):
+    assert not killed_and_resumed.left_at_end
 
 
 def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, shards, tmp_path):
@@ -270,11 +345,12 @@ def test_a_stopped_rank_on_the_second_node_ends_the_job_naming_it(ssh_nodes, sha
         ), first[-4000:]
         left = wait_gone(marker, 30)
         assert not left, f"processes left after the hung run: {[(p, _cmdline(p)) for p in left]}"
-        newest = max(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").is_file())
-        step = json.loads((newest / "COMPLETE").read_text())["step"]
+        step = checkpoint_record(newest_complete(run_dir))["step"]
+        before = len(metrics(run_dir)[0])
         again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
         assert again.returncode == 0, again.stdout[-6000:]
-        assert f"resumed from {newest} at step {step}" in again.stdout + again.stderr
+        # the same command resumed from the newest checkpoint: its records go on from there
+        assert [m["step"] for m in metrics(run_dir)[0][before:]] == list(range(step + 1, 17))
     finally:
         left = kill_all(marker)
     assert not left
@@ -325,7 +401,7 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
     ranks meet at the job's first node (MASTER_ADDR from the node list) and train into the shared run folder."""
     run_dir = tmp_path / "shared"
     job = slurm_two_nodes.sbatch(
-        REPO / "launch" / "slurm" / "pretrain_22k.sbatch",
+        SBATCH,
         *small(shards, run_dir, "slurm2", "train.max_steps=3"),
         sbatch_args=[
             "--nodes=2",
@@ -334,7 +410,7 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
             "--gpus-per-node=0",
             f"--output={tmp_path}/job-%j.out",
         ],
-        env={"PYTHON": sys.executable, "SWIN_REPO": str(REPO)},
+        env=sbatch_env(),
         cwd=tmp_path,
     )
     try:
@@ -343,15 +419,18 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm_two_nodes, shards, tmp_path):
         kill_all(str(run_dir))
     log = next(tmp_path.glob("job-*.out")).read_text()
     assert state.ok, f"{state}\n{log[-5000:]}\n{slurm_two_nodes.log_tails()}"
-    assert "2 ranks on 2 node(s) [127.0.0.[1-2]]" in log, log[-3000:]
-    assert "global batch 32 = 16 micro x 2 ranks" in log
+    # one rank on each node: their heartbeats name it
+    assert {r: b["address"] for r, b in rank_records(run_dir / "slurm2", "json").items()} == {
+        0: "127.0.0.1",
+        1: "127.0.0.2",
+    }
     for node in ("127.0.0.1", "127.0.0.2"):  # each node's slurmd launched one task of the step
         assert re.search(
             rf"launch task StepId={job}\.0 ", (slurm_two_nodes.state_dir / f"slurmd-{node}.log").read_text()
         ), slurm_two_nodes.log_tails()
     assert [m["step"] for m in metrics(run_dir / "slurm2")[0]] == [1, 2, 3]
     ckpt = run_dir / "slurm2" / "checkpoints" / "step_00000003"
-    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    assert world_and_batch(ckpt) == (2, 32, 16)
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
@@ -391,10 +470,9 @@ def test_accelerate_launch_on_one_node_starts_two_ranks(shards, tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert "global batch 32 = 16 micro x 2 ranks" in out, out[-4000:]
     assert [m["step"] for m in metrics(tmp_path / "acc1")[0]] == [1, 2, 3]
     ckpt = tmp_path / "acc1" / "checkpoints" / "step_00000003"
-    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    assert world_and_batch(ckpt) == (2, 32, 16)
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
@@ -430,8 +508,7 @@ def test_accelerate_launch_on_two_nodes_through_pdsh(ssh_nodes, shards, tmp_path
     (tmp_path / "pdsh.log").write_text(out)
     assert proc.returncode == 0, out[-6000:]
     assert not left, f"processes of the run were still alive at the end: {left}"
-    assert "global batch 32 = 16 micro x 2 ranks" in out, out[-4000:]
     assert [m["step"] for m in metrics(run_dir / "acc2")[0]] == [1, 2, 3]
     ckpt = run_dir / "acc2" / "checkpoints" / "step_00000003"  # 1 process per node: rank 1 ran on 127.0.0.2
-    assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    assert world_and_batch(ckpt) == (2, 32, 16)
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]

@@ -25,7 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from runs import TINY, job_env
+from runs import TINY, job_env, run_summary
 from servers import REPO, free_port, run_prep, start_mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
@@ -65,10 +65,10 @@ def env(uri: str, **extra) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(registry, digits_tars, tmp_path_factory):
+def trained(registry, digits_tars, tmp_path_factory) -> SimpleNamespace:
     """A tiny model trained on the digits for 3 epochs (162 steps, one rank: ~70% val top-1, 16 of the 20 images
-    below; more epochs add nothing here) and registered as models:/tiny@candidate
-    by the train command itself: the one trained model of this module's tests."""
+    below; more epochs add nothing here) and registered as models:/tiny@candidate by the train command itself:
+    the one trained model of this module's tests. Its run folder and the summary the command printed."""
     tmp = tmp_path_factory.mktemp("trained")
     shards = tmp / "shards"
     run_prep("shard", "--source", digits_tars, "--out", shards, "--max-samples", 200, "--holdout-per-class", 4)
@@ -99,8 +99,7 @@ def trained(registry, digits_tars, tmp_path_factory):
         env=env(registry.uri, MASTER_PORT=str(free_port())),
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert "registered tiny version 1" in proc.stderr, proc.stderr[-5000:]
-    return tmp / "tiny"
+    return SimpleNamespace(run_dir=tmp / "tiny", summary=run_summary(proc.stdout))
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +155,51 @@ print(json.dumps({"labels": list(out["label"]), "top": [list(t) for t in out["to
 )
 
 
-def test_a_version_is_an_mlflow_model_that_loads_without_this_project(registry, trained, images, tmp_path):
+@pytest.fixture(scope="module")
+def predicted(registry, trained, images, tmp_path_factory) -> list[str]:
+    """The top-1 synsets of `python -m pipeline.predict models:/tiny@candidate` for the images: what every other
+    loader of the version must answer."""
+    cache = tmp_path_factory.mktemp("predict-cache")
+    return predict_top1("models:/tiny@candidate", images, registry.uri, SWIN_MODEL_CACHE=str(cache))
+
+
+@pytest.fixture(scope="module")
+def version(registry, trained, tmp_path_factory) -> SimpleNamespace:
+    """The registered version as MLflow stores it: its training run, its files on the server, and a downloaded
+    copy (`root`)."""
+    import mlflow
+
     client = MlflowClient(registry.uri)
-    version = client.get_model_version_by_alias("tiny", "candidate")
-    files = version_files(client, "tiny", version.version)
-    assert sorted(files) == [
+    found = client.get_model_version_by_alias("tiny", "candidate")
+    source = client.get_model_version_download_uri("tiny", found.version)
+    root = mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(tmp_path_factory.mktemp("version")), tracking_uri=registry.uri
+    )
+    return SimpleNamespace(run_id=found.run_id, files=version_files(client, "tiny", found.version), root=Path(root))
+
+
+@pytest.fixture(scope="module")
+def pyfunc(registry, trained, images, tmp_path_factory) -> dict:
+    """What MLflow's own loader answers in a fresh process where pickles are refused and this project cannot be
+    imported: labels, top 3 labels and probabilities, and the model's input and params schemas."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PYFUNC, "models:/tiny@candidate", *map(str, images)],
+        cwd=tmp_path_factory.mktemp("pyfunc"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(registry.uri),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_the_training_run_registered_its_model(trained):
+    assert (trained.summary["registered"], trained.summary["aliases"]) == ("models:/tiny/1", ["candidate"])
+
+
+def test_a_version_holds_an_mlflow_model_of_the_export(version):
+    assert sorted(version.files) == [
         "MLmodel",
         "artifacts/model/config.json",
         "artifacts/model/model.json",
@@ -172,38 +211,43 @@ def test_a_version_is_an_mlflow_model_that_loads_without_this_project(registry, 
         "serving_input_example.json",
         "swin_pyfunc.py",
     ]
-    keys = [o["Key"] for o in registry_objects(registry)]
-    assert any(k.endswith("artifacts/model/model.safetensors") for k in keys), keys  # on S3
 
-    import mlflow
 
-    root = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=client.get_model_version_download_uri("tiny", version.version),
-            dst_path=str(tmp_path),
-            tracking_uri=registry.uri,
-        )
-    )
-    mlmodel = yaml.safe_load((root / "MLmodel").read_text())
-    pyfunc = mlmodel["flavors"]["python_function"]
+def test_a_version_is_stored_on_s3(registry, version):
+    keys = [o["Key"] for o in registry_objects(registry) if version.run_id in o["Key"]]
+    assert any(k.endswith("artifacts/model/model.safetensors") for k in keys), keys
+
+
+def test_a_version_loads_through_the_project_code_file(version):
+    pyfunc = yaml.safe_load((version.root / "MLmodel").read_text())["flavors"]["python_function"]
     assert pyfunc["model_code_path"] == "swin_pyfunc.py" and pyfunc["artifacts"] == {
         "model": {"path": "artifacts/model"}
     }
-    assert (root / "swin_pyfunc.py").read_text() == (REPO / "pipeline" / "tracking" / "swin_pyfunc.py").read_text()
-    # no path of the training host (the repository, a temporary folder, the run folder, home) in any text file
+    code = REPO / "pipeline" / "tracking" / "swin_pyfunc.py"
+    assert (version.root / "swin_pyfunc.py").read_text() == code.read_text()
+
+
+def test_a_version_names_no_path_of_the_training_host(version, trained):
+    """No path of the repository, a temporary folder, the run folder or home in any of its text files."""
+    root = version.root
     for path in [root / "MLmodel", *root.glob("*.yaml"), *root.glob("*.txt"), *root.glob("*.json")]:
         text = path.read_text()
-        for host_path in (str(REPO), "/tmp/", str(trained), str(Path.home())):
+        for host_path in (str(REPO), "/tmp/", str(trained.run_dir), str(Path.home())):
             assert host_path not in text, f"{path.name} names {host_path}"
-    requirements = (root / "requirements.txt").read_text().split()
+
+
+def test_a_version_pins_what_it_was_trained_with(version):
+    requirements = (version.root / "requirements.txt").read_text().split()
     assert requirements == [
         f"{p}=={metadata.version(p).split('+')[0]}"
         for p in ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "pandas")
     ]
-    # the code file imports only what a serving host has
+
+
+def test_the_code_file_imports_only_what_a_serving_host_has(version):
     imports = {
         line.split()[1].split(".")[0]
-        for line in (root / "swin_pyfunc.py").read_text().splitlines()
+        for line in (version.root / "swin_pyfunc.py").read_text().splitlines()
         if line.startswith(("import ", "from "))
     }
     assert imports <= {
@@ -222,25 +266,19 @@ def test_a_version_is_an_mlflow_model_that_loads_without_this_project(registry, 
         "PIL",
     }, imports
 
-    # MLflow's own loader, fresh process, pickles refused, this project not importable: the same top-1 as predict
-    proc = subprocess.run(
-        [sys.executable, "-c", PYFUNC, "models:/tiny@candidate", *map(str, images)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(registry.uri),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.splitlines()[-1])
-    assert "'image': binary" in out["inputs"] and "'top_k': long (default: 5)" in out["params"], out
-    ours = predict_top1("models:/tiny@candidate", images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "cache"))
-    assert out["labels"] == ours, (out["labels"], ours)
-    assert (
-        sum(label == f"n{int(p.name[5]):08d}" for label, p in zip(ours, images, strict=True)) >= 12
-    )  # it learned the digits
-    assert all(len(t) == 3 and t[0] == label for t, label in zip(out["top"], out["labels"], strict=True))
-    assert all(p[0] >= p[1] >= p[2] for p in out["probs"])
+
+def test_mlflow_loads_a_version_without_this_project_and_predicts_the_same(pyfunc, predicted):
+    assert pyfunc["labels"] == predicted, (pyfunc["labels"], predicted)
+
+
+def test_the_loaded_model_takes_images_and_a_top_k(pyfunc):
+    assert "'image': binary" in pyfunc["inputs"] and "'top_k': long (default: 5)" in pyfunc["params"], pyfunc
+    assert all(len(t) == 3 and t[0] == label for t, label in zip(pyfunc["top"], pyfunc["labels"], strict=True))
+    assert all(p[0] >= p[1] >= p[2] for p in pyfunc["probs"])
+
+
+def test_the_version_learned_the_digits(predicted, images):
+    assert sum(label == f"n{int(p.name[5]):08d}" for label, p in zip(predicted, images, strict=True)) >= 12
 
 
 def registry_objects(registry) -> list[dict]:
@@ -279,7 +317,8 @@ sys.exit(main(sys.argv[1:]))
 
 def test_pull_needs_neither_torch_nor_timm(registry, trained, tmp_path):
     """`python -m pipeline.pull` answers in about the time MLflow's client takes to import: it reads the
-    export's json and the safetensors header, and never imports torch, timm or DeepSpeed."""
+    export's json and the safetensors header, and never imports torch, timm or DeepSpeed; it prints what it
+    pulled, then the folder."""
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCH, "models:/tiny@candidate", "--dst", str(tmp_path / "p")],
         cwd=REPO,
@@ -290,17 +329,29 @@ def test_pull_needs_neither_torch_nor_timm(registry, trained, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, folder = proc.stdout.splitlines()
-    assert (
-        first.startswith("models:/tiny@candidate: swin_nano_patch4_window4_64, 10 classes, ")
-        and "M parameters" in first
-    ), first
-    assert Path(folder) == tmp_path / "p" and (tmp_path / "p" / "config.json").is_file()
+    assert first.startswith("models:/tiny@candidate: ") and Path(folder) == tmp_path / "p", proc.stdout
+    meta = json.loads((tmp_path / "p" / "model.json").read_text())
+    assert (meta["timm_name"], meta["num_classes"]) == ("swin_nano_patch4_window4_64", 10), meta
+    assert (tmp_path / "p" / "config.json").is_file()
 
 
-def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, trained, images, tmp_path):
-    """Versions made by hand on the server (artifacts on S3): one file outside the allow-list makes the pull
-    fail naming it, before anything is downloaded, and nothing from it is imported, run or unpickled; a version
-    registered before the MLflow model layout (the export itself) still pulls and predicts."""
+# Versions made by hand on the server, by label: the file each adds to a good version, and what it holds
+REFUSED = {
+    "pkl": ("model.pkl", "pickle"),
+    "pt": ("weights.pt", "pickle"),
+    "bin": ("artifacts/model/pytorch_model.bin", "pickle"),
+    "codedir": ("code/helpers.py", "code"),
+    "second": ("loader.py", "code"),
+    "beside": ("artifacts/other/model.safetensors", "bytes"),
+}
+
+
+@pytest.fixture(scope="module")
+def crafted(registry, trained, tmp_path_factory) -> SimpleNamespace:
+    """Versions made by hand on the server (artifacts on S3), each pulled once by this project: one per REFUSED
+    file added to a good version, one whose model.safetensors is a pickle, the good one, and one registered
+    before the MLflow model layout (the export folder itself). What each pull raised or gave, what the model
+    cache kept of each, and whether any code of theirs ran (the marker folder)."""
     import shutil
 
     import torch
@@ -311,70 +362,79 @@ def test_the_pull_takes_only_the_export_and_refuses_crafted_versions(registry, t
     from pipeline.tracking.registry import pull_to_folder
     from pipeline.tracking.store import store_at
 
+    tmp_path = tmp_path_factory.mktemp("crafted")
     client = MlflowClient(registry.uri)
     run_id = client.create_run(client.create_experiment("crafted")).info.run_id
-    good = mlflow_model.build(trained / "model", tmp_path / "good")
+    good = mlflow_model.build(trained.run_dir / "model", tmp_path / "good")
     marker = tmp_path / "code-ran"
     pickle = io.BytesIO()
     torch.save({"w": RunsCode(marker)}, pickle)
-    code = f"import os\nos.mkdir({str(marker)!r})\n"
+    content = {"pickle": pickle.getvalue(), "code": f"import os\nos.mkdir({str(marker)!r})\n".encode(), "bytes": b"x"}
 
-    def variant(label: str, edit) -> Path:
+    def variant(label: str, relative: str | None = None, data: bytes = b"") -> Path:
         folder = tmp_path / label
         shutil.copytree(good, folder)
-        edit(folder)
+        if relative is not None:
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            (folder / relative).write_bytes(data)
         return folder
 
-    def write(relative: str, data: bytes | str):
-        def edit(folder: Path):
-            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
-            (folder / relative).write_bytes(data.encode() if isinstance(data, str) else data)
+    folders = {label: variant(label, relative, content[kind]) for label, (relative, kind) in REFUSED.items()}
+    folders["named"] = variant("named", "artifacts/model/model.safetensors", content["pickle"])
+    folders["good"] = good
+    out = SimpleNamespace(uris={}, pulled={}, raised={}, kept={}, cache=tmp_path / "cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SWIN_MODEL_CACHE", str(out.cache))
+        for label, folder in folders.items():
+            out.uris[label] = uri = craft(client, run_id, f"crafted_{label}", folder)
+            try:
+                out.pulled[label] = pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
+            except (UnexpectedVersionFile, UnsafeModelFile) as e:  # which, and naming what, the tests say
+                out.raised[label] = e
+            out.kept[label] = sorted(p.name for p in (out.cache / f"crafted_{label}").iterdir())
+    out.code_ran = marker.exists()
+    out.old_layout = craft(client, run_id, "old_layout", variant("old") / "artifacts" / "model")
+    return out
 
-        return edit
 
-    refused = {
-        "pkl": (write("model.pkl", pickle.getvalue()), "model.pkl"),
-        "pt": (write("weights.pt", pickle.getvalue()), "weights.pt"),
-        "bin": (write("artifacts/model/pytorch_model.bin", pickle.getvalue()), "artifacts/model/pytorch_model.bin"),
-        "codedir": (write("code/helpers.py", code), "code/helpers.py"),
-        "second": (write("loader.py", code), "loader.py"),
-        "beside": (write("artifacts/other/model.safetensors", b"x"), "artifacts/other/model.safetensors"),
-    }
-    cache = tmp_path / "cache"
-    os.environ["SWIN_MODEL_CACHE"] = str(cache)
-    try:
-        for label, (edit, named) in refused.items():
-            uri = craft(client, run_id, f"crafted_{label}", variant(label, edit))
-            with pytest.raises(UnexpectedVersionFile, match=rf"{uri} holds {named}: refused") as e:
-                pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
-            assert "nothing was downloaded" in str(e.value)
-            kept = [p.name for p in (cache / f"crafted_{label}").iterdir()]
-            assert len(kept) == 1 and kept[0].startswith(".1-") and kept[0].endswith(".lock"), (label, kept)
-        # a pickle named model.safetensors inside the export: the export's own check, after a download
-        uri = craft(
-            client,
-            run_id,
-            "crafted_named",
-            variant("named", write("artifacts/model/model.safetensors", pickle.getvalue())),
-        )
-        with pytest.raises(UnsafeModelFile, match="is not a safetensors file"):
-            pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
-        kept = [p.name for p in (cache / "crafted_named").iterdir()]
-        assert len(kept) == 1 and kept[0].startswith(".1-") and kept[0].endswith(".lock"), kept  # nothing kept
+@pytest.mark.parametrize("label", REFUSED)
+def test_a_file_outside_the_allow_list_is_refused_naming_it_before_any_download(crafted, label):
+    from pipeline.tracking.mlflow_model import UnexpectedVersionFile
 
-        # the good one: only the export comes down
-        uri = craft(client, run_id, "crafted_good", good)
-        folder = pull_to_folder(uri, store=store_at(registry.uri, tmp_path))
-        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.json", "model.safetensors"]
-    finally:
-        del os.environ["SWIN_MODEL_CACHE"]
-    assert not marker.exists()
+    error, named = crafted.raised.get(label), REFUSED[label][0]
+    assert isinstance(error, UnexpectedVersionFile), error
+    assert f"{crafted.uris[label]} holds {named}: refused" in str(error)  # the message a user reads names the file
+    assert "nothing was downloaded" in str(error)
+    kept = crafted.kept[label]  # the cache's lock for it alone
+    assert len(kept) == 1 and kept[0].startswith(".1-") and kept[0].endswith(".lock"), kept
 
-    # a version registered before this layout: the export folder itself
-    old = craft(client, run_id, "old_layout", variant("old", lambda f: None) / "artifacts" / "model")
-    assert predict_top1(old, images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "old-cache")) == predict_top1(
-        str(trained / "model"), images, registry.uri
-    )
+
+def test_a_pickle_named_model_safetensors_is_refused_after_its_download(crafted):
+    """The export's own check: nothing of it is kept."""
+    from pipeline.engine.model_export import UnsafeModelFile
+
+    error = crafted.raised.get("named")
+    assert isinstance(error, UnsafeModelFile) and "is not a safetensors file" in str(error), error
+    kept = crafted.kept["named"]
+    assert len(kept) == 1 and kept[0].startswith(".1-") and kept[0].endswith(".lock"), kept
+
+
+def test_a_good_version_pulls_only_the_export(crafted):
+    assert "good" not in crafted.raised, crafted.raised.get("good")
+    assert sorted(p.name for p in crafted.pulled["good"].iterdir()) == [
+        "config.json",
+        "model.json",
+        "model.safetensors",
+    ]
+
+
+def test_no_code_of_a_crafted_version_ran(crafted):
+    assert not crafted.code_ran
+
+
+def test_a_version_of_the_export_folder_itself_still_predicts(crafted, registry, images, predicted, tmp_path):
+    """A version registered before the MLflow model layout: the same labels as the version of the same export."""
+    assert predict_top1(crafted.old_layout, images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path)) == predicted
 
 
 TIMM = (
@@ -395,10 +455,11 @@ print(json.dumps({"labels": [labels[i] for i in top1], "config": {k: v for k, v 
 )
 
 
-@pytest.mark.parametrize("size,window", [(224, 7), (384, 12)])
-def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, window):
-    """timm's own loader and eval transform, without this project, on a pulled folder: the same top-1 as
-    `python -m pipeline.predict`."""
+@pytest.fixture(scope="module", params=[(224, 7), (384, 12)], ids=["224", "384"])
+def timm_pulled(request, registry, images, tmp_path_factory) -> SimpleNamespace:
+    """A swin_nano of one image size and window (random weights, 10 classes) exported, registered as
+    models:/timm_SIZE@candidate and pulled by this project; then loaded by timm's own loader and eval transform,
+    without this project, in a fresh process. The pulled folder, its config.json, and what timm answered."""
     import torch
     from safetensors.torch import save_file
 
@@ -408,6 +469,8 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
     from pipeline.tracking.registry import pull_to_folder, register
     from pipeline.tracking.store import store_at
 
+    size, window = request.param
+    tmp_path = tmp_path_factory.mktemp(f"timm_{size}")
     torch.manual_seed(size)
     synsets = [f"n{d:08d}" for d in range(10)]
     cfg = RunConfig()
@@ -426,24 +489,6 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
     register(client, run_id, export, name, ["candidate"])
     folder = pull_to_folder(f"models:/{name}@candidate", tmp_path / "pulled", store=store_at(registry.uri, tmp_path))
 
-    config = json.loads((folder / "config.json").read_text())
-    assert config["architecture"] == "swin_tiny_patch4_window7_224" and config["num_classes"] == 10
-    assert config["label_names"] == synsets
-    assert {k: config["model_args"][k] for k in ("img_size", "window_size", "embed_dim", "depths", "num_heads")} == {
-        "img_size": [size, size],
-        "window_size": window,
-        "embed_dim": 32,
-        "depths": [2, 2, 2, 2],
-        "num_heads": [1, 2, 4, 8],
-    }
-    pre = config["pretrained_cfg"]
-    assert pre["input_size"] == [3, size, size] and pre["crop_pct"] == cfg.data.crop_pct
-    assert pre["interpolation"] == "bicubic" and pre["mean"] == list(meta["preprocessing"]["mean"])
-    assert pre["std"] == list(meta["preprocessing"]["std"])
-    inherited = {"tag", "license", "url", "hf_hub_id", "description", "paper_ids", "origin_url"}
-    assert not inherited & (set(pre) | set(config)), sorted(inherited & (set(pre) | set(config)))
-    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pth"))  # never timm's pickle default
-
     proc = subprocess.run(
         [sys.executable, "-c", TIMM, str(folder), *map(str, images)],
         cwd=tmp_path,
@@ -453,9 +498,50 @@ def test_plain_timm_loads_a_pulled_version(registry, images, tmp_path, size, win
         env=env(registry.uri),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.splitlines()[-1])
-    assert out["config"]["input_size"] == [3, size, size] and out["config"]["crop_pct"] == cfg.data.crop_pct
-    assert out["labels"] == predict_top1(str(folder), images, registry.uri)
+    return SimpleNamespace(
+        size=size,
+        window=window,
+        synsets=synsets,
+        crop_pct=cfg.data.crop_pct,
+        preprocessing=meta["preprocessing"],
+        folder=folder,
+        config=json.loads((folder / "config.json").read_text()),
+        timm=json.loads(proc.stdout.splitlines()[-1]),
+    )
+
+
+def test_a_pulled_version_names_timm_its_architecture(timm_pulled):
+    config, size = timm_pulled.config, timm_pulled.size
+    assert config["architecture"] == "swin_tiny_patch4_window7_224" and config["num_classes"] == 10
+    assert config["label_names"] == timm_pulled.synsets
+    assert {k: config["model_args"][k] for k in ("img_size", "window_size", "embed_dim", "depths", "num_heads")} == {
+        "img_size": [size, size],
+        "window_size": timm_pulled.window,
+        "embed_dim": 32,
+        "depths": [2, 2, 2, 2],
+        "num_heads": [1, 2, 4, 8],
+    }
+
+
+def test_a_pulled_version_gives_timm_its_preprocessing(timm_pulled):
+    pre, size = timm_pulled.config["pretrained_cfg"], timm_pulled.size
+    assert pre["input_size"] == [3, size, size] and pre["crop_pct"] == timm_pulled.crop_pct
+    assert pre["interpolation"] == "bicubic" and pre["mean"] == list(timm_pulled.preprocessing["mean"])
+    assert pre["std"] == list(timm_pulled.preprocessing["std"])
+    assert timm_pulled.timm["config"]["input_size"] == [3, size, size]  # what timm's loader resolved
+    assert timm_pulled.timm["config"]["crop_pct"] == timm_pulled.crop_pct
+
+
+def test_a_pulled_version_inherits_nothing_of_the_base_architecture(timm_pulled):
+    """No tag, license, URL... of timm's swin_tiny, and never timm's pickle default."""
+    config = timm_pulled.config
+    inherited = {"tag", "license", "url", "hf_hub_id", "description", "paper_ids", "origin_url"}
+    assert not inherited & (set(config["pretrained_cfg"]) | set(config)), inherited & set(config)
+    assert not list(timm_pulled.folder.glob("*.bin")) and not list(timm_pulled.folder.glob("*.pth"))
+
+
+def test_plain_timm_predicts_a_pulled_version_like_this_project(timm_pulled, registry, images):
+    assert timm_pulled.timm["labels"] == predict_top1(str(timm_pulled.folder), images, registry.uri)
 
 
 def post(port: int, payload, timeout: float = 120) -> tuple[int, dict]:
@@ -474,10 +560,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def test_mlflow_serves_a_version(registry, trained, images, tmp_path):
-    """`mlflow models serve -m models:/tiny@candidate --env-manager local` answers a real HTTP client: the
-    labels pipeline.predict gives in the three JSON request formats, a 400 naming the problem for bad inputs
-    (the server serving on after each), and 8 concurrent requests."""
+@pytest.fixture(scope="module")
+def served(registry, trained, tmp_path_factory):
+    """`mlflow models serve -m models:/tiny@candidate --env-manager local`, answering on its port once /ping
+    does; stopped after the module's tests."""
+    tmp_path = tmp_path_factory.mktemp("serve")
     port = free_port()
     log = tmp_path / "serve.log"
     mlflow_cli = Path(sys.executable).with_name("mlflow")
@@ -514,42 +601,59 @@ def test_mlflow_serves_a_version(registry, trained, images, tmp_path):
                 pass
             assert time.time() < deadline, log.read_text()[-3000:]
             time.sleep(1)
-        encoded = [b64(p.read_bytes()) for p in images]
-        expected = predict_top1(
-            "models:/tiny@candidate", images, registry.uri, SWIN_MODEL_CACHE=str(tmp_path / "cache")
-        )
-        requests = {
-            "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
-            "dataframe_records": {"dataframe_records": [{"image": e} for e in encoded]},
-            "inputs": {"inputs": {"image": encoded}, "params": {"top_k": 2}},
-        }
-        for form, payload in requests.items():
-            status, answer = post(port, payload)
-            assert status == 200, (form, answer)
-            rows = answer["predictions"]
-            assert [r["label"] for r in rows] == expected, form
-            assert all(len(r["top_labels"]) == (2 if form == "inputs" else 5) for r in rows), form
-
-        jpeg = images[0].read_bytes()
-        bomb = io.BytesIO()
-        Image.new("1", (12_000, 12_000)).save(bomb, "PNG")  # 144 MP that compress to a few kB
-        bad = {
-            "not an image": ([b64(b"hello, this is text, not a picture")], "not an image"),
-            "truncated": ([b64(jpeg[: len(jpeg) // 2])], "truncated"),
-            "bomb": ([b64(bomb.getvalue())], "too many pixels"),
-            "empty": ([], "no image"),
-        }
-        for case, (data, says) in bad.items():
-            status, answer = post(port, {"dataframe_split": {"columns": ["image"], "data": [[d] for d in data]}})
-            assert 400 <= status < 500 and says in answer.get("message", ""), (case, status, answer)
-            status, answer = post(port, {"dataframe_split": {"columns": ["image"], "data": [[encoded[0]]]}})
-            assert status == 200 and answer["predictions"][0]["label"] == expected[0], (case, answer)
-
-        one = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded[:4]]}}
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda _: post(port, one, timeout=300), range(8)))
-        assert [status for status, _ in answers] == [200] * 8
-        assert all([r["label"] for r in a["predictions"]] == expected[:4] for _, a in answers)
+        yield port
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+def image_rows(encoded: list[str]) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}
+
+
+@pytest.mark.parametrize("form", ["dataframe_split", "dataframe_records", "inputs"])
+def test_a_served_version_answers_each_request_format_like_predict(served, images, predicted, form):
+    """The labels pipeline.predict gives, in each of MLflow's three JSON request formats (top_k as a param)."""
+    encoded = [b64(p.read_bytes()) for p in images]
+    payload = {
+        "dataframe_split": image_rows(encoded),
+        "dataframe_records": {"dataframe_records": [{"image": e} for e in encoded]},
+        "inputs": {"inputs": {"image": encoded}, "params": {"top_k": 2}},
+    }[form]
+    status, answer = post(served, payload)
+    assert status == 200, answer
+    rows = answer["predictions"]
+    assert [r["label"] for r in rows] == predicted
+    assert all(len(r["top_labels"]) == (2 if form == "inputs" else 5) for r in rows)
+
+
+def bomb() -> bytes:
+    """144 MP that compress to a few kB."""
+    out = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(out, "PNG")
+    return out.getvalue()
+
+
+BAD = {  # an input, and what the answer's message must name
+    "not an image": (lambda jpeg: [b"hello, this is text, not a picture"], "not an image"),
+    "truncated": (lambda jpeg: [jpeg[: len(jpeg) // 2]], "truncated"),
+    "bomb": (lambda jpeg: [bomb()], "too many pixels"),
+    "empty": (lambda jpeg: [], "no image"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_input_is_a_400_naming_it_and_serving_goes_on(served, images, predicted, case):
+    make, says = BAD[case]
+    status, answer = post(served, image_rows([b64(d) for d in make(images[0].read_bytes())]))
+    assert 400 <= status < 500 and says in answer.get("message", ""), (status, answer)
+    status, answer = post(served, image_rows([b64(images[0].read_bytes())]))
+    assert status == 200 and answer["predictions"][0]["label"] == predicted[0], answer
+
+
+def test_a_served_version_answers_8_concurrent_requests(served, images, predicted):
+    one = image_rows([b64(p.read_bytes()) for p in images[:4]])
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: post(served, one, timeout=300), range(8)))
+    assert [status for status, _ in answers] == [200] * 8
+    assert all([r["label"] for r in a["predictions"]] == predicted[:4] for _, a in answers)

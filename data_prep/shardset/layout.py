@@ -14,7 +14,9 @@ class LayoutError(UserError, ValueError):
 
 
 def parse_layout(text: str, origin: str = "layout") -> list[str]:
-    """One synset per line (first whitespace-separated token, so 'n01440764 tench' works); blank lines and
+    """The synsets of a label-layout text, in order; an error for a synset listed twice.
+
+    One synset per line (first whitespace-separated token, so 'n01440764 tench' works); blank lines and
     '#' comments are ignored; a synset listed twice is an error."""
     synsets: list[str] = []
     seen: dict[str, int] = {}

@@ -1,4 +1,6 @@
-"""manifest.json: the shard set's table of contents (shards with sizes and sha256, totals, per-class counts, label
+"""manifest.json, the shard set's table of contents: what it holds, who writes and who reads it.
+
+manifest.json: the shard set's table of contents (shards with sizes and sha256, totals, per-class counts, label
 layout, rejected inputs, prep options). Written by `data_prep shard`/`finalize` (data_prep.records builds it),
 read by `data_prep verify` and by training."""
 
@@ -34,7 +36,9 @@ PREP_RECORDS = ("synsets.txt", "_prep", "train", "val")  # what `data_prep shard
 
 
 def missing_manifest(out) -> str:
-    """Why a store holds no manifest, in words naming what it holds instead and the command that fits: a folder
+    """Why a store holds no manifest, in words, and the command that fits.
+
+    Why a store holds no manifest, in words naming what it holds instead and the command that fits: a folder
     that does not exist, one split folder of a set, a source (per-synset tars or an ImageFolder tree), a folder of
     loose images, or a set whose prep has not been finalized."""
     root = getattr(out, "root", None)  # a local folder (LocalStore); S3 prefixes are never "missing" as such
@@ -54,7 +58,9 @@ def missing_manifest(out) -> str:
 
 
 def describe_folder(root) -> str | None:
-    """What a local folder that is not a shard set holds, and the command that fits; None when it looks like a
+    """What a local folder that is not a shard set holds and the command that fits, or None.
+
+    What a local folder that is not a shard set holds, and the command that fits; None when it looks like a
     set under way (or holds nothing this can tell)."""
     names = {p.name for p in root.iterdir()}
     if (root.parent / MANIFEST_NAME).is_file() and any(n.endswith(".idx") for n in names):

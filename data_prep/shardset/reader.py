@@ -1,4 +1,6 @@
-"""A shard set opened for reading one split: the manifest's shards of that split, each checked cheaply before any
+"""A shard set opened for reading one split, every shard checked before any pipeline starts.
+
+A shard set opened for reading one split: the manifest's shards of that split, each checked cheaply before any
 pipeline starts, so a truncated or mismatched shard never reaches DALI (which cannot skip a bad sample, and
 segfaults on an index entry that points past the end of its tar).
 
@@ -84,7 +86,9 @@ def check_index(text: str, shard: Shard, file_size: int) -> str | None:
 
 
 def split_entries(manifest: dict, url: str, split: str) -> tuple[list[dict], dict]:
-    """The manifest's shard entries of `split` and its split index entry; ShardSetError naming the set when the
+    """The shard entries and the split index entry of `split`; ShardSetError when either is missing.
+
+    The manifest's shard entries of `split` and its split index entry; ShardSetError naming the set when the
     split has no shards or no split index (nothing but the manifest is read: the launch check calls it too)."""
     entries = [e for e in manifest["shards"] if e["split"] == split]
     if not entries:
@@ -99,7 +103,9 @@ def split_entries(manifest: dict, url: str, split: str) -> tuple[list[dict], dic
 
 
 def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cache=None) -> ShardSet:
-    """The split's usable shards and where their samples lie; raises ShardSetError when the split has no shards or
+    """The split's usable shards and where their samples lie, or ShardSetError saying why not.
+
+    The split's usable shards and where their samples lie; raises ShardSetError when the split has no shards or
     no split index (`split_indexes` in the manifest), or when more than max_bad_shards are bad or none is left.
     On S3 the split index is fetched through `cache` (see read_split_index), once per node."""
     store = open_store(url)

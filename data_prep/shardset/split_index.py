@@ -1,4 +1,6 @@
-"""One index per split (`train/index.npz`): where every sample of the split lies, so a training rank reads one
+"""One index per split (`train/index.npz`): where every sample of the split lies.
+
+One index per split (`train/index.npz`): where every sample of the split lies, so a training rank reads one
 object at start instead of one `.idx` per shard (14,200 GETs per rank per split at ImageNet-22K scale).
 
 `finalize` builds it from the shards' DALI index files (which stay: DALI's readers and tools use them) and lists
@@ -127,7 +129,9 @@ class SampleTable:
         )
 
     def to_bytes(self) -> bytes:
-        """An npz that np.load reads, with fixed zip timestamps: the same shards give the same bytes (numpy's
+        """The index as npz bytes: the same shards give the same bytes.
+
+        An npz that np.load reads, with fixed zip timestamps: the same shards give the same bytes (numpy's
         savez stamps the current time, which would change the manifest's sha256 on every finalize)."""
         arrays = {
             "version": np.int64(VERSION),
@@ -213,7 +217,9 @@ def _columns(name: str, text: str) -> ShardColumns:
 
 
 def read_split_index(store, entry: dict, cache=None) -> SampleTable:
-    """The split index the manifest's `split_indexes` entry names, checked against its sha256; raises IndexFileError
+    """The split index the manifest names, checked against its sha256; IndexFileError naming it if not.
+
+    The split index the manifest's `split_indexes` entry names, checked against its sha256; raises IndexFileError
     (naming the file) when it does not match or does not parse. On S3 it is read through `cache` when given (an
     object with `pinned(store, name, bytes)`, as the loader's node-shared cache has), so a node fetches it once."""
     where = f"{store.url}/{entry['name']}"
@@ -228,7 +234,9 @@ def read_split_index(store, entry: dict, cache=None) -> SampleTable:
 
 
 def write_split_indexes(out, shards: list[dict], threads: int = 16) -> dict:
-    """Reads every shard's `.idx` (threads overlap the GETs on S3), writes one index per split, and returns the
+    """Writes one index per split from the shards' `.idx` files; the manifest's entry for them.
+
+    Reads every shard's `.idx` (threads overlap the GETs on S3), writes one index per split, and returns the
     manifest's `split_indexes` entry: split -> {name, samples, bytes, sha256}."""
     with ThreadPoolExecutor(threads) as pool:
         texts = list(pool.map(lambda e: out.read(e["index"]).decode(), shards))

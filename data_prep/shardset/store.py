@@ -112,7 +112,9 @@ class LocalStore:
         return open(self._path(rel), "rb")
 
     def read_many(self, requests: Iterable[ReadRequest], depth: int = 128) -> Iterator[bytes | OSError]:
-        """Reads in order, telling the kernel `depth` requests ahead (posix_fadvise WILLNEED) so the disk works
+        """Each request's bytes (or its OSError), in order, read ahead by the kernel.
+
+        Reads in order, telling the kernel `depth` requests ahead (posix_fadvise WILLNEED) so the disk works
         while the caller decodes; no threads, so no fight for the GIL. A failed read yields its OSError."""
         window: deque = deque()
         pending = iter(requests)
@@ -195,7 +197,9 @@ os.register_at_fork(after_in_child=_new_client_lock)
 
 
 class S3Store:
-    """An S3 prefix through boto3. The endpoint, region and credentials come from the usual AWS environment
+    """An S3 prefix through boto3.
+
+    The endpoint, region and credentials come from the usual AWS environment
     and config files (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 for a non-AWS server)."""
 
     seekable = False
@@ -240,7 +244,9 @@ class S3Store:
                 yield obj["Key"][cut:], obj["Size"]
 
     def list_names(self, names: builtins.list[str], threads: int = 16) -> Iterator[tuple[str, int]]:
-        """(relative path, size) of the objects whose keys start like `names` (and perhaps a few more): one
+        """(relative path, size) of the objects named in `names` (and perhaps a few more), listed in parallel.
+
+        (relative path, size) of the objects whose keys start like `names` (and perhaps a few more): one
         listing per group of about 100 names sharing all but their last two characters before the extension,
         `threads` at a time. For 14,200 shards this is ~140 small LISTs in parallel instead of 29 pages in a row
         (and SeaweedFS, like other stores, answers a page deep into a big folder more slowly)."""
@@ -302,7 +308,9 @@ class S3Store:
     def read_many(
         self, requests: Iterable[ReadRequest], threads: int = 16, ahead: int | None = None
     ) -> Iterator[bytes | Exception]:
-        """Reads in order with `threads` GETs in flight, hiding each request's round trip; at most `ahead`
+        """Each request's bytes (or its error), in order, with `threads` GETs in flight and bounded memory.
+
+        Reads in order with `threads` GETs in flight, hiding each request's round trip; at most `ahead`
         (default 2 x threads) requests are taken from `requests` before the caller has their answers, so memory
         stays bounded however big the shard. A failed read (missing object, denied, ...) yields its exception."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -325,7 +333,9 @@ class S3Store:
                 yield window.popleft().result()
 
     def download_to(self, rel: str, fileobj: BinaryIO, size: int | None = None) -> None:
-        """The whole object into an open, seekable file: boto3's transfer manager (parallel ranged GETs written
+        """Writes the whole object `rel` into an open, seekable file.
+
+        The whole object into an open, seekable file: boto3's transfer manager (parallel ranged GETs written
         at their offsets) for big objects or an unknown size; one streamed GET for one under 64 MiB, which costs
         the reader's CPU about half as much (its threads and futures are overhead for one request: 5.3 against
         9.7 CPU-ms per 4 MiB object, measured against the test S3 server)."""

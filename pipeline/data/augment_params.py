@@ -1,4 +1,6 @@
-"""Per-sample random augmentation parameters drawn on the host from a per-batch seed, so that both backends
+"""Per-sample augmentation parameters drawn on the host: the same on any backend and number of ranks.
+
+Per-sample random augmentation parameters drawn on the host from a per-batch seed, so that both backends
 crop and flip the same way and a resumed run (on any number of ranks) draws exactly what the uninterrupted one
 drew."""
 
@@ -13,7 +15,9 @@ import torch
 
 
 def batch_rng(seed: int, epoch: int, slot: int, stream: int) -> np.random.Generator:
-    """The draws of one micro batch, keyed by its global slot in the epoch (pipeline.data.order), not by the rank
+    """The random generator of one micro batch, keyed by its slot in the epoch, not by its rank.
+
+    The draws of one micro batch, keyed by its global slot in the epoch (pipeline.data.order), not by the rank
     that reads it: the same batch gets the same crops, flips and Mixup on any number of ranks."""
     return np.random.default_rng([seed, epoch, slot, stream])
 
@@ -26,7 +30,9 @@ def random_resized_crop(
     ratio=(3 / 4, 4 / 3),
     attempts: int = 10,
 ) -> np.ndarray:
-    """(n, 4) boxes x, y, w, h with torchvision's RandomResizedCrop semantics: up to 10 tries of an area in
+    """One random-resized-crop box per image of these sizes, drawn as torchvision draws them.
+
+    (n, 4) boxes x, y, w, h with torchvision's RandomResizedCrop semantics: up to 10 tries of an area in
     `scale` and a log-uniform aspect ratio, else the centred crop of the clamped ratio."""
     n = len(widths)
     boxes = np.zeros((n, 4), np.int64)
@@ -67,7 +73,9 @@ def eval_resize(size: int, crop_pct: float) -> int:
 
 
 def torch_generators(device: str | torch.device = "cpu") -> list[torch.Generator]:
-    """The torch generators a block running on `device` draws from: the CPU one, plus that CUDA device's own
+    """The torch generators that draws on `device` use: the CPU one, and that GPU's.
+
+    The torch generators a block running on `device` draws from: the CPU one, plus that CUDA device's own
     (timm's RandomErasing draws its noise on the batch's device)."""
     device = torch.device(device)
     generators = [torch.default_generator]
@@ -80,7 +88,9 @@ def torch_generators(device: str | torch.device = "cpu") -> list[torch.Generator
 
 @contextlib.contextmanager
 def seeded(rng: np.random.Generator, generators: list[torch.Generator] | None = None):
-    """timm's RandAugment, Mixup and RandomErasing draw from the global random/numpy/torch generators: seed them
+    """A context in which timm's draws from the global generators come from `rng`; those generators restored after.
+
+    timm's RandAugment, Mixup and RandomErasing draw from the global random/numpy/torch generators: seed them
     for one batch (or sample) and put every one of them back afterwards.
 
     Only `generators` (default: the CPU one; `torch_generators(device)` adds a CUDA device's) are seeded and

@@ -90,7 +90,9 @@ class ShardCache:
     @overload
     def acquire(self, store, rel: str, size: int, overshoot: bool) -> Pin | None: ...
     def acquire(self, store, rel: str, size: int, overshoot: bool = True) -> Pin | None:
-        """A pinned local copy of `rel` (`size` bytes), downloaded when no process of the node has it. Without
+        """A pinned local copy of `rel` (`size` bytes), downloaded when no process of the node has it.
+
+        Without
         `overshoot` (read-ahead), None when it would not fit the budget beside the copies in use."""
         if isinstance(store, LocalStore):
             return Pin(os.open(store.local_path(rel), os.O_RDONLY), store.local_path(rel))
@@ -215,7 +217,9 @@ class ShardCache:
         return out
 
     def _make_room(self, needed: int, exclude: Path, overshoot: bool) -> bool:
-        """Under the node lock: evicts unused copies, least recently used first, and stale downloads, until
+        """Whether `needed` more bytes fit in the cache, once what can go has gone.
+
+        Under the node lock: evicts unused copies, least recently used first, and stale downloads, until
         `needed` more bytes fit. False (read-ahead) or one warning (a reader that needs it now) when they don't."""
         files = [f for f in self._files() if f[0] != exclude]  # a stale .part being taken over is re-sized
         used = sum(size for _p, size, _m in files)

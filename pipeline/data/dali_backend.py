@@ -1,4 +1,6 @@
-"""The DALI backend: JPEG bytes and the planned crops come in through an external source; DALI decodes just the
+"""The DALI backend: decodes only each planned crop window, then resizes, flips and normalises.
+
+The DALI backend: JPEG bytes and the planned crops come in through an external source; DALI decodes just the
 crop window (fn.decoders.image_slice: on the GPU as device 'mixed', in DALI's CPU-only mode otherwise), resizes,
 flips and normalises.
 
@@ -22,7 +24,9 @@ from .samples import MEAN, STD, DataError
 
 
 class DaliBackend:
-    """Holds the running pipeline and, when DALI's own operators draw (RandAugment), the DALI checkpoint that
+    """The DALI pipeline of the current epoch, and the checkpoint of its operators' RNG.
+
+    Holds the running pipeline and, when DALI's own operators draw (RandAugment), the DALI checkpoint that
     resumes their RNG mid-epoch.
 
     A pipeline is built per epoch (and per evaluation) on purpose: its operators' seed is a function of (seed,
@@ -70,7 +74,9 @@ class DaliBackend:
 
 
 def check_dali_gpu() -> None:
-    """Stops with one line when the installed DALI wheel has no kernels for this rank's GPU (a CUDA 13 DALI on a
+    """Stops with one line when the installed DALI has no kernels for this rank's GPU.
+
+    Stops with one line when the installed DALI wheel has no kernels for this rank's GPU (a CUDA 13 DALI on a
     V100): DALI itself would fail at the first GPU operator of the first batch."""
     from swin_common.gpu import check_dali_kernels, current_gpu, dali_package
 
@@ -174,7 +180,9 @@ def _build(cfg, device: str, seed_key: tuple[int, ...], source, train: bool, che
 
 
 class _Source:
-    """DALI's external source: batch start+i on the i-th call (DALI asks in order, a few batches ahead). A feeder
+    """DALI's external source: batch start+i on the i-th call (DALI asks in order, a few batches ahead).
+
+    A feeder
     thread reads the shards and plans the crops of the next `ahead` batches, so that work (file or cache reads,
     numpy) overlaps the GPU's instead of running inside pipe.run() in the training thread."""
 

@@ -1,4 +1,6 @@
-"""Evaluation preprocessing, one function for the torch backend's val batches and `pipeline.predict`: timm's
+"""Evaluation preprocessing, the same for val batches and `pipeline.predict`: timm's eval transform.
+
+Evaluation preprocessing, one function for the torch backend's val batches and `pipeline.predict`: timm's
 eval transform (resize the shorter side to floor(size / crop_pct), bicubic; centre crop; normalise), so a
 registered model sees at prediction exactly the pixels it was evaluated on."""
 

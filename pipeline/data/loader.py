@@ -98,7 +98,9 @@ class ShardLoader:
         return per_rank // self.cfg.batch_size if self.cfg.train else -(-per_rank // self.cfg.batch_size)
 
     def state_dict(self) -> dict:
-        """(epoch, position), and `consumed`: the samples of the epoch's sequence every rank together has read,
+        """Where the loader is in its epoch, for a checkpoint's rank file.
+
+        (epoch, position), and `consumed`: the samples of the epoch's sequence every rank together has read,
         which a loader on another number of ranks resumes from."""
         return {
             "epoch": self.epoch,
@@ -112,7 +114,9 @@ class ShardLoader:
         }
 
     def s3_stats(self) -> dict[str, int]:
-        """For a set on S3: the node cache's hits and misses so far (this rank and its workers) and the shards
+        """The node cache's hits and misses and the read-ahead depth for a set on S3; {} for a local set.
+
+        For a set on S3: the node cache's hits and misses so far (this rank and its workers) and the shards
         read ahead now; {} for a local set."""
         if isinstance(self.reader.store, LocalStore):
             return {}
@@ -123,7 +127,9 @@ class ShardLoader:
         return self.position * self.world * self.cfg.batch_size
 
     def load_state_dict(self, state: dict) -> None:
-        """The same world size and micro batch: exactly where it stopped (the backend's own state included).
+        """Puts the loader where a saved state says, on this world size or another.
+
+        The same world size and micro batch: exactly where it stopped (the backend's own state included).
         Another world size or micro batch (an elastic resume): the epoch's sequence from the `consumed` sample
         on, split over this world; DALI's own RNG then restarts from a seed of where it starts."""
         if state["seed"] != self.cfg.seed:

@@ -72,7 +72,9 @@ def epoch_order(
     pad: bool = False,
     batch: int = 1,
 ) -> EpochOrder:
-    """This rank's entries of the epoch, in reading order. Training (`pad=False`): its micro batches of `batch`
+    """This rank's entries of the epoch, in reading order.
+
+    Training (`pad=False`): its micro batches of `batch`
     samples, slot j*world + rank of G for its j-th; evaluation (`pad=True`): its padded contiguous slice."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside 0..{world - 1}")

@@ -1,4 +1,6 @@
-"""Read-ahead: a background thread that copies this rank's next S3 shards into the node's cache before the
+"""Read-ahead: this rank's next S3 shards copied into the node's cache before the readers need them.
+
+Read-ahead: a background thread that copies this rank's next S3 shards into the node's cache before the
 readers need them, so the training thread waits for S3 only at the start of an epoch.
 
 The rank's order is known in advance (pipeline.data.order), so is the sequence of shards it will read. The
@@ -60,7 +62,9 @@ class ReadAhead:
         self._thread.start()
 
     def advance(self, batch: int) -> None:
-        """Reads have reached `batch`: the shards read only before it go now, in the caller's thread (so the
+        """Moves the read-ahead to `batch`: the shards behind it go, the next ones are fetched.
+
+        Reads have reached `batch`: the shards read only before it go now, in the caller's thread (so the
         reader's next shard finds their room), and the thread fetches the next ones. Called by the loader as it
         hands out batches and, where the reads run ahead of that in this process (DALI's feeder), by the reads;
         the furthest position wins."""
@@ -72,7 +76,9 @@ class ReadAhead:
             self._wake.notify()
 
     def depth(self) -> int:
-        """Shards it holds on the node for the loader now: those the current batches read and the next ones
+        """How many shards it holds on the node for the loader now.
+
+        Shards it holds on the node for the loader now: those the current batches read and the next ones
         (0: the loader is about to wait for S3)."""
         return len(self.pins)
 
@@ -103,7 +109,9 @@ class ReadAhead:
             log.warning("shard read-ahead stopped (the loader reads on without it): %s", e)
 
     def _work(self, position: int) -> bool:
-        """Pins what comes next, `parallel` downloads at a time (nearest first); True when the budget had no
+        """Starts the next downloads; True when the cache budget had no room for one.
+
+        Pins what comes next, `parallel` downloads at a time (nearest first); True when the budget had no
         room for one of them (try again shortly)."""
         with self._wake:
             self._release_passed()

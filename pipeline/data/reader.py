@@ -1,4 +1,6 @@
-"""Random access to the samples of a checked shard set: (shard, sample) -> (jpg bytes, label), by the byte ranges
+"""Random access to a checked shard set's samples: (shard, sample) -> (jpg bytes, label).
+
+Random access to the samples of a checked shard set: (shard, sample) -> (jpg bytes, label), by the byte ranges
 of the set's sample table (one pread each; no tar parsing at read time).
 
 S3 shards are read from the node's shared cache: the reader pins each shard it reads (the pin is the file it

@@ -1,4 +1,6 @@
-"""What both loader backends read: a batch's JPEG bytes and labels from the shard set, its planned crops and flips,
+"""What both loader backends read: a batch's JPEGs, labels, planned crops and flips, sample names.
+
+What both loader backends read: a batch's JPEG bytes and labels from the shard set, its planned crops and flips,
 and the names of its samples for error messages."""
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class BatchSource:
         return self._last
 
     def crops(self, epoch: int, slot: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """The random-resized-crop boxes (x, y, w, h) and flips of the micro batch in `slot`, from the JPEGs'
+        """The crop boxes and flips of the micro batch in `slot`.
+
+        The random-resized-crop boxes (x, y, w, h) and flips of the micro batch in `slot`, from the JPEGs'
         header sizes."""
         sizes = []
         for jpg in jpegs:

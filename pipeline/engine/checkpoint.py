@@ -49,7 +49,9 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def check_shared_run_dir(run_dir: Path, rank: int) -> None:
-    """Rank 0 writes a token into the run folder and every rank reads it back: checkpoints and the export are
+    """Fails on every rank unless every rank sees the same run folder.
+
+    Rank 0 writes a token into the run folder and every rank reads it back: checkpoints and the export are
     written there by every rank, so they must all see the same folder. Fails on every rank, naming the ranks
     and the path, when some do not (a node-local disk, another mount, a relative out_dir resolved elsewhere)."""
     token_file = run_dir / SHARED_RUN_DIR_FILES[0]
@@ -100,7 +102,9 @@ def find_resume(cfg: RunConfig) -> Path | None:
 
 
 def rng_state() -> dict:
-    """This process's python/numpy/torch(/cuda) RNG states as tensors and plain values, so that the rank file
+    """This process's RNG states, in a form that torch.load(weights_only=True) reads back.
+
+    This process's python/numpy/torch(/cuda) RNG states as tensors and plain values, so that the rank file
     loads with torch.load(weights_only=True): python's and numpy's own states are tuples holding a 625-word
     tuple or a uint32 array, which only a full unpickler would rebuild."""
     version, words, gauss_next = random.getstate()
@@ -203,14 +207,18 @@ def checkpoint_meta(path: Path) -> dict:
 
 
 def needs_universal(path: Path, world: int) -> bool:
-    """A checkpoint of another world size with partitioned optimizer state (ZeRO 1-3): loaded through DeepSpeed's
+    """Whether resuming the checkpoint at `path` on `world` ranks goes through a universal checkpoint.
+
+    A checkpoint of another world size with partitioned optimizer state (ZeRO 1-3): loaded through DeepSpeed's
     universal checkpoint (ZeRO-0 keeps the whole optimizer state in one file and loads as it is)."""
     meta = checkpoint_meta(path)
     return meta["world_size"] != world and meta["zero_stage"] > 0
 
 
 def universal_copy(path: Path, rank: int) -> Path:
-    """`<checkpoint>.universal` beside the checkpoint: DeepSpeed's ds_to_universal run once, by rank 0, into a
+    """The checkpoint's universal copy beside it, made once by rank 0; its path, on every rank.
+
+    `<checkpoint>.universal` beside the checkpoint: DeepSpeed's ds_to_universal run once, by rank 0, into a
     temporary folder renamed when complete (so a kill mid-conversion leaves nothing a rerun mistakes for
     complete); every rank waits for it and returns its path."""
     out = path.with_name(path.name + ".universal")
@@ -262,7 +270,9 @@ def universal_copy(path: Path, rank: int) -> Path:
 
 
 def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) -> tuple[int, dict, dict]:
-    """Restores engine, optimizer, loss scaler and RNG; returns (step, loader state, the resume record:
+    """Restores a checkpoint on this world size or another; its step, loader state and resume record.
+
+    Restores engine, optimizer, loss scaler and RNG; returns (step, loader state, the resume record:
     what was loaded, from and to which world size, and the optimizer groups' weight decay).
 
     The same world size: DeepSpeed's own files and this rank's RNG, exactly. Another world size (an elastic
@@ -307,7 +317,9 @@ def load_checkpoint(engine, path: Path, rank: int, world: int, seed: int = 0) ->
 
 
 def check_zero0_weights_dtype(path: Path, engine_dtype: torch.dtype) -> None:
-    """A ZeRO-0 checkpoint holds the module as the engine trained it. One with 16-bit weights comes from
+    """Refuses, saying what to do, a ZeRO-0 checkpoint of 16-bit weights that an fp32 engine cannot load.
+
+    A ZeRO-0 checkpoint holds the module as the engine trained it. One with 16-bit weights comes from
     DeepSpeed's own ZeRO-0 bf16/fp16 (FP16_UnfusedOptimizer, before this project moved ZeRO-0 to autocast over
     fp32 weights): its optimizer state does not load into an fp32 engine, so say what to do instead."""
     states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
@@ -343,7 +355,9 @@ def _optimizers(engine):
 
 
 def check_no_persistent_buffers(module) -> None:
-    """A universal load restores parameters and optimizer state, never module buffers: a model with persistent
+    """Refuses a universal load for a model with persistent buffers, which the load would lose.
+
+    A universal load restores parameters and optimizer state, never module buffers: a model with persistent
     buffers (timm's Swin has none: its index and mask buffers are rebuilt) would silently lose them."""
     buffers = {name for name, _ in module.named_buffers()}
     persistent = sorted(k for k in module.state_dict() if k in buffers)
@@ -364,7 +378,9 @@ def seed_streams(seed: int, step: int, rank: int) -> None:
 
 
 def read_rank_file(own_file: Path) -> dict:
-    """A rank file's RNG states and loader position, loaded with weights_only=True; a file holding anything but
+    """A rank file's RNG states and loader position; refused if it holds more than tensors and plain values.
+
+    A rank file's RNG states and loader position, loaded with weights_only=True; a file holding anything but
     tensors and plain values is refused with a RuntimeError naming the first object it would have unpickled."""
     try:  # tensors and plain values only (rng_state): nothing in it is unpickled as code
         return torch.load(own_file, map_location="cpu", weights_only=True)

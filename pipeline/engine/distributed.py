@@ -95,7 +95,9 @@ def environment_from_mpi(env: dict[str, str]) -> dict[str, str]:
 
 
 def rank_environment(env: dict[str, str]) -> dict[str, str]:
-    """RANK, WORLD_SIZE and LOCAL_RANK of this process, whichever launcher started it (a world of one when none
+    """This process's RANK, WORLD_SIZE and LOCAL_RANK, whichever launcher started it.
+
+    RANK, WORLD_SIZE and LOCAL_RANK of this process, whichever launcher started it (a world of one when none
     did), plus MASTER_* where a launcher's own variables give them."""
     out = {**env, **environment_from_slurm(env), **environment_from_mpi(env)}
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
@@ -104,7 +106,9 @@ def rank_environment(env: dict[str, str]) -> dict[str, str]:
 
 
 def cuda_device_index(env: dict[str, str], device_count: int) -> int:
-    """The GPU this rank drives. One visible GPU is device 0: Slurm binds one GPU per task (`srun
+    """The GPU this rank drives.
+
+    One visible GPU is device 0: Slurm binds one GPU per task (`srun
     --gpus-per-task=1`, `--gpu-bind=single:1`) and each task sees only its own while SLURM_LOCALID runs 0-7.
     Several visible GPUs: the one of this rank's LOCAL_RANK, which must name one of them."""
     local = int(env.get("LOCAL_RANK", "0"))
@@ -121,7 +125,9 @@ def cuda_device_index(env: dict[str, str], device_count: int) -> int:
 
 
 def process_group_backend(cuda: bool) -> str:
-    """The backend string for torch.distributed: NCCL for CUDA tensors plus gloo for CPU ones on GPU machines
+    """The torch.distributed backend for this machine: NCCL plus gloo with GPUs, gloo alone without.
+
+    The backend string for torch.distributed: NCCL for CUDA tensors plus gloo for CPU ones on GPU machines
     (torch routes each collective by its tensor's device), gloo alone on CPU-only machines."""
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
@@ -135,7 +141,9 @@ def first_host(nodelist: str) -> str:
 
 
 def cpu_threads(env: dict[str, str], cores: int) -> int | None:
-    """Intra-op threads for a rank whose user set none (OMP_NUM_THREADS, which torch reads itself): the cores it
+    """The intra-op thread count this rank should use, or None to keep torch's default.
+
+    Intra-op threads for a rank whose user set none (OMP_NUM_THREADS, which torch reads itself): the cores it
     may run on, shared among its node's ranks (LOCAL_WORLD_SIZE from torchrun and accelerate, LOCAL_SIZE from
     DeepSpeed's launcher, OMPI_COMM_WORLD_LOCAL_SIZE from mpirun; under srun the task's --cpus-per-task), as
     torchrun and DeepSpeed's --bind_cores_to_rank do. torch's default is every core in every rank: N ranks on a node
@@ -162,7 +170,9 @@ def prepare_environment() -> None:
 
 
 def nccl_environment(trace_dir: str | None, trace_entries: int = 20000) -> dict[str, str]:
-    """What NCCL's watchdog needs to end a hung job with a record of it (torchtitan's distributed/utils.py sets
+    """The NCCL settings that end a hung job with a record of its last collectives.
+
+    What NCCL's watchdog needs to end a hung job with a record of it (torchtitan's distributed/utils.py sets
     the same): async error handling 3 (the watchdog aborts the communicator and ends the process, without the
     cleanup that can itself hang; the flight recorder needs this mode), a ring of the last collectives per rank,
     dumped on a timeout to `<trace_dir>/rank_N`. Read when the process group starts; a value the user set wins."""
@@ -177,7 +187,9 @@ def nccl_environment(trace_dir: str | None, trace_entries: int = 20000) -> dict[
 def init_distributed(
     timeout_s: float | None = None, long_timeout_s: float | None = None, trace_dir: str | None = None
 ) -> World:
-    """Starts the process group (process_group_backend) through DeepSpeed and returns this rank's place.
+    """Starts the process group and returns this rank's place in it.
+
+    Starts the process group (process_group_backend) through DeepSpeed and returns this rank's place.
     `timeout_s`: every collective's timeout (None: DeepSpeed's, 10 minutes or DEEPSPEED_TIMEOUT); `long_timeout_s`:
     wait_for_main's; `trace_dir`: where NCCL's flight recorder dumps on a timeout (GPU runs)."""
     global _long_group
@@ -243,7 +255,9 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
 
 
 def all_true(flag: bool | torch.Tensor) -> bool:
-    """True when `flag` holds on every rank (a MIN all-reduce of one int). A tensor flag is reduced on its own
+    """True when `flag` holds on every rank (a MIN all-reduce of one int).
+
+    A tensor flag is reduced on its own
     device (NCCL for a CUDA tensor), so a value the GPU computed is not first copied to the host; the one host
     read is the answer."""
     if isinstance(flag, torch.Tensor):
@@ -261,7 +275,9 @@ def barrier() -> None:
 
 
 def wait_for_main(what: str, progress_s: float = 60.0) -> None:
-    """Rank 0 calls it when done with `what`; every other rank waits for that here, however long it takes up to
+    """Waits, on every rank but 0, for rank 0 to finish `what`, however long it takes.
+
+    Rank 0 calls it when done with `what`; every other rank waits for that here, however long it takes up to
     train.long_wait_timeout_s, saying every `progress_s` seconds that it still waits. A barrier of the long-wait
     gloo group: a host-side wait, not a collective under the process group's short timeout."""
     if not _distributed():

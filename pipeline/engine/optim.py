@@ -106,7 +106,9 @@ def create_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, plan: Step
 
 
 def resolve_precision(precision: str, gpu: Gpu | None | Literal["detect"] = "detect") -> str:
-    """The precision a run trains in: `auto` is bf16 from compute capability 8.0 on (A100, H100, H200), fp16 with
+    """The precision a run trains in, `auto` resolved from the GPU.
+
+    The precision a run trains in: `auto` is bf16 from compute capability 8.0 on (A100, H100, H200), fp16 with
     dynamic loss scaling below (V100), fp32 without a GPU. `gpu`: the device's facts (default: this rank's)."""
     if gpu == "detect":
         gpu = current_gpu() if torch.cuda.is_available() else None
@@ -201,7 +203,9 @@ def autocast_stage(zero_stage: int) -> bool:
 
 
 def deepspeed_skips_nonfinite(zero_stage: int, precision: str) -> bool:
-    """Whether DeepSpeed itself skips (and counts) an optimizer step whose gradients are not finite, so that a
+    """Whether DeepSpeed itself skips an optimizer step whose gradients are not finite.
+
+    Whether DeepSpeed itself skips (and counts) an optimizer step whose gradients are not finite, so that a
     non-finite loss needs no check of ours before the backward: ZeRO-1/2 check the global gradient norm in every
     precision (DeepSpeedZeroOptimizer), ZeRO-3 only in fp16; ZeRO-0 (autocast's
     GradScaler skips fp16 overflows but DeepSpeed does not count them) and ZeRO-3 in bf16/fp32 would apply them."""
@@ -211,7 +215,9 @@ def deepspeed_skips_nonfinite(zero_stage: int, precision: str) -> bool:
 
 
 def loss_scale(engine) -> float | None:
-    """The current fp16 loss scale: DeepSpeed's (ZeRO-1/2/3 optimizers) or autocast's GradScaler (ZeRO-0);
+    """The current fp16 loss scale, or None (bf16, fp32); reading it syncs the host.
+
+    The current fp16 loss scale: DeepSpeed's (ZeRO-1/2/3 optimizers) or autocast's GradScaler (ZeRO-0);
     None when there is none (bf16, fp32). Reading it syncs the host: call it at log time only."""
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
     if scaler is not None:
@@ -225,7 +231,9 @@ def loss_scale(engine) -> float | None:
 
 
 def skipped_steps(engine) -> int:
-    """Optimizer steps skipped so far: DeepSpeed's count, or at ZeRO-0 fp16, where autocast's GradScaler skips
+    """The optimizer steps skipped so far (non-finite gradients, fp16 overflows).
+
+    Optimizer steps skipped so far: DeepSpeed's count, or at ZeRO-0 fp16, where autocast's GradScaler skips
     overflowing steps without DeepSpeed counting them, the engine's steps minus the ones AdamW took (its `step`
     state; restored with the checkpoint like the engine's count). Call it at log time."""
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is None:

@@ -1,4 +1,6 @@
-"""The run folder's records a training run writes as it goes, each with its reader beside its writer:
+"""The records a training run writes in its run folder as it goes, and their readers.
+
+The run folder's records a training run writes as it goes, each with its reader beside its writer:
 `metrics.jsonl` (one JSON line per log, evaluation or stop event), `resumes.jsonl` (what each elastic resume
 did), and the files a run's start writes, which a run that fails before its first step takes away again.
 """
@@ -24,7 +26,9 @@ RESUMES_FILE = "resumes.jsonl"
 
 
 class MetricsLog:
-    """Rank 0 appends one JSON line per log/eval event to <run>/metrics.jsonl, prints a short line and hands
+    """Rank 0's log of the run's records: metrics.jsonl, a short line each, and MLflow.
+
+    Rank 0 appends one JSON line per log/eval event to <run>/metrics.jsonl, prints a short line and hands
     the values to MLflow (at the record's step)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tracker=None):
@@ -58,7 +62,9 @@ def _short(v):
 
 
 def record_elastic_resume(engine, run_dir: Path, world: World, resumed: dict, loader) -> None:
-    """Rank 0 appends what an elastic resume did to <run>/resumes.jsonl: the step, the world sizes, the LR the
+    """Rank 0 appends a record of what an elastic resume did to <run>/resumes.jsonl.
+
+    Rank 0 appends what an elastic resume did to <run>/resumes.jsonl: the step, the world sizes, the LR the
     schedule gives, each optimizer group's weight decay, where the data resumes, and a fingerprint of the fp32
     master weights (per parameter: sum and sum of squares), to compare with the checkpoint it came from."""
     fingerprint = fp32_fingerprint(engine)  # a collective under ZeRO-3: every rank takes part
@@ -87,7 +93,9 @@ def fp32_fingerprint(engine) -> dict[str, list[float]]:
 
 
 def tensor_fingerprint(t: torch.Tensor) -> list[float]:
-    """[sum, sum of squares] in float64, summed by numpy (pairwise, one thread: one fixed order), so the same
+    """A fingerprint of a tensor's values that is the same whatever the threads or ranks.
+
+    [sum, sum of squares] in float64, summed by numpy (pairwise, one thread: one fixed order), so the same
     weights give the same numbers whatever the threads or ranks at work (torch's parallel sum changes its order
     with the thread count). One float64 copy of the tensor at a time: cheap next to a resume, even for Swin-L."""
     values = t.detach().to("cpu", torch.float64).numpy().ravel()
@@ -95,7 +103,9 @@ def tensor_fingerprint(t: torch.Tensor) -> list[float]:
 
 
 def discard_unstarted_run(run_dir: Path, world_size: int, also: tuple[str, ...] = ()) -> bool:
-    """Rank 0, on a failure: a run that never reached its first step (no checkpoint, nothing in metrics.jsonl)
+    """Removes what a run that failed before its first step left; whether its folder went.
+
+    Rank 0, on a failure: a run that never reached its first step (no checkpoint, nothing in metrics.jsonl)
     leaves nothing behind. The files its start wrote (`also`: those of the layers above the engine, such as the
     MLflow run's record) are removed, then the folder when nothing else is in it. In a job of several ranks,
     ranks/ stays: the watchdogs of the other ranks still write there on their way out (which rank ended), and an

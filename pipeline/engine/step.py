@@ -1,4 +1,6 @@
-"""One micro batch through the engine: forward, loss, backward, and (at the accumulation boundary) the step,
+"""One micro batch through the engine, with no host round trip where DeepSpeed guards the weights.
+
+One micro batch through the engine: forward, loss, backward, and (at the accumulation boundary) the step,
 without a host round trip where DeepSpeed already guards the weights.
 
 The loss stays on the device: a StepTally sums the finite losses and counts the non-finite ones there, and the
@@ -33,7 +35,9 @@ class MicroResult:
 
 
 class StepTally:
-    """A log window's losses, summed on the device (finite loss sum, finite count, non-finite count); the image
+    """A log window's losses, summed on the device.
+
+    A log window's losses, summed on the device (finite loss sum, finite count, non-finite count); the image
     count is the host's, which knows every batch's length."""
 
     def __init__(self) -> None:
@@ -70,7 +74,9 @@ def micro_step(
     tally: StepTally | None = None,
     guard_on_host: bool = True,
 ) -> MicroResult:
-    """`guard_on_host`: DeepSpeed would apply non-finite gradients at this stage and precision
+    """One micro batch forward and backward (dropped on every rank for a non-finite loss), stepping at a boundary.
+
+    `guard_on_host`: DeepSpeed would apply non-finite gradients at this stage and precision
     (not optim.deepspeed_skips_nonfinite), so the finite check runs before the backward (the module's notes)."""
     tally = StepTally() if tally is None else tally
     loss = loss_fn(engine(images), labels, label_smoothing)

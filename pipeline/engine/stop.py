@@ -42,7 +42,9 @@ class RunStopped(Exception):
 
 
 def stop_if_agreed(step: int, during: str) -> None:
-    """At a boundary, on every rank: raises RunStopped (at `step`, `during` what) when any rank received a stop
+    """Raises RunStopped on every rank when any rank received a stop signal (a collective).
+
+    At a boundary, on every rank: raises RunStopped (at `step`, `during` what) when any rank received a stop
     signal (a collective)."""
     name = stop_flag().agreed()
     if name:
@@ -69,7 +71,9 @@ class StopFlag:
         self._previous.clear()
 
     def run_complete(self) -> None:
-        """The run is complete: a stop signal from now on has nothing to save. It is ignored rather than left to
+        """The run is complete: a stop signal from now on has nothing to save.
+
+        It is ignored rather than left to
         the handler, which Python resets to the default (die) while the interpreter shuts down; an ignored
         signal stays ignored (CPython's _PySignal_Fini), so a Slurm time-limit SIGUSR1 that lands during the
         teardown of a finished run no longer turns its exit 0 into "killed by signal". A hung teardown still
@@ -98,7 +102,9 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum else None
 
     def agreed(self) -> str | None:
-        """The signal that stops the run when any rank received one (SIGTERM before SIGUSR1), else None. A
+        """The signal that stops the run when any rank received one (SIGTERM before SIGUSR1), else None.
+
+        A
         collective: every rank calls it at the same point."""
         import torch  # here, not at the top: the train command installs the flag before its slow imports
 

@@ -1,4 +1,6 @@
-"""Where the time went: each rank's own time, its wait for data, checkpoints and evaluations, per log window and
+"""Where the time went, per log window and for the whole run.
+
+Where the time went: each rank's own time, its wait for data, checkpoints and evaluations, per log window and
 for the whole run.
 
 A rank's own time is, per micro batch, the host's time from asking the loader for the batch to the end of the
@@ -47,7 +49,9 @@ class RunClock:
     backward_end: float | None = None
 
     def watch_backward(self, model) -> None:
-        """Marks the end of every backward's compute: the first parameter (the patch embedding's) gets its
+        """Has every backward of `model` record when its compute ended.
+
+        Marks the end of every backward's compute: the first parameter (the patch embedding's) gets its
         gradient last."""
         first = next(p for p in model.parameters() if p.requires_grad)
         first.register_post_accumulate_grad_hook(self._mark)
@@ -56,7 +60,9 @@ class RunClock:
         self.backward_end = time.perf_counter()
 
     def micro(self, started: float, batch_ready: float, excluded: float = 0.0) -> None:
-        """One micro batch: asked for at `started`, received at `batch_ready`; `excluded`: seconds of it spent in
+        """Adds one micro batch's wait for data and its own time to the log window.
+
+        One micro batch: asked for at `started`, received at `batch_ready`; `excluded`: seconds of it spent in
         a collective before the backward (the finite-loss check)."""
         end = (
             self.backward_end
@@ -75,7 +81,9 @@ class RunClock:
 
 
 def window_fields(per_rank: list[tuple[float, float]], steps: int, elapsed: float) -> dict:
-    """A log record's timing fields from every rank's (own, data) seconds over a window of `steps` steps that
+    """A log record's timing fields, from every rank's own and data-wait seconds over the window.
+
+    A log record's timing fields from every rank's (own, data) seconds over a window of `steps` steps that
     took `elapsed` s on rank 0: own time per step (median and max over the ranks, the slowest rank's id) and
     the data wait (the most any rank waited, in s per step and in % of the step time)."""
     own = [o for o, _ in per_rank]
@@ -93,7 +101,9 @@ def window_fields(per_rank: list[tuple[float, float]], steps: int, elapsed: floa
 
 
 def s3_fields(now: list[dict], before: list[dict] | None) -> dict:
-    """For a set on S3, from every rank's loader.s3_stats() now and at the last record: the window's node-cache
+    """A log record's S3 fields: the window's node-cache hits and misses, and the shortest read-ahead.
+
+    For a set on S3, from every rank's loader.s3_stats() now and at the last record: the window's node-cache
     hits and misses (summed over the ranks) and the read-ahead depth of the rank with the fewest shards ahead."""
     before = before or [{} for _ in now]
     return {

@@ -15,7 +15,9 @@ from pipeline.engine.distributed import all_reduce_sum
 
 @torch.no_grad()
 def evaluate(engine, loader, device: torch.device, between_batches=None) -> dict[str, float]:
-    """`between_batches`: called on every rank after each batch (the stop check: it may raise, ending the
+    """Loss, top-1 and top-5 of the model over the loader, summed over every rank; the engine's mode kept.
+
+    `between_batches`: called on every rank after each batch (the stop check: it may raise, ending the
     evaluation on every rank at the same batch)."""
     was_training = engine.training
     engine.eval()
@@ -48,7 +50,9 @@ def evaluate(engine, loader, device: torch.device, between_batches=None) -> dict
 
 
 def batch_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(loss sum, top-1 hits, top-5 hits, samples) of one batch, padding entries (label -1) masked out with
+    """One batch's loss sum, top-1 and top-5 hits and sample count, padding left out, with no host sync.
+
+    (loss sum, top-1 hits, top-5 hits, samples) of one batch, padding entries (label -1) masked out with
     arithmetic: boolean-mask indexing or a test of the count would each wait for the GPU once per batch."""
     real = labels >= 0
     safe = labels.clamp(min=0)

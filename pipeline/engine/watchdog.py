@@ -43,7 +43,9 @@ def ranks_dir(run_dir: Path) -> Path:
 
 
 def node_address() -> str:
-    """The address this node was reached at, as the launcher knows it: ssh's (pdsh), Slurm's node name, else the
+    """The address this node was reached at, as its launcher knows it.
+
+    The address this node was reached at, as the launcher knows it: ssh's (pdsh), Slurm's node name, else the
     host name."""
     ssh = os.environ.get("SSH_CONNECTION", "").split()
     if len(ssh) == 4:
@@ -107,7 +109,9 @@ _watch: RankWatch | None = None
 
 
 def note_start(run_dir: Path, env: dict[str, str]) -> float:
-    """Before the process group: this rank's start record, `<run>/ranks/start/rank_NNNNN.json`, so that a
+    """Writes this rank's start record before the process group forms; the time it was written.
+
+    Before the process group: this rank's start record, `<run>/ranks/start/rank_NNNNN.json`, so that a
     rank that never starts can be named (start_failure). Returns the time it was written."""
     from pipeline.engine.distributed import rank_environment
 
@@ -134,7 +138,9 @@ def note_start(run_dir: Path, env: dict[str, str]) -> float:
 
 
 def start_failure(e: BaseException, run_dir: Path, env: dict[str, str], since: float, timeout_s: float):
-    """The process group did not form (its rendezvous timed out): the error naming the ranks that never
+    """The error naming the ranks that never started, when the process group did not form; else `e`.
+
+    The process group did not form (its rendezvous timed out): the error naming the ranks that never
     started, from the start records written since `since` (less a margin for clocks); else `e` itself."""
     from pipeline.engine.distributed import rank_environment
     from swin_common.cli import CommandError
@@ -167,7 +173,9 @@ def start_failure(e: BaseException, run_dir: Path, env: dict[str, str], since: f
 
 
 def start_watch(run_dir: Path, rank: int) -> RankWatch:
-    """Every rank, once the process group runs: rank 0 clears what an earlier job left (its ABORT would stop this
+    """This rank's heartbeat and watchdog, started with the last job's rank records cleared.
+
+    Every rank, once the process group runs: rank 0 clears what an earlier job left (its ABORT would stop this
     one), then each rank starts its heartbeat and watchdog."""
     from pipeline.engine.distributed import barrier
 
@@ -186,7 +194,9 @@ def start_watch(run_dir: Path, rank: int) -> RankWatch:
 
 
 def note_exiting() -> None:
-    """This rank is on its way out with an error (reporting it, ending the MLflow run): its watchdog, should
+    """Tells this rank's watchdog to give it the longer grace: it is reporting an error.
+
+    This rank is on its way out with an error (reporting it, ending the MLflow run): its watchdog, should
     ABORT appear meanwhile, gives it EXITING_GRACE_S instead of ABORT_GRACE_S. A stopped rank never says so."""
     if _watch is not None:
         try:
@@ -224,7 +234,9 @@ def is_collective_failure(e: BaseException) -> bool:
 def lost_rank_error(
     run_dir: Path, me: int, world: int, timeout_s: float, cause: BaseException | None = None, settle_s: float = 3.0
 ) -> str:
-    """The line that names the rank that stopped answering (see the module's docstring); `cause`: the
+    """The error line naming the rank that stopped answering.
+
+    The line that names the rank that stopped answering (see the module's docstring); `cause`: the
     collective's own error, whose first line ends it."""
     deadline = time.time() + settle_s  # a dead rank's watchdog writes its marker within a second or so
     while True:
