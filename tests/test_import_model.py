@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import run_prep
 from pipeline.model import create_model
-from pipeline.model.head_layouts import imagenet_1k, microsoft_22k
+from pipeline.model.head_layouts import imagenet_1k, microsoft_22k, readable_names
 from released_files import microsoft_release, perturbed
 from runs import job_env, run
 from servers import REPO, free_port
@@ -221,6 +221,19 @@ class TestBarToBeat:
         tags = MlflowClient(bar_to_beat["store"]).get_model_version("tiny_22kto1k", "1").tags
         top1 = next(float(v) for k, v in tags.items() if k.endswith(".top1"))
         assert f"top-1 {top1:.2f}%" in line and line.startswith(bar_to_beat["released_file"]), line
+
+    def test_the_served_model_names_each_class_in_words(self, bar_to_beat, tmp_path):
+        """MLflow's pyfunc of the registered import answers a `name` beside each label: WordNet's words for it."""
+        Image.new("RGB", (90, 90), (200, 30, 60)).save(tmp_path / "photo.png")
+        code = (
+            "import json, sys, mlflow, pandas as pd\n"
+            "model = mlflow.pyfunc.load_model('models:/tiny_22kto1k/1')\n"
+            "out = model.predict(pd.DataFrame({'image': [open(sys.argv[1], 'rb').read()]}))\n"
+            "print(json.dumps({'label': out['label'][0], 'name': out['name'][0]}))\n"
+        )
+        env = job_env(port=False, MLFLOW_TRACKING_URI=bar_to_beat["store"])
+        answer = json.loads(run([sys.executable, "-c", code, tmp_path / "photo.png"], env=env).stdout.splitlines()[-1])
+        assert answer["name"] == readable_names([answer["label"]])[0] != "", answer
 
 
 class LoopbackHub(http.server.ThreadingHTTPServer):
