@@ -67,12 +67,8 @@ def test_a_run_continues_on_another_number_of_ranks(stage, worlds, shards, tmp_p
     zero = f"train.zero_stage={stage}"
     launch(before, shards, tmp_path, "uninterrupted", zero, "train.max_steps=8", "checkpoint.every_steps=4")
     stopped_copy(tmp_path / "uninterrupted", 4, tmp_path / "elastic")  # stopped at step 4 on `before` ranks
-    second = launch(after, shards, tmp_path, "elastic", zero, "train.max_steps=8", "checkpoint.every_steps=4")
-    assert (
-        f"resumed from {tmp_path / 'elastic' / 'checkpoints' / 'step_00000004'} at step 4 (elastic: "
-        f"{before} -> {after} ranks)" in second.stderr
-    )
-    [done] = resumes(tmp_path / "elastic")
+    launch(after, shards, tmp_path, "elastic", zero, "train.max_steps=8", "checkpoint.every_steps=4")
+    [done] = resumes(tmp_path / "elastic")  # resumed from the step-4 checkpoint, its only one
     assert (done["step"], done["from_world"], done["to_world"]) == (4, before, after)
     assert (done["universal"] is None) == (stage == 0)  # ZeRO-0 holds the whole optimizer state: a plain load
     assert done["fp32_fingerprint"] == fingerprint_of(tmp_path / "elastic" / "checkpoints" / "step_00000004")
@@ -149,6 +145,6 @@ def test_a_slurm_job_resubmitted_with_fewer_tasks_resumes(slurm_cluster, shards,
         return log
 
     sbatch(2, 4)
-    log = sbatch(1, 6)
-    assert "resumed from" in log and "at step 4 (elastic: 2 -> 1 ranks)" in log
+    sbatch(1, 6)
+    assert [(d["step"], d["from_world"], d["to_world"]) for d in resumes(tmp_path / "slurm")] == [(4, 2, 1)]
     assert metrics(tmp_path / "slurm")[0][-1]["step"] == 6
