@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .shardset.index import parse_index
 from .shardset.layout import parse_layout
-from .shardset.manifest import read_manifest
+from .shardset.manifest import FORMAT, MANIFEST_NAME, ManifestError, read_manifest
 from .shardset.members import split_member
 from .shardset.store import open_store
 
@@ -103,6 +103,11 @@ def _check_jpeg(where: str, jpg: bytes, meta: dict) -> list[str]:
 def verify(url: str, workers: int = 1, decode: bool = True) -> VerifyReport:
     out = open_store(url)
     manifest = read_manifest(out)
+    if manifest["format"] != FORMAT:  # shards elsewhere, labels as values: not yet checked here
+        raise ManifestError(
+            f"{url}/{MANIFEST_NAME} has format {manifest['format']} (a set indexed in place): verify checks only "
+            f"sets of format {FORMAT}, the ones `data_prep shard` writes"
+        )
     synsets = manifest["label_layout"]["synsets"]
     report = VerifyReport()
     try:

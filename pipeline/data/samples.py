@@ -79,4 +79,7 @@ class BatchSource:
         return boxes, flips(len(widths), rng, self.cfg.hflip)
 
     def name(self, shard: int, sample: int) -> str:
-        return f"{self.url}/{self.reader.shard_name(shard)} sample {self.reader.key(shard, sample)}"
+        """The sample where its bytes are: the data store's URL (the shards' root), its shard and key."""
+        return (
+            f"{self.reader.shard_set.data_url}/{self.reader.shard_name(shard)} sample {self.reader.key(shard, sample)}"
+        )
