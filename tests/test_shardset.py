@@ -92,7 +92,7 @@ def test_an_index_pointing_past_the_end_is_caught(damaged_copy):
     [
         (lambda idx: idx.unlink(), "its index file is missing"),
         (lambda idx: idx.write_text("\n".join(idx.read_text().splitlines()[:-1]) + "\n"), "index file unreadable"),
-        (lambda idx: idx.write_text(idx.read_text().replace(" jpg ", " png ")), "lacks ['jpg']"),
+        (lambda idx: idx.write_text(idx.read_text().replace(" jpg ", " txt ")), "lacks an image (jpg|jpeg|png|webp)"),
     ],
 )
 def test_bad_index_files_are_caught(damaged_copy, damage, reason):

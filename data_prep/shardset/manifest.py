@@ -11,11 +11,23 @@ import json
 from swin_common.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "swin-pipeline-shards/1"
+FORMAT = "swin-pipeline-shards/1"  # what `data_prep shard` writes: shards under the manifest, labels in cls members
+# a set indexed in place: its shards under `shards_root` (another folder or S3 prefix than the manifest's), or its
+# labels a column of the split index (`split_indexes.<split>.label_column`); a reader of /1 only refuses it
+# clearly instead of looking for the shards beside the manifest
+FORMAT_2 = "swin-pipeline-shards/2"
+FORMATS = (FORMAT, FORMAT_2)
 
 
 class ManifestError(UserError, ValueError):
-    """A manifest.json of another format than the one this version reads."""
+    """A manifest.json of another format than the ones this version reads."""
+
+
+def manifest_format(manifest: dict) -> str:
+    """The format a manifest must declare: /2 when it uses `shards_root` or a label column, else /1 (so the sets
+    `data_prep shard` writes keep their manifest byte for byte)."""
+    label_column = any(e.get("label_column") for e in manifest.get("split_indexes", {}).values())
+    return FORMAT_2 if "shards_root" in manifest or label_column else FORMAT
 
 
 def write_manifest(out, manifest: dict) -> None:
@@ -25,9 +37,15 @@ def write_manifest(out, manifest: dict) -> None:
 def read_manifest(out) -> dict:
     if not out.exists(MANIFEST_NAME):
         raise FileNotFoundError(missing_manifest(out))
+    where = f"{out.url}/{MANIFEST_NAME}"
     manifest = json.loads(out.read(MANIFEST_NAME))
-    if manifest.get("format") != FORMAT:
-        raise ManifestError(f"{out.url}/{MANIFEST_NAME} has format {manifest.get('format')!r}, expected {FORMAT}")
+    found = manifest.get("format")
+    if found not in FORMATS:
+        raise ManifestError(f"{where} has format {found!r}, expected {' or '.join(FORMATS)}")
+    if found == FORMAT and manifest_format(manifest) != FORMAT:
+        raise ManifestError(
+            f"{where} has format {FORMAT} but uses shards_root or a label column, which need {FORMAT_2}"
+        )
     return manifest
 
 

@@ -14,23 +14,32 @@ entries with the manifest's sample count that give every sample its jpg and cls 
 (offset + size <= file size). A bad shard is left out with a warning, up to the caller's budget; past it, an
 error names the shards and the `data_prep verify` command to run. The result holds the sample table the readers
 use (numpy arrays, not Python objects: `bench/shardset_scale.py` measures its bytes per sample).
+
+Two stores: the index store (the set's URL: manifest, split index, `.idx` and labels files) and the data store
+(the shards' bytes). They are one unless the manifest (format /2) names `shards_root`, an absolute folder or an
+s3:// prefix the shard names are relative to (a set indexed in place, its index written elsewhere). Everything
+that reads shard bytes (sizes here; the node cache, the read-ahead and the readers) reads them from the data store
+(`ShardSet.store`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from swin_common.errors import UserError
 
 from .index import IndexFileError, format_index, parse_index
-from .manifest import read_manifest
-from .split_index import SampleTable, read_split_index
+from .manifest import MANIFEST_NAME, read_manifest
+from .members import IMAGE_EXTS
+from .split_index import SampleTable, read_labels, read_split_index
 from .store import LocalStore, S3Store, open_store
 
 log = logging.getLogger(__name__)
-REQUIRED = ("jpg", "cls")
 
 
 class ShardSetError(UserError, RuntimeError):
@@ -39,18 +48,20 @@ class ShardSetError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class Shard:
-    name: str  # "train/shard-000000.tar", relative to the set
-    index_name: str
+    name: str  # "train/shard-000000.tar", relative to the data store (the set, or its shards_root)
+    index_name: str  # relative to the set (the index store)
     samples: int
     bytes: int
     sha256: str
+    labels: str | None = None  # its labels file in the index store (a set indexed in place), or None
 
 
 @dataclass
 class ShardSet:
-    """The usable shards of one split and where their samples lie (`table`), read through one store client."""
+    """The usable shards of one split and where their samples lie (`table`); their bytes are read through one
+    store client (`store`, the data store: the set's own, or its shards_root's)."""
 
-    url: str
+    url: str  # the set: where its manifest and indexes are
     split: str
     synsets: list[str]
     shards: list[Shard]  # the usable ones, in manifest order
@@ -66,9 +77,15 @@ class ShardSet:
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
+    @property
+    def data_url(self) -> str:
+        """Where the shards' bytes are: the set's URL, or its shards_root."""
+        return self.store.url if self.store is not None else self.url
 
-def check_index(text: str, shard: Shard, file_size: int) -> str | None:
-    """Why a shard's own `.idx` cannot be trusted for this shard, or None."""
+
+def check_index(text: str, shard: Shard, file_size: int, need_cls: bool = True) -> str | None:
+    """Why a shard's own `.idx` cannot be trusted for this shard, or None: every sample needs an image (one of
+    IMAGE_EXTS) and, unless its labels come as values (`need_cls` False), a cls member."""
     try:
         samples = parse_index(text)
     except IndexFileError as e:
@@ -76,9 +93,12 @@ def check_index(text: str, shard: Shard, file_size: int) -> str | None:
     if len(samples) != shard.samples:
         return f"index lists {len(samples)} samples, the manifest {shard.samples}"
     for n, components in enumerate(samples):
-        exts = {ext for ext, _o, _s, _name in components}
-        if not exts.issuperset(REQUIRED):
-            return f"sample {n} ({components[0][3] if components else '?'}) lacks {sorted(set(REQUIRED) - exts)}"
+        exts = {ext.lower() for ext, _o, _s, _name in components}
+        lacks = ([] if exts & set(IMAGE_EXTS) else ["an image (" + "|".join(IMAGE_EXTS) + ")"]) + (
+            ["cls"] if need_cls and "cls" not in exts else []
+        )
+        if lacks:
+            return f"sample {n} ({components[0][3] if components else '?'}) lacks {' and '.join(lacks)}"
         for _ext, offset, size, name in components:
             if offset < 0 or size < 0 or offset + size > file_size:
                 return f"index entry {name} ends at byte {offset + size}, past the tar's {file_size} bytes"
@@ -102,23 +122,42 @@ def split_entries(manifest: dict, url: str, split: str) -> tuple[list[dict], dic
     return entries, entry
 
 
+def data_store(manifest: dict, index: LocalStore | S3Store) -> LocalStore | S3Store:
+    """The store of the shards' bytes: `index` itself, or the manifest's shards_root (an absolute folder or an
+    s3:// prefix; ShardSetError naming the manifest for anything else)."""
+    root = manifest.get("shards_root")
+    if root is None:
+        return index
+    if not isinstance(root, str) or not (root.startswith("s3://") or os.path.isabs(root)):
+        raise ShardSetError(
+            f"{index.url}/{MANIFEST_NAME}: shards_root {root!r} is neither an absolute folder nor an s3:// URL"
+        )
+    data = open_store(root)
+    return index if data.url == index.url else data
+
+
 def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cache=None) -> ShardSet:
     """The split's usable shards and where their samples lie, or ShardSetError saying why not.
 
     The split's usable shards and where their samples lie; raises ShardSetError when the split has no shards or
     no split index (`split_indexes` in the manifest), or when more than max_bad_shards are bad or none is left.
     On S3 the split index is fetched through `cache` (see read_split_index), once per node."""
-    store = open_store(url)
-    manifest = read_manifest(store)
+    index = open_store(url)
+    manifest = read_manifest(index)
+    data = data_store(manifest, index)
     synsets = manifest["label_layout"]["synsets"]
     entries, entry = split_entries(manifest, url, split)
-    shards = [Shard(e["name"], e["index"], e["samples"], e["bytes"], e["sha256"]) for e in entries]
+    shards = [Shard(e["name"], e["index"], e["samples"], e["bytes"], e["sha256"], e.get("labels")) for e in entries]
     # one listing, not a request per shard: on S3 small prefix listings in parallel (~140 for 14,200 shards)
-    sizes = dict(store.list(split) if isinstance(store, LocalStore) else store.list_names([s.name for s in shards]))
-    listed = {s.name for s in shards}
-    for rel in sorted(sizes):
-        if rel.endswith(".tar") and rel not in listed:
-            log.warning("%s/%s is not in the manifest: not used", url, rel)
+    if data is index and isinstance(data, LocalStore):
+        sizes = dict(data.list(split))
+    else:
+        sizes = dict(data.list_names([s.name for s in shards]))
+    if data is index:  # a foreign shards_root may hold anything else: only the set's own folders are ours
+        listed = {s.name for s in shards}
+        for rel in sorted(sizes):
+            if rel.endswith(".tar") and rel not in listed:
+                log.warning("%s/%s is not in the manifest: not used", url, rel)
 
     def storage_problem(shard: Shard) -> str | None:
         size = sizes.get(shard.name)
@@ -130,12 +169,15 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
 
     problems = [storage_problem(s) for s in shards]
     try:
-        table = read_split_index(store, entry, cache)
+        table = read_split_index(index, entry, cache)
     except (OSError, IndexFileError) as e:  # prep's problem, not the job's: the shards' own index files remain
         log.warning("%s: %s; reading every shard's index file instead", url, e)
-        table, problems = _table_from_shard_indexes(store, shards, sizes, problems)
+        wanted = index_files(shards)
+        together = data is index and all(name in sizes for name in wanted)  # listed with the shards already
+        index_sizes = sizes if together else dict(index.list_names(wanted))
+        table, problems = _table_from_shard_indexes(index, shards, sizes, index_sizes, problems, len(synsets))
     else:
-        problems = _check_table(table, shards, problems)
+        problems = _check_table(table, shards, problems, len(synsets))
     bad = [(s.name, p) for s, p in zip(shards, problems, strict=True) if p]
     good = [i for i, p in enumerate(problems) if not p]
     for name, why in bad:
@@ -157,13 +199,20 @@ def open_shard_set(url: str, split: str = "train", max_bad_shards: int = 0, cach
             max_bad_shards,
             sum(s.samples for s in kept),
         )
-    return ShardSet(url, split, synsets, kept, bad, table.select(good), store)
+    return ShardSet(url, split, synsets, kept, bad, table.select(good), data)
 
 
-def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> list:
-    """Per shard: the split index has its samples and points only inside its tar (vectorised: 14,200 shards)."""
+def index_files(shards: list[Shard]) -> list[str]:
+    """The index store's files of these shards: their `.idx`, and their labels files where they have them."""
+    return [s.index_name for s in shards] + [s.labels for s in shards if s.labels]
+
+
+def _check_table(table: SampleTable, shards: list[Shard], problems: list, num_classes: int) -> list:
+    """Per shard: the split index has its samples, points only inside its tar and (with a label column) gives
+    labels of the layout (vectorised: 14,200 shards)."""
     if table.names != [s.name for s in shards]:
         return [p or "not in the split index as the manifest lists it" for p in problems]
+    problems = _label_problems(table, problems, num_classes)
     counts, ends = table.shard_sizes, table.ends()
     out = []
     for shard, problem, count, end in zip(shards, problems, counts.tolist(), ends.tolist(), strict=True):
@@ -175,24 +224,53 @@ def _check_table(table: SampleTable, shards: list[Shard], problems: list) -> lis
     return out
 
 
-def _table_from_shard_indexes(store, shards: list[Shard], sizes: dict, problems: list):
-    """In place of a damaged split index: every shard's index file, read and checked (a request each)."""
+def _label_problems(table: SampleTable, problems: list, num_classes: int) -> list:
+    """`problems` with, for each shard still without one, its first label outside the layout (a label column
+    only: a cls member is read as it is used)."""
+    problems = list(problems)
+    if table.label is not None:
+        wrong = np.flatnonzero((table.label < 0) | (table.label >= num_classes))
+        shard_of = np.searchsorted(table.starts, wrong, side="right") - 1
+        for row, s in zip(wrong.tolist(), shard_of.tolist(), strict=True):
+            if problems[s] is None:
+                problems[s] = f"sample {table.key(row)} has label {int(table.label[row])}, outside 0..{num_classes - 1}"
+    return problems
 
-    def read(i: int) -> tuple[str | None, str | None]:
+
+def _table_from_shard_indexes(
+    index, shards: list[Shard], sizes: dict, index_sizes: dict, problems: list, num_classes: int
+):
+    """In place of a damaged split index: every shard's index file (and labels file, for a set whose labels are
+    values), read from the index store and checked (a request each)."""
+    with_labels = any(s.labels for s in shards)
+
+    def read(i: int) -> tuple[str | None, str | None, np.ndarray | None]:
         shard = shards[i]
         if problems[i]:
-            return problems[i], None
-        if shard.index_name not in sizes:
-            return "its index file is missing", None
+            return problems[i], None, None
+        if shard.index_name not in index_sizes:
+            return "its index file is missing", None, None
+        labels = None
         try:
-            text = store.read(shard.index_name).decode()
+            text = index.read(shard.index_name).decode()
+            if with_labels:
+                if not shard.labels or shard.labels not in index_sizes:
+                    return "its labels file is missing", None, None
+                labels = read_labels(index, shard.labels)
         except Exception as e:  # noqa: BLE001  (an unreadable index is this shard's problem, not the job's)
-            return f"index file unreadable: {e}", None
-        return check_index(text, shard, sizes[shard.name]), text
+            return f"index file unreadable: {e}", None, None
+        problem = check_index(text, shard, sizes[shard.name], need_cls=not with_labels)
+        if problem is None and labels is not None and len(labels) != shard.samples:
+            problem = f"its labels file has {len(labels)} labels, the manifest {shard.samples} samples"
+        return problem, text, labels
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(read, range(len(shards))))
-    problems = [p for p, _text in results]
+    problems = [p for p, _text, _labels in results]
     # bad shards (those with a problem, the only ones without a text): empty, left out anyway
-    texts = [format_index([]) if p or text is None else text for p, text in results]
-    return SampleTable.from_index_texts([s.name for s in shards], texts), problems
+    texts = [format_index([]) if p or text is None else text for p, text, _labels in results]
+    labels = None
+    if with_labels:
+        labels = [np.zeros(0, np.int32) if p or v is None else v for p, _text, v in results]
+    table = SampleTable.from_index_texts([s.name for s in shards], texts, labels)
+    return table, _label_problems(table, problems, num_classes)

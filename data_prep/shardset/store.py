@@ -86,6 +86,24 @@ class LocalStore:
                     continue  # renamed or removed since the directory was read
                 yield rel + entry.name, size
 
+    def list_names(self, names: builtins.list[str]) -> Iterator[tuple[str, int]]:
+        """(relative path, size) of the files in the folders of `names` (those of `names` that exist, and perhaps a
+        few more): one scandir per distinct folder, so the names need not lie under one split folder."""
+        for folder in sorted({name.rpartition("/")[0] for name in names}):
+            rel = folder + "/" if folder else ""
+            try:
+                entries = list(os.scandir(self._path(folder)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.name.startswith(".") and ".tmp-" in entry.name:
+                    continue  # another task's file being written
+                try:
+                    if entry.is_file(follow_symlinks=True):
+                        yield rel + entry.name, entry.stat().st_size
+                except FileNotFoundError:
+                    continue  # removed since the directory was read
+
     def list_dir(self) -> tuple[builtins.list[str], builtins.list[str]]:
         """Top-level (subfolders, files) of the store, sorted."""
         if not self.root.is_dir():

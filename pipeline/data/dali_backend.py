@@ -11,6 +11,7 @@ DALI cannot skip a sample it fails to decode: the loader then stops with an erro
 from __future__ import annotations
 
 import base64
+import io
 import threading
 
 import numpy as np
@@ -300,10 +301,9 @@ def _name_the_bad_sample(source, refs, error: Exception) -> DataError:
     culprits = []
     for shard, sample in refs:
         jpg, _label = source.reader.read(shard, sample)
-        try:
-            simplejpeg.decode_jpeg(jpg, strict=True)
-        except ValueError as e:
-            culprits.append(f"{source.name(shard, sample)}: {e}")
+        why = _why_it_does_not_decode(jpg)
+        if why is not None:
+            culprits.append(f"{source.name(shard, sample)}: {why}")
     where = (
         "; ".join(culprits)
         or f"one of the batch's samples ({len(refs)} from shards "
@@ -314,3 +314,21 @@ def _name_the_bad_sample(source, refs, error: Exception) -> DataError:
         f"`python -m data_prep verify {source.url}` and re-shard what it reports. "
         f"(DALI said: {str(error).splitlines()[0] if str(error) else error!r})"
     )
+
+
+def _why_it_does_not_decode(data: bytes) -> str | None:
+    """None when the image decodes: a JPEG by simplejpeg (strict), any other image (PNG, WebP) by PIL."""
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            simplejpeg.decode_jpeg(data, strict=True)
+        except ValueError as e:
+            return str(e)
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad bytes; each is this sample's fault)
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -1,7 +1,7 @@
-"""Random access to a checked shard set's samples: (shard, sample) -> (jpg bytes, label).
+"""Random access to a checked shard set's samples: (shard, sample) -> (image bytes, label).
 
-Random access to the samples of a checked shard set: (shard, sample) -> (jpg bytes, label), by the byte ranges
-of the set's sample table (one pread each; no tar parsing at read time).
+By the byte ranges of the set's sample table (one pread each; no tar parsing at read time). The label is the
+table's label column when it has one (a version 2 split index), else the sample's cls member.
 
 S3 shards are read from the node's shared cache: the reader pins each shard it reads (the pin is the file it
 preads from) and lets go of it once this rank's order has no further sample in it (`release_finished`), so the
@@ -63,6 +63,8 @@ class ShardReader:
             self._pins.move_to_end(shard)
         t, row = self.table, self.table.row(shard, sample)
         jpg = os.pread(pin.fd, int(t.jpg_size[row]), int(t.jpg_offset[row]))
+        if t.label is not None:  # a version 2 index: the label is a value, no cls member is read
+            return jpg, int(t.label[row])
         return jpg, int(os.pread(pin.fd, int(t.cls_size[row]), int(t.cls_offset[row])))
 
     def release_finished(self, last_batch: np.ndarray, b: int) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import simplejpeg
 from timm.data import IMAGENET_DEFAULT_MEAN as MEAN  # noqa: F401  (re-exported)
 from timm.data import IMAGENET_DEFAULT_STD as STD  # noqa: F401  (re-exported)
 
+from data_prep.shardset.members import ImageSizeError, image_size
 from swin_common.errors import UserError
 
 from .augment_params import batch_rng, flips, random_resized_crop
@@ -69,13 +69,13 @@ class BatchSource:
     def crops(self, epoch: int, slot: int, jpegs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         """The crop boxes and flips of the micro batch in `slot`.
 
-        The random-resized-crop boxes (x, y, w, h) and flips of the micro batch in `slot`, from the JPEGs'
-        header sizes."""
+        The random-resized-crop boxes (x, y, w, h) and flips, from the images' header sizes (JPEG, PNG or WebP:
+        the column is named jpg, the image may be any of them)."""
         sizes = []
         for jpg in jpegs:
             try:
-                sizes.append(jpeg_size(jpg))
-            except ValueError:
+                sizes.append(image_size(jpg))
+            except ImageSizeError:
                 sizes.append((1, 1))  # decoding it fails later, where the backend skips or names it
         widths, heights = np.array(sizes, np.int64).reshape(-1, 2).T
         rng = batch_rng(self.cfg.seed, epoch, slot, 0)
@@ -83,9 +83,7 @@ class BatchSource:
         return boxes, flips(len(widths), rng, self.cfg.hflip)
 
     def name(self, shard: int, sample: int) -> str:
-        return f"{self.url}/{self.reader.shard_name(shard)} sample {self.reader.key(shard, sample)}"
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    height, width, _colorspace, _sub = simplejpeg.decode_jpeg_header(data)
-    return width, height
+        """The sample where its bytes are: the data store's URL (the shards' root), its shard and key."""
+        return (
+            f"{self.reader.shard_set.data_url}/{self.reader.shard_name(shard)} sample {self.reader.key(shard, sample)}"
+        )
