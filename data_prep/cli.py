@@ -1,4 +1,4 @@
-"""python -m data_prep {shard,finalize,verify,map,embedded} ... (each with --help).
+"""python -m data_prep {shard,index,finalize,verify,map,embedded} ... (each with --help).
 
 Expected failures (a missing source or shard set, an unfinalized set, a bad layout or option, S3 errors) end in
 one line, `error: ...`, and exit 2; `--debug` shows their traceback.
@@ -18,6 +18,7 @@ from .shardset.layout import read_layout, write_map
 
 EXAMPLES = """examples:
   python -m data_prep shard --source /data/imagenet22k_tars --out s3://bucket/in22k --holdout-per-class 10 --workers 8
+  python -m data_prep index s3://bucket/imagenet-22k-wds --out s3://bucket/in22k-index --set imagenet-22k-wds
   python -m data_prep verify s3://bucket/in22k --workers 8
   python -m data_prep map --from s3-synsets.txt --to imagenet1k_synsets.txt --out in22k_to_in1k.json
 """
@@ -117,6 +118,58 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-finalize", action="store_true", help="do not write manifest.json even when this task finishes the set"
     )
 
+    i = sub.add_parser(
+        "index",
+        formatter_class=fmt,
+        help="index a webdataset shard set in place (timm's, ShardWriter's, GNU tar's)",
+        description="Makes a webdataset shard set this project did not write readable by the loaders, "
+        "without changing or copying a byte of SOURCE: reads each shard once as a stream and writes under "
+        "--out its DALI .idx and labels, the split indexes, synsets.txt and manifest.json (format /2, whose "
+        "shards_root is SOURCE). Splits come from --split, else timm's _info.json/info.json, else sub-folders "
+        "holding .tar files. timm names its val split 'validation': train with data.val_split=validation. "
+        "Rerun the same command to resume; Slurm array tasks share the shards.",
+    )
+    i.add_argument("source", metavar="SOURCE", help="folder or s3://bucket/prefix holding the shards (read only)")
+    i.add_argument(
+        "--out", help="folder or s3://bucket/prefix for the index (default: SOURCE, if a writable local folder)"
+    )
+    i.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="NAME=PATTERN",
+        help="a split's shards, relative to SOURCE, brace patterns allowed: train=in22k-train-{0000..4095}.tar "
+        "(repeatable)",
+    )
+    i.add_argument("--labels", metavar="FILE", help="label layout: a synset per line, in the order cls numbers them")
+    i.add_argument(
+        "--set",
+        dest="known_set",
+        choices=["imagenet-1k-wds", "imagenet-22k-wds", "imagenet-12k-wds"],
+        help="the layout of one of timm's published sets (from timm's own label files); checked against the "
+        "json's synset where a sample has one",
+    )
+    i.add_argument(
+        "--label-key",
+        default="cls",
+        metavar="cls|json:FIELD",
+        help="where a sample's label is: its cls member, or a json field (json:label_12k); -1 means not in this "
+        "layout (skipped and counted)",
+    )
+    i.add_argument(
+        "--max-bad",
+        default="0.1%",
+        metavar="N|P%",
+        help="bad samples (no image or label, unreadable, truncated tar) allowed before the set is refused",
+    )
+    i.add_argument("--workers", type=int, default=1, help="worker processes on this machine, one shard each")
+    i.add_argument("--task-index", type=int, help="this task's index (default: from SLURM_ARRAY_TASK_ID)")
+    i.add_argument("--num-tasks", type=int, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
+    i.add_argument("--list-only", action="store_true", help="only resolve the source shards into OUT/_prep and exit")
+    i.add_argument(
+        "--no-finalize", action="store_true", help="do not write manifest.json even when this task finishes the set"
+    )
+
     f = sub.add_parser(
         "finalize",
         formatter_class=fmt,
@@ -125,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "them, while shards are missing. The last shard task does this by itself.",
     )
     f.add_argument("out", help="shard folder or s3://bucket/prefix")
+    f.add_argument("--max-bad", metavar="N|P%", help="for a set of `index`: bad samples allowed (default 0.1%%)")
 
     v = sub.add_parser(
         "verify",
@@ -214,10 +268,40 @@ def cmd_shard(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from .foreign import IndexOptions, run_index
+    from .shard import slurm_task_defaults
+
+    task_index, num_tasks = slurm_task_defaults()
+    opts = IndexOptions(
+        source=args.source,
+        out=args.out,
+        splits=args.split,
+        labels=args.labels,
+        known_set=args.known_set,
+        label_key=args.label_key,
+        max_bad=args.max_bad,
+        workers=args.workers,
+        task_index=task_index if args.task_index is None else args.task_index,
+        num_tasks=num_tasks if args.num_tasks is None else args.num_tasks,
+        finalize=not args.no_finalize,
+        list_only=args.list_only,
+    )
+    summary = run_index(opts)
+    print(json.dumps(summary, indent=1))
+    if "manifest" not in summary and not args.list_only:
+        print(
+            "manifest.json not written yet: other tasks' shards are missing (or --no-finalize); "
+            "`python -m data_prep finalize OUT` writes it when they are done",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_finalize(args) -> int:
     from .shard import finalize
 
-    manifest = finalize(args.out)
+    manifest = finalize(args.out, args.max_bad)
     print(
         json.dumps(
             {
@@ -268,6 +352,7 @@ def cmd_embedded(args) -> int:
 
 COMMANDS = {
     "shard": cmd_shard,
+    "index": cmd_index,
     "finalize": cmd_finalize,
     "verify": cmd_verify,
     "map": cmd_map,

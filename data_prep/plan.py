@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from .sources import Item, Listing
 
 SPLITS = ("train", "val")
 RECORDS_DIR = "_prep/done"  # one completion record per finished shard
+T = TypeVar("T")
 
 
 class PlanError(UserError, ValueError):
@@ -120,7 +122,8 @@ def plan_shards(
     return plan
 
 
-def task_share(plan: list[ShardSpec], task_index: int, num_tasks: int) -> list[ShardSpec]:
+def task_share(plan: list[T], task_index: int, num_tasks: int) -> list[T]:
+    """This task's shards of the plan: every num_tasks-th from task_index (any plan: shard's or index's)."""
     if not 0 <= task_index < num_tasks:
         raise PlanError(f"task index {task_index} is outside 0..{num_tasks - 1}")
     return plan[task_index::num_tasks]

@@ -8,18 +8,32 @@ from __future__ import annotations
 import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
 
 from swin_common.errors import UserError
 
-from .plan import RECORDS_DIR, ShardSpec
+from .plan import RECORDS_DIR
 from .shardset.manifest import FORMAT
+
+
+class Planned(Protocol):
+    """A planned shard (plan.ShardSpec, foreign.IndexSpec): its name and the name of its completion record."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def record_name(self) -> str: ...
+
+
+S = TypeVar("S", bound=Planned)
 
 
 class IncompleteError(UserError, RuntimeError):
     """A shard set whose planned shards are not all written yet."""
 
 
-def missing_records(out, plan: list[ShardSpec]) -> list[ShardSpec]:
+def missing_records(out, plan: list[S]) -> list[S]:
     """Planned shards without a completion record, from one listing.
 
     Planned shards without a completion record: one listing of _prep/done (a few paginated LISTs on S3 for
@@ -28,14 +42,8 @@ def missing_records(out, plan: list[ShardSpec]) -> list[ShardSpec]:
     return [spec for spec in plan if spec.record_name not in done]
 
 
-def build_manifest(
-    out,
-    plan: list[ShardSpec],
-    options: dict,
-    synsets: list[str],
-    listing_rejected: list,
-    set_aside: dict[str, int] | None = None,
-) -> dict:
+def read_records(out, plan: list[Any]) -> list[dict]:
+    """Every planned shard's completion record, in plan order; IncompleteError naming those not finished."""
     missing = missing_records(out, plan)
     if missing:
         names = ", ".join(s.name for s in missing[:10])
@@ -44,7 +52,21 @@ def build_manifest(
             f"{' ...' if len(missing) > 10 else ''}); run the remaining tasks, then finalize"
         )
     with ThreadPoolExecutor(16) as pool:  # S3: one GET each, overlapped
-        records = [json.loads(data) for data in pool.map(out.read, [spec.record_name for spec in plan])]
+        return [json.loads(data) for data in pool.map(out.read, [spec.record_name for spec in plan])]
+
+
+def build_manifest(
+    out,
+    plan: list[Any],
+    options: dict,
+    synsets: list[str],
+    listing_rejected: list,
+    set_aside: dict[str, int] | None = None,
+    records: list[dict] | None = None,
+) -> dict:
+    """The manifest of a set whose planned shards all have their record (`records`, when already read)."""
+    if records is None:
+        records = read_records(out, plan)
     totals: dict[str, dict[str, int]] = {}  # split -> shards, samples, bytes
     per_class: dict[str, Counter[str]] = {}  # split -> synset -> samples
     rejected = [{"source": p, "reason": r} for p, r in listing_rejected]
@@ -58,7 +80,7 @@ def build_manifest(
         for label, n in rec["class_counts"].items():
             counts[synsets[int(label)]] += n
         rejected += [{"source": p, "reason": r} for p, r in rec["rejected"]]
-        converted.update(reason for _p, reason in rec["converted"])
+        converted.update(reason for _p, reason in rec.get("converted", ()))
     rejected.sort(key=lambda r: r["source"])
     return {
         "format": FORMAT,
@@ -79,6 +101,7 @@ def build_manifest(
                 "samples": r["samples"],
                 "bytes": r["bytes"],
                 "sha256": r["sha256"],
+                **({"labels": r["labels"]} if "labels" in r else {}),  # a set indexed in place: its labels file
             }
             for r in records
         ],

@@ -11,21 +11,23 @@ import queue
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm import tqdm
 
 from swin_common.errors import UserError
 
-from .plan import PlanError, ShardSpec, plan_shards, task_share
+from .plan import PlanError, plan_shards, task_share
 from .records import build_manifest, missing_records
 from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
 from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
 from .shardset.split_index import write_split_indexes
 from .shardset.store import open_store
 from .sources import LISTING_NAME, Listing, scan_source
-from .writer import EncodedShard, ImageOptions, commit_shard, encode_shard, write_shard
+from .writer import ImageOptions, commit_shard, encode_shard
 
 log = logging.getLogger(__name__)
 OPTIONS_NAME = "_prep/options.json"
@@ -105,12 +107,17 @@ def set_aside_small_classes(listing: Listing, min_images: int) -> Listing:
 def resolve_layout(out, listing: Listing, layout_file: str | None) -> list[str]:
     synsets = read_layout(layout_file) if layout_file else listing.synsets
     check_covers(synsets, listing.synsets)
+    return pin_layout(out, synsets)
+
+
+def pin_layout(out, synsets: list[str]) -> list[str]:
+    """The output's label layout: written as synsets.txt by the first run, the same one required of every rerun."""
     if out.exists("synsets.txt"):
         existing = parse_layout(out.read("synsets.txt").decode(), f"{out.url}/synsets.txt")
         if existing != synsets:
             raise PlanError(
                 f"{out.url}/synsets.txt holds another label layout than this run's; use a new "
-                f"output folder or the same --layout"
+                f"output folder or the same layout"
             )
     else:
         out.write_bytes("synsets.txt", format_layout(synsets).encode())
@@ -189,11 +196,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _encode_planned(position: int) -> EncodedShard:
+def _encode_planned(position: int):
     j = _JOB
-    return encode_shard(
-        j["plan"][position], j["source"], j["out"], j["labels"], j["image_opts"], j["progress"], j["threads"]
-    )
+    return j["encode"](j["plan"][position], j["progress"])
 
 
 def run_shard(opts: ShardOptions) -> dict:
@@ -221,7 +226,14 @@ def run_shard(opts: ShardOptions) -> dict:
     labels = {s: i for i, s in enumerate(synsets)}
     image_opts = ImageOptions(opts.resize_shorter, opts.jpeg_quality, opts.validate, opts.min_size, opts.exif)
     t0 = time.time()
-    records, failures = _write_all(todo, plan, source, out, labels, image_opts, opts.workers, opts.threads)
+    records, failures = process_shards(
+        todo,
+        plan,
+        lambda spec, progress: encode_shard(spec, source, out, labels, image_opts, progress, opts.threads),
+        lambda encoded: commit_shard(out, encoded),
+        opts.workers,
+        bar=tqdm(total=sum(len(s) for s in todo), unit="img", desc="sharding", smoothing=0.1),
+    )
     elapsed = time.time() - t0
     summary = _summarise(records, failures, elapsed, len(mine) - len(todo))
     if failures:
@@ -235,18 +247,28 @@ def run_shard(opts: ShardOptions) -> dict:
     return summary
 
 
-def _write_all(
-    todo: list[ShardSpec], plan: list[ShardSpec], source, out, labels, image_opts, workers: int, threads: int
-):
+def process_shards(
+    todo: list,
+    plan: list,
+    encode: Callable[[Any, Callable[[int], None]], Any],
+    commit: Callable[[Any], dict],
+    workers: int,
+    bar: tqdm,
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(records, failures): each shard of `todo` encoded, then committed; a failed one logged, the others go on.
+
+    `encode(spec, progress)` does the CPU-bound part (in one of `workers` forked processes, which inherit
+    everything through fork: only a shard's position in `plan` crosses the pipe; `progress(n)` moves `bar`);
+    `commit(encoded)` makes it visible and returns its record (in this process, on threads, meanwhile).
+    Shared by `shard` and `index`: specs need `split`, `index` and `name`."""
     records: list[dict] = []
     failures: list[tuple[str, str]] = []  # (shard name, why)
-    pending_commits: list[tuple[ShardSpec, Future[dict]]] = []
+    pending_commits: list[tuple[Any, Future[dict]]] = []
     position = {(s.split, s.index): i for i, s in enumerate(plan)}
-    bar = tqdm(total=sum(len(s) for s in todo), unit="img", desc="sharding", smoothing=0.1)
     if workers <= 1 or len(todo) <= 1:
         for spec in todo:
             try:
-                records.append(write_shard(spec, source, out, labels, image_opts, bar.update, threads))
+                records.append(commit(encode(spec, bar.update)))
             except Exception as e:  # noqa: BLE001  (keep the other shards going; the rerun picks this one up)
                 log.error("shard %s failed: %s", spec.name, _why(e))
                 failures.append((spec.name, _why(e)))
@@ -254,7 +276,7 @@ def _write_all(
         return records, failures
     ctx = mp.get_context("fork")
     progress = ctx.Queue()
-    _JOB.update(plan=plan, source=source, out=out, labels=labels, image_opts=image_opts, threads=threads)
+    _JOB.update(plan=plan, encode=encode)
     # Workers encode (CPU); this process commits (fsync + rename, or the S3 upload) in threads meanwhile.
     with (
         ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool,
@@ -268,13 +290,13 @@ def _write_all(
                 spec = pending.pop(fut)
                 error = fut.exception()
                 if error is None:
-                    pending_commits.append((spec, committer.submit(commit_shard, out, fut.result())))
+                    pending_commits.append((spec, committer.submit(commit, fut.result())))
                     continue
                 log.error("shard %s failed: %s", spec.name, _why(error))
                 failures.append((spec.name, _why(error)))
-        for spec, commit in pending_commits:
+        for spec, pending_commit in pending_commits:
             try:
-                records.append(commit.result())
+                records.append(pending_commit.result())
             except Exception as e:  # noqa: BLE001  (keep the other shards going; the rerun picks this one up)
                 log.error("shard %s failed: %s", spec.name, _why(e))
                 failures.append((spec.name, _why(e)))
@@ -315,8 +337,11 @@ def _summarise(records: list[dict], failures: list, elapsed: float, skipped: int
     }
 
 
-def finalize(out_url: str) -> dict:
-    """Writes manifest.json once every planned shard has its record (what the last task does by itself)."""
+def finalize(out_url: str, max_bad: str | None = None) -> dict:
+    """Writes manifest.json once every planned shard has its record (what the last task does by itself).
+
+    For an output of `data_prep index` (options kind "index"), `max_bad` bounds its bad samples (default: the
+    index job's)."""
     out = open_store(out_url)
     if not out.exists(OPTIONS_NAME):
         root = getattr(out, "root", None)
@@ -329,6 +354,10 @@ def finalize(out_url: str) -> dict:
             f"finalize takes the --out of `python -m data_prep shard`"
         )
     options = json.loads(out.read(OPTIONS_NAME))
+    if options.get("kind") == "index":
+        from .foreign import finalize_index
+
+        return finalize_index(out, options, max_bad)
     listing = read_listing(out)
     if listing is None:
         raise FileNotFoundError(f"{out_url} holds no source listing ({LISTING_NAME} is missing)")
