@@ -194,7 +194,7 @@ def test_a_shardwriter_set_in_timms_layout_indexes_in_place_and_reruns_byte_iden
 
 def test_slurm_array_tasks_share_the_shards_and_the_last_one_finalizes(timm_set, layout, tmp_path, monkeypatch):
     alone, split = tmp_path / "alone", tmp_path / "split"
-    index(timm_set, "--out", alone, "--labels", layout)
+    index(timm_set, "--out", alone, "--labels", layout, "--workers", 2)  # forked workers: the same bytes
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
@@ -283,3 +283,33 @@ def test_index_help_names_its_options():
     for option in ("--out", "--split", "--labels", "--set", "--label-key", "--max-bad", "--task-index"):
         assert option in shown
     assert "data.val_split=validation" in shown
+
+
+@pytest.mark.s3
+def test_a_set_on_s3_indexes_to_another_bucket_as_it_does_locally(s3_server, timm_set, layout, tmp_path, monkeypatch):
+    """Source and index in two buckets, two workers streaming the shards: the same index files as a local run
+    (the manifest differs only in where the source is), and the loaders' table reads the same from S3."""
+    source_bucket, index_bucket = s3_server.create_bucket("wds"), s3_server.create_bucket("index")
+    assert s3_server.upload_dir(timm_set, source_bucket, "imagenet-1k-wds") == 4
+    source, out = f"s3://{source_bucket}/imagenet-1k-wds", f"s3://{index_bucket}/in1k"
+    proc = run_prep("index", source, "--out", out, "--labels", layout, "--workers", 2, env=s3_server.subprocess_env())
+    assert json.loads(proc.stdout)["shards_indexed"] == 3
+    local = tmp_path / "local"
+    index(timm_set, "--out", local, "--labels", layout)
+    fetched = tmp_path / "fetched"
+    s3_server.download_prefix(index_bucket, "in1k", fetched)
+    on_s3, here = tree(fetched), tree(local)
+    for name in ("manifest.json", "_prep/options.json"):
+        assert on_s3.pop(name) != here.pop(name)
+    assert on_s3 == here
+    manifest, local_manifest = (json.loads((p / "manifest.json").read_text()) for p in (fetched, local))
+    assert manifest.pop("shards_root") == source and manifest.pop("options")["source"] == source
+    local_manifest.pop("shards_root"), local_manifest.pop("options")
+    assert manifest == local_manifest
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3_server.download_prefix(source_bucket, "", tmp_path / "after")  # nothing was written to the source bucket
+    assert tree(tmp_path / "after") == {f"imagenet-1k-wds/{name}": digest for name, digest in tree(timm_set).items()}
+    from_s3, from_disk = open_shard_set(out, "validation"), open_shard_set(str(local), "validation")
+    assert from_s3.data_url == source and len(from_s3.table) == 20
+    assert [from_s3.table.key(r) for r in range(20)] == [from_disk.table.key(r) for r in range(20)]
