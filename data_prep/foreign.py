@@ -322,7 +322,7 @@ def index_shard(spec: IndexSpec, source, synsets: list[str], label_key: str, pro
     samples = list(group_samples(whole))
     rejected: list[list[str]] = []
     if cut is not None:
-        rejected.append([spec.name, f"truncated or unreadable tar ({cut}); {len(samples)} samples before it"])
+        rejected.append([spec.name, f"truncated or unreadable tar ({cut}): indexed up to the damage"])
         if samples and samples[-1].bad is None:
             samples[-1].bad = "cut short where the tar ends"
     components: list[list[tuple[str, int, int, str]]] = []

@@ -259,6 +259,8 @@ def test_png_webp_keys_in_folders_a_corrupt_member_and_a_truncated_shard_are_cou
     line = over.stderr.strip().splitlines()[-1]
     assert line.startswith("error: 4 bad samples in 3 shards of ") and "over --max-bad 2" in line
     assert "part-0.tar/set.v2/class_0/img_004: unreadable jpg" in line
+    still_over = run_prep("finalize", out, "--max-bad", "3", check=False)
+    assert still_over.returncode == 2 and "4 bad samples" in still_over.stderr and not (out / "manifest.json").exists()
     summary = index(*args[1:], "--max-bad", "4")  # the done shards are kept: only the manifest is written now
     assert summary["shards_skipped"] == 3 and "manifest" in summary
     manifest = json.loads((out / "manifest.json").read_text())
@@ -313,3 +315,32 @@ def test_a_set_on_s3_indexes_to_another_bucket_as_it_does_locally(s3_server, tim
     from_s3, from_disk = open_shard_set(out, "validation"), open_shard_set(str(local), "validation")
     assert from_s3.data_url == source and len(from_s3.table) == 20
     assert [from_s3.table.key(r) for r in range(20)] == [from_disk.table.key(r) for r in range(20)]
+
+
+def test_dalis_own_webdataset_reader_reads_the_source_with_the_idx_files(tarfile_set, layout, tmp_path):
+    """The `.idx` files are DALI's format: fn.readers.webdataset over the source tars reads exactly the samples
+    kept (not the corrupt one, the one without cls, nor past the truncation), with their labels."""
+    dali = pytest.importorskip("nvidia.dali")
+    out = tmp_path / "index"
+    index(tarfile_set, "--out", out, "--labels", layout, "--split", "train=part-{0..2}.tar", "--max-bad", "4")
+    shards = json.loads((out / "manifest.json").read_text())["shards"]
+
+    @dali.pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def pipe():
+        return tuple(
+            dali.fn.readers.webdataset(
+                paths=[str(tarfile_set / e["name"]) for e in shards],
+                index_paths=[str(out / e["index"]) for e in shards],
+                ext=["jpg;png;webp", "cls"],
+                missing_component_behavior="error",
+            )
+        )
+
+    p = pipe()
+    p.build()
+    labels = []
+    for _ in range(5):
+        _images, cls = p.run()
+        labels += [int(bytes(cls.at(i)).decode()) for i in range(len(cls))]
+    table = open_shard_set(str(out), "train").table
+    assert labels == table.label.tolist() and list(p.epoch_size().values()) == [20]
