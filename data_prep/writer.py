@@ -215,15 +215,3 @@ def commit_shard(out, encoded: EncodedShard) -> dict:
     # the record is written last; if a crash loses it, the shard is only rewritten, so no fsync needed
     out.write_bytes(spec.record_name, json.dumps(encoded.record).encode(), durable=False)
     return encoded.record
-
-
-def write_shard(
-    spec: ShardSpec,
-    source,
-    out,
-    labels: dict[str, int],
-    image_opts: ImageOptions,
-    progress: Callable[[int], None] = lambda n: None,
-    threads: int = 1,
-) -> dict:
-    return commit_shard(out, encode_shard(spec, source, out, labels, image_opts, progress, threads))
