@@ -299,9 +299,15 @@ def cmd_index(args) -> int:
 
 
 def cmd_finalize(args) -> int:
-    from .shard import finalize
+    from .shard import finalize, prepared_output
 
-    manifest = finalize(args.out, args.max_bad)
+    out, options = prepared_output(args.out)
+    if options.get("kind") == "index":  # an output of `data_prep index`: --max-bad bounds its bad samples
+        from .foreign import finalize_index
+
+        manifest = finalize_index(out, options, args.max_bad)
+    else:
+        manifest = finalize(args.out)
     print(
         json.dumps(
             {

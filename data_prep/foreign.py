@@ -549,3 +549,44 @@ def finalize_index(out, options: dict, max_bad: str | None = None) -> dict:
         manifest.pop(unused, None)
     write_finished_set(out, manifest)
     return manifest
+
+
+def verify_index(out, manifest: dict, progress=None) -> tuple[int, int, list[str]]:
+    """(shards, samples, problems) of an indexed set, re-indexed from its source: each shard read once more, its
+    size and sha256 against the manifest, its `.idx` and labels files against a fresh index, byte for byte."""
+    saved = read_plan(out)
+    if saved is None:
+        return 0, 0, [f"{out.url}: no index plan ({PLAN_NAME}): not a set `data_prep index` wrote"]
+    plan, _ = saved
+    source = open_store(manifest["shards_root"])
+    synsets = manifest["label_layout"]["synsets"]
+    label_key = manifest["source"]["label_key"]
+    entries = {entry["name"]: entry for entry in manifest["shards"]}
+    problems: list[str] = []
+    samples = 0
+    for spec in plan:
+        entry = entries.get(spec.name)
+        if entry is None:
+            problems.append(f"{spec.name}: planned but not in the manifest")
+            continue
+        try:
+            fresh = index_shard(spec, source, synsets, label_key, lambda n: None)
+        except Exception as e:  # noqa: BLE001  (verify reports whatever it finds wrong and goes on)
+            problems.append(f"{source.url}/{spec.name}: cannot be read again ({type(e).__name__}: {e})")
+            continue
+        record = fresh.record
+        if (record["bytes"], record["sha256"]) != (entry["bytes"], entry["sha256"]):
+            problems.append(
+                f"{source.url}/{spec.name}: {record['bytes']} bytes, sha256 {record['sha256'][:12]}..., the manifest "
+                f"says {entry['bytes']} bytes, {entry['sha256'][:12]}...: the source shard changed since it was indexed"
+            )
+        for name, want in ((spec.index_name, fresh.index_text.encode()), (spec.labels_name, fresh.labels)):
+            try:
+                if out.read(name) != want:
+                    problems.append(f"{out.url}/{name}: differs from what indexing the source gives now")
+            except OSError as e:
+                problems.append(f"{out.url}/{name}: {e}")
+        samples += record["samples"]
+        if progress is not None:
+            progress()
+    return len(plan), samples, problems

@@ -337,11 +337,9 @@ def _summarise(records: list[dict], failures: list, elapsed: float, skipped: int
     }
 
 
-def finalize(out_url: str, max_bad: str | None = None) -> dict:
-    """Writes manifest.json once every planned shard has its record (what the last task does by itself).
-
-    For an output of `data_prep index` (options kind "index"), `max_bad` bounds its bad samples (default: the
-    index job's)."""
+def prepared_output(out_url: str):
+    """(store, options) of an output that `shard` or `index` prepared; FileNotFoundError saying what is there
+    instead (nothing prepared, a finished set, something else)."""
     out = open_store(out_url)
     if not out.exists(OPTIONS_NAME):
         root = getattr(out, "root", None)
@@ -353,11 +351,12 @@ def finalize(out_url: str, max_bad: str | None = None) -> dict:
             or f"{out_url} holds no prepared shards ({OPTIONS_NAME} is missing): "
             f"finalize takes the --out of `python -m data_prep shard`"
         )
-    options = json.loads(out.read(OPTIONS_NAME))
-    if options.get("kind") == "index":
-        from .foreign import finalize_index
+    return out, json.loads(out.read(OPTIONS_NAME))
 
-        return finalize_index(out, options, max_bad)
+
+def finalize(out_url: str) -> dict:
+    """Writes manifest.json once every planned shard has its record (what the last task does by itself)."""
+    out, options = prepared_output(out_url)
     listing = read_listing(out)
     if listing is None:
         raise FileNotFoundError(f"{out_url} holds no source listing ({LISTING_NAME} is missing)")

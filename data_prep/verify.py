@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import simplejpeg
 from tqdm import tqdm
 
+from .foreign import verify_index
 from .shardset.index import parse_index
 from .shardset.layout import parse_layout
 from .shardset.manifest import FORMAT, MANIFEST_NAME, ManifestError, read_manifest
@@ -103,10 +104,14 @@ def _check_jpeg(where: str, jpg: bytes, meta: dict) -> list[str]:
 def verify(url: str, workers: int = 1, decode: bool = True) -> VerifyReport:
     out = open_store(url)
     manifest = read_manifest(out)
-    if manifest["format"] != FORMAT:  # shards elsewhere, labels as values: not yet checked here
+    if manifest.get("source", {}).get("kind") == "webdataset":  # indexed in place: re-index and compare
+        with tqdm(total=len(manifest["shards"]), desc="verifying", unit=" shards") as bar:
+            indexed = verify_index(out, manifest, bar.update)
+        return VerifyReport(*indexed)
+    if manifest["format"] != FORMAT:
         raise ManifestError(
-            f"{url}/{MANIFEST_NAME} has format {manifest['format']} (a set indexed in place): verify checks only "
-            f"sets of format {FORMAT}, the ones `data_prep shard` writes"
+            f"{url}/{MANIFEST_NAME} has format {manifest['format']}: verify checks sets `data_prep shard` writes "
+            f"({FORMAT}) and sets `data_prep index` wrote"
         )
     synsets = manifest["label_layout"]["synsets"]
     report = VerifyReport()

@@ -126,7 +126,7 @@ def test_an_index_apart_from_its_shards_reads_the_batches_of_the_set_together(to
     assert same(take(cfg), take(config(together, backend=backend)))
     source = BatchSource(cfg, create_loader(cfg).reader, 0)
     assert source.name(0, 1) == f"{data}/train/wds-train-0000.tar sample folder.v1/img_001"
-    with pytest.raises(ManifestError, match="verify checks only sets of format swin-pipeline-shards/1"):
+    with pytest.raises(ManifestError, match="verify checks sets `data_prep shard` writes"):
         verify(str(index))
 
 

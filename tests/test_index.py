@@ -26,6 +26,7 @@ from conftest import run_prep
 from data_prep.cli import main as data_prep
 from data_prep.embedded import digit_jpegs
 from data_prep.shardset.reader import open_shard_set
+from data_prep.verify import verify
 from runs import metrics, run, small
 
 SYNSETS = [f"n{d:08d}" for d in range(10)]
@@ -190,6 +191,14 @@ def test_a_shardwriter_set_in_timms_layout_indexes_in_place_and_reruns_byte_iden
     again = index(timm_set, "--out", out, "--labels", layout)
     assert again["shards_indexed"] == 0 and again["shards_skipped"] == 3
     assert tree(out) == everything and tree(timm_set) == before
+    # verify re-indexes the source and finds the index whole; a changed labels file is named
+    report = verify(str(out))
+    assert report.ok and (report.shards, report.samples) == (3, 70), report.problems
+    labels = out / "train" / "shard-000001.labels.npy"
+    labels.write_bytes(labels.read_bytes()[:-4] + b"\x07\x00\x00\x00")
+    assert verify(str(out)).problems == [
+        f"{out}/train/shard-000001.labels.npy: differs from what indexing the source gives now"
+    ]
 
 
 def test_slurm_array_tasks_share_the_shards_and_the_last_one_finalizes(timm_set, layout, tmp_path, monkeypatch):
