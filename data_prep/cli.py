@@ -258,8 +258,13 @@ def cmd_shard(args) -> int:
         list_only=args.list_only,
     )
     summary = run_shard(opts)
+    return print_job_summary(summary, args.list_only)
+
+
+def print_job_summary(summary: dict, list_only: bool) -> int:
+    """A shard or index task's summary on stdout; a line on stderr when the set is not finalized yet."""
     print(json.dumps(summary, indent=1))
-    if "manifest" not in summary and not args.list_only:
+    if "manifest" not in summary and not list_only:
         print(
             "manifest.json not written yet: other tasks' shards are missing (or --no-finalize); "
             "`python -m data_prep finalize OUT` writes it when they are done",
@@ -288,14 +293,7 @@ def cmd_index(args) -> int:
         list_only=args.list_only,
     )
     summary = run_index(opts)
-    print(json.dumps(summary, indent=1))
-    if "manifest" not in summary and not args.list_only:
-        print(
-            "manifest.json not written yet: other tasks' shards are missing (or --no-finalize); "
-            "`python -m data_prep finalize OUT` writes it when they are done",
-            file=sys.stderr,
-        )
-    return 0
+    return print_job_summary(summary, args.list_only)
 
 
 def cmd_finalize(args) -> int:

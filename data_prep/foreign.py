@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from swin_common.errors import UserError
 
-from .plan import RECORDS_DIR, PlanError, task_share
-from .records import build_manifest, missing_records, read_records
+from .plan import RECORDS_DIR, PlanError
+from .records import build_manifest, missing_records, read_records, task_todo
 from .shard import ShardsFailed, check_options, normalise_url, pin_layout, process_shards, write_finished_set
 from .shardset.index import format_index
 from .shardset.layout import layout_sha256, parse_layout, read_layout
@@ -447,17 +447,7 @@ def run_index(opts: IndexOptions) -> dict:
     plan, origin = load_or_plan(source, out, opts.splits)
     if opts.list_only:
         return {"shards_planned": len(plan), "splits": dict(Counter(s.split for s in plan)), "named_by": origin}
-    mine = task_share(plan, opts.task_index, opts.num_tasks)
-    todo = missing_records(out, mine)
-    log.info(
-        "task %d/%d: %d of %d shards are this task's, %d already done, %d to index",
-        opts.task_index,
-        opts.num_tasks,
-        len(mine),
-        len(plan),
-        len(mine) - len(todo),
-        len(todo),
-    )
+    mine, todo = task_todo(out, plan, opts.task_index, opts.num_tasks, "index")
     sizes = dict(source.list_names([s.name for s in todo])) if todo else {}
     bar = tqdm(total=sum(sizes.get(s.name, 0) for s in todo), unit="B", unit_scale=True, desc="indexing")
     t0 = time.time()

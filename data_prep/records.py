@@ -6,14 +6,17 @@ once every planned shard has one."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from swin_common.errors import UserError
 
-from .plan import RECORDS_DIR
+from .plan import RECORDS_DIR, task_share
 from .shardset.manifest import FORMAT
+
+log = logging.getLogger(__name__)
 
 
 class Planned(Protocol):
@@ -40,6 +43,24 @@ def missing_records(out, plan: list[S]) -> list[S]:
     14,000 shards) rather than a request per shard."""
     done = {rel for rel, _size in out.list(RECORDS_DIR)}
     return [spec for spec in plan if spec.record_name not in done]
+
+
+def task_todo(out, plan: list[S], task_index: int, num_tasks: int, verb: str) -> tuple[list[S], list[S]]:
+    """(this task's shards, those of them still without a record), said in one log line (`verb`: what is left
+    to do to them, e.g. "write")."""
+    mine = task_share(plan, task_index, num_tasks)
+    todo = missing_records(out, mine)
+    log.info(
+        "task %d/%d: %d of %d shards are this task's, %d already done, %d to %s",
+        task_index,
+        num_tasks,
+        len(mine),
+        len(plan),
+        len(mine) - len(todo),
+        len(todo),
+        verb,
+    )
+    return mine, todo
 
 
 def read_records(out, plan: list[Any]) -> list[dict]:

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from swin_common.errors import UserError
 
-from .plan import PlanError, plan_shards, task_share
-from .records import build_manifest, missing_records
+from .plan import PlanError, plan_shards
+from .records import build_manifest, missing_records, task_todo
 from .shardset.layout import check_covers, format_layout, layout_sha256, parse_layout, read_layout
 from .shardset.manifest import MANIFEST_NAME, describe_folder, write_manifest
 from .shardset.split_index import write_split_indexes
@@ -212,17 +212,7 @@ def run_shard(opts: ShardOptions) -> dict:
             "rejected_while_listing": len(listing.rejected),
             "shards_planned": len(plan),
         }
-    mine = task_share(plan, opts.task_index, opts.num_tasks)
-    todo = missing_records(out, mine)
-    log.info(
-        "task %d/%d: %d of %d shards are this task's, %d already done, %d to write",
-        opts.task_index,
-        opts.num_tasks,
-        len(mine),
-        len(plan),
-        len(mine) - len(todo),
-        len(todo),
-    )
+    mine, todo = task_todo(out, plan, opts.task_index, opts.num_tasks, "write")
     labels = {s: i for i, s in enumerate(synsets)}
     image_opts = ImageOptions(opts.resize_shorter, opts.jpeg_quality, opts.validate, opts.min_size, opts.exif)
     t0 = time.time()
