@@ -112,7 +112,7 @@ def test_storage_failures_are_told_apart_from_other_errors():
     except RuntimeError as wrapped:
         assert storage_failure(wrapped) == "no space left on device"
     assert storage_failure(OSError(errno.EDQUOT, "quota")) == "disk quota exceeded"
-    assert "write failed" in str(
+    assert "file write failed" in str(
         storage_failure(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
     )
     assert storage_failure(OSError(errno.ENOENT, "gone")) is None

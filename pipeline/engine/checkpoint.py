@@ -351,20 +351,24 @@ class SaveFailed(RuntimeError):
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 # what torch's and DeepSpeed's writers say when the file system refused a write (no errno in the message)
-WRITER_FAILURES = ("PytorchStreamWriter failed", "iostream error", "file write failed")
+WRITER_FAILURES = ("PytorchStreamWriter failed", "iostream error", "file write failed", "unexpected pos")
 
 
 def storage_failure(e: BaseException) -> str | None:
     """What a failed write says of the storage (ENOSPC, EDQUOT, EIO anywhere in its chain, or torch's writer's own
-    words for a refused write), or None for any other error."""
+    words for a refused write anywhere in it), or None for any other error."""
+    chain: list[BaseException] = []
     seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
-            return os.strerror(seen.errno).lower()
+    while seen is not None and seen not in chain:
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    text = str(e)
-    if isinstance(e, RuntimeError) and any(words in text for words in WRITER_FAILURES):
-        return f"the write failed ({text.strip().splitlines()[-1][:160]})"
+    for link in chain:
+        if isinstance(link, OSError) and link.errno in STORAGE_ERRNOS:
+            return os.strerror(link.errno).lower()
+    for link in reversed(chain):  # the innermost says most ("basic_ios::clear: iostream error")
+        text = str(link).strip()
+        if isinstance(link, RuntimeError) and any(words in text for words in WRITER_FAILURES):
+            return f"the file system refused a write (torch: {text.splitlines()[-1][:160]})"
     return None
 
 
