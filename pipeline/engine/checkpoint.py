@@ -407,6 +407,17 @@ class _Attempt:
             if checkpoint_file:
                 self.written.append(path)
 
+    def checksums(self, paths: list[Path]) -> dict[Path, dict]:
+        """`file_checksums` of what was written ({} after a failure); a read the storage refuses is kept as the
+        failure, like a refused write."""
+        if self.failure is not None:
+            return {}
+        try:
+            return file_checksums(paths)
+        except OSError as e:
+            self.failure = f"{e.strerror or e} reading back {e.filename}"
+            return {}
+
 
 class _GuardedEngine:
     """DeepSpeed's writes of one save routed through an _Attempt: a refused write is kept, not raised, so that
@@ -477,14 +488,14 @@ def save_checkpoint(
         # the label layout, for export
         attempt.write(tmp / "synsets.txt", lambda: (tmp / "synsets.txt").write_text("\n".join(synsets) + "\n"))
     # each rank hashes what it wrote, read back once from the page cache (DeepSpeed's engine writes to a path)
-    sums = file_checksums(attempt.written) if checksums and attempt.failure is None else {}
+    sums = attempt.checksums(attempt.written) if checksums else {}
     parts = all_gather_object((attempt.failure, {p.name: v for p, v in sums.items()}))
     failure = next((f"rank {r}: {why}" for r, (why, _) in enumerate(parts) if why is not None), None)
     if rank == 0 and failure is None:
         files = {name: entry for _, part in parts for name, entry in part.items()}
         if checksums:  # anything no rank named (files DeepSpeed writes outside its engine): hashed here
             rest = [p for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in files]
-            files.update({p.name: v for p, v in file_checksums(rest).items()})
+            files.update({p.name: v for p, v in attempt.checksums(rest).items()})
         record = {
             "step": step,
             "world_size": world,
