@@ -217,6 +217,8 @@ class Trainer:
         cfg, world = self.cfg, self.world
         checkpoint = self.resume
         while checkpoint is not None:
+            # read before the load: once the ranks agree that it failed, rank 0 may rename it at any moment
+            universal_before = needs_universal(checkpoint, world.size)
             error = None
             try:
                 loaded = load_checkpoint(self.engine, checkpoint, world.rank, world.size, cfg.train.seed)
@@ -231,13 +233,12 @@ class Trainer:
             damage = Damage(checkpoint, "", "load", f"does not load on rank {failed[0]} ({failed[1]})")
             if cfg.checkpoint.resume != "auto":
                 raise CheckpointDamaged(f"checkpoint.resume={cfg.checkpoint.resume}: {damage.line()}")
-            was_universal = needs_universal(checkpoint, world.size)
             self.choice.set_aside.append(set_aside(damage, world.rank))
             barrier()
             choice = find_resume(cfg, world.rank, world.size)  # the older ones; refused when none passes
             choice.set_aside[:0] = self.choice.set_aside
             universal = choice.path is not None and needs_universal(choice.path, world.size)
-            if universal != was_universal:  # the engine is built for one kind of load
+            if universal != universal_before:  # the engine is built for one kind of load
                 self.engine, self.schedule = build_engine(
                     cfg, world, self.plan, self.synsets, self.precision, load_universal=universal
                 )
