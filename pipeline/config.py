@@ -104,6 +104,10 @@ class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
     resume: str = "auto"  # auto (newest complete checkpoint in the run's folder, if any) | none | <checkpoint dir>
+    # saves refused by storage (full, over quota, an I/O error) in a row before the run stops (exit 74): a full disk
+    # may clear (a cleanup, another job's end), so a refused save only warns and the next interval tries again, but
+    # past this many the steps since the newest checkpoint are at stake and a person must free space
+    max_failed_saves: int = 3
 
 
 @dataclass

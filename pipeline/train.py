@@ -11,7 +11,10 @@ curves and metrics, register the model, close the MLflow run.
 
 Expected failures (a bad config key, a missing or unfinalized shard set, ...) end in one line, `error: ...`,
 printed by rank 0 only, and exit 2 (3 when the training diverged, 4 when another rank stopped answering or ended:
-the line names it, pipeline/engine/watchdog.py); `--debug` shows their traceback.
+the line names it, pipeline/engine/watchdog.py; 74 when storage refused checkpoint.max_failed_saves saves in a row
+or the final one, 73 when it refused a stop signal's save: the line names the step lost); `--debug` shows their
+traceback. A save storage refuses (full, over quota, an I/O error) only warns: the run goes on and saves again at
+the next interval.
 
 SIGTERM or SIGUSR1 (scancel, preemption, Slurm's signal before the time limit, the launcher passing one on): every
 rank finishes its optimizer step, the ranks agree to stop, save a checkpoint at that step, and exit 75; the

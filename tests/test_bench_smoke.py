@@ -52,6 +52,21 @@ def test_prep_throughput_bench_shards_every_image_and_leaves_no_scratch(tmp_path
     assert ratio == pytest.approx(table[main] / table["tar"], abs=0.02)
 
 
+def test_checkpoint_integrity_bench_saves_both_ways_checks_and_leaves_no_scratch(tmp_path):
+    lines = run_bench_in_scratch_cwd(
+        tmp_path,
+        "checkpoint_integrity.py",
+        *("--arch", "swin_nano", "--img-size", "64", "--classes", "10", "--rounds", "1"),
+        timeout=300,
+    )
+    figures = dict(line.split(": ", 1) for line in lines if ": " in line)
+    with_, without = (
+        float(figures[k].split("median ")[1].rstrip(")")) for k in ("save_s_with_checksums", "save_s_without")
+    )
+    assert float(figures["save_ratio_median"]) == pytest.approx(with_ / without, rel=0.1, abs=0.01)
+    assert {"check_hot_s_per_gb", "read_cold_s_per_gb", "check_vs_read_cold"} <= set(figures)
+
+
 def test_loader_throughput_bench_every_variant_decodes_the_same_images(tmp_path):
     lines = run_bench_in_scratch_cwd(
         tmp_path, "loader_throughput.py", "--images", "300", "--rounds", "1", "--batch-size", "32", timeout=600

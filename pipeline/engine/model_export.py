@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunConfig, load_config
 from pipeline.data.samples import MEAN, STD
+from pipeline.engine.checkpoint import verify_checkpoint
 from pipeline.engine.init_source import RELEASED_KINDS, check_init_source, init_source_kind
 from pipeline.model import create_model, timm_kwargs, timm_name
 from pipeline.model.head_layouts import HeadLayout, head_layout, readable_names
@@ -35,7 +36,8 @@ FORMAT = "swin-pipeline-model/1"
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a checkpoint folder written by pipeline.engine.checkpoint."""
+    """fp32 weights of a checkpoint folder written by pipeline.engine.checkpoint, checked before it is read."""
+    verify_checkpoint(checkpoint)  # CheckpointDamaged (one line, exit 2) naming the file and what is wrong
     meta = json.loads((checkpoint / "COMPLETE").read_text())
     if meta["zero_stage"] == 0:
         states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)

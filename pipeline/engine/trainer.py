@@ -9,6 +9,12 @@ leaves a final checkpoint. Exporting, curves, registration and the MLflow run's 
 
 A stop signal (pipeline/engine/stop.py) is agreed on after every optimizer step and between evaluation batches;
 the run then saves a checkpoint at the step it reached (unless one is there already) and raises RunStopped.
+
+The checkpoint it resumes from has passed its check (pipeline/engine/checkpoint.py: find_resume); one that then
+fails to load on any rank is set aside like a damaged one and the next one is tried, every rank alike. A save that
+storage refuses (full, over quota, an I/O error) costs a warning and a record, and the run goes on to the next
+interval; checkpoint.max_failed_saves in a row end it (SavesFailing, exit 74), as does a refused final save; a stop
+whose save is refused ends it with StopNotSaved (exit 73), naming the step lost.
 """
 
 from __future__ import annotations
@@ -27,15 +33,21 @@ from data_prep.shardset.layout import write_map
 from pipeline.config import RunConfig, dump_config
 from pipeline.data.loader import LoaderConfig, create_loader
 from pipeline.engine.checkpoint import (
+    CheckpointDamaged,
+    CheckpointError,
+    Damage,
+    SaveFailed,
     check_shared_run_dir,
     checkpoint_meta,
     complete_checkpoints,
     find_resume,
+    free_text,
     load_checkpoint,
     needs_universal,
     save_checkpoint,
+    set_aside,
 )
-from pipeline.engine.distributed import World, all_gather_object, all_reduce_sum, all_true, broadcast_object
+from pipeline.engine.distributed import World, all_gather_object, all_reduce_sum, all_true, barrier, broadcast_object
 from pipeline.engine.model_export import load_source
 from pipeline.engine.optim import (
     StepPlan,
@@ -70,6 +82,18 @@ class TrainingDiverged(UserError, RuntimeError):
     exit_code = 3
 
 
+class SavesFailing(UserError, RuntimeError):
+    """Storage refused checkpoint.max_failed_saves saves in a row, or the run's final one: exit 74 (EX_IOERR)."""
+
+    exit_code = 74
+
+
+class StopNotSaved(UserError, RuntimeError):
+    """A stop signal's checkpoint was refused by storage: the step reached is lost, exit 73 (EX_CANTCREAT)."""
+
+    exit_code = 73
+
+
 @dataclass
 class TrainResult:
     """What a finished `Trainer.train()` reached."""
@@ -93,6 +117,7 @@ class RunState:
     tally: StepTally = field(default_factory=StepTally)  # this log window's losses, on the device
     window_start: float = field(default_factory=time.perf_counter)
     last_checkpoint_step: int = -1
+    failed_saves: int = 0  # storage refused this many saves in a row
     last_eval: dict = field(default_factory=dict)
     nonfinite_seen: int = 0  # the tally's non-finite count at the last skipped step
     clock: RunClock = field(default_factory=RunClock)  # where the time went (pipeline/engine/timing.py)
@@ -131,7 +156,8 @@ class Trainer:
         self.synsets: list[str] = self.train_loader.shard_set.synsets
         self.plan: StepPlan = plan_steps(cfg, world.size, len(self.train_loader))
         self.end = self.plan.end_step(cfg.train.max_steps)
-        self.resume: Path | None = find_resume(cfg)
+        self.choice = find_resume(cfg, world.rank, world.size)
+        self.resume: Path | None = self.choice.path
         # init_from starts a new run; a resumed one has its own weights (a new name or out_dir starts from it)
         self.init_from = cfg.init_from if self.resume is None else ""
         self.state = RunState()
@@ -153,7 +179,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, self.world.is_main, tracker)
         self.ctx = step_context(cfg, self.precision, self.engine.device, len(self.synsets))
         if self.resume is not None:
-            self._resume(self.resume)
+            self._load_resume(tracker)
         self._announce()
         self.schedule.step_update(state.step)
         state.clock = RunClock()  # the loop's time, from here
@@ -167,7 +193,7 @@ class Trainer:
                 if cfg.eval.every_steps <= 0 and self.val_loader is not None and self.train_loader.position == 0:
                     self.evaluate()
             if state.last_checkpoint_step != state.step:
-                self.checkpoint()
+                self.checkpoint(final=True)
             if self.val_loader is not None and state.last_eval.get("step") != state.step:
                 self.evaluate()
         except RunStopped as stop:
@@ -185,11 +211,60 @@ class Trainer:
             timing,
         )
 
-    def _resume(self, checkpoint: Path) -> None:
+    def _load_resume(self, tracker) -> None:
+        """Loads the checkpoint chosen; one that fails to load on any rank is set aside and the next one that
+        passes its check is loaded instead (every rank alike); the log, metrics.jsonl and MLflow say which."""
+        cfg, world = self.cfg, self.world
+        checkpoint = self.resume
+        while checkpoint is not None:
+            # read before the load: once the ranks agree that it failed, rank 0 may rename it at any moment
+            universal_before = needs_universal(checkpoint, world.size)
+            error = None
+            try:
+                loaded = load_checkpoint(self.engine, checkpoint, world.rank, world.size, cfg.train.seed)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001  (a damaged file, whatever DeepSpeed or torch make of it)
+                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            failed = next(((r, why) for r, why in enumerate(all_gather_object(error)) if why is not None), None)
+            if failed is None:
+                self._resumed(checkpoint, *loaded)
+                break
+            damage = Damage(checkpoint, "", "load", f"does not load on rank {failed[0]} ({failed[1]})")
+            if cfg.checkpoint.resume != "auto":
+                raise CheckpointDamaged(f"checkpoint.resume={cfg.checkpoint.resume}: {damage.line()}")
+            self.choice.set_aside.append(set_aside(damage, world.rank))
+            barrier()
+            choice = find_resume(cfg, world.rank, world.size)  # the older ones; refused when none passes
+            choice.set_aside[:0] = self.choice.set_aside
+            universal = choice.path is not None and needs_universal(choice.path, world.size)
+            if universal != universal_before:  # the engine is built for one kind of load
+                self.engine, self.schedule = build_engine(
+                    cfg, world, self.plan, self.synsets, self.precision, load_universal=universal
+                )
+            self.choice, self.resume = choice, choice.path  # never None: find_resume refuses when none passes
+            checkpoint = choice.path
+        tags = {"swin.resumed_from": str(self.resume)}
+        if self.choice.set_aside:
+            tags["swin.checkpoints_set_aside"] = "; ".join(self.choice.set_aside)
+        set_tags = getattr(tracker, "set_tags", None)
+        if set_tags is not None:
+            set_tags(tags)
+        if self.choice.set_aside:
+            self.metrics.write(
+                {
+                    "step": self.state.step,
+                    "resumed_from": str(self.resume),
+                    "set_aside": self.choice.set_aside,
+                    "verified": self.choice.verified,
+                    "time": time.time(),
+                }
+            )
+
+    def _resumed(self, checkpoint: Path, step: int, loader_state: dict, resumed: dict) -> None:
+        """The run's state from the checkpoint just loaded on every rank."""
         state, world = self.state, self.world
-        state.step, loader_state, resumed = load_checkpoint(
-            self.engine, checkpoint, world.rank, world.size, self.cfg.train.seed
-        )
+        state.step = step
         self.train_loader.load_state_dict(loader_state)
         state.last_checkpoint_step = state.step
         # rank 0 keeps the log; every rank must know whether the evaluation at this step is owed (a collective)
@@ -355,30 +430,81 @@ class Trainer:
         state.last_eval = {"step": state.step, **result}
         self.metrics.write({**state.last_eval, "eval_s": seconds, "time": time.time()})
 
-    def checkpoint(self, meta: dict | None = None) -> None:
-        """A complete checkpoint at this step (every rank writes its part)."""
-        state, world = self.state, self.world
+    def checkpoint(self, meta: dict | None = None, final: bool = False) -> bool:
+        """A complete checkpoint at this step (every rank writes its part); whether storage took it.
+
+        A refused save (SaveFailed, on every rank) leaves nothing behind: rank 0 warns once, with the path and the
+        free space, and records it; the run goes on and tries again at the next interval. `final` (the run's
+        last) or checkpoint.max_failed_saves refusals in a row raise SavesFailing."""
+        cfg, state, world = self.cfg, self.state, self.world
         t0 = time.perf_counter()
-        save_checkpoint(
-            self.engine,
-            self.cfg,
-            state.step,
-            world.rank,
-            world.size,
-            self.train_loader.state_dict(),
-            self.synsets,
-            meta,
-        )
+        try:
+            save_checkpoint(
+                self.engine,
+                cfg,
+                state.step,
+                world.rank,
+                world.size,
+                self.train_loader.state_dict(),
+                self.synsets,
+                meta,
+                keep=self.resume,  # the newest checkpoint that passed a check
+            )
+        except SaveFailed as failed:
+            state.failed_saves += 1
+            state.clock.window.checkpoint += time.perf_counter() - t0
+            self.metrics.write(
+                {
+                    "step": state.step,
+                    "checkpoint_failed": str(failed.path),
+                    "why": failed.why,
+                    "free_bytes": failed.free,
+                    "failed_saves": state.failed_saves,
+                    "time": time.time(),
+                }
+            )
+            newest = complete_checkpoints(self.run_dir / "checkpoints")
+            if world.is_main:
+                log.warning(
+                    "checkpoint at step %d not saved (%d in a row, checkpoint.max_failed_saves=%d): %s; %s free in "
+                    "%s; kept: %s; training goes on and saves again at the next interval",
+                    state.step,
+                    state.failed_saves,
+                    cfg.checkpoint.max_failed_saves,
+                    failed.why,
+                    free_text(failed.free),
+                    failed.path.parent,
+                    newest[-1].name if newest else "no checkpoint yet",
+                )
+            if final or state.failed_saves >= cfg.checkpoint.max_failed_saves:
+                raise SavesFailing(
+                    f"{'the final checkpoint' if final else f'{state.failed_saves} checkpoints in a row'} could not "
+                    f"be saved, the last at step {state.step}: {failed.why}, {free_text(failed.free)} free in "
+                    f"{failed.path.parent}; newest checkpoint: {newest[-1] if newest else 'none'}. Free space, then "
+                    f"run the same command to resume"
+                ) from None
+            return False
+        state.failed_saves = 0
         state.last_checkpoint_step = state.step
         state.clock.window.checkpoint += time.perf_counter() - t0
+        return True
 
     def save_at_stop(self, stop: RunStopped) -> None:
-        """The checkpoint at the step the run reached (a periodic one may be there already), and a record of it."""
+        """The checkpoint at the step the run reached (a periodic one may be there already), and a record of it;
+        StopNotSaved when storage refused it."""
         state, flag = self.state, stop_flag()
         t0 = time.monotonic()
         saved = state.last_checkpoint_step != state.step
         if saved:
-            self.checkpoint({"stopped": stop.signal_name, "pending_eval": stop.during == "evaluation"})
+            try:
+                self.checkpoint({"stopped": stop.signal_name, "pending_eval": stop.during == "evaluation"}, final=True)
+            except SavesFailing:
+                newest = complete_checkpoints(self.run_dir / "checkpoints")
+                raise StopNotSaved(
+                    f"stopped by {stop.signal_name} at step {state.step}, but its checkpoint could not be saved: "
+                    f"step {state.step} is lost; the same command resumes from "
+                    f"{newest[-1] if newest else 'the start (no checkpoint)'}"
+                ) from None
         seconds = time.monotonic() - t0
         since = flag.seconds_since()
         record = {
