@@ -167,7 +167,8 @@ def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
     proc.wait()
     final_names = [p for p in ckpts.iterdir() if p.name.startswith("step_")]
     assert all((p / "COMPLETE").is_file() for p in final_names), "a checkpoint under its final name is incomplete"
-    newest = checkpoint_record(newest_complete(tmp_path / "killed"))["step"]
+    resumed_from = newest_complete(tmp_path / "killed")
+    newest = checkpoint_record(resumed_from)["step"]
     before = len(metrics(tmp_path / "killed")[0])
     run(cmd)
     # resumed from the newest complete checkpoint: the last job's records go on from its step
@@ -199,7 +200,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_weights(shards, tmp_path):
     assert trained(metrics(tmp_path / "straight")[0][-1]) == pytest.approx(trained(metrics(tmp_path / "killed")[0][-1]))
     # keep_last=2, no temporaries left; and the checkpoint the run resumed from, the newest that passed a check
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == sorted(
-        {newest, "step_00000008", "step_00000009"}
+        {resumed_from.name, "step_00000008", "step_00000009"}
     )
 
 
